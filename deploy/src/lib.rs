@@ -1,0 +1,11 @@
+//! burrow-deploy: everything that talks to the Kubernetes API.
+//!
+//! Owns installing / upgrading / uninstalling the gateway (ServiceAccount,
+//! RBAC, Deployment, Service), discovering cluster facts (service CIDR, pod
+//! CIDRs, cluster domain, DNS IP), the port-forward transport to the gateway,
+//! Service patches for reroutes and their restore, and env extraction. The
+//! plain manifests live in `deploy/manifests/`, the gateway image build in
+//! `deploy/Dockerfile`.
+//!
+//! Must never: touch the laptop's network (that is the client's), or change a
+//! Service without first recording its original spec so it can be restored.
