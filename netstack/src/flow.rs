@@ -1,0 +1,1018 @@
+//! The flow engine: a smoltcp interface that terminates every flow a laptop
+//! opens, for any destination, with no per-flow configuration.
+//!
+//! The interface uses `Medium::Ip` (WireGuard carries bare IP packets) and
+//! any-IP, so it accepts packets for every destination address; default
+//! routes through its own placeholder addresses let it answer from whatever
+//! address the laptop dialled.
+//!
+//! TCP: the laptop's handshake must complete only after the gateway's own
+//! dial succeeds, so that a refused connection in the cluster reaches the
+//! laptop as a refused connection. A first SYN for an unknown 4-tuple is
+//! therefore *not* given to smoltcp: the engine keeps a copy and reports
+//! [`Ingress::NewTcp`]. The driver dials, then calls [`FlowEngine::accept`]
+//! (a socket listening on exactly that destination is created and the saved
+//! SYN re-injected, so smoltcp answers SYN-ACK), [`FlowEngine::refuse`] (an
+//! RST answers the SYN) or [`FlowEngine::discard`] (nothing is answered; the
+//! laptop times out as it would for an unreachable host). SYN retransmits
+//! while the dial is pending are absorbed. Every other TCP segment goes to
+//! smoltcp, which answers segments for unknown connections with RST.
+//!
+//! UDP does not go through smoltcp: a smoltcp UDP socket is keyed by local
+//! endpoint only, while flows here are keyed by the full 5-tuple. The engine
+//! parses datagrams itself, hands the payload to the driver without copying
+//! ([`Ingress::UdpDatagram`]) and builds replies with smoltcp's wire types.
+//! Idle flows expire ([`FlowEngine::expire`]).
+//!
+//! Sans-IO: the engine is fed packets and `now`; it never reads a clock or
+//! touches a socket. Packets it produces while processing input are queued
+//! (in recycled buffers) and handed out by [`FlowEngine::egress`] together
+//! with what smoltcp's sockets emit.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, IpRepr, TcpControl,
+    TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+};
+
+use crate::wire::{self, PROTO_TCP, PROTO_UDP};
+
+pub use smoltcp::socket::tcp::State as TcpState;
+
+/// Placeholder addresses of the interface itself. Replies carry the address
+/// the laptop dialled (any-IP), never these; they only anchor the default
+/// routes smoltcp needs to transmit at all.
+const STACK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
+const STACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb0, 0, 0, 0, 0, 0, 1);
+const HOP_LIMIT: u8 = 64;
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct FlowConfig {
+    /// Largest IP packet the engine emits (the tunnel MTU).
+    pub mtu: usize,
+    /// Per-flow TCP receive and send buffer sizes. They bound how much the
+    /// gateway buffers per flow (backpressure: a full buffer closes the TCP
+    /// window) and, times the number of flows, its memory.
+    pub tcp_rx_buffer: usize,
+    pub tcp_tx_buffer: usize,
+    /// UDP flows with no datagram either way for this long are expired.
+    pub udp_idle_timeout: Duration,
+    /// SYNs waiting for the driver's dial beyond this many are dropped (the
+    /// laptop retransmits), bounding memory under a SYN flood.
+    pub max_pending_syns: usize,
+    /// Seed for smoltcp's initial sequence numbers; vary it per process.
+    pub random_seed: u64,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        Self {
+            mtu: 1420,
+            tcp_rx_buffer: 64 * 1024,
+            tcp_tx_buffer: 64 * 1024,
+            udp_idle_timeout: Duration::from_secs(60),
+            max_pending_syns: 4096,
+            random_seed: 0,
+        }
+    }
+}
+
+/// Identity of one flow, unique for the engine's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(u64);
+
+/// What an inbound packet turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ingress<'p> {
+    /// Consumed by the engine (a segment of a known TCP flow, a SYN
+    /// retransmit while a dial is pending, ...). Call `egress` for replies.
+    Handled,
+    /// The first SYN of a TCP flow from `src` (the laptop) to `dst`. Dial
+    /// `dst`, then call `accept`, `refuse` or `discard`.
+    NewTcp {
+        id: FlowId,
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
+    /// A UDP datagram; `new` on the first of its flow.
+    UdpDatagram {
+        id: FlowId,
+        new: bool,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &'p [u8],
+    },
+    /// Not handled: see the reason.
+    Dropped(IngressDrop),
+}
+
+/// Why an inbound packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressDrop {
+    Malformed(wire::PacketError),
+    /// A TCP or UDP header that does not parse or whose checksum is wrong.
+    BadTransport,
+    /// Fragments are not reassembled: MSS clamping and the tunnel MTU keep
+    /// TCP from fragmenting, and UDP fragments are rare enough to drop.
+    Fragment,
+    /// Protocols other than TCP and UDP (ICMP is the driver's business).
+    UnsupportedProtocol(u8),
+    /// Too many dials pending.
+    TooManyPendingSyns,
+}
+
+/// Errors of the flow API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    #[error("no such flow {0:?}")]
+    UnknownFlow(FlowId),
+    #[error("flow {0:?} is not in a state that allows this")]
+    InvalidState(FlowId),
+    #[error("payload of {0} bytes does not fit in one packet")]
+    TooLarge(usize),
+}
+
+/// Result of reading from a TCP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpRead {
+    /// This many bytes were copied.
+    Data(usize),
+    /// Nothing buffered yet.
+    WouldBlock,
+    /// The laptop closed its sending half and everything was read.
+    Eof,
+}
+
+struct PendingSyn {
+    src: SocketAddr,
+    dst: SocketAddr,
+    /// The SYN as received; re-injected on accept, answered on refuse.
+    packet: Vec<u8>,
+}
+
+struct TcpFlow {
+    handle: SocketHandle,
+    tuple: Tuple,
+}
+
+struct UdpFlow {
+    id: FlowId,
+    last_active: Instant,
+}
+
+type Tuple = (SocketAddr, SocketAddr);
+
+/// Packets produced outside smoltcp's egress (replies during ingress, RSTs,
+/// UDP replies), in buffers recycled so steady state does not allocate.
+#[derive(Default)]
+struct TxQueue {
+    queued: VecDeque<Vec<u8>>,
+    free: Vec<Vec<u8>>,
+}
+
+impl TxQueue {
+    fn push_with<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
+        let r = fill(&mut buf);
+        self.queued.push_back(buf);
+        r
+    }
+
+    fn drain(&mut self, out: &mut dyn FnMut(&[u8])) {
+        while let Some(buf) = self.queued.pop_front() {
+            out(&buf);
+            self.free.push(buf);
+        }
+    }
+}
+
+fn capabilities(mtu: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = Medium::Ip;
+    caps.max_transmission_unit = mtu;
+    caps
+}
+
+/// smoltcp device for one inbound packet; what smoltcp sends in reply is
+/// queued.
+struct IngressDevice<'a> {
+    rx: Option<&'a [u8]>,
+    tx: &'a mut TxQueue,
+    mtu: usize,
+}
+
+struct RxSlice<'a>(&'a [u8]);
+struct TxToQueue<'a>(&'a mut TxQueue);
+
+impl phy::RxToken for RxSlice<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl phy::TxToken for TxToQueue<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        self.0.push_with(len, f)
+    }
+}
+
+impl phy::Device for IngressDevice<'_> {
+    type RxToken<'b>
+        = RxSlice<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToQueue<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxSlice<'_>, TxToQueue<'_>)> {
+        let rx = self.rx.take()?;
+        Some((RxSlice(rx), TxToQueue(&mut *self.tx)))
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxToQueue<'_>> {
+        Some(TxToQueue(&mut *self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        capabilities(self.mtu)
+    }
+}
+
+/// smoltcp device for egress: each packet is built in one scratch buffer and
+/// handed straight to the caller.
+struct EgressDevice<'a> {
+    scratch: &'a mut Vec<u8>,
+    out: &'a mut dyn FnMut(&[u8]),
+    mtu: usize,
+}
+
+struct TxToCaller<'a> {
+    scratch: &'a mut Vec<u8>,
+    out: &'a mut dyn FnMut(&[u8]),
+}
+
+impl phy::TxToken for TxToCaller<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        self.scratch.clear();
+        self.scratch.resize(len, 0);
+        let r = f(&mut self.scratch[..]);
+        (self.out)(&self.scratch[..]);
+        r
+    }
+}
+
+impl phy::Device for EgressDevice<'_> {
+    type RxToken<'b>
+        = RxSlice<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToCaller<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxSlice<'_>, TxToCaller<'_>)> {
+        None
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxToCaller<'_>> {
+        Some(TxToCaller {
+            scratch: &mut *self.scratch,
+            out: &mut *self.out,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        capabilities(self.mtu)
+    }
+}
+
+/// The flow engine. See the module documentation.
+pub struct FlowEngine {
+    config: FlowConfig,
+    epoch: Instant,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    tx: TxQueue,
+    scratch: Vec<u8>,
+    next_id: u64,
+    pending: HashMap<FlowId, PendingSyn>,
+    tcp: HashMap<FlowId, TcpFlow>,
+    /// Pending and accepted TCP flows by (laptop, destination).
+    tcp_by_tuple: HashMap<Tuple, FlowId>,
+    udp: HashMap<Tuple, UdpFlow>,
+    udp_by_id: HashMap<FlowId, Tuple>,
+}
+
+impl FlowEngine {
+    pub fn new(config: FlowConfig, now: Instant) -> Self {
+        let mut tx = TxQueue::default();
+        let mut device = IngressDevice {
+            rx: None,
+            tx: &mut tx,
+            mtu: config.mtu,
+        };
+        let mut iface_config = Config::new(HardwareAddress::Ip);
+        iface_config.random_seed = config.random_seed;
+        let mut iface = Interface::new(iface_config, &mut device, SmolInstant::from_micros(0));
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            // Capacity is smoltcp's iface-max-addr-count (2): exactly these.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(STACK_V4), 32));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(STACK_V6), 128));
+        });
+        // Route capacity is 2 as well; these cannot fail on a fresh table.
+        let _ = iface.routes_mut().add_default_ipv4_route(STACK_V4);
+        let _ = iface.routes_mut().add_default_ipv6_route(STACK_V6);
+        Self {
+            config,
+            epoch: now,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            tx,
+            scratch: Vec::new(),
+            next_id: 0,
+            pending: HashMap::new(),
+            tcp: HashMap::new(),
+            tcp_by_tuple: HashMap::new(),
+            udp: HashMap::new(),
+            udp_by_id: HashMap::new(),
+        }
+    }
+
+    fn timestamp(&self, now: Instant) -> SmolInstant {
+        let since = now.saturating_duration_since(self.epoch);
+        SmolInstant::from_micros(i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    fn new_id(&mut self) -> FlowId {
+        self.next_id += 1;
+        FlowId(self.next_id)
+    }
+
+    /// Feed one IP packet from a laptop.
+    pub fn ingress<'p>(&mut self, packet: &'p [u8], now: Instant) -> Ingress<'p> {
+        let ip = match wire::parse_ip(packet) {
+            Ok(h) => h,
+            Err(e) => return Ingress::Dropped(IngressDrop::Malformed(e)),
+        };
+        if ip.fragment {
+            return Ingress::Dropped(IngressDrop::Fragment);
+        }
+        let packet = &packet[..ip.total_len];
+        let payload = ip.payload(packet);
+        let (src_ip, dst_ip) = (IpAddress::from(ip.src), IpAddress::from(ip.dst));
+        let checksums = ChecksumCapabilities::default();
+        match ip.protocol {
+            PROTO_TCP => {
+                let Ok(segment) = TcpPacket::new_checked(payload) else {
+                    return Ingress::Dropped(IngressDrop::BadTransport);
+                };
+                let Ok(repr) = TcpRepr::parse(&segment, &src_ip, &dst_ip, &checksums) else {
+                    return Ingress::Dropped(IngressDrop::BadTransport);
+                };
+                if repr.control == TcpControl::Syn && repr.ack_number.is_none() {
+                    let src = SocketAddr::new(ip.src, repr.src_port);
+                    let dst = SocketAddr::new(ip.dst, repr.dst_port);
+                    if let Some(event) = self.first_syn(src, dst, packet) {
+                        return event;
+                    }
+                }
+                self.inject(packet, now);
+                Ingress::Handled
+            }
+            PROTO_UDP => {
+                let Ok(datagram) = UdpPacket::new_checked(payload) else {
+                    return Ingress::Dropped(IngressDrop::BadTransport);
+                };
+                let Ok(repr) = UdpRepr::parse(&datagram, &src_ip, &dst_ip, &checksums) else {
+                    return Ingress::Dropped(IngressDrop::BadTransport);
+                };
+                let src = SocketAddr::new(ip.src, repr.src_port);
+                let dst = SocketAddr::new(ip.dst, repr.dst_port);
+                let (id, new) = match self.udp.get_mut(&(src, dst)) {
+                    Some(flow) => {
+                        flow.last_active = now;
+                        (flow.id, false)
+                    }
+                    None => {
+                        let id = self.new_id();
+                        self.udp.insert(
+                            (src, dst),
+                            UdpFlow {
+                                id,
+                                last_active: now,
+                            },
+                        );
+                        self.udp_by_id.insert(id, (src, dst));
+                        (id, true)
+                    }
+                };
+                Ingress::UdpDatagram {
+                    id,
+                    new,
+                    src,
+                    dst,
+                    payload: datagram.payload(),
+                }
+            }
+            other => Ingress::Dropped(IngressDrop::UnsupportedProtocol(other)),
+        }
+    }
+
+    /// A SYN without ACK: a new flow unless its tuple is known. Returns
+    /// `None` when the SYN belongs to an accepted flow and smoltcp should see
+    /// it.
+    fn first_syn(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        packet: &[u8],
+    ) -> Option<Ingress<'static>> {
+        if let Some(&id) = self.tcp_by_tuple.get(&(src, dst)) {
+            if self.pending.contains_key(&id) {
+                // Retransmit while the dial is in progress.
+                return Some(Ingress::Handled);
+            }
+            // A SYN reusing the tuple of a finished connection starts a new
+            // one; otherwise it is smoltcp's (a retransmit in SYN-RECEIVED).
+            match self.tcp_state(id) {
+                Some(TcpState::Closed | TcpState::TimeWait) | None => self.release(id),
+                Some(_) => return None,
+            }
+        }
+        if self.pending.len() >= self.config.max_pending_syns {
+            return Some(Ingress::Dropped(IngressDrop::TooManyPendingSyns));
+        }
+        let id = self.new_id();
+        self.pending.insert(
+            id,
+            PendingSyn {
+                src,
+                dst,
+                packet: packet.to_vec(),
+            },
+        );
+        self.tcp_by_tuple.insert((src, dst), id);
+        Some(Ingress::NewTcp { id, src, dst })
+    }
+
+    fn inject(&mut self, packet: &[u8], now: Instant) {
+        let timestamp = self.timestamp(now);
+        let mut device = IngressDevice {
+            rx: Some(packet),
+            tx: &mut self.tx,
+            mtu: self.config.mtu,
+        };
+        self.iface
+            .poll_ingress_single(timestamp, &mut device, &mut self.sockets);
+    }
+
+    /// The driver's dial to the flow's destination succeeded: let smoltcp
+    /// answer the laptop's SYN.
+    pub fn accept(&mut self, id: FlowId, now: Instant) -> Result<(), FlowError> {
+        let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+        );
+        // A proxy forwards whatever it has at once; coalescing is the
+        // endpoints' business.
+        socket.set_nagle_enabled(false);
+        if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
+            self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+            return Err(FlowError::InvalidState(id));
+        }
+        let handle = self.sockets.add(socket);
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                handle,
+                tuple: (syn.src, syn.dst),
+            },
+        );
+        self.inject(&syn.packet, now);
+        // The listener must have taken exactly this SYN; a listener left in
+        // LISTEN could capture another laptop connection's SYN later.
+        let socket = self.sockets.get::<tcp::Socket>(handle);
+        let took_it = socket.state() == TcpState::SynReceived
+            && socket.remote_endpoint().map(SocketAddr::from) == Some(syn.src);
+        if !took_it {
+            self.release(id);
+            return Err(FlowError::InvalidState(id));
+        }
+        Ok(())
+    }
+
+    /// The driver's dial was refused: answer the laptop's SYN with RST.
+    pub fn refuse(&mut self, id: FlowId) -> Result<(), FlowError> {
+        let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
+        self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+        let ip = wire::parse_ip(&syn.packet).map_err(|_| FlowError::InvalidState(id))?;
+        let (src_ip, dst_ip) = (IpAddress::from(ip.src), IpAddress::from(ip.dst));
+        let checksums = ChecksumCapabilities::default();
+        let segment = TcpPacket::new_checked(ip.payload(&syn.packet))
+            .map_err(|_| FlowError::InvalidState(id))?;
+        let repr = TcpRepr::parse(&segment, &src_ip, &dst_ip, &checksums)
+            .map_err(|_| FlowError::InvalidState(id))?;
+        // RFC 9293 3.10.7.1: a SYN without ACK is answered with
+        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>.
+        let rst = TcpRepr {
+            src_port: repr.dst_port,
+            dst_port: repr.src_port,
+            control: TcpControl::Rst,
+            seq_number: TcpSeqNumber(0),
+            ack_number: Some(repr.seq_number + repr.segment_len()),
+            window_len: 0,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip_repr = IpRepr::new(dst_ip, src_ip, IpProtocol::Tcp, rst.buffer_len(), HOP_LIMIT);
+        self.tx.push_with(ip_repr.buffer_len(), |buf| {
+            ip_repr.emit(&mut *buf, &checksums);
+            let mut tcp = TcpPacket::new_unchecked(&mut buf[ip_repr.header_len()..]);
+            rst.emit(&mut tcp, &dst_ip, &src_ip, &checksums);
+        });
+        Ok(())
+    }
+
+    /// The destination is unreachable: forget the SYN without answering, so
+    /// the laptop's connect times out as it would without the tunnel.
+    pub fn discard(&mut self, id: FlowId) -> Result<(), FlowError> {
+        let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
+        self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+        Ok(())
+    }
+
+    fn socket(&mut self, id: FlowId) -> Result<&mut tcp::Socket<'static>, FlowError> {
+        let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        Ok(self.sockets.get_mut::<tcp::Socket>(flow.handle))
+    }
+
+    /// State of an accepted TCP flow.
+    pub fn tcp_state(&self, id: FlowId) -> Option<TcpState> {
+        let flow = self.tcp.get(&id)?;
+        Some(self.sockets.get::<tcp::Socket>(flow.handle).state())
+    }
+
+    /// Queue bytes towards the laptop; returns how many fit (0 when the send
+    /// buffer is full: stop reading from the cluster side until it drains).
+    pub fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> Result<usize, FlowError> {
+        self.socket(id)?
+            .send_slice(data)
+            .map_err(|_| FlowError::InvalidState(id))
+    }
+
+    /// Read bytes the laptop sent. Reading opens the TCP window again, so a
+    /// driver that stops reading applies backpressure to the laptop.
+    pub fn tcp_recv(&mut self, id: FlowId, buf: &mut [u8]) -> Result<TcpRead, FlowError> {
+        match self.socket(id)?.recv_slice(buf) {
+            Ok(0) => Ok(TcpRead::WouldBlock),
+            Ok(n) => Ok(TcpRead::Data(n)),
+            Err(tcp::RecvError::Finished) => Ok(TcpRead::Eof),
+            Err(tcp::RecvError::InvalidState) => Err(FlowError::InvalidState(id)),
+        }
+    }
+
+    /// Close the sending half towards the laptop (FIN after buffered data).
+    pub fn tcp_close(&mut self, id: FlowId) -> Result<(), FlowError> {
+        self.socket(id)?.close();
+        Ok(())
+    }
+
+    /// Reset the flow (RST on the next egress).
+    pub fn tcp_abort(&mut self, id: FlowId) -> Result<(), FlowError> {
+        self.socket(id)?.abort();
+        Ok(())
+    }
+
+    /// Forget a flow and free its socket. Call once `tcp_state` is `Closed`
+    /// (or after `tcp_abort` and an `egress`, so the RST goes out first).
+    pub fn release(&mut self, id: FlowId) {
+        if let Some(flow) = self.tcp.remove(&id) {
+            self.sockets.remove(flow.handle);
+            self.tcp_by_tuple.remove(&flow.tuple);
+        }
+        if let Some(syn) = self.pending.remove(&id) {
+            self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+        }
+        if let Some(tuple) = self.udp_by_id.remove(&id) {
+            self.udp.remove(&tuple);
+        }
+    }
+
+    /// Send a UDP datagram from the flow's destination back to the laptop.
+    pub fn udp_send(&mut self, id: FlowId, payload: &[u8], now: Instant) -> Result<(), FlowError> {
+        let &(laptop, remote) = self.udp_by_id.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        if let Some(flow) = self.udp.get_mut(&(laptop, remote)) {
+            flow.last_active = now;
+        }
+        let repr = UdpRepr {
+            src_port: remote.port(),
+            dst_port: laptop.port(),
+        };
+        let udp_len = smoltcp::wire::UDP_HEADER_LEN + payload.len();
+        let (src_ip, dst_ip) = (IpAddress::from(remote.ip()), IpAddress::from(laptop.ip()));
+        let ip_repr = IpRepr::new(src_ip, dst_ip, IpProtocol::Udp, udp_len, HOP_LIMIT);
+        if ip_repr.buffer_len() > self.config.mtu || udp_len > usize::from(u16::MAX) {
+            return Err(FlowError::TooLarge(payload.len()));
+        }
+        let checksums = ChecksumCapabilities::default();
+        self.tx.push_with(ip_repr.buffer_len(), |buf| {
+            ip_repr.emit(&mut *buf, &checksums);
+            let mut udp = UdpPacket::new_unchecked(&mut buf[ip_repr.header_len()..]);
+            repr.emit(
+                &mut udp,
+                &src_ip,
+                &dst_ip,
+                payload.len(),
+                |p| p.copy_from_slice(payload),
+                &checksums,
+            );
+        });
+        Ok(())
+    }
+
+    /// Expire UDP flows idle for `udp_idle_timeout`, reporting each. Call
+    /// about once a second; it walks every UDP flow.
+    pub fn expire(&mut self, now: Instant, mut expired: impl FnMut(FlowId)) {
+        let timeout = self.config.udp_idle_timeout;
+        let by_id = &mut self.udp_by_id;
+        self.udp.retain(|_, flow| {
+            let keep = now.saturating_duration_since(flow.last_active) < timeout;
+            if !keep {
+                by_id.remove(&flow.id);
+                expired(flow.id);
+            }
+            keep
+        });
+    }
+
+    /// Hand every packet ready for the laptops to `out`: replies queued while
+    /// processing input, then whatever smoltcp's sockets transmit.
+    pub fn egress(&mut self, now: Instant, out: &mut impl FnMut(&[u8])) {
+        self.tx.drain(out);
+        let timestamp = self.timestamp(now);
+        self.iface.poll_maintenance(timestamp);
+        let mut device = EgressDevice {
+            scratch: &mut self.scratch,
+            out,
+            mtu: self.config.mtu,
+        };
+        // Each call is bounded work; repeat while sockets still change.
+        for _ in 0..64 {
+            if self
+                .iface
+                .poll_egress(timestamp, &mut device, &mut self.sockets)
+                == smoltcp::iface::PollResult::None
+            {
+                break;
+            }
+        }
+    }
+
+    /// How long until `egress` has timer work (retransmits, delayed ACKs,
+    /// keepalives). `None`: nothing until new input.
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        if !self.tx.queued.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let timestamp = self.timestamp(now);
+        self.iface
+            .poll_delay(timestamp, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::TcpSeqNumber as Seq;
+    use std::net::IpAddr;
+
+    const LAPTOP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)), 40000);
+    const SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), 80);
+
+    fn syn_repr(seq: i32) -> TcpRepr<'static> {
+        TcpRepr {
+            src_port: LAPTOP.port(),
+            dst_port: SERVICE.port(),
+            control: TcpControl::Syn,
+            seq_number: Seq(seq),
+            ack_number: None,
+            window_len: 64240,
+            window_scale: Some(7),
+            max_seg_size: Some(8960),
+            sack_permitted: true,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        }
+    }
+
+    /// An IP packet carrying `tcp` from `src` to `dst`.
+    fn tcp_packet(src: SocketAddr, dst: SocketAddr, tcp: &TcpRepr) -> Vec<u8> {
+        let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+        let ip = IpRepr::new(s, d, IpProtocol::Tcp, tcp.buffer_len(), 64);
+        let mut buf = vec![0; ip.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut buf[..], &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(&mut buf[ip.header_len()..]),
+            &s,
+            &d,
+            &caps,
+        );
+        buf
+    }
+
+    fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+        let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+        let len = 8 + payload.len();
+        let ip = IpRepr::new(s, d, IpProtocol::Udp, len, 64);
+        let mut buf = vec![0; ip.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut buf[..], &caps);
+        UdpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+        }
+        .emit(
+            &mut UdpPacket::new_unchecked(&mut buf[ip.header_len()..]),
+            &s,
+            &d,
+            payload.len(),
+            |p| p.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+
+    /// A parsed TCP segment the engine emitted.
+    #[derive(Debug)]
+    struct Seg {
+        src: SocketAddr,
+        dst: SocketAddr,
+        control: TcpControl,
+        seq: Seq,
+        ack: Option<Seq>,
+        mss: Option<u16>,
+        payload: Vec<u8>,
+    }
+
+    fn parse_tcp(packet: &[u8]) -> Seg {
+        let ip = wire::parse_ip(packet).expect("engine emits valid IP");
+        assert_eq!(ip.protocol, PROTO_TCP);
+        let (s, d) = (IpAddress::from(ip.src), IpAddress::from(ip.dst));
+        let seg = TcpPacket::new_checked(ip.payload(packet)).expect("valid TCP");
+        let r = TcpRepr::parse(&seg, &s, &d, &ChecksumCapabilities::default())
+            .expect("valid TCP checksum");
+        Seg {
+            src: SocketAddr::new(ip.src, r.src_port),
+            dst: SocketAddr::new(ip.dst, r.dst_port),
+            control: r.control,
+            seq: r.seq_number,
+            ack: r.ack_number,
+            mss: r.max_seg_size,
+            payload: r.payload.to_vec(),
+        }
+    }
+
+    fn drain(engine: &mut FlowEngine, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        engine.egress(now, &mut |p: &[u8]| out.push(p.to_vec()));
+        out
+    }
+
+    fn new_flow(engine: &mut FlowEngine, now: Instant) -> FlowId {
+        match engine.ingress(&tcp_packet(LAPTOP, SERVICE, &syn_repr(1000)), now) {
+            Ingress::NewTcp { id, src, dst } => {
+                assert_eq!((src, dst), (LAPTOP, SERVICE));
+                id
+            }
+            other => panic!("expected NewTcp, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn syn_waits_for_the_driver_then_refuse_answers_rst() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let id = new_flow(&mut e, t0);
+        assert!(drain(&mut e, t0).is_empty(), "no SYN-ACK before the dial");
+        // A retransmitted SYN is absorbed, not reported again.
+        assert_eq!(
+            e.ingress(&tcp_packet(LAPTOP, SERVICE, &syn_repr(1000)), t0),
+            Ingress::Handled
+        );
+        e.refuse(id).expect("pending");
+        let out = drain(&mut e, t0);
+        assert_eq!(out.len(), 1);
+        let rst = parse_tcp(&out[0]);
+        assert_eq!(rst.control, TcpControl::Rst);
+        assert_eq!((rst.src, rst.dst), (SERVICE, LAPTOP));
+        assert_eq!(rst.ack, Some(Seq(1001)));
+        assert_eq!(e.refuse(id), Err(FlowError::UnknownFlow(id)));
+        // The tuple is free again: a new SYN is a new flow.
+        assert_ne!(new_flow(&mut e, t0), id);
+    }
+
+    #[test]
+    fn accept_handshake_and_bytes_both_ways() {
+        let t0 = Instant::now();
+        let config = FlowConfig::default();
+        let mtu = config.mtu;
+        let mut e = FlowEngine::new(config, t0);
+        let id = new_flow(&mut e, t0);
+        e.accept(id, t0).expect("pending");
+
+        let out = drain(&mut e, t0);
+        assert_eq!(out.len(), 1, "one SYN-ACK");
+        let synack = parse_tcp(&out[0]);
+        assert_eq!(synack.control, TcpControl::Syn);
+        assert_eq!(synack.ack, Some(Seq(1001)));
+        assert_eq!((synack.src, synack.dst), (SERVICE, LAPTOP));
+        let mss = synack.mss.expect("SYN-ACK carries MSS");
+        assert!(usize::from(mss) <= mtu - 40, "mss {mss} for mtu {mtu}");
+
+        // Laptop completes the handshake with data in the ACK.
+        let t1 = t0 + Duration::from_millis(1);
+        let mut ack = syn_repr(1001);
+        ack.control = TcpControl::Psh;
+        ack.ack_number = Some(synack.seq + 1);
+        ack.window_scale = None;
+        ack.max_seg_size = None;
+        ack.sack_permitted = false;
+        ack.payload = b"GET / HTTP/1.0\r\n\r\n";
+        assert_eq!(
+            e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t1),
+            Ingress::Handled
+        );
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        let mut buf = [0u8; 64];
+        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Data(18)));
+        assert_eq!(&buf[..18], b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::WouldBlock));
+
+        // Gateway → laptop, then FIN.
+        assert_eq!(e.tcp_send(id, b"HTTP/1.0 200 OK\r\n"), Ok(17));
+        e.tcp_close(id).expect("open");
+        let t2 = t1 + Duration::from_millis(1);
+        let segs: Vec<Seg> = drain(&mut e, t2).iter().map(|p| parse_tcp(p)).collect();
+        let data: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(data, b"HTTP/1.0 200 OK\r\n");
+        assert!(segs.iter().all(|s| s.ack == Some(Seq(1001 + 18))));
+        assert!(
+            segs.iter().any(|s| s.control == TcpControl::Fin),
+            "FIN after the data: {segs:?}"
+        );
+
+        // Laptop half-closes too: the driver sees EOF.
+        let mut fin = syn_repr(1001 + 18);
+        fin.control = TcpControl::Fin;
+        fin.ack_number = Some(synack.seq + 1 + 17 + 1);
+        fin.window_scale = None;
+        fin.max_seg_size = None;
+        fin.sack_permitted = false;
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &fin), t2);
+        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Eof));
+        assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
+        e.release(id);
+        assert_eq!(e.tcp_state(id), None);
+    }
+
+    #[test]
+    fn segment_for_unknown_flow_gets_rst_from_smoltcp() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let mut stray = syn_repr(5000);
+        stray.control = TcpControl::None;
+        stray.ack_number = Some(Seq(77));
+        stray.window_scale = None;
+        stray.max_seg_size = None;
+        stray.sack_permitted = false;
+        stray.payload = b"x";
+        assert_eq!(
+            e.ingress(&tcp_packet(LAPTOP, SERVICE, &stray), t0),
+            Ingress::Handled
+        );
+        let out = drain(&mut e, t0);
+        assert_eq!(out.len(), 1);
+        let rst = parse_tcp(&out[0]);
+        assert_eq!(rst.control, TcpControl::Rst);
+        assert_eq!(rst.seq, Seq(77));
+    }
+
+    #[test]
+    fn two_laptop_ports_to_one_destination_are_two_flows() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let a = new_flow(&mut e, t0);
+        let other = SocketAddr::new(LAPTOP.ip(), 40001);
+        let mut syn = syn_repr(9000);
+        syn.src_port = other.port();
+        let b = match e.ingress(&tcp_packet(other, SERVICE, &syn), t0) {
+            Ingress::NewTcp { id, .. } => id,
+            x => panic!("{x:?}"),
+        };
+        e.accept(a, t0).expect("a");
+        e.accept(b, t0).expect("b");
+        let dsts: Vec<SocketAddr> = drain(&mut e, t0).iter().map(|p| parse_tcp(p).dst).collect();
+        assert_eq!(dsts.len(), 2);
+        assert!(dsts.contains(&LAPTOP) && dsts.contains(&other));
+    }
+
+    #[test]
+    fn udp_flows_by_five_tuple_with_idle_expiry() {
+        let t0 = Instant::now();
+        let dns = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53);
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let q = udp_packet(LAPTOP, dns, b"query");
+        let Ingress::UdpDatagram {
+            id,
+            new: true,
+            payload,
+            ..
+        } = e.ingress(&q, t0)
+        else {
+            panic!("first datagram opens a flow")
+        };
+        assert_eq!(payload, b"query");
+        let Ingress::UdpDatagram {
+            id: again,
+            new: false,
+            ..
+        } = e.ingress(&q, t0)
+        else {
+            panic!("same flow")
+        };
+        assert_eq!(id, again);
+
+        e.udp_send(id, b"answer", t0).expect("flow exists");
+        let out = drain(&mut e, t0);
+        assert_eq!(out.len(), 1);
+        let ip = wire::parse_ip(&out[0]).expect("valid");
+        assert_eq!((ip.src, ip.dst), (dns.ip(), LAPTOP.ip()));
+        let udp = UdpPacket::new_checked(ip.payload(&out[0])).expect("udp");
+        assert!(udp.verify_checksum(&IpAddress::from(ip.src), &IpAddress::from(ip.dst)));
+        assert_eq!((udp.src_port(), udp.dst_port()), (53, LAPTOP.port()));
+        assert_eq!(udp.payload(), b"answer");
+
+        let mut gone = Vec::new();
+        e.expire(t0 + Duration::from_secs(59), |id| gone.push(id));
+        assert!(gone.is_empty());
+        e.expire(t0 + Duration::from_secs(61), |id| gone.push(id));
+        assert_eq!(gone, vec![id]);
+        assert_eq!(e.udp_send(id, b"late", t0), Err(FlowError::UnknownFlow(id)));
+        let Ingress::UdpDatagram {
+            id: fresh,
+            new: true,
+            ..
+        } = e.ingress(&q, t0)
+        else {
+            panic!("new flow after expiry")
+        };
+        assert_ne!(fresh, id);
+        assert_eq!(
+            e.udp_send(fresh, &[0; 1500], t0),
+            Err(FlowError::TooLarge(1500))
+        );
+    }
+
+    #[test]
+    fn ingress_never_panics_on_garbage() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let mut rng = wire::tests::Rng(0xdead_beef_cafe_f00d);
+        let seeds = [
+            tcp_packet(LAPTOP, SERVICE, &syn_repr(1)),
+            udp_packet(LAPTOP, SERVICE, b"hello"),
+        ];
+        for round in 0..5_000 {
+            let mut p = seeds[round % 2].clone();
+            for _ in 0..rng.below(3) + 1 {
+                let i = rng.below(p.len());
+                p[i] = rng.next() as u8;
+            }
+            p.truncate(rng.below(p.len() + 1));
+            let _ = e.ingress(&p, t0);
+        }
+        let _ = drain(&mut e, t0);
+    }
+}

@@ -1,0 +1,495 @@
+//! IP packet views and in-place rewrites.
+//!
+//! Every packet that reaches this crate came from a peer we do not trust (a
+//! laptop's TUN device, a WireGuard datagram), so parsing here is total: any
+//! byte slice yields either a validated [`IpHeader`] or a typed
+//! [`PacketError`], never a panic. The view is deliberately small (version,
+//! addresses, transport protocol, lengths): it is what the WireGuard peer table
+//! needs for its source check and what the flow engine needs to classify a
+//! packet before handing it to smoltcp, which parses the rest.
+//!
+//! [`clamp_tcp_mss`] rewrites the MSS option of a SYN in place so that the
+//! laptop never sends a segment that would not fit in the tunnel MTU; without
+//! it, large segments would fragment (or black-hole) inside WireGuard.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMPv4.
+pub const PROTO_ICMP: u8 = 1;
+/// IP protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+const IPV4_MIN_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const TCP_MIN_HEADER: usize = 20;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_OPT_END: u8 = 0;
+const TCP_OPT_NOP: u8 = 1;
+const TCP_OPT_MSS: u8 = 2;
+
+/// Why a byte slice is not an IP packet we can handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("empty packet")]
+    Empty,
+    #[error("IP version {0} is neither 4 nor 6")]
+    UnknownVersion(u8),
+    #[error("truncated packet: {needed} bytes needed, {got} present")]
+    Truncated { needed: usize, got: usize },
+    #[error("IPv4 header length field {0} is below the minimum of 5 words")]
+    BadHeaderLength(u8),
+    #[error("IP total length {total} is shorter than its header ({header} bytes)")]
+    BadTotalLength { total: usize, header: usize },
+    #[error("malformed IPv6 extension header chain")]
+    BadExtensionHeader,
+    #[error("malformed TCP header")]
+    BadTcpHeader,
+}
+
+/// IP version of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpVersion {
+    V4,
+    V6,
+}
+
+/// A validated view of an IP header. Lengths are guaranteed to lie within the
+/// slice it was parsed from, so `&packet[..total_len]` and
+/// `&packet[payload_offset..total_len]` never panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpHeader {
+    pub version: IpVersion,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Transport protocol: IPv4's protocol field, or for IPv6 the next header
+    /// after the hop-by-hop, routing, destination-options and fragment
+    /// extension headers.
+    pub protocol: u8,
+    /// Offset of the transport header (after IPv4 options / IPv6 extension
+    /// headers).
+    pub payload_offset: usize,
+    /// Length of the IP packet as its header states (trailing link padding in
+    /// the slice is not part of it).
+    pub total_len: usize,
+    /// True for every fragment except an unfragmented packet. Only the first
+    /// fragment (`first_fragment`) carries the transport header.
+    pub fragment: bool,
+    pub first_fragment: bool,
+}
+
+impl IpHeader {
+    /// The transport-layer bytes of `packet` (which must be the slice this
+    /// header was parsed from).
+    pub fn payload<'p>(&self, packet: &'p [u8]) -> &'p [u8] {
+        packet
+            .get(self.payload_offset..self.total_len)
+            .unwrap_or_default()
+    }
+}
+
+fn need(packet: &[u8], needed: usize) -> Result<(), PacketError> {
+    if packet.len() < needed {
+        Err(PacketError::Truncated {
+            needed,
+            got: packet.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Parse and validate the IP header at the start of `packet`.
+pub fn parse_ip(packet: &[u8]) -> Result<IpHeader, PacketError> {
+    let first = *packet.first().ok_or(PacketError::Empty)?;
+    match first >> 4 {
+        4 => parse_ipv4(packet),
+        6 => parse_ipv6(packet),
+        v => Err(PacketError::UnknownVersion(v)),
+    }
+}
+
+fn parse_ipv4(p: &[u8]) -> Result<IpHeader, PacketError> {
+    need(p, IPV4_MIN_HEADER)?;
+    let ihl = p[0] & 0x0f;
+    if ihl < 5 {
+        return Err(PacketError::BadHeaderLength(ihl));
+    }
+    let header = usize::from(ihl) * 4;
+    need(p, header)?;
+    let total = usize::from(be16(p, 2));
+    if total < header {
+        return Err(PacketError::BadTotalLength { total, header });
+    }
+    need(p, total)?;
+    let frag = be16(p, 6);
+    let more_fragments = frag & 0x2000 != 0;
+    let offset = frag & 0x1fff;
+    let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+    let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+    Ok(IpHeader {
+        version: IpVersion::V4,
+        src: src.into(),
+        dst: dst.into(),
+        protocol: p[9],
+        payload_offset: header,
+        total_len: total,
+        fragment: more_fragments || offset != 0,
+        first_fragment: offset == 0,
+    })
+}
+
+fn parse_ipv6(p: &[u8]) -> Result<IpHeader, PacketError> {
+    need(p, IPV6_HEADER)?;
+    let total = IPV6_HEADER + usize::from(be16(p, 4));
+    need(p, total)?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&p[8..24]);
+    dst.copy_from_slice(&p[24..40]);
+
+    // Walk the extension headers we know so that `protocol` names the
+    // transport; anything else (ESP, AH, unknown) is reported as-is.
+    let mut next = p[6];
+    let mut at = IPV6_HEADER;
+    let mut fragment = false;
+    let mut first_fragment = true;
+    loop {
+        match next {
+            0 | 43 | 60 => {
+                if at + 2 > total {
+                    return Err(PacketError::BadExtensionHeader);
+                }
+                let len = (usize::from(p[at + 1]) + 1) * 8;
+                next = p[at];
+                at += len;
+            }
+            44 => {
+                if at + 8 > total {
+                    return Err(PacketError::BadExtensionHeader);
+                }
+                let frag = be16(p, at + 2);
+                fragment = true;
+                first_fragment = frag >> 3 == 0;
+                next = p[at];
+                at += 8;
+            }
+            _ => break,
+        }
+        if at > total {
+            return Err(PacketError::BadExtensionHeader);
+        }
+    }
+    Ok(IpHeader {
+        version: IpVersion::V6,
+        src: Ipv6Addr::from(src).into(),
+        dst: Ipv6Addr::from(dst).into(),
+        protocol: next,
+        payload_offset: at,
+        total_len: total,
+        fragment,
+        first_fragment,
+    })
+}
+
+/// The largest TCP MSS that fits in one packet of `mtu` bytes, assuming no IP
+/// or TCP options beyond the fixed headers (what Linux and smoltcp assume too).
+pub fn mss_for_mtu(mtu: u16, version: IpVersion) -> u16 {
+    let headers = match version {
+        IpVersion::V4 => IPV4_MIN_HEADER + TCP_MIN_HEADER,
+        IpVersion::V6 => IPV6_HEADER + TCP_MIN_HEADER,
+    };
+    mtu.saturating_sub(headers as u16)
+}
+
+/// Lower the MSS option of a TCP SYN or SYN-ACK in `packet` to at most
+/// `max_mss`, fixing up the TCP checksum incrementally.
+///
+/// Returns `Ok(true)` if the packet was rewritten and `Ok(false)` if it did
+/// not need to be (not TCP, not a SYN, no MSS option, MSS already small
+/// enough, or a non-first fragment). A SYN without an MSS option is left
+/// alone: the peer then assumes 536 (IPv4) / 1220 (IPv6), which always fits.
+pub fn clamp_tcp_mss(packet: &mut [u8], max_mss: u16) -> Result<bool, PacketError> {
+    let ip = parse_ip(packet)?;
+    if ip.protocol != PROTO_TCP || !ip.first_fragment {
+        return Ok(false);
+    }
+    let tcp_start = ip.payload_offset;
+    let tcp = &packet[tcp_start..ip.total_len];
+    if tcp.len() < TCP_MIN_HEADER {
+        return Err(PacketError::BadTcpHeader);
+    }
+    if tcp[13] & TCP_FLAG_SYN == 0 {
+        return Ok(false);
+    }
+    let data_offset = usize::from(tcp[12] >> 4) * 4;
+    if data_offset < TCP_MIN_HEADER || data_offset > tcp.len() {
+        return Err(PacketError::BadTcpHeader);
+    }
+
+    let mut at = TCP_MIN_HEADER;
+    while at < data_offset {
+        match tcp[at] {
+            TCP_OPT_END => break,
+            TCP_OPT_NOP => at += 1,
+            kind => {
+                let len = usize::from(*tcp.get(at + 1).ok_or(PacketError::BadTcpHeader)?);
+                if len < 2 || at + len > data_offset {
+                    return Err(PacketError::BadTcpHeader);
+                }
+                if kind == TCP_OPT_MSS && len == 4 {
+                    let old = be16(tcp, at + 2);
+                    if old <= max_mss {
+                        return Ok(false);
+                    }
+                    let value_at = at + 2;
+                    let checksum = be16(tcp, 16);
+                    // A 16-bit field at an odd offset straddles two checksum
+                    // words; the ones'-complement sum is byte-order
+                    // independent, so its contribution is the byte-swapped
+                    // value.
+                    let (o, n) = if value_at & 1 == 0 {
+                        (old, max_mss)
+                    } else {
+                        (old.swap_bytes(), max_mss.swap_bytes())
+                    };
+                    let checksum = checksum_adjust(checksum, o, n);
+                    let tcp = &mut packet[tcp_start..ip.total_len];
+                    tcp[value_at..value_at + 2].copy_from_slice(&max_mss.to_be_bytes());
+                    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+                    return Ok(true);
+                }
+                at += len;
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Incremental Internet checksum update when one 16-bit word changes from
+/// `old` to `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+fn checksum_adjust(checksum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!checksum) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Full Internet checksum over `data` with an initial partial sum.
+    fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
+        let mut chunks = data.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u32::from(*last) << 8;
+        }
+        sum
+    }
+
+    fn fold(mut sum: u32) -> u16 {
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// TCP checksum of an IPv4 packet's segment, computed from scratch
+    /// (ignoring the checksum field's current value).
+    pub(crate) fn tcp4_checksum(packet: &[u8]) -> u16 {
+        let ip = parse_ip(packet).expect("valid test packet");
+        let mut seg = ip.payload(packet).to_vec();
+        seg[16..18].fill(0);
+        let seg = &seg[..];
+        let mut sum = ones_sum(0, &packet[12..20]);
+        sum += u32::from(PROTO_TCP) + seg.len() as u32;
+        fold(ones_sum(sum, seg))
+    }
+
+    /// A well-formed IPv4 TCP packet with the given TCP options (padded).
+    pub(crate) fn tcp4_packet(flags: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+        let opt_len = options.len().div_ceil(4) * 4;
+        let tcp_len = 20 + opt_len + payload.len();
+        let total = 20 + tcp_len;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = PROTO_TCP;
+        p[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        p[16..20].copy_from_slice(&[10, 96, 0, 1]);
+        let t = &mut p[20..];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        t[12] = (((20 + opt_len) / 4) << 4) as u8;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        t[20..20 + options.len()].copy_from_slice(options);
+        t[20 + opt_len..].copy_from_slice(payload);
+        let c = tcp4_checksum(&p);
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn parses_ipv4() {
+        let p = tcp4_packet(TCP_FLAG_SYN, &[], b"hi");
+        let h = parse_ip(&p).expect("valid");
+        assert_eq!(h.version, IpVersion::V4);
+        assert_eq!(h.src, IpAddr::from([10, 0, 0, 2]));
+        assert_eq!(h.dst, IpAddr::from([10, 96, 0, 1]));
+        assert_eq!(h.protocol, PROTO_TCP);
+        assert_eq!(h.total_len, p.len());
+        assert_eq!(h.payload(&p).len(), 22);
+        assert!(!h.fragment);
+    }
+
+    #[test]
+    fn parses_ipv6_with_extension_headers() {
+        // IPv6 + hop-by-hop (8 bytes) + 8 bytes of UDP.
+        let mut p = vec![0u8; 40 + 8 + 8];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&16u16.to_be_bytes());
+        p[6] = 0; // hop-by-hop
+        p[8..24].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        p[40] = PROTO_UDP;
+        p[41] = 0;
+        let h = parse_ip(&p).expect("valid");
+        assert_eq!(h.protocol, PROTO_UDP);
+        assert_eq!(h.payload_offset, 48);
+        assert_eq!(h.src, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        // Extension header claiming more than the payload.
+        p[41] = 5;
+        assert_eq!(parse_ip(&p), Err(PacketError::BadExtensionHeader));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(parse_ip(&[]), Err(PacketError::Empty));
+        assert_eq!(parse_ip(&[0x50]), Err(PacketError::UnknownVersion(5)));
+        let mut p = tcp4_packet(TCP_FLAG_SYN, &[], &[]);
+        assert!(matches!(
+            parse_ip(&p[..p.len() - 1]),
+            Err(PacketError::Truncated { .. })
+        ));
+        p[0] = 0x44;
+        assert_eq!(parse_ip(&p), Err(PacketError::BadHeaderLength(4)));
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&10u16.to_be_bytes());
+        assert!(matches!(
+            parse_ip(&p),
+            Err(PacketError::BadTotalLength { .. })
+        ));
+    }
+
+    /// Deterministic xorshift so the fuzz loop needs no extra crate.
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn never_panics_on_random_or_truncated_input() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let seeds = [
+            tcp4_packet(TCP_FLAG_SYN, &[2, 4, 0x05, 0xb4, 1, 3, 3, 7], b"x"),
+            parse_ipv6_seed(),
+        ];
+        for round in 0..20_000 {
+            let mut p = if round % 2 == 0 {
+                let n = rng.below(120);
+                (0..n).map(|_| rng.next() as u8).collect::<Vec<_>>()
+            } else {
+                // Mutate a valid packet so the fuzzing reaches deep paths.
+                let mut p = seeds[round % seeds.len()].clone();
+                for _ in 0..rng.below(4) + 1 {
+                    let i = rng.below(p.len());
+                    p[i] = rng.next() as u8;
+                }
+                p.truncate(rng.below(p.len() + 1));
+                p
+            };
+            let _ = parse_ip(&p);
+            let _ = clamp_tcp_mss(&mut p, 1200);
+            if let Ok(h) = parse_ip(&p) {
+                let _ = h.payload(&p);
+                assert!(h.total_len <= p.len() && h.payload_offset <= h.total_len);
+            }
+        }
+        // Every truncation of the valid seeds.
+        for seed in &seeds {
+            for n in 0..seed.len() {
+                let mut p = seed[..n].to_vec();
+                assert!(parse_ip(&p).is_err());
+                assert!(clamp_tcp_mss(&mut p, 1200).is_err());
+            }
+        }
+    }
+
+    fn parse_ipv6_seed() -> Vec<u8> {
+        let mut p = vec![0u8; 40 + 8 + 8];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&16u16.to_be_bytes());
+        p[6] = 44; // fragment header
+        p[40] = PROTO_UDP;
+        p
+    }
+
+    #[test]
+    fn clamps_mss_and_fixes_checksum() {
+        // MSS at an even offset.
+        let mut p = tcp4_packet(TCP_FLAG_SYN, &[2, 4, 0x05, 0xb4], &[]);
+        assert_eq!(clamp_tcp_mss(&mut p, 1200), Ok(true));
+        assert_eq!(be16(&p, 42), 1200);
+        assert_eq!(be16(&p, 36), tcp4_checksum(&p));
+        // Idempotent.
+        assert_eq!(clamp_tcp_mss(&mut p, 1200), Ok(false));
+
+        // MSS after a NOP: the value sits at an odd offset.
+        let mut p = tcp4_packet(TCP_FLAG_SYN | 0x10, &[1, 2, 4, 0x23, 0x28], &[]);
+        assert_eq!(clamp_tcp_mss(&mut p, 1360), Ok(true));
+        assert_eq!(be16(&p, 43), 1360);
+        assert_eq!(be16(&p, 36), tcp4_checksum(&p));
+    }
+
+    #[test]
+    fn leaves_non_syn_and_small_mss_alone() {
+        let mut p = tcp4_packet(0x10, &[2, 4, 0x05, 0xb4], b"data");
+        let before = p.clone();
+        assert_eq!(clamp_tcp_mss(&mut p, 1000), Ok(false));
+        let mut q = tcp4_packet(TCP_FLAG_SYN, &[2, 4, 0x02, 0x00], &[]);
+        assert_eq!(clamp_tcp_mss(&mut q, 1000), Ok(false));
+        assert_eq!(p, before);
+        // Option length running past the header is an error, not a panic.
+        let mut r = tcp4_packet(TCP_FLAG_SYN, &[3, 9, 0, 0], &[]);
+        assert_eq!(clamp_tcp_mss(&mut r, 1000), Err(PacketError::BadTcpHeader));
+    }
+
+    #[test]
+    fn mss_for_common_mtus() {
+        assert_eq!(mss_for_mtu(1420, IpVersion::V4), 1380);
+        assert_eq!(mss_for_mtu(1420, IpVersion::V6), 1360);
+        assert_eq!(mss_for_mtu(10, IpVersion::V4), 0);
+    }
+}
