@@ -13,9 +13,20 @@
 //! answer differently from a real API server where kubectl or kube-rs can
 //! tell.
 
+pub mod admission;
+pub mod auth;
+pub mod discovery;
 pub mod error;
+pub mod local;
+pub mod patch;
+pub mod pki;
+pub mod portforward;
+pub mod protobuf;
 pub mod resources;
+pub mod selectors;
+pub mod server;
 pub mod store;
+pub mod table;
 
 pub use error::ApiError;
 pub use resources::ResourceType;

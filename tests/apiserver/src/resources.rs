@@ -28,8 +28,21 @@ impl ResourceType {
 
     /// A stable key used by the store (`core/v1/pods`, `apps/v1/deployments`).
     pub fn key(&self) -> String {
-        let group = if self.group.is_empty() { "core" } else { self.group };
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
         format!("{}/{}/{}", group, self.version, self.plural)
+    }
+
+    /// Create-only review resources (access reviews, who-am-i) that are
+    /// computed per request and never stored.
+    pub fn is_virtual(&self) -> bool {
+        matches!(
+            self.kind,
+            "SelfSubjectAccessReview" | "SubjectAccessReview" | "SelfSubjectReview"
+        )
     }
 
     /// Whether the status is a subresource: writes to the main resource keep
@@ -39,6 +52,7 @@ impl ResourceType {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 const fn rt(
     group: &'static str,
     version: &'static str,
@@ -62,6 +76,7 @@ const fn rt(
 }
 
 /// Every resource served, in discovery order.
+#[rustfmt::skip]
 pub static RESOURCES: &[ResourceType] = &[
     rt("", "v1", "namespaces", "namespace", "Namespace", false, &["ns"], &["status"]),
     rt("", "v1", "nodes", "node", "Node", false, &["no"], &["status"]),
@@ -80,6 +95,11 @@ pub static RESOURCES: &[ResourceType] = &[
     rt("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole", false, &[], &[]),
     rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, &[], &[]),
     rt("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, &[], &[]),
+    rt("events.k8s.io", "v1", "events", "event", "Event", true, &[], &[]),
+    // Virtual (create-only, never stored): answered by the REST layer.
+    rt("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "", "SelfSubjectAccessReview", false, &[], &[]),
+    rt("authorization.k8s.io", "v1", "subjectaccessreviews", "", "SubjectAccessReview", false, &[], &[]),
+    rt("authentication.k8s.io", "v1", "selfsubjectreviews", "", "SelfSubjectReview", false, &[], &[]),
 ];
 
 /// Finds a resource by group, version and plural.
@@ -91,7 +111,9 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
 
 /// Finds a resource by group and kind (any served version).
 pub fn find_kind(group: &str, kind: &str) -> Option<&'static ResourceType> {
-    RESOURCES.iter().find(|r| r.group == group && r.kind == kind)
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.kind == kind)
 }
 
 /// Shorthand for the core/v1 or named-group resource the controllers use.

@@ -163,7 +163,12 @@ impl Store {
     /// Creates an object. Fills metadata (uid, creationTimestamp,
     /// resourceVersion, generation, namespace, name from generateName),
     /// apiVersion and kind.
-    pub fn create(&self, rt: &'static ResourceType, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn create(
+        &self,
+        rt: &'static ResourceType,
+        ns: &str,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         if !obj.is_object() {
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
@@ -173,14 +178,16 @@ impl Store {
         let mut inner = self.lock();
         if rt.namespaced {
             if ns.is_empty() {
-                return Err(ApiError::bad_request("a namespace is required for a namespaced resource"));
+                return Err(ApiError::bad_request(
+                    "a namespace is required for a namespaced resource",
+                ));
             }
-            if let Some(body_ns) = obj["metadata"]["namespace"].as_str() {
-                if body_ns != ns {
-                    return Err(ApiError::bad_request(format!(
-                        "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})"
-                    )));
-                }
+            if let Some(body_ns) = obj["metadata"]["namespace"].as_str()
+                && body_ns != ns
+            {
+                return Err(ApiError::bad_request(format!(
+                    "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})"
+                )));
             }
             let ns_rt = crate::resources::must("core/v1/namespaces");
             if !inner.objects.contains_key(&key(ns_rt, "", ns)) {
@@ -188,22 +195,37 @@ impl Store {
             }
         }
         let mut name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
-        if name.is_empty() {
-            if let Some(prefix) = obj["metadata"]["generateName"].as_str() {
-                let prefix = prefix.to_string();
-                loop {
-                    let candidate = format!("{prefix}{}", random_suffix(5));
-                    if !inner.objects.contains_key(&key(rt, ns, &candidate)) {
-                        name = candidate;
-                        break;
-                    }
+        if name.is_empty()
+            && let Some(prefix) = obj["metadata"]["generateName"].as_str()
+        {
+            let prefix = prefix.to_string();
+            loop {
+                let candidate = format!("{prefix}{}", random_suffix(5));
+                if !inner.objects.contains_key(&key(rt, ns, &candidate)) {
+                    name = candidate;
+                    break;
                 }
             }
         }
         if name.is_empty() {
-            return Err(ApiError::invalid(rt, "", "metadata.name: Required value: name or generateName is required"));
+            return Err(ApiError::invalid(
+                rt,
+                "",
+                "metadata.name: Required value: name or generateName is required",
+            ));
         }
-        if !valid_name(&name) {
+        if rt.group == "rbac.authorization.k8s.io" {
+            // RBAC names are path segments (`system:basic-user`).
+            if name == "." || name == ".." || name.contains(['/', '%']) {
+                return Err(ApiError::invalid(
+                    rt,
+                    &name,
+                    &format!(
+                        "metadata.name: Invalid value: \"{name}\": may not contain '/' or '%' and may not be '.' or '..'"
+                    ),
+                ));
+            }
+        } else if !valid_name(&name) {
             return Err(ApiError::invalid(
                 rt,
                 &name,
@@ -282,22 +304,20 @@ impl Store {
         status_only: bool,
     ) -> Result<Value, ApiError> {
         self.update_with(rt, ns, name, |current| {
-            if let Some(want) = obj["metadata"]["resourceVersion"].as_str() {
-                if !want.is_empty() && current["metadata"]["resourceVersion"].as_str() != Some(want) {
+            if let Some(want) = obj["metadata"]["resourceVersion"].as_str()
+                && !want.is_empty() && current["metadata"]["resourceVersion"].as_str() != Some(want) {
                     return Err(ApiError::conflict(
                         rt,
                         name,
                         "the object has been modified; please apply your changes to the latest version and try again",
                     ));
                 }
-            }
-            if let Some(body_name) = obj["metadata"]["name"].as_str() {
-                if body_name != name {
+            if let Some(body_name) = obj["metadata"]["name"].as_str()
+                && body_name != name {
                     return Err(ApiError::bad_request(format!(
                         "the name of the object ({body_name}) does not match the name on the URL ({name})"
                     )));
                 }
-            }
             let mut next = obj.clone();
             if status_only {
                 let mut kept = current.clone();
@@ -322,7 +342,13 @@ impl Store {
     /// place. Identity fields (name, namespace, uid, creationTimestamp) are
     /// kept; resourceVersion is bumped and `generation` too when `spec`
     /// changed. A no-op edit writes nothing and emits no event.
-    pub fn update_with<F>(&self, rt: &'static ResourceType, ns: &str, name: &str, f: F) -> Result<Value, ApiError>
+    pub fn update_with<F>(
+        &self,
+        rt: &'static ResourceType,
+        ns: &str,
+        name: &str,
+        f: F,
+    ) -> Result<Value, ApiError>
     where
         F: FnOnce(&mut Value) -> Result<(), ApiError>,
     {
@@ -342,7 +368,13 @@ impl Store {
         }
         next["apiVersion"] = json!(rt.api_version());
         next["kind"] = json!(rt.kind);
-        for field in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"] {
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+        ] {
             match before["metadata"].get(field) {
                 Some(v) => next["metadata"][field] = v.clone(),
                 None => {
@@ -380,7 +412,12 @@ impl Store {
     /// Deletes an object and, as the garbage collector would (background
     /// propagation), every object that names it in `ownerReferences`;
     /// deleting a Namespace deletes everything in it.
-    pub fn delete(&self, rt: &'static ResourceType, ns: &str, name: &str) -> Result<Value, ApiError> {
+    pub fn delete(
+        &self,
+        rt: &'static ResourceType,
+        ns: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let deleted = self.delete_locked(&mut inner, rt, ns, name)?;
         Ok(deleted)
@@ -418,7 +455,9 @@ impl Store {
                 (is_namespace && n == name)
                     || v["metadata"]["ownerReferences"]
                         .as_array()
-                        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str())))
+                        .is_some_and(|refs| {
+                            refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str()))
+                        })
             })
             .map(|((_, n, nm), (rt, _))| (*rt, n.clone(), nm.clone()))
             .collect();
@@ -433,21 +472,29 @@ impl Store {
     /// returned first (410 Gone if history no longer reaches back that far);
     /// the receiver yields every later event of every resource: filter by
     /// `event.resource` and namespace.
-    pub fn watch(&self, since_rv: Option<u64>) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), ApiError> {
+    pub fn watch(
+        &self,
+        since_rv: Option<u64>,
+    ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), ApiError> {
         let inner = self.lock();
         let rx = self.tx.subscribe();
         let mut backlog = Vec::new();
-        if let Some(since) = since_rv {
-            if since < inner.rv {
-                let oldest = inner.history.front().map(|e| e.rv).unwrap_or(inner.rv + 1);
-                if oldest > since + 1 && since + 1 <= inner.rv {
-                    // Only gone if there were events we can no longer replay.
-                    if inner.history.len() >= HISTORY {
-                        return Err(ApiError::gone(since));
-                    }
+        if let Some(since) = since_rv
+            && since < inner.rv
+        {
+            let oldest = inner.history.front().map(|e| e.rv).unwrap_or(inner.rv + 1);
+            if oldest > since + 1 && since < inner.rv {
+                // Only gone if there were events we can no longer replay.
+                if inner.history.len() >= HISTORY {
+                    return Err(ApiError::gone(since));
                 }
-                backlog = inner.history.iter().filter(|e| e.rv > since).cloned().collect();
             }
+            backlog = inner
+                .history
+                .iter()
+                .filter(|e| e.rv > since)
+                .cloned()
+                .collect();
         }
         Ok((backlog, rx))
     }

@@ -1,0 +1,527 @@
+//! The real `kubectl` against the stand-in API server on loopback.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use minicluster_apiserver::admission;
+use minicluster_apiserver::local::LocalServer;
+use minicluster_apiserver::resources::must;
+use serde_json::json;
+
+fn kubectl_path() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("kubectl"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("BURROW_E2E").as_deref() == Ok("1") {
+            panic!("kubectl is not on PATH and BURROW_E2E=1 requires it");
+        }
+        eprintln!("SKIPPED: kubectl is not on PATH");
+    }
+    found
+}
+
+struct Kubectl {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    async fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kubectl");
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).await.expect("write stdin");
+        }
+        drop(input);
+        let out =
+            tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("kubectl timed out")
+                .expect("kubectl");
+        eprintln!(
+            "$ kubectl {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    async fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin).await;
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    async fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin).await;
+        assert_eq!(out.status.code(), Some(1), "kubectl {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+}
+
+const APP: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+  labels:
+    app: echo
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: echo
+  template:
+    metadata:
+      labels:
+        app: echo
+    spec:
+      containers:
+      - name: echo
+        image: burrow/echo:1
+        ports:
+        - containerPort: 8080
+        env:
+        - name: A
+          value: "1"
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  selector:
+    app: echo
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+"#;
+
+const SVC_READER: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: svc-reader
+rules:
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: bob-svc
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: svc-reader
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: Group
+  name: devs
+"#;
+
+const BOB_VIEW: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: bob-view
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: view
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: User
+  name: bob
+"#;
+
+fn seed(server: &LocalServer) {
+    let store = &server.store;
+    let pod = admission::create(
+        store,
+        must("core/v1/pods"),
+        "default",
+        json!({"metadata": {"name": "web-1", "labels": {"app": "web"}},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "nginx:1.27"}]}}),
+    )
+    .expect("pod");
+    let name = pod["metadata"]["name"].as_str().expect("name").to_string();
+    minicluster_apiserver::admission::update(
+        store,
+        must("core/v1/pods"),
+        "default",
+        &name,
+        json!({"status": {"phase": "Running", "podIP": "10.244.0.5",
+            "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0, "image": "nginx:1.27", "imageID": "", "state": {"running": {}}}]}}),
+        true,
+    )
+    .expect("status");
+    admission::create(
+        store,
+        must("core/v1/services"),
+        "default",
+        json!({"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+    )
+    .expect("svc");
+    store
+        .create(
+            must("core/v1/endpoints"),
+            "default",
+            json!({"metadata": {"name": "web"}, "subsets": [{"addresses": [{"ip": "10.244.0.5"}], "ports": [{"port": 80, "protocol": "TCP"}]}]}),
+        )
+        .expect("endpoints");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_against_the_stand_in() {
+    let Some(bin) = kubectl_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = LocalServer::start(dir.path()).await.expect("server");
+    seed(&server);
+    let k = Kubectl {
+        bin: bin.clone(),
+        kubeconfig: server.kubeconfig.clone(),
+        cache: dir.path().join("cache"),
+    };
+
+    let out = k.ok(&["version", "-o", "json"], None).await;
+    assert!(out.contains("v1.32.0"), "{out}");
+
+    let out = k.ok(&["api-resources"], None).await;
+    assert!(
+        out.contains("pods") && out.contains("po") && out.contains("deployments"),
+        "{out}"
+    );
+
+    let out = k
+        .ok(&["get", "pods,svc,endpoints", "-A", "-o", "wide"], None)
+        .await;
+    for want in [
+        "NAMESPACE",
+        "READY",
+        "STATUS",
+        "RESTARTS",
+        "NOMINATED NODE",
+        "READINESS GATES",
+        "web-1",
+        "1/1",
+        "Running",
+        "10.244.0.5",
+        "node-1",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "SELECTOR",
+        "ClusterIP",
+        "80/TCP",
+        "app=web",
+        "10.96.0.1",
+        "443/TCP",
+        "ENDPOINTS",
+        "10.244.0.5:80",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+
+    // apply: create, then update (strategic merge patch).
+    let out = k.ok(&["apply", "-f", "-"], Some(APP)).await;
+    assert!(
+        out.contains("deployment.apps/echo created") && out.contains("service/echo created"),
+        "{out}"
+    );
+    let changed = APP
+        .replace("burrow/echo:1", "burrow/echo:2")
+        .replace("value: \"1\"", "value: \"2\"");
+    let out = k.ok(&["apply", "-f", "-"], Some(&changed)).await;
+    assert!(
+        out.contains("deployment.apps/echo configured") && out.contains("service/echo unchanged"),
+        "{out}"
+    );
+    let d = server
+        .store
+        .get(must("apps/v1/deployments"), "default", "echo")
+        .expect("deployment");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "burrow/echo:2");
+    assert_eq!(c["env"], json!([{"name": "A", "value": "2"}]));
+    assert_eq!(d["metadata"]["generation"], 2);
+    let out = k.ok(&["get", "deploy", "-o", "wide"], None).await;
+    assert!(
+        out.contains("UP-TO-DATE") && out.contains("burrow/echo:2") && out.contains("app=echo"),
+        "{out}"
+    );
+
+    // patch in three flavours.
+    let out = k
+        .ok(
+            &[
+                "patch",
+                "svc",
+                "echo",
+                "-p",
+                r#"{"spec":{"selector":{"app":"y"}}}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(out.contains("service/echo patched"), "{out}");
+    let ip_before = server
+        .store
+        .get(must("core/v1/services"), "default", "echo")
+        .expect("svc")["spec"]["clusterIP"]
+        .clone();
+    k.ok(
+        &[
+            "patch",
+            "svc",
+            "echo",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"x":"1"}}}"#,
+        ],
+        None,
+    )
+    .await;
+    k.ok(
+        &[
+            "patch",
+            "svc",
+            "echo",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/ports/0/port","value":81}]"#,
+        ],
+        None,
+    )
+    .await;
+    let svc = server
+        .store
+        .get(must("core/v1/services"), "default", "echo")
+        .expect("svc");
+    assert_eq!(svc["spec"]["selector"], json!({"app": "y"}));
+    assert_eq!(svc["metadata"]["labels"]["x"], "1");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 81);
+    assert_eq!(svc["spec"]["clusterIP"], ip_before);
+
+    // Errors.
+    let err = k.fails(&["get", "svc", "missing"], None).await;
+    assert!(
+        err.contains(r#"Error from server (NotFound): services "missing" not found"#),
+        "{err}"
+    );
+    let err = k.fails(&["create", "-f", "-"], Some(APP)).await;
+    assert!(err.contains("AlreadyExists"), "{err}");
+    let err = k
+        .fails(
+            &["create", "-f", "-"],
+            Some("apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\nspec:\n  clusterIP: 1.2.3.4\n  ports:\n  - port: 80\n"),
+        )
+        .await;
+    assert!(
+        err.contains("The range of valid IPs is 10.96.0.0/12"),
+        "{err}"
+    );
+
+    // Delete.
+    let out = k.ok(&["delete", "pod", "web-1"], None).await;
+    assert!(out.contains(r#"pod "web-1" deleted"#), "{out}");
+
+    // Server-side apply.
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  a: \"1\"\n";
+    let out = k.ok(&["apply", "--server-side", "-f", "-"], Some(cm)).await;
+    assert!(out.contains("configmap/ssa serverside-applied"), "{out}");
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&cm.replace("\"1\"", "\"2\"")),
+        )
+        .await;
+    assert!(out.contains("configmap/ssa serverside-applied"), "{out}");
+    let cmv = server
+        .store
+        .get(must("core/v1/configmaps"), "default", "ssa")
+        .expect("cm");
+    assert_eq!(cmv["data"]["a"], "2");
+    assert_eq!(cmv["metadata"]["managedFields"][0]["manager"], "kubectl");
+
+    // Typed generators send protobuf bodies.
+    k.ok(&["create", "namespace", "team-a"], None).await;
+    k.ok(
+        &[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            "team-a",
+            "--image=nginx:1.27",
+            "--port=80",
+            "--replicas=2",
+        ],
+        None,
+    )
+    .await;
+    k.ok(
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "web",
+            "-n",
+            "team-a",
+            "--tcp=80:8080",
+        ],
+        None,
+    )
+    .await;
+    k.ok(
+        &[
+            "create",
+            "configmap",
+            "cfg",
+            "-n",
+            "team-a",
+            "--from-literal=a=b",
+        ],
+        None,
+    )
+    .await;
+    k.ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "sec",
+            "-n",
+            "team-a",
+            "--from-literal=pw=hunter2",
+        ],
+        None,
+    )
+    .await;
+    k.ok(&["create", "serviceaccount", "robot", "-n", "team-a"], None)
+        .await;
+    let d = server
+        .store
+        .get(must("apps/v1/deployments"), "team-a", "web")
+        .expect("deployment");
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.27"
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["ports"][0],
+        json!({"containerPort": 80, "protocol": "TCP"})
+    );
+    assert_eq!(d["spec"]["selector"]["matchLabels"], json!({"app": "web"}));
+    let s = server
+        .store
+        .get(must("core/v1/services"), "team-a", "web")
+        .expect("service");
+    assert_eq!(s["spec"]["ports"][0]["port"], 80);
+    assert_eq!(s["spec"]["ports"][0]["targetPort"], 8080);
+    assert!(
+        s["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.")),
+        "{s}"
+    );
+    let sec = server
+        .store
+        .get(must("core/v1/secrets"), "team-a", "sec")
+        .expect("secret");
+    assert_eq!(sec["data"]["pw"], "aHVudGVyMg==");
+    let out = k
+        .ok(
+            &["scale", "deployment", "web", "-n", "team-a", "--replicas=3"],
+            None,
+        )
+        .await;
+    assert!(out.contains("deployment.apps/web scaled"), "{out}");
+    let d = server
+        .store
+        .get(must("apps/v1/deployments"), "team-a", "web")
+        .expect("deployment");
+    assert_eq!(d["spec"]["replicas"], 3);
+    let out = k.ok(&["get", "all", "-n", "team-a"], None).await;
+    assert!(
+        out.contains("deployment.apps/web") && out.contains("service/web"),
+        "{out}"
+    );
+    k.ok(&["describe", "svc", "web", "-n", "team-a"], None)
+        .await;
+    k.ok(&["get", "svc", "web", "-n", "team-a", "-o", "yaml"], None)
+        .await;
+    let out = k.ok(&["delete", "namespace", "team-a"], None).await;
+    assert!(out.contains(r#"namespace "team-a" deleted"#), "{out}");
+    assert!(
+        server
+            .store
+            .get(must("apps/v1/deployments"), "team-a", "web")
+            .is_err()
+    );
+
+    // RBAC: a user without rights.
+    let bob = Kubectl {
+        bin,
+        kubeconfig: server.kubeconfig_for("bob", &["devs"]).expect("bob"),
+        cache: dir.path().join("cache-bob"),
+    };
+    let err = bob.fails(&["get", "pods"], None).await;
+    assert!(
+        err.contains(r#"User "bob" cannot list resource "pods""#),
+        "{err}"
+    );
+    // kubectl patch GETs the object first: allow reading services only.
+    k.ok(&["apply", "-f", "-"], Some(SVC_READER)).await;
+    bob.ok(&["get", "svc", "echo"], None).await;
+    let err = bob
+        .fails(
+            &[
+                "patch",
+                "svc",
+                "echo",
+                "-p",
+                r#"{"spec":{"selector":{"app":"z"}}}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        err.contains(r#"Error from server (Forbidden): services "echo" is forbidden: User "bob" cannot patch resource "services" in API group "" in the namespace "default""#),
+        "{err}"
+    );
+    let out = bob.ok(&["auth", "can-i", "get", "services"], None).await;
+    assert_eq!(out.trim(), "yes");
+    let out = bob.run(&["auth", "can-i", "patch", "services"], None).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no");
+    let out = bob.ok(&["auth", "whoami"], None).await;
+    assert!(out.contains("bob") && out.contains("devs"), "{out}");
+    // ... and pods until bound to `view`.
+    k.ok(&["apply", "-f", "-"], Some(BOB_VIEW)).await;
+    bob.ok(&["get", "pods"], None).await;
+}
