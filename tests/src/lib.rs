@@ -12,4 +12,11 @@
 //! traffic anywhere but loopback and its own namespaces, or leave a
 //! namespace, process, veth, rule or temp file behind after `down`/`gc`.
 
+pub mod cluster;
+pub mod controllers;
 pub mod ctx;
+pub mod dns;
+pub mod images;
+pub mod kubelet;
+pub mod net;
+pub mod proxy;

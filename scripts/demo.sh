@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what is needed, brings the miniature cluster up, shows it, makes a
+# request from one pod to another Service by name, and tears it down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+cargo build -p burrow-tests -p burrow-gateway -p burrow
+
+MC=target/debug/minicluster
+trap '$MC down --name demo >/dev/null 2>&1 || true' EXIT
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "bringing the miniature cluster up"
+$MC up --name demo
+KUBECONFIG_HOST=$($MC kubeconfig --name demo --host)
+
+step "kubectl get pods,svc -A"
+kubectl --kubeconfig "$KUBECONFIG_HOST" get pods,svc -A -o wide
+
+CALLER=$(kubectl --kubeconfig "$KUBECONFIG_HOST" get pods -n default -l app=caller -o jsonpath='{.items[0].metadata.name}')
+step "from pod $CALLER: curl http://echo.default:8080/hello (a Service by name, through cluster DNS and kube-proxy)"
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+echo
+
+step "from pod $CALLER: curl -I http://web"
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 -I http://web
+
+step "from the laptop namespace the cluster is out of reach until burrow connects"
+if $MC exec --name demo laptop -- curl -sS --max-time 2 http://10.96.0.1 >/dev/null 2>&1; then
+    echo "unexpected: the laptop reached a ClusterIP without burrow" >&2
+    exit 1
+fi
+echo "10.96.0.1 unreachable from the laptop, as expected"
+
+step "tearing down"
+$MC down --name demo
+trap - EXIT
+echo "demo: done"

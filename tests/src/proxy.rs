@@ -1,0 +1,413 @@
+//! kube-proxy, iptables mode, for the one node: ClusterIP:port and
+//! NodePort → DNAT to ready endpoints with random spread; Services without
+//! ready endpoints → REJECT. Rewritten atomically (`iptables-restore
+//! --noflush`) within ~100 ms of any Service / EndpointSlice / Endpoints
+//! change, only when the rule text changed.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minicluster_apiserver::Store;
+use minicluster_apiserver::resources::must;
+use serde_json::Value;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::ctx::{ClusterCtx, NODE_UNDERLAY_IP};
+
+/// One address of a Service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    /// `hostname` of the endpoint (headless Services with pod hostnames).
+    pub hostname: Option<String>,
+}
+
+/// A Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    pub node_port: Option<u16>,
+}
+
+pub fn service_ports(svc: &Value) -> Vec<ServicePort> {
+    svc["spec"]["ports"]
+        .as_array()
+        .map(|ports| {
+            ports
+                .iter()
+                .filter_map(|p| {
+                    Some(ServicePort {
+                        name: p["name"].as_str().unwrap_or("").to_string(),
+                        port: u16::try_from(p["port"].as_u64()?).ok()?,
+                        protocol: p["protocol"].as_str().unwrap_or("TCP").to_string(),
+                        node_port: p["nodePort"]
+                            .as_u64()
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|&n| n > 0),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The Service's ClusterIP, if it has one (not headless, not ExternalName).
+pub fn cluster_ip(svc: &Value) -> Option<Ipv4Addr> {
+    if svc["spec"]["type"].as_str() == Some("ExternalName") {
+        return None;
+    }
+    svc["spec"]["clusterIP"].as_str()?.parse().ok()
+}
+
+pub fn is_headless(svc: &Value) -> bool {
+    svc["spec"]["clusterIP"].as_str() == Some("None")
+}
+
+fn meta<'a>(obj: &'a Value, field: &str) -> &'a str {
+    obj["metadata"][field].as_str().unwrap_or("")
+}
+
+/// The backends of port (`port_name`, `protocol`) of Service `ns/name`:
+/// from its EndpointSlices (label `kubernetes.io/service-name`) if any
+/// exist, else from its Endpoints object. Sorted, deduplicated.
+pub fn backends(
+    ns: &str,
+    name: &str,
+    port_name: &str,
+    protocol: &str,
+    slices: &[Value],
+    endpoints: &[Value],
+) -> Vec<Backend> {
+    let mut out = BTreeSet::new();
+    let own: Vec<&Value> = slices
+        .iter()
+        .filter(|s| {
+            meta(s, "namespace") == ns
+                && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(name)
+                && s["addressType"].as_str().unwrap_or("IPv4") == "IPv4"
+        })
+        .collect();
+    if !own.is_empty() {
+        for slice in own {
+            let Some(ports) = slice["ports"].as_array() else {
+                continue;
+            };
+            for p in ports {
+                if p["name"].as_str().unwrap_or("") != port_name
+                    || p["protocol"].as_str().unwrap_or("TCP") != protocol
+                {
+                    continue;
+                }
+                let Some(port) = p["port"].as_u64().and_then(|n| u16::try_from(n).ok()) else {
+                    continue;
+                };
+                for ep in slice["endpoints"].as_array().into_iter().flatten() {
+                    let ready = ep["conditions"]["ready"].as_bool() != Some(false);
+                    let hostname = ep["hostname"].as_str().map(str::to_string);
+                    for a in ep["addresses"].as_array().into_iter().flatten() {
+                        if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
+                            out.insert(Backend {
+                                ip,
+                                port,
+                                ready,
+                                hostname: hostname.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    } else if let Some(ep) = endpoints
+        .iter()
+        .find(|e| meta(e, "namespace") == ns && meta(e, "name") == name)
+    {
+        for subset in ep["subsets"].as_array().into_iter().flatten() {
+            for p in subset["ports"].as_array().into_iter().flatten() {
+                if p["name"].as_str().unwrap_or("") != port_name
+                    || p["protocol"].as_str().unwrap_or("TCP") != protocol
+                {
+                    continue;
+                }
+                let Some(port) = p["port"].as_u64().and_then(|n| u16::try_from(n).ok()) else {
+                    continue;
+                };
+                for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
+                    for a in subset[key].as_array().into_iter().flatten() {
+                        if let Some(ip) = a["ip"].as_str().and_then(|s| s.parse().ok()) {
+                            out.insert(Backend {
+                                ip,
+                                port,
+                                ready,
+                                hostname: a["hostname"].as_str().map(str::to_string),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn dnat_rules(out: &mut String, chain: &str, matcher: &str, comment: &str, ready: &[&Backend]) {
+    let n = ready.len();
+    for (i, b) in ready.iter().enumerate() {
+        let spread = if i + 1 < n {
+            format!(
+                " -m statistic --mode random --probability {:.10}",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "-A {chain} {matcher} -m comment --comment \"{comment}\"{spread} -j DNAT --to-destination {}:{}\n",
+            b.ip, b.port
+        ));
+    }
+}
+
+/// The `iptables-restore --noflush` input for the Services and their
+/// endpoints: nat `KUBE-SERVICES`/`KUBE-NODEPORTS` and filter
+/// `KUBE-SERVICES` (declaring a chain flushes it). Deterministic.
+pub fn rules_text(services: &[Value], slices: &[Value], endpoints: &[Value]) -> String {
+    let mut nat = String::new();
+    let mut nodeports = String::new();
+    let mut filter = String::new();
+    let mut services: Vec<&Value> = services.iter().collect();
+    services.sort_by_key(|s| {
+        (
+            meta(s, "namespace").to_string(),
+            meta(s, "name").to_string(),
+        )
+    });
+    for svc in services {
+        let Some(ip) = cluster_ip(svc) else { continue };
+        let (ns, name) = (meta(svc, "namespace"), meta(svc, "name"));
+        for sp in service_ports(svc) {
+            let proto = sp.protocol.to_ascii_lowercase();
+            let comment = if sp.name.is_empty() {
+                format!("{ns}/{name}")
+            } else {
+                format!("{ns}/{name}:{}", sp.name)
+            };
+            let all = backends(ns, name, &sp.name, &sp.protocol, slices, endpoints);
+            let ready: Vec<&Backend> = all.iter().filter(|b| b.ready).collect();
+            let cluster_match = format!("-d {ip}/32 -p {proto} -m {proto} --dport {}", sp.port);
+            let node_match = sp
+                .node_port
+                .map(|np| format!("-p {proto} -m {proto} --dport {np}"));
+            if ready.is_empty() {
+                let reject = if proto == "tcp" {
+                    "tcp-reset"
+                } else {
+                    "icmp-port-unreachable"
+                };
+                filter.push_str(&format!(
+                    "-A KUBE-SERVICES {cluster_match} -m comment --comment \"{comment} has no endpoints\" -j REJECT --reject-with {reject}\n"
+                ));
+                if let Some(np) = sp.node_port {
+                    filter.push_str(&format!(
+                        "-A KUBE-SERVICES -d {NODE_UNDERLAY_IP}/32 -p {proto} -m {proto} --dport {np} -m comment --comment \"{comment} has no endpoints\" -j REJECT --reject-with {reject}\n"
+                    ));
+                }
+            } else {
+                dnat_rules(&mut nat, "KUBE-SERVICES", &cluster_match, &comment, &ready);
+                if let Some(m) = node_match {
+                    dnat_rules(&mut nodeports, "KUBE-NODEPORTS", &m, &comment, &ready);
+                }
+            }
+        }
+    }
+    format!(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n{nat}-A KUBE-SERVICES -d {NODE_UNDERLAY_IP}/32 -j KUBE-NODEPORTS\n{nodeports}COMMIT\n*filter\n:KUBE-SERVICES - [0:0]\n{filter}COMMIT\n"
+    )
+}
+
+/// Applies rule text in the node namespace.
+pub fn apply(node_netns: &str, text: &str) -> anyhow::Result<()> {
+    crate::net::run_cmd_input(
+        "ip",
+        &["netns", "exec", node_netns, "iptables-restore", "--noflush"],
+        Some(text),
+    )
+    .map(|_| ())
+}
+
+fn current_rules(store: &Store) -> String {
+    let (services, _) = store.list(must("core/v1/services"), None);
+    let (slices, _) = store.list(must("discovery.k8s.io/v1/endpointslices"), None);
+    let (endpoints, _) = store.list(must("core/v1/endpoints"), None);
+    rules_text(&services, &slices, &endpoints)
+}
+
+fn relevant(key: &str) -> bool {
+    matches!(
+        key,
+        "core/v1/services" | "discovery.k8s.io/v1/endpointslices" | "core/v1/endpoints"
+    )
+}
+
+/// Runs kube-proxy until the store's watch channel closes.
+pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
+    let node = ctx.node_netns();
+    let (_, mut rx) = store
+        .watch(None)
+        .map_err(|e| anyhow::anyhow!("watch: {e:?}"))?;
+    let mut last = String::new();
+    loop {
+        let text = current_rules(&store);
+        if text != last {
+            let node = node.clone();
+            let t = text.clone();
+            match tokio::task::spawn_blocking(move || apply(&node, &t)).await {
+                Ok(Ok(())) => last = text.clone(),
+                Ok(Err(e)) => tracing::error!("kube-proxy: {e:#}"),
+                Err(e) => tracing::error!("kube-proxy: {e}"),
+            }
+        }
+        // Wait for a relevant change (or retry a failed write soon).
+        let retry = text != last;
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if relevant(&ev.resource.key()) => return true,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => return true,
+                    Err(RecvError::Closed) => return false,
+                }
+            }
+        };
+        if retry {
+            let _ = tokio::time::timeout(Duration::from_millis(500), wait).await;
+        } else if !wait.await {
+            return Ok(());
+        }
+        // Coalesce a burst of changes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok(_ev) = rx.try_recv() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(ns: &str, name: &str, ip: &str, ports: Value) -> Value {
+        json!({"metadata": {"namespace": ns, "name": name}, "spec": {"clusterIP": ip, "ports": ports}})
+    }
+
+    fn slice(ns: &str, svc: &str, ports: Value, eps: Value) -> Value {
+        json!({"metadata": {"namespace": ns, "name": format!("{svc}-abc"),
+                "labels": {"kubernetes.io/service-name": svc}},
+               "addressType": "IPv4", "ports": ports, "endpoints": eps})
+    }
+
+    #[test]
+    fn dnat_with_random_spread_and_named_ports() {
+        let services = vec![svc(
+            "default",
+            "echo",
+            "10.96.0.20",
+            json!([{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "nodePort": 30080}]),
+        )];
+        let slices = vec![slice(
+            "default",
+            "echo",
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            json!([
+                {"addresses": ["10.244.0.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.0.4"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.0.5"], "conditions": {}},
+                {"addresses": ["10.244.0.6"], "conditions": {"ready": false}}
+            ]),
+        )];
+        let text = rules_text(&services, &slices, &[]);
+        let m = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -m comment --comment \"default/echo:http\"";
+        assert!(text.contains(&format!(
+            "{m} -m statistic --mode random --probability 0.3333333333 -j DNAT --to-destination 10.244.0.3:8080\n"
+        )));
+        assert!(text.contains(&format!(
+            "{m} -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination 10.244.0.4:8080\n"
+        )));
+        assert!(text.contains(&format!("{m} -j DNAT --to-destination 10.244.0.5:8080\n")));
+        assert!(!text.contains("10.244.0.6"));
+        assert!(text.contains("-A KUBE-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment \"default/echo:http\" -m statistic --mode random --probability 0.3333333333 -j DNAT --to-destination 10.244.0.3:8080\n"));
+        assert!(text.starts_with("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n"));
+        assert!(text.contains("-A KUBE-SERVICES -d 192.168.240.1/32 -j KUBE-NODEPORTS\n"));
+        assert!(text.ends_with("*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n"));
+        // The nodeport jump comes after every ClusterIP rule.
+        let jump = text.find("-j KUBE-NODEPORTS").unwrap_or(0);
+        assert!(
+            text.rfind("-A KUBE-SERVICES -d 10.96")
+                .unwrap_or(usize::MAX)
+                < jump
+        );
+    }
+
+    #[test]
+    fn no_endpoints_reject_and_udp_and_endpoints_fallback() {
+        let services = vec![
+            svc("default", "empty", "10.96.0.30", json!([{"port": 80}])),
+            svc(
+                "default",
+                "udp",
+                "10.96.0.31",
+                json!([{"port": 9000, "protocol": "UDP", "nodePort": 30900}]),
+            ),
+            svc(
+                "kube-system",
+                "kube-dns",
+                "10.96.0.10",
+                json!([{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]),
+            ),
+            svc("data", "db", "None", json!([{"port": 5432}])),
+        ];
+        let endpoints = vec![json!({
+            "metadata": {"namespace": "kube-system", "name": "kube-dns"},
+            "subsets": [{"addresses": [{"ip": "10.244.0.1"}],
+                         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}]
+        })];
+        let text = rules_text(&services, &[], &endpoints);
+        assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.30/32 -p tcp -m tcp --dport 80 -m comment --comment \"default/empty has no endpoints\" -j REJECT --reject-with tcp-reset\n"));
+        assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.31/32 -p udp -m udp --dport 9000 -m comment --comment \"default/udp has no endpoints\" -j REJECT --reject-with icmp-port-unreachable\n"));
+        assert!(text.contains("-A KUBE-SERVICES -d 192.168.240.1/32 -p udp -m udp --dport 30900 -m comment --comment \"default/udp has no endpoints\" -j REJECT --reject-with icmp-port-unreachable\n"));
+        assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m udp --dport 53 -m comment --comment \"kube-system/kube-dns:dns\" -j DNAT --to-destination 10.244.0.1:53\n"));
+        assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"kube-system/kube-dns:dns-tcp\" -j DNAT --to-destination 10.244.0.1:53\n"));
+        assert!(!text.contains("data/db"));
+        // Deterministic.
+        assert_eq!(text, rules_text(&services, &[], &endpoints));
+    }
+
+    #[test]
+    fn slices_win_over_endpoints_and_ports_match_by_name_and_protocol() {
+        let services = vec![svc(
+            "default",
+            "web",
+            "10.96.0.40",
+            json!([{"name": "a", "port": 80}, {"name": "b", "port": 81}]),
+        )];
+        let slices = vec![slice(
+            "default",
+            "web",
+            json!([{"name": "a", "port": 8080}, {"name": "b", "port": 8081, "protocol": "UDP"}]),
+            json!([{"addresses": ["10.244.0.9"]}]),
+        )];
+        let endpoints = vec![json!({"metadata": {"namespace": "default", "name": "web"},
+            "subsets": [{"addresses": [{"ip": "10.244.9.9"}], "ports": [{"name": "a", "port": 1}]}]})];
+        let text = rules_text(&services, &slices, &endpoints);
+        assert!(text.contains("--dport 80 -m comment --comment \"default/web:a\" -j DNAT --to-destination 10.244.0.9:8080"));
+        assert!(text.contains(
+            "--dport 81 -m comment --comment \"default/web:b has no endpoints\" -j REJECT"
+        ));
+        assert!(!text.contains("10.244.9.9"));
+    }
+}

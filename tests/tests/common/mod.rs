@@ -1,0 +1,109 @@
+//! Shared helpers of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use burrow_tests::cluster::{Cluster, ClusterOptions};
+
+/// Whether end-to-end tests must run (CI sets BURROW_E2E=1).
+pub fn e2e_required() -> bool {
+    std::env::var("BURROW_E2E").is_ok_and(|v| v == "1")
+}
+
+/// Brings a miniature cluster up for one test group, or returns None (with a
+/// message) when not root and BURROW_E2E is not set.
+pub fn cluster(name: &str, laptops: usize) -> Option<Cluster> {
+    if !nix::unistd::Uid::effective().is_root() {
+        if e2e_required() {
+            panic!(
+                "BURROW_E2E=1 but not root: the end-to-end tests need root for network namespaces"
+            );
+        }
+        eprintln!("skipping: end-to-end tests need root (set BURROW_E2E=1 to make this a failure)");
+        return None;
+    }
+    let opts = ClusterOptions {
+        name: format!("{name}{}", std::process::id() % 10_000),
+        workloads: None,
+        laptops,
+    };
+    let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"));
+    Some(Cluster::up(bin, &opts).expect("minicluster up"))
+}
+
+/// Runs a command to completion, returning its output.
+pub fn run(mut cmd: Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.output().unwrap_or_else(|e| panic!("{shown}: {e}"))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs the command and asserts success, returning stdout.
+pub fn ok(cmd: Command) -> String {
+    let shown = format!("{cmd:?}");
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{shown} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Polls `f` until it returns Some, for at most `limit` (a deadline for a
+/// hang, not a performance assertion).
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("gave up waiting after {limit:?}: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `kubectl --kubeconfig <host kubeconfig> ARGS` as a Command.
+pub fn kubectl(c: &Cluster, args: &[&str]) -> Command {
+    let mut cmd = Command::new("kubectl");
+    cmd.arg("--kubeconfig").arg(c.host_kubeconfig()).args(args);
+    cmd
+}
+
+/// The name of the first pod in `ns` with label `app=<app>`.
+pub fn pod_of(c: &Cluster, ns: &str, app: &str) -> String {
+    let out = ok(kubectl(
+        c,
+        &[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    ));
+    assert!(!out.trim().is_empty(), "no pod with app={app} in {ns}");
+    out.trim().to_string()
+}
+
+/// Runs `args` inside the `caller` pod.
+pub fn in_caller(c: &Cluster, args: &[&str]) -> Command {
+    let caller = pod_of(c, "default", "caller");
+    c.exec(&format!("pod/default/{caller}"), args)
+}

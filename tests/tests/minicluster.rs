@@ -1,0 +1,538 @@
+//! Acceptance of the miniature cluster (issue 2): kubectl, kube-rs, traffic
+//! inside the cluster, and the laptop's isolation — one cluster for the group.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use burrow_tests::cluster::Cluster;
+use common::*;
+
+const EXTRA_YAML: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: extra
+  namespace: default
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: extra}
+  template:
+    metadata:
+      labels: {app: extra}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.25
+        ports:
+        - containerPort: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: extra
+  namespace: default
+spec:
+  selector: {app: extra}
+  ports:
+  - port: 80
+    targetPort: 80
+"#;
+
+#[test]
+fn miniature_cluster_acceptance() {
+    let Some(c) = cluster("acc", 1) else { return };
+    kubectl_reads_everything(&c);
+    kubectl_apply_patch_delete(&c);
+    kubectl_errors_are_real_statuses(&c);
+    rbac_refuses_a_user_without_patch(&c);
+    traffic_from_a_pod(&c);
+    laptop_reaches_only_the_underlay(&c);
+    kube_rs_client(&c);
+}
+
+fn kubectl_reads_everything(c: &Cluster) {
+    let out = ok(kubectl(
+        c,
+        &["get", "pods,svc,endpoints", "-A", "-o", "wide"],
+    ));
+    for want in [
+        "web-",
+        "echo-",
+        "redis-",
+        "db-0",
+        "caller",
+        "kube-dns",
+        "10.96.0.10",
+        "10.244.",
+        "node-1",
+        "Running",
+    ] {
+        assert!(
+            out.contains(want),
+            "`kubectl get pods,svc,endpoints -A -o wide` lacks {want:?}:\n{out}"
+        );
+    }
+}
+
+fn ready_replicas(c: &Cluster, ns: &str, deploy: &str) -> String {
+    stdout(&run(kubectl(
+        c,
+        &[
+            "get",
+            "deploy",
+            deploy,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ],
+    )))
+}
+
+fn kubectl_apply_patch_delete(c: &Cluster) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("extra.yaml");
+    std::fs::write(&file, EXTRA_YAML).expect("write yaml");
+    let file = file.to_string_lossy().into_owned();
+    let out = ok(kubectl(c, &["apply", "-f", &file]));
+    assert!(out.contains("deployment.apps/extra created"), "{out}");
+    assert!(out.contains("service/extra created"), "{out}");
+    eventually(Duration::from_secs(30), "extra deployment ready", || {
+        (ready_replicas(c, "default", "extra") == "1").then_some(())
+    });
+    let body = eventually(
+        Duration::from_secs(10),
+        "curl http://extra from caller",
+        || {
+            let o = run(in_caller(
+                c,
+                &["curl", "-sS", "--max-time", "2", "http://extra/"],
+            ));
+            o.status.success().then(|| stdout(&o))
+        },
+    );
+    assert!(
+        body.to_lowercase().contains("html"),
+        "nginx index expected, got {body}"
+    );
+
+    // Re-apply unchanged: a no-op the way kubectl reports it.
+    let out = ok(kubectl(c, &["apply", "-f", &file]));
+    assert!(
+        out.contains("unchanged") || out.contains("configured"),
+        "{out}"
+    );
+
+    // Patch selector and targetPort: traffic follows to the echo pods.
+    let start = Instant::now();
+    ok(kubectl(
+        c,
+        &[
+            "patch",
+            "svc",
+            "extra",
+            "-p",
+            r#"{"spec":{"selector":{"app":"echo"},"ports":[{"port":80,"targetPort":8080}]}}"#,
+        ],
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "traffic to follow the patched Service",
+        || {
+            let o = run(in_caller(
+                c,
+                &["curl", "-sS", "--max-time", "2", "http://extra/"],
+            ));
+            stdout(&o).contains("\"pod\"").then_some(())
+        },
+    );
+    eprintln!(
+        "traffic followed the Service patch after {:?}",
+        start.elapsed()
+    );
+    let sel = ok(kubectl(
+        c,
+        &[
+            "get",
+            "svc",
+            "extra",
+            "-o",
+            "jsonpath={.spec.selector.app} {.spec.ports[0].targetPort}",
+        ],
+    ));
+    assert_eq!(sel.trim(), "echo 8080");
+
+    // Merge and JSON patches too.
+    ok(kubectl(
+        c,
+        &[
+            "patch",
+            "svc",
+            "extra",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"patched":"merge"}}}"#,
+        ],
+    ));
+    ok(kubectl(
+        c,
+        &[
+            "patch",
+            "svc",
+            "extra",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/metadata/labels/json","value":"yes"}]"#,
+        ],
+    ));
+    let labels = ok(kubectl(
+        c,
+        &[
+            "get",
+            "svc",
+            "extra",
+            "-o",
+            "jsonpath={.metadata.labels.patched} {.metadata.labels.json}",
+        ],
+    ));
+    assert_eq!(labels.trim(), "merge yes");
+
+    // Delete a pod of a Deployment: it is replaced.
+    let victim = pod_of(c, "default", "web");
+    let out = ok(kubectl(c, &["delete", "pod", &victim, "-n", "default"]));
+    assert!(out.contains(&format!("pod \"{victim}\" deleted")), "{out}");
+    eventually(
+        Duration::from_secs(30),
+        "web to have 2 ready pods again",
+        || {
+            let names = stdout(&run(kubectl(
+                c,
+                &[
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=web",
+                    "-o",
+                    "jsonpath={.items[*].metadata.name}",
+                ],
+            )));
+            (!names.contains(&victim) && ready_replicas(c, "default", "web") == "2").then_some(())
+        },
+    );
+    ok(kubectl(c, &["delete", "-f", &file]));
+}
+
+fn kubectl_errors_are_real_statuses(c: &Cluster) {
+    let o = run(kubectl(
+        c,
+        &["get", "svc", "no-such-service", "-n", "default"],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Error from server (NotFound): services \"no-such-service\" not found"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(kubectl(c, &["create", "namespace", "default"]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("AlreadyExists"), "{}", stderr(&o));
+}
+
+fn rbac_refuses_a_user_without_patch(c: &Cluster) {
+    let mut cmd = std::process::Command::new("kubectl");
+    cmd.arg("--kubeconfig").arg(c.limited_host_kubeconfig());
+    let mut get = cmd;
+    get.args(["get", "svc", "echo", "-n", "default", "-o", "name"]);
+    assert_eq!(ok(get).trim(), "service/echo", "the limited user may read");
+    let mut patch = std::process::Command::new("kubectl");
+    patch
+        .arg("--kubeconfig")
+        .arg(c.limited_host_kubeconfig())
+        .args([
+            "patch",
+            "svc",
+            "echo",
+            "-n",
+            "default",
+            "-p",
+            r#"{"spec":{"selector":{"app":"x"}}}"#,
+        ]);
+    let o = run(patch);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("Forbidden") && err.contains("cannot patch resource \"services\""),
+        "{err}"
+    );
+    let sel = ok(kubectl(
+        c,
+        &["get", "svc", "echo", "-o", "jsonpath={.spec.selector.app}"],
+    ));
+    assert_eq!(sel.trim(), "echo", "a refused patch changes nothing");
+}
+
+fn traffic_from_a_pod(c: &Cluster) {
+    for url in [
+        "http://web/",
+        "http://web.default/",
+        "http://web.default.svc.cluster.local/1k.bin",
+    ] {
+        ok(in_caller(
+            c,
+            &["curl", "-sSf", "--max-time", "5", "-o", "/dev/null", url],
+        ));
+    }
+    let body = ok(in_caller(
+        c,
+        &[
+            "curl",
+            "-sSf",
+            "--max-time",
+            "5",
+            "-H",
+            "X-Burrow-Test: hello",
+            "http://echo.default.svc.cluster.local:8080/path",
+        ],
+    ));
+    assert!(
+        body.to_lowercase().contains("x-burrow-test"),
+        "echo must show the request headers: {body}"
+    );
+    assert!(body.contains("echo-"), "echo must name its pod: {body}");
+
+    let pong = ok(in_caller(c, &["redis-cli", "-h", "redis.data", "ping"]));
+    assert_eq!(pong.trim(), "PONG");
+
+    let mut udp = in_caller(c, &["socat", "-t", "2", "-", "UDP:udp-echo:9000"]);
+    udp.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = udp.spawn().expect("socat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"over udp\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("socat output");
+    assert_eq!(stdout(&o), "over udp\n", "udp-echo: {}", stderr(&o));
+
+    let db_ip = ok(kubectl(
+        c,
+        &[
+            "get",
+            "pod",
+            "db-0",
+            "-n",
+            "data",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    ));
+    let hosts = ok(in_caller(
+        c,
+        &["getent", "hosts", "db-0.db.data.svc.cluster.local"],
+    ));
+    assert!(
+        hosts.starts_with(db_ip.trim()),
+        "db-0 resolves to {hosts}, pod IP {db_ip}"
+    );
+
+    let srv = ok(in_caller(
+        c,
+        &[
+            "dig",
+            "+short",
+            "SRV",
+            "_http._tcp.echo.default.svc.cluster.local",
+        ],
+    ));
+    assert!(
+        srv.contains(" 8080 ") && srv.contains("echo.default.svc.cluster.local"),
+        "SRV answer: {srv}"
+    );
+
+    let nx = run(in_caller(c, &["dig", "nosuch.default.svc.cluster.local"]));
+    assert!(stdout(&nx).contains("NXDOMAIN"), "{}", stdout(&nx));
+}
+
+fn laptop_reaches_only_the_underlay(c: &Cluster) {
+    let web_ip = ok(kubectl(
+        c,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    ));
+    let web_pod = pod_of(c, "default", "web");
+    let pod_ip = ok(kubectl(
+        c,
+        &["get", "pod", &web_pod, "-o", "jsonpath={.status.podIP}"],
+    ));
+    for ip in [web_ip.trim(), pod_ip.trim(), "10.96.0.10"] {
+        let o = run(c.exec(
+            "laptop",
+            &["curl", "-sS", "--max-time", "2", &format!("http://{ip}/")],
+        ));
+        assert!(
+            !o.status.success(),
+            "the laptop reached {ip} without burrow"
+        );
+    }
+    let mut k = c.exec("laptop", &["kubectl", "--kubeconfig"]);
+    k.arg(c.kubeconfig()).args(["get", "ns", "-o", "name"]);
+    assert!(
+        ok(k).contains("namespace/default"),
+        "the API server answers on the underlay"
+    );
+    let hosts = ok(c.exec("laptop", &["getent", "hosts", "intranet.example"]));
+    assert!(
+        hosts.starts_with("192.168.240.80"),
+        "the laptop's own resolver answers: {hosts}"
+    );
+}
+
+fn kube_rs_client(c: &Cluster) {
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let kc = Kubeconfig::read_from(c.host_kubeconfig()).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("config");
+        let client = kube::Client::try_from(config).expect("client");
+
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .expect("list");
+        assert_eq!(list.items.len(), 2, "two web pods");
+        let rv = list.metadata.resource_version.clone().expect("list rv");
+
+        // Watch sees add, modify, delete of a ConfigMap in order.
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        let stream = cms
+            .watch(
+                &WatchParams::default().fields("metadata.name=kube-rs-test"),
+                &rv,
+            )
+            .await
+            .expect("watch");
+        let mut stream = stream.boxed();
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-rs-test"},
+            "data": {"a": "1"}
+        }))
+        .expect("cm");
+        cms.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+        cms.patch(
+            "kube-rs-test",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"b": "2"}})),
+        )
+        .await
+        .expect("merge patch");
+        let apply = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "kube-rs-test"},
+            "data": {"c": "3"}
+        });
+        let applied = cms
+            .patch(
+                "kube-rs-test",
+                &PatchParams::apply("burrow-tests").force(),
+                &Patch::Apply(apply),
+            )
+            .await
+            .expect("server-side apply");
+        assert_eq!(
+            applied
+                .data
+                .as_ref()
+                .and_then(|d| d.get("c"))
+                .map(String::as_str),
+            Some("3")
+        );
+        let json_patch: kube_json_patch::Patch = serde_json::from_value(
+            serde_json::json!([{"op": "add", "path": "/data/d", "value": "4"}]),
+        )
+        .expect("patch");
+        let patched = cms
+            .patch(
+                "kube-rs-test",
+                &PatchParams::default(),
+                &Patch::<()>::Json(json_patch),
+            )
+            .await
+            .expect("json patch");
+        assert_eq!(
+            patched
+                .data
+                .as_ref()
+                .and_then(|d| d.get("d"))
+                .map(String::as_str),
+            Some("4")
+        );
+        cms.delete("kube-rs-test", &Default::default())
+            .await
+            .expect("delete");
+
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.last().map(String::as_str) != Some("deleted") {
+            let ev = tokio::time::timeout_at(deadline, stream.try_next())
+                .await
+                .expect("watch events in time")
+                .expect("watch stream")
+                .expect("watch ended early");
+            match ev {
+                WatchEvent::Added(_) => seen.push("added".to_string()),
+                WatchEvent::Modified(_) => seen.push("modified".to_string()),
+                WatchEvent::Deleted(_) => seen.push("deleted".to_string()),
+                WatchEvent::Bookmark(_) => {}
+                WatchEvent::Error(e) => panic!("watch error {e:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            ["added", "modified", "modified", "modified", "deleted"]
+        );
+
+        // Port-forward to a web pod and fetch a file over it.
+        let name = list.items[0].metadata.name.clone().expect("pod name");
+        let mut pf = pods.portforward(&name, &[80]).await.expect("portforward");
+        let mut stream = pf.take_stream(80).expect("stream");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /1k.bin HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut resp))
+            .await
+            .expect("read in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&resp);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{}",
+            &text[..text.len().min(200)]
+        );
+        let body_at = text.find("\r\n\r\n").expect("headers end") + 4;
+        assert_eq!(
+            resp.len() - body_at,
+            1024,
+            "1 KiB body over the port-forward"
+        );
+        drop(stream);
+        pf.abort();
+    });
+}
