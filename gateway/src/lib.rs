@@ -10,6 +10,136 @@
 //! Must never: need privileges (no root, no capabilities, read-only root
 //! filesystem), forward packets between peers, or accept a packet whose
 //! source is not the sending peer's tunnel address.
+//!
+//! Built so far: the data path. [`serve`] runs it on [`Listeners`]:
+//!
+//! - [`datapath`]: the one task that owns the sans-IO state
+//!   (`burrow_netstack::wg::Peers` and `flow::FlowEngine`) and drives it;
+//! - [`udp_batch`]: `recvmmsg`/`sendmmsg` for the WireGuard UDP socket;
+//! - [`framed`]: WireGuard over length-framed TCP connections (the
+//!   port-forward transport);
+//! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
+//! - [`metrics`]: Prometheus text at `GET /metrics`;
+//! - [`config`]: the WireGuard configuration file.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+
+pub mod config;
+pub mod datapath;
+pub mod dialer;
+pub mod framed;
+pub mod metrics;
+pub mod udp_batch;
+
+pub use datapath::DatapathConfig;
 
 /// Control API types shared with the client.
 pub mod api {}
+
+/// Socket buffer size asked for on the WireGuard UDP socket, so a burst
+/// larger than one batch is not dropped while the data path is busy. The
+/// kernel caps it at `net.core.{r,w}mem_max` without privileges.
+const UDP_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// The sockets the gateway serves on.
+pub struct Listeners {
+    pub wireguard: UdpSocket,
+    pub framed: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind all three on `ip` (port 0 picks a free one). On `::` the
+    /// sockets take IPv4 too.
+    pub async fn bind(
+        ip: IpAddr,
+        wg_port: u16,
+        framed_port: u16,
+        metrics_port: Option<u16>,
+    ) -> anyhow::Result<Self> {
+        let wg_addr = SocketAddr::new(ip, wg_port);
+        let wireguard = bind_udp(wg_addr)
+            .with_context(|| format!("cannot bind the WireGuard UDP port {wg_addr}"))?;
+        let framed_addr = SocketAddr::new(ip, framed_port);
+        let framed = TcpListener::bind(framed_addr)
+            .await
+            .with_context(|| format!("cannot bind the framed-TCP port {framed_addr}"))?;
+        let metrics = match metrics_port {
+            Some(port) => {
+                let addr = SocketAddr::new(ip, port);
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot bind the metrics port {addr}"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            wireguard,
+            framed,
+            metrics,
+        })
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // Best effort: a smaller buffer still works, only drops sooner.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What the gateway serves: its key, its peers, its tunables.
+pub struct GatewayConfig {
+    pub wg: config::WgConfig,
+    pub datapath: DatapathConfig,
+}
+
+/// Run the gateway on `listeners` until `shutdown` resolves; open flows are
+/// reset then.
+pub async fn serve(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let peer_count = config.wg.peers.len();
+    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, config.datapath)
+        .context("invalid peer list")?;
+    tracing::info!(
+        public_key = %config::encode_key(datapath.public_key().as_bytes()),
+        peers = peer_count,
+        wireguard = %listeners.wireguard.local_addr()?,
+        framed = %listeners.framed.local_addr()?,
+        metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        "burrow-gateway serving"
+    );
+    let (framed_tx, framed_rx) = mpsc::channel(1024);
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let acceptor = tokio::spawn(framed::accept_loop(listeners.framed, framed_tx));
+    let metrics = listeners
+        .metrics
+        .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+    drop(control_tx);
+    datapath
+        .run(listeners.wireguard, framed_rx, control_rx, shutdown)
+        .await;
+    acceptor.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    tracing::info!("burrow-gateway stopped");
+    Ok(())
+}

@@ -1,5 +1,117 @@
 //! `burrow-gateway`: the in-cluster end of burrow's tunnel.
 
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use burrow_gateway::{DatapathConfig, GatewayConfig, Listeners, config};
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The in-cluster end of burrow's tunnel: a WireGuard endpoint whose
+/// userspace TCP/IP stack opens ordinary sockets into the cluster for every
+/// flow a laptop starts. Needs no privileges.
+#[derive(Debug, Parser)]
+#[command(name = "burrow-gateway", version)]
+struct Cli {
+    /// WireGuard configuration: [Interface] PrivateKey (and optionally
+    /// ListenPort), and one [Peer] per laptop with PublicKey and AllowedIPs
+    /// (the laptop's tunnel address, /32 or /128).
+    #[arg(long, value_name = "FILE", env = "BURROW_GATEWAY_CONFIG")]
+    config: PathBuf,
+    /// WireGuard UDP port [default: the config's ListenPort, else 51820].
+    #[arg(long, value_name = "PORT")]
+    wg_port: Option<u16>,
+    /// TCP port for WireGuard datagrams length-framed over TCP (the
+    /// port-forward transport).
+    #[arg(long, value_name = "PORT", default_value_t = 51821)]
+    framed_port: u16,
+    /// TCP port serving Prometheus metrics at /metrics.
+    #[arg(long, value_name = "PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// Address to listen on; `::` takes IPv4 too.
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
+    listen: IpAddr,
+    /// Tunnel MTU: largest IP packet sent to a laptop.
+    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(576..=9000))]
+    mtu: u16,
+    /// Give up dialing a destination after this long (the laptop's connect
+    /// then times out too).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_duration)]
+    dial_timeout: Duration,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}`: expected e.g. 10s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}`: expected e.g. 10s or 500ms")),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("burrow-gateway: the data path is not built yet (see issue 3)")
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let wg = config::load(&cli.config)?;
+    let wg_port = cli.wg_port.or(wg.listen_port).unwrap_or(51820);
+    // The data path is one task; a second worker serves the per-flow
+    // socket tasks and metrics.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listeners =
+            Listeners::bind(cli.listen, wg_port, cli.framed_port, Some(cli.metrics_port)).await?;
+        let config = GatewayConfig {
+            wg,
+            datapath: DatapathConfig {
+                mtu: usize::from(cli.mtu),
+                dial_timeout: cli.dial_timeout,
+                ..DatapathConfig::default()
+            },
+        };
+        burrow_gateway::serve(config, listeners, shutdown_signal()).await
+    })
 }

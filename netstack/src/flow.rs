@@ -161,6 +161,8 @@ struct PendingSyn {
 struct TcpFlow {
     handle: SocketHandle,
     tuple: Tuple,
+    /// Already listed in `FlowEngine::active`.
+    active: bool,
 }
 
 struct UdpFlow {
@@ -314,6 +316,8 @@ pub struct FlowEngine {
     tcp_by_tuple: HashMap<Tuple, FlowId>,
     udp: HashMap<Tuple, UdpFlow>,
     udp_by_id: HashMap<FlowId, Tuple>,
+    /// Accepted TCP flows that received segments since `take_active`.
+    active: Vec<FlowId>,
 }
 
 impl FlowEngine {
@@ -349,6 +353,7 @@ impl FlowEngine {
             tcp_by_tuple: HashMap::new(),
             udp: HashMap::new(),
             udp_by_id: HashMap::new(),
+            active: Vec::new(),
         }
     }
 
@@ -383,14 +388,16 @@ impl FlowEngine {
                 let Ok(repr) = TcpRepr::parse(&segment, &src_ip, &dst_ip, &checksums) else {
                     return Ingress::Dropped(IngressDrop::BadTransport);
                 };
-                if repr.control == TcpControl::Syn && repr.ack_number.is_none() {
-                    let src = SocketAddr::new(ip.src, repr.src_port);
-                    let dst = SocketAddr::new(ip.dst, repr.dst_port);
-                    if let Some(event) = self.first_syn(src, dst, packet) {
-                        return event;
-                    }
+                let src = SocketAddr::new(ip.src, repr.src_port);
+                let dst = SocketAddr::new(ip.dst, repr.dst_port);
+                if repr.control == TcpControl::Syn
+                    && repr.ack_number.is_none()
+                    && let Some(event) = self.first_syn(src, dst, packet)
+                {
+                    return event;
                 }
                 self.inject(packet, now);
+                self.mark_active(src, dst);
                 Ingress::Handled
             }
             PROTO_UDP => {
@@ -469,6 +476,37 @@ impl FlowEngine {
         Some(Ingress::NewTcp { id, src, dst })
     }
 
+    fn mark_active(&mut self, src: SocketAddr, dst: SocketAddr) {
+        let Some(&id) = self.tcp_by_tuple.get(&(src, dst)) else {
+            return;
+        };
+        if let Some(flow) = self.tcp.get_mut(&id)
+            && !flow.active
+        {
+            flow.active = true;
+            self.active.push(id);
+        }
+    }
+
+    /// Move the accepted TCP flows that received segments since the last
+    /// call into `out` (each once): their state, readable bytes or send
+    /// room may have changed. A driver checks these after feeding a batch
+    /// of packets instead of walking every flow.
+    pub fn take_active(&mut self, out: &mut Vec<FlowId>) {
+        for id in self.active.drain(..) {
+            if let Some(flow) = self.tcp.get_mut(&id) {
+                flow.active = false;
+                out.push(id);
+            }
+        }
+    }
+
+    /// Every accepted TCP flow, for periodic sweeps (timeouts close flows
+    /// during `egress` without any segment arriving).
+    pub fn tcp_flows(&self) -> impl Iterator<Item = FlowId> + '_ {
+        self.tcp.keys().copied()
+    }
+
     fn inject(&mut self, packet: &[u8], now: Instant) {
         let timestamp = self.timestamp(now);
         let mut device = IngressDevice {
@@ -501,6 +539,7 @@ impl FlowEngine {
             TcpFlow {
                 handle,
                 tuple: (syn.src, syn.dst),
+                active: false,
             },
         );
         self.inject(&syn.packet, now);
@@ -577,6 +616,21 @@ impl FlowEngine {
         self.socket(id)?
             .send_slice(data)
             .map_err(|_| FlowError::InvalidState(id))
+    }
+
+    /// Free space in the flow's send buffer towards the laptop: how much
+    /// `tcp_send` would take now. A driver reads at most this much from the
+    /// cluster side (backpressure).
+    pub fn tcp_send_room(&self, id: FlowId) -> Result<usize, FlowError> {
+        let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        let socket = self.sockets.get::<tcp::Socket>(flow.handle);
+        Ok(socket.send_capacity() - socket.send_queue())
+    }
+
+    /// Bytes the laptop sent that wait in the flow's receive buffer.
+    pub fn tcp_recv_queue(&self, id: FlowId) -> Result<usize, FlowError> {
+        let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        Ok(self.sockets.get::<tcp::Socket>(flow.handle).recv_queue())
     }
 
     /// Read bytes the laptop sent. Reading opens the TCP window again, so a
@@ -865,6 +919,15 @@ mod tests {
             Ingress::Handled
         );
         assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        let mut active = Vec::new();
+        e.take_active(&mut active);
+        assert_eq!(active, vec![id], "the segment marks its flow active");
+        active.clear();
+        e.take_active(&mut active);
+        assert!(active.is_empty(), "each mark is taken once");
+        assert_eq!(e.tcp_recv_queue(id), Ok(18));
+        let room = e.tcp_send_room(id).expect("accepted");
+        assert_eq!(room, 64 * 1024);
         let mut buf = [0u8; 64];
         assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Data(18)));
         assert_eq!(&buf[..18], b"GET / HTTP/1.0\r\n\r\n");

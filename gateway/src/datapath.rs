@@ -1,0 +1,1087 @@
+//! The data path task: the single owner of the sans-IO state (the peer
+//! table and the flow engine). It reads WireGuard datagrams from the UDP
+//! socket (batched) and from framed connections, feeds them through
+//! [`Peers`] and [`FlowEngine`], starts a task per flow for the cluster side
+//! ([`crate::dialer`]), and sends what the engine emits back to the laptops.
+//!
+//! One loop iteration: wait for input (UDP readable, framed bytes, flow
+//! events, a timer), take everything queued without waiting again, then
+//! service the flows that changed, run timers, collect egress and flush the
+//! batched output once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use boringtun::x25519::StaticSecret;
+use burrow_netstack::flow::{
+    FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, TcpRead, TcpState,
+};
+use burrow_netstack::wg::{
+    self, DATA_OVERHEAD, Decapsulated, Encapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
+};
+use burrow_netstack::wire::{self, PROTO_ICMP};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::short_key;
+use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
+use crate::framed::{self, ConnId, FramedConn, FramedEvent};
+use crate::metrics::Exposition;
+use crate::udp_batch::{RecvBatch, SendBatch};
+
+/// boringtun's timers want a call about every 250 ms.
+const WG_TIMER_TICK: Duration = Duration::from_millis(250);
+/// Sweeps for closed TCP flows and idle UDP/ICMP flows.
+const SWEEP_TICK: Duration = Duration::from_secs(1);
+const ICMP_IDLE: Duration = Duration::from_secs(30);
+/// A grant of send-buffer space smaller than this waits for more (fewer,
+/// larger reads from the cluster socket).
+const MIN_GRANT: usize = 16 * 1024;
+/// Receive slot per datagram: above any sane tunnel MTU plus WireGuard
+/// overhead; larger datagrams are dropped as truncated.
+const RECV_SLOT: usize = 4096;
+/// Items taken from a channel per wake-up before egress runs.
+const DRAIN_LIMIT: usize = 256;
+
+/// Tunables of the data path.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub mtu: usize,
+    pub dial_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub tcp_buffer: usize,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            mtu: 1420,
+            dial_timeout: Duration::from_secs(10),
+            udp_idle_timeout: Duration::from_secs(60),
+            tcp_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Requests to the data path from other tasks.
+pub enum Control {
+    /// Render the Prometheus exposition.
+    Metrics(oneshot::Sender<String>),
+}
+
+/// Counters the data path keeps beyond the peer table's own.
+#[derive(Default)]
+struct Stats {
+    tcp_opened: u64,
+    udp_opened: u64,
+    icmp_opened: u64,
+    tcp_bytes_to_cluster: u64,
+    tcp_bytes_to_laptop: u64,
+    udp_bytes_to_cluster: u64,
+    udp_bytes_to_laptop: u64,
+    dial_errors: [u64; 4],
+    udp_rx: u64,
+    udp_tx: u64,
+    framed_rx: u64,
+    framed_tx: u64,
+    framed_opened: u64,
+    drop_malformed: u64,
+    drop_fragment: u64,
+    drop_unsupported: u64,
+    drop_pending_syns: u64,
+    drop_icmp_not_permitted: u64,
+    drop_udp_send_full: u64,
+    drop_framed_backlog: u64,
+    drop_too_large: u64,
+}
+
+/// The engine-side half of a TCP flow.
+struct TcpFlow {
+    dst: SocketAddr,
+    to_cluster: mpsc::Sender<ToCluster>,
+    shared: Arc<TcpShared>,
+    accepted: bool,
+    /// Credit granted to the task and not yet come back as data.
+    granted: usize,
+    /// The laptop's FIN was passed on to the task.
+    laptop_eof: bool,
+    /// The cluster side closed; our FIN to the laptop is queued.
+    cluster_eof: bool,
+}
+
+impl Drop for TcpFlow {
+    fn drop(&mut self) {
+        // Dropping the sender ends the task's writer; a flow dropped before
+        // both sides finished cleanly resets the cluster socket.
+        if !(self.laptop_eof && self.cluster_eof) {
+            self.shared.abort();
+        }
+    }
+}
+
+/// A UDP or ICMP flow's socket and its receive task.
+struct DatagramFlow {
+    socket: Arc<UdpSocket>,
+    task: JoinHandle<()>,
+    last_active: Instant,
+}
+
+impl Drop for DatagramFlow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where encrypted datagrams go: the UDP socket (batched) or a framed
+/// connection's output buffer.
+struct Output {
+    udp: UdpSocket,
+    batch: SendBatch,
+    conns: HashMap<ConnId, FramedConn>,
+    /// Connections written to since the last flush.
+    dirty: Vec<ConnId>,
+}
+
+impl Output {
+    /// Send a datagram that already sits in some buffer.
+    fn send(&mut self, to: SocketAddr, datagram: &[u8], stats: &mut Stats) {
+        if let Some(conn) = framed::addr_conn(to) {
+            Self::push_framed(&mut self.conns, &mut self.dirty, conn, datagram, stats);
+            return;
+        }
+        if self.batch.is_full() {
+            self.flush_udp(stats);
+        }
+        let slot = self.batch.slot();
+        let Some(dst) = slot.get_mut(..datagram.len()) else {
+            stats.drop_too_large += 1;
+            return;
+        };
+        dst.copy_from_slice(datagram);
+        self.batch.commit(datagram.len(), to);
+        stats.udp_tx += 1;
+    }
+
+    /// Encrypt an IP packet for the laptop it is addressed to and send it;
+    /// UDP datagrams are encrypted straight into the send batch.
+    fn encapsulate(&mut self, peers: &mut Peers, packet: &[u8], stats: &mut Stats) {
+        if self.batch.is_full() {
+            self.flush_udp(stats);
+        }
+        let Output {
+            batch,
+            conns,
+            dirty,
+            ..
+        } = self;
+        let slot = batch.slot();
+        let slot_start = slot.as_ptr();
+        if let Encapsulated::Send { to, datagram, .. } = peers.encapsulate(packet, slot) {
+            if let Some(conn) = framed::addr_conn(to) {
+                Self::push_framed(conns, dirty, conn, datagram, stats);
+            } else if datagram.as_ptr() == slot_start {
+                let len = datagram.len();
+                batch.commit(len, to);
+                stats.udp_tx += 1;
+            }
+        }
+        // Drops are counted by the peer table.
+    }
+
+    fn push_framed(
+        conns: &mut HashMap<ConnId, FramedConn>,
+        dirty: &mut Vec<ConnId>,
+        conn: ConnId,
+        datagram: &[u8],
+        stats: &mut Stats,
+    ) {
+        let Some(c) = conns.get(&conn) else {
+            stats.drop_framed_backlog += 1;
+            return;
+        };
+        if c.out.push(datagram) {
+            stats.framed_tx += 1;
+            if !dirty.contains(&conn) {
+                dirty.push(conn);
+            }
+        } else {
+            stats.drop_framed_backlog += 1;
+        }
+    }
+
+    fn flush_udp(&mut self, stats: &mut Stats) {
+        if self.batch.is_empty() {
+            return;
+        }
+        // Counted before: flush reports the ones the kernel refused.
+        let dropped = self.batch.flush(&self.udp);
+        stats.drop_udp_send_full += dropped as u64;
+    }
+
+    fn flush(&mut self, stats: &mut Stats) {
+        self.flush_udp(stats);
+        for conn in self.dirty.drain(..) {
+            if let Some(c) = self.conns.get(&conn) {
+                c.out.flush();
+            }
+        }
+    }
+}
+
+/// The data path. Build with [`Datapath::new`], then [`Datapath::run`].
+pub struct Datapath {
+    cfg: DatapathConfig,
+    peers: Peers,
+    flows: FlowEngine,
+    tcp: HashMap<FlowId, TcpFlow>,
+    udp: HashMap<FlowId, DatagramFlow>,
+    icmp: HashMap<IcmpKey, DatagramFlow>,
+    /// `Some(false)` once the kernel refused a ping socket.
+    icmp_permitted: Option<bool>,
+    events_tx: mpsc::UnboundedSender<FlowEvent>,
+    events_rx: Option<mpsc::UnboundedReceiver<FlowEvent>>,
+    stats: Stats,
+    decap: Vec<u8>,
+    timer_buf: Vec<u8>,
+    active: Vec<FlowId>,
+    release_after_egress: Vec<FlowId>,
+}
+
+impl Datapath {
+    pub fn new(
+        private_key: StaticSecret,
+        peers: Vec<PeerConfig>,
+        cfg: DatapathConfig,
+    ) -> Result<Self, PeerError> {
+        let mut table = Peers::new(private_key);
+        for p in peers {
+            table.add(p)?;
+        }
+        let now = Instant::now();
+        let flows = FlowEngine::new(
+            FlowConfig {
+                mtu: cfg.mtu,
+                tcp_rx_buffer: cfg.tcp_buffer,
+                tcp_tx_buffer: cfg.tcp_buffer,
+                udp_idle_timeout: cfg.udp_idle_timeout,
+                random_seed: rand::random(),
+                ..FlowConfig::default()
+            },
+            now,
+        );
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            peers: table,
+            flows,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            icmp: HashMap::new(),
+            icmp_permitted: None,
+            events_tx,
+            events_rx: Some(events_rx),
+            stats: Stats::default(),
+            // Frames can be up to 64 KiB; UDP datagrams up to RECV_SLOT.
+            decap: vec![0; framing_max() + MIN_BUFFER],
+            timer_buf: vec![0; MIN_BUFFER.max(cfg.mtu + DATA_OVERHEAD)],
+            active: Vec::new(),
+            release_after_egress: Vec::new(),
+            cfg,
+        })
+    }
+
+    pub fn public_key(&self) -> &boringtun::x25519::PublicKey {
+        self.peers.public_key()
+    }
+
+    /// Run until `shutdown` resolves.
+    pub async fn run(
+        mut self,
+        udp: UdpSocket,
+        mut framed_rx: mpsc::Receiver<FramedEvent>,
+        mut control_rx: mpsc::Receiver<Control>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let Some(mut events_rx) = self.events_rx.take() else {
+            return;
+        };
+        let slot = self.cfg.mtu + DATA_OVERHEAD + 64;
+        let mut out = Output {
+            udp,
+            batch: SendBatch::new(slot.max(MIN_BUFFER)),
+            conns: HashMap::new(),
+            dirty: Vec::new(),
+        };
+        let mut recv = RecvBatch::new(RECV_SLOT);
+        let start = Instant::now();
+        let mut next_timers = start + WG_TIMER_TICK;
+        let mut next_sweep = start + SWEEP_TICK;
+        let mut control_open = true;
+        loop {
+            let now = Instant::now();
+            let mut deadline = next_timers.min(next_sweep);
+            if let Some(d) = self.flows.poll_delay(now) {
+                deadline = deadline.min(now + d);
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = out.udp.readable() => {
+                    if r.is_ok() {
+                        self.drain_udp(&mut out, &mut recv);
+                    }
+                }
+                Some(ev) = framed_rx.recv() => {
+                    self.on_framed(&mut out, ev);
+                    for _ in 0..DRAIN_LIMIT {
+                        let Ok(ev) = framed_rx.try_recv() else { break };
+                        self.on_framed(&mut out, ev);
+                    }
+                }
+                Some(ev) = events_rx.recv() => {
+                    self.on_flow_event(&mut out, ev);
+                    for _ in 0..DRAIN_LIMIT {
+                        let Ok(ev) = events_rx.try_recv() else { break };
+                        self.on_flow_event(&mut out, ev);
+                    }
+                }
+                c = control_rx.recv(), if control_open => match c {
+                    Some(Control::Metrics(reply)) => {
+                        let _ = reply.send(self.render_metrics(&out));
+                    }
+                    None => control_open = false,
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            let now = Instant::now();
+            self.service_active();
+            if now >= next_timers {
+                let Self {
+                    peers,
+                    timer_buf,
+                    stats,
+                    ..
+                } = &mut self;
+                peers.update_timers(timer_buf, |_, to, d| out.send(to, d, stats));
+                next_timers = now + WG_TIMER_TICK;
+            }
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + SWEEP_TICK;
+            }
+            self.egress(&mut out, now);
+            out.flush(&mut self.stats);
+        }
+        tracing::info!(
+            tcp = self.tcp.len(),
+            udp = self.udp.len(),
+            "data path stopping: resetting open flows"
+        );
+        for (_, c) in out.conns.drain() {
+            c.out.close();
+        }
+        // Dropping the flows resets their cluster sockets.
+        self.tcp.clear();
+        self.udp.clear();
+        self.icmp.clear();
+    }
+
+    /// Receive and process batches of UDP datagrams until none are queued
+    /// (bounded, so other inputs get their turn).
+    fn drain_udp(&mut self, out: &mut Output, recv: &mut RecvBatch) {
+        let now = Instant::now();
+        for _ in 0..4 {
+            match recv.recv(&out.udp) {
+                Ok(n) => {
+                    for i in 0..n {
+                        self.stats.udp_rx += 1;
+                        match recv.get(i) {
+                            // Synthetic framed addresses are never real
+                            // senders.
+                            Some((from, _)) if framed::addr_conn(from).is_some() => {
+                                self.stats.drop_malformed += 1
+                            }
+                            Some((from, d)) => self.on_datagram(out, from, d, now),
+                            None => self.stats.drop_malformed += 1,
+                        }
+                    }
+                    if n < crate::udp_batch::BATCH {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WireGuard UDP receive failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_framed(&mut self, out: &mut Output, ev: FramedEvent) {
+        match ev {
+            FramedEvent::Opened {
+                id,
+                remote,
+                out: conn_out,
+            } => {
+                self.stats.framed_opened += 1;
+                out.conns
+                    .insert(id, FramedConn::new(remote, conn_out, framing_max()));
+            }
+            FramedEvent::Closed { id } => {
+                if let Some(c) = out.conns.remove(&id) {
+                    c.out.close();
+                }
+            }
+            FramedEvent::Data { id, chunk } => {
+                let Some(conn) = out.conns.get_mut(&id) else {
+                    return;
+                };
+                let mut decoder = std::mem::take(&mut conn.decoder);
+                let from = framed::conn_addr(id);
+                let now = Instant::now();
+                let result = framed::decode_chunk(&mut decoder, &chunk, |frame| {
+                    self.stats.framed_rx += 1;
+                    self.on_datagram(out, from, frame, now);
+                });
+                match (result, out.conns.get_mut(&id)) {
+                    (Ok(()), Some(conn)) => conn.decoder = decoder,
+                    (Err(e), Some(conn)) => {
+                        tracing::warn!(conn = id, remote = %conn.remote, error = %e,
+                            "framed connection out of step; closing it");
+                        self.stats.drop_malformed += 1;
+                        conn.out.close();
+                        out.conns.remove(&id);
+                    }
+                    (_, None) => {}
+                }
+            }
+        }
+    }
+
+    /// One WireGuard datagram from an underlay address.
+    fn on_datagram(&mut self, out: &mut Output, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let mut buf = std::mem::take(&mut self.decap);
+        match self.peers.decapsulate(from, datagram, &mut buf, now) {
+            Decapsulated::Send { peer, to, datagram } => {
+                out.send(to, datagram, &mut self.stats);
+                if let Some(peer) = peer {
+                    while let Decapsulated::Send { to, datagram, .. } =
+                        self.peers.flush_queued(peer, &mut buf)
+                    {
+                        out.send(to, datagram, &mut self.stats);
+                    }
+                }
+            }
+            Decapsulated::Packet { packet, .. } => self.on_packet(out, packet, now),
+            Decapsulated::Nothing => {}
+            Decapsulated::Dropped(reason) => match reason {
+                wg::DropReason::ForgedSource { peer, src } => {
+                    let key = self.peers.get(peer).map(|p| short_key(p.public_key()));
+                    tracing::debug!(peer = ?key, %src, "dropped packet with forged source");
+                }
+                wg::DropReason::PeerToPeer { dst, .. } => {
+                    tracing::debug!(%dst, "dropped packet addressed to another peer");
+                }
+                other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
+            },
+        }
+        self.decap = buf;
+    }
+
+    /// One IP packet from a laptop, its source already checked.
+    fn on_packet(&mut self, out: &mut Output, packet: &[u8], now: Instant) {
+        match self.flows.ingress(packet, now) {
+            Ingress::Handled => {}
+            Ingress::NewTcp { id, src, dst } => self.open_tcp(id, src, dst),
+            Ingress::UdpDatagram {
+                id,
+                new,
+                dst,
+                payload,
+                ..
+            } => self.udp_to_cluster(id, new, dst, payload, now),
+            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP)) => {
+                self.icmp_to_cluster(out, packet, now)
+            }
+            Ingress::Dropped(reason) => {
+                let s = &mut self.stats;
+                match reason {
+                    IngressDrop::Malformed(_) | IngressDrop::BadTransport => s.drop_malformed += 1,
+                    IngressDrop::Fragment => s.drop_fragment += 1,
+                    IngressDrop::UnsupportedProtocol(_) => s.drop_unsupported += 1,
+                    IngressDrop::TooManyPendingSyns => s.drop_pending_syns += 1,
+                }
+            }
+        }
+    }
+
+    fn open_tcp(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
+        tracing::debug!(?id, %src, %dst, "dialing");
+        let (tx, rx) = mpsc::channel(dialer::TO_CLUSTER_QUEUE);
+        let shared = Arc::new(TcpShared::default());
+        tokio::spawn(dialer::tcp_flow(
+            id,
+            dst,
+            self.cfg.dial_timeout,
+            shared.clone(),
+            rx,
+            self.events_tx.clone(),
+        ));
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                dst,
+                to_cluster: tx,
+                shared,
+                accepted: false,
+                granted: 0,
+                laptop_eof: false,
+                cluster_eof: false,
+            },
+        );
+    }
+
+    fn udp_to_cluster(
+        &mut self,
+        id: FlowId,
+        new: bool,
+        dst: SocketAddr,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        if new || !self.udp.contains_key(&id) {
+            match self.open_udp(id, dst) {
+                Ok(flow) => {
+                    self.stats.udp_opened += 1;
+                    self.udp.insert(id, flow);
+                }
+                Err(e) => {
+                    tracing::debug!(?id, %dst, error = %e, "UDP flow socket failed");
+                    self.stats.dial_errors[dial_index(DialError::Other)] += 1;
+                    self.flows.release(id);
+                    return;
+                }
+            }
+        }
+        let Some(flow) = self.udp.get_mut(&id) else {
+            return;
+        };
+        flow.last_active = now;
+        match send_now(&flow.socket, payload) {
+            Ok(n) => self.stats.udp_bytes_to_cluster += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stats.drop_udp_send_full += 1,
+            Err(e) => tracing::debug!(?id, %dst, error = %e, "UDP send failed"),
+        }
+    }
+
+    fn open_udp(&mut self, id: FlowId, dst: SocketAddr) -> io::Result<DatagramFlow> {
+        let bind = match dst {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let socket = std::net::UdpSocket::bind(bind)?;
+        socket.connect(dst)?;
+        socket.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(socket)?);
+        let max_payload = self.cfg.mtu.saturating_sub(ip_udp_header(dst.ip()));
+        let task = tokio::spawn(dialer::udp_flow(
+            id,
+            socket.clone(),
+            max_payload,
+            self.events_tx.clone(),
+        ));
+        Ok(DatagramFlow {
+            socket,
+            task,
+            last_active: Instant::now(),
+        })
+    }
+
+    /// ICMP echo requests go out on an unprivileged ping socket, if the
+    /// pod's `net.ipv4.ping_group_range` allows one; anything else ICMP is
+    /// dropped.
+    fn icmp_to_cluster(&mut self, out: &mut Output, packet: &[u8], now: Instant) {
+        let _ = out;
+        let Some((key, message)) = parse_echo_request(packet) else {
+            self.stats.drop_unsupported += 1;
+            return;
+        };
+        if !self.icmp.contains_key(&key) {
+            if self.icmp_permitted == Some(false) {
+                self.stats.drop_icmp_not_permitted += 1;
+                return;
+            }
+            match open_ping_socket(key.remote) {
+                Ok(socket) => {
+                    self.icmp_permitted = Some(true);
+                    self.stats.icmp_opened += 1;
+                    let task = tokio::spawn(dialer::icmp_flow(
+                        key,
+                        socket.clone(),
+                        self.cfg.mtu,
+                        self.events_tx.clone(),
+                    ));
+                    self.icmp.insert(
+                        key,
+                        DatagramFlow {
+                            socket,
+                            task,
+                            last_active: now,
+                        },
+                    );
+                }
+                Err(e) => {
+                    if self.icmp_permitted.is_none() {
+                        tracing::warn!(error = %e,
+                            "ICMP echo disabled: the pod may not open ping sockets \
+                             (net.ipv4.ping_group_range); pings through the tunnel are dropped");
+                    }
+                    self.icmp_permitted = Some(false);
+                    self.stats.drop_icmp_not_permitted += 1;
+                    return;
+                }
+            }
+        }
+        if let Some(flow) = self.icmp.get_mut(&key) {
+            flow.last_active = now;
+            // The kernel sets the identifier and checksum itself.
+            let _ = send_now(&flow.socket, message);
+        }
+    }
+
+    fn on_flow_event(&mut self, out: &mut Output, ev: FlowEvent) {
+        let now = Instant::now();
+        match ev {
+            FlowEvent::Dialed { id, result } => self.on_dialed(id, result, now),
+            FlowEvent::TcpData { id, data } => {
+                let Some(flow) = self.tcp.get_mut(&id) else {
+                    return;
+                };
+                flow.granted = flow.granted.saturating_sub(data.len());
+                match self.flows.tcp_send(id, &data) {
+                    Ok(n) => {
+                        self.stats.tcp_bytes_to_laptop += n as u64;
+                        if n < data.len() {
+                            tracing::warn!(?id, lost = data.len() - n, "send buffer overrun");
+                        }
+                    }
+                    Err(e) => tracing::debug!(?id, error = %e, "data for a closing flow"),
+                }
+            }
+            FlowEvent::TcpEof { id } => {
+                if let Some(flow) = self.tcp.get_mut(&id) {
+                    flow.cluster_eof = true;
+                    let _ = self.flows.tcp_close(id);
+                    self.service_tcp(id);
+                }
+            }
+            FlowEvent::TcpReset { id } => self.abort_tcp(id),
+            FlowEvent::Writable { id } => self.service_tcp(id),
+            FlowEvent::UdpReply { id, data } => match self.flows.udp_send(id, &data, now) {
+                Ok(()) => {
+                    self.stats.udp_bytes_to_laptop += data.len() as u64;
+                    if let Some(flow) = self.udp.get_mut(&id) {
+                        flow.last_active = now;
+                    }
+                }
+                Err(_) => self.stats.drop_too_large += 1,
+            },
+            FlowEvent::IcmpReply { key, data } => {
+                if let Some(packet) = echo_reply_packet(key, &data) {
+                    out.encapsulate(&mut self.peers, &packet, &mut self.stats);
+                }
+            }
+        }
+    }
+
+    fn on_dialed(&mut self, id: FlowId, result: Result<(), DialError>, now: Instant) {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        match result {
+            Ok(()) => match self.flows.accept(id, now) {
+                Ok(()) => {
+                    flow.accepted = true;
+                    self.stats.tcp_opened += 1;
+                    tracing::debug!(?id, dst = %flow.dst, "flow open");
+                }
+                Err(e) => {
+                    tracing::debug!(?id, error = %e, "accept failed");
+                    self.tcp.remove(&id);
+                }
+            },
+            Err(e) => {
+                self.stats.dial_errors[dial_index(e)] += 1;
+                tracing::debug!(?id, dst = %flow.dst, error = e.label(), "dial failed");
+                let _ = match e {
+                    DialError::Refused => self.flows.refuse(id),
+                    _ => self.flows.discard(id),
+                };
+                self.tcp.remove(&id);
+            }
+        }
+    }
+
+    fn abort_tcp(&mut self, id: FlowId) {
+        if self.tcp.remove(&id).is_some() {
+            let _ = self.flows.tcp_abort(id);
+            // The RST leaves with the next egress; then the socket goes.
+            self.release_after_egress.push(id);
+        }
+    }
+
+    fn service_active(&mut self) {
+        let mut active = std::mem::take(&mut self.active);
+        self.flows.take_active(&mut active);
+        for id in active.drain(..) {
+            self.service_tcp(id);
+        }
+        self.active = active;
+    }
+
+    /// Move what can move for one accepted TCP flow, and retire it once
+    /// both sides are done (or it was reset).
+    fn service_tcp(&mut self, id: FlowId) {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        if !flow.accepted {
+            return;
+        }
+        let Some(state) = self.flows.tcp_state(id) else {
+            self.tcp.remove(&id);
+            return;
+        };
+        // Laptop → cluster, while the task's queue has room.
+        while !flow.laptop_eof {
+            let queued = self.flows.tcp_recv_queue(id).unwrap_or(0);
+            if queued == 0 && self.flows.tcp_recv(id, &mut []) != Ok(TcpRead::Eof) {
+                break;
+            }
+            let permit = match flow.to_cluster.try_reserve() {
+                Ok(p) => p,
+                Err(TrySendError::Full(())) => {
+                    flow.shared.engine_blocked.store(true, Ordering::Release);
+                    // The task may have drained in between: look again.
+                    match flow.to_cluster.try_reserve() {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    }
+                }
+                Err(TrySendError::Closed(())) => break,
+            };
+            if queued == 0 {
+                permit.send(ToCluster::Eof);
+                flow.laptop_eof = true;
+                break;
+            }
+            let mut data = vec![0; queued.min(CHUNK)];
+            match self.flows.tcp_recv(id, &mut data) {
+                Ok(TcpRead::Data(n)) => {
+                    data.truncate(n);
+                    self.stats.tcp_bytes_to_cluster += n as u64;
+                    permit.send(ToCluster::Data(data));
+                }
+                _ => break,
+            }
+        }
+        // Cluster → laptop: grant the task the send buffer's free space.
+        if !flow.cluster_eof && matches!(state, TcpState::Established | TcpState::CloseWait) {
+            let room = self.flows.tcp_send_room(id).unwrap_or(0);
+            let free = room.saturating_sub(flow.granted);
+            if free >= MIN_GRANT.min(self.cfg.tcp_buffer) || (flow.granted == 0 && free > 0) {
+                flow.granted += free;
+                flow.shared.grant(free);
+            }
+        }
+        match state {
+            TcpState::Closed | TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
+                self.tcp.remove(&id);
+                self.flows.release(id);
+            }
+            // Reset by the laptop, or timed out.
+            TcpState::Closed => {
+                tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
+                self.tcp.remove(&id);
+                self.flows.release(id);
+            }
+            _ => {}
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let ids: Vec<FlowId> = self.flows.tcp_flows().collect();
+        for id in ids {
+            if self.tcp.contains_key(&id) {
+                self.service_tcp(id);
+            }
+        }
+        let udp = &mut self.udp;
+        self.flows.expire(now, |id| {
+            udp.remove(&id);
+        });
+        self.icmp
+            .retain(|_, f| now.saturating_duration_since(f.last_active) < ICMP_IDLE);
+    }
+
+    fn egress(&mut self, out: &mut Output, now: Instant) {
+        let Self {
+            flows,
+            peers,
+            stats,
+            ..
+        } = self;
+        flows.egress(now, &mut |packet: &[u8]| {
+            out.encapsulate(peers, packet, stats);
+        });
+        for id in self.release_after_egress.drain(..) {
+            self.flows.release(id);
+        }
+    }
+
+    fn render_metrics(&self, out: &Output) -> String {
+        let s = &self.stats;
+        let c = self.peers.counters();
+        let accepted = self.tcp.values().filter(|f| f.accepted).count();
+        let dialing = self.tcp.len() - accepted;
+        let mut e = Exposition::default();
+        e.family(
+            "burrow_gateway_flows_open",
+            "gauge",
+            "Flows currently open.",
+        );
+        e.sample("proto=\"tcp\"", accepted as f64);
+        e.sample("proto=\"udp\"", self.udp.len() as f64);
+        e.sample("proto=\"icmp\"", self.icmp.len() as f64);
+        e.family(
+            "burrow_gateway_dials_pending",
+            "gauge",
+            "TCP dials in progress.",
+        );
+        e.sample("", dialing as f64);
+        e.family(
+            "burrow_gateway_flows_opened_total",
+            "counter",
+            "Flows opened.",
+        );
+        e.sample("proto=\"tcp\"", s.tcp_opened as f64);
+        e.sample("proto=\"udp\"", s.udp_opened as f64);
+        e.sample("proto=\"icmp\"", s.icmp_opened as f64);
+        e.family(
+            "burrow_gateway_flow_bytes_total",
+            "counter",
+            "Flow payload bytes, by direction.",
+        );
+        for (labels, v) in [
+            (
+                "proto=\"tcp\",direction=\"to_cluster\"",
+                s.tcp_bytes_to_cluster,
+            ),
+            (
+                "proto=\"tcp\",direction=\"to_laptop\"",
+                s.tcp_bytes_to_laptop,
+            ),
+            (
+                "proto=\"udp\",direction=\"to_cluster\"",
+                s.udp_bytes_to_cluster,
+            ),
+            (
+                "proto=\"udp\",direction=\"to_laptop\"",
+                s.udp_bytes_to_laptop,
+            ),
+        ] {
+            e.sample(labels, v as f64);
+        }
+        e.family(
+            "burrow_gateway_dial_errors_total",
+            "counter",
+            "Failed dials into the cluster, by kind.",
+        );
+        for kind in [
+            DialError::Refused,
+            DialError::Timeout,
+            DialError::Unreachable,
+            DialError::Other,
+        ] {
+            e.sample(
+                &format!("kind=\"{}\"", kind.label()),
+                s.dial_errors[dial_index(kind)] as f64,
+            );
+        }
+        e.family(
+            "burrow_gateway_packets_dropped_total",
+            "counter",
+            "Packets and datagrams dropped, by reason.",
+        );
+        for (reason, v) in [
+            ("forged_source", c.forged_source),
+            ("peer_to_peer", c.peer_to_peer),
+            ("unknown_peer", c.unknown_peer),
+            ("malformed", c.malformed + s.drop_malformed),
+            ("unknown_destination", c.unknown_destination),
+            ("no_endpoint", c.no_endpoint),
+            ("wireguard", c.wireguard_errors),
+            ("buffer_too_small", c.buffer_too_small),
+            ("fragment", s.drop_fragment),
+            ("unsupported_protocol", s.drop_unsupported),
+            ("too_many_pending_syns", s.drop_pending_syns),
+            ("icmp_not_permitted", s.drop_icmp_not_permitted),
+            ("udp_send_buffer_full", s.drop_udp_send_full),
+            ("framed_backlog_full", s.drop_framed_backlog),
+            ("too_large", s.drop_too_large),
+        ] {
+            e.sample(&format!("reason=\"{reason}\""), v as f64);
+        }
+        e.family(
+            "burrow_gateway_wireguard_datagrams_total",
+            "counter",
+            "WireGuard datagrams, by transport and direction.",
+        );
+        e.sample("transport=\"udp\",direction=\"rx\"", s.udp_rx as f64);
+        e.sample("transport=\"udp\",direction=\"tx\"", s.udp_tx as f64);
+        e.sample("transport=\"framed\",direction=\"rx\"", s.framed_rx as f64);
+        e.sample("transport=\"framed\",direction=\"tx\"", s.framed_tx as f64);
+        e.family(
+            "burrow_gateway_framed_connections_opened_total",
+            "counter",
+            "Framed-TCP transport connections accepted.",
+        );
+        e.sample("", s.framed_opened as f64);
+        e.family(
+            "burrow_gateway_framed_connections",
+            "gauge",
+            "Framed-TCP transport connections open.",
+        );
+        e.sample("", out.conns.len() as f64);
+        e.family(
+            "burrow_gateway_peers",
+            "gauge",
+            "Configured WireGuard peers.",
+        );
+        e.sample("", self.peers.len() as f64);
+        e.family(
+            "burrow_gateway_peer_handshake_age_seconds",
+            "gauge",
+            "Seconds since the last completed handshake, per peer (short public key).",
+        );
+        for id in self.peers.ids() {
+            let Some(peer) = self.peers.get(id) else {
+                continue;
+            };
+            if let Some(age) = peer.stats().since_handshake {
+                e.sample(
+                    &format!("peer=\"{}\"", short_key(peer.public_key())),
+                    age.as_secs_f64(),
+                );
+            }
+        }
+        e.finish()
+    }
+}
+
+/// Send on a connected datagram socket without waiting. Not tokio's
+/// `try_send`: that reports a fresh socket as not writable until the reactor
+/// has polled it once, which would drop every flow's first datagram.
+fn send_now(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send(payload)
+}
+
+fn framing_max() -> usize {
+    burrow_netstack::framing::MAX_FRAME
+}
+
+fn dial_index(e: DialError) -> usize {
+    match e {
+        DialError::Refused => 0,
+        DialError::Timeout => 1,
+        DialError::Unreachable => 2,
+        DialError::Other => 3,
+    }
+}
+
+fn ip_udp_header(ip: IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(_) => 20 + 8,
+        IpAddr::V6(_) => 40 + 8,
+    }
+}
+
+/// An IPv4 ICMP echo request: its flow key and the ICMP message.
+fn parse_echo_request(packet: &[u8]) -> Option<(IcmpKey, &[u8])> {
+    let ip = wire::parse_ip(packet).ok()?;
+    if ip.protocol != PROTO_ICMP {
+        return None;
+    }
+    let message = ip.payload(packet);
+    let icmp = Icmpv4Packet::new_checked(message).ok()?;
+    match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()? {
+        Icmpv4Repr::EchoRequest { ident, .. } => Some((
+            IcmpKey {
+                laptop: ip.src,
+                remote: ip.dst,
+                ident,
+            },
+            message,
+        )),
+        _ => None,
+    }
+}
+
+/// The IPv4 packet carrying an echo reply to the laptop, with the laptop's
+/// identifier restored (the kernel substitutes its own on ping sockets).
+fn echo_reply_packet(key: IcmpKey, message: &[u8]) -> Option<Vec<u8>> {
+    let (IpAddr::V4(remote), IpAddr::V4(laptop)) = (key.remote, key.laptop) else {
+        return None;
+    };
+    let caps = ChecksumCapabilities::default();
+    // The kernel verified the checksum; do not insist.
+    let icmp = Icmpv4Packet::new_checked(message).ok()?;
+    let Icmpv4Repr::EchoReply { seq_no, data, .. } =
+        Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::ignored()).ok()?
+    else {
+        return None;
+    };
+    let reply = Icmpv4Repr::EchoReply {
+        ident: key.ident,
+        seq_no,
+        data,
+    };
+    let ip = Ipv4Repr {
+        src_addr: remote,
+        dst_addr: laptop,
+        next_header: IpProtocol::Icmp,
+        payload_len: reply.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + reply.buffer_len()];
+    let mut ip_packet = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut ip_packet, &caps);
+    let mut icmp_out = Icmpv4Packet::new_unchecked(ip_packet.payload_mut());
+    reply.emit(&mut icmp_out, &caps);
+    Some(buf)
+}
+
+fn open_ping_socket(remote: IpAddr) -> io::Result<Arc<UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let IpAddr::V4(_) = remote else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "ICMPv6 echo is not forwarded yet",
+        ));
+    };
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&SocketAddr::new(remote, 0).into())?;
+    let std_socket: std::net::UdpSocket = socket.into();
+    Ok(Arc::new(UdpSocket::from_std(std_socket)?))
+}

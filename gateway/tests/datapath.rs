@@ -1,0 +1,920 @@
+//! The gateway's data path in-process on loopback, with a laptop played by a
+//! boringtun `Tunn` and a small smoltcp interface. Every socket is on
+//! 127.0.0.1; nothing needs root.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use burrow_gateway::config::WgConfig;
+use burrow_gateway::{DatapathConfig, GatewayConfig, Listeners};
+use burrow_netstack::framing::{FrameDecoder, encode_frame};
+use burrow_netstack::wg::PeerConfig;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, IpRepr, UdpPacket, UdpRepr,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+
+const LAPTOP_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+const OTHER_PEER_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
+const GATEWAY_SECRET: [u8; 32] = [1; 32];
+const LAPTOP_SECRET: [u8; 32] = [2; 32];
+const OTHER_SECRET: [u8; 32] = [3; 32];
+
+struct Gateway {
+    wg: SocketAddr,
+    framed: SocketAddr,
+    metrics: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    async fn start() -> Self {
+        let listeners = Listeners::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, 0, Some(0))
+            .await
+            .expect("bind loopback ports");
+        let wg = listeners.wireguard.local_addr().expect("addr");
+        let framed = listeners.framed.local_addr().expect("addr");
+        let metrics = listeners
+            .metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .expect("metrics addr");
+        let peer = |secret: [u8; 32], ip: Ipv4Addr| PeerConfig {
+            public_key: PublicKey::from(&StaticSecret::from(secret)),
+            tunnel_addr: IpAddr::V4(ip),
+            preshared_key: None,
+            persistent_keepalive: None,
+        };
+        let config = GatewayConfig {
+            wg: WgConfig {
+                private_key: StaticSecret::from(GATEWAY_SECRET),
+                listen_port: None,
+                peers: vec![
+                    peer(LAPTOP_SECRET, LAPTOP_IP),
+                    peer(OTHER_SECRET, OTHER_PEER_IP),
+                ],
+            },
+            datapath: DatapathConfig {
+                dial_timeout: Duration::from_secs(2),
+                ..DatapathConfig::default()
+            },
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(burrow_gateway::serve(config, listeners, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            wg,
+            framed,
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.metrics)
+            .await
+            .expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.expect("response");
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        text
+    }
+
+    /// The value of one sample, e.g. `metric(&text, "x{a=\"b\"}")`.
+    fn metric(text: &str, sample: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("gateway stops on shutdown")
+            .expect("gateway task")
+            .expect("gateway result");
+    }
+}
+
+/// How the laptop reaches the gateway.
+enum Transport {
+    Udp {
+        socket: UdpSocket,
+        gateway: SocketAddr,
+    },
+    Framed {
+        stream: TcpStream,
+        decoder: FrameDecoder,
+        frames: VecDeque<Vec<u8>>,
+    },
+}
+
+impl Transport {
+    async fn udp(gateway: SocketAddr) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        Transport::Udp { socket, gateway }
+    }
+
+    async fn framed(gateway: SocketAddr) -> Self {
+        let stream = TcpStream::connect(gateway).await.expect("framed port");
+        Transport::Framed {
+            stream,
+            decoder: FrameDecoder::new(),
+            frames: VecDeque::new(),
+        }
+    }
+
+    async fn send(&mut self, datagram: &[u8]) {
+        match self {
+            Transport::Udp { socket, gateway } => {
+                socket.send_to(datagram, *gateway).await.expect("send");
+            }
+            Transport::Framed { stream, .. } => {
+                let mut buf = vec![0; datagram.len() + 2];
+                let n = encode_frame(datagram, &mut buf).expect("frame");
+                stream.write_all(&buf[..n]).await.expect("framed write");
+            }
+        }
+    }
+
+    async fn recv(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        match self {
+            Transport::Udp { socket, .. } => {
+                let mut buf = vec![0; 65536];
+                let (n, _) = tokio::time::timeout(wait, socket.recv_from(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?;
+                buf.truncate(n);
+                Some(buf)
+            }
+            Transport::Framed {
+                stream,
+                decoder,
+                frames,
+            } => {
+                if let Some(f) = frames.pop_front() {
+                    return Some(f);
+                }
+                let mut buf = vec![0; 65536];
+                let n = tokio::time::timeout(wait, stream.read(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?;
+                let mut input = &buf[..n];
+                while let Some(f) = decoder.decode(&mut input).expect("valid frames") {
+                    frames.push_back(f.to_vec());
+                }
+                frames.pop_front()
+            }
+        }
+    }
+}
+
+/// smoltcp device over two packet queues.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl phy::Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = 1420;
+        caps
+    }
+}
+
+/// A laptop: WireGuard session, transport, and a TCP/IP stack.
+struct Laptop {
+    tunn: Tunn,
+    transport: Transport,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: Queues,
+    epoch: Instant,
+    next_port: u16,
+}
+
+impl Laptop {
+    fn new(secret: [u8; 32], ip: Ipv4Addr, transport: Transport) -> Self {
+        let gateway = PublicKey::from(&StaticSecret::from(GATEWAY_SECRET));
+        let tunn = Tunn::new(StaticSecret::from(secret), gateway, None, None, 1, None);
+        let mut dev = Queues::default();
+        let iface_ip = IpAddress::Ipv4(ip);
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut dev,
+            SmolInstant::from_millis(0),
+        );
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(iface_ip, 32));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(ip);
+        Self {
+            tunn,
+            transport,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            dev,
+            epoch: Instant::now(),
+            next_port: 40000,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Encrypt and send one IP packet.
+    async fn send_ip(&mut self, packet: &[u8]) {
+        let mut buf = vec![0; packet.len() + 256];
+        if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(packet, &mut buf) {
+            let d = d.to_vec();
+            self.transport.send(&d).await;
+        }
+    }
+
+    async fn on_datagram(&mut self, datagram: &[u8]) {
+        let mut buf = vec![0; 65536];
+        let mut result = self.tunn.decapsulate(None, datagram, &mut buf);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(d) => {
+                    let d = d.to_vec();
+                    self.transport.send(&d).await;
+                    result = self.tunn.decapsulate(None, &[], &mut buf);
+                }
+                TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                    self.dev.rx.push_back(p.to_vec());
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// One round: let smoltcp transmit, wait up to `wait` for datagrams.
+    async fn pump(&mut self, wait: Duration) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        while let Some(p) = self.dev.tx.pop_front() {
+            self.send_ip(&p).await;
+        }
+        let mut wait = wait;
+        while let Some(d) = self.transport.recv(wait).await {
+            self.on_datagram(&d).await;
+            wait = Duration::from_millis(1);
+        }
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        while let Some(p) = self.dev.tx.pop_front() {
+            self.send_ip(&p).await;
+        }
+        let mut buf = vec![0; 256];
+        if let TunnResult::WriteToNetwork(d) = self.tunn.update_timers(&mut buf) {
+            let d = d.to_vec();
+            self.transport.send(&d).await;
+        }
+    }
+
+    /// Pump until `done` holds, or fail after `limit`.
+    async fn until(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(start.elapsed() < limit, "timed out waiting for {what}");
+            self.pump(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn tcp_connect(&mut self, dst: SocketAddr) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        );
+        self.next_port += 1;
+        socket
+            .connect(
+                self.iface.context(),
+                IpEndpoint::new(IpAddress::from(dst.ip()), dst.port()),
+                self.next_port,
+            )
+            .expect("connect");
+        self.sockets.add(socket)
+    }
+
+    fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Send `data` on an established socket, close our half, and collect
+    /// everything until the other side's FIN.
+    async fn tcp_round_trip(&mut self, h: SocketHandle, data: &[u8]) -> Vec<u8> {
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "round trip stalled: sent {sent}, got {} (state {})",
+                got.len(),
+                self.tcp(h).state()
+            );
+            let s = self.tcp(h);
+            if sent < data.len() && s.can_send() {
+                sent += s.send_slice(&data[sent..]).expect("send");
+                if sent == data.len() {
+                    s.close();
+                }
+            }
+            let s = self.tcp(h);
+            while s.can_recv() {
+                let _ = s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            }
+            if sent == data.len() && !s.may_recv() && !s.can_recv() {
+                return got;
+            }
+            self.pump(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// A raw IPv4/UDP packet, any source.
+    fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+        let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+        let ip = IpRepr::new(s, d, IpProtocol::Udp, 8 + payload.len(), 64);
+        let mut buf = vec![0; ip.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut buf[..], &caps);
+        UdpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+        }
+        .emit(
+            &mut UdpPacket::new_unchecked(&mut buf[ip.header_len()..]),
+            &s,
+            &d,
+            payload.len(),
+            |p| p.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+}
+
+/// A TCP server on 127.0.0.1 that echoes until EOF, then closes.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+async fn tcp_echo_through(gw: &Gateway, transport: Transport) {
+    let echo = echo_server().await;
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, transport);
+    let h = laptop.tcp_connect(echo);
+    laptop
+        .until(
+            "the handshake through the tunnel",
+            Duration::from_secs(10),
+            |l| l.tcp(h).state() == tcp::State::Established,
+        )
+        .await;
+    // Larger than every buffer on the way, so backpressure is exercised.
+    let data = payload(1024 * 1024);
+    let got = laptop.tcp_round_trip(h, &data).await;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+    // Both FINs crossed: the gateway retires the flow.
+    laptop
+        .until("the flow to close", Duration::from_secs(5), |l| {
+            matches!(l.tcp(h).state(), tcp::State::TimeWait | tcp::State::Closed)
+        })
+        .await;
+    let start = Instant::now();
+    loop {
+        let m = gw.metrics().await;
+        if Gateway::metric(&m, "burrow_gateway_flows_open{proto=\"tcp\"}") == 0.0 {
+            assert!(
+                Gateway::metric(
+                    &m,
+                    "burrow_gateway_flow_bytes_total{proto=\"tcp\",direction=\"to_cluster\"}"
+                ) >= data.len() as f64
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "flow not retired:\n{m}"
+        );
+        laptop.pump(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_echo_over_udp_transport() {
+    let gw = Gateway::start().await;
+    tcp_echo_through(&gw, Transport::udp(gw.wg).await).await;
+    let m = gw.metrics().await;
+    assert!(Gateway::metric(&m, "burrow_gateway_flows_opened_total{proto=\"tcp\"}") == 1.0);
+    assert!(
+        m.contains("burrow_gateway_peer_handshake_age_seconds{peer="),
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_echo_over_framed_transport() {
+    let gw = Gateway::start().await;
+    tcp_echo_through(&gw, Transport::framed(gw.framed).await).await;
+    let m = gw.metrics().await;
+    assert!(Gateway::metric(&m, "burrow_gateway_framed_connections_opened_total") == 1.0);
+    assert!(
+        Gateway::metric(
+            &m,
+            "burrow_gateway_wireguard_datagrams_total{transport=\"framed\",direction=\"rx\"}"
+        ) > 0.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_port_answers_rst() {
+    let gw = Gateway::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let h = laptop.tcp_connect(closed);
+    let start = Instant::now();
+    laptop
+        .until("the RST", Duration::from_secs(5), |l| {
+            l.tcp(h).state() == tcp::State::Closed
+        })
+        .await;
+    // Refused at once, not after a timeout.
+    assert!(start.elapsed() < Duration::from_secs(2));
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(&m, "burrow_gateway_dial_errors_total{kind=\"refused\"}"),
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_side_reset_reaches_the_laptop() {
+    let gw = Gateway::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((s, _)) = listener.accept().await {
+            // Wait for the first bytes, then reset.
+            let mut buf = [0u8; 16];
+            let mut s = s;
+            let _ = s.read(&mut buf).await;
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+    });
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let h = laptop.tcp_connect(server);
+    laptop
+        .until("established", Duration::from_secs(10), |l| {
+            l.tcp(h).state() == tcp::State::Established
+        })
+        .await;
+    laptop.tcp(h).send_slice(b"hello").expect("send");
+    laptop
+        .until(
+            "the RST from the cluster side",
+            Duration::from_secs(5),
+            |l| l.tcp(h).state() == tcp::State::Closed,
+        )
+        .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_round_trip() {
+    let gw = Gateway::start().await;
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf).await {
+            let _ = server.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let mut socket = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+    );
+    socket
+        .bind((IpAddress::Ipv4(LAPTOP_IP), 5353))
+        .expect("bind");
+    let h = laptop.sockets.add(socket);
+    let remote = IpEndpoint::new(IpAddress::from(server_addr.ip()), server_addr.port());
+    for round in 0..3u8 {
+        let msg = [b'q', round];
+        laptop
+            .sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(&msg, remote)
+            .expect("send");
+        let mut reply = None;
+        laptop
+            .until("the UDP reply", Duration::from_secs(5), |l| {
+                let s = l.sockets.get_mut::<udp::Socket>(h);
+                if let Ok((data, meta)) = s.recv() {
+                    reply = Some((data.to_vec(), meta.endpoint));
+                }
+                reply.is_some()
+            })
+            .await;
+        assert_eq!(reply, Some((msg.to_vec(), remote)));
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(&m, "burrow_gateway_flows_open{proto=\"udp\"}"),
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_source_and_peer_to_peer_are_dropped_and_counted() {
+    let gw = Gateway::start().await;
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let me = SocketAddr::new(IpAddr::V4(LAPTOP_IP), 7000);
+    // A genuine packet first, so the session exists.
+    let genuine = Laptop::udp_packet(me, server_addr, b"genuine");
+    laptop.send_ip(&genuine).await;
+    laptop.pump(Duration::from_millis(200)).await;
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), server.recv_from(&mut buf))
+        .await
+        .expect("genuine datagram arrives")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"genuine");
+
+    // Speaking with the other peer's address, and with an unassigned one.
+    for forged_ip in [OTHER_PEER_IP, Ipv4Addr::new(100, 64, 0, 99)] {
+        let forged = Laptop::udp_packet(
+            SocketAddr::new(IpAddr::V4(forged_ip), 7000),
+            server_addr,
+            b"forged",
+        );
+        laptop.send_ip(&forged).await;
+    }
+    // Addressed to the other peer.
+    let to_peer = Laptop::udp_packet(me, SocketAddr::new(IpAddr::V4(OTHER_PEER_IP), 9), b"hi");
+    laptop.send_ip(&to_peer).await;
+    laptop.pump(Duration::from_millis(100)).await;
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(
+            &m,
+            "burrow_gateway_packets_dropped_total{reason=\"forged_source\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        Gateway::metric(
+            &m,
+            "burrow_gateway_packets_dropped_total{reason=\"peer_to_peer\"}"
+        ),
+        1.0
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), server.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a forged datagram reached the server"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_only_metrics() {
+    let gw = Gateway::start().await;
+    let mut s = TcpStream::connect(gw.metrics).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    let m = gw.metrics().await;
+    assert!(m.contains("# TYPE burrow_gateway_flows_open gauge"));
+    assert_eq!(Gateway::metric(&m, "burrow_gateway_peers"), 2.0);
+    gw.stop().await;
+}
+
+/// A laptop UDP socket bound to `port` on its tunnel address.
+fn laptop_udp_socket(laptop: &mut Laptop, port: u16) -> SocketHandle {
+    let mut socket = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+    );
+    socket
+        .bind((IpAddress::Ipv4(LAPTOP_IP), port))
+        .expect("bind");
+    laptop.sockets.add(socket)
+}
+
+async fn udp_echo_once(laptop: &mut Laptop, h: SocketHandle, remote: IpEndpoint, msg: &[u8]) {
+    laptop
+        .sockets
+        .get_mut::<udp::Socket>(h)
+        .send_slice(msg, remote)
+        .expect("send");
+    let mut reply = None;
+    laptop
+        .until("the UDP reply", Duration::from_secs(5), |l| {
+            if let Ok((data, _)) = l.sockets.get_mut::<udp::Socket>(h).recv() {
+                reply = Some(data.to_vec());
+            }
+            reply.is_some()
+        })
+        .await;
+    assert_eq!(reply.as_deref(), Some(msg));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_follow_the_most_recent_framed_connection() {
+    let gw = Gateway::start().await;
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf).await {
+            let _ = server.send_to(&buf[..n], from).await;
+        }
+    });
+    let remote = IpEndpoint::new(IpAddr::V4(Ipv4Addr::LOCALHOST).into(), server_addr.port());
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::framed(gw.framed).await);
+    let h = laptop_udp_socket(&mut laptop, 5353);
+    udp_echo_once(&mut laptop, h, remote, b"first connection").await;
+    // A second connection from the same peer: the first stays open but the
+    // laptop now only listens on the second, so a reply on the first would
+    // be lost and the round trip would time out.
+    let second = Transport::framed(gw.framed).await;
+    let _first = std::mem::replace(&mut laptop.transport, second);
+    udp_echo_once(&mut laptop, h, remote, b"second connection").await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(&m, "burrow_gateway_framed_connections"),
+        2.0
+    );
+    gw.stop().await;
+}
+
+/// An ICMP echo request from the laptop to 127.0.0.1.
+fn echo_request(ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr};
+    let icmp = Icmpv4Repr::EchoRequest {
+        ident,
+        seq_no,
+        data,
+    };
+    let ip = IpRepr::new(
+        IpAddress::Ipv4(LAPTOP_IP),
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        IpProtocol::Icmp,
+        icmp.buffer_len(),
+        64,
+    );
+    let mut buf = vec![0; ip.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    ip.emit(&mut buf[..], &caps);
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[ip.header_len()..]),
+        &caps,
+    );
+    buf
+}
+
+/// Whether this process may open unprivileged ping sockets
+/// (`net.ipv4.ping_group_range`).
+fn ping_sockets_permitted() -> bool {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::ICMPV4),
+    )
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmp_echo_when_permitted_else_counted_drop() {
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Ipv4Packet};
+    let gw = Gateway::start().await;
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let request = echo_request(0x4242, 1, b"ping through burrow");
+    laptop.send_ip(&request).await;
+    if ping_sockets_permitted() {
+        let start = Instant::now();
+        let reply = loop {
+            assert!(start.elapsed() < Duration::from_secs(5), "no echo reply");
+            // Not `pump`: the laptop's own stack would swallow the reply.
+            if let Some(d) = laptop.transport.recv(Duration::from_millis(20)).await {
+                laptop.on_datagram(&d).await;
+            }
+            if let Some(p) = laptop.dev.rx.pop_front() {
+                break p;
+            }
+        };
+        let ip = Ipv4Packet::new_checked(&reply[..]).expect("IPv4");
+        assert_eq!(ip.src_addr(), Ipv4Addr::LOCALHOST);
+        assert_eq!(ip.dst_addr(), LAPTOP_IP);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).expect("ICMP");
+        let repr = Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).expect("valid");
+        assert_eq!(
+            repr,
+            Icmpv4Repr::EchoReply {
+                ident: 0x4242,
+                seq_no: 1,
+                data: b"ping through burrow"
+            }
+        );
+    } else {
+        laptop.pump(Duration::from_millis(200)).await;
+        let m = gw.metrics().await;
+        assert_eq!(
+            Gateway::metric(
+                &m,
+                "burrow_gateway_packets_dropped_total{reason=\"icmp_not_permitted\"}"
+            ),
+            1.0
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cluster_reader_stalls_the_laptop_instead_of_buffering() {
+    const TOTAL: usize = 8 * 1024 * 1024;
+    let gw = Gateway::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr");
+    let (start_reading, reading) = oneshot::channel::<()>();
+    let (done_tx, done_rx) = oneshot::channel::<usize>();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = reading.await;
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+        let _ = done_tx.send(sink.len());
+    });
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let h = laptop.tcp_connect(server);
+    laptop
+        .until("established", Duration::from_secs(10), |l| {
+            l.tcp(h).state() == tcp::State::Established
+        })
+        .await;
+    let data = payload(TOTAL);
+    let mut sent = 0;
+    // Push until the laptop's window stays shut.
+    let mut last_progress = Instant::now();
+    let start = Instant::now();
+    while last_progress.elapsed() < Duration::from_millis(500) {
+        assert!(start.elapsed() < Duration::from_secs(30), "never stalled");
+        let s = laptop.tcp(h);
+        if s.can_send() {
+            let n = s.send_slice(&data[sent..]).expect("send");
+            if n > 0 {
+                sent += n;
+                last_progress = Instant::now();
+            }
+        }
+        assert!(sent < TOTAL, "everything fit: no backpressure");
+        laptop.pump(Duration::from_millis(2)).await;
+    }
+    let m = gw.metrics().await;
+    let to_cluster = Gateway::metric(
+        &m,
+        "burrow_gateway_flow_bytes_total{proto=\"tcp\",direction=\"to_cluster\"}",
+    );
+    // What left the gateway sits in the kernel's socket buffers (a few MiB
+    // on loopback); the gateway itself holds at most its smoltcp buffer and
+    // the task's queue.
+    eprintln!("stalled: laptop sent {sent}, gateway passed on {to_cluster}");
+    assert!(to_cluster < TOTAL as f64, "{to_cluster}");
+    // Between the laptop and the cluster socket the gateway holds at most
+    // one smoltcp receive buffer (64 KiB) plus what the laptop has not yet
+    // had acknowledged.
+    assert!(
+        sent as f64 - to_cluster <= (256 * 1024) as f64,
+        "sent {sent}, passed on {to_cluster}"
+    );
+    // Let the server read: the window reopens and everything arrives.
+    let _ = start_reading.send(());
+    while sent < TOTAL {
+        let s = laptop.tcp(h);
+        if s.can_send() {
+            sent += s.send_slice(&data[sent..]).expect("send");
+        }
+        if sent == TOTAL {
+            laptop.tcp(h).close();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "stuck after resume at {sent}"
+        );
+        laptop.pump(Duration::from_millis(2)).await;
+    }
+    let mut done_rx = done_rx;
+    let received = loop {
+        laptop.pump(Duration::from_millis(5)).await;
+        match done_rx.try_recv() {
+            Ok(n) => break n,
+            Err(oneshot::error::TryRecvError::Empty) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "server never saw EOF"
+                );
+            }
+            Err(e) => panic!("server task: {e}"),
+        }
+    };
+    assert_eq!(received, TOTAL);
+    gw.stop().await;
+}
