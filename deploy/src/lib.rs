@@ -9,3 +9,12 @@
 //!
 //! Must never: touch the laptop's network (that is the client's), or change a
 //! Service without first recording its original spec so it can be restored.
+
+pub mod error;
+pub mod facts;
+pub mod install;
+pub mod portforward;
+pub mod target;
+
+pub use error::DeployError;
+pub use target::{Cluster, Target};

@@ -1,0 +1,433 @@
+//! Installing, finding, upgrading and uninstalling the gateway.
+//!
+//! The objects are the plain manifests in `deploy/manifests/` (embedded at
+//! build time, so `kubectl apply -f` and `burrow install` install the same
+//! thing), with the image and version filled in, applied with server-side
+//! apply under the field manager `burrow`. The gateway's WireGuard key lives
+//! in a Secret created once and kept across upgrades, so laptops keep their
+//! sessions' trust in the gateway's key.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use rand::RngCore as _;
+use serde::Deserialize as _;
+use serde_json::Value;
+
+use crate::error::DeployError;
+use crate::target::Cluster;
+
+/// The manifests, as in `deploy/manifests/gateway.yaml`.
+const MANIFEST: &str = include_str!("../manifests/gateway.yaml");
+
+/// The namespace the manifests use; `--gateway-namespace` moves it.
+pub const DEFAULT_NAMESPACE: &str = "burrow-system";
+/// Name of the Deployment, Service, ServiceAccount.
+pub const NAME: &str = "burrow-gateway";
+/// The Secret holding the gateway's WireGuard private key.
+pub const CONFIG_SECRET: &str = "burrow-gateway-config";
+/// Label selecting the gateway's pods.
+pub const SELECTOR: &str = "app.kubernetes.io/name=burrow-gateway";
+/// Label carrying the installed version.
+pub const VERSION_LABEL: &str = "app.kubernetes.io/version";
+/// Field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "burrow";
+
+/// The client's version; the gateway it installs has the same.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub namespace: String,
+    /// Container image of the gateway; the default is
+    /// `burrow-gateway:<VERSION>` (override with `BURROW_GATEWAY_IMAGE` or
+    /// `--gateway-image`).
+    pub image: String,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            image: std::env::var("BURROW_GATEWAY_IMAGE")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("burrow-gateway:{VERSION}")),
+        }
+    }
+}
+
+/// The gateway as found in the cluster.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Installed {
+    pub namespace: String,
+    /// The version label of the Deployment.
+    pub version: String,
+    pub image: String,
+}
+
+/// A ready gateway pod.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatewayPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: String,
+    pub version: String,
+    /// When the pod became ready, as the API reports it.
+    pub started: Option<String>,
+}
+
+/// The manifests' objects with namespace, image and version filled in.
+pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(MANIFEST) {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| DeployError::new(format!("internal: embedded manifest: {e}"), ""))?;
+        let mut obj: Value = serde_json::to_value(value)
+            .map_err(|e| DeployError::new(format!("internal: manifest: {e}"), ""))?;
+        if obj.is_null() {
+            continue;
+        }
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        if kind == "Namespace" {
+            obj["metadata"]["name"] = Value::from(opts.namespace.clone());
+        } else if obj["metadata"].get("namespace").is_some() {
+            obj["metadata"]["namespace"] = Value::from(opts.namespace.clone());
+        }
+        obj["metadata"]["labels"][VERSION_LABEL] = Value::from(VERSION);
+        obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = Value::from("burrow");
+        if kind == "Deployment" {
+            let tpl = &mut obj["spec"]["template"];
+            tpl["metadata"]["labels"][VERSION_LABEL] = Value::from(VERSION);
+            if let Some(containers) = tpl["spec"]["containers"].as_array_mut() {
+                for c in containers {
+                    c["image"] = Value::from(opts.image.clone());
+                }
+            }
+        }
+        out.push(obj);
+    }
+    Ok(out)
+}
+
+/// The gateway's Deployment, if installed.
+pub async fn find(cluster: &Cluster, namespace: &str) -> Result<Option<Installed>, DeployError> {
+    let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), namespace);
+    match api.get_opt(NAME).await {
+        Ok(None) => Ok(None),
+        Ok(Some(d)) => {
+            let version = d
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(VERSION_LABEL))
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_string());
+            let image = d
+                .spec
+                .template
+                .spec
+                .and_then(|s| s.containers.into_iter().next())
+                .and_then(|c| c.image)
+                .unwrap_or_default();
+            Ok(Some(Installed {
+                namespace: namespace.to_string(),
+                version,
+                image,
+            }))
+        }
+        Err(e) => Err(cluster.err(e, &format!("get Deployment {namespace}/{NAME}"))),
+    }
+}
+
+/// Applies every object (server-side apply, field manager `burrow`) and
+/// creates the key Secret if it does not exist. Idempotent; also upgrades.
+pub async fn apply(
+    cluster: &Cluster,
+    opts: &InstallOptions,
+    progress: &dyn Fn(&str),
+) -> Result<(), DeployError> {
+    let objects = render(opts)?;
+    for obj in &objects {
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        progress(&format!("applying {kind} {name}"));
+        apply_object(cluster, obj).await?;
+        if kind == "Namespace" {
+            ensure_key_secret(cluster, &opts.namespace).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_object(cluster: &Cluster, obj: &Value) -> Result<(), DeployError> {
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let ns = obj["metadata"]["namespace"].as_str();
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", api_version),
+    };
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let ar = ApiResource::from_gvk(&gvk);
+    let api: Api<DynamicObject> = match ns {
+        Some(ns) => Api::namespaced_with(cluster.client.clone(), ns, &ar),
+        None => Api::all_with(cluster.client.clone(), &ar),
+    };
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &pp, &Patch::Apply(obj))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            let what = match ns {
+                Some(ns) => format!("{kind} {ns}/{name}"),
+                None => format!("{kind} {name}"),
+            };
+            cluster.err(e, &format!("apply {what}"))
+        })
+}
+
+/// The Secret with the gateway's WireGuard configuration: created once with
+/// a fresh private key, never overwritten.
+async fn ensure_key_secret(cluster: &Cluster, namespace: &str) -> Result<(), DeployError> {
+    let api: Api<Secret> = Api::namespaced(cluster.client.clone(), namespace);
+    let existing = api
+        .get_opt(CONFIG_SECRET)
+        .await
+        .map_err(|e| cluster.err(e, &format!("get Secret {namespace}/{CONFIG_SECRET}")))?;
+    if existing.is_some() {
+        return Ok(());
+    }
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let conf = format!(
+        "# burrow-gateway's WireGuard key; laptops register at runtime.\n[Interface]\nPrivateKey = {}\n",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": CONFIG_SECRET,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": NAME, "app.kubernetes.io/managed-by": "burrow"},
+        },
+        "type": "Opaque",
+        "stringData": {"gateway.conf": conf},
+    }))
+    .map_err(|e| DeployError::new(format!("internal: Secret: {e}"), ""))?;
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        // Someone else (another laptop installing at the same time) won.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(cluster.err(e, &format!("create Secret {namespace}/{CONFIG_SECRET}"))),
+    }
+}
+
+/// Waits until a gateway pod of `version` is Ready and returns it. Calls
+/// `progress` with what it is waiting for whenever that changes.
+pub async fn wait_ready(
+    cluster: &Cluster,
+    namespace: &str,
+    version: &str,
+    timeout: Duration,
+    progress: &dyn Fn(&str),
+) -> Result<GatewayPod, DeployError> {
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace);
+    let lp = ListParams::default().labels(SELECTOR);
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let pods = api
+            .list(&lp)
+            .await
+            .map_err(|e| cluster.err(e, &format!("list pods in {namespace}")))?;
+        let mut state = format!("waiting for the gateway pod in {namespace} to be created");
+        for pod in pods {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if pod.metadata.deletion_timestamp.is_some()
+                || labels.get(VERSION_LABEL).map(String::as_str) != Some(version)
+            {
+                continue;
+            }
+            let status = pod.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .as_ref()
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .filter(|c| c.status == "True");
+            if let (Some(cond), Some(ip)) = (ready, status.pod_ip.clone()) {
+                return Ok(GatewayPod {
+                    namespace: namespace.to_string(),
+                    name,
+                    ip,
+                    version: version.to_string(),
+                    started: cond.last_transition_time.as_ref().map(|t| t.0.to_string()),
+                });
+            }
+            state = describe_pod_wait(&name, &status);
+        }
+        if state != last {
+            progress(&state);
+            last = state.clone();
+        }
+        if Instant::now() >= deadline {
+            return Err(DeployError::new(
+                format!(
+                    "the gateway did not become ready within {}s: {last}",
+                    timeout.as_secs()
+                ),
+                format!("look at `kubectl -n {namespace} describe pod -l {SELECTOR}` and its logs"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// "pod X: ContainerCreating" and the like.
+fn describe_pod_wait(name: &str, status: &k8s_openapi::api::core::v1::PodStatus) -> String {
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref().and_then(|s| s.waiting.clone()));
+    match waiting {
+        Some(w) => {
+            let reason = w.reason.unwrap_or_default();
+            match w.message.filter(|m| !m.is_empty()) {
+                Some(m) => format!("waiting for gateway pod {name}: {reason}: {m}"),
+                None => format!("waiting for gateway pod {name}: {reason}"),
+            }
+        }
+        None => format!(
+            "waiting for gateway pod {name} to be ready ({})",
+            status.phase.clone().unwrap_or_else(|| "Pending".into())
+        ),
+    }
+}
+
+/// The gateway Service's NodePorts: (WireGuard UDP, framed TCP).
+pub async fn node_ports(
+    cluster: &Cluster,
+    namespace: &str,
+) -> Result<(Option<u16>, Option<u16>), DeployError> {
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let svc = api
+        .get(NAME)
+        .await
+        .map_err(|e| cluster.err(e, &format!("get Service {namespace}/{NAME}")))?;
+    let mut wg = None;
+    let mut framed = None;
+    for p in svc.spec.and_then(|s| s.ports).unwrap_or_default() {
+        let np = p.node_port.and_then(|n| u16::try_from(n).ok());
+        match p.name.as_deref() {
+            Some("wireguard") => wg = np,
+            Some("framed") => framed = np,
+            _ => {}
+        }
+    }
+    Ok((wg, framed))
+}
+
+/// Removes every object `apply` made, the namespace last, and waits until
+/// the namespace is gone. Missing objects are fine (idempotent).
+pub async fn uninstall(
+    cluster: &Cluster,
+    namespace: &str,
+    progress: &dyn Fn(&str),
+) -> Result<(), DeployError> {
+    let opts = InstallOptions {
+        namespace: namespace.to_string(),
+        ..Default::default()
+    };
+    let mut objects = render(&opts)?;
+    // The Secret is not in the manifests; delete it with the rest.
+    objects.push(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": CONFIG_SECRET, "namespace": namespace}
+    }));
+    objects.reverse();
+    let dp = DeleteParams::background();
+    for obj in &objects {
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        let api: Api<DynamicObject> = match obj["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(cluster.client.clone(), ns, &ar),
+            None => Api::all_with(cluster.client.clone(), &ar),
+        };
+        progress(&format!("deleting {kind} {name}"));
+        match api.delete(name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(cluster.err(e, &format!("delete {kind} {name}"))),
+        }
+    }
+    let api: Api<Namespace> = Api::all(cluster.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    progress(&format!("waiting for namespace {namespace} to be gone"));
+    loop {
+        match api.get_opt(namespace).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Some(_)) => {
+                return Err(DeployError::new(
+                    format!("namespace {namespace} is still terminating after 60s"),
+                    format!("look at `kubectl get ns {namespace} -o yaml` (finalizers?)"),
+                ));
+            }
+            Err(e) => return Err(cluster.err(e, &format!("get namespace {namespace}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_fills_in_namespace_image_and_version() {
+        let objs = render(&InstallOptions {
+            namespace: "tools".into(),
+            image: "registry.example/burrow-gateway:9".into(),
+        })
+        .expect("render");
+        let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["Namespace", "ServiceAccount", "Deployment", "Service"]
+        );
+        assert_eq!(objs[0]["metadata"]["name"], "tools");
+        for o in &objs[1..] {
+            assert_eq!(o["metadata"]["namespace"], "tools", "{o}");
+            assert_eq!(o["metadata"]["labels"][VERSION_LABEL], VERSION);
+        }
+        let d = &objs[2];
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "registry.example/burrow-gateway:9"
+        );
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["labels"][VERSION_LABEL],
+            VERSION
+        );
+        // PodSecurity "restricted" essentials stay in place.
+        let sc = &d["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    }
+}
