@@ -4,17 +4,123 @@
 //! Must never: leave a device, route or resolver change behind after
 //! `disconnect` or a crash, or change the cluster with anything but the
 //! user's own credentials.
+//!
+//! Built so far: the low-level tunnel from a WireGuard configuration file.
+//!
+//! - [`up`]: `burrow up --wg-config FILE`, in the foreground or the
+//!   background; [`down`]: `burrow down`.
+//! - [`plan`]: configuration → addresses, routes and peers (pure).
+//! - [`tun`]: the TUN device; [`netlink`]: links, addresses, routes and the
+//!   route overlap rule.
+//! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
+//! - [`state`]: the crash-safety state file and the cleanup of a stale one.
 
-use clap::Parser;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod datapath;
+mod down;
+mod netlink;
+mod plan;
+mod state;
+mod tun;
+mod up;
 
 /// Make a Kubernetes cluster's network part of this machine.
 #[derive(Parser)]
 #[command(name = "burrow", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+/// Options every command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Log format on stderr (and in the background log).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More log detail: -v for debug, -vv for trace. RUST_LOG, when set,
+    /// takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Directory for state files and background logs.
+    #[arg(
+        long,
+        value_name = "DIR",
+        global = true,
+        env = "BURROW_RUN_DIR",
+        default_value = "/run/burrow"
+    )]
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Up(up::UpArgs),
+    Down(down::DownArgs),
+}
+
+fn init_logging(global: &Global) {
+    let default = match global.verbose {
+        0 => "info",
+        1 => "info,burrow=debug,burrow_netstack=debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match global.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Fail unless running as root, saying what needs it and how to run it.
+pub fn require_root(command: &str, why: &str) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
     anyhow::bail!(
-        "burrow: no command is built yet; `burrow connect` arrives with the data path (see ARCHITECTURE.md)"
+        "`burrow {command}` needs root: {why}. Run it with sudo: `sudo burrow {command} ...`"
     )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let result = match cli.command {
+        Command::Up(args) => up::run(args, &cli.global),
+        Command::Down(args) => down::run(args, &cli.global),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("burrow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -21,6 +21,7 @@ use boringtun::x25519::StaticSecret;
 use burrow_netstack::flow::{
     FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, TcpRead, TcpState,
 };
+use burrow_netstack::udp_batch::{self, RecvBatch, SendBatch};
 use burrow_netstack::wg::{
     self, DATA_OVERHEAD, Decapsulated, Encapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
 };
@@ -36,7 +37,6 @@ use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
 use crate::metrics::Exposition;
-use crate::udp_batch::{RecvBatch, SendBatch};
 
 /// boringtun's timers want a call about every 250 ms.
 const WG_TIMER_TICK: Duration = Duration::from_millis(250);
@@ -413,7 +413,7 @@ impl Datapath {
                             None => self.stats.drop_malformed += 1,
                         }
                     }
-                    if n < crate::udp_batch::BATCH {
+                    if n < udp_batch::BATCH {
                         break;
                     }
                 }

@@ -15,12 +15,14 @@
 //!
 //! - [`datapath`]: the one task that owns the sans-IO state
 //!   (`burrow_netstack::wg::Peers` and `flow::FlowEngine`) and drives it;
-//! - [`udp_batch`]: `recvmmsg`/`sendmmsg` for the WireGuard UDP socket;
+//! - `burrow_netstack::udp_batch`: `recvmmsg`/`sendmmsg` for the WireGuard
+//!   UDP socket (shared with the client);
 //! - [`framed`]: WireGuard over length-framed TCP connections (the
 //!   port-forward transport);
 //! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
-//! - [`config`]: the WireGuard configuration file.
+//! - [`config`]: the WireGuard configuration file (the shared
+//!   `burrow_netstack::wgconf` syntax, one host address per laptop).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +36,6 @@ pub mod datapath;
 pub mod dialer;
 pub mod framed;
 pub mod metrics;
-pub mod udp_batch;
 
 pub use datapath::DatapathConfig;
 

@@ -49,11 +49,8 @@ impl Gateway {
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .expect("metrics addr");
-        let peer = |secret: [u8; 32], ip: Ipv4Addr| PeerConfig {
-            public_key: PublicKey::from(&StaticSecret::from(secret)),
-            tunnel_addr: IpAddr::V4(ip),
-            preshared_key: None,
-            persistent_keepalive: None,
+        let peer = |secret: [u8; 32], ip: Ipv4Addr| {
+            PeerConfig::host(PublicKey::from(&StaticSecret::from(secret)), IpAddr::V4(ip))
         };
         let config = GatewayConfig {
             wg: WgConfig {

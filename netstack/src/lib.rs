@@ -16,16 +16,27 @@
 //!   Total over arbitrary input: every slice parses or yields a typed error.
 //! - [`framing`]: WireGuard datagrams as `u16` length + payload over a byte
 //!   stream.
-//! - [`wg`]: the gateway's peer table over boringtun sessions: which peer a
-//!   datagram is from, roaming, the source-address and no-peer-to-peer rules.
+//! - [`wg`]: the peer table over boringtun sessions, for the gateway and the
+//!   laptop: cryptokey routing by AllowedIPs, which peer a datagram is from,
+//!   roaming, the source-address and (gateway) no-peer-to-peer rules.
+//! - [`wgconf`]: WireGuard's configuration file format (`wg`/`wg-quick`),
+//!   parsed with file and line in every error.
 //! - [`flow`]: the smoltcp flow engine: inbound IP packets become TCP/UDP
 //!   flows the driver accepts or refuses, flow bytes become IP packets.
+//!
+//! Thin drivers beside the core: [`udp_batch`], `recvmmsg`/`sendmmsg` on a
+//! tokio UDP socket into buffers allocated once (the WireGuard socket of both
+//! the gateway and the laptop).
 //!
 //! Data path on the gateway: datagram → [`wg::Peers::decapsulate`] →
 //! [`flow::FlowEngine::ingress`] → driver dials → flow bytes →
 //! [`flow::FlowEngine::egress`] → [`wg::Peers::encapsulate`] → datagram.
+//! On the laptop: TUN packet → [`wg::Peers::encapsulate`] → datagram, and
+//! datagram → [`wg::Peers::decapsulate`] → TUN.
 
 pub mod flow;
 pub mod framing;
+pub mod udp_batch;
 pub mod wg;
+pub mod wgconf;
 pub mod wire;

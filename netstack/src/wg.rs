@@ -1,23 +1,35 @@
-//! The gateway's WireGuard peer table over boringtun's [`Tunn`].
+//! A WireGuard peer table over boringtun's [`Tunn`], for both ends of the
+//! tunnel.
 //!
-//! One gateway serves many laptops; each laptop is one [`Peer`] with its own
-//! public key and tunnel address. [`Peers`] finds which peer an incoming
-//! datagram belongs to (handshake initiations by decrypting the initiator's
-//! static key with [`parse_handshake_anon`]; every later message by the
-//! receiver index, whose upper 24 bits boringtun derives from the index we
-//! gave the peer's `Tunn`), lets that peer's `Tunn` process it, and then
-//! enforces the two rules the data path relies on:
+//! Each [`Peer`] has a public key and its AllowedIPs: WireGuard's cryptokey
+//! routing, where a packet goes to the peer whose AllowedIPs prefix matches
+//! its destination most specifically, and a packet from a peer is accepted
+//! only if that same lookup on its source names the sender. On the gateway
+//! every laptop has exactly one host prefix (its tunnel address); on a laptop
+//! the gateway's AllowedIPs are the cluster's ranges.
 //!
-//! - a decrypted packet is delivered only if its source is the sending peer's
-//!   tunnel address (otherwise it is dropped and counted as `forged_source`),
-//!   so no laptop can speak for another;
-//! - a packet addressed to any peer's tunnel address is dropped
-//!   (`peer_to_peer`): the gateway never forwards between peers.
+//! [`Peers`] finds which peer an incoming datagram belongs to (handshake
+//! initiations by decrypting the initiator's static key with
+//! [`parse_handshake_anon`]; every later message by the receiver index, whose
+//! upper 24 bits boringtun derives from the index we gave the peer's `Tunn`),
+//! lets that peer's `Tunn` process it, and then enforces the rules the data
+//! path relies on:
+//!
+//! - a decrypted packet is delivered only if its source routes back to the
+//!   sending peer (otherwise it is dropped and counted as `forged_source`), so
+//!   no laptop can speak for another;
+//! - on the gateway ([`Peers::new`]), a packet addressed into any peer's
+//!   AllowedIPs is dropped (`peer_to_peer`): the gateway never forwards
+//!   between peers. A laptop's table ([`Peers::new_laptop`]) hands every
+//!   authenticated packet to the local stack, whose own address commonly lies
+//!   inside the gateway's AllowedIPs.
 //!
 //! Endpoint roaming follows the WireGuard rule: a peer's endpoint is the
 //! source of its most recent *authenticated* datagram (a handshake we could
 //! answer, or a data packet that decrypted), so a laptop that changes network
-//! keeps its session and spoofed datagrams cannot redirect its traffic.
+//! keeps its session and spoofed datagrams cannot redirect its traffic. A
+//! peer configured with an endpoint (the laptop's view of the gateway) can be
+//! sent to, and so handshaken with, before it was ever heard from.
 //!
 //! Like boringtun this is sans-IO: the caller owns every buffer and the
 //! methods return what to do next. Time: boringtun 0.7 reads its own
@@ -36,6 +48,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
 
 use crate::wire;
 
@@ -65,20 +78,39 @@ impl PeerId {
     }
 }
 
-/// What the gateway knows about a laptop before it ever connects.
+/// What is known about a peer before it ever connects.
 #[derive(Clone)]
 pub struct PeerConfig {
     pub public_key: PublicKey,
-    /// The only source address this peer's packets may carry.
-    pub tunnel_addr: IpAddr,
+    /// Cryptokey routing: the inner addresses this peer may send from, and
+    /// the destinations sent to it. The gateway gives each laptop one host
+    /// prefix, its tunnel address.
+    pub allowed_ips: Vec<IpNet>,
+    /// Where to send before the peer has been heard from. `None`: wait for
+    /// the peer to reach us (the gateway never initiates towards a laptop).
+    pub endpoint: Option<SocketAddr>,
     pub preshared_key: Option<[u8; 32]>,
     pub persistent_keepalive: Option<u16>,
 }
 
-/// One laptop: its WireGuard session and where it was last seen.
+impl PeerConfig {
+    /// A peer whose only AllowedIPs is its own tunnel address, and which must
+    /// reach us first: a laptop as the gateway sees it.
+    pub fn host(public_key: PublicKey, tunnel_addr: IpAddr) -> Self {
+        Self {
+            public_key,
+            allowed_ips: vec![IpNet::from(tunnel_addr)],
+            endpoint: None,
+            preshared_key: None,
+            persistent_keepalive: None,
+        }
+    }
+}
+
+/// One peer: its WireGuard session and where it was last seen.
 pub struct Peer {
     public_key: PublicKey,
-    tunnel_addr: IpAddr,
+    allowed_ips: Vec<IpNet>,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     last_handshake: Option<Instant>,
@@ -92,10 +124,12 @@ impl Peer {
     pub fn public_key(&self) -> &PublicKey {
         &self.public_key
     }
-    pub fn tunnel_addr(&self) -> IpAddr {
-        self.tunnel_addr
+    /// The peer's AllowedIPs, host bits cleared.
+    pub fn allowed_ips(&self) -> &[IpNet] {
+        &self.allowed_ips
     }
-    /// Source of the most recent authenticated datagram from this peer.
+    /// Source of the most recent authenticated datagram from this peer, or
+    /// its configured endpoint before that.
     pub fn endpoint(&self) -> Option<SocketAddr> {
         self.endpoint
     }
@@ -137,11 +171,11 @@ pub enum DropReason {
     Malformed,
     /// A handshake from a key we do not know, or an index we never issued.
     UnknownPeer,
-    /// The inner packet's source is not the sending peer's tunnel address.
+    /// The inner packet's source is not in the sending peer's AllowedIPs.
     ForgedSource { peer: PeerId, src: IpAddr },
-    /// The inner packet is addressed to a peer's tunnel address.
+    /// The inner packet is addressed into a peer's AllowedIPs (gateway only).
     PeerToPeer { peer: PeerId, dst: IpAddr },
-    /// The destination is no peer's tunnel address.
+    /// The destination is in no peer's AllowedIPs.
     UnknownDestination(IpAddr),
     /// The peer has never reached us, so we have nowhere to send to.
     NoEndpoint(PeerId),
@@ -200,8 +234,8 @@ enum Rejected {
 pub enum PeerError {
     #[error("a peer with this public key is already registered")]
     DuplicateKey,
-    #[error("tunnel address {0} is already assigned to another peer")]
-    DuplicateAddress(IpAddr),
+    #[error("AllowedIPs {0} is already assigned to another peer")]
+    DuplicateAllowedIp(IpNet),
     #[error("peer table is full ({MAX_PEERS} peers)")]
     Full,
 }
@@ -219,7 +253,60 @@ pub struct Counters {
     pub buffer_too_small: u64,
 }
 
-/// The gateway's table of peers.
+/// Cryptokey routing: AllowedIPs prefix → peer, longest prefix first.
+/// Host prefixes (all the gateway has, one per laptop) are a hash lookup;
+/// shorter prefixes (a laptop's few cluster ranges) a scan.
+#[derive(Default)]
+struct Routes {
+    hosts: HashMap<IpAddr, PeerId>,
+    /// Sorted by prefix length, longest first.
+    prefixes: Vec<(IpNet, PeerId)>,
+}
+
+impl Routes {
+    fn get(&self, net: &IpNet) -> Option<PeerId> {
+        if net.prefix_len() == net.max_prefix_len() {
+            self.hosts.get(&net.addr()).copied()
+        } else {
+            self.prefixes
+                .iter()
+                .find(|(n, _)| n == net)
+                .map(|(_, id)| *id)
+        }
+    }
+
+    fn insert(&mut self, net: IpNet, id: PeerId) {
+        if net.prefix_len() == net.max_prefix_len() {
+            self.hosts.insert(net.addr(), id);
+        } else {
+            let at = self
+                .prefixes
+                .partition_point(|(n, _)| n.prefix_len() >= net.prefix_len());
+            self.prefixes.insert(at, (net, id));
+        }
+    }
+
+    fn remove(&mut self, net: &IpNet) {
+        if net.prefix_len() == net.max_prefix_len() {
+            self.hosts.remove(&net.addr());
+        } else {
+            self.prefixes.retain(|(n, _)| n != net);
+        }
+    }
+
+    fn lookup(&self, addr: IpAddr) -> Option<PeerId> {
+        if let Some(id) = self.hosts.get(&addr) {
+            return Some(*id);
+        }
+        self.prefixes
+            .iter()
+            .find(|(n, _)| n.contains(&addr))
+            .map(|(_, id)| *id)
+    }
+}
+
+/// A table of peers: many laptops on the gateway, the gateway(s) on a
+/// laptop.
 pub struct Peers {
     private_key: StaticSecret,
     public_key: PublicKey,
@@ -227,11 +314,14 @@ pub struct Peers {
     slots: Vec<Option<Peer>>,
     free: Vec<u32>,
     by_key: HashMap<[u8; 32], PeerId>,
-    by_addr: HashMap<IpAddr, PeerId>,
+    routes: Routes,
+    /// Drop decrypted packets addressed into any peer's AllowedIPs.
+    forbid_peer_to_peer: bool,
     counters: Counters,
 }
 
 impl Peers {
+    /// The gateway's table: it never forwards between peers.
     pub fn new(private_key: StaticSecret) -> Self {
         let public_key = PublicKey::from(&private_key);
         Self {
@@ -241,8 +331,19 @@ impl Peers {
             slots: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
-            by_addr: HashMap::new(),
+            routes: Routes::default(),
+            forbid_peer_to_peer: true,
             counters: Counters::default(),
+        }
+    }
+
+    /// A laptop's table: every authenticated packet goes to the local stack,
+    /// whatever its destination (the laptop's own address is usually inside
+    /// the gateway's AllowedIPs).
+    pub fn new_laptop(private_key: StaticSecret) -> Self {
+        Self {
+            forbid_peer_to_peer: false,
+            ..Self::new(private_key)
         }
     }
 
@@ -266,8 +367,11 @@ impl Peers {
         if self.by_key.contains_key(config.public_key.as_bytes()) {
             return Err(PeerError::DuplicateKey);
         }
-        if self.by_addr.contains_key(&config.tunnel_addr) {
-            return Err(PeerError::DuplicateAddress(config.tunnel_addr));
+        let mut allowed_ips: Vec<IpNet> = config.allowed_ips.iter().map(IpNet::trunc).collect();
+        allowed_ips.sort();
+        allowed_ips.dedup();
+        if let Some(taken) = allowed_ips.iter().find(|n| self.routes.get(n).is_some()) {
+            return Err(PeerError::DuplicateAllowedIp(*taken));
         }
         let index = match self.free.pop() {
             Some(i) => i,
@@ -283,11 +387,14 @@ impl Peers {
             Some(self.rate_limiter.clone()),
         );
         let id = PeerId(index);
+        for net in &allowed_ips {
+            self.routes.insert(*net, id);
+        }
         let peer = Peer {
             public_key: config.public_key,
-            tunnel_addr: config.tunnel_addr,
+            allowed_ips,
             tunn,
-            endpoint: None,
+            endpoint: config.endpoint,
             last_handshake: None,
             last_received: None,
             largest_packet: 0,
@@ -299,14 +406,15 @@ impl Peers {
             self.slots[slot] = Some(peer);
         }
         self.by_key.insert(*config.public_key.as_bytes(), id);
-        self.by_addr.insert(config.tunnel_addr, id);
         Ok(id)
     }
 
     pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let peer = self.slots.get_mut(id.0 as usize)?.take()?;
         self.by_key.remove(peer.public_key.as_bytes());
-        self.by_addr.remove(&peer.tunnel_addr);
+        for net in &peer.allowed_ips {
+            self.routes.remove(net);
+        }
         self.free.push(id.0);
         Some(peer)
     }
@@ -319,8 +427,9 @@ impl Peers {
         self.by_key.get(key.as_bytes()).copied()
     }
 
-    pub fn find_by_tunnel_addr(&self, addr: IpAddr) -> Option<PeerId> {
-        self.by_addr.get(&addr).copied()
+    /// The peer whose AllowedIPs hold `addr` most specifically.
+    pub fn route(&self, addr: IpAddr) -> Option<PeerId> {
+        self.routes.lookup(addr)
     }
 
     pub fn ids(&self) -> impl Iterator<Item = PeerId> + '_ {
@@ -468,14 +577,14 @@ impl Peers {
         };
         peer.endpoint = Some(from);
         peer.last_received = Some(now);
-        if src != peer.tunnel_addr {
+        if self.routes.lookup(src) != Some(id) {
             return self.drop_decap(DropReason::ForgedSource { peer: id, src });
         }
         let header = match wire::parse_ip(packet) {
             Ok(h) => h,
             Err(_) => return self.drop_decap(DropReason::Malformed),
         };
-        if self.by_addr.contains_key(&header.dst) {
+        if self.forbid_peer_to_peer && self.routes.lookup(header.dst).is_some() {
             return self.drop_decap(DropReason::PeerToPeer {
                 peer: id,
                 dst: header.dst,
@@ -512,7 +621,7 @@ impl Peers {
         }
     }
 
-    /// Encrypt an IP packet for the peer whose tunnel address is its
+    /// Encrypt an IP packet for the peer whose AllowedIPs hold its
     /// destination. `dst` must hold `packet.len() + DATA_OVERHEAD` bytes and
     /// at least `MIN_BUFFER`.
     pub fn encapsulate<'b>(&mut self, packet: &[u8], dst: &'b mut [u8]) -> Encapsulated<'b> {
@@ -520,7 +629,7 @@ impl Peers {
             Ok(h) => h,
             Err(_) => return self.drop_encap(DropReason::Malformed),
         };
-        let Some(id) = self.find_by_tunnel_addr(header.dst) else {
+        let Some(id) = self.routes.lookup(header.dst) else {
             return self.drop_encap(DropReason::UnknownDestination(header.dst));
         };
         self.encapsulate_to(id, &packet[..header.total_len], dst)
@@ -540,7 +649,8 @@ impl Peers {
         let Some(peer) = self.get_mut(id) else {
             return self.drop_encap(DropReason::UnknownPeer);
         };
-        // The gateway never initiates towards a laptop it has not heard from.
+        // Without a configured endpoint (the gateway's laptops) we never
+        // initiate towards a peer we have not heard from.
         let Some(to) = peer.endpoint else {
             return self.drop_encap(DropReason::NoEndpoint(id));
         };
@@ -640,20 +750,10 @@ mod tests {
     fn world() -> World {
         let mut gw = Peers::new(key(1));
         let a = gw
-            .add(PeerConfig {
-                public_key: PublicKey::from(&key(2)),
-                tunnel_addr: LAPTOP_A,
-                preshared_key: None,
-                persistent_keepalive: None,
-            })
+            .add(PeerConfig::host(PublicKey::from(&key(2)), LAPTOP_A))
             .expect("add A");
-        gw.add(PeerConfig {
-            public_key: PublicKey::from(&key(3)),
-            tunnel_addr: LAPTOP_B,
-            preshared_key: None,
-            persistent_keepalive: None,
-        })
-        .expect("add B");
+        gw.add(PeerConfig::host(PublicKey::from(&key(3)), LAPTOP_B))
+            .expect("add B");
         World {
             gw,
             t0: Instant::now(),
@@ -863,26 +963,230 @@ mod tests {
     #[test]
     fn table_rejects_duplicates_and_reuses_slots() {
         let mut w = world();
-        let dup_key = PeerConfig {
-            public_key: PublicKey::from(&key(2)),
-            tunnel_addr: IpAddr::from([100, 64, 0, 9]),
-            preshared_key: None,
-            persistent_keepalive: None,
-        };
+        let dup_key = PeerConfig::host(PublicKey::from(&key(2)), IpAddr::from([100, 64, 0, 9]));
         assert_eq!(w.gw.add(dup_key).err(), Some(PeerError::DuplicateKey));
-        let dup_addr = PeerConfig {
-            public_key: PublicKey::from(&key(4)),
-            tunnel_addr: LAPTOP_A,
-            preshared_key: None,
-            persistent_keepalive: None,
-        };
+        let dup_addr = PeerConfig::host(PublicKey::from(&key(4)), LAPTOP_A);
         assert_eq!(
             w.gw.add(dup_addr.clone()).err(),
-            Some(PeerError::DuplicateAddress(LAPTOP_A))
+            Some(PeerError::DuplicateAllowedIp(IpNet::from(LAPTOP_A)))
         );
         assert!(w.gw.remove(w.a).is_some());
         assert_eq!(w.gw.add(dup_addr), Ok(w.a));
         assert_eq!(w.gw.len(), 2);
         assert_eq!(w.gw.ids().count(), 2);
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("test prefix")
+    }
+
+    /// Two tables on a lossless wire: `first` is a datagram already sent by
+    /// `a` to `b`. Returns the packets delivered to `a` and to `b`.
+    fn pump(
+        a: (&mut Peers, SocketAddr),
+        b: (&mut Peers, SocketAddr),
+        first: Vec<u8>,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (a, a_at) = a;
+        let (b, b_at) = b;
+        let now = Instant::now();
+        let mut wire_out = VecDeque::from([(true, first)]);
+        let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
+        let mut buf = vec![0u8; 2048];
+        while let Some((for_b, datagram)) = wire_out.pop_front() {
+            let (me, from, delivered) = if for_b {
+                (&mut *b, a_at, &mut to_b)
+            } else {
+                (&mut *a, b_at, &mut to_a)
+            };
+            match me.decapsulate(from, &datagram, &mut buf, now) {
+                Decapsulated::Send { peer, to, datagram } => {
+                    assert_eq!(to, from);
+                    wire_out.push_back((!for_b, datagram.to_vec()));
+                    if let Some(peer) = peer {
+                        while let Decapsulated::Send { datagram, .. } =
+                            me.flush_queued(peer, &mut buf)
+                        {
+                            wire_out.push_back((!for_b, datagram.to_vec()));
+                        }
+                    }
+                }
+                Decapsulated::Packet { packet, .. } => delivered.push(packet.to_vec()),
+                Decapsulated::Nothing => {}
+                Decapsulated::Dropped(r) => panic!("dropped: {r:?}"),
+            }
+        }
+        (to_a, to_b)
+    }
+
+    /// A laptop with two gateways: the second one's range lies inside the
+    /// first's.
+    struct LaptopWorld {
+        laptop: Peers,
+        wide: (Peers, SocketAddr, PeerId),
+        narrow: (Peers, SocketAddr, PeerId),
+    }
+
+    const LAPTOP_AT: &str = "192.0.2.10:40000";
+
+    fn laptop_world() -> LaptopWorld {
+        let mut laptop = Peers::new_laptop(key(2));
+        let mut gateway = |secret: u8, at: &str, ranges: &[&str]| {
+            let at = addr(at);
+            let id = laptop
+                .add(PeerConfig {
+                    public_key: PublicKey::from(&key(secret)),
+                    allowed_ips: ranges.iter().map(|r| net(r)).collect(),
+                    endpoint: Some(at),
+                    preshared_key: None,
+                    persistent_keepalive: None,
+                })
+                .expect("add gateway");
+            let mut gw = Peers::new(key(secret));
+            gw.add(PeerConfig::host(PublicKey::from(&key(2)), LAPTOP_A))
+                .expect("add laptop");
+            (gw, at, id)
+        };
+        let wide = gateway(1, "198.51.100.1:51820", &["10.0.0.0/8", "fd00::/64"]);
+        // Host bits are cleared: 10.96.7.7/12 is 10.96.0.0/12.
+        let narrow = gateway(5, "198.51.100.2:51820", &["10.96.7.7/12"]);
+        LaptopWorld {
+            laptop,
+            wide,
+            narrow,
+        }
+    }
+
+    #[test]
+    fn laptop_initiates_and_routes_by_longest_prefix() {
+        let mut w = laptop_world();
+        assert_eq!(
+            w.laptop.route("10.96.3.4".parse().expect("ip")),
+            Some(w.narrow.2)
+        );
+        assert_eq!(
+            w.laptop.route("10.200.0.1".parse().expect("ip")),
+            Some(w.wide.2)
+        );
+        assert_eq!(
+            w.laptop.route("fd00::9".parse().expect("ip")),
+            Some(w.wide.2)
+        );
+        assert_eq!(w.laptop.route("192.168.0.1".parse().expect("ip")), None);
+        assert_eq!(
+            w.laptop.get(w.narrow.2).map(Peer::allowed_ips),
+            Some(&[net("10.96.0.0/12")][..])
+        );
+
+        for (dst, gw) in [
+            ([10, 96, 0, 1], &mut w.narrow),
+            ([10, 1, 2, 3], &mut w.wide),
+        ] {
+            let packet = ipv4(LAPTOP_A, dst, b"to the cluster");
+            let mut buf = vec![0u8; 2048];
+            // A configured endpoint: the laptop handshakes unprompted.
+            let Encapsulated::Send { to, datagram, peer } = w.laptop.encapsulate(&packet, &mut buf)
+            else {
+                panic!("expected a handshake initiation");
+            };
+            assert_eq!((to, peer), (gw.1, gw.2));
+            let first = datagram.to_vec();
+            let (_, at_gateway) = pump((&mut w.laptop, addr(LAPTOP_AT)), (&mut gw.0, gw.1), first);
+            assert_eq!(at_gateway, vec![packet]);
+        }
+
+        let stray = ipv4(LAPTOP_A, [192, 168, 0, 1], b"x");
+        assert!(matches!(
+            w.laptop.encapsulate(&stray, &mut [0u8; 256]),
+            Encapsulated::Dropped(DropReason::UnknownDestination(_))
+        ));
+    }
+
+    #[test]
+    fn laptop_accepts_packets_to_itself_inside_the_gateways_range() {
+        let mut laptop = Peers::new_laptop(key(2));
+        let gw_at = addr("198.51.100.1:51820");
+        let gw_id = laptop
+            .add(PeerConfig {
+                public_key: PublicKey::from(&key(1)),
+                // The laptop's own 100.64.0.2 is inside.
+                allowed_ips: vec![net("100.64.0.0/24"), net("10.96.0.0/12")],
+                endpoint: Some(gw_at),
+                preshared_key: None,
+                persistent_keepalive: Some(25),
+            })
+            .expect("add");
+        let mut gw = Peers::new(key(1));
+        gw.add(PeerConfig::host(PublicKey::from(&key(2)), LAPTOP_A))
+            .expect("add laptop");
+        let hello = ipv4(LAPTOP_A, [10, 96, 0, 1], b"hi");
+        let mut buf = vec![0u8; 2048];
+        let Encapsulated::Send { datagram, .. } = laptop.encapsulate(&hello, &mut buf) else {
+            panic!("handshake");
+        };
+        let first = datagram.to_vec();
+        let (_, got) = pump((&mut laptop, addr(LAPTOP_AT)), (&mut gw, gw_at), first);
+        assert_eq!(got, vec![hello]);
+
+        // Gateway → laptop: a reply from the cluster, and one from the
+        // gateway's own tunnel address; both are the laptop's to take.
+        for src in [[10, 96, 0, 1], [100, 64, 0, 1]] {
+            let reply = ipv4(IpAddr::from(src), [100, 64, 0, 2], b"back");
+            let Encapsulated::Send { datagram, to, .. } = gw.encapsulate(&reply, &mut buf) else {
+                panic!("session is up");
+            };
+            assert_eq!(to, addr(LAPTOP_AT));
+            let d = datagram.to_vec();
+            let mut lbuf = vec![0u8; 2048];
+            match laptop.decapsulate(gw_at, &d, &mut lbuf, Instant::now()) {
+                Decapsulated::Packet { packet, peer } => {
+                    assert_eq!((packet, peer), (&reply[..], gw_id));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        // A source outside the gateway's AllowedIPs is forged.
+        let forged = ipv4(IpAddr::from([192, 168, 9, 9]), [100, 64, 0, 2], b"x");
+        let Encapsulated::Send { datagram, .. } = gw.encapsulate(&forged, &mut buf) else {
+            panic!("session is up");
+        };
+        let d = datagram.to_vec();
+        let mut lbuf = vec![0u8; 2048];
+        assert!(matches!(
+            laptop.decapsulate(gw_at, &d, &mut lbuf, Instant::now()),
+            Decapsulated::Dropped(DropReason::ForgedSource { .. })
+        ));
+        assert_eq!(laptop.counters().forged_source, 1);
+        assert_eq!(laptop.counters().peer_to_peer, 0);
+    }
+
+    #[test]
+    fn overlapping_prefixes_and_removal() {
+        let mut t = Peers::new_laptop(key(2));
+        let cfg = |secret: u8, ranges: &[&str]| PeerConfig {
+            public_key: PublicKey::from(&key(secret)),
+            allowed_ips: ranges.iter().map(|r| net(r)).collect(),
+            endpoint: None,
+            preshared_key: None,
+            persistent_keepalive: None,
+        };
+        let a = t.add(cfg(1, &["10.0.0.0/8", "10.1.0.0/16"])).expect("a");
+        let b = t.add(cfg(3, &["10.1.2.0/24", "10.1.2.3/32"])).expect("b");
+        assert_eq!(
+            t.add(cfg(4, &["10.1.0.5/16"])).err(),
+            Some(PeerError::DuplicateAllowedIp(net("10.1.0.0/16")))
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(t.route(ip("10.1.2.3")), Some(b));
+        assert_eq!(t.route(ip("10.1.2.4")), Some(b));
+        assert_eq!(t.route(ip("10.1.3.4")), Some(a));
+        assert_eq!(t.route(ip("10.2.0.0")), Some(a));
+        t.remove(b);
+        assert_eq!(t.route(ip("10.1.2.3")), Some(a));
+        t.remove(a);
+        assert_eq!(t.route(ip("10.1.2.3")), None);
+        // Freed prefixes can be taken again.
+        assert!(t.add(cfg(4, &["10.1.0.0/16"])).is_ok());
     }
 }

@@ -1,0 +1,344 @@
+//! The laptop's data path: TUN ⇄ WireGuard ([`Peers`]) ⇄ UDP, one task
+//! that owns the peer table and every buffer.
+//!
+//! Per wake-up it takes everything ready on the input that woke it (up to a
+//! batch of TUN packets, or of datagrams via `recvmmsg`), encrypts TUN
+//! packets straight into the slots of the `sendmmsg` batch, writes decrypted
+//! packets to the TUN device, runs boringtun's timers every
+//! [`TIMER_TICK`], and flushes the batch once. Buffers are allocated once in
+//! [`Datapath::new`]; nothing on the per-packet path allocates.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::time::{Duration, Instant};
+
+use boringtun::x25519::StaticSecret;
+use burrow_netstack::udp_batch::{BATCH, RecvBatch, SendBatch};
+use burrow_netstack::wg::{
+    DATA_OVERHEAD, Decapsulated, DropReason, Encapsulated, MIN_BUFFER, PeerConfig, PeerError,
+    PeerId, Peers,
+};
+use burrow_netstack::wgconf::short_key;
+use tokio::net::UdpSocket;
+
+use crate::tun::Tun;
+
+/// How often boringtun's timers run (handshake retries, keepalives, rekey).
+pub const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Receive slot per datagram: above any sane tunnel MTU plus WireGuard
+/// overhead; larger datagrams are dropped as truncated.
+const RECV_SLOT: usize = 4096;
+/// A TUN read takes whatever the kernel hands over; with no offloads that is
+/// at most the device MTU, but the MTU can be raised under us.
+const TUN_READ: usize = 65536;
+
+/// Socket buffer size asked for on the UDP socket (capped by the kernel at
+/// `net.core.{r,w}mem_max`).
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Packet counters, logged when the tunnel stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub tun_rx: u64,
+    pub tun_tx: u64,
+    pub udp_rx: u64,
+    pub udp_tx: u64,
+    pub dropped: u64,
+}
+
+/// The UDP socket and the output batch.
+struct Output {
+    udp: UdpSocket,
+    /// The socket is IPv6 (dual-stack): IPv4 destinations are sent as
+    /// v4-mapped addresses.
+    v6: bool,
+    batch: SendBatch,
+}
+
+impl Output {
+    fn wire_addr(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(a) if self.v6 => {
+                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+            }
+            other => other,
+        }
+    }
+
+    /// Queue a datagram that sits in some other buffer.
+    fn send(&mut self, to: SocketAddr, datagram: &[u8], counters: &mut Counters) {
+        if self.batch.is_full() {
+            self.flush(counters);
+        }
+        let to = self.wire_addr(to);
+        let Some(slot) = self.batch.slot().get_mut(..datagram.len()) else {
+            counters.dropped += 1;
+            return;
+        };
+        slot.copy_from_slice(datagram);
+        self.batch.commit(datagram.len(), to);
+        counters.udp_tx += 1;
+    }
+
+    fn flush(&mut self, counters: &mut Counters) {
+        if !self.batch.is_empty() {
+            counters.dropped += self.batch.flush(&self.udp) as u64;
+        }
+    }
+}
+
+/// The data path. Build with [`Datapath::new`], then [`Datapath::run`].
+pub struct Datapath {
+    peers: Peers,
+    tun: Tun,
+    out: Output,
+    recv: RecvBatch,
+    tun_buf: Vec<u8>,
+    decap_buf: Vec<u8>,
+    timer_buf: Vec<u8>,
+    counters: Counters,
+    /// Last handshake seen per peer, to log new ones.
+    handshakes: Vec<(PeerId, Option<Instant>)>,
+}
+
+impl Datapath {
+    pub fn new(
+        private_key: StaticSecret,
+        peers: Vec<PeerConfig>,
+        tun: Tun,
+        udp: UdpSocket,
+        mtu: u16,
+    ) -> Result<Self, PeerError> {
+        let mut table = Peers::new_laptop(private_key);
+        let mut handshakes = Vec::with_capacity(peers.len());
+        for p in peers {
+            handshakes.push((table.add(p)?, None));
+        }
+        let v6 = udp.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        let slot = (usize::from(mtu) + DATA_OVERHEAD + 64).max(MIN_BUFFER);
+        Ok(Self {
+            peers: table,
+            tun,
+            out: Output {
+                udp,
+                v6,
+                batch: SendBatch::new(slot),
+            },
+            recv: RecvBatch::new(RECV_SLOT),
+            tun_buf: vec![0; TUN_READ],
+            decap_buf: vec![0; RECV_SLOT.max(MIN_BUFFER)],
+            timer_buf: vec![0; slot],
+            counters: Counters::default(),
+            handshakes,
+        })
+    }
+
+    /// Move packets until `shutdown` resolves; fails only if the TUN device
+    /// fails (e.g. it was deleted under us).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<Counters> {
+        tokio::pin!(shutdown);
+        let mut next_timers = Instant::now() + TIMER_TICK;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.tun.readable() => {
+                    r?;
+                    self.drain_tun()?;
+                }
+                r = self.out.udp.readable() => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "UDP socket failed");
+                    } else {
+                        self.drain_udp();
+                    }
+                }
+                _ = tokio::time::sleep_until(next_timers.into()) => {}
+            }
+            let now = Instant::now();
+            if now >= next_timers {
+                self.timers();
+                next_timers = now + TIMER_TICK;
+            }
+            self.out.flush(&mut self.counters);
+        }
+        self.out.flush(&mut self.counters);
+        Ok(self.counters)
+    }
+
+    /// Encrypt up to a batch of packets the kernel routed into the tunnel.
+    fn drain_tun(&mut self) -> io::Result<()> {
+        for _ in 0..BATCH {
+            let n = match self.tun.try_recv(&mut self.tun_buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.counters.tun_rx += 1;
+            if self.out.batch.is_full() {
+                self.out.flush(&mut self.counters);
+            }
+            let slot = self.out.batch.slot();
+            let start = slot.as_ptr();
+            let queued = match self.peers.encapsulate(&self.tun_buf[..n], slot) {
+                // boringtun writes at the start of the buffer it is given.
+                Encapsulated::Send { to, datagram, .. } if datagram.as_ptr() == start => {
+                    Some((to, datagram.len()))
+                }
+                Encapsulated::Send { .. } | Encapsulated::Dropped(_) => {
+                    self.counters.dropped += 1;
+                    None
+                }
+                // Queued inside the session until the handshake completes.
+                Encapsulated::Nothing => None,
+            };
+            if let Some((to, len)) = queued {
+                let to = self.out.wire_addr(to);
+                self.out.batch.commit(len, to);
+                self.counters.udp_tx += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypt up to a few batches of datagrams.
+    fn drain_udp(&mut self) {
+        let now = Instant::now();
+        for _ in 0..4 {
+            let n = match self.recv.recv(&self.out.udp) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "UDP receive failed");
+                    break;
+                }
+            };
+            for i in 0..n {
+                self.counters.udp_rx += 1;
+                let Some((from, datagram)) = self.recv.get(i) else {
+                    self.counters.dropped += 1;
+                    continue;
+                };
+                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                on_datagram(
+                    &mut self.peers,
+                    &self.tun,
+                    &mut self.out,
+                    &mut self.decap_buf,
+                    &mut self.counters,
+                    from,
+                    datagram,
+                    now,
+                );
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+
+    fn timers(&mut self) {
+        let Self {
+            peers,
+            out,
+            timer_buf,
+            counters,
+            ..
+        } = self;
+        peers.update_timers(timer_buf, |_, to, d| out.send(to, d, counters));
+        for (id, seen) in &mut self.handshakes {
+            let Some(peer) = self.peers.get(*id) else {
+                continue;
+            };
+            if peer.last_handshake() != *seen {
+                let first = seen.is_none();
+                *seen = peer.last_handshake();
+                let key = short_key(peer.public_key());
+                let endpoint = peer.endpoint();
+                // Rekeys follow every two minutes: only the first is news.
+                if first {
+                    tracing::info!(peer = %key, ?endpoint, "handshake completed");
+                } else {
+                    tracing::debug!(peer = %key, ?endpoint, "handshake completed");
+                }
+            }
+        }
+    }
+}
+
+/// One datagram from the underlay. A free function over the fields it
+/// needs, so the receive batch it borrows from stays borrowed.
+#[allow(clippy::too_many_arguments)]
+fn on_datagram(
+    peers: &mut Peers,
+    tun: &Tun,
+    out: &mut Output,
+    buf: &mut [u8],
+    counters: &mut Counters,
+    from: SocketAddr,
+    datagram: &[u8],
+    now: Instant,
+) {
+    match peers.decapsulate(from, datagram, buf, now) {
+        Decapsulated::Send { peer, to, datagram } => {
+            out.send(to, datagram, counters);
+            if let Some(peer) = peer {
+                while let Decapsulated::Send { to, datagram, .. } = peers.flush_queued(peer, buf) {
+                    out.send(to, datagram, counters);
+                }
+            }
+        }
+        Decapsulated::Packet { packet, .. } => match tun.send(packet) {
+            Ok(()) => counters.tun_tx += 1,
+            Err(e) => {
+                counters.dropped += 1;
+                tracing::trace!(error = %e, "TUN write failed");
+            }
+        },
+        Decapsulated::Nothing => {}
+        Decapsulated::Dropped(reason) => {
+            counters.dropped += 1;
+            match reason {
+                DropReason::ForgedSource { src, .. } => {
+                    tracing::debug!(%from, %src, "dropped packet whose source is not in the peer's AllowedIPs");
+                }
+                other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
+            }
+        }
+    }
+}
+
+/// Bind the tunnel's UDP socket on `port` (0: any): dual-stack `[::]` where
+/// the host has IPv6, else `0.0.0.0`.
+pub fn bind_udp(port: u16) -> io::Result<UdpSocket> {
+    let v6 = bind_one(SocketAddr::new(IpAddr::from([0u16; 8]), port));
+    match v6 {
+        Ok(s) => Ok(s),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+            ) =>
+        {
+            bind_one(SocketAddr::new(IpAddr::from([0u8; 4]), port))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        // Whatever net.ipv6.bindv6only says: IPv4 peers too.
+        socket.set_only_v6(false)?;
+    }
+    // Best effort: a smaller buffer still works, only drops sooner under a
+    // burst.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}

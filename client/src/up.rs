@@ -1,0 +1,463 @@
+//! `burrow up --wg-config FILE`: a WireGuard tunnel from a wg-quick style
+//! file, in the foreground or (`-d`) as a detached copy of itself.
+//!
+//! Order of work, so that a refusal changes nothing and a crash leaves a
+//! record: parse and plan (errors name file and line) → clean up after a
+//! killed predecessor → check the device name and the routes → bind the UDP
+//! socket → write the state file → create the device, configure it, add
+//! routes → run the data path until SIGINT/SIGTERM/SIGHUP → delete routes
+//! and device → remove the state file. Setup failures after the state file
+//! run the same teardown.
+
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use burrow_netstack::wgconf::{self, Endpoint, WgConf};
+use clap::Args;
+
+use crate::Global;
+use crate::datapath::{Datapath, bind_udp};
+use crate::netlink::{Netlink, find_conflict};
+use crate::plan::Plan;
+use crate::state::{self, Paths, Previous, State};
+use crate::tun::{DEFAULT_IFNAME, Tun, TunError, parse_ifname};
+
+/// How long `up -d` waits for the background tunnel to come up.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const LONG_ABOUT: &str = "\
+Start a WireGuard tunnel from a configuration file in wg-quick's format, in
+userspace (no kernel WireGuard, no wg-quick): burrow creates a TUN device, gives
+it the configured addresses and MTU, routes every AllowedIPs prefix to it, and
+moves packets until SIGINT or SIGTERM, then removes the device and its routes.
+Needs root, for the TUN device and the routes.
+
+Example configuration:
+
+  [Interface]
+  PrivateKey = <this machine's key, e.g. from `wg genkey`>
+  Address = 100.64.0.2/32          # one or more, comma separated, CIDR
+  MTU = 1420                       # optional, default 1420
+  ListenPort = 51820               # optional, default any free port
+
+  [Peer]
+  PublicKey = <the gateway's public key>
+  PresharedKey = <base64>          # optional
+  Endpoint = gw.example.com:51820  # or 192.0.2.1:51820 or [2001:db8::1]:51820
+  AllowedIPs = 10.96.0.0/12, 10.244.0.0/16
+  PersistentKeepalive = 25         # optional, seconds
+
+Several [Peer] sections may be given: a packet goes to the peer whose AllowedIPs
+match its destination most specifically, and a peer's packets are accepted only
+from its AllowedIPs. DNS is accepted and ignored (the system resolver is left
+alone), as are wg-quick's Table, PreUp, PostUp, PreDown, PostDown, SaveConfig
+and FwMark.
+
+Routes: one per AllowedIPs prefix, through the device. A prefix that covers a
+peer's own Endpoint gets no route (it would loop). 0.0.0.0/0 and ::/0 (a full
+tunnel) are refused, and so is a prefix that duplicates or overlaps a route that
+already exists (default routes aside).
+
+The device is named burrow0 unless --name says otherwise; unlike wg-quick the
+name does not come from the file name, so `burrow down` needs no file.
+
+Crash safety: <run dir>/up-<name>.json records what was changed before it is
+changed. If burrow up is killed, the next `burrow up` or `burrow down` on that
+name removes whatever is left and says so.";
+
+/// Start a WireGuard tunnel from a wg-quick style configuration file.
+#[derive(Args, Debug)]
+#[command(long_about = LONG_ABOUT)]
+pub struct UpArgs {
+    /// WireGuard configuration file in wg-quick's format (`--help` shows an
+    /// example).
+    #[arg(long, value_name = "FILE")]
+    wg_config: PathBuf,
+    /// Name of the TUN device to create.
+    #[arg(long, value_name = "IFNAME", default_value = DEFAULT_IFNAME, value_parser = parse_ifname)]
+    name: String,
+    /// Run in the background: start a detached `burrow up`, wait until the
+    /// tunnel is up, print where its log is, and return. Stop it with
+    /// `burrow down`.
+    #[arg(short = 'd', long)]
+    background: bool,
+}
+
+pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
+    crate::require_root("up", "it creates a TUN device and routes")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(up(args, global))
+}
+
+async fn up(args: UpArgs, global: &Global) -> anyhow::Result<()> {
+    let conf = wgconf::load(&args.wg_config)?;
+    let endpoints = resolve_endpoints(&conf).await?;
+    let plan = Plan::new(&conf, &endpoints)?;
+    let paths = Paths::new(&global.run_dir, &args.name);
+    let nl = Netlink::connect()?;
+    take_over(&nl, &paths, &args.name).await?;
+    if args.background {
+        return start_background(&args, global, &paths).await;
+    }
+    let shutdown = Shutdown::install()?;
+    for note in &plan.notes {
+        tracing::warn!("{note}");
+    }
+    foreground(&nl, conf, plan, &paths, &args.name, shutdown).await
+}
+
+/// Resolve every peer's `Endpoint` (names through the system resolver).
+async fn resolve_endpoints(conf: &WgConf) -> anyhow::Result<Vec<Option<SocketAddr>>> {
+    let mut out = Vec::with_capacity(conf.peers.len());
+    for p in &conf.peers {
+        let Some(endpoint) = &p.endpoint else {
+            out.push(None);
+            continue;
+        };
+        let addr = match &endpoint.value {
+            Endpoint::Addr(a) => *a,
+            Endpoint::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map_err(|e| conf.error(endpoint.line, format!("cannot resolve {host}: {e}")))?
+                .next()
+                .ok_or_else(|| conf.error(endpoint.line, format!("{host} has no address")))?,
+        };
+        out.push(Some(addr));
+    }
+    Ok(out)
+}
+
+/// Refuse if a `burrow up` already runs on this name; clean up after one
+/// that was killed.
+async fn take_over(nl: &Netlink, paths: &Paths, name: &str) -> anyhow::Result<()> {
+    match state::inspect(paths)? {
+        Previous::None => {}
+        Previous::Running(st) => anyhow::bail!(
+            "`burrow up` is already running on {name} (pid {}); stop it with `sudo burrow down{}`",
+            st.pid,
+            name_flag(name)
+        ),
+        Previous::Stale(st) => tracing::warn!("{}", state::clean_stale(nl, &st, paths).await?),
+        Previous::Unreadable(why) => tracing::warn!("{}", state::clean_unreadable(paths, &why)?),
+    }
+    Ok(())
+}
+
+/// ` --name X` unless X is the default.
+pub fn name_flag(name: &str) -> String {
+    if name == DEFAULT_IFNAME {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    }
+}
+
+async fn foreground(
+    nl: &Netlink,
+    conf: WgConf,
+    plan: Plan,
+    paths: &Paths,
+    name: &str,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    // Refusals first: nothing is changed yet.
+    if nl.link_index(name).await?.is_some() {
+        return Err(TunError::NameInUse(name.to_owned()).into());
+    }
+    let existing = nl.routes().await?;
+    if let Some((ours, theirs)) = find_conflict(&plan.routes, &existing, None) {
+        anyhow::bail!(
+            "refusing to add route {ours} dev {name}: it overlaps the existing route `{theirs}`; \
+             remove that route, or leave {ours} out of AllowedIPs in {}",
+            conf.file.display()
+        );
+    }
+    let udp = bind_udp(plan.listen_port.unwrap_or(0)).with_context(|| match plan.listen_port {
+        Some(p) => format!(
+            "cannot bind UDP port {p} (ListenPort in {})",
+            conf.file.display()
+        ),
+        None => "cannot bind a UDP port".to_owned(),
+    })?;
+    let config_path = std::fs::canonicalize(&conf.file).unwrap_or_else(|_| conf.file.clone());
+    let mut state = State::for_this_process(name, plan.routes.clone(), config_path)?;
+    state.create(paths)?;
+
+    let result = async {
+        let tun = Tun::create(name)?;
+        let index = nl
+            .link_index(name)
+            .await?
+            .with_context(|| format!("device {name} vanished right after it was created"))?;
+        state.ifindex = Some(index);
+        state.update(paths)?;
+        nl.set_up(index, name, plan.mtu).await?;
+        for net in &plan.addresses {
+            nl.add_address(index, name, *net).await?;
+        }
+        for net in &plan.routes {
+            if let Err(e) = nl.add_route(index, name, *net).await {
+                // The kernel's own route for an address like 10.8.0.2/24
+                // is already what we want.
+                if !nl.has_route(index, *net).await? {
+                    return Err(e);
+                }
+            }
+        }
+        let udp_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let datapath = Datapath::new(
+            conf.interface.private_key.clone(),
+            plan.peers,
+            tun,
+            udp,
+            plan.mtu,
+        )
+        .with_context(|| format!("invalid peers in {}", conf.file.display()))?;
+        state.ready = true;
+        state.update(paths)?;
+        tracing::info!(
+            device = name,
+            addresses = %join(&plan.addresses),
+            routes = %join(&plan.routes),
+            mtu = plan.mtu,
+            udp_port,
+            "tunnel is up"
+        );
+        let deleted = std::cell::Cell::new(false);
+        let stop = async {
+            tokio::select! {
+                () = shutdown.wait() => {}
+                () = device_deleted(nl, index, name) => deleted.set(true),
+            }
+        };
+        let counters = datapath
+            .run(stop)
+            .await
+            .with_context(|| format!("device {name} failed"))?;
+        tracing::info!(?counters, "tunnel stopping");
+        if deleted.get() {
+            anyhow::bail!("device {name} was deleted while the tunnel ran; stopped");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    // The device is closed by now (dropped with the data path), which takes
+    // its routes with it; teardown makes sure and removes the state file.
+    let cleanup = teardown(nl, &state, paths).await;
+    match (result, cleanup) {
+        (Ok(()), Ok(())) => {
+            tracing::info!(
+                device = name,
+                "removed the device, its routes and the state file"
+            );
+            Ok(())
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(c)) => Err(c),
+        (Err(e), Err(c)) => Err(anyhow::anyhow!("{e:#}; and cleaning up failed too: {c:#}")),
+    }
+}
+
+fn join(nets: &[ipnet::IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves once link `index` is no longer `name` (someone deleted it: a
+/// TUN reader is not woken by that).
+async fn device_deleted(nl: &Netlink, index: u32, name: &str) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(current) = nl.link_name(index).await
+            && current.as_deref() != Some(name)
+        {
+            return;
+        }
+    }
+}
+
+/// Remove what this process added (what is still there) and the state file.
+async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<()> {
+    if let Some(index) = state.ifindex {
+        for net in &state.routes {
+            nl.del_route(index, *net).await?;
+        }
+        if nl.link_name(index).await?.as_deref() == Some(state.ifname.as_str()) {
+            nl.del_link(index).await?;
+        }
+    }
+    state::remove(paths)
+}
+
+/// SIGINT, SIGTERM or SIGHUP, installed before any change so that none of
+/// them can end the process between a change and its undoing.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind| signal(kind).context("cannot install signal handlers");
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = self.hup.recv() => tracing::info!("SIGHUP: shutting down"),
+        }
+    }
+}
+
+/// Start a detached `burrow up` (same options, no `-d`), its output appended
+/// to the log, and wait until its state file says the tunnel is ready.
+async fn start_background(args: &UpArgs, global: &Global, paths: &Paths) -> anyhow::Result<()> {
+    paths.ensure_dir()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .with_context(|| format!("cannot open the log {}", paths.log.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("cannot find the burrow executable")?;
+    // The daemon runs in `/`: every path it gets is absolute.
+    let config = std::fs::canonicalize(&args.wg_config)
+        .with_context(|| format!("cannot read {}", args.wg_config.display()))?;
+    let run_dir = std::fs::canonicalize(&global.run_dir)
+        .with_context(|| format!("cannot read {}", global.run_dir.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("up")
+        .arg("--wg-config")
+        .arg(&config)
+        .arg("--name")
+        .arg(&args.name)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--log-format")
+        .arg(global.log_format.as_arg());
+    for _ in 0..global.verbose {
+        cmd.arg("-v");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().context("cannot share the log")?)
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A session of its own: no controlling terminal, no SIGHUP or
+            // SIGINT when the terminal that started it goes away.
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .context("cannot start the background burrow up")?;
+    let pid = child.id();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("cannot watch the background burrow up")?
+        {
+            anyhow::bail!(
+                "the background `burrow up` exited ({status}): {}\n(log: {})",
+                last_error(&paths.log, log_start),
+                paths.log.display()
+            );
+        }
+        if let Previous::Running(st) = state::inspect(paths)?
+            && st.pid == pid
+            && st.ready
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            anyhow::bail!(
+                "the background `burrow up` (pid {pid}) was not up after {}s; stopped it (log: {})",
+                READY_TIMEOUT.as_secs(),
+                paths.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{} is up in the background (pid {pid}); log: {}; stop it with `sudo burrow down{}`",
+        args.name,
+        paths.log.display(),
+        name_flag(&args.name)
+    );
+    Ok(())
+}
+
+/// The error line the daemon printed (after `from`), else its last lines.
+fn last_error(log: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let _ = f.seek(SeekFrom::Start(from));
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if let Some(line) = lines.iter().rev().find(|l| l.starts_with("burrow: ")) {
+        return line.trim_start_matches("burrow: ").to_owned();
+    }
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    if tail.is_empty() {
+        "it printed nothing".to_owned()
+    } else {
+        tail.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_error_finds_the_error_line_after_the_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("up.log");
+        std::fs::write(
+            &log,
+            "burrow: old error\nINFO starting\nburrow: wg0.conf:3: bad key\n",
+        )
+        .expect("write");
+        assert_eq!(last_error(&log, 0), "wg0.conf:3: bad key");
+        std::fs::write(&log, "burrow: old error\nline a\nline b\n").expect("write");
+        assert_eq!(last_error(&log, 18), "line a\nline b");
+        assert_eq!(
+            last_error(&dir.path().join("nope"), 0),
+            "it printed nothing"
+        );
+    }
+
+    #[test]
+    fn name_flag_only_when_not_default() {
+        assert_eq!(name_flag(DEFAULT_IFNAME), "");
+        assert_eq!(name_flag("wg7"), " --name wg7");
+    }
+}
