@@ -76,6 +76,14 @@ impl Default for DatapathConfig {
 pub enum Control {
     /// Render the Prometheus exposition.
     Metrics(oneshot::Sender<String>),
+    /// Add a peer (a laptop registering at runtime). A peer with the same
+    /// key is replaced (its flows reset) when its address changed, and kept
+    /// as is otherwise.
+    AddPeer(PeerConfig, oneshot::Sender<Result<(), PeerError>>),
+    /// Remove the peer with this public key; its TCP flows are reset.
+    RemovePeer([u8; 32]),
+    /// Time since each peer's last handshake, by public key.
+    LastHandshakes(oneshot::Sender<HashMap<[u8; 32], Duration>>),
 }
 
 /// Counters the data path keeps beyond the peer table's own.
@@ -106,6 +114,8 @@ struct Stats {
 
 /// The engine-side half of a TCP flow.
 struct TcpFlow {
+    /// The laptop's address and port.
+    src: SocketAddr,
     dst: SocketAddr,
     to_cluster: mpsc::Sender<ToCluster>,
     shared: Arc<TcpShared>,
@@ -357,6 +367,13 @@ impl Datapath {
                     Some(Control::Metrics(reply)) => {
                         let _ = reply.send(self.render_metrics(&out));
                     }
+                    Some(Control::AddPeer(config, reply)) => {
+                        let _ = reply.send(self.add_peer(config));
+                    }
+                    Some(Control::RemovePeer(key)) => self.remove_peer(&key),
+                    Some(Control::LastHandshakes(reply)) => {
+                        let _ = reply.send(self.last_handshakes(Instant::now()));
+                    }
                     None => control_open = false,
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -540,6 +557,7 @@ impl Datapath {
         self.tcp.insert(
             id,
             TcpFlow {
+                src,
                 dst,
                 to_cluster: tx,
                 shared,
@@ -730,6 +748,54 @@ impl Datapath {
                 self.tcp.remove(&id);
             }
         }
+    }
+
+    fn add_peer(&mut self, config: PeerConfig) -> Result<(), PeerError> {
+        let key = *config.public_key.as_bytes();
+        if let Some(id) = self.peers.find_by_key(&config.public_key) {
+            let same = self
+                .peers
+                .get(id)
+                .is_some_and(|p| p.allowed_ips() == config.allowed_ips.as_slice());
+            if same {
+                return Ok(());
+            }
+            self.remove_peer(&key);
+        }
+        self.peers.add(config).map(|_| ())
+    }
+
+    fn remove_peer(&mut self, key: &[u8; 32]) {
+        let public = boringtun::x25519::PublicKey::from(*key);
+        let Some(id) = self.peers.find_by_key(&public) else {
+            return;
+        };
+        let Some(peer) = self.peers.remove(id) else {
+            return;
+        };
+        let owned: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|(_, f)| peer.allowed_ips().iter().any(|n| n.contains(&f.src.ip())))
+            .map(|(id, _)| *id)
+            .collect();
+        for flow in owned {
+            self.abort_tcp(flow);
+        }
+    }
+
+    fn last_handshakes(&self, now: Instant) -> HashMap<[u8; 32], Duration> {
+        self.peers
+            .ids()
+            .filter_map(|id| self.peers.get(id))
+            .filter_map(|p| {
+                let at = p.last_handshake()?;
+                Some((
+                    *p.public_key().as_bytes(),
+                    now.saturating_duration_since(at),
+                ))
+            })
+            .collect()
     }
 
     fn abort_tcp(&mut self, id: FlowId) {

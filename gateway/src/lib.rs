@@ -31,16 +31,15 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
+pub mod api;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod dialer;
 pub mod framed;
 pub mod metrics;
 
 pub use datapath::DatapathConfig;
-
-/// Control API types shared with the client.
-pub mod api {}
 
 /// Socket buffer size asked for on the WireGuard UDP socket, so a burst
 /// larger than one batch is not dropped while the data path is busy. The
@@ -52,6 +51,8 @@ pub struct Listeners {
     pub wireguard: UdpSocket,
     pub framed: TcpListener,
     pub metrics: Option<TcpListener>,
+    /// The control API (laptops registering at runtime); see [`api`].
+    pub control: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -85,7 +86,19 @@ impl Listeners {
             wireguard,
             framed,
             metrics,
+            control: None,
         })
+    }
+
+    /// Also serve the control API on `ip:port` (0 picks a free port).
+    pub async fn bind_control(&mut self, ip: IpAddr, port: u16) -> anyhow::Result<()> {
+        let addr = SocketAddr::new(ip, port);
+        self.control = Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind the control port {addr}"))?,
+        );
+        Ok(())
     }
 }
 
@@ -107,6 +120,30 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 pub struct GatewayConfig {
     pub wg: config::WgConfig,
     pub datapath: DatapathConfig,
+    pub control: ControlConfig,
+}
+
+/// How the control API hands out addresses and what it tells laptops.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Tunnel addresses come from here; the first host is the gateway's.
+    pub tunnel_network: ipnet::Ipv4Net,
+    /// A laptop neither re-registering nor handshaking for this long is
+    /// forgotten.
+    pub expiry: std::time::Duration,
+    /// What the gateway knows of the cluster (from its resolv.conf).
+    pub cluster: api::ClusterFacts,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            tunnel_network: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(198, 19, 0, 0), 16)
+                .unwrap_or_default(),
+            expiry: std::time::Duration::from_secs(180),
+            cluster: api::ClusterFacts::default(),
+        }
+    }
 }
 
 /// Run the gateway on `listeners` until `shutdown` resolves; open flows are
@@ -117,6 +154,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let peer_count = config.wg.peers.len();
+    let mtu = config.datapath.mtu;
+    let port = |a: std::io::Result<SocketAddr>| a.map(|a| a.port()).unwrap_or(0);
+    let (wireguard_port, framed_port) = (
+        port(listeners.wireguard.local_addr()),
+        port(listeners.framed.local_addr()),
+    );
     let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, config.datapath)
         .context("invalid peer list")?;
     tracing::info!(
@@ -133,11 +176,51 @@ pub async fn serve(
     let metrics = listeners
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+    let control_tasks = match listeners.control {
+        Some(l) => {
+            let info = api::Info {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                public_key: config::encode_key(datapath.public_key().as_bytes()),
+                wireguard_port,
+                framed_port,
+                mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+                tunnel_network: config.control.tunnel_network.to_string(),
+                cluster: config.control.cluster.clone(),
+                peers: 0,
+            };
+            let shared = std::sync::Arc::new(control::Control {
+                peers: control::DatapathHandle {
+                    tx: control_tx.clone(),
+                },
+                allocator: std::sync::Mutex::new(control::Allocator::new(
+                    config.control.tunnel_network,
+                )),
+                info,
+                expiry: config.control.expiry,
+            });
+            tracing::info!(control = %l.local_addr()?, "control API serving");
+            vec![
+                tokio::spawn({
+                    let shared = shared.clone();
+                    async move {
+                        if let Err(e) = control::serve(l, shared).await {
+                            tracing::error!("control API stopped: {e}");
+                        }
+                    }
+                }),
+                tokio::spawn(control::reap(shared)),
+            ]
+        }
+        None => Vec::new(),
+    };
     drop(control_tx);
     datapath
         .run(listeners.wireguard, framed_rx, control_rx, shutdown)
         .await;
     acceptor.abort();
+    for t in control_tasks {
+        t.abort();
+    }
     if let Some(m) = metrics {
         m.abort();
     }

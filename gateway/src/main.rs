@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_gateway::{DatapathConfig, GatewayConfig, Listeners, config};
+use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, config};
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,6 +32,22 @@ struct Cli {
     /// port-forward transport).
     #[arg(long, value_name = "PORT", default_value_t = 51821)]
     framed_port: u16,
+    /// TCP port of the control API, where laptops register at runtime
+    /// (`burrow connect`); 0 turns it off.
+    #[arg(long, value_name = "PORT", default_value_t = burrow_gateway::api::CONTROL_PORT)]
+    control_port: u16,
+    /// Tunnel addresses for laptops registering at runtime are handed out
+    /// from this IPv4 network; the first host is the gateway's own.
+    #[arg(long, value_name = "CIDR", default_value = "198.19.0.0/16")]
+    tunnel_network: ipnet::Ipv4Net,
+    /// Forget a laptop that neither re-registers nor handshakes for this
+    /// long.
+    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = humantime_duration)]
+    peer_expiry: Duration,
+    /// The resolv.conf the cluster facts (DNS server, cluster domain,
+    /// search list) are read from, as any pod reads them.
+    #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
     /// TCP port serving Prometheus metrics at /metrics.
     #[arg(long, value_name = "PORT", default_value_t = 9090)]
     metrics_port: u16,
@@ -67,7 +83,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -102,14 +119,30 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listeners =
+        let mut listeners =
             Listeners::bind(cli.listen, wg_port, cli.framed_port, Some(cli.metrics_port)).await?;
+        if cli.control_port != 0 {
+            listeners.bind_control(cli.listen, cli.control_port).await?;
+        }
+        let resolv = std::fs::read_to_string(&cli.resolv_conf).unwrap_or_else(|e| {
+            tracing::warn!(
+                "cannot read {}: {e}; cluster facts will be empty",
+                cli.resolv_conf.display()
+            );
+            String::new()
+        });
+        let pod_ip = std::env::var("POD_IP").ok().and_then(|s| s.parse().ok());
         let config = GatewayConfig {
             wg,
             datapath: DatapathConfig {
                 mtu: usize::from(cli.mtu),
                 dial_timeout: cli.dial_timeout,
                 ..DatapathConfig::default()
+            },
+            control: ControlConfig {
+                tunnel_network: cli.tunnel_network,
+                expiry: cli.peer_expiry,
+                cluster: burrow_gateway::control::facts_from_resolv_conf(&resolv, pod_ip),
             },
         };
         burrow_gateway::serve(config, listeners, shutdown_signal()).await

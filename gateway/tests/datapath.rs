@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_gateway::config::WgConfig;
-use burrow_gateway::{DatapathConfig, GatewayConfig, Listeners};
+use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners};
 use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -30,6 +30,7 @@ const LAPTOP_SECRET: [u8; 32] = [2; 32];
 const OTHER_SECRET: [u8; 32] = [3; 32];
 
 struct Gateway {
+    control: SocketAddr,
     wg: SocketAddr,
     framed: SocketAddr,
     metrics: SocketAddr,
@@ -39,9 +40,18 @@ struct Gateway {
 
 impl Gateway {
     async fn start() -> Self {
-        let listeners = Listeners::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, 0, Some(0))
+        let mut listeners = Listeners::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, 0, Some(0))
             .await
             .expect("bind loopback ports");
+        listeners
+            .bind_control(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+            .await
+            .expect("bind control port");
+        let control = listeners
+            .control
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .expect("control addr");
         let wg = listeners.wireguard.local_addr().expect("addr");
         let framed = listeners.framed.local_addr().expect("addr");
         let metrics = listeners
@@ -65,12 +75,14 @@ impl Gateway {
                 dial_timeout: Duration::from_secs(2),
                 ..DatapathConfig::default()
             },
+            control: ControlConfig::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(burrow_gateway::serve(config, listeners, async move {
             let _ = stopped.await;
         }));
         Self {
+            control,
             wg,
             framed,
             metrics,
@@ -913,5 +925,106 @@ async fn a_slow_cluster_reader_stalls_the_laptop_instead_of_buffering() {
         }
     };
     assert_eq!(received, TOTAL);
+    gw.stop().await;
+}
+
+/// One HTTP/1.1 request to the control API: (status, body).
+async fn control_call(gw: &Gateway, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(gw.control).await.expect("control port");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
+    use base64::Engine as _;
+    let gw = Gateway::start().await;
+    let secret = [9u8; 32];
+    let public = PublicKey::from(&StaticSecret::from(secret));
+    let key = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
+
+    let (code, info) = control_call(&gw, "GET", "/v1/info", "").await;
+    assert_eq!(code, 200, "{info}");
+    let info: serde_json::Value = serde_json::from_str(&info).expect("info is JSON");
+    let gateway_key = PublicKey::from(&StaticSecret::from(GATEWAY_SECRET));
+    assert_eq!(
+        info["public_key"],
+        base64::engine::general_purpose::STANDARD.encode(gateway_key.as_bytes())
+    );
+    assert_eq!(info["framed_port"], gw.framed.port());
+
+    let body = format!(r#"{{"public_key":"{key}","name":"alice@laptop"}}"#);
+    let (code, reg) = control_call(&gw, "POST", "/v1/peers", &body).await;
+    assert_eq!(code, 200, "{reg}");
+    let reg: serde_json::Value = serde_json::from_str(&reg).expect("registration is JSON");
+    let addr: Ipv4Addr = reg["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    assert!(
+        "198.19.0.0/16"
+            .parse::<ipnet::Ipv4Net>()
+            .expect("net")
+            .contains(&addr),
+        "{addr}"
+    );
+    assert_eq!(reg["gateway_address"], "198.19.0.1");
+    // Registering again is the heartbeat: same address.
+    let (_, again) = control_call(&gw, "POST", "/v1/peers", &body).await;
+    let again: serde_json::Value = serde_json::from_str(&again).expect("JSON");
+    assert_eq!(again["address"], reg["address"]);
+
+    // The registered laptop reaches the cluster.
+    let echo = echo_server().await;
+    let mut laptop = Laptop::new(secret, addr, Transport::udp(gw.wg).await);
+    let h = laptop.tcp_connect(echo);
+    laptop
+        .until(
+            "the handshake through the tunnel",
+            Duration::from_secs(10),
+            |l| l.tcp(h).state() == tcp::State::Established,
+        )
+        .await;
+    assert_eq!(laptop.tcp_round_trip(h, b"hello").await, b"hello");
+
+    // Unregistered: the gateway drops its packets; a new connection never
+    // completes.
+    let path = format!(
+        "/v1/peers/{}",
+        base64::engine::general_purpose::URL_SAFE.encode(public.as_bytes())
+    );
+    let (code, _) = control_call(&gw, "DELETE", &path, "").await;
+    assert_eq!(code, 204);
+    let h2 = laptop.tcp_connect(echo);
+    laptop.pump(Duration::from_secs(2)).await;
+    assert_ne!(laptop.tcp(h2).state(), tcp::State::Established);
+
+    // Malformed keys are refused with a reason.
+    let (code, err) = control_call(
+        &gw,
+        "POST",
+        "/v1/peers",
+        r#"{"public_key":"AAAA","name":"x"}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{err}");
+    assert!(err.contains("32 bytes"), "{err}");
+    let (code, _) = control_call(&gw, "POST", "/v1/peers", "not json").await;
+    assert!((400..500).contains(&code), "{code}");
     gw.stop().await;
 }

@@ -1,0 +1,446 @@
+//! The control API server (see [`crate::api`]): laptops register their
+//! WireGuard key here and get a tunnel address and the cluster facts.
+//!
+//! The server owns the registry — who is registered, since when, with which
+//! address — and tells the data path to add or remove WireGuard peers.
+//! Addresses are stable: derived from the laptop's key, so the same laptop
+//! gets the same address after a gateway restart, unless taken.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use base64::Engine as _;
+use boringtun::x25519::PublicKey;
+use burrow_netstack::wg::PeerConfig;
+use ipnet::Ipv4Net;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{ApiError, ClusterFacts, Info, RegisterRequest, Registration};
+use crate::datapath;
+
+/// The control server's way into the data path task.
+#[derive(Clone)]
+pub struct DatapathHandle {
+    pub tx: mpsc::Sender<datapath::Control>,
+}
+
+impl DatapathHandle {
+    /// Adds (or keeps) a peer with its one tunnel address.
+    async fn add(&self, key: [u8; 32], address: IpAddr) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let config = PeerConfig::host(PublicKey::from(key), address);
+        self.tx
+            .send(datapath::Control::AddPeer(config, reply))
+            .await
+            .map_err(|_| "the data path has stopped".to_string())?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the data path has stopped".to_string()),
+        }
+    }
+
+    /// Removes a peer; its flows are reset.
+    async fn remove(&self, key: [u8; 32]) {
+        let _ = self.tx.send(datapath::Control::RemovePeer(key)).await;
+    }
+
+    /// Time since each peer's last handshake, by key.
+    async fn last_seen(&self) -> HashMap<[u8; 32], Duration> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .tx
+            .send(datapath::Control::LastHandshakes(reply))
+            .await
+            .is_err()
+        {
+            return HashMap::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+}
+
+/// A registered laptop.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    address: Ipv4Addr,
+    refreshed: Instant,
+}
+
+/// Hands out tunnel addresses: host addresses of `network`, the first one
+/// being the gateway's own.
+#[derive(Debug)]
+pub struct Allocator {
+    network: Ipv4Net,
+    by_key: HashMap<[u8; 32], Entry>,
+}
+
+impl Allocator {
+    pub fn new(network: Ipv4Net) -> Self {
+        Self {
+            network,
+            by_key: HashMap::new(),
+        }
+    }
+
+    /// The gateway's own tunnel address: the network's first host.
+    pub fn gateway_address(&self) -> Ipv4Addr {
+        let base = u32::from(self.network.network());
+        Ipv4Addr::from(base + 1)
+    }
+
+    fn in_use(&self, addr: Ipv4Addr, except: &[u8; 32]) -> bool {
+        addr == self.gateway_address()
+            || self
+                .by_key
+                .iter()
+                .any(|(k, e)| k != except && e.address == addr)
+    }
+
+    /// The address for `key`: its current one, else `previous` if free,
+    /// else the one derived from the key, else the next free one. None
+    /// when the network is full.
+    pub fn assign(
+        &mut self,
+        key: [u8; 32],
+        name: &str,
+        previous: Option<Ipv4Addr>,
+        now: Instant,
+    ) -> Option<Ipv4Addr> {
+        if let Some(e) = self.by_key.get_mut(&key) {
+            e.refreshed = now;
+            e.name = name.to_string();
+            return Some(e.address);
+        }
+        let base = u32::from(self.network.network());
+        let hosts = u32::from(self.network.broadcast()).saturating_sub(base);
+        // Hosts are base+2 ..= base+hosts-1 (base+1 is the gateway).
+        let usable = hosts.checked_sub(2)?;
+        if usable == 0 {
+            return None;
+        }
+        let valid = |a: Ipv4Addr| {
+            let v = u32::from(a);
+            v >= base + 2 && v < base + hosts
+        };
+        let derived = {
+            let seed = u32::from_le_bytes([key[0], key[1], key[2], key[3]]);
+            Ipv4Addr::from(base + 2 + seed % usable)
+        };
+        let start = match previous {
+            Some(p) if self.network.contains(&p) && valid(p) && !self.in_use(p, &key) => p,
+            _ => derived,
+        };
+        let offset = u32::from(start) - (base + 2);
+        let found = (0..usable)
+            .map(|i| Ipv4Addr::from(base + 2 + (offset + i) % usable))
+            .find(|a| !self.in_use(*a, &key))?;
+        self.by_key.insert(
+            key,
+            Entry {
+                name: name.to_string(),
+                address: found,
+                refreshed: now,
+            },
+        );
+        Some(found)
+    }
+
+    pub fn remove(&mut self, key: &[u8; 32]) -> Option<Ipv4Addr> {
+        self.by_key.remove(key).map(|e| e.address)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Keys neither refreshed nor seen (handshake) within `expiry`.
+    pub fn expired(
+        &self,
+        now: Instant,
+        expiry: Duration,
+        last_seen: &HashMap<[u8; 32], Duration>,
+    ) -> Vec<[u8; 32]> {
+        self.by_key
+            .iter()
+            .filter(|(k, e)| {
+                let registered = now.saturating_duration_since(e.refreshed);
+                let seen = last_seen.get(*k).copied().unwrap_or(Duration::MAX);
+                registered > expiry && seen > expiry
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// Cluster facts from a pod's resolv.conf.
+pub fn facts_from_resolv_conf(text: &str, pod_ip: Option<IpAddr>) -> ClusterFacts {
+    let mut facts = ClusterFacts {
+        pod_ip,
+        ..Default::default()
+    };
+    for line in text.lines() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(ip) = words.next().and_then(|w| w.parse().ok()) {
+                    facts.dns_servers.push(ip);
+                }
+            }
+            Some("search") | Some("domain") => {
+                facts.search = words.map(|w| w.trim_end_matches('.').to_string()).collect();
+            }
+            Some("options") => facts.options.extend(words.map(str::to_string)),
+            _ => {}
+        }
+    }
+    // `<ns>.svc.<domain> svc.<domain> <domain>`: the domain follows "svc.".
+    facts.domain = facts
+        .search
+        .iter()
+        .find_map(|s| s.strip_prefix("svc.").map(str::to_string))
+        .unwrap_or_else(|| "cluster.local".to_string());
+    facts
+}
+
+/// The control server's shared state.
+pub struct Control {
+    pub peers: DatapathHandle,
+    pub allocator: Mutex<Allocator>,
+    pub info: Info,
+    pub expiry: Duration,
+}
+
+pub type Shared = Arc<Control>;
+
+/// Serves the control API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, control: Shared) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/peers", post(register))
+        .route("/v1/peers/{key}", delete(unregister))
+        .with_state(control);
+    axum::serve(listener, app).await
+}
+
+/// Forgets laptops that neither registered nor handshook within the
+/// expiry; runs until dropped.
+pub async fn reap(control: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let seen = control.peers.last_seen().await;
+        let gone = match control.allocator.lock() {
+            Ok(mut a) => {
+                let gone = a.expired(Instant::now(), control.expiry, &seen);
+                for k in &gone {
+                    a.remove(k);
+                }
+                gone
+            }
+            Err(_) => return,
+        };
+        for k in gone {
+            tracing::info!(peer = %short(&k), "laptop expired: no registration or handshake");
+            control.peers.remove(k).await;
+        }
+    }
+}
+
+fn short(key: &[u8; 32]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    b64.chars().take(8).collect()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text))
+        .map_err(|e| format!("public key is not base64: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("public key must be 32 bytes, not {}", b.len()))
+}
+
+async fn info(State(c): State<Shared>) -> Json<Info> {
+    let mut info = c.info.clone();
+    info.peers = c.allocator.lock().map(|a| a.len()).unwrap_or(0);
+    Json(info)
+}
+
+async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> Response {
+    let key = match decode_key(&req.public_key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if key == [0u8; 32] {
+        return error(StatusCode::BAD_REQUEST, "public key is all zeros");
+    }
+    let previous = match req.previous_address {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    let name: String = req
+        .name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
+    let (address, gateway_address, fresh) = {
+        let Ok(mut a) = c.allocator.lock() else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned");
+        };
+        let fresh = !a.by_key.contains_key(&key);
+        match a.assign(key, &name, previous, Instant::now()) {
+            Some(addr) => (addr, a.gateway_address(), fresh),
+            None => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no tunnel address is free: too many laptops are connected",
+                );
+            }
+        }
+    };
+    if let Err(e) = c.peers.add(key, IpAddr::V4(address)).await {
+        if let Ok(mut a) = c.allocator.lock() {
+            a.remove(&key);
+        }
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    if fresh {
+        tracing::info!(peer = %short(&key), name = %name, address = %address, "laptop registered");
+    }
+    let mut info = c.info.clone();
+    info.peers = c.allocator.lock().map(|a| a.len()).unwrap_or(0);
+    Json(Registration {
+        address: IpAddr::V4(address),
+        gateway_address: IpAddr::V4(gateway_address),
+        info,
+        expiry_secs: c.expiry.as_secs(),
+    })
+    .into_response()
+}
+
+async fn unregister(State(c): State<Shared>, Path(key): Path<String>) -> Response {
+    let key = match decode_key(&key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
+    c.peers.remove(key).await;
+    if removed.is_some() {
+        tracing::info!(peer = %short(&key), "laptop unregistered");
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net() -> Ipv4Net {
+        "198.19.0.0/24".parse().expect("net")
+    }
+
+    #[test]
+    fn addresses_are_stable_unique_and_skip_the_gateway() {
+        let now = Instant::now();
+        let mut a = Allocator::new(net());
+        assert_eq!(a.gateway_address(), Ipv4Addr::new(198, 19, 0, 1));
+        let k1 = [1u8; 32];
+        // A different key whose derived slot is the same as k1's.
+        let mut k2 = k1;
+        k2[31] = 9;
+        let a1 = a.assign(k1, "alice", None, now).expect("a1");
+        let a2 = a.assign(k2, "bob", None, now).expect("a2");
+        assert_ne!(a1, a2);
+        assert_eq!(
+            a.assign(k1, "alice", None, now),
+            Some(a1),
+            "same key, same address"
+        );
+        // A fresh allocator (gateway restart) derives the same address.
+        let mut b = Allocator::new(net());
+        assert_eq!(b.assign(k1, "alice", None, now), Some(a1));
+        // The previous address wins when free.
+        let mut c = Allocator::new(net());
+        let prev = Ipv4Addr::new(198, 19, 0, 77);
+        assert_eq!(c.assign(k2, "bob", Some(prev), now), Some(prev));
+        // Never the gateway's, network or broadcast address.
+        for i in 0..=255u8 {
+            let mut k = [0u8; 32];
+            k[0] = i;
+            k[5] = 1;
+            if let Some(x) = c.assign(k, "x", Some(Ipv4Addr::new(198, 19, 0, 1)), now) {
+                assert!(x.octets()[3] >= 2 && x.octets()[3] <= 254, "{x}");
+            }
+        }
+        assert_eq!(c.len(), 253, "every usable host handed out once");
+        let mut k = [7u8; 32];
+        k[9] = 3;
+        assert_eq!(c.assign(k, "late", None, now), None, "full");
+    }
+
+    #[test]
+    fn expiry_needs_both_silence_and_no_handshake() {
+        let t0 = Instant::now();
+        let mut a = Allocator::new(net());
+        let k = [3u8; 32];
+        a.assign(k, "x", None, t0);
+        let later = t0 + Duration::from_secs(60);
+        let mut seen = HashMap::new();
+        seen.insert(k, Duration::from_secs(2));
+        assert!(a.expired(later, Duration::from_secs(30), &seen).is_empty());
+        seen.insert(k, Duration::from_secs(45));
+        assert_eq!(a.expired(later, Duration::from_secs(30), &seen), vec![k]);
+    }
+
+    #[test]
+    fn resolv_conf_gives_domain_dns_and_search() {
+        let text = "# generated\nsearch burrow-system.svc.corp.internal svc.corp.internal corp.internal\nnameserver 10.96.0.10\noptions ndots:5 timeout:1\n";
+        let f = facts_from_resolv_conf(text, None);
+        assert_eq!(f.domain, "corp.internal");
+        assert_eq!(
+            f.dns_servers,
+            vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(f.search.len(), 3);
+        assert_eq!(f.options, vec!["ndots:5", "timeout:1"]);
+        assert_eq!(facts_from_resolv_conf("", None).domain, "cluster.local");
+    }
+
+    #[test]
+    fn keys_decode_in_both_alphabets() {
+        let k = [0xfbu8; 32];
+        let std = base64::engine::general_purpose::STANDARD.encode(k);
+        let url = base64::engine::general_purpose::URL_SAFE.encode(k);
+        assert_ne!(std, url);
+        assert_eq!(decode_key(&std), Ok(k));
+        assert_eq!(decode_key(&url), Ok(k));
+        assert!(decode_key("AAAA").is_err());
+    }
+}
