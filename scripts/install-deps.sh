@@ -32,7 +32,7 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "install-deps: cargo not found: install a Rust toolchain (1.85 or newer) first" >&2
+    echo "install-deps: cargo not found: install a Rust toolchain (1.88 or newer) first" >&2
     exit 1
 fi
 echo "install-deps: ok (kubectl: $(kubectl version --client 2>/dev/null | head -1))"
