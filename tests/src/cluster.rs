@@ -366,6 +366,7 @@ async fn run(
         ca_pem: pki.ca_pem.clone(),
         listeners: vec![node_listener, host_listener],
         dialer: net::dialer(&ctx.node_netns()),
+        logs: Some(kubelet::log_source(store.clone(), ctx.clone())),
     };
     tasks.spawn(async move { ("apiserver", server::serve(config).await) });
 

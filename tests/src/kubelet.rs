@@ -1,17 +1,26 @@
 //! The kubelet of the one node: pods bound to it (`spec.nodeName`) become
-//! processes in their own network namespace (and private mount and UTS
-//! namespaces), with the pod's environment, ConfigMap/Secret volumes, the
-//! service-account token where in-cluster config expects it, and the
-//! security context's user, no-new-privileges and read-only root. Pod status
-//! (phase, IPs, conditions, containerStatuses) follows the processes and
-//! their readiness.
+//! processes in their own network and IPC namespaces (and private mount and
+//! UTS namespaces per container), with the pod's environment, its
+//! admitted sysctls (the safe set; anything else rejects the pod with
+//! `SysctlForbidden`), ConfigMap/Secret volumes (group `fsGroup` as the
+//! kubelet sets it), the service-account token where in-cluster config
+//! expects it, and the security context's user, groups, no-new-privileges
+//! and read-only root. Pod status (phase, IPs, conditions,
+//! containerStatuses) follows the processes and their readiness.
+//! Container output is captured as a runtime does (CRI log files per
+//! instance) and served to the API server's `pods/{name}/log`.
+//!
+//! Must never: create anything on the machine's filesystem outside the
+//! cluster's state dir for a pod (a mount point missing on the machine is
+//! made in a container root of its own), or write a sysctl outside a pod's
+//! own namespaces.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +29,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use minicluster_apiserver::logs::{LogOptions, LogSource, LogStream};
 use minicluster_apiserver::resources::must;
 use minicluster_apiserver::{ApiError, EventType, Store};
 use serde_json::{Value, json};
@@ -524,6 +536,191 @@ fn write_files(dir: &Path, files: &[VolumeFile]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kubelet's `SetVolumeOwnership` for `fsGroup`: every file and
+/// directory of the volume gets group `fs_group` and group read (and write,
+/// unless the volume is read-only, as Secret, ConfigMap, downward API and
+/// projected volumes are) added to its mode; directories also group search
+/// and setgid. Symlinks keep their mode.
+pub fn set_volume_ownership(path: &Path, fs_group: u32, readonly: bool) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    std::os::unix::fs::lchown(path, None, Some(fs_group))?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mut mask = if readonly { 0o440 } else { 0o660 };
+    if meta.is_dir() {
+        mask |= 0o2110; // setgid, group search
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode | mask))?;
+    if meta.is_dir() {
+        for e in fs::read_dir(path)? {
+            set_volume_ownership(&e?.path(), fs_group, readonly)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Sysctls
+
+/// The sysctls a kubelet allows without `--allowed-unsafe-sysctls` (the
+/// kubelet's `SafeSysctlAllowlist` on a kernel new enough for all of them).
+/// This kubelet allows no unsafe ones.
+pub const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+];
+
+/// A sysctl name with `.` separators (`net/ipv4/conf/eth0.100/forwarding`
+/// → `net.ipv4.conf.eth0/100.forwarding`), as the kubelet normalises them.
+pub fn normalize_sysctl(name: &str) -> String {
+    match name.find(['.', '/']) {
+        Some(i) if name.as_bytes()[i] == b'/' => name
+            .chars()
+            .map(|c| match c {
+                '/' => '.',
+                '.' => '/',
+                c => c,
+            })
+            .collect(),
+        _ => name.to_string(),
+    }
+}
+
+/// Where a normalised sysctl lives under `/proc/sys`.
+fn sysctl_path(name: &str) -> String {
+    let rel: String = name
+        .chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect();
+    format!("/proc/sys/{rel}")
+}
+
+/// The pod's `securityContext.sysctls` as the kubelet admits them: every
+/// name in [`SAFE_SYSCTLS`] (and not of a namespace the pod shares with the
+/// host), else the rejection message (`forbidden sysctl: "x" not
+/// allowlisted`, reason `SysctlForbidden`). Ok: (name, value) pairs,
+/// normalised.
+pub fn admit_sysctls(pod: &Value) -> Result<Vec<(String, String)>, String> {
+    let spec = &pod["spec"];
+    let mut out = Vec::new();
+    for s in spec["securityContext"]["sysctls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = normalize_sysctl(s["name"].as_str().unwrap_or(""));
+        let value = s["value"].as_str().unwrap_or("").to_string();
+        if !SAFE_SYSCTLS.contains(&name.as_str()) {
+            return Err(format!("forbidden sysctl: \"{name}\" not allowlisted"));
+        }
+        let (host_ns, ns) = if name.starts_with("net.") {
+            (spec["hostNetwork"].as_bool() == Some(true), "net")
+        } else {
+            (spec["hostIPC"].as_bool() == Some(true), "ipc")
+        };
+        if host_ns {
+            return Err(format!(
+                "forbidden sysctl: \"{name}\" not allowed with host {ns} enabled"
+            ));
+        }
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// Writes the pod's admitted sysctls: `net.*` in its network namespace, the
+/// IPC ones in a new IPC namespace shared by its containers. Returns that
+/// namespace (held open by the file; it goes when the file and the pod's
+/// processes are gone).
+fn pod_namespaces(netns: &str, sysctls: &[(String, String)]) -> anyhow::Result<fs::File> {
+    for (name, value) in sysctls.iter().filter(|(n, _)| n.starts_with("net.")) {
+        net::netns_sysctl(netns, name, value)
+            .with_context(|| format!("write sysctl key {name}"))?;
+    }
+    let ipc: Vec<(String, String)> = sysctls
+        .iter()
+        .filter(|(n, _)| !n.starts_with("net."))
+        .cloned()
+        .collect();
+    std::thread::spawn(move || -> anyhow::Result<fs::File> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
+            .context("creating the pod's IPC namespace")?;
+        for (name, value) in &ipc {
+            fs::write(sysctl_path(name), value)
+                .with_context(|| format!("write sysctl key {name}"))?;
+        }
+        fs::File::open("/proc/thread-self/ns/ipc").context("opening the pod's IPC namespace")
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the IPC namespace thread panicked"))?
+}
+
+/// Marks a pod the kubelet refused to admit: phase Failed with the reason
+/// and `Pod was rejected: <message>`, and a Warning event, as the kubelet's
+/// `rejectPod` does. Nothing of the pod is started.
+fn reject_pod(store: &Store, pod: &Value, reason: &str, message: &str) {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or("");
+    let name = pod["metadata"]["name"].as_str().unwrap_or("");
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    tracing::warn!("kubelet: rejecting pod {ns}/{name}: {reason}: {message}");
+    let status = json!({
+        "phase": "Failed",
+        "reason": reason,
+        "message": format!("Pod was rejected: {message}"),
+        "qosClass": "BestEffort",
+        "startTime": now(),
+    });
+    let rt = pod_rt();
+    let _ = store.update_with(rt, ns, name, |obj| {
+        if obj["metadata"]["uid"].as_str() != Some(uid.as_str()) {
+            return Err(ApiError::conflict(rt, "", "replaced"));
+        }
+        obj["status"] = status;
+        Ok(())
+    });
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let event = json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": format!("{name}.{nanos:x}"), "namespace": ns},
+        "involvedObject": {
+            "apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns, "uid": uid,
+            "resourceVersion": pod["metadata"]["resourceVersion"],
+        },
+        "reason": reason,
+        "message": message,
+        "type": "Warning",
+        "source": {"component": "kubelet", "host": NODE_NAME},
+        "reportingComponent": "kubelet",
+        "reportingInstance": NODE_NAME,
+        "firstTimestamp": now(),
+        "lastTimestamp": now(),
+        "count": 1,
+    });
+    if let Err(e) = store.create(must("core/v1/events"), ns, event) {
+        tracing::debug!("kubelet: event for {ns}/{name}: {e:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Starting processes
 
@@ -535,16 +732,53 @@ struct BindOp {
     readonly: bool,
 }
 
+/// A container root of its own, for containers with mount points that do
+/// not exist on the machine: an overlay of the machine's `/` (and of any
+/// other mount a mount point is created in) whose upper layers live on a
+/// tmpfs mounted in the container's mount namespace only, the machine's
+/// other mounts bound in, the missing mount points made in it, chroot. The
+/// machine's filesystem never sees the mount points; the tmpfs goes with
+/// the container's last process.
+struct NewRoot {
+    /// The tmpfs (an empty directory in the container's work dir).
+    layer: CString,
+    /// The new root (another empty directory there).
+    root: CString,
+    /// Directories made on the tmpfs: the upper and work dirs.
+    layer_dirs: Vec<CString>,
+    /// The new root's overlay, then the machine's other mounts, parents
+    /// first.
+    mounts: Vec<RootMount>,
+    /// Missing mount points in the new root, parents first: (path, is a
+    /// directory).
+    stubs: Vec<(CString, bool)>,
+}
+
+/// One mount of a [`NewRoot`].
+enum RootMount {
+    /// An overlay at `dst` (`lowerdir=<machine path>,upperdir=...`).
+    Overlay { dst: CString, options: CString },
+    /// A machine mount bound in recursively at `dst`.
+    Bind { src: CString, dst: CString },
+}
+
 /// Everything the child does between fork and exec, prepared beforehand so
 /// that the child only makes syscalls (no allocation after fork).
 struct ChildSetup {
     netns: fs::File,
+    /// The pod's IPC namespace.
+    ipc: Option<fs::File>,
     hostname: CString,
+    new_root: Option<NewRoot>,
     binds: Vec<BindOp>,
     readonly_root: bool,
+    /// The working directory, entered once the mounts are in place.
+    workdir: CString,
     no_new_privs: bool,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// Supplementary groups (`fsGroup`, `supplementalGroups`).
+    groups: Vec<libc::gid_t>,
 }
 
 fn cstr(p: &Path) -> anyhow::Result<CString> {
@@ -597,6 +831,11 @@ impl ChildSetup {
             if libc::setns(self.netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(child_fail(b"minicluster: setns(net) failed\n"));
             }
+            if let Some(ipc) = &self.ipc
+                && libc::setns(ipc.as_raw_fd(), libc::CLONE_NEWIPC) != 0
+            {
+                return Err(child_fail(b"minicluster: setns(ipc) failed\n"));
+            }
             if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS) != 0 {
                 return Err(child_fail(b"minicluster: unshare(mount, uts) failed\n"));
             }
@@ -614,6 +853,9 @@ impl ChildSetup {
             let h = self.hostname.as_bytes();
             if libc::sethostname(h.as_ptr().cast(), h.len()) != 0 {
                 return Err(child_fail(b"minicluster: sethostname failed\n"));
+            }
+            if let Some(nr) = &self.new_root {
+                nr.build()?;
             }
             for b in &self.binds {
                 let flags = libc::MS_BIND | if b.recursive { libc::MS_REC } else { 0 };
@@ -644,6 +886,14 @@ impl ChildSetup {
                     }
                 }
             }
+            if let Some(nr) = &self.new_root {
+                if libc::chroot(nr.root.as_ptr()) != 0 {
+                    return Err(child_fail(b"minicluster: chroot failed\n"));
+                }
+                if libc::chdir(root) != 0 {
+                    return Err(child_fail(b"minicluster: chdir / failed\n"));
+                }
+            }
             if self.readonly_root {
                 let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept_flags(root);
                 if libc::mount(
@@ -657,12 +907,17 @@ impl ChildSetup {
                     return Err(child_fail(b"minicluster: read-only remount of / failed\n"));
                 }
             }
+            if libc::chdir(self.workdir.as_ptr()) != 0 {
+                return Err(child_fail(
+                    b"minicluster: entering the working dir failed\n",
+                ));
+            }
             libc::setsid();
             if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(child_fail(b"minicluster: PR_SET_NO_NEW_PRIVS failed\n"));
             }
-            if self.uid.is_some() || self.gid.is_some() {
-                if libc::setgroups(0, std::ptr::null()) != 0 {
+            if self.uid.is_some() || self.gid.is_some() || !self.groups.is_empty() {
+                if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
                     return Err(child_fail(b"minicluster: setgroups failed\n"));
                 }
                 if let Some(g) = self.gid
@@ -674,6 +929,81 @@ impl ChildSetup {
                     && libc::setuid(u) != 0
                 {
                     return Err(child_fail(b"minicluster: setuid failed\n"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NewRoot {
+    /// Runs in the child: tmpfs, overlays, binds, mount points.
+    fn build(&self) -> std::io::Result<()> {
+        // SAFETY: as for `ChildSetup::apply`.
+        unsafe {
+            if libc::mount(
+                c"tmpfs".as_ptr(),
+                self.layer.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                c"mode=0755".as_ptr().cast(),
+            ) != 0
+            {
+                return Err(child_fail(
+                    b"minicluster: mounting the root's tmpfs failed\n",
+                ));
+            }
+            for d in &self.layer_dirs {
+                if libc::mkdir(d.as_ptr(), 0o755) != 0 {
+                    return Err(child_fail(
+                        b"minicluster: mkdir on the root's tmpfs failed\n",
+                    ));
+                }
+            }
+            for m in &self.mounts {
+                match m {
+                    RootMount::Overlay { dst, options } => {
+                        if libc::mount(
+                            c"overlay".as_ptr(),
+                            dst.as_ptr(),
+                            c"overlay".as_ptr(),
+                            0,
+                            options.as_ptr().cast(),
+                        ) != 0
+                        {
+                            return Err(child_fail(b"minicluster: mounting an overlay failed\n"));
+                        }
+                    }
+                    RootMount::Bind { src, dst } => {
+                        // A mount that cannot be bound (one the machine's
+                        // runtime locked, say) is left out.
+                        libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        );
+                    }
+                }
+            }
+            for (path, dir) in &self.stubs {
+                if *dir {
+                    if libc::mkdir(path.as_ptr(), 0o755) != 0
+                        && *libc::__errno_location() != libc::EEXIST
+                    {
+                        return Err(child_fail(b"minicluster: creating a mount point failed\n"));
+                    }
+                } else {
+                    let fd = libc::open(
+                        path.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if fd < 0 {
+                        return Err(child_fail(b"minicluster: creating a mount point failed\n"));
+                    }
+                    libc::close(fd);
                 }
             }
         }
@@ -714,6 +1044,218 @@ fn host_target(run_dir: &Path, container_path: &str) -> PathBuf {
         Some(rest) if rest.starts_with('/') => run_dir.join(rest.trim_start_matches('/')),
         _ => PathBuf::from(p),
     }
+}
+
+/// `path` as the container resolves it through the machine's symlinks (its
+/// root mirrors the machine's): the deepest existing ancestor made
+/// canonical, the missing rest appended.
+fn resolve_container_path(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(mut out) = fs::canonicalize(&existing) {
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(n), Some(p)) => {
+                rest.push(n.to_os_string());
+                existing = p.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Mount points of `/proc/self/mountinfo` (octal escapes undone), without
+/// `/`, sorted.
+fn machine_mount_points() -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p != Path::new("/"))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// How a container root of its own is put together, in machine paths.
+#[derive(Debug, PartialEq, Eq)]
+struct RootPlan {
+    /// The machine's mounts to bring into the new root, parents first:
+    /// (mount point, overlaid). Overlaid: a mount point is made inside it;
+    /// else it is bound in with everything mounted below it.
+    mounts: Vec<(PathBuf, bool)>,
+    /// Missing mount points to make, parents first: (path, is a
+    /// directory).
+    stubs: Vec<(PathBuf, bool)>,
+}
+
+/// Plans the root for mount points `missing` ((path, is a directory);
+/// canonical paths) given the machine's `mount_points` (without `/`) and
+/// which paths exist.
+fn root_plan(
+    mount_points: &[PathBuf],
+    missing: &[(PathBuf, bool)],
+    exists: &dyn Fn(&Path) -> bool,
+) -> RootPlan {
+    // The deepest mount point at or above `p`, if any but `/`.
+    let owner = |p: &Path| -> Option<PathBuf> {
+        mount_points
+            .iter()
+            .filter(|m| p.starts_with(m))
+            .max_by_key(|m| m.components().count())
+            .cloned()
+    };
+    let mut stubs: Vec<(PathBuf, bool)> = Vec::new();
+    let mut overlaid: BTreeSet<PathBuf> = BTreeSet::new();
+    for (path, is_dir) in missing {
+        let parts: Vec<_> = path
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        let mut cur = PathBuf::from("/");
+        for (i, part) in parts.iter().enumerate() {
+            cur.push(part);
+            if exists(&cur) {
+                continue;
+            }
+            let stub = (cur.clone(), i + 1 < parts.len() || *is_dir);
+            if !stubs.iter().any(|(p, _)| *p == stub.0) {
+                stubs.push(stub);
+            }
+            if let Some(m) = cur.parent().and_then(owner) {
+                overlaid.insert(m);
+            }
+        }
+    }
+    // An overlaid mount's parents are overlaid too (a bind would bring the
+    // machine's copy of it along).
+    for m in overlaid.clone() {
+        for p in mount_points {
+            if m.starts_with(p) {
+                overlaid.insert(p.clone());
+            }
+        }
+    }
+    let mut sorted: Vec<&PathBuf> = mount_points.iter().collect();
+    sorted.sort_by_key(|m| (m.components().count(), (*m).clone()));
+    let mut mounts = Vec::new();
+    for m in sorted {
+        let parent = m.parent().and_then(owner);
+        if parent.is_none_or(|p| overlaid.contains(&p)) {
+            mounts.push((m.clone(), overlaid.contains(m)));
+        }
+    }
+    RootPlan { mounts, stubs }
+}
+
+/// Prepares a [`NewRoot`] in `work_dir` (`rootfs/`, `layer/`) for the
+/// missing mount points; returns the root's path too.
+fn new_root(work_dir: &Path, missing: &[(PathBuf, bool)]) -> anyhow::Result<(PathBuf, NewRoot)> {
+    let root = work_dir.join("rootfs");
+    let layer = work_dir.join("layer");
+    for d in [&root, &layer] {
+        if d.exists() {
+            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let plan = root_plan(&machine_mount_points(), missing, &|p| p.exists());
+    let in_root = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let mut layer_dirs = Vec::new();
+    let mut overlay = |lower: &Path, n: usize| -> anyhow::Result<CString> {
+        let lower_s = lower.to_string_lossy();
+        if lower_s.contains([',', ':', '\\']) {
+            anyhow::bail!(
+                "cannot make a mount point inside {}: its path has ',', ':' or '\\'",
+                lower.display()
+            );
+        }
+        let (u, w) = (layer.join(format!("u{n}")), layer.join(format!("w{n}")));
+        layer_dirs.push(cstr(&u)?);
+        layer_dirs.push(cstr(&w)?);
+        Ok(CString::new(format!(
+            "lowerdir={lower_s},upperdir={},workdir={}",
+            u.display(),
+            w.display()
+        ))?)
+    };
+    let mut mounts = vec![RootMount::Overlay {
+        dst: cstr(&root)?,
+        options: overlay(Path::new("/"), 0)?,
+    }];
+    for (i, (m, overlaid)) in plan.mounts.iter().enumerate() {
+        mounts.push(if *overlaid {
+            RootMount::Overlay {
+                dst: cstr(&in_root(m))?,
+                options: overlay(m, i + 1)?,
+            }
+        } else {
+            RootMount::Bind {
+                src: cstr(m)?,
+                dst: cstr(&in_root(m))?,
+            }
+        });
+    }
+    let stubs = plan
+        .stubs
+        .iter()
+        .map(|(p, dir)| Ok((cstr(&in_root(p))?, *dir)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nr = NewRoot {
+        layer: cstr(&layer)?,
+        root: cstr(&root)?,
+        layer_dirs,
+        mounts,
+        stubs,
+    };
+    Ok((root, nr))
+}
+
+/// The container process's supplementary groups: the pod's `fsGroup` and
+/// `supplementalGroups`, as the runtime adds them.
+fn supplementary_groups(pod: &Value) -> Vec<libc::gid_t> {
+    let sc = &pod["spec"]["securityContext"];
+    let mut out: Vec<libc::gid_t> = Vec::new();
+    let fs_group = sc["fsGroup"].as_u64();
+    let extra = sc["supplementalGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64);
+    for g in fs_group.into_iter().chain(extra) {
+        if let Ok(g) = libc::gid_t::try_from(g)
+            && !out.contains(&g)
+        {
+            out.push(g);
+        }
+    }
+    out
 }
 
 fn security_context(pod: &Value, c: &Value) -> (Option<u32>, Option<u32>, bool, bool) {
@@ -841,6 +1383,8 @@ struct Ctr {
     next_probe: Instant,
     ever_started: bool,
     program: String,
+    /// Instances started so far: the next one logs to `logs/<name>/<starts>.log`.
+    starts: u32,
 }
 
 struct Exit {
@@ -869,6 +1413,8 @@ struct PodRun {
     volumes_ready: bool,
     volume_error: Option<String>,
     finished_phase: Option<&'static str>,
+    /// The pod's IPC namespace (its sysctls applied).
+    ipc: Option<fs::File>,
 }
 
 fn pod_rt() -> &'static minicluster_apiserver::ResourceType {
@@ -904,6 +1450,9 @@ impl PodRun {
             .unwrap_or("default")
             .to_string();
         let token = || (self.ctx.issue_token)(&self.ns, &sa);
+        let fs_group = self.pod["spec"]["securityContext"]["fsGroup"]
+            .as_u64()
+            .and_then(|g| u32::try_from(g).ok());
         let mut vols = BTreeMap::new();
         for vol in self.pod["spec"]["volumes"].as_array().into_iter().flatten() {
             let name = vol["name"].as_str().unwrap_or("").to_string();
@@ -914,14 +1463,27 @@ impl PodRun {
                         let _ = fs::remove_dir_all(&dir);
                     }
                     write_files(&dir, &files).map_err(|e| format!("{e:#}"))?;
+                    if let Some(g) = fs_group {
+                        set_volume_ownership(&dir, g, true)
+                            .map_err(|e| format!("applying fsGroup {g}: {e}"))?;
+                    }
                     vols.insert(name, dir);
                 }
                 None => {
                     if let Some(p) = vol["hostPath"]["path"].as_str() {
                         vols.insert(name, PathBuf::from(p));
                     } else {
-                        // emptyDir and anything else: an empty directory.
-                        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                        // emptyDir and anything else: an empty directory,
+                        // world-writable as the kubelet makes it.
+                        fs::create_dir_all(&dir)
+                            .and_then(|()| {
+                                fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))
+                            })
+                            .map_err(|e| e.to_string())?;
+                        if let Some(g) = fs_group {
+                            set_volume_ownership(&dir, g, false)
+                                .map_err(|e| format!("applying fsGroup {g}: {e}"))?;
+                        }
                         vols.insert(name, dir);
                     }
                 }
@@ -993,12 +1555,22 @@ impl PodRun {
         let setup = self
             .child_setup(&c, &work_dir, &run_dir, &launch.files)
             .map_err(|e| config_err(format!("{e:#}")))?;
-        let log = fs::OpenOptions::new()
+        let raw_log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{cname}.log")))
             .map_err(|e| config_err(format!("opening the log: {e}")))?;
-        let err_log = log.try_clone().map_err(|e| config_err(e.to_string()))?;
+        let instance = self.ctrs[idx].starts;
+        let cri_dir = self.dir.join("logs").join(&cname);
+        let cri_log = fs::create_dir_all(&cri_dir)
+            .and_then(|()| fs::File::create(cri_dir.join(format!("{instance}.log"))))
+            .map_err(|e| config_err(format!("opening the log: {e}")))?;
+        // Like the kubelet's container GC: the previous instance's log stays
+        // (`--previous`), older ones go.
+        if let Some(old) = instance.checked_sub(2) {
+            let _ = fs::remove_file(cri_dir.join(format!("{old}.log")));
+            let _ = fs::remove_file(cri_dir.join(format!("{old}.done")));
+        }
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&launch.args)
             .env_clear()
@@ -1019,11 +1591,11 @@ impl PodRun {
                 cmd.env(k, v);
             }
         }
+        // The working dir is entered in the container's own mounts (`apply`).
         cmd.envs(&env)
-            .current_dir(c["workingDir"].as_str().unwrap_or("/"))
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(false);
         // SAFETY: `apply` only makes syscalls on data prepared beforehand.
         unsafe {
@@ -1035,7 +1607,12 @@ impl PodRun {
                 format!("starting {}: {e} (see {cname}.log)", program.display()),
             )
         })?;
+        if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
+            let done = cri_dir.join(format!("{instance}.done"));
+            tokio::spawn(copy_logs(out, err, raw_log, cri_log, done));
+        }
         let ctr = &mut self.ctrs[idx];
+        ctr.starts += 1;
         ctr.generation += 1;
         ctr.pid = child.id();
         ctr.state = CState::Running { started_at: now() };
@@ -1082,7 +1659,12 @@ impl PodRun {
             }
             fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        let mut binds = Vec::new();
+        // Binds whose target is on the machine's filesystem (not in the run
+        // dir): (src, target as the container sees it, readonly).
+        let mut outside: Vec<(PathBuf, PathBuf, bool)> = Vec::new();
+        let mut inside: Vec<BindOp> = Vec::new();
+        // Mount points missing on the machine: (path, is a directory).
+        let mut missing: Vec<(PathBuf, bool)> = Vec::new();
         // /etc/resolv.conf and /etc/hosts.
         let resolv = net::etc_netns_dir(&self.netns).join("resolv.conf");
         let hosts = self.dir.join("hosts");
@@ -1110,15 +1692,15 @@ impl PodRun {
                     fs::create_dir_all(parent)?;
                 }
                 fs::write(&dst, "")?;
-            } else if !dst.exists() {
-                continue;
+                inside.push(BindOp {
+                    src: cstr(&src)?,
+                    dst: cstr(&dst)?,
+                    recursive: false,
+                    readonly: false,
+                });
+            } else if dst.exists() {
+                outside.push((src, dst, false));
             }
-            binds.push(BindOp {
-                src: cstr(&src)?,
-                dst: cstr(&dst)?,
-                recursive: false,
-                readonly: false,
-            });
         }
         // The cluster's state dir stays visible at the same path (nginx
         // configs, the web root) once /run is replaced.
@@ -1126,7 +1708,7 @@ impl PodRun {
         let state_target = host_target(run_dir, &state.to_string_lossy());
         if state_target.starts_with(run_dir) {
             fs::create_dir_all(&state_target)?;
-            binds.push(BindOp {
+            inside.push(BindOp {
                 src: cstr(state)?,
                 dst: cstr(&state_target)?,
                 recursive: false,
@@ -1156,8 +1738,9 @@ impl PodRun {
             )?;
             set_tree_perms(&run_dir.join("secrets"))?;
         }
-        // Volume mounts: first those inside the run dir, then the others.
-        let mut mounts = Vec::new();
+        // Volume mounts: those in the run dir get their mount points there
+        // (the state dir); the others are never created on the machine.
+        let mut volume_binds = Vec::new();
         for m in c["volumeMounts"].as_array().into_iter().flatten() {
             let vname = m["name"].as_str().unwrap_or("");
             let mount_path = m["mountPath"].as_str().unwrap_or("");
@@ -1171,48 +1754,94 @@ impl PodRun {
                 Some(sp) => src.join(safe_rel(sp).with_context(|| format!("bad subPath {sp:?}"))?),
                 None => src.clone(),
             };
-            let dst = host_target(run_dir, mount_path);
-            if !dst.exists() {
-                if src.is_file() {
-                    if let Some(parent) = dst.parent() {
-                        fs::create_dir_all(parent)?;
+            let under_run = host_target(run_dir, mount_path).starts_with(run_dir);
+            let real = if under_run {
+                PathBuf::from(mount_path)
+            } else {
+                resolve_container_path(Path::new(mount_path))
+            };
+            let dst = host_target(run_dir, &real.to_string_lossy());
+            let readonly = m["readOnly"].as_bool() == Some(true);
+            if dst.starts_with(run_dir) {
+                if !dst.exists() {
+                    if src.is_file() {
+                        if let Some(parent) = dst.parent() {
+                            fs::create_dir_all(parent)?;
+                        }
+                        fs::write(&dst, "")?;
+                    } else {
+                        fs::create_dir_all(&dst)
+                            .with_context(|| format!("creating mount point {}", dst.display()))?;
                     }
-                    fs::write(&dst, "")?;
-                } else {
-                    fs::create_dir_all(&dst)
-                        .with_context(|| format!("creating mount point {}", dst.display()))?;
                 }
+                volume_binds.push((false, src, dst, readonly));
+            } else {
+                if !dst.exists() {
+                    missing.push((dst.clone(), !src.is_file()));
+                }
+                volume_binds.push((true, src, dst, readonly));
             }
-            mounts.push((
-                !dst.starts_with(run_dir),
-                BindOp {
+        }
+        // Shallower mount points first, so nested mounts land on top.
+        volume_binds.sort_by_key(|(out, _, dst, _)| (*out, dst.as_os_str().len()));
+        for (out, src, dst, readonly) in volume_binds {
+            if out {
+                outside.push((src, dst, readonly));
+            } else {
+                inside.push(BindOp {
                     src: cstr(&src)?,
                     dst: cstr(&dst)?,
                     recursive: false,
-                    readonly: m["readOnly"].as_bool() == Some(true),
-                },
-            ));
+                    readonly,
+                });
+            }
         }
-        // Shallower mount points first, so nested mounts land on top.
-        mounts.sort_by_key(|(outside, b)| (*outside, b.dst.as_bytes().len()));
-        binds.extend(mounts.into_iter().map(|(_, b)| b));
+        // A root of its own when a mount point is missing on the machine.
+        let new_root = if missing.is_empty() {
+            None
+        } else {
+            Some(new_root(work_dir, &missing)?)
+        };
+        let in_root = |p: &Path| -> PathBuf {
+            match &new_root {
+                Some((root, _)) => root.join(p.strip_prefix("/").unwrap_or(p)),
+                None => p.to_path_buf(),
+            }
+        };
+        let mut binds = inside;
+        for (src, dst, readonly) in outside {
+            binds.push(BindOp {
+                src: cstr(&src)?,
+                dst: cstr(&in_root(&dst))?,
+                recursive: false,
+                readonly,
+            });
+        }
         binds.push(BindOp {
             src: cstr(run_dir)?,
-            dst: cstr(Path::new("/run"))?,
+            dst: cstr(&in_root(Path::new("/run")))?,
             recursive: true,
             readonly: false,
         });
         let (uid, gid, no_new_privs, readonly_root) = security_context(&self.pod, c);
         let netns =
             fs::File::open(net::netns_path(&self.netns)).context("opening the pod's netns")?;
+        let ipc = match &self.ipc {
+            Some(f) => Some(f.try_clone().context("the pod's IPC namespace")?),
+            None => None,
+        };
         Ok(ChildSetup {
             netns,
+            ipc,
             hostname: CString::new(self.name.as_bytes()).context("pod name")?,
+            new_root: new_root.map(|(_, nr)| nr),
             binds,
             readonly_root,
+            workdir: CString::new(c["workingDir"].as_str().unwrap_or("/")).context("workingDir")?,
             no_new_privs,
             uid,
             gid,
+            groups: supplementary_groups(&self.pod),
         })
     }
 
@@ -1661,6 +2290,7 @@ async fn run_pod(
             next_probe: Instant::now(),
             ever_started: false,
             program: String::new(),
+            starts: 0,
         })
         .collect();
     let mut run = PodRun {
@@ -1682,10 +2312,13 @@ async fn run_pod(
         volumes_ready: false,
         volume_error: None,
         finished_phase: None,
+        ipc: None,
     };
+    // Admitted already (`Kubelet::ensure`).
+    let sysctls = admit_sysctls(&run.pod).unwrap_or_default();
     let setup = {
         let (ctx, netns, ns, dir) = (ctx.clone(), netns.clone(), run.ns.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<fs::File> {
             if dir.exists() {
                 fs::remove_dir_all(&dir)?;
             }
@@ -1695,7 +2328,9 @@ async fn run_pod(
                 net::kill_netns_processes(&netns);
                 net::delete_pod_net(&netns)?;
             }
-            net::create_pod_net(&ctx, &netns, ip, &ns)
+            net::create_pod_net(&ctx, &netns, ip, &ns)?;
+            // The sandbox's sysctls, before any container starts.
+            pod_namespaces(&netns, &sysctls)
         })
         .await
     };
@@ -1703,6 +2338,7 @@ async fn run_pod(
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("{e}")),
     };
+    let setup = setup.map(|ipc| run.ipc = Some(ipc));
     if let Err(e) = setup {
         tracing::error!(
             "kubelet: pod {}/{}: creating the sandbox: {e:#}",
@@ -1760,6 +2396,365 @@ async fn run_pod(
 }
 
 // ---------------------------------------------------------------------------
+// Logs
+
+/// The CRI logs of a container: `<state_dir>/pods/<ns>_<pod>/logs/<container>/`,
+/// one `<n>.log` per instance (`n` counts starts from 0), as a kubelet keeps
+/// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<restart>.log`.
+pub fn cri_log_dir(ctx: &ClusterCtx, ns: &str, pod: &str, container: &str) -> PathBuf {
+    pod_dir(ctx, ns, pod).join("logs").join(container)
+}
+
+/// A CRI entry is cut into partial (`P`) entries beyond this many bytes.
+const CRI_MAX_LINE: usize = 16 * 1024;
+
+/// One CRI log line.
+fn cri_line(stream: &str, partial: bool, content: &[u8]) -> Vec<u8> {
+    let ts = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
+    let mut out = Vec::with_capacity(content.len() + ts.len() + 12);
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.as_bytes());
+    out.extend_from_slice(if partial { b" P " } else { b" F " });
+    out.extend_from_slice(content);
+    out.push(b'\n');
+    out
+}
+
+/// Appends `data` of `stream` to `pending` and returns the CRI lines that
+/// are complete (and partial ones for overlong lines).
+fn cri_lines(stream: &str, pending: &mut Vec<u8>, data: &[u8]) -> Vec<u8> {
+    pending.extend_from_slice(data);
+    let mut out = Vec::new();
+    while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+        out.extend(cri_line(stream, false, &pending[..pos]));
+        pending.drain(..=pos);
+    }
+    while pending.len() >= CRI_MAX_LINE {
+        out.extend(cri_line(stream, true, &pending[..CRI_MAX_LINE]));
+        pending.drain(..CRI_MAX_LINE);
+    }
+    out
+}
+
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut Option<R>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match r {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies a container's stdout and stderr, as the runtime's shim does, to
+/// its raw log (`<container>.log`: every instance's bytes as written, for
+/// people and tests) and its CRI log (`logs/<container>/<n>.log`:
+/// `<RFC 3339 time> <stream> <F|P> <line>`, what `kubectl logs` reads).
+/// Writes `done` once both streams are closed.
+async fn copy_logs(
+    stdout: tokio::process::ChildStdout,
+    stderr: tokio::process::ChildStderr,
+    mut raw: fs::File,
+    mut cri: fs::File,
+    done: PathBuf,
+) {
+    use std::io::Write;
+    let (mut out, mut err) = (Some(stdout), Some(stderr));
+    let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
+    let mut pending = [Vec::new(), Vec::new()];
+    const STREAMS: [&str; 2] = ["stdout", "stderr"];
+    while out.is_some() || err.is_some() {
+        let (i, r) = tokio::select! {
+            r = read_some(&mut out, &mut out_buf) => (0, r),
+            r = read_some(&mut err, &mut err_buf) => (1, r),
+        };
+        match r {
+            Ok(n) if n > 0 => {
+                let data = if i == 0 { &out_buf[..n] } else { &err_buf[..n] };
+                let lines = cri_lines(STREAMS[i], &mut pending[i], data);
+                let _ = cri.write_all(&lines);
+                let _ = raw.write_all(data);
+            }
+            _ => {
+                if i == 0 {
+                    out = None;
+                } else {
+                    err = None;
+                }
+                if !pending[i].is_empty() {
+                    let _ = cri.write_all(&cri_line(STREAMS[i], false, &pending[i]));
+                    pending[i].clear();
+                }
+            }
+        }
+    }
+    let _ = fs::write(done, "");
+}
+
+/// One entry of a CRI log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CriEntry {
+    /// As written (RFC 3339 with nanoseconds).
+    ts: String,
+    time: Option<SystemTime>,
+    stream: String,
+    partial: bool,
+    content: Vec<u8>,
+}
+
+fn parse_cri_line(line: &[u8]) -> Option<CriEntry> {
+    let mut parts = line.splitn(4, |&b| b == b' ');
+    let ts = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    let stream = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    let tag = parts.next()?;
+    let content = parts.next().unwrap_or_default().to_vec();
+    Some(CriEntry {
+        time: humantime::parse_rfc3339(&ts).ok(),
+        ts,
+        stream,
+        partial: tag == b"P",
+        content,
+    })
+}
+
+/// Reads a CRI log as it grows: only complete lines come out.
+struct CriReader {
+    file: tokio::fs::File,
+    rest: Vec<u8>,
+}
+
+impl CriReader {
+    async fn next_entries(&mut self) -> std::io::Result<Vec<CriEntry>> {
+        let mut buf = Vec::new();
+        self.file.read_to_end(&mut buf).await?;
+        self.rest.extend_from_slice(&buf);
+        let Some(end) = self.rest.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let complete: Vec<u8> = self.rest.drain(..=end).collect();
+        Ok(complete
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(parse_cri_line)
+            .collect())
+    }
+}
+
+/// What `kubectl logs` prints for `entries`: `since` and `tail_lines`
+/// applied (tail counts whole lines), each entry's content with its
+/// newline, prefixed by its time with `timestamps`.
+fn render_log(entries: &[CriEntry], opts: &LogOptions) -> Vec<u8> {
+    let kept: Vec<&CriEntry> = entries
+        .iter()
+        .filter(|e| opts.since.is_none_or(|s| e.time.is_none_or(|t| t >= s)))
+        .collect();
+    let start = match opts.tail_lines {
+        None => 0,
+        Some(n) => {
+            // Index of the first entry of the last `n` whole lines.
+            let mut lines = 0u64;
+            let mut start = kept.len();
+            for (i, e) in kept.iter().enumerate().rev() {
+                if !e.partial {
+                    if lines == n {
+                        break;
+                    }
+                    lines += 1;
+                }
+                start = i;
+            }
+            if n == 0 { kept.len() } else { start }
+        }
+    };
+    render_entries(&kept[start..], opts.timestamps)
+}
+
+fn render_entries(entries: &[&CriEntry], timestamps: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        if timestamps {
+            out.extend_from_slice(e.ts.as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(&e.content);
+        if !e.partial {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// Which instance's log a request means, from the container's status (as
+/// the kubelet's `validateContainerLogStatus`): the latest instance, or
+/// the one before it with `previous`; else the kubelet's refusal.
+fn log_instance(
+    status: &Value,
+    pod: &str,
+    container: &str,
+    previous: bool,
+    latest: Option<u32>,
+) -> Result<u32, String> {
+    let state = &status["state"];
+    let last = &status["lastState"];
+    let waiting = state["waiting"].is_object();
+    let not_found =
+        || format!("previous terminated container \"{container}\" in pod \"{pod}\" not found");
+    if previous {
+        if !last["terminated"].is_object() {
+            return Err(not_found());
+        }
+        let latest = latest.ok_or_else(not_found)?;
+        // While a restart waits, the latest instance is the terminated one.
+        return if waiting {
+            Ok(latest)
+        } else {
+            latest.checked_sub(1).ok_or_else(not_found)
+        };
+    }
+    let ok = state["running"].is_object()
+        || state["terminated"].is_object()
+        || last["terminated"].is_object();
+    if ok && let Some(n) = latest {
+        return Ok(n);
+    }
+    if let Some(reason) = state["waiting"]["reason"].as_str() {
+        let why = match reason {
+            "ErrImagePull" => "image can't be pulled".to_string(),
+            "ImagePullBackOff" => "trying and failing to pull image".to_string(),
+            r => r.to_string(),
+        };
+        return Err(format!(
+            "container \"{container}\" in pod \"{pod}\" is waiting to start: {why}"
+        ));
+    }
+    Err(format!(
+        "container \"{container}\" in pod \"{pod}\" is waiting to start - no logs yet"
+    ))
+}
+
+/// The highest `<n>.log` in `dir`.
+fn latest_instance(dir: &Path) -> Option<u32> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+}
+
+/// How often a follow looks for more.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// The kubelet's log endpoint for the API server's `pods/{name}/log`:
+/// reads the container's CRI log; with `follow`, keeps sending what is
+/// appended until the instance's output is closed, a newer instance
+/// starts, the pod goes, or the client does.
+pub fn log_source(store: Arc<Store>, ctx: ClusterCtx) -> LogSource {
+    Arc::new(move |pod: Value, opts: LogOptions| {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        Box::pin(async move { serve_log(store, ctx, pod, opts).await })
+    })
+}
+
+async fn serve_log(
+    store: Arc<Store>,
+    ctx: ClusterCtx,
+    pod: Value,
+    opts: LogOptions,
+) -> Result<LogStream, ApiError> {
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let container = opts.container.clone();
+    let status = ["containerStatuses", "initContainerStatuses"]
+        .iter()
+        .flat_map(|k| pod["status"][k].as_array().into_iter().flatten())
+        .find(|s| s["name"].as_str() == Some(container.as_str()))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "container \"{container}\" in pod \"{name}\" is not available"
+            ))
+        })?;
+    let dir = cri_log_dir(&ctx, &ns, &name, &container);
+    let latest = latest_instance(&dir);
+    let n = log_instance(&status, &name, &container, opts.previous, latest)
+        .map_err(ApiError::bad_request)?;
+    let path = dir.join(format!("{n}.log"));
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError::bad_request(format!(
+            "container \"{container}\" in pod \"{name}\": reading its log: {e}"
+        ))
+    })?;
+    let mut reader = CriReader {
+        file,
+        rest: Vec::new(),
+    };
+    let first = reader.next_entries().await.map_err(|e| {
+        ApiError::new(
+            500,
+            "InternalError",
+            format!("reading {}: {e}", path.display()),
+        )
+    })?;
+    let head = render_log(&first, &opts);
+    let follow = opts.follow && Some(n) == latest;
+    if !follow {
+        return Ok(futures::stream::iter([Bytes::from(head)]).boxed());
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        if !head.is_empty() && tx.send(Bytes::from(head)).await.is_err() {
+            return;
+        }
+        let done = dir.join(format!("{n}.done"));
+        let newer = dir.join(format!("{}.log", n + 1));
+        let pods = must(PODS);
+        loop {
+            // Decide before reading, so whatever came before the end is sent.
+            let ended = done.exists()
+                || newer.exists()
+                || store
+                    .get(pods, &ns, &name)
+                    .map(|p| p["metadata"]["uid"].as_str() != Some(uid.as_str()))
+                    .unwrap_or(true);
+            let entries = match reader.next_entries().await {
+                Ok(e) => e,
+                Err(_) => return,
+            };
+            let kept: Vec<&CriEntry> = entries
+                .iter()
+                .filter(|e| opts.since.is_none_or(|s| e.time.is_none_or(|t| t >= s)))
+                .collect();
+            let chunk = render_entries(&kept, opts.timestamps);
+            if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                return;
+            }
+            if ended {
+                return;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+        }
+    });
+    Ok(
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
+            .boxed(),
+    )
+}
+
+// ---------------------------------------------------------------------------
 // The kubelet
 
 struct PodHandle {
@@ -1789,6 +2784,11 @@ impl Kubelet {
             pod["status"]["phase"].as_str(),
             Some("Succeeded" | "Failed")
         ) {
+            return;
+        }
+        // Admission, as the kubelet's sysctl handler does it.
+        if let Err(message) = admit_sysctls(pod) {
+            reject_pod(&self.store, pod, "SysctlForbidden", &message);
             return;
         }
         let ip = {
@@ -2078,6 +3078,343 @@ mod tests {
             "mc-demo-p-abcdef12"
         );
     }
+
+    #[test]
+    fn sysctls_are_admitted_like_the_kubelet() {
+        assert_eq!(
+            normalize_sysctl("net/ipv4/conf/eth0.100/forwarding"),
+            "net.ipv4.conf.eth0/100.forwarding"
+        );
+        assert_eq!(
+            normalize_sysctl("net.ipv4.ping_group_range"),
+            "net.ipv4.ping_group_range"
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eth0/100.forwarding"),
+            "/proc/sys/net/ipv4/conf/eth0.100/forwarding"
+        );
+        let pod = |sysctls: Value| json!({"spec": {"securityContext": {"sysctls": sysctls}}});
+        assert_eq!(
+            admit_sysctls(&pod(json!([
+                {"name": "net.ipv4.ping_group_range", "value": "0 2147483647"},
+                {"name": "net/ipv4/ip_unprivileged_port_start", "value": "1024"},
+                {"name": "kernel.shm_rmid_forced", "value": "1"},
+            ]))),
+            Ok(vec![
+                (
+                    "net.ipv4.ping_group_range".to_string(),
+                    "0 2147483647".to_string()
+                ),
+                (
+                    "net.ipv4.ip_unprivileged_port_start".to_string(),
+                    "1024".to_string()
+                ),
+                ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
+            ])
+        );
+        assert_eq!(admit_sysctls(&json!({"spec": {}})), Ok(vec![]));
+        assert_eq!(
+            admit_sysctls(&pod(json!([
+                {"name": "net.ipv4.ping_group_range", "value": "0 1"},
+                {"name": "net.core.somaxconn", "value": "1024"},
+            ]))),
+            Err("forbidden sysctl: \"net.core.somaxconn\" not allowlisted".to_string())
+        );
+        let mut host = pod(json!([{"name": "net.ipv4.tcp_syncookies", "value": "1"}]));
+        host["spec"]["hostNetwork"] = json!(true);
+        assert_eq!(
+            admit_sysctls(&host),
+            Err(
+                "forbidden sysctl: \"net.ipv4.tcp_syncookies\" not allowed with host net enabled"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn fs_group_and_supplemental_groups() {
+        let pod = json!({"spec": {"securityContext": {"fsGroup": 2000, "supplementalGroups": [3000, 2000]}}});
+        assert_eq!(supplementary_groups(&pod), vec![2000, 3000]);
+        assert!(supplementary_groups(&json!({"spec": {}})).is_empty());
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = dir.path().join("vol");
+        write_files(
+            &vol,
+            &[
+                ("key".into(), b"k".to_vec(), 0o400),
+                ("sub/other".into(), b"o".to_vec(), 0o640),
+            ],
+        )
+        .expect("files");
+        std::os::unix::fs::symlink("key", vol.join("link")).expect("symlink");
+        set_volume_ownership(&vol, 2000, true).expect("ownership");
+        use std::os::unix::fs::MetadataExt;
+        let m = |p: &str| fs::symlink_metadata(vol.join(p)).expect("meta");
+        assert_eq!((m("key").gid(), m("key").mode() & 0o7777), (2000, 0o440));
+        assert_eq!(
+            (m("sub/other").gid(), m("sub/other").mode() & 0o7777),
+            (2000, 0o640)
+        );
+        assert_eq!(m("sub").mode() & 0o7777, 0o2755);
+        assert_eq!(m("link").gid(), 2000);
+        assert_eq!(m("key").uid(), 0);
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).expect("mkdir");
+        fs::set_permissions(&empty, fs::Permissions::from_mode(0o777)).expect("chmod");
+        set_volume_ownership(&empty, 2000, false).expect("ownership");
+        assert_eq!(fs::metadata(&empty).expect("meta").mode() & 0o7777, 0o2777);
+    }
+
+    #[test]
+    fn root_plans_make_mount_points_away_from_the_machine() {
+        let mounts: Vec<PathBuf> = ["/proc", "/sys", "/sys/fs/cgroup", "/tmp", "/run/netns"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let existing = [
+            "/etc",
+            "/tmp",
+            "/opt",
+            "/proc",
+            "/sys",
+            "/sys/fs/cgroup",
+            "/run",
+            "/run/netns",
+        ];
+        let exists = |p: &Path| existing.iter().any(|e| Path::new(e) == p);
+        let plan = root_plan(
+            &mounts,
+            &[
+                (PathBuf::from("/etc/burrow"), true),
+                (PathBuf::from("/opt/a/b/c.conf"), false),
+                (PathBuf::from("/data"), true),
+            ],
+            &exists,
+        );
+        assert_eq!(
+            plan.stubs,
+            vec![
+                (PathBuf::from("/etc/burrow"), true),
+                (PathBuf::from("/opt/a"), true),
+                (PathBuf::from("/opt/a/b"), true),
+                (PathBuf::from("/opt/a/b/c.conf"), false),
+                (PathBuf::from("/data"), true),
+            ]
+        );
+        // Everything mounted is bound in whole; nothing is overlaid but `/`.
+        assert_eq!(
+            plan.mounts,
+            vec![
+                (PathBuf::from("/proc"), false),
+                (PathBuf::from("/sys"), false),
+                (PathBuf::from("/tmp"), false),
+                (PathBuf::from("/run/netns"), false),
+            ]
+        );
+        // A mount point inside another mount: that mount is overlaid (its
+        // children bound in), so the machine's /tmp is never written.
+        let plan = root_plan(&mounts, &[(PathBuf::from("/tmp/x/y"), true)], &exists);
+        assert_eq!(
+            plan.stubs,
+            vec![
+                (PathBuf::from("/tmp/x"), true),
+                (PathBuf::from("/tmp/x/y"), true)
+            ]
+        );
+        assert!(plan.mounts.contains(&(PathBuf::from("/tmp"), true)));
+        let plan = root_plan(
+            &mounts,
+            &[(PathBuf::from("/sys/fs/cgroup/z"), true)],
+            &exists,
+        );
+        assert!(plan.mounts.contains(&(PathBuf::from("/sys"), true)));
+        assert!(
+            plan.mounts
+                .contains(&(PathBuf::from("/sys/fs/cgroup"), true))
+        );
+        assert_eq!(
+            unescape_mount_path("/mnt/with\\040space\\011tab"),
+            PathBuf::from("/mnt/with space\ttab")
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let real = fs::canonicalize(tmp.path()).expect("canonical");
+        std::os::unix::fs::symlink(&real, real.join("link")).expect("symlink");
+        assert_eq!(
+            resolve_container_path(&real.join("link/missing/deeper")),
+            real.join("missing/deeper")
+        );
+    }
+
+    fn entry(ts: &str, stream: &str, partial: bool, content: &str) -> CriEntry {
+        CriEntry {
+            ts: ts.to_string(),
+            time: humantime::parse_rfc3339(ts).ok(),
+            stream: stream.to_string(),
+            partial,
+            content: content.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn cri_logs_are_written_and_served() {
+        let mut pending = Vec::new();
+        let out = cri_lines("stdout", &mut pending, b"one\ntwo\nthr");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let first = parse_cri_line(lines[0].as_bytes()).expect("parse");
+        assert_eq!((first.stream.as_str(), first.partial), ("stdout", false));
+        assert_eq!(first.content, b"one");
+        assert!(first.time.is_some(), "{}", lines[0]);
+        assert_eq!(pending, b"thr");
+        let long = vec![b'x'; CRI_MAX_LINE + 10];
+        let out = cri_lines("stderr", &mut pending, &long);
+        let e = parse_cri_line(out.strip_suffix(b"\n").expect("newline")).expect("parse");
+        assert!(e.partial && e.content.len() == CRI_MAX_LINE);
+        assert_eq!(pending.len(), 13);
+        assert_eq!(
+            parse_cri_line(b"2024-01-01T00:00:00.5Z stdout F ")
+                .expect("empty")
+                .content,
+            b""
+        );
+
+        let entries = vec![
+            entry("2024-01-01T00:00:01.000000001Z", "stdout", false, "a"),
+            entry("2024-01-01T00:00:02.000000001Z", "stderr", true, "b1-"),
+            entry("2024-01-01T00:00:02.500000001Z", "stderr", false, "b2"),
+            entry("2024-01-01T00:00:03.000000001Z", "stdout", false, "c"),
+        ];
+        let opts = |f: &dyn Fn(&mut LogOptions)| {
+            let mut o = LogOptions::default();
+            f(&mut o);
+            o
+        };
+        assert_eq!(render_log(&entries, &opts(&|_| {})), b"a\nb1-b2\nc\n");
+        assert_eq!(
+            render_log(&entries, &opts(&|o| o.tail_lines = Some(2))),
+            b"b1-b2\nc\n"
+        );
+        assert_eq!(
+            render_log(&entries, &opts(&|o| o.tail_lines = Some(0))),
+            b""
+        );
+        assert_eq!(
+            render_log(&entries, &opts(&|o| o.tail_lines = Some(9))),
+            b"a\nb1-b2\nc\n"
+        );
+        let since = humantime::parse_rfc3339("2024-01-01T00:00:02.2Z").expect("time");
+        assert_eq!(
+            render_log(&entries, &opts(&|o| o.since = Some(since))),
+            b"b2\nc\n"
+        );
+        assert_eq!(
+            render_log(&entries[3..], &opts(&|o| o.timestamps = true)),
+            b"2024-01-01T00:00:03.000000001Z c\n"
+        );
+    }
+
+    #[test]
+    fn log_instances_follow_the_container_status() {
+        let running = json!({"state": {"running": {}}, "lastState": {}});
+        assert_eq!(log_instance(&running, "p", "c", false, Some(0)), Ok(0));
+        assert_eq!(
+            log_instance(&running, "p", "c", true, Some(0)),
+            Err("previous terminated container \"c\" in pod \"p\" not found".to_string())
+        );
+        let restarted =
+            json!({"state": {"running": {}}, "lastState": {"terminated": {"exitCode": 3}}});
+        assert_eq!(log_instance(&restarted, "p", "c", false, Some(2)), Ok(2));
+        assert_eq!(log_instance(&restarted, "p", "c", true, Some(2)), Ok(1));
+        let backoff = json!({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                             "lastState": {"terminated": {"exitCode": 3}}});
+        assert_eq!(log_instance(&backoff, "p", "c", false, Some(2)), Ok(2));
+        assert_eq!(log_instance(&backoff, "p", "c", true, Some(2)), Ok(2));
+        let pulling = json!({"state": {"waiting": {"reason": "ErrImagePull"}}, "lastState": {}});
+        assert_eq!(
+            log_instance(&pulling, "bad", "x", false, None),
+            Err(
+                "container \"x\" in pod \"bad\" is waiting to start: image can't be pulled"
+                    .to_string()
+            )
+        );
+        let creating = json!({"state": {"waiting": {"reason": "ContainerCreating"}}});
+        assert_eq!(
+            log_instance(&creating, "p", "c", false, None),
+            Err("container \"c\" in pod \"p\" is waiting to start: ContainerCreating".to_string())
+        );
+    }
+
+    /// A follow ends when a newer instance starts, and its task goes when
+    /// the client does.
+    #[tokio::test]
+    async fn follows_end_with_the_instance_or_the_client() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ctx = ClusterCtx {
+            name: "unit".into(),
+            state_dir: tmp.path().to_path_buf(),
+            bin_dir: tmp.path().to_path_buf(),
+            ca_pem: String::new(),
+            issue_token: Arc::new(|_, _| String::new()),
+        };
+        let store = Arc::new(Store::new());
+        store
+            .create(
+                must("core/v1/namespaces"),
+                "",
+                json!({"metadata": {"name": "default"}}),
+            )
+            .expect("ns");
+        let pod = store
+            .create(
+                must(PODS),
+                "default",
+                json!({"metadata": {"name": "p"}, "spec": {"nodeName": NODE_NAME, "containers": [{"name": "c", "image": "x"}]},
+                       "status": {"containerStatuses": [{"name": "c", "state": {"running": {}}, "lastState": {}}]}}),
+            )
+            .expect("pod");
+        let dir = cri_log_dir(&ctx, "default", "p", "c");
+        fs::create_dir_all(&dir).expect("log dir");
+        fs::write(dir.join("0.log"), cri_line("stdout", false, b"first")).expect("log");
+        let source = log_source(store.clone(), ctx.clone());
+        let opts = LogOptions {
+            container: "c".into(),
+            follow: true,
+            ..LogOptions::default()
+        };
+        let mut stream = source(pod.clone(), opts.clone()).await.expect("stream");
+        assert_eq!(
+            stream.next().await.expect("head"),
+            Bytes::from_static(b"first\n")
+        );
+        let mut log = fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("0.log"))
+            .expect("open");
+        std::io::Write::write_all(&mut log, &cri_line("stderr", false, b"second")).expect("append");
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        assert_eq!(
+            next.expect("in time").expect("more"),
+            Bytes::from_static(b"second\n")
+        );
+        fs::write(dir.join("1.log"), "").expect("newer instance");
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        assert_eq!(end.expect("ends in time"), None);
+
+        // A client that goes away: the follow's task lets go of the store.
+        fs::remove_file(dir.join("1.log")).expect("rm");
+        let stream = source(pod, opts).await.expect("stream");
+        let held = Arc::strong_count(&store);
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&store) >= held {
+            assert!(Instant::now() < deadline, "the follow outlived its client");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Root-only: a node, a laptop, kubelet + kube-proxy + DNS on a bare store,
@@ -2289,8 +3626,23 @@ mod e2e {
             })
             .await;
             assert_eq!(f["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"], 2);
-            let log = fs::read_to_string(log_path(&ctx, "default", "crash", "c")).expect("log");
-            assert!(log.starts_with("out\nout\n"), "{log:?}");
+            // Output is copied from the containers' pipes as it comes: the
+            // raw log has every instance's, the CRI logs one each.
+            wait_for("two instances' output", 10, || {
+                let log = fs::read_to_string(log_path(&ctx, "default", "crash", "c")).ok()?;
+                log.starts_with("out\nout\n").then_some(())
+            })
+            .await;
+            let dir = cri_log_dir(&ctx, "default", "crash", "c");
+            // Two exits so far: instances 0 and 1 logged, a third may be
+            // waiting out its back-off.
+            let latest = latest_instance(&dir).expect("CRI logs");
+            assert!(latest >= 1, "{latest}");
+            let prev = fs::read_to_string(dir.join(format!("{}.log", latest - 1))).expect("previous");
+            assert!(prev.ends_with(" stdout F out\n"), "{prev:?}");
+            if let Some(older) = latest.checked_sub(2) {
+                assert!(!dir.join(format!("{older}.log")).exists(), "older instances are collected");
+            }
         });
         drop(rt);
     }

@@ -2,9 +2,13 @@
 //! NodePort → DNAT to ready endpoints with random spread; Services without
 //! ready endpoints → REJECT. Rewritten atomically (`iptables-restore
 //! --noflush`) within ~100 ms of any Service / EndpointSlice / Endpoints
-//! change, only when the rule text changed.
+//! change, only when the rule text changed. After each rewrite, the UDP
+//! conntrack entries that would keep a flow on a removed endpoint (or on a
+//! Service's earlier lack of one) are deleted, as kube-proxy does
+//! (`conntrack -D` in the node namespace): a UDP client that keeps sending
+//! reaches the new endpoints.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -231,6 +235,126 @@ pub fn rules_text(services: &[Value], slices: &[Value], endpoints: &[Value]) -> 
     )
 }
 
+/// A UDP Service port, as kube-proxy's conntrack cleanup sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UdpPort {
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// Every UDP Service port with its ready endpoints (IP, port).
+pub fn udp_endpoints(
+    services: &[Value],
+    slices: &[Value],
+    endpoints: &[Value],
+) -> BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>> {
+    let mut out = BTreeMap::new();
+    for svc in services {
+        let Some(ip) = cluster_ip(svc) else { continue };
+        let (ns, name) = (meta(svc, "namespace"), meta(svc, "name"));
+        for sp in service_ports(svc)
+            .into_iter()
+            .filter(|p| p.protocol == "UDP")
+        {
+            let ready = backends(ns, name, &sp.name, "UDP", slices, endpoints)
+                .into_iter()
+                .filter(|b| b.ready)
+                .map(|b| (b.ip, b.port))
+                .collect();
+            out.insert(
+                UdpPort {
+                    cluster_ip: ip,
+                    port: sp.port,
+                    node_port: sp.node_port,
+                },
+                ready,
+            );
+        }
+    }
+    out
+}
+
+/// The `conntrack` invocations (arguments) that clear UDP state made stale
+/// by going from `old` to `new` endpoints, as kube-proxy's cleanup does:
+/// flows DNAT'd to an endpoint that was removed (by ClusterIP and by
+/// NodePort), and flows to a Service port that had no endpoints before
+/// (they were rejected and must not stick to that).
+pub fn conntrack_cleanup(
+    old: &BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>,
+    new: &BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>,
+) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = Vec::new();
+    let mut push = |args: Vec<String>| {
+        if !out.contains(&args) {
+            out.push(args);
+        }
+    };
+    let none = BTreeSet::new();
+    for (svc, was) in old {
+        let now = new.get(svc).unwrap_or(&none);
+        for (ip, _) in was.difference(now) {
+            let ip = ip.to_string();
+            push(vec![
+                "-D".into(),
+                "-p".into(),
+                "udp".into(),
+                "--orig-dst".into(),
+                svc.cluster_ip.to_string(),
+                "--dst-nat".into(),
+                ip.clone(),
+            ]);
+            if let Some(np) = svc.node_port {
+                push(vec![
+                    "-D".into(),
+                    "-p".into(),
+                    "udp".into(),
+                    "--orig-port-dst".into(),
+                    np.to_string(),
+                    "--dst-nat".into(),
+                    ip,
+                ]);
+            }
+        }
+    }
+    for (svc, now) in new {
+        let had = old.get(svc).is_some_and(|w| !w.is_empty());
+        if !now.is_empty() && !had {
+            push(vec![
+                "-D".into(),
+                "-p".into(),
+                "udp".into(),
+                "--orig-dst".into(),
+                svc.cluster_ip.to_string(),
+                "--orig-port-dst".into(),
+                svc.port.to_string(),
+            ]);
+            if let Some(np) = svc.node_port {
+                push(vec![
+                    "-D".into(),
+                    "-p".into(),
+                    "udp".into(),
+                    "--orig-port-dst".into(),
+                    np.to_string(),
+                ]);
+            }
+        }
+    }
+    out
+}
+
+/// Runs `conntrack ARGS` in the node namespace; "0 flow entries have been
+/// deleted" is not an error.
+pub fn run_conntrack(node_netns: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut all = vec!["netns", "exec", node_netns, "conntrack"];
+    all.extend(args.iter().map(String::as_str));
+    match crate::net::run_cmd("ip", &all) {
+        Ok(_) => Ok(()),
+        Err(e) if format!("{e:#}").contains("0 flow entries") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Applies rule text in the node namespace.
 pub fn apply(node_netns: &str, text: &str) -> anyhow::Result<()> {
     crate::net::run_cmd_input(
@@ -241,11 +365,17 @@ pub fn apply(node_netns: &str, text: &str) -> anyhow::Result<()> {
     .map(|_| ())
 }
 
-fn current_rules(store: &Store) -> String {
+type UdpState = BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>;
+
+/// The rule text and the UDP endpoints it sends to.
+fn current_rules(store: &Store) -> (String, UdpState) {
     let (services, _) = store.list(must("core/v1/services"), None);
     let (slices, _) = store.list(must("discovery.k8s.io/v1/endpointslices"), None);
     let (endpoints, _) = store.list(must("core/v1/endpoints"), None);
-    rules_text(&services, &slices, &endpoints)
+    (
+        rules_text(&services, &slices, &endpoints),
+        udp_endpoints(&services, &slices, &endpoints),
+    )
 }
 
 fn relevant(key: &str) -> bool {
@@ -262,13 +392,31 @@ pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
         .watch(None)
         .map_err(|e| anyhow::anyhow!("watch: {e:?}"))?;
     let mut last = String::new();
+    // The UDP endpoints the applied rules send to.
+    let mut last_udp = UdpState::new();
     loop {
-        let text = current_rules(&store);
+        let (text, udp) = current_rules(&store);
         if text != last {
-            let node = node.clone();
-            let t = text.clone();
-            match tokio::task::spawn_blocking(move || apply(&node, &t)).await {
-                Ok(Ok(())) => last = text.clone(),
+            let (n, t) = (node.clone(), text.clone());
+            match tokio::task::spawn_blocking(move || apply(&n, &t)).await {
+                Ok(Ok(())) => {
+                    last = text.clone();
+                    // After the new rules are in: no new flow can pick the
+                    // old endpoints any more.
+                    let cleanup = conntrack_cleanup(&last_udp, &udp);
+                    last_udp = udp;
+                    if !cleanup.is_empty() {
+                        let n = node.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for args in cleanup {
+                                if let Err(e) = run_conntrack(&n, &args) {
+                                    tracing::warn!("kube-proxy: {e:#}");
+                                }
+                            }
+                        })
+                        .await;
+                    }
+                }
                 Ok(Err(e)) => tracing::error!("kube-proxy: {e:#}"),
                 Err(e) => tracing::error!("kube-proxy: {e}"),
             }
@@ -385,6 +533,90 @@ mod tests {
         assert!(!text.contains("data/db"));
         // Deterministic.
         assert_eq!(text, rules_text(&services, &[], &endpoints));
+    }
+
+    #[test]
+    fn udp_conntrack_is_cleared_for_removed_endpoints_and_new_services() {
+        let services = vec![
+            svc(
+                "default",
+                "udp-echo",
+                "10.96.0.31",
+                json!([{"name": "udp", "port": 9000, "protocol": "UDP", "nodePort": 30900}]),
+            ),
+            svc("default", "web", "10.96.0.40", json!([{"port": 80}])),
+        ];
+        let slice_with = |ips: &[&str]| {
+            let eps: Vec<Value> = ips
+                .iter()
+                .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+                .collect();
+            vec![slice(
+                "default",
+                "udp-echo",
+                json!([{"name": "udp", "port": 9000, "protocol": "UDP"}]),
+                json!(eps),
+            )]
+        };
+        let before = udp_endpoints(&services, &slice_with(&["10.244.0.5", "10.244.0.6"]), &[]);
+        assert_eq!(before.len(), 1, "TCP ports are not tracked: {before:?}");
+        let port = UdpPort {
+            cluster_ip: "10.96.0.31".parse().expect("ip"),
+            port: 9000,
+            node_port: Some(30900),
+        };
+        assert_eq!(before[&port].len(), 2);
+        let s = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        // One endpoint goes: its flows, by ClusterIP and by NodePort.
+        let after = udp_endpoints(&services, &slice_with(&["10.244.0.6"]), &[]);
+        assert_eq!(
+            conntrack_cleanup(&before, &after),
+            vec![
+                s(&[
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    "10.96.0.31",
+                    "--dst-nat",
+                    "10.244.0.5"
+                ]),
+                s(&[
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-port-dst",
+                    "30900",
+                    "--dst-nat",
+                    "10.244.0.5"
+                ]),
+            ]
+        );
+        // Nothing changed: nothing to clear.
+        assert!(conntrack_cleanup(&after, &after).is_empty());
+        // All gone, then a replacement: the old one's flows, then anything
+        // that stuck to the Service while it had none.
+        let empty = udp_endpoints(&services, &slice_with(&[]), &[]);
+        assert_eq!(conntrack_cleanup(&after, &empty).len(), 2);
+        let replaced = udp_endpoints(&services, &slice_with(&["10.244.0.9"]), &[]);
+        assert_eq!(
+            conntrack_cleanup(&empty, &replaced),
+            vec![
+                s(&[
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    "10.96.0.31",
+                    "--orig-port-dst",
+                    "9000"
+                ]),
+                s(&["-D", "-p", "udp", "--orig-port-dst", "30900"]),
+            ]
+        );
+        // Straight from one endpoint to another: the old one's flows.
+        assert_eq!(conntrack_cleanup(&after, &replaced).len(), 2);
+        assert_eq!(conntrack_cleanup(&UdpState::new(), &replaced).len(), 2);
     }
 
     #[test]

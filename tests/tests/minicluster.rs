@@ -3,8 +3,10 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::Cluster;
@@ -52,6 +54,12 @@ fn miniature_cluster_acceptance() {
     traffic_from_a_pod(&c);
     laptop_reaches_only_the_underlay(&c);
     kube_rs_client(&c);
+    kubectl_applies_a_list(&c);
+    kubectl_logs(&c);
+    pod_sysctls(&c);
+    volumes_leave_the_host_alone(&c);
+    fs_group_makes_secrets_readable(&c);
+    udp_flows_follow_a_replaced_endpoint(&c);
 }
 
 fn kubectl_reads_everything(c: &Cluster) {
@@ -535,4 +543,388 @@ fn kube_rs_client(c: &Cluster) {
         drop(stream);
         pf.abort();
     });
+}
+
+fn kubectl_applies_a_list(c: &Cluster) {
+    let list = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: listed-a, namespace: default}
+  data: {k: "1"}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: listed-b, namespace: default}
+  data: {k: "2"}
+"#;
+    let out = kubectl_apply(c, list);
+    assert!(
+        out.contains("configmap/listed-a created") && out.contains("configmap/listed-b created"),
+        "{out}"
+    );
+    let o = kubectl_input(
+        c,
+        &["apply", "-f", "-"],
+        &list.replace("k: \"1\"", "k: \"3\""),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("configmap/listed-a configured")
+            && stdout(&o).contains("configmap/listed-b unchanged"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let k = ok(kubectl(
+        c,
+        &["get", "cm", "listed-a", "-o", "jsonpath={.data.k}"],
+    ));
+    assert_eq!(k.trim(), "3");
+    let o = kubectl_input(c, &["delete", "-f", "-"], list);
+    assert!(
+        o.status.success() && stdout(&o).contains("listed-b"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+const LOG_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: logger, namespace: default}
+spec:
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "echo first-line; echo to-stderr >&2; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher, namespace: default}
+spec:
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "echo run-$(cat /proc/sys/kernel/random/uuid); sleep 1; exit 1"]
+"#;
+
+fn kubectl_logs(c: &Cluster) {
+    kubectl_apply(c, LOG_PODS);
+    wait_pod_ready(c, "default", "logger");
+    let all = logs_containing(c, &["logger"], "tick 3\n");
+    // stdout and stderr are separate pipes: their lines may interleave.
+    let at = |l: &str| all.find(l).unwrap_or(usize::MAX);
+    assert!(
+        at("first-line\n") < at("tick 1\n") && all.contains("to-stderr\n"),
+        "{all}"
+    );
+    let last = ok(kubectl(c, &["logs", "logger", "--tail=1"]));
+    assert!(
+        last.starts_with("tick ") && last.lines().count() == 1,
+        "{last:?}"
+    );
+    let stamped = ok(kubectl(c, &["logs", "logger", "--tail=1", "--timestamps"]));
+    let (ts, line) = stamped.split_once(' ').expect("timestamp and line");
+    assert!(
+        ts.len() > 20 && ts.ends_with('Z') && ts.contains('T') && line.starts_with("tick "),
+        "{stamped:?}"
+    );
+    let o = run(kubectl(c, &["logs", "logger", "--previous"]));
+    assert!(
+        stderr(&o).contains("previous terminated container \"c\" in pod \"logger\" not found"),
+        "{}",
+        stderr(&o)
+    );
+
+    // -f streams what is appended and ends when the pod is deleted.
+    let mut follow = kubectl(c, &["logs", "-f", "logger", "--tail=1"]);
+    follow.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = follow.spawn().expect("kubectl logs -f");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let mut out = child.stdout.take().expect("stdout");
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&text);
+            }
+        })
+    };
+    let ticks = |s: &str| s.lines().filter(|l| l.starts_with("tick ")).count();
+    eventually(Duration::from_secs(20), "kubectl logs -f to stream", || {
+        (ticks(&seen.lock().unwrap_or_else(|p| p.into_inner())) >= 5).then_some(())
+    });
+    ok(kubectl(c, &["delete", "pod", "logger", "--wait=false"]));
+    let status = eventually(Duration::from_secs(30), "kubectl logs -f to end", || {
+        child.try_wait().expect("try_wait")
+    });
+    let _ = reader.join();
+    assert!(status.success(), "kubectl logs -f: {status}");
+
+    // --previous once the crasher restarted.
+    eventually(Duration::from_secs(30), "crasher to restart", || {
+        let n = stdout(&run(kubectl(
+            c,
+            &[
+                "get",
+                "pod",
+                "crasher",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].restartCount}",
+            ],
+        )));
+        (n.trim().parse::<u32>().unwrap_or(0) >= 1).then_some(())
+    });
+    let prev = ok(kubectl(c, &["logs", "crasher", "--previous"]));
+    assert!(
+        prev.starts_with("run-") && prev.lines().count() == 1,
+        "{prev:?}"
+    );
+    ok(kubectl(c, &["delete", "pod", "crasher", "--wait=false"]));
+}
+
+fn pod_sysctls(c: &Cluster) {
+    // Non-root with no_new_privs: ping works only through an ICMP datagram
+    // socket, which ping_group_range allows.
+    let ping = "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_unprivileged_port_start; if ping -c 1 -W 2 10.244.0.1 >/dev/null 2>&1; then echo ping-ok; else echo ping-refused; fi; sleep infinity";
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: sysctl-ok, namespace: default}}
+spec:
+  securityContext:
+    runAsUser: 1000
+    sysctls:
+    - {{name: net.ipv4.ping_group_range, value: "0 2147483647"}}
+    - {{name: net.ipv4.ip_unprivileged_port_start, value: "1024"}}
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "{ping}"]
+    securityContext: {{allowPrivilegeEscalation: false}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sysctl-none, namespace: default}}
+spec:
+  securityContext:
+    runAsUser: 1000
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "{ping}"]
+    securityContext: {{allowPrivilegeEscalation: false}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sysctl-forbidden, namespace: default}}
+spec:
+  securityContext:
+    sysctls:
+    - {{name: net.core.somaxconn, value: "1024"}}
+  containers:
+  - {{name: c, image: busybox, command: ["sleep", "infinity"]}}
+"#
+    );
+    kubectl_apply(c, &yaml);
+    let out = logs_containing(c, &["sysctl-ok"], "ping-");
+    assert_eq!(out, "0\t2147483647\n1024\nping-ok\n");
+    let out = logs_containing(c, &["sysctl-none"], "ping-");
+    assert!(out.ends_with("ping-refused\n"), "{out}");
+    let rejected = eventually(Duration::from_secs(20), "sysctl-forbidden rejected", || {
+        let o = run(kubectl(
+            c,
+            &[
+                "get",
+                "pod",
+                "sysctl-forbidden",
+                "-o",
+                "jsonpath={.status.phase}|{.status.reason}|{.status.message}",
+            ],
+        ));
+        stdout(&o).starts_with("Failed|").then(|| stdout(&o))
+    });
+    assert_eq!(
+        rejected,
+        "Failed|SysctlForbidden|Pod was rejected: forbidden sysctl: \"net.core.somaxconn\" not allowlisted"
+    );
+    let described = ok(kubectl(c, &["describe", "pod", "sysctl-forbidden"]));
+    assert!(
+        described.contains("SysctlForbidden") && described.contains("kubelet"),
+        "{described}"
+    );
+    ok(kubectl(
+        c,
+        &[
+            "delete",
+            "pod",
+            "sysctl-ok",
+            "sysctl-none",
+            "sysctl-forbidden",
+            "--wait=false",
+        ],
+    ));
+}
+
+fn volumes_leave_the_host_alone(c: &Cluster) {
+    let name = c.name();
+    let etc = format!("/etc/mc-{name}-cfg");
+    let opt = format!("/opt/mc-{name}");
+    let top = format!("/mc-{name}-data");
+    let ro = format!("/etc/mc-{name}-written");
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: host-clean, namespace: default}}
+data: {{app.conf: "volume-content"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: host-clean, namespace: default}}
+spec:
+  volumes:
+  - {{name: cfg, configMap: {{name: host-clean}}}}
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "cat {etc}/app.conf {opt}/nested/app.conf {top}/app.conf; echo; if touch {ro} 2>/dev/null; then echo root-writable; else echo root-readonly; fi; sleep infinity"]
+    securityContext: {{readOnlyRootFilesystem: true}}
+    volumeMounts:
+    - {{name: cfg, mountPath: {etc}, readOnly: true}}
+    - {{name: cfg, mountPath: {opt}/nested/app.conf, subPath: app.conf}}
+    - {{name: cfg, mountPath: {top}}}
+"#
+    );
+    kubectl_apply(c, &yaml);
+    let out = logs_containing(c, &["host-clean"], "root-");
+    assert_eq!(
+        out,
+        "volume-contentvolume-contentvolume-content\nroot-readonly\n"
+    );
+    for p in [&etc, &opt, &top, &ro] {
+        assert!(
+            !Path::new(p).exists(),
+            "{p} exists on the machine while the pod runs"
+        );
+    }
+    ok(kubectl(
+        c,
+        &["delete", "pod", "host-clean", "--grace-period=1"],
+    ));
+    ok(kubectl(c, &["delete", "cm", "host-clean"]));
+    for p in [&etc, &opt, &top, &ro] {
+        assert!(
+            !Path::new(p).exists(),
+            "{p} left on the machine after the pod"
+        );
+    }
+}
+
+fn fs_group_makes_secrets_readable(c: &Cluster) {
+    let yaml = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: fsgroup-secret, namespace: default}
+stringData: {token: "readable-through-fsgroup"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fsgroup, namespace: default}
+spec:
+  securityContext: {runAsUser: 1000, fsGroup: 2000}
+  volumes:
+  - name: sec
+    secret: {secretName: fsgroup-secret, defaultMode: 288}  # 0440
+  containers:
+  - name: c
+    image: busybox
+    command: ["sh", "-c", "id -G; stat -L -c '%a %u:%g' /var/run/secrets/app/token; cat /var/run/secrets/app/token; echo; echo end; sleep infinity"]
+    volumeMounts:
+    - {name: sec, mountPath: /var/run/secrets/app, readOnly: true}
+"#;
+    kubectl_apply(c, yaml);
+    let out = logs_containing(c, &["fsgroup"], "end\n");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].split_whitespace().any(|g| g == "2000"),
+        "fsGroup is a supplementary group: {out}"
+    );
+    assert_eq!(lines[1], "440 0:2000", "{out}");
+    assert_eq!(lines[2], "readable-through-fsgroup", "{out}");
+    ok(kubectl(c, &["delete", "pod", "fsgroup", "--wait=false"]));
+    ok(kubectl(c, &["delete", "secret", "fsgroup-secret"]));
+}
+
+/// A UDP client that keeps sending from one source port reaches the
+/// replacement of a deleted udp-echo pod: kube-proxy clears the stale
+/// conntrack entry.
+fn udp_flows_follow_a_replaced_endpoint(c: &Cluster) {
+    use std::net::UdpSocket;
+    let cip = ok(kubectl(
+        c,
+        &["get", "svc", "udp-echo", "-o", "jsonpath={.spec.clusterIP}"],
+    ));
+    let cip = cip.trim().to_string();
+    let caller = c
+        .netns(&format!("pod/default/{}", pod_of(c, "default", "caller")))
+        .expect("caller netns");
+    let sock = burrow_tests::net::in_netns(&caller, || UdpSocket::bind("0.0.0.0:40123"))
+        .expect("entering the caller's netns")
+        .expect("binding 40123");
+    sock.connect(format!("{cip}:9000")).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut n = 0u32;
+    let mut ask = || -> bool {
+        n += 1;
+        let msg = format!("probe {n}\n");
+        if sock.send(msg.as_bytes()).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(len) if &buf[..len] == msg.as_bytes() => return true,
+                Ok(_) => continue, // a late answer to an earlier probe
+                Err(_) => return false,
+            }
+        }
+    };
+    eventually(Duration::from_secs(10), "udp-echo to answer", || {
+        ask().then_some(())
+    });
+    let old = pod_of(c, "default", "udp-echo");
+    let old_netns = c
+        .netns(&format!("pod/default/{old}"))
+        .expect("udp-echo netns");
+    ok(kubectl(c, &["delete", "pod", &old, "--wait=false"]));
+    // Keep the flow alive (same 5-tuple) until the old pod is gone for good.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new("/run/netns").join(&old_netns).exists() {
+        assert!(Instant::now() < deadline, "{old} never went away");
+        ask();
+    }
+    let start = Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "the same UDP flow to reach the replacement pod",
+        || ask().then_some(()),
+    );
+    eprintln!(
+        "udp flow reached the replacement {:?} after the old pod was gone",
+        start.elapsed()
+    );
+    let new = pod_of(c, "default", "udp-echo");
+    assert_ne!(new, old);
 }

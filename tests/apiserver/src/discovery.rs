@@ -172,6 +172,48 @@ fn storage_hash(rt: &ResourceType) -> String {
     base64::engine::general_purpose::STANDARD.encode(&fnv(&rt.key()).to_be_bytes()[..8])
 }
 
+/// The content type of `/openapi/v2` in gnostic's protobuf form. kubectl
+/// asks for `...spec.v2@v1.0+protobuf`; the real server answers with `.`
+/// for `@`, which Go's media-type parser accepts.
+pub const OPENAPI_V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// The OpenAPI v2 (Swagger) document, as JSON: no paths and no
+/// definitions. kubectl still reads v2 where v3 has no answer — the
+/// client-side validation of `kind: List` files (`kubectl apply -f` of a
+/// List) and the strategic-merge fallback of client-side apply — and treats
+/// a kind without a definition as "nothing to check, use the built-in
+/// types", which is what the v3 stubs say too.
+pub fn openapi_v2() -> Value {
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Kubernetes", "version": "v1.32.0"},
+        "paths": {},
+        "definitions": {},
+    })
+}
+
+/// [`openapi_v2`] in the protobuf encoding of gnostic's
+/// `openapi.v2.Document` (swagger = 1, info = 2 {title = 1, version = 2},
+/// paths = 8, definitions = 9), which is what client-go's
+/// `OpenAPISchema()` requests and decodes.
+pub fn openapi_v2_protobuf() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, data: &[u8]) {
+        // Length-delimited (wire type 2); every length here is < 128.
+        out.push((number << 3) | 2);
+        out.push(u8::try_from(data.len()).unwrap_or(0));
+        out.extend_from_slice(data);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"Kubernetes");
+    field(&mut info, 2, b"v1.32.0");
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0");
+    field(&mut doc, 2, &info);
+    field(&mut doc, 8, &[]);
+    field(&mut doc, 9, &[]);
+    doc
+}
+
 /// The OpenAPI v3 discovery root: one entry per group-version.
 pub fn openapi_v3_root() -> Value {
     let mut paths = BTreeMap::new();
@@ -347,4 +389,29 @@ pub fn openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
             "io.k8s.apimachinery.pkg.apis.meta.v1.Object": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
         }},
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_v2_protobuf_is_a_gnostic_document() {
+        let b = openapi_v2_protobuf();
+        // swagger (1) = "2.0", info (2) = {title, version}, paths (8),
+        // definitions (9), both empty.
+        let info: Vec<u8> = [&[0x0a, 10][..], b"Kubernetes", &[0x12, 7][..], b"v1.32.0"].concat();
+        let want: Vec<u8> = [
+            &[0x0a, 3][..],
+            b"2.0",
+            &[0x12, info.len() as u8][..],
+            &info,
+            &[0x42, 0, 0x4a, 0][..],
+        ]
+        .concat();
+        assert_eq!(b, want);
+        assert_eq!(openapi_v2()["swagger"], "2.0");
+        // Go's mime parser must accept the content type (no '@').
+        assert!(!OPENAPI_V2_PROTOBUF.contains('@'));
+    }
 }

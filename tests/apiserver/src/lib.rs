@@ -6,7 +6,8 @@
 //! resource table (`resources`: new kinds are data), and the REST layer that
 //! kubectl and kube-rs talk to over HTTPS (discovery, list/get/watch, create,
 //! replace, patch in all four types, delete, Status errors, selectors,
-//! authentication, RBAC, `pods/portforward` over WebSocket).
+//! authentication, RBAC, `pods/portforward` over WebSocket, `pods/log`
+//! streamed from the node's log source).
 //!
 //! Must never: run workloads or touch the network beyond its own listeners
 //! (the controllers in `burrow-tests` do that by watching the store), or
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod discovery;
 pub mod error;
 pub mod local;
+pub mod logs;
 pub mod patch;
 pub mod pki;
 pub mod portforward;

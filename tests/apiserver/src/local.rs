@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::admission;
 use crate::auth::{Authenticator, bootstrap_rbac};
+use crate::logs::LogSource;
 use crate::pki::{Pki, write_kubeconfig};
 use crate::resources::must;
 use crate::server::{Dialer, ServerConfig, direct_dialer, serve};
@@ -78,6 +79,17 @@ impl LocalServer {
 
     /// Starts a server on the given store and dialer.
     pub async fn start_with(dir: &Path, store: Arc<Store>, dialer: Dialer) -> anyhow::Result<Self> {
+        Self::start_with_logs(dir, store, dialer, None).await
+    }
+
+    /// Starts a server on the given store and dialer whose `pods/{name}/log`
+    /// answers from `logs` (a stand-in kubelet).
+    pub async fn start_with_logs(
+        dir: &Path,
+        store: Arc<Store>,
+        dialer: Dialer,
+        logs: Option<LogSource>,
+    ) -> anyhow::Result<Self> {
         bootstrap(&store).map_err(|e| anyhow::anyhow!("bootstrapping the store: {e}"))?;
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let pki = Pki::generate(dir, &[loopback], &[])?;
@@ -92,6 +104,7 @@ impl LocalServer {
             ca_pem: pki.ca_pem.clone(),
             listeners: vec![listener],
             dialer,
+            logs,
         };
         let task = tokio::spawn(serve(cfg));
         let url = format!("https://{addr}");

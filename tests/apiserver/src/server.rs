@@ -1,7 +1,7 @@
 //! The HTTPS REST layer: TLS with optional client certificates,
 //! authentication and RBAC, discovery, OpenAPI, list/get/watch, create,
-//! replace, patch (four types), delete, Tables, Status errors and
-//! `pods/portforward`.
+//! replace, patch (four types), delete, Tables, Status errors,
+//! `pods/portforward` and `pods/log` (streamed from the node's log source).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::admission::{self, WriteOptions};
 use crate::auth::{Attributes, Authenticator, UserInfo};
 use crate::error::ApiError;
+use crate::logs::{self, LogSource};
 use crate::patch::PatchType;
 use crate::resources::{self, ResourceType};
 use crate::selectors::{FieldSelector, LabelSelector};
@@ -48,6 +49,9 @@ pub struct ServerConfig {
     /// Already-bound listeners (possibly in other network namespaces).
     pub listeners: Vec<std::net::TcpListener>,
     pub dialer: Dialer,
+    /// The node's container logs (`pods/{name}/log`); `None`: no node
+    /// serves logs, log requests fail as with an unreachable kubelet.
+    pub logs: Option<LogSource>,
 }
 
 /// A dialer that connects from the current network namespace.
@@ -59,6 +63,7 @@ struct State {
     store: Arc<Store>,
     auth: Arc<Authenticator>,
     dialer: Dialer,
+    logs: Option<LogSource>,
 }
 
 /// Largest request body accepted.
@@ -102,6 +107,7 @@ pub async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         store: cfg.store,
         auth: cfg.auth,
         dialer: cfg.dialer,
+        logs: cfg.logs,
     });
     let mut tasks = Vec::new();
     for l in cfg.listeners {
@@ -335,6 +341,25 @@ async fn route(
             discovery::resource_list(g, v)
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path)
+        }
+        ["openapi", "v2"] => {
+            only_get()?;
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if accept.contains("protobuf") {
+                let mut r =
+                    Response::new(Full::new(Bytes::from(discovery::openapi_v2_protobuf())).boxed());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(discovery::OPENAPI_V2_PROTOBUF),
+                );
+                Ok(r)
+            } else {
+                Ok(json_response(StatusCode::OK, &discovery::openapi_v2()))
+            }
         }
         ["openapi", "v3"] => {
             only_get()?;
@@ -649,7 +674,7 @@ async fn resource_request(
         "get" => {
             let obj = store.get(rt, ns, name)?;
             match sub {
-                Some("log") => return Ok(text_response(StatusCode::OK, "")),
+                Some("log") => return pod_log(state, obj, &q).await,
                 Some("scale") => return Ok(json_response(StatusCode::OK, &scale_of(&obj))),
                 _ => {}
             }
@@ -877,6 +902,56 @@ async fn resource_request(
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// `GET pods/{name}/log`: validated here, streamed by the node.
+async fn pod_log(state: &Arc<State>, pod: Value, q: &Query) -> Result<Response<Body>, ApiError> {
+    let get = |k: &str| q.get(k).map(str::to_string);
+    let opts = logs::parse_options(&pod, &get)?;
+    let Some(source) = state.logs.clone() else {
+        return Err(ApiError::new(
+            500,
+            "InternalError",
+            format!(
+                "Get \"https://{}:10250/containerLogs/{}/{}/{}\": no kubelet serves container logs",
+                pod["spec"]["nodeName"].as_str().unwrap_or(""),
+                pod["metadata"]["namespace"].as_str().unwrap_or(""),
+                pod["metadata"]["name"].as_str().unwrap_or(""),
+                opts.container
+            ),
+        ));
+    };
+    let limit = opts.limit_bytes;
+    let mut stream = logs::limit_bytes(source(pod, opts).await?, limit);
+    // Through a channel (the body must be Sync); the stream is dropped as
+    // soon as the client goes away, which ends a follow on the node.
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                chunk = futures::StreamExt::next(&mut stream) => match chunk {
+                    Some(b) => {
+                        if tx.send(b).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(body).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(r)
 }
 
 /// Answers an access review or who-am-i.

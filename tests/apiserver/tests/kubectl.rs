@@ -525,3 +525,195 @@ async fn kubectl_against_the_stand_in() {
     k.ok(&["apply", "-f", "-"], Some(BOB_VIEW)).await;
     bob.ok(&["get", "pods"], None).await;
 }
+
+const LIST: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata:
+    name: listed-a
+  data:
+    a: "1"
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: listed-svc
+  spec:
+    ports:
+    - port: 80
+"#;
+
+/// Dropped with the log stream it rides along: tells the test the client
+/// went away.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `kind: List` files (kubectl validates them with OpenAPI v2) and
+/// `kubectl logs` against a stand-in node whose logs describe the options
+/// the API server passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_list_and_logs() {
+    use futures::StreamExt;
+    use minicluster_apiserver::logs::{LogOptions, LogSource, LogStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(bin) = kubectl_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = Arc::new(AtomicBool::new(false));
+    let flag = gone.clone();
+    let logs: LogSource = Arc::new(move |pod: serde_json::Value, o: LogOptions| {
+        let flag = flag.clone();
+        Box::pin(async move {
+            let head = format!(
+                "pod={} container={} follow={} previous={} timestamps={} tail={:?} since={}\n",
+                pod["metadata"]["name"].as_str().unwrap_or(""),
+                o.container,
+                o.follow,
+                o.previous,
+                o.timestamps,
+                o.tail_lines,
+                o.since.is_some(),
+            );
+            let head = futures::stream::iter([bytes::Bytes::from(head)]);
+            if !o.follow {
+                return Ok(head.boxed() as LogStream);
+            }
+            let guard = DropFlag(flag);
+            let ticks = futures::stream::unfold((0u32, guard), |(n, guard)| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Some((bytes::Bytes::from(format!("tick {n}\n")), (n + 1, guard)))
+            });
+            Ok(head.chain(ticks).boxed())
+        })
+    });
+    let server = LocalServer::start_with_logs(
+        dir.path(),
+        Arc::new(minicluster_apiserver::Store::new()),
+        minicluster_apiserver::server::direct_dialer(),
+        Some(logs),
+    )
+    .await
+    .expect("server");
+    seed(&server);
+    let k = Kubectl {
+        bin,
+        kubeconfig: server.kubeconfig.clone(),
+        cache: dir.path().join("cache"),
+    };
+
+    // A List is split by kubectl, each item validated against OpenAPI v2.
+    let out = k.ok(&["apply", "-f", "-"], Some(LIST)).await;
+    assert!(
+        out.contains("configmap/listed-a created") && out.contains("service/listed-svc created"),
+        "{out}"
+    );
+    let changed = LIST.replace("a: \"1\"", "a: \"2\"");
+    let run = k.run(&["apply", "-f", "-"], Some(&changed)).await;
+    let (out, err) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    assert!(run.status.success(), "{err}");
+    assert!(
+        out.contains("configmap/listed-a configured")
+            && out.contains("service/listed-svc unchanged"),
+        "{out}"
+    );
+    assert!(!err.contains("warning"), "re-applying a List warns: {err}");
+    let cm = server
+        .store
+        .get(must("core/v1/configmaps"), "default", "listed-a")
+        .expect("cm");
+    assert_eq!(cm["data"]["a"], "2");
+    let out = k.ok(&["delete", "-f", "-"], Some(LIST)).await;
+    assert!(out.contains("listed-svc"), "{out}");
+
+    // Logs: the options arrive; the container is defaulted.
+    let out = k.ok(&["logs", "web-1"], None).await;
+    assert_eq!(
+        out,
+        "pod=web-1 container=web follow=false previous=false timestamps=false tail=None since=false\n"
+    );
+    let out = k
+        .ok(
+            &[
+                "logs",
+                "web-1",
+                "-c",
+                "web",
+                "--tail=3",
+                "--timestamps",
+                "--since=10m",
+                "--previous",
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        out,
+        "pod=web-1 container=web follow=false previous=true timestamps=true tail=Some(3) since=true\n"
+    );
+    let out = k.ok(&["logs", "web-1", "--limit-bytes=9"], None).await;
+    assert_eq!(out, "pod=web-1");
+    let err = k.fails(&["logs", "web-1", "-c", "nope"], None).await;
+    // (kubectl checks this one itself; the server says the same.)
+    assert!(
+        err.contains("container nope is not valid for pod web-1"),
+        "{err}"
+    );
+    let err = k.fails(&["logs", "missing"], None).await;
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+
+    // Follow streams until the client goes; the node's stream is dropped.
+    let mut follow = tokio::process::Command::new(&k.bin)
+        .arg("--kubeconfig")
+        .arg(&k.kubeconfig)
+        .args(["logs", "-f", "web-1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl logs -f");
+    let mut stdout = follow.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let read_ticks = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("tick 3\n") {
+            let n = stdout.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "follow ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read_ticks)
+        .await
+        .expect("ticks in time");
+    assert!(String::from_utf8_lossy(&seen).starts_with("pod=web-1 container=web follow=true"));
+    assert!(!gone.load(Ordering::SeqCst), "dropped while following");
+    follow.kill().await.expect("kill kubectl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gone.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node's log stream outlived the client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -107,3 +107,73 @@ pub fn in_caller(c: &Cluster, args: &[&str]) -> Command {
     let caller = pod_of(c, "default", "caller");
     c.exec(&format!("pod/default/{caller}"), args)
 }
+
+/// `kubectl ARGS` with `input` on stdin; the output (success not checked).
+pub fn kubectl_input(c: &Cluster, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = kubectl(c, args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let shown = format!("{cmd:?}");
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .unwrap_or_else(|e| panic!("{shown}: writing stdin: {e}"));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{shown}: {e}"))
+}
+
+/// `kubectl apply -f -` of `yaml`, asserting success; stdout.
+pub fn kubectl_apply(c: &Cluster, yaml: &str) -> String {
+    let o = kubectl_input(c, &["apply", "-f", "-"], yaml);
+    assert!(
+        o.status.success(),
+        "kubectl apply failed ({}):\nstdout: {}\nstderr: {}\ninput:\n{yaml}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Waits until pod `ns/name` is Running and Ready.
+pub fn wait_pod_ready(c: &Cluster, ns: &str, name: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("pod {ns}/{name} ready"),
+        || {
+            let o = run(kubectl(
+                c,
+                &[
+                    "get",
+                    "pod",
+                    name,
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.phase} {.status.conditions[?(@.type==\"Ready\")].status}",
+                ],
+            ));
+            (stdout(&o).trim() == "Running True").then_some(())
+        },
+    );
+}
+
+/// `kubectl logs ARGS` once it prints something containing `want`.
+pub fn logs_containing(c: &Cluster, args: &[&str], want: &str) -> String {
+    let mut all = vec!["logs"];
+    all.extend_from_slice(args);
+    eventually(
+        Duration::from_secs(20),
+        &format!("kubectl logs {} to show {want:?}", args.join(" ")),
+        || {
+            let o = run(kubectl(c, &all));
+            let out = stdout(&o);
+            out.contains(want).then_some(out)
+        },
+    )
+}
