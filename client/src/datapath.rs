@@ -47,6 +47,21 @@ pub struct Counters {
     pub dropped: u64,
 }
 
+/// What the data path shares with whoever watches it (`burrow status`):
+/// refreshed with the timers, so at most [`TIMER_TICK`] old.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkStats {
+    /// When the first peer last completed a handshake.
+    pub last_handshake: Option<Instant>,
+    /// Bytes of WireGuard payload sent to / received from the first peer.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub counters: Counters,
+}
+
+/// [`LinkStats`], shared.
+pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
+
 /// The UDP socket and the output batch.
 struct Output {
     udp: UdpSocket,
@@ -100,6 +115,12 @@ pub struct Datapath {
     counters: Counters,
     /// Last handshake seen per peer, to log new ones.
     handshakes: Vec<(PeerId, Option<Instant>)>,
+    stats: Option<SharedStats>,
+    /// Set by the owner to restart every session (the peer's gateway was
+    /// replaced): the peers are re-added fresh, so the next packet starts a
+    /// handshake at once instead of after boringtun's timeouts.
+    reset: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    configs: Vec<PeerConfig>,
 }
 
 impl Datapath {
@@ -112,6 +133,7 @@ impl Datapath {
     ) -> Result<Self, PeerError> {
         let mut table = Peers::new_laptop(private_key);
         let mut handshakes = Vec::with_capacity(peers.len());
+        let configs = peers.clone();
         for p in peers {
             handshakes.push((table.add(p)?, None));
         }
@@ -131,7 +153,35 @@ impl Datapath {
             timer_buf: vec![0; slot],
             counters: Counters::default(),
             handshakes,
+            stats: None,
+            reset: None,
+            configs,
         })
+    }
+
+    /// Restart the sessions whenever `flag` is found set (then clear it).
+    pub fn with_reset(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.reset = Some(flag);
+        self
+    }
+
+    fn reset_sessions(&mut self) {
+        for (id, _) in self.handshakes.drain(..) {
+            self.peers.remove(id);
+        }
+        for config in &self.configs {
+            match self.peers.add(config.clone()) {
+                Ok(id) => self.handshakes.push((id, None)),
+                Err(e) => tracing::warn!("cannot re-add a peer: {e}"),
+            }
+        }
+        tracing::info!("sessions restarted");
+    }
+
+    /// Publish [`LinkStats`] into `stats` with every timer tick.
+    pub fn with_stats(mut self, stats: SharedStats) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Move packets until `shutdown` resolves; fails only if the TUN device
@@ -239,6 +289,13 @@ impl Datapath {
     }
 
     fn timers(&mut self) {
+        if self
+            .reset
+            .as_ref()
+            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::AcqRel))
+        {
+            self.reset_sessions();
+        }
         let Self {
             peers,
             out,
@@ -263,6 +320,19 @@ impl Datapath {
                     tracing::debug!(peer = %key, ?endpoint, "handshake completed");
                 }
             }
+        }
+        if let Some(stats) = &self.stats
+            && let Some(peer) = self
+                .handshakes
+                .first()
+                .and_then(|(id, _)| self.peers.get(*id))
+            && let Ok(mut s) = stats.lock()
+        {
+            let ps = peer.stats();
+            s.last_handshake = peer.last_handshake();
+            s.tx_bytes = ps.tx_bytes as u64;
+            s.rx_bytes = ps.rx_bytes as u64;
+            s.counters = self.counters;
         }
     }
 }

@@ -21,6 +21,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod connect;
+mod daemon;
 mod datapath;
 mod down;
 mod netlink;
@@ -79,6 +81,12 @@ impl LogFormat {
 enum Command {
     Up(up::UpArgs),
     Down(down::DownArgs),
+    Connect(connect::ConnectArgs),
+    Status(connect::StatusArgs),
+    Disconnect(connect::DisconnectArgs),
+    Daemon(connect::DaemonArgs),
+    Install(connect::InstallArgs),
+    Uninstall(connect::UninstallArgs),
 }
 
 fn init_logging(global: &Global) {
@@ -115,6 +123,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => up::run(args, &cli.global),
         Command::Down(args) => down::run(args, &cli.global),
+        Command::Connect(args) => connect::run_connect(args, &cli.global),
+        Command::Status(args) => connect::run_status(args, &cli.global),
+        Command::Disconnect(args) => connect::run_disconnect(args, &cli.global),
+        Command::Daemon(args) => connect::run_daemon(args, &cli.global),
+        Command::Install(args) => connect::run_install(args),
+        Command::Uninstall(args) => connect::run_uninstall(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -152,7 +152,7 @@ pub async fn find(cluster: &Cluster, namespace: &str) -> Result<Option<Installed
 pub async fn apply(
     cluster: &Cluster,
     opts: &InstallOptions,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(), DeployError> {
     let objects = render(opts)?;
     for obj in &objects {
@@ -239,7 +239,7 @@ pub async fn wait_ready(
     namespace: &str,
     version: &str,
     timeout: Duration,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<GatewayPod, DeployError> {
     let api: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace);
     let lp = ListParams::default().labels(SELECTOR);
@@ -338,12 +338,37 @@ pub async fn node_ports(
     Ok((wg, framed))
 }
 
+/// The nodes' addresses a laptop may reach a NodePort at: every node's
+/// ExternalIPs first, then its InternalIPs (deduplicated, in list order).
+pub async fn node_addresses(cluster: &Cluster) -> Result<Vec<std::net::IpAddr>, DeployError> {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client.clone());
+    let nodes = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| cluster.err(e, "list nodes"))?;
+    let mut out = Vec::new();
+    for kind in ["ExternalIP", "InternalIP"] {
+        for node in &nodes.items {
+            let addrs = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+            for a in addrs.into_iter().flatten() {
+                if a.type_ == kind
+                    && let Ok(ip) = a.address.parse()
+                    && !out.contains(&ip)
+                {
+                    out.push(ip);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Removes every object `apply` made, the namespace last, and waits until
 /// the namespace is gone. Missing objects are fine (idempotent).
 pub async fn uninstall(
     cluster: &Cluster,
     namespace: &str,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(), DeployError> {
     let opts = InstallOptions {
         namespace: namespace.to_string(),

@@ -1,0 +1,384 @@
+//! The CLI side of `connect`, `status`, `disconnect`, `daemon`, `install`
+//! and `uninstall`: starts the daemon when needed, sends it one request
+//! over its socket and prints the replies as they arrive.
+
+use std::io::IsTerminal as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use burrow_deploy::Target;
+use burrow_deploy::install::{self, DEFAULT_NAMESPACE, InstallOptions};
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+
+use crate::Global;
+use crate::daemon::{self, ConnectRequest, Reply, Request, Status, Transport, socket_path};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Which cluster: kubectl's flags.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: the current one).
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// Namespace you work in (default: the context's).
+    #[arg(short = 'n', long, value_name = "NS")]
+    namespace: Option<String>,
+    /// Namespace of the gateway.
+    #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
+    gateway_namespace: String,
+}
+
+impl ClusterArgs {
+    /// The kubeconfig to hand to the daemon, whose environment differs:
+    /// `--kubeconfig`, else the first existing file in KUBECONFIG, else
+    /// (None) the daemon's own default.
+    fn kubeconfig(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.kubeconfig {
+            return Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        }
+        let list = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty())?;
+        std::env::split_paths(&list)
+            .find(|p| p.exists())
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+/// Connect this machine to a cluster's network (starts the daemon).
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// How WireGuard reaches the gateway: direct UDP to its NodePort (or
+    /// --endpoint), through the API server (port-forward), or UDP when it
+    /// answers within 1.5 s, else port-forward.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
+    /// Reach the gateway's WireGuard UDP port at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Route this range into the cluster too.
+    #[arg(long, value_name = "CIDR")]
+    include: Vec<IpNet>,
+    /// Do not route this range into the cluster (e.g. it collides with a
+    /// network of this machine).
+    #[arg(long, value_name = "CIDR")]
+    exclude: Vec<IpNet>,
+    /// Refuse, rather than install the gateway, when it is missing.
+    #[arg(long)]
+    no_install: bool,
+    /// Keep the installed gateway even when its version differs.
+    #[arg(long)]
+    no_upgrade: bool,
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// Show the connection.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// Disconnect: unregister, remove the device and routes, stop the daemon.
+#[derive(Args, Debug)]
+pub struct DisconnectArgs {}
+
+/// Run the daemon in the foreground (for systemd).
+#[derive(Args, Debug)]
+pub struct DaemonArgs {}
+
+/// Install (or upgrade) the gateway in the cluster.
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Remove the gateway and everything burrow created in the cluster.
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn run_daemon(_args: DaemonArgs, global: &Global) -> anyhow::Result<()> {
+    crate::require_root("daemon", "it creates a TUN device and routes")?;
+    runtime()?.block_on(daemon::serve(global.run_dir.clone()))
+}
+
+pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
+    crate::require_root(
+        "connect",
+        "its daemon creates a TUN device and routes to the cluster",
+    )?;
+    let req = ConnectRequest {
+        kubeconfig: args.cluster.kubeconfig(),
+        context: args.cluster.context.clone(),
+        namespace: args.cluster.namespace.clone(),
+        gateway_namespace: args.cluster.gateway_namespace.clone(),
+        transport: args.transport,
+        endpoint: args.endpoint,
+        include: args.include,
+        exclude: args.exclude,
+        no_install: args.no_install,
+        no_upgrade: args.no_upgrade,
+    };
+    runtime()?.block_on(async {
+        let conn = ensure_daemon(global).await?;
+        let status = exchange(conn, &Request::Connect(req), args.output == Output::Text).await?;
+        if args.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        Ok(())
+    })
+}
+
+pub fn run_status(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let status = match UnixStream::connect(socket_path(&global.run_dir)).await {
+            Ok(conn) => exchange(conn, &Request::Status, false).await?,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                crate::require_root("status", "the daemon's socket is root-only")?;
+                return Err(e.into());
+            }
+            Err(_) => Status::default(),
+        };
+        match args.output {
+            Output::Json if !status.connected => println!(r#"{{"connected": false}}"#),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            Output::Text => print_status(&status),
+        }
+        Ok(())
+    })
+}
+
+pub fn run_disconnect(_args: DisconnectArgs, global: &Global) -> anyhow::Result<()> {
+    crate::require_root("disconnect", "it removes the TUN device and routes")?;
+    runtime()?.block_on(async {
+        let sock = socket_path(&global.run_dir);
+        match UnixStream::connect(&sock).await {
+            Ok(conn) => {
+                exchange(conn, &Request::Disconnect, true).await?;
+                // The daemon exits after answering: wait for its socket to go.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while sock.exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                println!("disconnected");
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&sock);
+                let nl = crate::netlink::Netlink::connect()?;
+                match daemon::cleanup_stale(&nl, &global.run_dir).await? {
+                    Some(note) => println!("{note}"),
+                    None => println!("not connected"),
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn run_install(args: InstallArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let cluster = args.cluster.target().resolve().await?;
+        cluster.check_reachable().await?;
+        let ns = &args.cluster.gateway_namespace;
+        match install::find(&cluster, ns).await? {
+            Some(f) if f.version == install::VERSION => {
+                println!(
+                    "the gateway {} is installed in {ns}; re-applying",
+                    f.version
+                )
+            }
+            Some(f) => println!(
+                "upgrading the gateway in {ns} from {} to {}",
+                f.version,
+                install::VERSION
+            ),
+            None => println!("installing the gateway {} in {ns}", install::VERSION),
+        }
+        let opts = InstallOptions {
+            namespace: ns.clone(),
+            ..Default::default()
+        };
+        install::apply(&cluster, &opts, &|s| println!("{s}")).await?;
+        let pod = install::wait_ready(
+            &cluster,
+            ns,
+            install::VERSION,
+            Duration::from_secs(120),
+            &|s| println!("{s}"),
+        )
+        .await?;
+        println!("the gateway is ready: pod {} ({})", pod.name, pod.ip);
+        Ok(())
+    })
+}
+
+pub fn run_uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let cluster = args.cluster.target().resolve().await?;
+        cluster.check_reachable().await?;
+        let ns = &args.cluster.gateway_namespace;
+        install::uninstall(&cluster, ns, &|s| println!("{s}")).await?;
+        println!("removed the gateway and namespace {ns}");
+        Ok(())
+    })
+}
+
+/// Connect to the daemon, starting it (detached, log in the run dir) if
+/// none answers.
+async fn ensure_daemon(global: &Global) -> anyhow::Result<UnixStream> {
+    let sock = socket_path(&global.run_dir);
+    if let Ok(c) = UnixStream::connect(&sock).await {
+        return Ok(c);
+    }
+    std::fs::create_dir_all(&global.run_dir)
+        .with_context(|| format!("cannot create {}", global.run_dir.display()))?;
+    let run_dir = std::fs::canonicalize(&global.run_dir)?;
+    let log_path = run_dir.join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the burrow executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("daemon")
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--log-format")
+        .arg(global.log_format.as_arg());
+    for _ in 0..global.verbose {
+        cmd.arg("-v");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the burrow daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(c) = UnixStream::connect(&sock).await {
+            return Ok(c);
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the burrow daemon exited ({status}); see {}",
+                log_path.display()
+            );
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the burrow daemon did not open {} within 10s; see {}",
+                sock.display(),
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Send one request; print progress (when `show`) until done.
+async fn exchange(conn: UnixStream, req: &Request, show: bool) -> anyhow::Result<Status> {
+    let (rd, mut wr) = conn.into_split();
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await?;
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    let tty = std::io::stdout().is_terminal();
+    while let Some(line) = lines.next_line().await? {
+        match serde_json::from_str::<Reply>(&line)? {
+            Reply::Progress { step } => {
+                if show {
+                    if tty {
+                        println!("• {step}");
+                    } else {
+                        println!("{step}");
+                    }
+                }
+            }
+            Reply::Done { status, .. } => return Ok(status.map(|s| *s).unwrap_or_default()),
+            Reply::Error { message } => anyhow::bail!("{message}"),
+        }
+    }
+    anyhow::bail!("the daemon closed the connection without an answer")
+}
+
+fn print_status(s: &Status) {
+    if !s.connected {
+        println!("not connected");
+        return;
+    }
+    let age = s
+        .handshake_age_secs
+        .map(|a| format!("{a:.0}s ago"))
+        .unwrap_or_else(|| "never".into());
+    println!("connected to {} (context {})", s.server, s.context);
+    println!("  namespace:      {}", s.namespace);
+    println!(
+        "  gateway:        {} in {} (pod {}, {})",
+        s.gateway_version, s.gateway_namespace, s.gateway_pod, s.gateway_pod_ip
+    );
+    println!(
+        "  transport:      {} to {} ({})",
+        s.transport, s.endpoint, s.transport_reason
+    );
+    println!("  device:         {} {}", s.device, s.tunnel_address);
+    println!("  routes:         {}", s.routes.join(", "));
+    println!(
+        "  cluster DNS:    {} ({}); {}",
+        s.dns_servers.join(", "),
+        s.cluster_domain,
+        s.dns
+    );
+    println!("  handshake:      {age}");
+    println!(
+        "  bytes:          {} sent, {} received",
+        s.tx_bytes, s.rx_bytes
+    );
+    println!("  reconnects:     {}", s.reconnects);
+    if let Some(e) = &s.last_reconnect_error {
+        println!("  last error:     {e}");
+    }
+}

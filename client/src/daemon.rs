@@ -1,0 +1,1210 @@
+//! The background daemon (`burrow daemon`): owns the TUN device, the routes
+//! and the tunnel to the cluster's gateway; the CLI (`connect`, `status`,
+//! `disconnect`) talks to it over a root-only unix socket in the run dir
+//! with newline-delimited JSON: one [`Request`] line, then [`Reply`] lines
+//! (progress steps, then one `done` or `error`).
+//!
+//! Connect: kubeconfig → API server → find / install / upgrade the gateway →
+//! wait for its pod → learn the ranges → register the laptop's key over a
+//! port-forward to the control port → TUN device and routes (refusing an
+//! overlap with a route that is not ours) → data path over UDP to a NodePort
+//! or over a port-forward (WireGuard datagrams length-framed) → probe
+//! through the tunnel. A supervisor then watches the gateway pod and, when
+//! it changes, re-registers (same key, previous address) and reopens the
+//! transport.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use burrow_deploy::install::{self, GatewayPod, InstallOptions};
+use burrow_deploy::{Cluster, Target, facts};
+use burrow_gateway::api::{CONTROL_PORT, FRAMED_PORT, RegisterRequest, Registration};
+use burrow_netstack::framing::{FrameDecoder, encode_frame};
+use burrow_netstack::wg::PeerConfig;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::datapath::{Datapath, LinkStats, SharedStats, bind_udp};
+use crate::netlink::{Netlink, find_conflict};
+use crate::state::{self, Paths, Previous, State};
+use crate::tun::{DEFAULT_IFNAME, Tun};
+
+/// The tunnel's MTU.
+const MTU: u16 = 1420;
+/// How long a direct UDP handshake may take before `auto` falls back.
+const UDP_HANDSHAKE: Duration = Duration::from_millis(1500);
+/// How long the probe through the tunnel may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the gateway pod.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the supervisor looks at the gateway pod.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// Re-registration (the gateway's heartbeat).
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// The daemon's socket in the run dir.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("daemon.sock")
+}
+
+/// Which way WireGuard reaches the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    Auto,
+    Udp,
+    PortForward,
+}
+
+/// What `burrow connect` asks for, resolved by the CLI (the daemon's
+/// environment differs from the user's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub namespace: Option<String>,
+    pub gateway_namespace: String,
+    pub transport: Transport,
+    pub endpoint: Option<String>,
+    pub include: Vec<IpNet>,
+    pub exclude: Vec<IpNet>,
+    pub no_install: bool,
+    pub no_upgrade: bool,
+}
+
+/// One request line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Connect(ConnectRequest),
+    Status,
+    Disconnect,
+}
+
+/// One reply line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Progress {
+        step: String,
+    },
+    Done {
+        message: String,
+        status: Option<Box<Status>>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// What `burrow status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Status {
+    pub connected: bool,
+    pub context: String,
+    pub server: String,
+    pub namespace: String,
+    pub gateway_namespace: String,
+    pub gateway_version: String,
+    pub gateway_pod: String,
+    pub gateway_pod_ip: String,
+    pub transport: String,
+    pub transport_reason: String,
+    pub endpoint: String,
+    pub device: String,
+    pub tunnel_address: String,
+    pub gateway_address: String,
+    pub routes: Vec<String>,
+    pub cluster_domain: String,
+    pub dns_servers: Vec<String>,
+    pub dns: String,
+    pub handshake_age_secs: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub reconnects: u64,
+    pub last_reconnect_error: Option<String>,
+}
+
+type Progress = mpsc::UnboundedSender<Reply>;
+
+fn step(tx: &Progress, s: impl Into<String>) {
+    let s = s.into();
+    tracing::info!("{s}");
+    let _ = tx.send(Reply::Progress { step: s });
+}
+
+/// A running connection.
+struct Session {
+    status: Arc<std::sync::Mutex<Status>>,
+    stats: SharedStats,
+    cluster: Cluster,
+    public_key: String,
+    /// Stops the data path and the supervisor.
+    stop: tokio::sync::watch::Sender<bool>,
+    datapath: tokio::task::JoinHandle<()>,
+    supervisor: tokio::task::JoinHandle<()>,
+    state: State,
+    paths: Paths,
+}
+
+struct Daemon {
+    run_dir: PathBuf,
+    session: Mutex<Option<Session>>,
+    quit: tokio::sync::Notify,
+}
+
+/// `burrow daemon`: serve the socket until a `disconnect` or a signal.
+pub async fn serve(run_dir: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let sock = socket_path(&run_dir);
+    if UnixStream::connect(&sock).await.is_ok() {
+        anyhow::bail!("a burrow daemon already listens on {}", sock.display());
+    }
+    let _ = std::fs::remove_file(&sock);
+    // Root-only from the start: created under a 0077 umask.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let listener = UnixListener::bind(&sock);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("cannot listen on {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %sock.display(), "burrow daemon listening");
+
+    // Leftovers of a killed predecessor.
+    let nl = Netlink::connect()?;
+    cleanup_stale(&nl, &run_dir).await?;
+
+    let daemon = Arc::new(Daemon {
+        run_dir: run_dir.clone(),
+        session: Mutex::new(None),
+        quit: tokio::sync::Notify::new(),
+    });
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (conn, _) = accepted.context("accept on the daemon socket")?;
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(d, conn).await {
+                        tracing::warn!("client connection: {e:#}");
+                    }
+                });
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: disconnecting"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: disconnecting"); break; }
+            () = daemon.quit.notified() => break,
+        }
+    }
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let result = disconnect(&daemon, &tx).await;
+    let _ = std::fs::remove_file(&sock);
+    result.map(drop)
+}
+
+/// Remove what a SIGKILLed daemon (or `burrow up`) left behind.
+pub async fn cleanup_stale(nl: &Netlink, run_dir: &Path) -> anyhow::Result<Option<String>> {
+    let paths = Paths::new(run_dir, DEFAULT_IFNAME);
+    Ok(match state::inspect(&paths)? {
+        Previous::Stale(st) => Some(state::clean_stale(nl, &st, &paths).await?),
+        Previous::Unreadable(why) => Some(state::clean_unreadable(&paths, &why)?),
+        Previous::None | Previous::Running(_) => None,
+    })
+}
+
+async fn handle(daemon: Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
+    let (rd, mut wr) = conn.into_split();
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
+    let request: Request = serde_json::from_str(&line).context("bad request")?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let d = daemon.clone();
+    let quit_after = matches!(request, Request::Disconnect);
+    let work = tokio::spawn(async move {
+        let result = match request {
+            Request::Connect(req) => connect(&d, req, &tx).await,
+            Request::Status => Ok(status(&d).await),
+            Request::Disconnect => disconnect(&d, &tx).await,
+        };
+        let reply = match result {
+            Ok(status) => Reply::Done {
+                message: String::new(),
+                status: Some(Box::new(status)),
+            },
+            Err(e) => Reply::Error {
+                message: format!("{e:#}"),
+            },
+        };
+        let _ = tx.send(reply);
+    });
+    while let Some(reply) = rx.recv().await {
+        let mut text = serde_json::to_string(&reply)?;
+        text.push('\n');
+        // The CLI may be gone (Ctrl-C): the work goes on regardless.
+        let _ = wr.write_all(text.as_bytes()).await;
+    }
+    let _ = work.await;
+    if quit_after {
+        daemon.quit.notify_one();
+    }
+    Ok(())
+}
+
+async fn status(d: &Daemon) -> Status {
+    let session = d.session.lock().await;
+    match &*session {
+        None => Status::default(),
+        Some(s) => snapshot(&s.status, &s.stats),
+    }
+}
+
+fn snapshot(status: &std::sync::Mutex<Status>, stats: &SharedStats) -> Status {
+    let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
+    let link: LinkStats = stats.lock().map(|s| *s).unwrap_or_default();
+    st.handshake_age_secs = link.last_handshake.map(|t| t.elapsed().as_secs_f64());
+    st.tx_bytes = link.tx_bytes;
+    st.rx_bytes = link.rx_bytes;
+    st
+}
+
+async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
+    let mut session = d.session.lock().await;
+    let Some(s) = session.take() else {
+        return Ok(Status::default());
+    };
+    step(tx, "unregistering from the gateway");
+    let pod = s
+        .status
+        .lock()
+        .map(|st| st.gateway_pod.clone())
+        .unwrap_or_default();
+    let ns = s
+        .status
+        .lock()
+        .map(|st| st.gateway_namespace.clone())
+        .unwrap_or_default();
+    let path = format!("/v1/peers/{}", b64url(&s.public_key));
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        control_call(&s.cluster, &ns, &pod, "DELETE", &path, None),
+    )
+    .await
+    {
+        Ok(Ok((code, _))) if code < 300 || code == 404 => {}
+        Ok(Ok((code, body))) => step(
+            tx,
+            format!(
+                "the gateway answered {code} to unregistering: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        ),
+        Ok(Err(e)) => step(
+            tx,
+            format!(
+                "could not unregister (the gateway forgets the laptop after its expiry): {e:#}"
+            ),
+        ),
+        Err(_) => step(
+            tx,
+            "could not unregister in 5s (the gateway forgets the laptop after its expiry)",
+        ),
+    }
+    step(tx, "removing the device and its routes");
+    let _ = s.stop.send(true);
+    s.supervisor.abort();
+    let _ = s.datapath.await;
+    let nl = Netlink::connect()?;
+    teardown(&nl, &s.state, &s.paths).await?;
+    Ok(Status::default())
+}
+
+async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<()> {
+    if let Some(index) = state.ifindex {
+        for net in &state.routes {
+            nl.del_route(index, *net).await?;
+        }
+        if nl.link_name(index).await?.as_deref() == Some(state.ifname.as_str()) {
+            nl.del_link(index).await?;
+        }
+    }
+    state::remove(paths)
+}
+
+/// The laptop's WireGuard key: `<run dir>/key` (0600), made once.
+fn load_key(run_dir: &Path) -> anyhow::Result<StaticSecret> {
+    let path = run_dir.join("key");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text.trim())
+        && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        return Ok(StaticSecret::from(arr));
+    }
+    let mut arr = [0u8; 32];
+    getrandom(&mut arr)?;
+    let text = base64::engine::general_purpose::STANDARD.encode(arr);
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(StaticSecret::from(arr))
+}
+
+fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .context("cannot read /dev/urandom")
+}
+
+fn b64url(standard: &str) -> String {
+    match base64::engine::general_purpose::STANDARD.decode(standard) {
+        Ok(b) => base64::engine::general_purpose::URL_SAFE.encode(b),
+        Err(_) => standard.to_owned(),
+    }
+}
+
+/// One HTTP/1.1 exchange over a byte stream; the answer has a
+/// Content-Length (or ends with the stream).
+async fn http<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: burrow-gateway\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("the gateway closed the connection without answering");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("the gateway's answer is not HTTP")?;
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let mut body = buf[header_end..].to_vec();
+    loop {
+        if length.is_some_and(|l| body.len() >= l) {
+            break;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if let Some(l) = length {
+        body.truncate(l);
+    }
+    Ok((code, body))
+}
+
+/// A control API call through a fresh port-forward to the gateway pod.
+async fn control_call(
+    cluster: &Cluster,
+    namespace: &str,
+    pod: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut fwd = burrow_deploy::portforward::open(cluster, namespace, pod, CONTROL_PORT).await?;
+    http(&mut fwd.stream, method, path, body).await
+}
+
+async fn register(
+    cluster: &Cluster,
+    pod: &GatewayPod,
+    public_key: &str,
+    previous: Option<IpAddr>,
+) -> anyhow::Result<Registration> {
+    let req = RegisterRequest {
+        public_key: public_key.to_owned(),
+        name: laptop_name(),
+        previous_address: previous,
+    };
+    let body = serde_json::to_vec(&req)?;
+    let (code, answer) = tokio::time::timeout(
+        Duration::from_secs(15),
+        control_call(
+            cluster,
+            &pod.namespace,
+            &pod.name,
+            "POST",
+            "/v1/peers",
+            Some(&body),
+        ),
+    )
+    .await
+    .context("registering with the gateway took more than 15s")??;
+    if code >= 300 {
+        anyhow::bail!(
+            "the gateway refused the registration ({code}): {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    serde_json::from_slice(&answer).context("the gateway's registration answer is not understood")
+}
+
+fn laptop_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "laptop".into());
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "root".into());
+    format!("{user}@{host}")
+}
+
+/// The routes: Service and pod ranges plus `--include`, the DNS server if
+/// not already covered, less anything `--exclude` overlaps.
+pub fn plan_routes(
+    service: &[IpNet],
+    pods: &[IpNet],
+    dns: &[IpAddr],
+    include: &[IpNet],
+    exclude: &[IpNet],
+) -> Vec<IpNet> {
+    let mut routes: Vec<IpNet> = Vec::new();
+    for net in service.iter().chain(pods).chain(include) {
+        let net = net.trunc();
+        if !routes.contains(&net) {
+            routes.push(net);
+        }
+    }
+    for ip in dns {
+        if !routes.iter().any(|r| r.contains(ip)) {
+            routes.push(IpNet::from(*ip));
+        }
+    }
+    for x in exclude {
+        routes = routes.into_iter().flat_map(|r| subtract(r, *x)).collect();
+    }
+    routes
+}
+
+/// `net` less `x`: `net` itself when they are disjoint, nothing when `x`
+/// covers it, else the halves of `net` less `x`, recursively.
+fn subtract(net: IpNet, x: IpNet) -> Vec<IpNet> {
+    if x.contains(&net) {
+        return Vec::new();
+    }
+    if !net.contains(&x) {
+        return vec![net];
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(halves) => halves.flat_map(|h| subtract(h, x)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// How the data path reaches the gateway.
+struct Chosen {
+    name: &'static str,
+    reason: String,
+    /// Where the data path sends WireGuard datagrams.
+    endpoint: SocketAddr,
+    /// For port-forward: the local relay's socket (the data path sends to
+    /// it).
+    relay: Option<UdpSocket>,
+}
+
+async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Result<Status> {
+    let mut session = d.session.lock().await;
+    if let Some(s) = &*session {
+        let st = snapshot(&s.status, &s.stats);
+        step(
+            tx,
+            format!(
+                "already connected to {} (context {}, {} transport, tunnel address {})",
+                st.server, st.context, st.transport, st.tunnel_address
+            ),
+        );
+        return Ok(st);
+    }
+    let started = Instant::now();
+    let nl = Netlink::connect()?;
+    if let Some(note) = cleanup_stale(&nl, &d.run_dir).await? {
+        step(tx, note);
+    }
+
+    step(tx, "resolving the kubeconfig");
+    let target = Target {
+        kubeconfig: req.kubeconfig.clone(),
+        context: req.context.clone(),
+        namespace: req.namespace.clone(),
+    };
+    let cluster = target.resolve().await?;
+    step(
+        tx,
+        format!(
+            "reaching the API server {} (context {})",
+            cluster.server, cluster.context
+        ),
+    );
+    let version = cluster.check_reachable().await?;
+    tracing::debug!(%version, "API server reachable");
+
+    let gns = req.gateway_namespace.clone();
+    step(tx, format!("finding the gateway in {gns}"));
+    let progress = |s: &str| step(tx, s);
+    match install::find(&cluster, &gns).await? {
+        None if req.no_install => anyhow::bail!(
+            "the gateway is not installed in {gns} and --no-install was given; \
+             install it with `burrow install` (or drop --no-install)"
+        ),
+        None => {
+            step(
+                tx,
+                format!("installing the gateway {} in {gns}", install::VERSION),
+            );
+            install::apply(&cluster, &install_options(&gns), &progress).await?;
+        }
+        Some(found) if found.version != install::VERSION => {
+            if req.no_upgrade {
+                step(
+                    tx,
+                    format!(
+                        "the gateway is version {}, this burrow is {}: keeping it (--no-upgrade)",
+                        found.version,
+                        install::VERSION
+                    ),
+                );
+            } else {
+                step(
+                    tx,
+                    format!(
+                        "upgrading the gateway from version {} to {} (keep it with --no-upgrade)",
+                        found.version,
+                        install::VERSION
+                    ),
+                );
+                install::apply(&cluster, &install_options(&gns), &progress).await?;
+            }
+        }
+        Some(found) => step(tx, format!("found the gateway {} in {gns}", found.version)),
+    }
+    let want_version = match install::find(&cluster, &gns).await? {
+        Some(f) => f.version,
+        None => install::VERSION.to_owned(),
+    };
+    step(tx, "waiting for the gateway pod");
+    let pod = install::wait_ready(&cluster, &gns, &want_version, READY_TIMEOUT, &progress).await?;
+    step(
+        tx,
+        format!("gateway pod {} is ready ({})", pod.name, pod.ip),
+    );
+
+    step(tx, "learning the cluster's ranges");
+    let ranges = facts::ranges(&cluster).await?;
+
+    let key = load_key(&d.run_dir)?;
+    let public_key =
+        base64::engine::general_purpose::STANDARD.encode(PublicKey::from(&key).as_bytes());
+    step(tx, "registering with the gateway");
+    let reg = register(&cluster, &pod, &public_key, None).await?;
+    let gateway_key = parse_key(&reg.info.public_key)?;
+
+    let routes = plan_routes(
+        &ranges.service,
+        &ranges.pods,
+        &reg.info.cluster.dns_servers,
+        &req.include,
+        &req.exclude,
+    );
+    let name = DEFAULT_IFNAME;
+    if nl.link_index(name).await?.is_some() {
+        anyhow::bail!(
+            "device {name} already exists (a `burrow up` running?); stop it with `sudo burrow down`"
+        );
+    }
+    let existing = nl.routes().await?;
+    if let Some((ours, theirs)) = find_conflict(&routes, &existing, None) {
+        anyhow::bail!(
+            "refusing to route {ours} into the cluster: it overlaps the existing route `{theirs}`; \
+             leave it out with `--exclude {}` (or remove that route)",
+            theirs.dst
+        );
+    }
+
+    let pod_ip: IpAddr = pod.ip.parse().context("the gateway pod has no valid IP")?;
+    step(tx, "opening the tunnel");
+    let chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
+    step(
+        tx,
+        format!("transport: {} ({})", chosen.name, chosen.reason),
+    );
+
+    let paths = Paths::new(&d.run_dir, name);
+    paths.ensure_dir()?;
+    let mut st = State::for_this_process(name, routes.clone(), d.run_dir.join("key"))?;
+    st.create(&paths)?;
+    let stats: SharedStats = Arc::default();
+    let reset: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let setup = async {
+        let tun = Tun::create(name)?;
+        let index = nl
+            .link_index(name)
+            .await?
+            .with_context(|| format!("device {name} vanished right after it was created"))?;
+        st.ifindex = Some(index);
+        st.update(&paths)?;
+        nl.set_up(index, name, MTU).await?;
+        nl.add_address(index, name, IpNet::from(reg.address))
+            .await?;
+        for net in &routes {
+            nl.add_route(index, name, *net).await?;
+        }
+        let udp = bind_udp(0).context("cannot bind a UDP port")?;
+        let peer = PeerConfig {
+            public_key: gateway_key,
+            allowed_ips: routes
+                .iter()
+                .copied()
+                .chain([IpNet::from(reg.gateway_address)])
+                .collect(),
+            endpoint: Some(chosen.endpoint),
+            preshared_key: None,
+            persistent_keepalive: Some(25),
+        };
+        let dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
+            .context("invalid gateway peer")?
+            .with_stats(stats.clone())
+            .with_reset(reset.clone());
+        anyhow::Ok(dp)
+    }
+    .await;
+    let dp = match setup {
+        Ok(dp) => dp,
+        Err(e) => {
+            let _ = teardown(&nl, &st, &paths).await;
+            return Err(e);
+        }
+    };
+    let mut stop_dp = stop_rx.clone();
+    let datapath = tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop_dp.wait_for(|s| *s).await;
+        };
+        match dp.run(stop).await {
+            Ok(c) => tracing::info!(counters = ?c, "data path stopped"),
+            Err(e) => tracing::error!("data path failed: {e}"),
+        }
+    });
+    let relay_stop = stop_rx.clone();
+    let relay = chosen
+        .relay
+        .map(|sock| Relay::start(sock, cluster.clone(), pod.clone(), relay_stop));
+
+    step(
+        tx,
+        format!("probing {pod_ip}:{CONTROL_PORT} through the tunnel"),
+    );
+    if let Err(e) = probe(pod_ip).await {
+        let _ = stop_tx.send(true);
+        let _ = datapath.await;
+        let _ = teardown(&nl, &st, &paths).await;
+        return Err(e.context(format!(
+            "the tunnel ({} transport) came up but nothing answered through it",
+            chosen.name
+        )));
+    }
+    st.ready = true;
+    st.update(&paths)?;
+
+    let status = Arc::new(std::sync::Mutex::new(Status {
+        connected: true,
+        context: cluster.context.clone(),
+        server: cluster.server.clone(),
+        namespace: cluster.namespace.clone(),
+        gateway_namespace: gns.clone(),
+        gateway_version: pod.version.clone(),
+        gateway_pod: pod.name.clone(),
+        gateway_pod_ip: pod.ip.clone(),
+        transport: chosen.name.to_owned(),
+        transport_reason: chosen.reason.clone(),
+        endpoint: chosen.endpoint.to_string(),
+        device: name.to_owned(),
+        tunnel_address: reg.address.to_string(),
+        gateway_address: reg.gateway_address.to_string(),
+        routes: routes.iter().map(ToString::to_string).collect(),
+        cluster_domain: reg.info.cluster.domain.clone(),
+        dns_servers: reg
+            .info
+            .cluster
+            .dns_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        dns: "not configured (cluster names are not resolved yet; IPs work)".into(),
+        ..Default::default()
+    }));
+    let supervisor = tokio::spawn(supervise(Supervisor {
+        cluster: cluster.clone(),
+        namespace: gns.clone(),
+        version: want_version,
+        public_key: public_key.clone(),
+        address: reg.address,
+        pod,
+        relay,
+        reset,
+        status: status.clone(),
+        stop: stop_rx,
+    }));
+    let done = snapshot(&status, &stats);
+    *session = Some(Session {
+        status,
+        stats,
+        cluster,
+        public_key,
+        stop: stop_tx,
+        datapath,
+        supervisor,
+        state: st,
+        paths,
+    });
+    step(
+        tx,
+        format!(
+            "connected in {:.1}s: tunnel address {}, {} transport",
+            started.elapsed().as_secs_f64(),
+            done.tunnel_address,
+            done.transport
+        ),
+    );
+    Ok(done)
+}
+
+fn install_options(namespace: &str) -> InstallOptions {
+    InstallOptions {
+        namespace: namespace.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn parse_key(b64: &str) -> anyhow::Result<PublicKey> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .context("the gateway's public key is not base64")?;
+    let arr = <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| anyhow::anyhow!("the gateway's public key is not 32 bytes"))?;
+    Ok(PublicKey::from(arr))
+}
+
+/// TCP connect to the gateway's control port through the tunnel.
+async fn probe(pod_ip: IpAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((pod_ip, CONTROL_PORT)),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if Instant::now() > deadline => {
+                return Err(anyhow::anyhow!("probe: {e}"));
+            }
+            Err(_) if Instant::now() > deadline => {
+                anyhow::bail!("probe: no answer in {}s", PROBE_TIMEOUT.as_secs())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn choose_transport(
+    req: &ConnectRequest,
+    cluster: &Cluster,
+    namespace: &str,
+    pod: &GatewayPod,
+    key: &StaticSecret,
+    gateway_key: PublicKey,
+    tx: &Progress,
+) -> anyhow::Result<Chosen> {
+    let mut why_not_udp = String::new();
+    if req.transport != Transport::PortForward {
+        match udp_endpoint(req, cluster, namespace).await {
+            Ok(endpoint) => {
+                step(tx, format!("trying UDP to {endpoint}"));
+                match udp_handshake(endpoint, key, gateway_key).await {
+                    Ok(()) => {
+                        return Ok(Chosen {
+                            name: "udp",
+                            reason: format!("the gateway answered a handshake at {endpoint}"),
+                            endpoint,
+                            relay: None,
+                        });
+                    }
+                    Err(e) => why_not_udp = format!("UDP to {endpoint}: {e:#}"),
+                }
+            }
+            Err(e) => why_not_udp = format!("no UDP endpoint: {e:#}"),
+        }
+        if req.transport == Transport::Udp {
+            anyhow::bail!("--transport udp: {why_not_udp}; try --transport port-forward");
+        }
+        step(tx, format!("{why_not_udp}; falling back to port-forward"));
+    }
+    let _ = pod;
+    let relay = UdpSocket::bind(("127.0.0.1", 0)).await?;
+    let endpoint = relay.local_addr()?;
+    let reason = if why_not_udp.is_empty() {
+        "asked for with --transport port-forward".to_owned()
+    } else {
+        why_not_udp
+    };
+    Ok(Chosen {
+        name: "port-forward",
+        reason,
+        endpoint,
+        relay: Some(relay),
+    })
+}
+
+async fn udp_endpoint(
+    req: &ConnectRequest,
+    cluster: &Cluster,
+    namespace: &str,
+) -> anyhow::Result<SocketAddr> {
+    if let Some(e) = &req.endpoint {
+        return tokio::net::lookup_host(e.as_str())
+            .await
+            .with_context(|| format!("cannot resolve --endpoint {e}"))?
+            .next()
+            .with_context(|| format!("--endpoint {e} has no address"));
+    }
+    let (wg, _) = install::node_ports(cluster, namespace).await?;
+    let port = wg.context("the gateway Service has no WireGuard NodePort")?;
+    let nodes = install::node_addresses(cluster).await?;
+    let ip = nodes
+        .first()
+        .copied()
+        .context("no node reports an address")?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// One WireGuard handshake with a throwaway session: does the gateway
+/// answer at `endpoint` within [`UDP_HANDSHAKE`]?
+async fn udp_handshake(
+    endpoint: SocketAddr,
+    key: &StaticSecret,
+    gateway_key: PublicKey,
+) -> anyhow::Result<()> {
+    use boringtun::noise::{Tunn, TunnResult};
+    let sock = UdpSocket::bind(if endpoint.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .await?;
+    sock.connect(endpoint).await?;
+    let mut tunn = Tunn::new(key.clone(), gateway_key, None, None, 1, None);
+    let mut out = vec![0u8; 2048];
+    let mut inb = vec![0u8; 2048];
+    let deadline = Instant::now() + UDP_HANDSHAKE;
+    // A NodePort just created may refuse (ICMP unreachable) or drop the
+    // first tries while kube-proxy catches up: resend every 250 ms within
+    // the window.
+    let mut last_error = String::from("no handshake answer");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!("{last_error} within {UDP_HANDSHAKE:?}");
+        }
+        if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(&mut out, true)
+            && let Err(e) = sock.send(d).await
+        {
+            last_error = e.to_string();
+        }
+        let wait = left.min(Duration::from_millis(250));
+        match tokio::time::timeout(wait, sock.recv(&mut inb)).await {
+            Err(_) => {}
+            Ok(Err(e)) => {
+                last_error = e.to_string();
+                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            }
+            Ok(Ok(n)) => match tunn.decapsulate(Some(endpoint.ip()), &inb[..n], &mut out) {
+                TunnResult::WriteToNetwork(_) | TunnResult::Done
+                    if tunn.time_since_last_handshake().is_some() =>
+                {
+                    return Ok(());
+                }
+                TunnResult::Err(e) => last_error = format!("handshake failed: {e:?}"),
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The port-forward transport: a loopback UDP socket the data path sends
+/// WireGuard datagrams to, relayed length-framed over a port-forward
+/// stream to the gateway pod's framed port, and back. Reopens the stream
+/// when it breaks or the pod changes.
+struct Relay {
+    pod: tokio::sync::watch::Sender<GatewayPod>,
+}
+
+impl Relay {
+    fn start(
+        sock: UdpSocket,
+        cluster: Cluster,
+        pod: GatewayPod,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
+        tokio::spawn(relay_loop(Arc::new(sock), cluster, pod_rx, stop));
+        Self { pod: pod_tx }
+    }
+}
+
+async fn relay_loop(
+    sock: Arc<UdpSocket>,
+    cluster: Cluster,
+    mut pod: tokio::sync::watch::Receiver<GatewayPod>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    loop {
+        let current = pod.borrow_and_update().clone();
+        let fwd = tokio::select! {
+            f = burrow_deploy::portforward::open(&cluster, &current.namespace, &current.name, FRAMED_PORT) => f,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let fwd = match fwd {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("port-forward to {}: {e}", current.name);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        tracing::info!(pod = %current.name, "port-forward transport open");
+        let (mut rd, mut wr) = tokio::io::split(fwd.stream);
+        let up = {
+            let sock = sock.clone();
+            let peer = peer.clone();
+            async move {
+                let mut buf = vec![0u8; 65536];
+                let mut framed = vec![0u8; 65536 + 2];
+                loop {
+                    let (n, from) = sock.recv_from(&mut buf).await?;
+                    if let Ok(mut p) = peer.lock() {
+                        *p = Some(from);
+                    }
+                    let Ok(len) = encode_frame(&buf[..n], &mut framed) else {
+                        continue;
+                    };
+                    wr.write_all(&framed[..len]).await?;
+                }
+                #[allow(unreachable_code)]
+                std::io::Result::Ok(())
+            }
+        };
+        let down = {
+            let sock = sock.clone();
+            let peer = peer.clone();
+            async move {
+                let mut buf = vec![0u8; 65536];
+                let mut decoder = FrameDecoder::new();
+                loop {
+                    let n = rd.read(&mut buf).await?;
+                    if n == 0 {
+                        return std::io::Result::Ok(());
+                    }
+                    let mut input = &buf[..n];
+                    let to = peer.lock().ok().and_then(|p| *p);
+                    while let Some(frame) = decoder
+                        .decode(&mut input)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                    {
+                        if let Some(to) = to {
+                            let _ = sock.send_to(frame, to).await;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            r = up => tracing::warn!("port-forward transport (send) ended: {r:?}"),
+            r = down => tracing::warn!("port-forward transport (receive) ended: {r:?}"),
+            _ = pod.changed() => tracing::info!("gateway pod changed: reopening the port-forward"),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+struct Supervisor {
+    cluster: Cluster,
+    namespace: String,
+    version: String,
+    public_key: String,
+    address: IpAddr,
+    pod: GatewayPod,
+    relay: Option<Relay>,
+    reset: Arc<std::sync::atomic::AtomicBool>,
+    status: Arc<std::sync::Mutex<Status>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The ready gateway pod right now, if any (one look, no waiting).
+async fn ready_pod(s: &Supervisor) -> anyhow::Result<Option<GatewayPod>> {
+    let found = tokio::time::timeout(
+        Duration::from_secs(3),
+        install::wait_ready(
+            &s.cluster,
+            &s.namespace,
+            &s.version,
+            Duration::from_millis(1),
+            &|_| {},
+        ),
+    )
+    .await;
+    Ok(match found {
+        Ok(Ok(pod)) => Some(pod),
+        _ => None,
+    })
+}
+
+/// Watches the gateway pod every [`WATCH_EVERY`]; when it is replaced,
+/// re-registers (same key, previous address) and points the transport at
+/// the new pod. Re-registers every [`HEARTBEAT`] too.
+async fn supervise(mut s: Supervisor) {
+    let mut last_register = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = s.stop.wait_for(|v| *v) => return,
+        }
+        let Ok(Some(pod)) = ready_pod(&s).await else {
+            continue;
+        };
+        let changed = pod.name != s.pod.name;
+        if !changed && last_register.elapsed() < HEARTBEAT {
+            continue;
+        }
+        if changed {
+            tracing::info!(old = %s.pod.name, new = %pod.name, "gateway pod changed: re-registering");
+        }
+        match register(&s.cluster, &pod, &s.public_key, Some(s.address)).await {
+            Ok(reg) => {
+                last_register = Instant::now();
+                if reg.address != s.address {
+                    tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");
+                }
+                if changed {
+                    if let Some(r) = &s.relay {
+                        let _ = r.pod.send(pod.clone());
+                    }
+                    s.reset.store(true, std::sync::atomic::Ordering::Release);
+                    if let Ok(mut st) = s.status.lock() {
+                        st.reconnects += 1;
+                        st.gateway_pod = pod.name.clone();
+                        st.gateway_pod_ip = pod.ip.clone();
+                        st.last_reconnect_error = None;
+                    }
+                    s.pod = pod;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("re-registering with {}: {e:#}", pod.name);
+                if let Ok(mut st) = s.status.lock() {
+                    st.last_reconnect_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_include_dns_and_honour_exclude() {
+        let svc: IpNet = "10.96.0.0/12".parse().expect("literal");
+        let pods: IpNet = "10.244.0.0/16".parse().expect("literal");
+        let dns: IpAddr = "10.96.0.10".parse().expect("literal");
+        let other_dns: IpAddr = "172.20.0.10".parse().expect("literal");
+        let r = plan_routes(&[svc], &[pods], &[dns, other_dns], &[], &[]);
+        assert_eq!(
+            r,
+            vec![svc, pods, "172.20.0.10/32".parse().expect("literal")]
+        );
+        let r = plan_routes(
+            &[svc],
+            &[pods],
+            &[dns],
+            &["10.0.0.0/24".parse().expect("literal")],
+            &[svc],
+        );
+        assert_eq!(r, vec![pods, "10.0.0.0/24".parse().expect("literal")]);
+        // A hole in the Service range: the rest stays routed.
+        let hole: IpNet = "10.100.0.0/16".parse().expect("literal");
+        let r = plan_routes(&[svc], &[], &[dns], &[], &[hole]);
+        assert!(!r.iter().any(|n| n.contains(&hole) || hole.contains(n)));
+        assert!(r.iter().any(|n| n.contains(&dns)));
+        assert!(
+            r.iter()
+                .any(|n| n.contains(&"10.111.0.1".parse::<IpAddr>().expect("literal")))
+        );
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn protocol_lines_round_trip() {
+        let line = serde_json::to_string(&Request::Status).expect("literal");
+        assert_eq!(line, r#"{"op":"status"}"#);
+        let r: Reply = serde_json::from_str(r#"{"kind":"progress","step":"x"}"#).expect("literal");
+        assert!(matches!(r, Reply::Progress { step } if step == "x"));
+    }
+}

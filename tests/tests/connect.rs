@@ -1,0 +1,423 @@
+//! Acceptance of `burrow connect` (issue 4): from a kubeconfig alone (no
+//! gateway installed) to a usable cluster network, in the laptop
+//! namespaces of one miniature cluster (two laptops). The real binaries:
+//! `burrow` (target/debug) and `burrow-gateway` (the gateway image).
+//!
+//! Every point runs even when an earlier one failed; the failures are
+//! listed at the end.
+
+mod common;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burrow_tests::cluster::Cluster;
+use common::*;
+
+struct Setup<'a> {
+    c: &'a Cluster,
+    burrow: PathBuf,
+    dir: tempfile::TempDir,
+    web_ip: String,
+    web_pod_ip: String,
+    redis_ip: String,
+    udp_echo_ip: String,
+}
+
+impl Setup<'_> {
+    fn laptop(&self, n: usize) -> String {
+        if n == 1 {
+            "laptop".into()
+        } else {
+            format!("laptop{n}")
+        }
+    }
+
+    fn run_dir(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("run{n}"))
+    }
+
+    fn on(&self, n: usize, args: &[&str]) -> Command {
+        self.c.exec(&self.laptop(n), args)
+    }
+
+    /// `burrow --run-dir <laptop's> ARGS` in laptop `n`.
+    fn burrow(&self, n: usize, args: &[&str]) -> Command {
+        let run_dir = self.run_dir(n);
+        let mut all = vec![
+            self.burrow.to_str().expect("utf-8 path"),
+            "--run-dir",
+            run_dir.to_str().expect("utf-8 path"),
+        ];
+        all.extend_from_slice(args);
+        self.on(n, &all)
+    }
+
+    fn kubeconfig(&self) -> String {
+        self.c.kubeconfig().display().to_string()
+    }
+
+    fn connect(&self, n: usize, extra: &[&str]) -> std::process::Output {
+        let kc = self.kubeconfig();
+        let mut args = vec!["connect", "--kubeconfig", &kc];
+        args.extend_from_slice(extra);
+        run(self.burrow(n, &args))
+    }
+
+    fn connect_ok(&self, n: usize, extra: &[&str]) -> String {
+        let o = self.connect(n, extra);
+        assert!(
+            o.status.success(),
+            "burrow connect {extra:?} in laptop {n} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            o.status,
+            stdout(&o),
+            stderr(&o),
+            self.daemon_log(n)
+        );
+        stdout(&o)
+    }
+
+    fn daemon_log(&self, n: usize) -> String {
+        burrow_tests::cluster::tail(&self.run_dir(n).join("daemon.log"), 40)
+    }
+
+    fn disconnect(&self, n: usize) {
+        ok(self.burrow(n, &["disconnect"]));
+    }
+
+    fn status_json(&self, n: usize) -> serde_json::Value {
+        let out = ok(self.burrow(n, &["status", "-o", "json"]));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
+    }
+
+    fn assert_traffic(&self, n: usize) {
+        for ip in [&self.web_ip, &self.web_pod_ip] {
+            let url = format!("http://{ip}/");
+            let o = run(self.on(n, &["curl", "-sS", "--max-time", "10", &url]));
+            assert!(
+                o.status.success() && stdout(&o).contains("Welcome to nginx"),
+                "curl {url} from laptop {n}: {} {}\ndaemon log:\n{}",
+                o.status,
+                stderr(&o),
+                self.daemon_log(n)
+            );
+        }
+        let pong = ok(self.on(n, &["redis-cli", "-h", &self.redis_ip, "ping"]));
+        assert_eq!(pong.trim(), "PONG", "redis-cli ping");
+        let script = format!(
+            "echo burrow-udp | timeout 10 socat -T3 - UDP:{}:9000",
+            self.udp_echo_ip
+        );
+        let echoed = ok(self.on(n, &["sh", "-c", &script]));
+        assert!(
+            echoed.contains("burrow-udp"),
+            "UDP echo answered {echoed:?}"
+        );
+    }
+
+    /// Nothing of burrow left in laptop `n`: no device, route, socket or
+    /// daemon.
+    fn assert_clean(&self, n: usize) {
+        let links = ok(self.on(n, &["ip", "-o", "link"]));
+        assert!(!links.contains("burrow0"), "device left: {links}");
+        let routes = ok(self.on(n, &["ip", "route"]));
+        assert!(
+            !routes.contains("burrow0") && !routes.contains("10.96.0.0/12"),
+            "routes left: {routes}"
+        );
+        assert!(
+            !self.run_dir(n).join("daemon.sock").exists(),
+            "daemon socket left"
+        );
+        let ns = self.c.netns(&self.laptop(n)).expect("netns");
+        let pids = ok({
+            let mut c = Command::new("ip");
+            c.args(["netns", "pids", &ns]);
+            c
+        });
+        for pid in pids.split_whitespace() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(
+                !(cmdline.contains("burrow") && cmdline.contains("daemon")),
+                "daemon still running: {pid} {cmdline}"
+            );
+        }
+    }
+}
+
+fn jsonpath(c: &Cluster, args: &[&str], path: &str) -> String {
+    let mut all = args.to_vec();
+    let jp = format!("jsonpath={path}");
+    all.extend_from_slice(&["-o", &jp]);
+    let out = ok(kubectl(c, &all));
+    assert!(!out.trim().is_empty(), "kubectl {all:?} printed nothing");
+    out.trim().to_string()
+}
+
+#[test]
+fn connect_acceptance() {
+    let Some(c) = cluster("cn", 2) else { return };
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_minicluster"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let s = Setup {
+        c: &c,
+        burrow: bin_dir.join("burrow"),
+        dir: tempfile::tempdir().expect("tempdir"),
+        web_ip: jsonpath(&c, &["get", "svc", "web"], "{.spec.clusterIP}"),
+        web_pod_ip: jsonpath(
+            &c,
+            &["get", "pods", "-l", "app=web"],
+            "{.items[0].status.podIP}",
+        ),
+        redis_ip: jsonpath(
+            &c,
+            &["get", "svc", "-n", "data", "redis"],
+            "{.spec.clusterIP}",
+        ),
+        udp_echo_ip: jsonpath(&c, &["get", "svc", "udp-echo"], "{.spec.clusterIP}"),
+    };
+    let mut failures = Vec::new();
+    let mut point = |name: &str, f: &dyn Fn()| {
+        let start = Instant::now();
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(()) => eprintln!("connect: point {name}: ok ({:?})", start.elapsed()),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("connect: point {name}: FAILED: {msg}");
+                failures.push(format!("{name}: {msg}"));
+            }
+        }
+    };
+
+    point("1 connect installs the gateway; traffic; status", &|| {
+        let out = s.connect_ok(1, &[]);
+        eprintln!("connect output:\n{out}");
+        assert!(out.contains("installing the gateway"), "{out}");
+        s.assert_traffic(1);
+        let st = s.status_json(1);
+        assert_eq!(st["connected"], true, "{st}");
+        assert!(st["transport"].is_string(), "{st}");
+        // 2a: the NodePort is reachable, so auto picks UDP.
+        assert_eq!(st["transport"], "udp", "{st}");
+        let again = s.connect_ok(1, &[]);
+        assert!(again.contains("already connected"), "{again}");
+    });
+
+    point("4a disconnect leaves nothing", &|| {
+        s.disconnect(1);
+        s.assert_clean(1);
+        let st = s.status_json(1);
+        assert_eq!(st["connected"], false, "{st}");
+    });
+
+    point("2b NodePort blocked: port-forward", &|| {
+        let port = jsonpath(
+            &c,
+            &["get", "svc", "-n", "burrow-system", "burrow-gateway"],
+            "{.spec.ports[?(@.name==\"wireguard\")].nodePort}",
+        );
+        let rule = [
+            "iptables", "-I", "INPUT", "-p", "udp", "--dport", &port, "-j", "DROP",
+        ];
+        ok(c.exec("node", &rule));
+        let rule2 = [
+            "iptables", "-I", "FORWARD", "-p", "udp", "--dport", "51820", "-j", "DROP",
+        ];
+        ok(c.exec("node", &rule2));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let out = s.connect_ok(1, &[]);
+            eprintln!("connect output:\n{out}");
+            let st = s.status_json(1);
+            assert_eq!(st["transport"], "port-forward", "{st}");
+            assert!(
+                st["transport_reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("UDP"),
+                "{st}"
+            );
+            s.assert_traffic(1);
+            s.disconnect(1);
+            s.assert_clean(1);
+        }));
+        let mut del = rule.to_vec();
+        del[1] = "-D";
+        let _ = run(c.exec("node", &del));
+        let mut del2 = rule2.to_vec();
+        del2[1] = "-D";
+        let _ = run(c.exec("node", &del2));
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    });
+
+    point("5 overlap refused, --exclude connects", &|| {
+        // A /24 of the Service range that holds none of the workloads.
+        let known = [
+            &s.web_ip,
+            &s.redis_ip,
+            &s.udp_echo_ip,
+            &"10.96.0.10".to_string(),
+        ];
+        let other = ["10.111.250", "10.108.3", "10.99.77", "10.104.12"]
+            .into_iter()
+            .find(|p| !known.iter().any(|ip| ip.starts_with(&format!("{p}."))))
+            .map(|p| format!("{p}.0/24"))
+            .expect("a free /24");
+        // Another VPN's route: a veth pair stands in for its device.
+        ok(s.on(
+            1,
+            &[
+                "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+            ],
+        ));
+        ok(s.on(1, &["ip", "link", "set", "other0", "up"]));
+        ok(s.on(1, &["ip", "link", "set", "other1", "up"]));
+        ok(s.on(1, &["ip", "route", "add", &other, "dev", "other0"]));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let o = s.connect(1, &[]);
+            assert!(!o.status.success(), "connect must refuse: {}", stdout(&o));
+            let err = stderr(&o);
+            assert!(err.contains(&other) && err.contains("--exclude"), "{err}");
+            s.assert_clean_device(1);
+            s.connect_ok(1, &["--exclude", &other]);
+            s.assert_traffic(1);
+            let routes = ok(s.on(1, &["ip", "route"]));
+            assert!(routes.contains(&format!("{other} dev other0")), "{routes}");
+        }));
+        let _ = run(s.on(1, &["ip", "link", "del", "other0"]));
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    });
+
+    point("6 two laptops", &|| {
+        if !s.run_dir(1).join("daemon.sock").exists() {
+            s.connect_ok(1, &[]);
+        }
+        s.connect_ok(2, &[]);
+        s.assert_traffic(1);
+        s.assert_traffic(2);
+        let a1 = s.status_json(1)["tunnel_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let a2 = s.status_json(2)["tunnel_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_ne!(a1, a2);
+        // Route the other laptop's address into the tunnel: the gateway
+        // must still not forward between peers.
+        let _ = run(s.on(
+            1,
+            &["ip", "route", "add", &format!("{a2}/32"), "dev", "burrow0"],
+        ));
+        let o = run(s.on(1, &["ping", "-c", "2", "-W", "2", &a2]));
+        assert!(!o.status.success(), "laptop 1 reached laptop 2 at {a2}");
+        let _ = run(s.on(1, &["ip", "route", "del", &format!("{a2}/32")]));
+    });
+
+    point(
+        "3 gateway pod replaced: traffic resumes without a command",
+        &|| {
+            if !s.run_dir(1).join("daemon.sock").exists() {
+                s.connect_ok(1, &[]);
+            }
+            // A download loop running across the replacement.
+            let script = format!(
+                "while :; do curl -s -m 2 -o /dev/null http://{}/1k && echo ok; sleep 0.1; done",
+                s.web_ip
+            );
+            let mut download = s
+                .on(1, &["sh", "-c", &script])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("download loop");
+            std::thread::sleep(Duration::from_millis(500));
+            let old = jsonpath(
+                &c,
+                &["get", "pods", "-n", "burrow-system"],
+                "{.items[0].metadata.name}",
+            );
+            ok(kubectl(
+                &c,
+                &["delete", "pod", "-n", "burrow-system", &old, "--wait=false"],
+            ));
+            // Wait for the replacement to be Ready, then time the recovery.
+            let ready = eventually(Duration::from_secs(60), "new gateway pod ready", || {
+                let o = run(kubectl(
+                    &c,
+                    &[
+                        "get",
+                        "pods",
+                        "-n",
+                        "burrow-system",
+                        "-o",
+                        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+                    ],
+                ));
+                stdout(&o)
+                    .lines()
+                    .any(|l| !l.starts_with(&old) && l.ends_with("True"))
+                    .then(Instant::now)
+            });
+            let url = format!("http://{}/", s.web_ip);
+            eventually(
+                Duration::from_secs(5),
+                "traffic through the new pod",
+                || {
+                    let o = run(s.on(1, &["curl", "-sS", "--max-time", "1", &url]));
+                    o.status.success().then_some(())
+                },
+            );
+            eprintln!(
+                "recovered {:?} after the new pod was ready",
+                ready.elapsed()
+            );
+            let st = s.status_json(1);
+            assert!(st["reconnects"].as_u64().unwrap_or(0) >= 1, "{st}");
+        },
+    );
+
+    point("4b disconnect all, uninstall leaves no object", &|| {
+        for n in [1, 2] {
+            if s.run_dir(n).join("daemon.sock").exists() {
+                s.disconnect(n);
+            }
+            s.assert_clean(n);
+        }
+        let kc = s.kubeconfig();
+        ok(s.burrow(1, &["uninstall", "--kubeconfig", &kc]));
+        let o = run(kubectl(&c, &["get", "namespace", "burrow-system"]));
+        assert!(!o.status.success(), "namespace burrow-system still there");
+        let o = ok(kubectl(
+            &c,
+            &["get", "all,secret,sa", "-n", "burrow-system", "-o", "name"],
+        ));
+        assert!(o.trim().is_empty(), "objects left: {o}");
+    });
+
+    assert!(
+        failures.is_empty(),
+        "failed points:\n{}",
+        failures.join("\n")
+    );
+}
+
+impl Setup<'_> {
+    /// No burrow device in laptop `n` (after a refusal).
+    fn assert_clean_device(&self, n: usize) {
+        let links = ok(self.on(n, &["ip", "-o", "link"]));
+        assert!(!links.contains("burrow0"), "device left: {links}");
+    }
+}
