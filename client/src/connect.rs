@@ -44,21 +44,32 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// The kubeconfig to hand to the daemon, whose environment differs:
-    /// `--kubeconfig`, else the first existing file in KUBECONFIG, else
-    /// (None) the daemon's own default.
+    /// `--kubeconfig`, else None (see `kubeconfig_list`).
     fn kubeconfig(&self) -> Option<PathBuf> {
-        if let Some(p) = &self.kubeconfig {
-            return Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        self.kubeconfig
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+    }
+
+    /// Without `--kubeconfig`: every file KUBECONFIG names, absolute, for
+    /// the daemon to merge as kubectl does (empty: the daemon's default).
+    fn kubeconfig_list(&self) -> Vec<PathBuf> {
+        if self.kubeconfig.is_some() {
+            return Vec::new();
         }
-        let list = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty())?;
+        let Some(list) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) else {
+            return Vec::new();
+        };
         std::env::split_paths(&list)
-            .find(|p| p.exists())
+            .filter(|p| !p.as_os_str().is_empty())
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+            .collect()
     }
 
     fn target(&self) -> Target {
         Target {
             kubeconfig: self.kubeconfig.clone(),
+            kubeconfig_list: Vec::new(),
             context: self.context.clone(),
             namespace: self.namespace.clone(),
         }
@@ -144,6 +155,7 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
     )?;
     let req = ConnectRequest {
         kubeconfig: args.cluster.kubeconfig(),
+        kubeconfig_list: args.cluster.kubeconfig_list(),
         context: args.cluster.context.clone(),
         namespace: args.cluster.namespace.clone(),
         gateway_namespace: args.cluster.gateway_namespace.clone(),

@@ -70,6 +70,10 @@ pub enum Transport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectRequest {
     pub kubeconfig: Option<PathBuf>,
+    /// The CLI's KUBECONFIG list (merged like kubectl does), when no
+    /// `--kubeconfig` was given.
+    #[serde(default)]
+    pub kubeconfig_list: Vec<PathBuf>,
     pub context: Option<String>,
     pub namespace: Option<String>,
     pub gateway_namespace: String,
@@ -573,6 +577,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     step(tx, "resolving the kubeconfig");
     let target = Target {
         kubeconfig: req.kubeconfig.clone(),
+        kubeconfig_list: req.kubeconfig_list.clone(),
         context: req.context.clone(),
         namespace: req.namespace.clone(),
     };

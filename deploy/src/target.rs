@@ -18,6 +18,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Default)]
 pub struct Target {
     pub kubeconfig: Option<PathBuf>,
+    /// Files to merge as `KUBECONFIG` lists them, when `kubeconfig` is not
+    /// given; empty: read `KUBECONFIG` from this process's environment.
+    /// (The daemon gets the CLI's list here, its own environment differs.)
+    pub kubeconfig_list: Vec<PathBuf>,
     pub context: Option<String>,
     pub namespace: Option<String>,
 }
@@ -120,10 +124,21 @@ impl Target {
         if let Some(path) = &self.kubeconfig {
             return read_file(path).map(|k| (k, path.display().to_string()));
         }
-        if let Some(list) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
-            let paths: Vec<PathBuf> = std::env::split_paths(&list)
-                .filter(|p| !p.as_os_str().is_empty())
-                .collect();
+        let from_env = || {
+            std::env::var_os("KUBECONFIG")
+                .filter(|v| !v.is_empty())
+                .map(|list| {
+                    std::env::split_paths(&list)
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .collect::<Vec<PathBuf>>()
+                })
+        };
+        let list = if self.kubeconfig_list.is_empty() {
+            from_env()
+        } else {
+            Some(self.kubeconfig_list.clone())
+        };
+        if let Some(paths) = list {
             let existing: Vec<&PathBuf> = paths.iter().filter(|p| p.exists()).collect();
             if existing.is_empty() {
                 return Err(DeployError::new(
@@ -297,18 +312,38 @@ users:
         let t = Target {
             kubeconfig: Some(path.clone()),
             context: Some("two".into()),
-            namespace: None,
+            ..Default::default()
         };
         assert_eq!(t.resolve().await.expect("resolve").namespace, "default");
 
         let t = Target {
             kubeconfig: Some(path),
             context: Some("three".into()),
-            namespace: None,
+            ..Default::default()
         };
         let e = t.resolve().await.expect_err("unknown context");
         assert!(e.reason.contains("context \"three\" is not in"), "{e}");
         assert!(e.hint.contains("one, two"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_list_of_files_is_merged_like_kubectl() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = write(dir.path());
+        let second = dir.path().join("second");
+        std::fs::write(
+            &second,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c2\n  cluster: {server: 'https://127.0.0.1:2'}\ncontexts:\n- name: other\n  context: {cluster: c2, user: u1}\n",
+        )
+        .expect("write");
+        let t = Target {
+            kubeconfig_list: vec![first, dir.path().join("missing"), second],
+            context: Some("other".into()),
+            ..Default::default()
+        };
+        let c = t.resolve().await.expect("resolve");
+        assert_eq!(c.server, "https://127.0.0.1:2");
+        assert!(c.source.ends_with("second"), "{}", c.source);
     }
 
     #[tokio::test]
