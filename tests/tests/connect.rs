@@ -384,6 +384,8 @@ fn connect_acceptance() {
                 "recovered {:?} after the new pod was ready",
                 ready.elapsed()
             );
+            let _ = download.kill();
+            let _ = download.wait();
             let st = s.status_json(1);
             assert!(st["reconnects"].as_u64().unwrap_or(0) >= 1, "{st}");
         },
