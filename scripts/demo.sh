@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is needed, brings the miniature cluster up, shows it, makes a
-# request from one pod to another Service by name, and tears it down.
+# request from one pod to another Service by name, connects the laptop
+# namespace with `burrow connect` and reaches a Service from it, and tears it
+# all down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +35,27 @@ if $MC exec --name demo laptop -- curl -sS --max-time 2 http://10.96.0.1 >/dev/n
     exit 1
 fi
 echo "10.96.0.1 unreachable from the laptop, as expected"
+
+# burrow's state goes in a temp dir so the demo never touches /run/burrow.
+RUN_DIR=$(mktemp -d /tmp/burrow-demo.XXXXXX)
+KUBECONFIG_LAPTOP=$($MC kubeconfig --name demo)
+lap() { $MC exec --name demo laptop -- env BURROW_RUN_DIR="$RUN_DIR" "$@"; }
+trap 'lap target/debug/burrow disconnect >/dev/null 2>&1 || true; $MC down --name demo >/dev/null 2>&1 || true; rm -rf "$RUN_DIR"' EXIT
+
+step "in the laptop: sudo burrow connect (installs the gateway, opens the tunnel)"
+lap target/debug/burrow connect --kubeconfig "$KUBECONFIG_LAPTOP"
+
+WEB=$(kubectl --kubeconfig "$KUBECONFIG_HOST" get svc web -o jsonpath='{.spec.clusterIP}')
+step "from the laptop: curl -I http://$WEB (the web Service's ClusterIP; names arrive with the DNS stub)"
+lap curl -sS --max-time 5 -I "http://$WEB/"
+
+step "burrow status"
+lap target/debug/burrow status
+
+step "burrow disconnect, burrow uninstall"
+lap target/debug/burrow disconnect
+lap target/debug/burrow uninstall --kubeconfig "$KUBECONFIG_LAPTOP"
+rm -rf "$RUN_DIR"
 
 step "tearing down"
 $MC down --name demo
