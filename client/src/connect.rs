@@ -2,7 +2,6 @@
 //! and `uninstall`: starts the daemon when needed, sends it one request
 //! over its socket and prints the replies as they arrive.
 
-use std::io::IsTerminal as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -18,6 +17,7 @@ use tokio::net::UnixStream;
 
 use crate::Global;
 use crate::daemon::{self, ConnectRequest, Reply, Request, Status, Transport, socket_path};
+use crate::progress::Steps;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
@@ -245,15 +245,28 @@ pub fn run_install(args: InstallArgs) -> anyhow::Result<()> {
             namespace: ns.clone(),
             ..Default::default()
         };
-        install::apply(&cluster, &opts, &|s| println!("{s}")).await?;
-        let pod = install::wait_ready(
-            &cluster,
-            ns,
-            install::VERSION,
-            Duration::from_secs(120),
-            &|s| println!("{s}"),
-        )
-        .await?;
+        let steps = std::sync::Mutex::new(Steps::new(false));
+        let progress = |s: &str| {
+            if let Ok(mut steps) = steps.lock() {
+                steps.step(s);
+            }
+        };
+        let ready = async {
+            install::apply(&cluster, &opts, &progress).await?;
+            install::wait_ready(
+                &cluster,
+                ns,
+                install::VERSION,
+                Duration::from_secs(120),
+                &progress,
+            )
+            .await
+        }
+        .await;
+        if let Ok(mut steps) = steps.lock() {
+            steps.finish(ready.is_ok());
+        }
+        let pod = ready?;
         println!("the gateway is ready: pod {} ({})", pod.name, pod.ip);
         Ok(())
     })
@@ -264,7 +277,17 @@ pub fn run_uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         let cluster = args.cluster.target().resolve().await?;
         cluster.check_reachable().await?;
         let ns = &args.cluster.gateway_namespace;
-        install::uninstall(&cluster, ns, &|s| println!("{s}")).await?;
+        let steps = std::sync::Mutex::new(Steps::new(false));
+        let done = install::uninstall(&cluster, ns, &|s| {
+            if let Ok(mut steps) = steps.lock() {
+                steps.step(s);
+            }
+        })
+        .await;
+        if let Ok(mut steps) = steps.lock() {
+            steps.finish(done.is_ok());
+        }
+        done?;
         println!("removed the gateway and namespace {ns}");
         Ok(())
     })
@@ -338,22 +361,21 @@ async fn exchange(conn: UnixStream, req: &Request, show: bool) -> anyhow::Result
     line.push('\n');
     wr.write_all(line.as_bytes()).await?;
     let mut lines = tokio::io::BufReader::new(rd).lines();
-    let tty = std::io::stdout().is_terminal();
+    let mut steps = Steps::new(!show);
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str::<Reply>(&line)? {
-            Reply::Progress { step } => {
-                if show {
-                    if tty {
-                        println!("• {step}");
-                    } else {
-                        println!("{step}");
-                    }
-                }
+            Reply::Progress { step } => steps.step(&step),
+            Reply::Done { status, .. } => {
+                steps.finish(true);
+                return Ok(status.map(|s| *s).unwrap_or_default());
             }
-            Reply::Done { status, .. } => return Ok(status.map(|s| *s).unwrap_or_default()),
-            Reply::Error { message } => anyhow::bail!("{message}"),
+            Reply::Error { message } => {
+                steps.finish(false);
+                anyhow::bail!("{message}")
+            }
         }
     }
+    steps.finish(false);
     anyhow::bail!("the daemon closed the connection without an answer")
 }
 

@@ -46,8 +46,6 @@ const UDP_HANDSHAKE: Duration = Duration::from_millis(1500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the gateway pod.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often the supervisor looks at the gateway pod.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// Re-registration (the gateway's heartbeat).
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -740,9 +738,17 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         }
     });
     let relay_stop = stop_rx.clone();
-    let relay = chosen
-        .relay
-        .map(|sock| Relay::start(sock, cluster.clone(), pod.clone(), relay_stop));
+    // Filled in once connected; the relay counts reopened streams into it.
+    let status: Arc<std::sync::Mutex<Status>> = Arc::default();
+    let relay = chosen.relay.map(|sock| {
+        Relay::start(
+            sock,
+            cluster.clone(),
+            pod.clone(),
+            status.clone(),
+            relay_stop,
+        )
+    });
 
     step(
         tx,
@@ -760,7 +766,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     st.ready = true;
     st.update(&paths)?;
 
-    let status = Arc::new(std::sync::Mutex::new(Status {
+    let filled = Status {
         connected: true,
         context: cluster.context.clone(),
         server: cluster.server.clone(),
@@ -786,7 +792,14 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
             .collect(),
         dns: "not configured (cluster names are not resolved yet; IPs work)".into(),
         ..Default::default()
-    }));
+    };
+    if let Ok(mut st) = status.lock() {
+        let reconnects = st.reconnects;
+        let error = st.last_reconnect_error.take();
+        *st = filled;
+        st.reconnects = reconnects;
+        st.last_reconnect_error = error;
+    }
     let supervisor = tokio::spawn(supervise(Supervisor {
         cluster: cluster.clone(),
         namespace: gns.clone(),
@@ -998,10 +1011,11 @@ impl Relay {
         sock: UdpSocket,
         cluster: Cluster,
         pod: GatewayPod,
+        status: Arc<std::sync::Mutex<Status>>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
-        tokio::spawn(relay_loop(Arc::new(sock), cluster, pod_rx, stop));
+        tokio::spawn(relay_loop(Arc::new(sock), cluster, pod_rx, status, stop));
         Self { pod: pod_tx }
     }
 }
@@ -1010,9 +1024,13 @@ async fn relay_loop(
     sock: Arc<UdpSocket>,
     cluster: Cluster,
     mut pod: tokio::sync::watch::Receiver<GatewayPod>,
+    status: Arc<std::sync::Mutex<Status>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    // A stream that broke (not one closed for a pod change) is reopened
+    // and counted as a reconnect.
+    let mut broken: Option<String> = None;
     loop {
         let current = pod.borrow_and_update().clone();
         let fwd = tokio::select! {
@@ -1030,6 +1048,12 @@ async fn relay_loop(
             }
         };
         tracing::info!(pod = %current.name, "port-forward transport open");
+        if let Some(reason) = broken.take()
+            && let Ok(mut st) = status.lock()
+        {
+            st.reconnects += 1;
+            st.last_reconnect_error = Some(format!("port-forward stream reopened after: {reason}"));
+        }
         let (mut rd, mut wr) = tokio::io::split(fwd.stream);
         let up = {
             let sock = sock.clone();
@@ -1076,8 +1100,14 @@ async fn relay_loop(
             }
         };
         tokio::select! {
-            r = up => tracing::warn!("port-forward transport (send) ended: {r:?}"),
-            r = down => tracing::warn!("port-forward transport (receive) ended: {r:?}"),
+            r = up => {
+                tracing::warn!("port-forward transport (send) ended: {r:?}");
+                broken = Some(stream_end(r));
+            }
+            r = down => {
+                tracing::warn!("port-forward transport (receive) ended: {r:?}");
+                broken = Some(stream_end(r));
+            }
             _ = pod.changed() => tracing::info!("gateway pod changed: reopening the port-forward"),
             _ = stop.wait_for(|s| *s) => return,
         }
@@ -1085,6 +1115,13 @@ async fn relay_loop(
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+fn stream_end(r: std::io::Result<()>) -> String {
+    match r {
+        Ok(()) => "the stream was closed by the other end".into(),
+        Err(e) => e.to_string(),
     }
 }
 
@@ -1101,70 +1138,75 @@ struct Supervisor {
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The ready gateway pod right now, if any (one look, no waiting).
-async fn ready_pod(s: &Supervisor) -> anyhow::Result<Option<GatewayPod>> {
-    let found = tokio::time::timeout(
-        Duration::from_secs(3),
-        install::wait_ready(
-            &s.cluster,
-            &s.namespace,
-            &s.version,
-            Duration::from_millis(1),
-            &|_| {},
-        ),
-    )
-    .await;
-    Ok(match found {
-        Ok(Ok(pod)) => Some(pod),
-        _ => None,
-    })
-}
-
-/// Watches the gateway pod every [`WATCH_EVERY`]; when it is replaced,
+/// Follows the gateway's pods with a watch; when the Ready pod is replaced,
 /// re-registers (same key, previous address) and points the transport at
-/// the new pod. Re-registers every [`HEARTBEAT`] too.
+/// the new pod, retrying every half second until the new pod answers.
+/// Re-registers every [`HEARTBEAT`] too.
 async fn supervise(mut s: Supervisor) {
-    let mut last_register = Instant::now();
+    use futures::StreamExt as _;
+    let mut pods = Box::pin(install::watch_ready(&s.cluster, &s.namespace, &s.version));
+    let mut target = s.pod.clone();
+    let mut next_register = tokio::time::Instant::now() + HEARTBEAT;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            event = pods.next() => match event {
+                Some(Ok(Some(pod))) => {
+                    if pod.name != target.name {
+                        tracing::info!(old = %s.pod.name, new = %pod.name, "gateway pod changed: re-registering");
+                        next_register = tokio::time::Instant::now();
+                    }
+                    target = pod;
+                }
+                // No Ready pod right now: a later event brings one.
+                Some(Ok(None)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!("{e}");
+                    if let Ok(mut st) = s.status.lock() {
+                        st.last_reconnect_error = Some(e.to_string());
+                    }
+                }
+                None => {
+                    pods = Box::pin(install::watch_ready(&s.cluster, &s.namespace, &s.version));
+                }
+            },
+            _ = tokio::time::sleep_until(next_register) => {}
             _ = s.stop.wait_for(|v| *v) => return,
         }
-        let Ok(Some(pod)) = ready_pod(&s).await else {
-            continue;
-        };
-        let changed = pod.name != s.pod.name;
-        if !changed && last_register.elapsed() < HEARTBEAT {
+        if tokio::time::Instant::now() < next_register {
             continue;
         }
-        if changed {
-            tracing::info!(old = %s.pod.name, new = %pod.name, "gateway pod changed: re-registering");
-        }
-        match register(&s.cluster, &pod, &s.public_key, Some(s.address)).await {
+        let changed = target.name != s.pod.name;
+        match register(&s.cluster, &target, &s.public_key, Some(s.address)).await {
             Ok(reg) => {
-                last_register = Instant::now();
+                next_register = tokio::time::Instant::now() + HEARTBEAT;
                 if reg.address != s.address {
                     tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");
                 }
                 if changed {
                     if let Some(r) = &s.relay {
-                        let _ = r.pod.send(pod.clone());
+                        let _ = r.pod.send(target.clone());
                     }
                     s.reset.store(true, std::sync::atomic::Ordering::Release);
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
-                        st.gateway_pod = pod.name.clone();
-                        st.gateway_pod_ip = pod.ip.clone();
+                        st.gateway_pod = target.name.clone();
+                        st.gateway_pod_ip = target.ip.clone();
                         st.last_reconnect_error = None;
                     }
-                    s.pod = pod;
+                    s.pod = target.clone();
                 }
             }
             Err(e) => {
-                tracing::warn!("re-registering with {}: {e:#}", pod.name);
+                tracing::warn!("re-registering with {}: {e:#}", target.name);
                 if let Ok(mut st) = s.status.lock() {
                     st.last_reconnect_error = Some(format!("{e:#}"));
                 }
+                let retry = if changed {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(5)
+                };
+                next_register = tokio::time::Instant::now() + retry;
             }
         }
     }

@@ -48,7 +48,7 @@ pub struct Counters {
 }
 
 /// What the data path shares with whoever watches it (`burrow status`):
-/// refreshed with the timers, so at most [`TIMER_TICK`] old.
+/// refreshed after every batch the data path moves.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinkStats {
     /// When the first peer last completed a handshake.
@@ -178,7 +178,7 @@ impl Datapath {
         tracing::info!("sessions restarted");
     }
 
-    /// Publish [`LinkStats`] into `stats` with every timer tick.
+    /// Publish [`LinkStats`] into `stats` after every batch.
     pub fn with_stats(mut self, stats: SharedStats) -> Self {
         self.stats = Some(stats);
         self
@@ -211,8 +211,10 @@ impl Datapath {
                 next_timers = now + TIMER_TICK;
             }
             self.out.flush(&mut self.counters);
+            self.publish_stats();
         }
         self.out.flush(&mut self.counters);
+        self.publish_stats();
         Ok(self.counters)
     }
 
@@ -321,6 +323,11 @@ impl Datapath {
                 }
             }
         }
+    }
+
+    /// Publish [`LinkStats`] (one uncontended lock per loop iteration, so
+    /// `status` right after a request already counts it).
+    fn publish_stats(&self) {
         if let Some(stats) = &self.stats
             && let Some(peer) = self
                 .handshakes

@@ -27,6 +27,7 @@ mod datapath;
 mod down;
 mod netlink;
 mod plan;
+mod progress;
 mod state;
 mod tun;
 mod up;

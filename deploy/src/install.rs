@@ -252,29 +252,14 @@ pub async fn wait_ready(
             .map_err(|e| cluster.err(e, &format!("list pods in {namespace}")))?;
         let mut state = format!("waiting for the gateway pod in {namespace} to be created");
         for pod in pods {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if pod.metadata.deletion_timestamp.is_some()
-                || labels.get(VERSION_LABEL).map(String::as_str) != Some(version)
-            {
+            if let Some(ready) = ready_gateway(&pod, namespace, version) {
+                return Ok(ready);
+            }
+            if pod.metadata.deletion_timestamp.is_some() || !has_version(&pod, version) {
                 continue;
             }
-            let status = pod.status.clone().unwrap_or_default();
-            let ready = status
-                .conditions
-                .as_ref()
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .filter(|c| c.status == "True");
-            if let (Some(cond), Some(ip)) = (ready, status.pod_ip.clone()) {
-                return Ok(GatewayPod {
-                    namespace: namespace.to_string(),
-                    name,
-                    ip,
-                    version: version.to_string(),
-                    started: cond.last_transition_time.as_ref().map(|t| t.0.to_string()),
-                });
-            }
-            state = describe_pod_wait(&name, &status);
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            state = describe_pod_wait(&name, &pod.status.clone().unwrap_or_default());
         }
         if state != last {
             progress(&state);
@@ -291,6 +276,71 @@ pub async fn wait_ready(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn has_version(pod: &Pod, version: &str) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(VERSION_LABEL))
+        .map(String::as_str)
+        == Some(version)
+}
+
+/// `pod` as a usable gateway: of `version`, not being deleted, Ready, with
+/// an IP.
+fn ready_gateway(pod: &Pod, namespace: &str, version: &str) -> Option<GatewayPod> {
+    if pod.metadata.deletion_timestamp.is_some() || !has_version(pod, version) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let cond = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    Some(GatewayPod {
+        namespace: namespace.to_string(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ip: status.pod_ip.clone()?,
+        version: version.to_string(),
+        started: cond.last_transition_time.as_ref().map(|t| t.0.to_string()),
+    })
+}
+
+/// Watches the gateway's pods (one list, then a watch that kube-rs resumes
+/// with backoff) and yields the Ready gateway pod, or None, whenever the
+/// set of pods changes. The newest Ready pod wins when two overlap during
+/// a rollout.
+pub fn watch_ready(
+    cluster: &Cluster,
+    namespace: &str,
+    version: &str,
+) -> impl futures::Stream<Item = Result<Option<GatewayPod>, DeployError>> + Send + 'static {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace);
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default().labels(SELECTOR);
+    let namespace = namespace.to_string();
+    let version = version.to_string();
+    reflector(writer, watcher(api, config))
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(_) => {
+                let mut ready: Vec<GatewayPod> = reader
+                    .state()
+                    .iter()
+                    .filter_map(|p| ready_gateway(p, &namespace, &version))
+                    .collect();
+                ready.sort_by(|a, b| a.started.cmp(&b.started).then(a.name.cmp(&b.name)));
+                Ok(ready.pop())
+            }
+            Err(e) => Err(DeployError::new(
+                format!("watching the gateway pods in {namespace}: {e}"),
+                "check that the API server is reachable and that you may watch pods there",
+            )),
+        })
 }
 
 /// "pod X: ContainerCreating" and the like.

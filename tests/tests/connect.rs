@@ -246,6 +246,52 @@ fn connect_acceptance() {
                 "{st}"
             );
             s.assert_traffic(1);
+
+            // Break the port-forward stream (the API server connection is
+            // reset) while the same gateway pod keeps running: the daemon
+            // reopens it and says so in status.
+            let before = s.status_json(1)["reconnects"].as_u64().unwrap_or(0);
+            let reset = [
+                "iptables",
+                "-I",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "6443",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ];
+            ok(s.on(1, &reset));
+            // Traffic makes the relay write into the reset connection.
+            let url = format!("http://{}/", s.web_ip);
+            let _ = run(s.on(1, &["curl", "-sS", "--max-time", "2", &url]));
+            let mut undo = reset.to_vec();
+            undo[1] = "-D";
+            ok(s.on(1, &undo));
+            eventually(
+                Duration::from_secs(30),
+                "traffic after the stream reset",
+                || {
+                    run(s.on(1, &["curl", "-sS", "--max-time", "2", &url]))
+                        .status
+                        .success()
+                        .then_some(())
+                },
+            );
+            let st = s.status_json(1);
+            assert!(st["reconnects"].as_u64().unwrap_or(0) > before, "{st}");
+            assert!(
+                st["last_reconnect_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("port-forward stream reopened"),
+                "{st}"
+            );
+            assert_eq!(st["transport"], "port-forward", "{st}");
+            s.assert_traffic(1);
             s.disconnect(1);
             s.assert_clean(1);
         }));
