@@ -167,8 +167,21 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
         no_upgrade: args.no_upgrade,
     };
     runtime()?.block_on(async {
+        let started = !socket_path(&global.run_dir).exists();
         let conn = ensure_daemon(global).await?;
-        let status = exchange(conn, &Request::Connect(req), args.output == Output::Text).await?;
+        let status = match exchange(conn, &Request::Connect(req), args.output == Output::Text).await
+        {
+            Ok(status) => status,
+            Err(e) => {
+                // A daemon started for this connect has nothing to do now:
+                // stop it, so a failed connect leaves nothing running.
+                if started && let Ok(conn) = UnixStream::connect(socket_path(&global.run_dir)).await
+                {
+                    let _ = exchange(conn, &Request::Disconnect, false).await;
+                }
+                return Err(e);
+            }
+        };
         if args.output == Output::Json {
             println!("{}", serde_json::to_string_pretty(&status)?);
         }

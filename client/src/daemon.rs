@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_deploy::install::{self, GatewayPod, InstallOptions};
-use burrow_deploy::{Cluster, Target, facts};
+use burrow_deploy::{Cluster, DeployError, Target, facts};
 use burrow_gateway::api::{CONTROL_PORT, FRAMED_PORT, RegisterRequest, Registration};
 use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
@@ -603,7 +603,9 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
                 tx,
                 format!("installing the gateway {} in {gns}", install::VERSION),
             );
-            install::apply(&cluster, &install_options(&gns), &progress).await?;
+            install::apply(&cluster, &install_options(&gns), &progress)
+                .await
+                .map_err(|e| install_refused(e, "install", &gns))?;
         }
         Some(found) if found.version != install::VERSION => {
             if req.no_upgrade {
@@ -624,7 +626,9 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
                         install::VERSION
                     ),
                 );
-                install::apply(&cluster, &install_options(&gns), &progress).await?;
+                install::apply(&cluster, &install_options(&gns), &progress)
+                    .await
+                    .map_err(|e| install_refused(e, "upgrade", &gns))?;
             }
         }
         Some(found) => step(tx, format!("found the gateway {} in {gns}", found.version)),
@@ -834,6 +838,26 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         ),
     );
     Ok(done)
+}
+
+/// A 403 while installing or upgrading: say who can fix it and how to go
+/// on without it.
+fn install_refused(e: DeployError, what: &str, gns: &str) -> DeployError {
+    if !e.is_forbidden() {
+        return e;
+    }
+    let also = if what == "upgrade" {
+        " or keep the installed gateway with `burrow connect --no-upgrade`"
+    } else {
+        ""
+    };
+    DeployError {
+        hint: format!(
+            "your user may not {what} the gateway: ask a cluster admin to run `burrow install` once \
+             (it creates {gns} and the gateway), then connect again{also}"
+        ),
+        ..e
+    }
 }
 
 fn install_options(namespace: &str) -> InstallOptions {

@@ -198,6 +198,77 @@ fn connect_acceptance() {
         }
     };
 
+    point(
+        "errors: each a reason and what to do, nothing left",
+        &|| {
+            let limited = s.c.limited_kubeconfig().display().to_string();
+            // A user who may not install, before anything is installed.
+            let o = run(s.burrow(1, &["connect", "--kubeconfig", &limited]));
+            let err = stderr(&o);
+            assert!(!o.status.success(), "{}", stdout(&o));
+            assert!(
+                err.contains("403") && err.contains("burrow install"),
+                "{err}"
+            );
+            assert!(
+                err.lines().any(|l| l.trim_start().starts_with("hint:")),
+                "{err}"
+            );
+            s.assert_clean(1);
+            assert!(
+                !s.run_dir(1).join("daemon.sock").exists(),
+                "a failed connect left its daemon running"
+            );
+            // A context the kubeconfig does not have.
+            let kc = s.kubeconfig();
+            let o = run(s.burrow(1, &["connect", "--kubeconfig", &kc, "--context", "nope"]));
+            let err = stderr(&o);
+            assert!(!o.status.success());
+            assert!(
+                err.contains("\"nope\"") && err.contains("available contexts"),
+                "{err}"
+            );
+            // An API server that does not answer.
+            let text = std::fs::read_to_string(s.c.kubeconfig()).expect("kubeconfig");
+            let dead = s.dir.path().join("dead-kubeconfig");
+            std::fs::write(&dead, text.replace(":6443", ":6555")).expect("write");
+            let dead = dead.display().to_string();
+            let o = run(s.burrow(1, &["connect", "--kubeconfig", &dead]));
+            let err = stderr(&o);
+            assert!(!o.status.success());
+            assert!(
+                err.contains("cannot reach the API server") && err.contains("hint:"),
+                "{err}"
+            );
+            // Not root.
+            let bin = s.burrow.display().to_string();
+            let o = run(s.on(
+                1,
+                &[
+                    "setpriv",
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    &bin,
+                    "connect",
+                ],
+            ));
+            let err = stderr(&o);
+            assert!(!o.status.success());
+            assert!(err.contains("root") && err.contains("sudo"), "{err}");
+            s.assert_clean(1);
+            // Nothing was installed by any of these.
+            let ns = run(kubectl(s.c, &["get", "ns", "burrow-system"]));
+            assert!(
+                !ns.status.success(),
+                "burrow-system exists: {}",
+                stdout(&ns)
+            );
+        },
+    );
+
     point("1 connect installs the gateway; traffic; status", &|| {
         let out = s.connect_ok(1, &[]);
         eprintln!("connect output:\n{out}");
@@ -218,6 +289,44 @@ fn connect_acceptance() {
         let st = s.status_json(1);
         assert_eq!(st["connected"], false, "{st}");
     });
+
+    point(
+        "upgrade: an older gateway is upgraded, or kept with --no-upgrade",
+        &|| {
+            // Make the installed gateway look like an older release: the
+            // Deployment and its pods carry version 0.0.9.
+            let patch = r#"{"metadata":{"labels":{"app.kubernetes.io/version":"0.0.9"}},"spec":{"template":{"metadata":{"labels":{"app.kubernetes.io/version":"0.0.9"}}}}}"#;
+            ok(kubectl(
+                s.c,
+                &[
+                    "-n",
+                    "burrow-system",
+                    "patch",
+                    "deployment",
+                    "burrow-gateway",
+                    "--type",
+                    "merge",
+                    "-p",
+                    patch,
+                ],
+            ));
+            let out = s.connect_ok(1, &["--no-upgrade"]);
+            assert!(out.contains("keeping it (--no-upgrade)"), "{out}");
+            assert_eq!(s.status_json(1)["gateway_version"], "0.0.9");
+            s.assert_traffic(1);
+            s.disconnect(1);
+            let out = s.connect_ok(1, &[]);
+            assert!(
+                out.contains("upgrading the gateway from version 0.0.9 to"),
+                "{out}"
+            );
+            let st = s.status_json(1);
+            assert_ne!(st["gateway_version"], "0.0.9", "{st}");
+            s.assert_traffic(1);
+            s.disconnect(1);
+            s.assert_clean(1);
+        },
+    );
 
     point("2b NodePort blocked: port-forward", &|| {
         let port = jsonpath(
