@@ -35,6 +35,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::datapath::{Datapath, LinkStats, SharedStats, bind_udp};
 use crate::netlink::{Netlink, find_conflict};
+use crate::plan::subtract;
 use crate::state::{self, Paths, Previous, State};
 use crate::tun::{DEFAULT_IFNAME, Tun};
 
@@ -525,21 +526,6 @@ pub fn plan_routes(
         routes = routes.into_iter().flat_map(|r| subtract(r, *x)).collect();
     }
     routes
-}
-
-/// `net` less `x`: `net` itself when they are disjoint, nothing when `x`
-/// covers it, else the halves of `net` less `x`, recursively.
-fn subtract(net: IpNet, x: IpNet) -> Vec<IpNet> {
-    if x.contains(&net) {
-        return Vec::new();
-    }
-    if !net.contains(&x) {
-        return vec![net];
-    }
-    match net.subnets(net.prefix_len() + 1) {
-        Ok(halves) => halves.flat_map(|h| subtract(h, x)).collect(),
-        Err(_) => Vec::new(),
-    }
 }
 
 /// How the data path reaches the gateway.

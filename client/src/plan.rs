@@ -108,17 +108,31 @@ impl Plan {
                 seen.push((net, i, ip.line));
                 allowed.push(net);
                 // A route covering a peer's own endpoint would send the
-                // tunnel's datagrams into the tunnel.
-                if let Some(endpoint) = all_endpoints.iter().find(|e| net.contains(&e.ip())) {
-                    notes.push(format!(
-                        "{}:{}: no route for {net}: it covers the endpoint {endpoint}, and \
-                         routing it into the tunnel would loop",
-                        conf.file.display(),
-                        ip.line
-                    ));
+                // tunnel's datagrams into the tunnel: route the rest of the
+                // prefix, around every endpoint inside it.
+                let inside: Vec<&SocketAddr> = all_endpoints
+                    .iter()
+                    .filter(|e| net.contains(&e.ip()))
+                    .collect();
+                if inside.is_empty() {
+                    routes.push(net);
                     continue;
                 }
-                routes.push(net);
+                let mut rest = vec![net];
+                for endpoint in &inside {
+                    let host = IpNet::from(endpoint.ip());
+                    rest = rest.into_iter().flat_map(|n| subtract(n, host)).collect();
+                }
+                let shown: Vec<String> = inside.iter().map(ToString::to_string).collect();
+                notes.push(format!(
+                    "{}:{}: {net} covers the endpoint {}: routing {} prefixes around it \
+                     so the tunnel's own datagrams do not loop",
+                    conf.file.display(),
+                    ip.line,
+                    shown.join(", "),
+                    rest.len()
+                ));
+                routes.extend(rest);
             }
             if allowed.is_empty() {
                 notes.push(format!(
@@ -136,6 +150,31 @@ impl Plan {
                 persistent_keepalive: p.persistent_keepalive,
             });
         }
+        match iface
+            .table
+            .as_ref()
+            .map(|t| (t.value.to_ascii_lowercase(), t.line))
+        {
+            None => {}
+            Some((t, _)) if t == "auto" || t == "main" => {}
+            Some((t, line)) if t == "off" => {
+                notes.push(format!(
+                    "{}:{line}: Table = off: no routes are added (AllowedIPs still decide \
+                     what the tunnel accepts)",
+                    conf.file.display()
+                ));
+                routes.clear();
+            }
+            Some((t, line)) => {
+                return Err(conf.error(
+                    line,
+                    format!(
+                        "Table = {t}: burrow adds routes to the main table only; use \
+                         `Table = auto` (or leave it out), or `Table = off` to add none"
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             mtu: iface.mtu.map_or(DEFAULT_MTU, |m| m.value),
             addresses: iface.addresses.iter().map(|a| a.value).collect(),
@@ -144,6 +183,22 @@ impl Plan {
             peers,
             notes,
         })
+    }
+}
+
+/// `net` less `x`: `net` itself when they are disjoint, nothing when `x`
+/// covers it, else the halves of `net` less `x`, recursively (at most one
+/// prefix per bit of the difference in length).
+pub fn subtract(net: IpNet, x: IpNet) -> Vec<IpNet> {
+    if x.contains(&net) {
+        return Vec::new();
+    }
+    if !net.contains(&x) {
+        return vec![net];
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(halves) => halves.flat_map(|h| subtract(h, x)).collect(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -209,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn no_route_covers_an_endpoint() {
+    fn routes_go_around_an_endpoint() {
         let c = conf(
             "[Interface]\nPrivateKey = {A}\nAddress = 10.8.0.2/24\nMTU = 1380\n\
              [Peer]\nPublicKey = {B}\nEndpoint = 10.1.2.3:51820\n\
@@ -218,8 +273,34 @@ mod tests {
         );
         let plan = Plan::new(&c, &[ep("10.1.2.3:51820"), ep("[fd00::1]:51820")]).expect("plan");
         assert_eq!(plan.mtu, 1380);
-        assert_eq!(plan.routes, vec![net("10.96.0.0/12")]);
-        // Still cryptokey-routed: only the kernel route is left out.
+        let endpoint: std::net::IpAddr = "10.1.2.3".parse().expect("literal");
+        let v6: std::net::IpAddr = "fd00::1".parse().expect("literal");
+        // No route holds an endpoint; every other address of the prefix is
+        // still routed.
+        assert!(
+            !plan
+                .routes
+                .iter()
+                .any(|r| r.contains(&endpoint) || r.contains(&v6))
+        );
+        for near in [
+            "10.1.2.2",
+            "10.1.2.4",
+            "10.0.0.1",
+            "10.255.255.255",
+            "fd00::2",
+            "fd00::ffff",
+        ] {
+            let ip: std::net::IpAddr = near.parse().expect("literal");
+            assert!(
+                plan.routes.iter().any(|r| r.contains(&ip)),
+                "{near} not routed"
+            );
+        }
+        assert!(plan.routes.contains(&net("10.96.0.0/12")));
+        // 10/8 less one address is 24 prefixes; fd00::/64 less one, 64.
+        assert_eq!(plan.routes.len(), 1 + 24 + 64, "{:?}", plan.routes);
+        // Cryptokey routing is unchanged: only kernel routes are split.
         assert_eq!(
             plan.peers[0].allowed_ips,
             vec![net("10.0.0.0/8"), net("10.96.0.0/12")]
@@ -227,10 +308,35 @@ mod tests {
         assert_eq!(plan.notes.len(), 2);
         assert_eq!(
             plan.notes[0],
-            "wg0.conf:8: no route for 10.0.0.0/8: it covers the endpoint 10.1.2.3:51820, and \
-             routing it into the tunnel would loop"
+            "wg0.conf:8: 10.0.0.0/8 covers the endpoint 10.1.2.3:51820: routing 24 prefixes \
+             around it so the tunnel's own datagrams do not loop"
         );
         assert!(plan.notes[1].contains("[fd00::1]:51820"));
+    }
+
+    #[test]
+    fn table_off_adds_no_routes_and_a_number_is_refused() {
+        let text = |table: &str| {
+            format!(
+                "[Interface]\nPrivateKey = {{A}}\nAddress = 10.8.0.2/32\nTable = {table}\n\
+                 [Peer]\nPublicKey = {{B}}\nAllowedIPs = 10.96.0.0/12\n"
+            )
+        };
+        let plan = Plan::new(&conf(&text("off")), &[None]).expect("plan");
+        assert!(plan.routes.is_empty());
+        assert_eq!(plan.peers[0].allowed_ips, vec![net("10.96.0.0/12")]);
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.starts_with("wg0.conf:4: Table = off"))
+        );
+        let plan = Plan::new(&conf(&text("auto")), &[None]).expect("plan");
+        assert_eq!(plan.routes, vec![net("10.96.0.0/12")]);
+        let err = Plan::new(&conf(&text("1234")), &[None])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("wg0.conf:4: Table = 1234"), "{err}");
     }
 
     #[test]

@@ -19,9 +19,10 @@
 //!
 //! Sans-IO: [`parse`] reads text, [`load`] only adds reading the file; host
 //! names in `Endpoint` are kept as names for the caller to resolve. Keys
-//! `wg-quick` reads for its own hooks (Table, Pre/PostUp, Pre/PostDown,
+//! `wg-quick` reads for its own hooks (Pre/PostUp, Pre/PostDown,
 //! SaveConfig, FwMark) are accepted and listed in [`Interface::ignored`] so
-//! the caller can say it does not act on them; any other unknown key is an
+//! the caller can say it does not act on them; `Table` is kept in
+//! [`Interface::table`]; any other unknown key is an
 //! error, so a typo is not silently dropped. Every error names the file and
 //! the line, and so can the caller's own checks, through the line numbers
 //! kept in [`Located`] values and [`WgConf::error`].
@@ -79,6 +80,9 @@ pub struct Interface {
     pub mtu: Option<Located<u16>>,
     /// The raw `DNS` value(s), if any.
     pub dns: Vec<Located<String>>,
+    /// wg-quick's `Table` (`off`, `auto`, `main` or a table number), as
+    /// written.
+    pub table: Option<Located<String>>,
     /// wg-quick hook keys present in the file (as written), which no burrow
     /// program acts on.
     pub ignored: Vec<Located<String>>,
@@ -173,7 +177,6 @@ pub fn decode_key(value: &str) -> Result<[u8; 32], String> {
 
 /// wg-quick's own keys: they configure its shell hooks and policy routing.
 const IGNORED: &[&str] = &[
-    "table",
     "preup",
     "postup",
     "predown",
@@ -190,6 +193,7 @@ struct InterfaceDraft {
     addresses: Vec<Located<IpNet>>,
     mtu: Option<Located<u16>>,
     dns: Vec<Located<String>>,
+    table: Option<Located<String>>,
     ignored: Vec<Located<String>>,
 }
 
@@ -305,6 +309,7 @@ pub fn parse(text: &str, file: &Path) -> Result<WgConf, ConfigError> {
                         d.mtu = Some(Located::at(mtu, n));
                     }
                     "dns" => d.dns.push(Located::at(value.to_owned(), n)),
+                    "table" => d.table = Some(Located::at(value.to_owned(), n)),
                     k if IGNORED.contains(&k) => d.ignored.push(Located::at(name.to_owned(), n)),
                     _ => return Err(err(n, format!("unknown key `{name}` in [Interface]"))),
                 }
@@ -393,6 +398,7 @@ pub fn parse(text: &str, file: &Path) -> Result<WgConf, ConfigError> {
             addresses: iface.addresses,
             mtu: iface.mtu,
             dns: iface.dns,
+            table: iface.table,
             ignored: iface.ignored,
         },
         peers,
