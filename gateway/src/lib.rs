@@ -20,6 +20,8 @@
 //! - [`framed`]: WireGuard over length-framed TCP connections (the
 //!   port-forward transport);
 //! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
+//! - [`laptop`]: TCP connections the gateway opens to laptops through the
+//!   tunnel ([`laptop::LaptopDialer`]);
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
@@ -37,6 +39,7 @@ pub mod control;
 pub mod datapath;
 pub mod dialer;
 pub mod framed;
+pub mod laptop;
 pub mod metrics;
 
 pub use datapath::DatapathConfig;
@@ -160,7 +163,15 @@ pub async fn serve(
         port(listeners.wireguard.local_addr()),
         port(listeners.framed.local_addr()),
     );
-    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, config.datapath)
+    let mut datapath_config = config.datapath;
+    if datapath_config.tunnel_address.is_none() {
+        // The first host of the tunnel network, as the control API tells
+        // laptops (`Allocator::gateway_address`).
+        datapath_config.tunnel_address = Some(IpAddr::V4(
+            control::Allocator::new(config.control.tunnel_network).gateway_address(),
+        ));
+    }
+    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
         .context("invalid peer list")?;
     tracing::info!(
         public_key = %config::encode_key(datapath.public_key().as_bytes()),
