@@ -424,6 +424,12 @@ fn print_status(s: &Status) {
         "  bytes:          {} sent, {} received",
         s.tx_bytes, s.rx_bytes
     );
+    match (s.tcp_flows, s.udp_flows) {
+        (Some(tcp), Some(udp)) => {
+            println!("  flows:          {tcp} TCP, {udp} UDP open at the gateway")
+        }
+        _ => println!("  flows:          unknown (the gateway did not answer)"),
+    }
     println!("  reconnects:     {}", s.reconnects);
     if let Some(e) = &s.last_reconnect_error {
         println!("  last error:     {e}");

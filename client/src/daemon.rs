@@ -24,7 +24,7 @@ use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_deploy::install::{self, GatewayPod, InstallOptions};
 use burrow_deploy::{Cluster, DeployError, Target, facts};
-use burrow_gateway::api::{CONTROL_PORT, FRAMED_PORT, RegisterRequest, Registration};
+use burrow_gateway::api::{CONTROL_PORT, FRAMED_PORT, PeerInfo, RegisterRequest, Registration};
 use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
 use ipnet::IpNet;
@@ -133,6 +133,9 @@ pub struct Status {
     pub handshake_age_secs: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// Open flows as the gateway counts them (None: it did not answer).
+    pub tcp_flows: Option<usize>,
+    pub udp_flows: Option<usize>,
     pub reconnects: u64,
     pub last_reconnect_error: Option<String>,
 }
@@ -267,11 +270,37 @@ async fn handle(daemon: Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
 }
 
 async fn status(d: &Daemon) -> Status {
-    let session = d.session.lock().await;
-    match &*session {
-        None => Status::default(),
-        Some(s) => snapshot(&s.status, &s.stats),
+    let (mut st, key) = {
+        let session = d.session.lock().await;
+        match &*session {
+            None => return Status::default(),
+            Some(s) => (snapshot(&s.status, &s.stats), s.public_key.clone()),
+        }
+    };
+    if let Ok(pod_ip) = st.gateway_pod_ip.parse::<IpAddr>() {
+        match tokio::time::timeout(Duration::from_secs(1), peer_info(pod_ip, &key)).await {
+            Ok(Ok(info)) => {
+                // Less the flow this very query is open on.
+                st.tcp_flows = Some(info.tcp_flows.saturating_sub(1));
+                st.udp_flows = Some(info.udp_flows);
+            }
+            Ok(Err(e)) => tracing::debug!("flow counts from the gateway: {e:#}"),
+            Err(_) => tracing::debug!("flow counts from the gateway: no answer within 1s"),
+        }
     }
+    st
+}
+
+/// `GET /v1/peers/{key}` through the tunnel (the gateway pod's control port
+/// is routed like any pod IP).
+async fn peer_info(pod_ip: IpAddr, key: &str) -> anyhow::Result<PeerInfo> {
+    let mut conn = tokio::net::TcpStream::connect((pod_ip, CONTROL_PORT)).await?;
+    let path = format!("/v1/peers/{}", b64url(key));
+    let (code, body) = http(&mut conn, "GET", &path, None).await?;
+    if code != 200 {
+        anyhow::bail!("HTTP {code}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(serde_json::from_slice(&body)?)
 }
 
 fn snapshot(status: &std::sync::Mutex<Status>, stats: &SharedStats) -> Status {

@@ -81,6 +81,17 @@ pub struct Registration {
     pub expiry_secs: u64,
 }
 
+/// `GET /v1/peers/{key}`: one laptop as the gateway sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub address: IpAddr,
+    pub name: String,
+    /// Open TCP flows (including ones the gateway is still dialling).
+    pub tcp_flows: usize,
+    /// Open UDP flows (until their idle expiry).
+    pub udp_flows: usize,
+}
+
 /// An error answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {

@@ -23,7 +23,7 @@ use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{ApiError, ClusterFacts, Info, RegisterRequest, Registration};
+use crate::api::{ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration};
 use crate::datapath;
 
 /// The control server's way into the data path task.
@@ -56,6 +56,16 @@ impl DatapathHandle {
     /// Removes a peer; its flows are reset.
     async fn remove(&self, key: [u8; 32]) {
         let _ = self.tx.send(datapath::Control::RemovePeer(key)).await;
+    }
+
+    /// Open (TCP, UDP) flows of the laptop at `address`.
+    async fn flows_of(&self, address: IpAddr) -> Option<(usize, usize)> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(datapath::Control::FlowsOf(address, reply))
+            .await
+            .ok()?;
+        answer.await.ok()
     }
 
     /// Time since each peer's last handshake, by key.
@@ -160,6 +170,11 @@ impl Allocator {
         Some(found)
     }
 
+    /// The laptop's name and address, if registered.
+    pub fn get(&self, key: &[u8; 32]) -> Option<(String, Ipv4Addr)> {
+        self.by_key.get(key).map(|e| (e.name.clone(), e.address))
+    }
+
     pub fn remove(&mut self, key: &[u8; 32]) -> Option<Ipv4Addr> {
         self.by_key.remove(key).map(|e| e.address)
     }
@@ -237,7 +252,7 @@ pub async fn serve(listener: TcpListener, control: Shared) -> std::io::Result<()
     let app = axum::Router::new()
         .route("/v1/info", get(info))
         .route("/v1/peers", post(register))
-        .route("/v1/peers/{key}", delete(unregister))
+        .route("/v1/peers/{key}", delete(unregister).get(peer))
         .with_state(control);
     axum::serve(listener, app).await
 }
@@ -346,6 +361,29 @@ async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> 
         gateway_address: IpAddr::V4(gateway_address),
         info,
         expiry_secs: c.expiry.as_secs(),
+    })
+    .into_response()
+}
+
+async fn peer(State(c): State<Shared>, Path(key): Path<String>) -> Response {
+    let key = match decode_key(&key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let Some((name, address)) = c.allocator.lock().ok().and_then(|a| a.get(&key)) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no laptop with key {} is registered", short(&key)),
+        );
+    };
+    let Some((tcp_flows, udp_flows)) = c.peers.flows_of(IpAddr::V4(address)).await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the data path has stopped");
+    };
+    Json(PeerInfo {
+        address: IpAddr::V4(address),
+        name,
+        tcp_flows,
+        udp_flows,
     })
     .into_response()
 }

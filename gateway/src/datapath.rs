@@ -94,6 +94,8 @@ pub enum Control {
     RemovePeer([u8; 32]),
     /// Time since each peer's last handshake, by public key.
     LastHandshakes(oneshot::Sender<HashMap<[u8; 32], Duration>>),
+    /// Open flows (TCP, UDP) of the laptop with this tunnel address.
+    FlowsOf(IpAddr, oneshot::Sender<(usize, usize)>),
     /// Open a TCP connection to a laptop's tunnel address and port (see
     /// [`crate::laptop::LaptopDialer`]).
     DialLaptop {
@@ -405,6 +407,9 @@ impl Datapath {
                     Some(Control::RemovePeer(key)) => self.remove_peer(&key),
                     Some(Control::LastHandshakes(reply)) => {
                         let _ = reply.send(self.last_handshakes(Instant::now()));
+                    }
+                    Some(Control::FlowsOf(laptop, reply)) => {
+                        let _ = reply.send(self.flows.flows_of(laptop));
                     }
                     Some(Control::DialLaptop { to, reply }) => {
                         self.dial_laptop(to, reply, Instant::now());

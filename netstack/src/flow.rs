@@ -522,6 +522,18 @@ impl FlowEngine {
         }
     }
 
+    /// Open flows of one laptop: (TCP, UDP). TCP counts flows waiting for
+    /// their dial too. A scan: for status queries, not the hot path.
+    pub fn flows_of(&self, laptop: IpAddr) -> (usize, usize) {
+        let tcp = self
+            .tcp_by_tuple
+            .keys()
+            .filter(|(l, _)| l.ip() == laptop)
+            .count();
+        let udp = self.udp.keys().filter(|(l, _)| l.ip() == laptop).count();
+        (tcp, udp)
+    }
+
     /// Every accepted TCP flow, for periodic sweeps (timeouts close flows
     /// during `egress` without any segment arriving).
     pub fn tcp_flows(&self) -> impl Iterator<Item = FlowId> + '_ {

@@ -281,6 +281,21 @@ fn connect_acceptance() {
         assert_eq!(st["transport"], "udp", "{st}");
         let again = s.connect_ok(1, &[]);
         assert!(again.contains("already connected"), "{again}");
+        // An open connection shows in status as a flow at the gateway.
+        let mut sub = s
+            .on(1, &["redis-cli", "-h", &s.redis_ip, "subscribe", "burrow"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-cli subscribe");
+        let flows = eventually(Duration::from_secs(10), "a TCP flow in status", || {
+            let st = s.status_json(1);
+            st["tcp_flows"].as_u64().filter(|n| *n >= 1)
+        });
+        let _ = sub.kill();
+        let _ = sub.wait();
+        let human = ok(s.burrow(1, &["status"]));
+        assert!(human.contains("flows:") && human.contains("TCP"), "{human}");
+        eprintln!("status showed {flows} TCP flow(s) with one connection open");
     });
 
     point("4a disconnect leaves nothing", &|| {
