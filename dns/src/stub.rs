@@ -78,7 +78,7 @@ pub enum Step {
     /// Say nothing (not a query, or too short to answer).
     Drop,
     /// Not in the cache: [`Stub::resolve`] it.
-    Resolve(Pending),
+    Resolve(Box<Pending>),
 }
 
 /// A query waiting for an answer from elsewhere.
@@ -195,17 +195,17 @@ impl Stub {
             Ok(v) => v.route(q.name()),
             Err(_) => Route::Upstream,
         };
-        Step::Resolve(Pending {
+        Step::Resolve(Box::new(Pending {
             query,
             key,
             route,
             max_size,
-        })
+        }))
     }
 
     /// Answers a miss: one lookup per name and type at a time, the others
     /// asking the same wait for it.
-    pub async fn resolve(&self, p: Pending) -> Vec<u8> {
+    pub async fn resolve(&self, p: Box<Pending>) -> Vec<u8> {
         let answer = self.single_flight(&p).await;
         respond(&p.query, &answer, 0, p.max_size)
     }

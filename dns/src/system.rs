@@ -138,8 +138,13 @@ impl std::fmt::Display for Mode {
 }
 
 /// systemd-resolved manages `path` when it is a link into
-/// `/run/systemd/resolve/` and resolved is running (its socket exists).
+/// `/run/systemd/resolve/` and resolved is running (its socket exists) —
+/// unless a file is bind-mounted over it (a network namespace entered with
+/// `ip netns exec`: its own resolv.conf, resolved does not serve it).
 pub fn detect(path: &Path) -> Mode {
+    if is_mount_point(path) {
+        return Mode::ResolvConf;
+    }
     let into_resolved = std::fs::read_link(path)
         .map(|t| t.to_string_lossy().contains(RESOLVED_DIR))
         .unwrap_or(false);
