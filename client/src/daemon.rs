@@ -347,7 +347,10 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
         ),
     }
     if let Some(dns) = s.dns {
-        step(tx, "stopping the DNS stub, restoring the resolver configuration");
+        step(
+            tx,
+            "stopping the DNS stub, restoring the resolver configuration",
+        );
         match dns.stop() {
             Ok(Some(note)) => step(tx, note),
             Ok(None) => {}

@@ -138,7 +138,10 @@ impl Running {
             Mode::ResolvConf => system::restore(&self.run_dir)?,
             Mode::SystemdResolved => {
                 system::resolved_revert(&self.ifname)?;
-                Some(format!("reverted systemd-resolved settings of {}", self.ifname))
+                Some(format!(
+                    "reverted systemd-resolved settings of {}",
+                    self.ifname
+                ))
             }
         };
         if let Some(mut s) = self.server.take() {
@@ -244,7 +247,9 @@ pub async fn start(s: Setup<'_>) -> anyhow::Result<Running> {
     };
     if let Err(e) = applied {
         server.stop();
-        return Err(e.context(format!("cannot point the system's resolver at the stub ({mode})")));
+        return Err(e.context(format!(
+            "cannot point the system's resolver at the stub ({mode})"
+        )));
     }
     let refresher = tokio::spawn(refresh(
         s.cluster.clone(),
