@@ -45,9 +45,12 @@ trap 'lap target/debug/burrow disconnect >/dev/null 2>&1 || true; $MC down --nam
 step "in the laptop: sudo burrow connect (installs the gateway, opens the tunnel)"
 lap target/debug/burrow connect --kubeconfig "$KUBECONFIG_LAPTOP"
 
-WEB=$(kubectl --kubeconfig "$KUBECONFIG_HOST" get svc web -o jsonpath='{.spec.clusterIP}')
-step "from the laptop: curl -I http://$WEB (the web Service's ClusterIP; names arrive with the DNS stub)"
-lap curl -sS --max-time 5 -I "http://$WEB/"
+step "from the laptop: curl -I http://web (a Service by its short name, through burrow's DNS stub)"
+lap curl -sS --max-time 5 -I http://web/
+
+step "from the laptop: curl http://echo.default:8080/hello, and a corporate name still resolves"
+lap curl -sS --max-time 5 http://echo.default:8080/hello
+lap getent hosts intranet.example
 
 step "burrow status"
 lap target/debug/burrow status

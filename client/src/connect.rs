@@ -102,6 +102,11 @@ pub struct ConnectArgs {
     /// Keep the installed gateway even when its version differs.
     #[arg(long)]
     no_upgrade: bool,
+    /// Cluster names on this machine: a DNS stub the system resolver
+    /// points at (systemd-resolved split DNS, else /etc/resolv.conf), or
+    /// `off` to leave the resolver configuration alone.
+    #[arg(long, value_enum, default_value_t = crate::dns::DnsSetting::Auto)]
+    dns: crate::dns::DnsSetting,
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -165,6 +170,7 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
         exclude: args.exclude,
         no_install: args.no_install,
         no_upgrade: args.no_upgrade,
+        dns: args.dns,
     };
     runtime()?.block_on(async {
         let started = !socket_path(&global.run_dir).exists();
@@ -419,6 +425,16 @@ fn print_status(s: &Status) {
         s.cluster_domain,
         s.dns
     );
+    if let Some(d) = &s.dns_stub {
+        println!(
+            "  DNS stub:       {} on {} (cache {} hits, {} misses; {} refused, {} malformed, {} failed)",
+            d.mode, d.stub, d.hits, d.misses, d.refused, d.malformed, d.failures
+        );
+        if !d.upstreams.is_empty() {
+            println!("  other names:    {}", d.upstreams.join(", "));
+        }
+        println!("  namespaces:     {}", d.namespaces);
+    }
     println!("  handshake:      {age}");
     println!(
         "  bytes:          {} sent, {} received",

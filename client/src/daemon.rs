@@ -82,6 +82,8 @@ pub struct ConnectRequest {
     pub exclude: Vec<IpNet>,
     pub no_install: bool,
     pub no_upgrade: bool,
+    #[serde(default)]
+    pub dns: crate::dns::DnsSetting,
 }
 
 /// One request line.
@@ -138,6 +140,9 @@ pub struct Status {
     pub udp_flows: Option<usize>,
     pub reconnects: u64,
     pub last_reconnect_error: Option<String>,
+    /// The DNS stub (None: not connected).
+    #[serde(default)]
+    pub dns_stub: Option<crate::dns::DnsStatus>,
 }
 
 type Progress = mpsc::UnboundedSender<Reply>;
@@ -160,6 +165,7 @@ struct Session {
     supervisor: tokio::task::JoinHandle<()>,
     state: State,
     paths: Paths,
+    dns: Option<crate::dns::Running>,
 }
 
 struct Daemon {
@@ -222,10 +228,16 @@ pub async fn serve(run_dir: PathBuf) -> anyhow::Result<()> {
 /// Remove what a SIGKILLed daemon (or `burrow up`) left behind.
 pub async fn cleanup_stale(nl: &Netlink, run_dir: &Path) -> anyhow::Result<Option<String>> {
     let paths = Paths::new(run_dir, DEFAULT_IFNAME);
-    Ok(match state::inspect(&paths)? {
+    // resolv.conf first: it points at a stub that is gone.
+    let dns = crate::dns::cleanup_stale(run_dir)?;
+    let tunnel = match state::inspect(&paths)? {
         Previous::Stale(st) => Some(state::clean_stale(nl, &st, &paths).await?),
         Previous::Unreadable(why) => Some(state::clean_unreadable(&paths, &why)?),
         Previous::None | Previous::Running(_) => None,
+    };
+    Ok(match (dns, tunnel) {
+        (Some(d), Some(t)) => Some(format!("{d}; {t}")),
+        (d, t) => d.or(t),
     })
 }
 
@@ -274,7 +286,10 @@ async fn status(d: &Daemon) -> Status {
         let session = d.session.lock().await;
         match &*session {
             None => return Status::default(),
-            Some(s) => (snapshot(&s.status, &s.stats), s.public_key.clone()),
+            Some(s) => (
+                with_dns(snapshot(&s.status, &s.stats), s.dns.as_ref()),
+                s.public_key.clone(),
+            ),
         }
     };
     if let Ok(pod_ip) = st.gateway_pod_ip.parse::<IpAddr>() {
@@ -301,6 +316,14 @@ async fn peer_info(pod_ip: IpAddr, key: &str) -> anyhow::Result<PeerInfo> {
         anyhow::bail!("HTTP {code}: {}", String::from_utf8_lossy(&body));
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+fn with_dns(mut st: Status, dns: Option<&crate::dns::Running>) -> Status {
+    if let Some(d) = dns {
+        st.dns = d.summary();
+        st.dns_stub = Some(d.status());
+    }
+    st
 }
 
 fn snapshot(status: &std::sync::Mutex<Status>, stats: &SharedStats) -> Status {
@@ -353,6 +376,17 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
             tx,
             "could not unregister in 5s (the gateway forgets the laptop after its expiry)",
         ),
+    }
+    if let Some(dns) = s.dns {
+        step(
+            tx,
+            "stopping the DNS stub, restoring the resolver configuration",
+        );
+        match dns.stop() {
+            Ok(Some(note)) => step(tx, note),
+            Ok(None) => {}
+            Err(e) => step(tx, format!("restoring the resolver configuration: {e:#}")),
+        }
     }
     step(tx, "removing the device and its routes");
     let _ = s.stop.send(true);
@@ -782,6 +816,30 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
             chosen.name
         )));
     }
+    let dns = match crate::dns::start(crate::dns::Setup {
+        setting: req.dns,
+        run_dir: &d.run_dir,
+        ifname: name,
+        address: reg.address,
+        namespace: &cluster.namespace,
+        domain: &reg.info.cluster.domain,
+        cluster_dns: &reg.info.cluster.dns_servers,
+        networks: &routes,
+        cluster: &cluster,
+    })
+    .await
+    {
+        Ok(dns) => {
+            step(tx, format!("DNS: {}", dns.summary()));
+            dns
+        }
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = datapath.await;
+            let _ = teardown(&nl, &st, &paths).await;
+            return Err(e.context("the tunnel is up but DNS is not (or connect with --dns=off)"));
+        }
+    };
     st.ready = true;
     st.update(&paths)?;
 
@@ -809,7 +867,6 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
             .iter()
             .map(ToString::to_string)
             .collect(),
-        dns: "not configured (cluster names are not resolved yet; IPs work)".into(),
         ..Default::default()
     };
     if let Ok(mut st) = status.lock() {
@@ -831,7 +888,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         status: status.clone(),
         stop: stop_rx,
     }));
-    let done = snapshot(&status, &stats);
+    let done = with_dns(snapshot(&status, &stats), Some(&dns));
     *session = Some(Session {
         status,
         stats,
@@ -842,6 +899,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         supervisor,
         state: st,
         paths,
+        dns: Some(dns),
     });
     step(
         tx,

@@ -24,6 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod connect;
 mod daemon;
 mod datapath;
+mod dns;
 mod down;
 mod netlink;
 mod plan;

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use serde::Serialize;
 
@@ -74,6 +74,21 @@ pub async fn ranges(cluster: &Cluster) -> Result<Ranges, DeployError> {
         pods,
         pods_source,
     })
+}
+
+/// The cluster's namespace names (the DNS stub treats `x.<namespace>` as a
+/// cluster name, as a pod's search list does). Needs `list namespaces`.
+pub async fn namespaces(cluster: &Cluster) -> Result<Vec<String>, DeployError> {
+    let api: Api<Namespace> = Api::all(cluster.client.clone());
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| cluster.err(e, "list namespaces"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect())
 }
 
 async fn service_range_by_validation(cluster: &Cluster) -> Result<Vec<IpNet>, DeployError> {
