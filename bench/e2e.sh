@@ -64,6 +64,9 @@
 # Env: REPS=3 DUR=10 RESULTS=/tmp/burrow-e2e-results.md
 #      BURROW_BIN_DIR=<repo>/target/release (holds burrow and burrow-gateway)
 #      FLOWS=10000 (0: skip the flows test)  FLOWS_CONC=256 (connects in flight)
+#      MEASURES="tcp1 tcp4 tcpR wrk-c1 wrk-conn echo get100m" (the default: all;
+#             name some to run only those, e.g. MEASURES= FLOWS=10000 for the
+#             flows test alone, MEASURES=get100m REPS=10 for the download)
 #      MAX_SECONDS=4200 (whole run is bounded by this), KEEP_WORK=0,
 #      HOLD=1 (build topology + servers, set up the first PATH named, then wait;
 #             for profiling: e.g. HOLD=1 bash bench/e2e.sh burrow)
@@ -85,6 +88,7 @@ MAX_SECONDS=${MAX_SECONDS:-4200}
 BURROW_BIN_DIR=${BURROW_BIN_DIR:-$REPO/target/release}
 FLOWS=${FLOWS:-10000}
 FLOWS_CONC=${FLOWS_CONC:-256}
+MEASURES=${MEASURES-tcp1 tcp4 tcpR wrk-c1 wrk-conn echo get100m}
 DEFAULT_PATHS="direct burrow wggo sshuttle onetun"
 
 # Bound the whole run in time: re-exec under timeout(1); the EXIT/TERM trap tears down.
@@ -906,6 +910,7 @@ run_flows() {
   kill "$(cat "$WORK/flows-cli.pid")" 2>/dev/null
   sleep 5
   rec "$p" flows_rss_gw_closed 1 "$(mib "$gw" VmRSS)"
+  echo "$p flows: after closing, gateway: $(b_metrics | grep -E '^burrow_gateway_(flows_open|dials_pending)' | tr '\n' ' ')" >>"$NOTES"
   log "  $p flows: echoed $echo_line; gateway RSS after closing $(mib "$gw" VmRSS) MiB"
   kill "$(cat "$WORK/flows-srv.pid")" 2>/dev/null
 }
@@ -1030,6 +1035,7 @@ hooked() {  # hooked PATH LABEL cmd... : optional fresh_PATH before and after_PA
   "$@"
   if declare -F "after_$p" >/dev/null; then "after_$p" "$label"; fi
 }
+m_on() { case " $MEASURES " in *" $1 "*) return 0 ;; esac; return 1; }
 measure_path() {
   local p=$1 rep
   log "== $p: setup"
@@ -1040,13 +1046,13 @@ measure_path() {
     "teardown_$p"; return
   fi
   for rep in $(seq "$REPS"); do
-    hooked "$p" "tcp1 #$rep" run_iperf "$p" tcp1 "$rep"
-    hooked "$p" "tcp4 #$rep" run_iperf "$p" tcp4 "$rep" -P 4
-    hooked "$p" "tcpR #$rep" run_iperf "$p" tcpR "$rep" -R
-    hooked "$p" "wrk-c1 #$rep" run_wrk_lat "$p" "$rep"
-    hooked "$p" "wrk-conn #$rep" run_wrk_conn "$p" "$rep"
-    hooked "$p" "echo #$rep" run_echo "$p" "$rep"
-    hooked "$p" "get100m #$rep" run_get "$p" "$rep"
+    m_on tcp1 && hooked "$p" "tcp1 #$rep" run_iperf "$p" tcp1 "$rep"
+    m_on tcp4 && hooked "$p" "tcp4 #$rep" run_iperf "$p" tcp4 "$rep" -P 4
+    m_on tcpR && hooked "$p" "tcpR #$rep" run_iperf "$p" tcpR "$rep" -R
+    m_on wrk-c1 && hooked "$p" "wrk-c1 #$rep" run_wrk_lat "$p" "$rep"
+    m_on wrk-conn && hooked "$p" "wrk-conn #$rep" run_wrk_conn "$p" "$rep"
+    m_on echo && hooked "$p" "echo #$rep" run_echo "$p" "$rep"
+    m_on get100m && hooked "$p" "get100m #$rep" run_get "$p" "$rep"
   done
   if declare -F "post_$p" >/dev/null; then "post_$p"; fi
   log "== $p: teardown"

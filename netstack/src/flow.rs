@@ -50,6 +50,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
+use crate::slots::{Slot, Slots};
 use crate::wire::{self, PROTO_TCP, PROTO_UDP};
 
 pub use smoltcp::socket::tcp::State as TcpState;
@@ -178,6 +179,9 @@ struct PendingSyn {
 
 struct TcpFlow {
     handle: SocketHandle,
+    /// The socket's receive and send buffers (`None`: on the heap, when
+    /// the kernel refused a mapping).
+    memory: Option<(Slot, Slot)>,
     tuple: Tuple,
     /// Already listed in `FlowEngine::active`.
     active: bool,
@@ -338,6 +342,17 @@ pub struct FlowEngine {
     active: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
     next_port: u16,
+    /// Socket buffer memory (see `slots`); outlives every socket in
+    /// `sockets` (see `Drop`).
+    rx_slots: Slots,
+    tx_slots: Slots,
+}
+
+impl Drop for FlowEngine {
+    fn drop(&mut self) {
+        // Sockets borrow slot memory: drop them before the slot pools.
+        self.sockets = SocketSet::new(Vec::new());
+    }
 }
 
 impl FlowEngine {
@@ -361,7 +376,6 @@ impl FlowEngine {
         let _ = iface.routes_mut().add_default_ipv4_route(STACK_V4);
         let _ = iface.routes_mut().add_default_ipv6_route(STACK_V6);
         Self {
-            config,
             epoch: now,
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -375,6 +389,9 @@ impl FlowEngine {
             udp_by_id: HashMap::new(),
             active: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
+            rx_slots: Slots::new(config.tcp_rx_buffer),
+            tx_slots: Slots::new(config.tcp_tx_buffer),
+            config,
         }
     }
 
@@ -543,8 +560,10 @@ impl FlowEngine {
     /// answer the laptop's SYN.
     pub fn accept(&mut self, id: FlowId, now: Instant) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
-        let mut socket = self.new_tcp_socket();
+        let (mut socket, memory) = self.new_tcp_socket();
         if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
+            drop(socket);
+            self.give_back(memory);
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
             return Err(FlowError::InvalidState(id));
         }
@@ -553,6 +572,7 @@ impl FlowEngine {
             id,
             TcpFlow {
                 handle,
+                memory,
                 tuple: (syn.src, syn.dst),
                 active: false,
             },
@@ -570,15 +590,58 @@ impl FlowEngine {
         Ok(())
     }
 
-    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
-        );
+    /// A socket with buffers in slot memory (on the heap if the kernel
+    /// refuses a mapping). The memory must go back with `give_back` after
+    /// the socket is dropped.
+    fn new_tcp_socket(&mut self) -> (tcp::Socket<'static>, Option<(Slot, Slot)>) {
+        let memory = match (self.rx_slots.take(), self.tx_slots.take()) {
+            (Some(rx), Some(tx)) => Some((rx, tx)),
+            (rx, tx) => {
+                // SAFETY: neither slot was leased.
+                unsafe {
+                    if let Some(s) = rx {
+                        self.rx_slots.put(s);
+                    }
+                    if let Some(s) = tx {
+                        self.tx_slots.put(s);
+                    }
+                }
+                None
+            }
+        };
+        let (rx, tx) = match &memory {
+            // SAFETY: one lease per slot; the socket holding the slices is
+            // dropped before the slots go back (`give_back` callers) or
+            // before the pools (`Drop for FlowEngine`). Slots may be larger
+            // than asked (whole pages); the configured sizes are used.
+            Some((rx, tx)) => unsafe {
+                (
+                    tcp::SocketBuffer::new(&mut rx.as_static_slice()[..self.config.tcp_rx_buffer]),
+                    tcp::SocketBuffer::new(&mut tx.as_static_slice()[..self.config.tcp_tx_buffer]),
+                )
+            },
+            None => (
+                tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
+                tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+            ),
+        };
+        let mut socket = tcp::Socket::new(rx, tx);
         // A proxy forwards whatever it has at once; coalescing is the
         // endpoints' business.
         socket.set_nagle_enabled(false);
-        socket
+        (socket, memory)
+    }
+
+    /// Return a dropped socket's buffer memory.
+    fn give_back(&mut self, memory: Option<(Slot, Slot)>) {
+        if let Some((rx, tx)) = memory {
+            // SAFETY: the socket that borrowed them is gone (callers drop
+            // or remove it first).
+            unsafe {
+                self.rx_slots.put(rx);
+                self.tx_slots.put(tx);
+            }
+        }
     }
 
     /// Open a TCP connection from `local_ip` (the gateway's own tunnel
@@ -602,16 +665,19 @@ impl FlowEngine {
             return Err(unaddressable);
         }
         let local = self.free_port(local_ip, remote)?;
-        let mut socket = self.new_tcp_socket();
-        socket
-            .connect(self.iface.context(), remote, local)
-            .map_err(|_| unaddressable)?;
+        let (mut socket, memory) = self.new_tcp_socket();
+        if socket.connect(self.iface.context(), remote, local).is_err() {
+            drop(socket);
+            self.give_back(memory);
+            return Err(unaddressable);
+        }
         let handle = self.sockets.add(socket);
         let id = self.new_id();
         self.tcp.insert(
             id,
             TcpFlow {
                 handle,
+                memory,
                 tuple: (remote, local),
                 active: false,
             },
@@ -739,7 +805,8 @@ impl FlowEngine {
     /// (or after `tcp_abort` and an `egress`, so the RST goes out first).
     pub fn release(&mut self, id: FlowId) {
         if let Some(flow) = self.tcp.remove(&id) {
-            self.sockets.remove(flow.handle);
+            drop(self.sockets.remove(flow.handle));
+            self.give_back(flow.memory);
             self.tcp_by_tuple.remove(&flow.tuple);
         }
         if let Some(syn) = self.pending.remove(&id) {
