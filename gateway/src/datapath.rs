@@ -1079,6 +1079,7 @@ impl Datapath {
             }
             self.service_tcp(id);
         }
+        self.flows.probe_stalled_flows();
         let udp = &mut self.udp;
         self.flows.expire(now, |id| {
             udp.remove(&id);

@@ -61,6 +61,9 @@ pub use smoltcp::socket::tcp::State as TcpState;
 const STACK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
 const STACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb0, 0, 0, 0, 0, 0, 1);
 const HOP_LIMIT: u8 = 64;
+/// How soon a flow holding bytes for a silent laptop asks for its window
+/// again (see [`FlowEngine::probe_stalled_flows`]).
+pub const STALL_PROBE: Duration = Duration::from_secs(1);
 /// Local ports of connections the gateway opens to laptops (IANA's dynamic
 /// range, as most kernels use).
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
@@ -535,6 +538,28 @@ impl FlowEngine {
             if let Some(flow) = self.tcp.get_mut(&id) {
                 flow.active = false;
                 out.push(id);
+            }
+        }
+    }
+
+    /// Arm a keep-alive on every TCP flow that holds bytes for its laptop
+    /// (unsent or unacknowledged), and disarm it on the others. Call from
+    /// a periodic sweep (about once a second).
+    ///
+    /// Why: smoltcp 0.14 can fall silent for good with data queued. When
+    /// its retransmission timer fires while the laptop's window is closed,
+    /// nothing can be resent and the timer goes idle; if the laptop's next
+    /// window update is lost (or the window closed without an ACK that
+    /// starts smoltcp's window probes), neither side sends again until the
+    /// laptop's application gives up. A keep-alive makes the laptop answer
+    /// with its current window within [`STALL_PROBE`]. Flows with empty
+    /// send buffers (idle ones) send nothing.
+    pub fn probe_stalled_flows(&mut self) {
+        for flow in self.tcp.values() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+            let want = (socket.send_queue() > 0).then_some(STALL_PROBE.into());
+            if socket.keep_alive() != want {
+                socket.set_keep_alive(want);
             }
         }
     }
@@ -1104,6 +1129,85 @@ mod tests {
         assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
         e.release(id);
         assert_eq!(e.tcp_state(id), None);
+    }
+
+    /// Every segment the engine emits until `until`, stepping the fake
+    /// clock by `step`.
+    fn run_clock(e: &mut FlowEngine, from: Instant, until: Instant, step: Duration) -> Vec<Seg> {
+        let mut segs = Vec::new();
+        let mut now = from;
+        while now < until {
+            e.probe_stalled_flows();
+            segs.extend(drain(e, now).iter().map(|p| parse_tcp(p)));
+            now += step;
+        }
+        segs
+    }
+
+    #[test]
+    fn a_flow_with_unacknowledged_data_keeps_asking_a_silent_laptop() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let id = new_flow(&mut e, t0);
+        e.accept(id, t0).expect("pending");
+        let synack = parse_tcp(&drain(&mut e, t0)[0]);
+        let mut ack = syn_repr(1001);
+        ack.control = TcpControl::None;
+        ack.ack_number = Some(synack.seq + 1);
+        ack.window_scale = None;
+        ack.max_seg_size = None;
+        ack.sack_permitted = false;
+        // 31 × 128 (the SYN's window scale 7) = 3968 bytes.
+        ack.window_len = 31;
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+
+        // Gateway → laptop: more than the laptop's window.
+        assert_eq!(e.tcp_send(id, &[7; 20_000]), Ok(20_000));
+        let sent = run_clock(
+            &mut e,
+            t0,
+            t0 + Duration::from_millis(1),
+            Duration::from_millis(1),
+        );
+        let in_flight: usize = sent.iter().map(|s| s.payload.len()).sum();
+        assert!(in_flight > 0 && in_flight <= 4000, "{in_flight}");
+        // A window update closes the window without acknowledging anything
+        // (the laptop's application stopped reading), then the laptop goes
+        // quiet; its later window update is lost.
+        ack.window_len = 0;
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        let later = run_clock(
+            &mut e,
+            t1,
+            t1 + Duration::from_secs(120),
+            Duration::from_millis(250),
+        );
+        // The engine must keep soliciting the laptop's window (retransmit,
+        // window probe or keep-alive), not fall silent for good. (Without
+        // `probe_stalled_flows`, smoltcp 0.14 sends nothing at all here.)
+        assert!(!later.is_empty(), "nothing sent in 120 s");
+        let tail = run_clock(
+            &mut e,
+            t1 + Duration::from_secs(120),
+            t1 + Duration::from_secs(240),
+            Duration::from_millis(250),
+        );
+        assert!(
+            !tail.is_empty(),
+            "silent for good after {} segments: {later:?}",
+            later.len()
+        );
+        // The laptop answers a probe with its reopened window: data flows.
+        ack.window_len = 31;
+        let t2 = t1 + Duration::from_secs(240);
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t2);
+        let resumed: usize = drain(&mut e, t2)
+            .iter()
+            .map(|p| parse_tcp(p).payload.len())
+            .sum();
+        assert!(resumed > 0, "no data after the window reopened");
     }
 
     #[test]
