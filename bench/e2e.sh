@@ -67,6 +67,7 @@
 #      MEASURES="tcp1 tcp4 tcpR wrk-c1 wrk-conn echo get100m" (the default: all;
 #             name some to run only those, e.g. MEASURES= FLOWS=10000 for the
 #             flows test alone, MEASURES=get100m REPS=10 for the download)
+#      B_GW_ARGS="" (extra burrow-gateway flags, e.g. --tcp-buffer 65536)
 #      MAX_SECONDS=4200 (whole run is bounded by this), KEEP_WORK=0,
 #      HOLD=1 (build topology + servers, set up the first PATH named, then wait;
 #             for profiling: e.g. HOLD=1 bash bench/e2e.sh burrow)
@@ -830,7 +831,7 @@ EOF
   bg "$NS_GW" burrow-gw bash -c "ulimit -n $NOFILE && exec setpriv --reuid=$B_UID --regid=$B_UID --clear-groups \
     --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs \
     '$BURROW_GW' --config '$GWDIR/gw.conf' --wg-port $B_WG_PORT --framed-port $B_FRAMED_PORT \
-    --metrics-port $B_METRICS_PORT"
+    --metrics-port $B_METRICS_PORT ${B_GW_ARGS:-}"
   B_GW_PID=$(cat "$WORK/burrow-gw.pid")
   wait_for 10 listening "$NS_GW" "$B_METRICS_PORT" || { tail -5 "$WORK/burrow-gw.log" >&2; return 1; }
   echo "burrow-gateway runs as $(awk '/^Uid:/{printf "uid %s", $2} /^CapEff:/{printf ", CapEff %s", $2} /^CapBnd:/{printf ", CapBnd %s", $2} /^NoNewPrivs:/{printf ", NoNewPrivs %s", $2}' "/proc/$B_GW_PID/status"), fd limit $(awk '/open files/{print $4}' "/proc/$B_GW_PID/limits")" >>"$NOTES"

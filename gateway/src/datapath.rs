@@ -76,7 +76,10 @@ impl Default for DatapathConfig {
             mtu: 1420,
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
-            tcp_buffer: 64 * 1024,
+            // Socket buffers cost only the pages bytes touch (see
+            // burrow_netstack's slots), so a window large enough for one
+            // stream does not make idle flows expensive.
+            tcp_buffer: 256 * 1024,
             tunnel_address: None,
         }
     }
@@ -901,10 +904,9 @@ impl Datapath {
                 flow.laptop_eof = true;
                 break;
             }
-            let mut data = vec![0; queued.min(CHUNK)];
-            match self.flows.tcp_recv(id, &mut data) {
+            let mut data = Vec::with_capacity(queued.min(CHUNK));
+            match self.flows.tcp_recv_append(id, &mut data, CHUNK) {
                 Ok(TcpRead::Data(n)) => {
-                    data.truncate(n);
                     self.stats.tcp_bytes_to_cluster += n as u64;
                     permit.send(ToCluster::Data(data));
                 }

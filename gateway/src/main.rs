@@ -61,6 +61,12 @@ struct Cli {
     /// then times out too).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_duration)]
     dial_timeout: Duration,
+    /// Per-flow TCP receive and send buffer, bytes: the most a flow keeps
+    /// in flight each way (its window). Memory follows the bytes actually
+    /// buffered, so idle flows cost little whatever the size.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
+    tcp_buffer: u32,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -137,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             datapath: DatapathConfig {
                 mtu: usize::from(cli.mtu),
                 dial_timeout: cli.dial_timeout,
+                tcp_buffer: cli.tcp_buffer as usize,
                 ..DatapathConfig::default()
             },
             control: ControlConfig {

@@ -814,6 +814,40 @@ impl FlowEngine {
         }
     }
 
+    /// Like [`FlowEngine::tcp_recv`], appending at most `max` bytes to
+    /// `out` straight from smoltcp's buffer (no zero-filled scratch buffer
+    /// and second copy in between).
+    pub fn tcp_recv_append(
+        &mut self,
+        id: FlowId,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<TcpRead, FlowError> {
+        let socket = self.socket(id)?;
+        let mut total = 0;
+        // Twice at most: the ring buffer's bytes may wrap around.
+        while total < max {
+            let room = max - total;
+            let taken = socket.recv(|data| {
+                let n = data.len().min(room);
+                out.extend_from_slice(&data[..n]);
+                (n, n)
+            });
+            match taken {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(tcp::RecvError::Finished) if total == 0 => return Ok(TcpRead::Eof),
+                Err(tcp::RecvError::Finished) => break,
+                Err(tcp::RecvError::InvalidState) => return Err(FlowError::InvalidState(id)),
+            }
+        }
+        Ok(if total == 0 {
+            TcpRead::WouldBlock
+        } else {
+            TcpRead::Data(total)
+        })
+    }
+
     /// Close the sending half towards the laptop (FIN after buffered data).
     pub fn tcp_close(&mut self, id: FlowId) -> Result<(), FlowError> {
         self.socket(id)?.close();
@@ -1100,8 +1134,11 @@ mod tests {
         let room = e.tcp_send_room(id).expect("accepted");
         assert_eq!(room, 64 * 1024);
         let mut buf = [0u8; 64];
-        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Data(18)));
-        assert_eq!(&buf[..18], b"GET / HTTP/1.0\r\n\r\n");
+        let mut got = Vec::new();
+        assert_eq!(e.tcp_recv_append(id, &mut got, 4), Ok(TcpRead::Data(4)));
+        assert_eq!(e.tcp_recv_append(id, &mut got, 64), Ok(TcpRead::Data(14)));
+        assert_eq!(got, b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(e.tcp_recv_append(id, &mut got, 64), Ok(TcpRead::WouldBlock));
         assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::WouldBlock));
 
         // Gateway → laptop, then FIN.
