@@ -909,9 +909,14 @@ run_flows() {
   fi
   wait_for 60 bash -c "! kill -0 $(cat "$WORK/flows-cli.pid") 2>/dev/null"
   kill "$(cat "$WORK/flows-cli.pid")" 2>/dev/null
-  sleep 5
+  # wait (at most 60 s) until the gateway has let go of every flow
+  local waited=0
+  while [ $waited -lt 60 ] && ! b_metrics | grep -qx 'burrow_gateway_flows_open{proto="tcp"} 0'; do
+    sleep 1; waited=$((waited + 1))
+  done
+  sleep 2
   rec "$p" flows_rss_gw_closed 1 "$(mib "$gw" VmRSS)"
-  echo "$p flows: after closing, gateway: $(b_metrics | grep -E '^burrow_gateway_(flows_open|dials_pending)' | tr '\n' ' ')" >>"$NOTES"
+  echo "$p flows: $waited s after the client exited, gateway: $(b_metrics | grep -E '^burrow_gateway_(flows_open|dials_pending)' | tr '\n' ' ')" >>"$NOTES"
   log "  $p flows: echoed $echo_line; gateway RSS after closing $(mib "$gw" VmRSS) MiB"
   kill "$(cat "$WORK/flows-srv.pid")" 2>/dev/null
 }

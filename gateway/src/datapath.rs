@@ -77,9 +77,10 @@ impl Default for DatapathConfig {
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             // Socket buffers cost only the pages bytes touch (see
-            // burrow_netstack's slots), so a window large enough for one
-            // stream does not make idle flows expensive.
-            tcp_buffer: 256 * 1024,
+            // burrow_netstack's slots), so a larger size would not make
+            // idle flows expensive; but 256 KiB measured slower for a
+            // single laptop → cluster stream than 64 KiB (BENCHMARKS.md).
+            tcp_buffer: 64 * 1024,
             tunnel_address: None,
         }
     }

@@ -64,7 +64,7 @@ struct Cli {
     /// Per-flow TCP receive and send buffer, bytes: the most a flow keeps
     /// in flight each way (its window). Memory follows the bytes actually
     /// buffered, so idle flows cost little whatever the size.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     tcp_buffer: u32,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
