@@ -64,6 +64,10 @@
 # Env: REPS=3 DUR=10 RESULTS=/tmp/burrow-e2e-results.md
 #      BURROW_BIN_DIR=<repo>/target/release (holds burrow and burrow-gateway)
 #      FLOWS=10000 (0: skip the flows test)  FLOWS_CONC=256 (connects in flight)
+#      MEASURES="tcp1 tcp4 tcpR wrk-c1 wrk-conn echo get100m" (the default: all;
+#             name some to run only those, e.g. MEASURES= FLOWS=10000 for the
+#             flows test alone, MEASURES=get100m REPS=10 for the download)
+#      B_GW_ARGS="" (extra burrow-gateway flags, e.g. --tcp-buffer 65536)
 #      MAX_SECONDS=4200 (whole run is bounded by this), KEEP_WORK=0,
 #      HOLD=1 (build topology + servers, set up the first PATH named, then wait;
 #             for profiling: e.g. HOLD=1 bash bench/e2e.sh burrow)
@@ -85,6 +89,7 @@ MAX_SECONDS=${MAX_SECONDS:-4200}
 BURROW_BIN_DIR=${BURROW_BIN_DIR:-$REPO/target/release}
 FLOWS=${FLOWS:-10000}
 FLOWS_CONC=${FLOWS_CONC:-256}
+MEASURES=${MEASURES-tcp1 tcp4 tcpR wrk-c1 wrk-conn echo get100m}
 DEFAULT_PATHS="direct burrow wggo sshuttle onetun"
 
 # Bound the whole run in time: re-exec under timeout(1); the EXIT/TERM trap tears down.
@@ -826,7 +831,7 @@ EOF
   bg "$NS_GW" burrow-gw bash -c "ulimit -n $NOFILE && exec setpriv --reuid=$B_UID --regid=$B_UID --clear-groups \
     --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs \
     '$BURROW_GW' --config '$GWDIR/gw.conf' --wg-port $B_WG_PORT --framed-port $B_FRAMED_PORT \
-    --metrics-port $B_METRICS_PORT"
+    --metrics-port $B_METRICS_PORT ${B_GW_ARGS:-}"
   B_GW_PID=$(cat "$WORK/burrow-gw.pid")
   wait_for 10 listening "$NS_GW" "$B_METRICS_PORT" || { tail -5 "$WORK/burrow-gw.log" >&2; return 1; }
   echo "burrow-gateway runs as $(awk '/^Uid:/{printf "uid %s", $2} /^CapEff:/{printf ", CapEff %s", $2} /^CapBnd:/{printf ", CapBnd %s", $2} /^NoNewPrivs:/{printf ", NoNewPrivs %s", $2}' "/proc/$B_GW_PID/status"), fd limit $(awk '/open files/{print $4}' "/proc/$B_GW_PID/limits")" >>"$NOTES"
@@ -904,8 +909,14 @@ run_flows() {
   fi
   wait_for 60 bash -c "! kill -0 $(cat "$WORK/flows-cli.pid") 2>/dev/null"
   kill "$(cat "$WORK/flows-cli.pid")" 2>/dev/null
-  sleep 5
+  # wait (at most 60 s) until the gateway has let go of every flow
+  local waited=0
+  while [ $waited -lt 60 ] && ! b_metrics | grep -qx 'burrow_gateway_flows_open{proto="tcp"} 0'; do
+    sleep 1; waited=$((waited + 1))
+  done
+  sleep 2
   rec "$p" flows_rss_gw_closed 1 "$(mib "$gw" VmRSS)"
+  echo "$p flows: $waited s after the client exited, gateway: $(b_metrics | grep -E '^burrow_gateway_(flows_open|dials_pending)' | tr '\n' ' ')" >>"$NOTES"
   log "  $p flows: echoed $echo_line; gateway RSS after closing $(mib "$gw" VmRSS) MiB"
   kill "$(cat "$WORK/flows-srv.pid")" 2>/dev/null
 }
@@ -1030,6 +1041,7 @@ hooked() {  # hooked PATH LABEL cmd... : optional fresh_PATH before and after_PA
   "$@"
   if declare -F "after_$p" >/dev/null; then "after_$p" "$label"; fi
 }
+m_on() { case " $MEASURES " in *" $1 "*) return 0 ;; esac; return 1; }
 measure_path() {
   local p=$1 rep
   log "== $p: setup"
@@ -1040,13 +1052,13 @@ measure_path() {
     "teardown_$p"; return
   fi
   for rep in $(seq "$REPS"); do
-    hooked "$p" "tcp1 #$rep" run_iperf "$p" tcp1 "$rep"
-    hooked "$p" "tcp4 #$rep" run_iperf "$p" tcp4 "$rep" -P 4
-    hooked "$p" "tcpR #$rep" run_iperf "$p" tcpR "$rep" -R
-    hooked "$p" "wrk-c1 #$rep" run_wrk_lat "$p" "$rep"
-    hooked "$p" "wrk-conn #$rep" run_wrk_conn "$p" "$rep"
-    hooked "$p" "echo #$rep" run_echo "$p" "$rep"
-    hooked "$p" "get100m #$rep" run_get "$p" "$rep"
+    m_on tcp1 && hooked "$p" "tcp1 #$rep" run_iperf "$p" tcp1 "$rep"
+    m_on tcp4 && hooked "$p" "tcp4 #$rep" run_iperf "$p" tcp4 "$rep" -P 4
+    m_on tcpR && hooked "$p" "tcpR #$rep" run_iperf "$p" tcpR "$rep" -R
+    m_on wrk-c1 && hooked "$p" "wrk-c1 #$rep" run_wrk_lat "$p" "$rep"
+    m_on wrk-conn && hooked "$p" "wrk-conn #$rep" run_wrk_conn "$p" "$rep"
+    m_on echo && hooked "$p" "echo #$rep" run_echo "$p" "$rep"
+    m_on get100m && hooked "$p" "get100m #$rep" run_get "$p" "$rep"
   done
   if declare -F "post_$p" >/dev/null; then "post_$p"; fi
   log "== $p: teardown"

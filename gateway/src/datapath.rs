@@ -76,6 +76,10 @@ impl Default for DatapathConfig {
             mtu: 1420,
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
+            // Socket buffers cost only the pages bytes touch (see
+            // burrow_netstack's slots), so a larger size would not make
+            // idle flows expensive; but 256 KiB measured slower for a
+            // single laptop → cluster stream than 64 KiB (BENCHMARKS.md).
             tcp_buffer: 64 * 1024,
             tunnel_address: None,
         }
@@ -906,10 +910,9 @@ impl Datapath {
                 flow.laptop_eof = true;
                 break;
             }
-            let mut data = vec![0; queued.min(CHUNK)];
-            match self.flows.tcp_recv(id, &mut data) {
+            let mut data = Vec::with_capacity(queued.min(CHUNK));
+            match self.flows.tcp_recv_append(id, &mut data, CHUNK) {
                 Ok(TcpRead::Data(n)) => {
-                    data.truncate(n);
                     self.stats.tcp_bytes_to_cluster += n as u64;
                     permit.send(ToCluster::Data(data));
                 }
@@ -1084,6 +1087,7 @@ impl Datapath {
             }
             self.service_tcp(id);
         }
+        self.flows.probe_stalled_flows();
         let udp = &mut self.udp;
         self.flows.expire(now, |id| {
             udp.remove(&id);

@@ -61,6 +61,16 @@ struct Cli {
     /// then times out too).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_duration)]
     dial_timeout: Duration,
+    /// Per-flow TCP receive and send buffer, bytes: the most a flow keeps
+    /// in flight each way (its window). Memory follows the bytes actually
+    /// buffered, so idle flows cost little whatever the size.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
+    tcp_buffer: u32,
+    /// Threads for the per-flow socket tasks beside the data path's own;
+    /// 0 runs everything on the data path's thread.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    worker_threads: usize,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -111,13 +121,19 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     let wg = config::load(&cli.config)?;
     let wg_port = cli.wg_port.or(wg.listen_port).unwrap_or(51820);
-    // The data path is one task; a second worker serves the per-flow
-    // socket tasks and metrics.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // The data path is one task; worker threads serve the per-flow socket
+    // tasks and metrics. With 0 everything shares the data path's thread
+    // (no cross-thread wake-ups, one core).
+    let runtime = match cli.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let mut listeners =
             Listeners::bind(cli.listen, wg_port, cli.framed_port, Some(cli.metrics_port)).await?;
@@ -137,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             datapath: DatapathConfig {
                 mtu: usize::from(cli.mtu),
                 dial_timeout: cli.dial_timeout,
+                tcp_buffer: cli.tcp_buffer as usize,
                 ..DatapathConfig::default()
             },
             control: ControlConfig {

@@ -50,6 +50,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
+use crate::slots::{Slot, Slots};
 use crate::wire::{self, PROTO_TCP, PROTO_UDP};
 
 pub use smoltcp::socket::tcp::State as TcpState;
@@ -60,6 +61,9 @@ pub use smoltcp::socket::tcp::State as TcpState;
 const STACK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
 const STACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb0, 0, 0, 0, 0, 0, 1);
 const HOP_LIMIT: u8 = 64;
+/// How soon a flow holding bytes for a silent laptop asks for its window
+/// again (see [`FlowEngine::probe_stalled_flows`]).
+pub const STALL_PROBE: Duration = Duration::from_secs(1);
 /// Local ports of connections the gateway opens to laptops (IANA's dynamic
 /// range, as most kernels use).
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
@@ -178,6 +182,9 @@ struct PendingSyn {
 
 struct TcpFlow {
     handle: SocketHandle,
+    /// The socket's receive and send buffers (`None`: on the heap, when
+    /// the kernel refused a mapping).
+    memory: Option<(Slot, Slot)>,
     tuple: Tuple,
     /// Already listed in `FlowEngine::active`.
     active: bool,
@@ -338,6 +345,17 @@ pub struct FlowEngine {
     active: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
     next_port: u16,
+    /// Socket buffer memory (see `slots`); outlives every socket in
+    /// `sockets` (see `Drop`).
+    rx_slots: Slots,
+    tx_slots: Slots,
+}
+
+impl Drop for FlowEngine {
+    fn drop(&mut self) {
+        // Sockets borrow slot memory: drop them before the slot pools.
+        self.sockets = SocketSet::new(Vec::new());
+    }
 }
 
 impl FlowEngine {
@@ -361,7 +379,6 @@ impl FlowEngine {
         let _ = iface.routes_mut().add_default_ipv4_route(STACK_V4);
         let _ = iface.routes_mut().add_default_ipv6_route(STACK_V6);
         Self {
-            config,
             epoch: now,
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -375,6 +392,9 @@ impl FlowEngine {
             udp_by_id: HashMap::new(),
             active: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
+            rx_slots: Slots::new(config.tcp_rx_buffer),
+            tx_slots: Slots::new(config.tcp_tx_buffer),
+            config,
         }
     }
 
@@ -534,6 +554,28 @@ impl FlowEngine {
         (tcp, udp)
     }
 
+    /// Arm a keep-alive on every TCP flow that holds bytes for its laptop
+    /// (unsent or unacknowledged), and disarm it on the others. Call from
+    /// a periodic sweep (about once a second).
+    ///
+    /// Why: smoltcp 0.14 can fall silent for good with data queued. When
+    /// its retransmission timer fires while the laptop's window is closed,
+    /// nothing can be resent and the timer goes idle; if the laptop's next
+    /// window update is lost (or the window closed without an ACK that
+    /// starts smoltcp's window probes), neither side sends again until the
+    /// laptop's application gives up. A keep-alive makes the laptop answer
+    /// with its current window within [`STALL_PROBE`]. Flows with empty
+    /// send buffers (idle ones) send nothing.
+    pub fn probe_stalled_flows(&mut self) {
+        for flow in self.tcp.values() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
+            let want = (socket.send_queue() > 0).then_some(STALL_PROBE.into());
+            if socket.keep_alive() != want {
+                socket.set_keep_alive(want);
+            }
+        }
+    }
+
     /// Every accepted TCP flow, for periodic sweeps (timeouts close flows
     /// during `egress` without any segment arriving).
     pub fn tcp_flows(&self) -> impl Iterator<Item = FlowId> + '_ {
@@ -555,8 +597,10 @@ impl FlowEngine {
     /// answer the laptop's SYN.
     pub fn accept(&mut self, id: FlowId, now: Instant) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
-        let mut socket = self.new_tcp_socket();
+        let (mut socket, memory) = self.new_tcp_socket();
         if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
+            drop(socket);
+            self.give_back(memory);
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
             return Err(FlowError::InvalidState(id));
         }
@@ -565,6 +609,7 @@ impl FlowEngine {
             id,
             TcpFlow {
                 handle,
+                memory,
                 tuple: (syn.src, syn.dst),
                 active: false,
             },
@@ -582,15 +627,58 @@ impl FlowEngine {
         Ok(())
     }
 
-    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
-        );
+    /// A socket with buffers in slot memory (on the heap if the kernel
+    /// refuses a mapping). The memory must go back with `give_back` after
+    /// the socket is dropped.
+    fn new_tcp_socket(&mut self) -> (tcp::Socket<'static>, Option<(Slot, Slot)>) {
+        let memory = match (self.rx_slots.take(), self.tx_slots.take()) {
+            (Some(rx), Some(tx)) => Some((rx, tx)),
+            (rx, tx) => {
+                // SAFETY: neither slot was leased.
+                unsafe {
+                    if let Some(s) = rx {
+                        self.rx_slots.put(s);
+                    }
+                    if let Some(s) = tx {
+                        self.tx_slots.put(s);
+                    }
+                }
+                None
+            }
+        };
+        let (rx, tx) = match &memory {
+            // SAFETY: one lease per slot; the socket holding the slices is
+            // dropped before the slots go back (`give_back` callers) or
+            // before the pools (`Drop for FlowEngine`). Slots may be larger
+            // than asked (whole pages); the configured sizes are used.
+            Some((rx, tx)) => unsafe {
+                (
+                    tcp::SocketBuffer::new(&mut rx.as_static_slice()[..self.config.tcp_rx_buffer]),
+                    tcp::SocketBuffer::new(&mut tx.as_static_slice()[..self.config.tcp_tx_buffer]),
+                )
+            },
+            None => (
+                tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
+                tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+            ),
+        };
+        let mut socket = tcp::Socket::new(rx, tx);
         // A proxy forwards whatever it has at once; coalescing is the
         // endpoints' business.
         socket.set_nagle_enabled(false);
-        socket
+        (socket, memory)
+    }
+
+    /// Return a dropped socket's buffer memory.
+    fn give_back(&mut self, memory: Option<(Slot, Slot)>) {
+        if let Some((rx, tx)) = memory {
+            // SAFETY: the socket that borrowed them is gone (callers drop
+            // or remove it first).
+            unsafe {
+                self.rx_slots.put(rx);
+                self.tx_slots.put(tx);
+            }
+        }
     }
 
     /// Open a TCP connection from `local_ip` (the gateway's own tunnel
@@ -614,16 +702,19 @@ impl FlowEngine {
             return Err(unaddressable);
         }
         let local = self.free_port(local_ip, remote)?;
-        let mut socket = self.new_tcp_socket();
-        socket
-            .connect(self.iface.context(), remote, local)
-            .map_err(|_| unaddressable)?;
+        let (mut socket, memory) = self.new_tcp_socket();
+        if socket.connect(self.iface.context(), remote, local).is_err() {
+            drop(socket);
+            self.give_back(memory);
+            return Err(unaddressable);
+        }
         let handle = self.sockets.add(socket);
         let id = self.new_id();
         self.tcp.insert(
             id,
             TcpFlow {
                 handle,
+                memory,
                 tuple: (remote, local),
                 active: false,
             },
@@ -735,6 +826,40 @@ impl FlowEngine {
         }
     }
 
+    /// Like [`FlowEngine::tcp_recv`], appending at most `max` bytes to
+    /// `out` straight from smoltcp's buffer (no zero-filled scratch buffer
+    /// and second copy in between).
+    pub fn tcp_recv_append(
+        &mut self,
+        id: FlowId,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<TcpRead, FlowError> {
+        let socket = self.socket(id)?;
+        let mut total = 0;
+        // Twice at most: the ring buffer's bytes may wrap around.
+        while total < max {
+            let room = max - total;
+            let taken = socket.recv(|data| {
+                let n = data.len().min(room);
+                out.extend_from_slice(&data[..n]);
+                (n, n)
+            });
+            match taken {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(tcp::RecvError::Finished) if total == 0 => return Ok(TcpRead::Eof),
+                Err(tcp::RecvError::Finished) => break,
+                Err(tcp::RecvError::InvalidState) => return Err(FlowError::InvalidState(id)),
+            }
+        }
+        Ok(if total == 0 {
+            TcpRead::WouldBlock
+        } else {
+            TcpRead::Data(total)
+        })
+    }
+
     /// Close the sending half towards the laptop (FIN after buffered data).
     pub fn tcp_close(&mut self, id: FlowId) -> Result<(), FlowError> {
         self.socket(id)?.close();
@@ -751,7 +876,8 @@ impl FlowEngine {
     /// (or after `tcp_abort` and an `egress`, so the RST goes out first).
     pub fn release(&mut self, id: FlowId) {
         if let Some(flow) = self.tcp.remove(&id) {
-            self.sockets.remove(flow.handle);
+            drop(self.sockets.remove(flow.handle));
+            self.give_back(flow.memory);
             self.tcp_by_tuple.remove(&flow.tuple);
         }
         if let Some(syn) = self.pending.remove(&id) {
@@ -1020,8 +1146,11 @@ mod tests {
         let room = e.tcp_send_room(id).expect("accepted");
         assert_eq!(room, 64 * 1024);
         let mut buf = [0u8; 64];
-        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Data(18)));
-        assert_eq!(&buf[..18], b"GET / HTTP/1.0\r\n\r\n");
+        let mut got = Vec::new();
+        assert_eq!(e.tcp_recv_append(id, &mut got, 4), Ok(TcpRead::Data(4)));
+        assert_eq!(e.tcp_recv_append(id, &mut got, 64), Ok(TcpRead::Data(14)));
+        assert_eq!(got, b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(e.tcp_recv_append(id, &mut got, 64), Ok(TcpRead::WouldBlock));
         assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::WouldBlock));
 
         // Gateway → laptop, then FIN.
@@ -1049,6 +1178,85 @@ mod tests {
         assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
         e.release(id);
         assert_eq!(e.tcp_state(id), None);
+    }
+
+    /// Every segment the engine emits until `until`, stepping the fake
+    /// clock by `step`.
+    fn run_clock(e: &mut FlowEngine, from: Instant, until: Instant, step: Duration) -> Vec<Seg> {
+        let mut segs = Vec::new();
+        let mut now = from;
+        while now < until {
+            e.probe_stalled_flows();
+            segs.extend(drain(e, now).iter().map(|p| parse_tcp(p)));
+            now += step;
+        }
+        segs
+    }
+
+    #[test]
+    fn a_flow_with_unacknowledged_data_keeps_asking_a_silent_laptop() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let id = new_flow(&mut e, t0);
+        e.accept(id, t0).expect("pending");
+        let synack = parse_tcp(&drain(&mut e, t0)[0]);
+        let mut ack = syn_repr(1001);
+        ack.control = TcpControl::None;
+        ack.ack_number = Some(synack.seq + 1);
+        ack.window_scale = None;
+        ack.max_seg_size = None;
+        ack.sack_permitted = false;
+        // 31 × 128 (the SYN's window scale 7) = 3968 bytes.
+        ack.window_len = 31;
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+
+        // Gateway → laptop: more than the laptop's window.
+        assert_eq!(e.tcp_send(id, &[7; 20_000]), Ok(20_000));
+        let sent = run_clock(
+            &mut e,
+            t0,
+            t0 + Duration::from_millis(1),
+            Duration::from_millis(1),
+        );
+        let in_flight: usize = sent.iter().map(|s| s.payload.len()).sum();
+        assert!(in_flight > 0 && in_flight <= 4000, "{in_flight}");
+        // A window update closes the window without acknowledging anything
+        // (the laptop's application stopped reading), then the laptop goes
+        // quiet; its later window update is lost.
+        ack.window_len = 0;
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        let later = run_clock(
+            &mut e,
+            t1,
+            t1 + Duration::from_secs(120),
+            Duration::from_millis(250),
+        );
+        // The engine must keep soliciting the laptop's window (retransmit,
+        // window probe or keep-alive), not fall silent for good. (Without
+        // `probe_stalled_flows`, smoltcp 0.14 sends nothing at all here.)
+        assert!(!later.is_empty(), "nothing sent in 120 s");
+        let tail = run_clock(
+            &mut e,
+            t1 + Duration::from_secs(120),
+            t1 + Duration::from_secs(240),
+            Duration::from_millis(250),
+        );
+        assert!(
+            !tail.is_empty(),
+            "silent for good after {} segments: {later:?}",
+            later.len()
+        );
+        // The laptop answers a probe with its reopened window: data flows.
+        ack.window_len = 31;
+        let t2 = t1 + Duration::from_secs(240);
+        e.ingress(&tcp_packet(LAPTOP, SERVICE, &ack), t2);
+        let resumed: usize = drain(&mut e, t2)
+            .iter()
+            .map(|p| parse_tcp(p).payload.len())
+            .sum();
+        assert!(resumed > 0, "no data after the window reopened");
     }
 
     #[test]

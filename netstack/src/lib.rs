@@ -23,6 +23,8 @@
 //!   parsed with file and line in every error.
 //! - [`flow`]: the smoltcp flow engine: inbound IP packets become TCP/UDP
 //!   flows the driver accepts or refuses, flow bytes become IP packets.
+//!   Its socket buffers live in page slots (`slots`) that cost memory only
+//!   where bytes touched them and go back to the kernel on release.
 //!
 //! Thin drivers beside the core: [`udp_batch`], `recvmmsg`/`sendmmsg` on a
 //! tokio UDP socket into buffers allocated once (the WireGuard socket of both
@@ -36,6 +38,7 @@
 
 pub mod flow;
 pub mod framing;
+mod slots;
 pub mod udp_batch;
 pub mod wg;
 pub mod wgconf;

@@ -1,0 +1,205 @@
+//! Memory for the flow engine's TCP socket buffers: fixed-size,
+//! page-aligned slots carved out of large anonymous mappings.
+//!
+//! Why not `vec![0; n]` per buffer: the allocator zeroes (touches) every
+//! page of a 64 KiB buffer up front, so 10,000 idle flows cost about a GiB,
+//! and freed buffers stay with the allocator (fragmented heap) after the
+//! flows close. A slot here is memory the kernel fills with zeros on first
+//! touch: an idle flow costs the page or two its bytes touched, and a
+//! released slot's pages go back to the kernel at once
+//! (`MADV_DONTNEED`). Mappings are never huge-page backed, which would make
+//! one touched byte cost 2 MiB.
+//!
+//! The engine hands a slot to smoltcp as a borrowed slice and must drop the
+//! socket before it puts the slot back; [`Slots`] unmaps everything only
+//! when it is dropped itself, after the engine's sockets.
+
+use std::ptr::NonNull;
+
+/// Slots per mapping: few mappings (the kernel limits their number), little
+/// address space per idle pool.
+const SLOTS_PER_MAPPING: usize = 64;
+
+/// One slot: `len` bytes at `ptr`, owned by whoever holds the `Slot`.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a `Slot` is a unique handle to memory nothing else references
+// until it is turned into a slice; it can move between threads like a Box.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    /// The slot's memory as a slice for smoltcp.
+    ///
+    /// # Safety
+    /// Call once per slot lease; the slice must be dropped before the slot
+    /// goes back with [`Slots::put`] (and the `Slots` must outlive it).
+    pub(crate) unsafe fn as_static_slice(&self) -> &'static mut [u8] {
+        // SAFETY: the caller upholds the lease rules above; the memory is
+        // mapped, initialised (zero-filled by the kernel) and `len` long.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// A pool of equally sized slots.
+pub(crate) struct Slots {
+    slot_len: usize,
+    mappings: Vec<(NonNull<u8>, usize)>,
+    free: Vec<Slot>,
+}
+
+// SAFETY: the pool owns its mappings exclusively; raw pointers are only
+// dereferenced through leases handed out by `take`.
+unsafe impl Send for Slots {}
+
+impl Slots {
+    /// A pool of slots of at least `len` bytes (rounded up to pages).
+    pub(crate) fn new(len: usize) -> Self {
+        let page = page_size();
+        Self {
+            slot_len: len.max(1).div_ceil(page) * page,
+            mappings: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    /// A free slot, mapping more memory when none is left. `None` when the
+    /// kernel refuses the mapping.
+    pub(crate) fn take(&mut self) -> Option<Slot> {
+        if self.free.is_empty() {
+            self.grow()?;
+        }
+        self.free.pop()
+    }
+
+    /// Give a slot back; its pages return to the kernel.
+    ///
+    /// # Safety
+    /// No slice obtained from `slot` may be alive.
+    pub(crate) unsafe fn put(&mut self, slot: Slot) {
+        // SAFETY: the range is inside one of our mappings and, by the
+        // caller's promise, unreferenced. Failure only means the pages stay
+        // resident.
+        unsafe {
+            libc::madvise(slot.ptr.as_ptr().cast(), slot.len, libc::MADV_DONTNEED);
+        }
+        self.free.push(slot);
+    }
+
+    fn grow(&mut self) -> Option<()> {
+        let len = self.slot_len * SLOTS_PER_MAPPING;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made. With transparent huge
+        // pages "always", one touched byte would otherwise cost 2 MiB.
+        unsafe {
+            libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE);
+        }
+        let base = NonNull::new(ptr.cast::<u8>())?;
+        self.mappings.push((base, len));
+        // Handed out lowest address first.
+        for i in (0..SLOTS_PER_MAPPING).rev() {
+            // SAFETY: `i * slot_len < len`: inside the mapping.
+            let ptr = unsafe { base.add(i * self.slot_len) };
+            self.free.push(Slot {
+                ptr,
+                len: self.slot_len,
+            });
+        }
+        Some(())
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        for &(ptr, len) in &self.mappings {
+            // SAFETY: our own mapping; every lease ended before the pool is
+            // dropped (the engine drops its sockets first).
+            unsafe {
+                libc::munmap(ptr.as_ptr().cast(), len);
+            }
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page)
+        .ok()
+        .filter(|&p| p > 0)
+        .unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rss_kib() -> usize {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .map_or(0, |pages| pages * page_size() / 1024)
+    }
+
+    #[test]
+    fn slots_are_zeroed_distinct_and_come_back_zeroed() {
+        let mut slots = Slots::new(10_000);
+        let a = slots.take().expect("mapping");
+        let b = slots.take().expect("mapping");
+        assert!(a.len >= 10_000 && a.len.is_multiple_of(page_size()));
+        // SAFETY: one lease each, dropped before `put`.
+        unsafe {
+            let (sa, sb) = (a.as_static_slice(), b.as_static_slice());
+            assert!(sa.iter().all(|&x| x == 0));
+            sa.fill(7);
+            assert!(sb.iter().all(|&x| x == 0), "slots do not overlap");
+            slots.put(a);
+        }
+        let again = slots.take().expect("reused");
+        // SAFETY: as above.
+        unsafe {
+            assert!(again.as_static_slice().iter().all(|&x| x == 0));
+            slots.put(again);
+            slots.put(b);
+        }
+    }
+
+    #[test]
+    fn untouched_slots_cost_no_memory_and_put_returns_pages() {
+        let mut slots = Slots::new(64 * 1024);
+        let before = rss_kib();
+        let taken: Vec<Slot> = (0..1000).map(|_| slots.take().expect("mapping")).collect();
+        let untouched = rss_kib();
+        // 1000 × 64 KiB = 62.5 MiB of slots; untouched they cost nothing.
+        assert!(untouched < before + 8 * 1024, "{before} → {untouched} KiB");
+        for s in &taken {
+            // SAFETY: lease ends at the end of the statement.
+            unsafe { s.as_static_slice().fill(1) };
+        }
+        let touched = rss_kib();
+        assert!(touched > before + 60 * 1024, "{before} → {touched} KiB");
+        for s in taken {
+            // SAFETY: no slice is alive.
+            unsafe { slots.put(s) };
+        }
+        let returned = rss_kib();
+        assert!(returned < before + 8 * 1024, "{before} → {returned} KiB");
+    }
+}
