@@ -27,8 +27,12 @@ UPSTREAM=${UPSTREAM:-nginx}
 TARGET=${CARGO_TARGET_DIR:-target}
 
 command -v wrk >/dev/null || { echo "httproute.sh: wrk is not installed (apt-get install wrk)" >&2; exit 1; }
-cargo build -q --release -p burrow-gateway --example httproute_bench
-BIN="$TARGET/release/examples/httproute_bench"
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN=$BENCH_BIN # a prebuilt httproute_bench, e.g. to compare two versions
+else
+    cargo build -q --release -p burrow-gateway --example httproute_bench
+    BIN="$TARGET/release/examples/httproute_bench"
+fi
 
 tmp=$(mktemp -d)
 pids=()
@@ -84,7 +88,8 @@ else
 fi
 
 "$BIN" proxy --upstream "$upstream" >"$tmp/proxy.out" &
-pids+=($!)
+proxy_pid=$!
+pids+=($proxy_pid)
 line=$(wait_line "$tmp/proxy.out")
 header=$(echo "$line" | sed 's/.*header=\([^ ]*\).*/\1/')
 splice=$(echo "$line" | sed 's/.*splice=\([^ ]*\).*/\1/')
@@ -94,6 +99,10 @@ curl -fsS "http://$upstream/" >/dev/null
 curl -fsS "http://$splice/" >/dev/null
 curl -fsS -H 'x-burrow-route: bench' "http://$header/" >/dev/null
 curl -fsS "http://$header/" >/dev/null
+
+# CPU time (user + system, clock ticks) used so far by the proxy process.
+proxy_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 # wrk output -> "rps p50_ms p99_ms errors"
 parse() {
@@ -113,18 +122,24 @@ parse() {
 }
 
 run() { # path url [header]
-    local out
+    local out before after
+    before=$(proxy_ticks)
     if [ -n "${3:-}" ]; then
         out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "$3" "$2")
     else
         out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$2")
     fi
-    echo "$1 $(echo "$out" | parse)" | tee -a "$tmp/results"
+    after=$(proxy_ticks)
+    # Proxy CPU per request: less sensitive to machine load than req/s.
+    local requests cpu
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    cpu=$(awk -v t=$((after - before)) -v n="$requests" -v us="$TICK_US" 'BEGIN { printf "%.1f", (n > 0 ? t * us / n : 0) }')
+    echo "$1 $(echo "$out" | parse | awk -v c="$cpu" '{ $4 = c " " $4; print }')" | tee -a "$tmp/results"
 }
 
 echo "# $(date -u +%FT%TZ) nproc $(nproc), kernel $(uname -r), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# upstream: $upstream_desc; wrk -t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds"
-echo "# path rps p50_ms p99_ms errors"
+echo "# path rps p50_ms p99_ms proxy_cpu_us_per_request errors"
 for round in $(seq "$ROUNDS"); do
     run direct "http://$upstream/"
     run splice "http://$splice/"
@@ -138,19 +153,21 @@ python3 - "$tmp/results" <<'EOF'
 import sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
-    path, rps, p50, p99, *_ = line.split()
-    rows.setdefault(path, []).append((float(rps), float(p50), float(p99)))
+    path, rps, p50, p99, cpu, *_ = line.split()
+    rows.setdefault(path, []).append((float(rps), float(p50), float(p99), float(cpu)))
 med = {}
 for path, rs in rows.items():
     rs.sort()
     med[path] = rs[len(rs) // 2]
 d, s = med["direct"], med["splice"]
 print()
-print("| path | req/s (median round) | p50 | p99 | req/s vs direct | req/s vs splice | p50 vs splice | p99 vs splice |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| path | req/s (median round) | p50 | p99 | req/s vs direct | req/s vs splice | p50 vs splice | p99 vs splice | proxy CPU per request (median) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for path in ["direct", "splice", "header", "fallback"]:
-    r, p50, p99 = med[path]
-    print(f"| {path} | {r:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {r/d[0]:.2f} | {r/s[0]:.2f} | {p50/s[1]:.2f} | {p99/s[2]:.2f} |")
+    r, p50, p99, _ = med[path]
+    cpu = statistics.median(x[3] for x in rows[path])
+    cpu = "-" if path == "direct" else f"{cpu:.1f} µs"
+    print(f"| {path} | {r:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {r/d[0]:.2f} | {r/s[0]:.2f} | {p50/s[1]:.2f} | {p99/s[2]:.2f} | {cpu} |")
 print()
 print("all rounds (req/s):", {p: [int(x[0]) for x in rs] for p, rs in rows.items()})
 EOF
