@@ -11,8 +11,12 @@
 //!   [`Rules`] are read from the `watch` for every request, so a rule added
 //!   or removed applies to the next request, also on a keep-alive
 //!   connection.
+//!   It returns an error only for the downstream connection itself (a
+//!   malformed request, a reset): worth a `debug` line, no more.
 //! - [`Dial`] opens a byte stream to an [`Upstream`]; the gateway implements
-//!   it (laptops through the tunnel, cluster pods with TCP).
+//!   it (laptops through the tunnel, cluster pods with TCP). Callers should
+//!   set `TCP_NODELAY` on accepted and dialled sockets: small chunked
+//!   bodies would otherwise wait for Nagle.
 //! - [`splice_or_502`]`(conn, dial, to)` is the global (non-header) HTTP
 //!   mode: raw bytes both ways with no parsing, except that a downstream
 //!   whose upstream cannot be dialled, or closes before answering, gets a
@@ -30,8 +34,11 @@
 //!   upstream and reuses it (HTTP/2: shared by its streams); one that went
 //!   stale is replaced once per request, if the request was not sent yet.
 //! - Bodies stream through hyper in both directions (no buffering, its
-//!   backpressure); `Expect: 100-continue` is answered by hyper when the
-//!   upstream starts reading the body, and forwarded.
+//!   backpressure); `Expect: 100-continue` is answered by the proxy's own
+//!   `100 Continue` once the request is forwarded and its body first read
+//!   (the header is forwarded too; the upstream's interim answer is
+//!   dropped). If the upstream is down, the 502 comes without the body
+//!   being read.
 //! - An HTTP/1.1 `Upgrade` (WebSocket, h2c) or `CONNECT` is routed like any
 //!   request, on a fresh upstream connection; after the upstream's
 //!   `101`/`2xx` the two connections are spliced as raw bytes.
