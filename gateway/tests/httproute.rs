@@ -407,6 +407,34 @@ async fn h1_get(
     seen(resp).await
 }
 
+/// An HTTP/1.1 or HTTP/2 client connection to the proxy.
+enum Client {
+    H1(http1::SendRequest<TestBody>),
+    H2(http2::SendRequest<TestBody>),
+}
+
+type Responding =
+    std::pin::Pin<Box<dyn Future<Output = hyper::Result<Response<Incoming>>> + Send + 'static>>;
+
+impl Client {
+    async fn ready(&mut self) {
+        match self {
+            Client::H1(c) => c.ready().await,
+            Client::H2(c) => c.ready().await,
+        }
+        .expect("proxy connection open")
+    }
+
+    /// Sends `req`; the response arrives through the returned future,
+    /// which borrows nothing.
+    fn start(&mut self, req: Request<TestBody>) -> Responding {
+        match self {
+            Client::H1(c) => Box::pin(c.send_request(req)),
+            Client::H2(c) => Box::pin(c.send_request(req)),
+        }
+    }
+}
+
 async fn curl(args: &[&str]) -> Output {
     tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "30"])
@@ -597,6 +625,131 @@ async fn chunked_upload_and_download_of_mebibytes_arrive_intact() {
 
         // And the connection is still good.
         assert_eq!(h1_get(&mut client, "/who", None).await.body, "cluster");
+    })
+    .await;
+}
+
+/// Bodies are streamed, not collected first: each side sees the first chunk
+/// while the rest does not exist yet (a buffering proxy would hang here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_chunk_by_chunk_both_ways_on_h1_and_h2() {
+    within(async {
+        let world = World::new().await;
+        // Upload: the server reports each chunk as it arrives. Download: the
+        // server sends "first", then the rest only when the test says so.
+        let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let (release_tx, release_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let release_rx = Arc::new(tokio::sync::Mutex::new(release_rx));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let streamer = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (got_tx, release_rx) = (got_tx.clone(), release_rx.clone());
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let (got_tx, release_rx) = (got_tx.clone(), release_rx.clone());
+                    async move {
+                        if req.uri().path() == "/up" {
+                            let mut body = req.into_body();
+                            let mut total = 0;
+                            while let Some(Ok(frame)) = body.frame().await {
+                                if let Ok(data) = frame.into_data() {
+                                    total += data.len();
+                                    let _ = got_tx.send(data);
+                                }
+                            }
+                            return Ok::<_, Infallible>(Response::new(full(total.to_string())));
+                        }
+                        let frames = futures::stream::unfold(0, move |step| {
+                            let release_rx = release_rx.clone();
+                            async move {
+                                let chunk = match step {
+                                    0 => Bytes::from_static(b"first"),
+                                    1 => {
+                                        release_rx.lock().await.recv().await?;
+                                        Bytes::from_static(b"rest")
+                                    }
+                                    _ => return None,
+                                };
+                                Some((Ok::<_, Infallible>(Frame::data(chunk)), step + 1))
+                            }
+                        });
+                        Ok(Response::new(BodyExt::boxed(StreamBody::new(frames))))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), service)
+                        .await;
+                });
+            }
+        });
+        let mut rules = world.rules();
+        rules
+            .rules
+            .insert(0, rule("stream", laptop("streamer", streamer)));
+        let (proxy, _rules) = header_proxy(rules).await;
+
+        for h2 in [false, true] {
+            let mut client = if h2 {
+                Client::H2(h2_client(proxy).await)
+            } else {
+                Client::H1(h1_client(proxy).await)
+            };
+            let version = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+
+            // Download.
+            let req = Request::get(format!("http://{proxy}/down"))
+                .version(version)
+                .header(ROUTE, "stream")
+                .body(Empty::new().boxed())
+                .expect("request");
+            client.ready().await;
+            let mut body = client.start(req).await.expect("response").into_body();
+            let first = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(
+                first.into_data().ok().as_deref(),
+                Some(&b"first"[..]),
+                "h2 {h2}"
+            );
+            release_tx.send(()).expect("server alive");
+            let rest = body.collect().await.expect("the rest").to_bytes();
+            assert_eq!(&rest[..], b"rest", "h2 {h2}");
+
+            // Upload.
+            let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let frames = futures::stream::poll_fn(move |cx| {
+                chunks_rx
+                    .poll_recv(cx)
+                    .map(|c| c.map(|c| Ok::<_, Infallible>(Frame::data(c))))
+            });
+            let req = Request::post(format!("http://{proxy}/up"))
+                .version(version)
+                .header(ROUTE, "stream")
+                .body(BodyExt::boxed(StreamBody::new(frames)))
+                .expect("request");
+            client.ready().await;
+            let response = client.start(req);
+            let response =
+                tokio::spawn(async move { seen(response.await.expect("response")).await.body });
+            chunks_tx.send(Bytes::from_static(b"first")).expect("send");
+            assert_eq!(
+                got_rx.recv().await.as_deref(),
+                Some(&b"first"[..]),
+                "h2 {h2}"
+            );
+            chunks_tx.send(Bytes::from_static(b"rest")).expect("send");
+            assert_eq!(
+                got_rx.recv().await.as_deref(),
+                Some(&b"rest"[..]),
+                "h2 {h2}"
+            );
+            drop(chunks_tx);
+            assert_eq!(response.await.expect("upload task"), "9", "h2 {h2}");
+        }
     })
     .await;
 }
