@@ -1097,6 +1097,28 @@ async fn splice_mode_passes_bytes_and_answers_502_when_nothing_answers() {
             let s = h1_get(&mut client, "/who", Some("bob")).await;
             assert_eq!(s.body, "alice", "splice mode ignores headers");
         }
+        // Megabytes both ways, the upload sent before any answer exists.
+        const N: usize = 3 * 1024 * 1024 + 7;
+        let want = pattern_sha(N).await;
+        let frames = pattern(N).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+        let req = Request::post("/sha")
+            .header("host", "echo")
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .expect("request");
+        client.ready().await.expect("ready");
+        let s = seen(client.send_request(req).await.expect("response")).await;
+        assert_eq!(s.body, format!("{want} {N}"));
+        client.ready().await.expect("ready");
+        let resp = client
+            .send_request(get(&format!("/download?n={N}"), None))
+            .await
+            .expect("response");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), N);
+        assert_eq!(
+            hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref()),
+            want
+        );
         let out = curl(&["--http2-prior-knowledge", &format!("http://{proxy}/who")]).await;
         assert_eq!(String::from_utf8_lossy(&out.stdout), "alice");
 
