@@ -22,6 +22,9 @@
 //! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
 //! - [`laptop`]: TCP connections the gateway opens to laptops through the
 //!   tunnel ([`laptop::LaptopDialer`]);
+//! - [`httproute`]: the HTTP proxy that routes by header for personal
+//!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
+//!   mode's splice with its 502;
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
@@ -39,6 +42,7 @@ pub mod control;
 pub mod datapath;
 pub mod dialer;
 pub mod framed;
+pub mod httproute;
 pub mod laptop;
 pub mod metrics;
 
