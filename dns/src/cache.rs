@@ -79,12 +79,23 @@ pub struct Cache {
 impl Cache {
     /// The answer for `key` and its age in whole seconds, if still fresh.
     pub fn get(&self, key: &Key, now: Instant) -> Option<(Arc<Resolved>, u32)> {
+        self.get_until(key, now).map(|(a, age, _)| (a, age))
+    }
+
+    /// Like [`Cache::get`], plus until when an answer fitted now stays
+    /// exact: the end of the current whole second of age, or the expiry.
+    pub fn get_until(&self, key: &Key, now: Instant) -> Option<(Arc<Resolved>, u32, Instant)> {
         let e = self.entries.get(key)?;
         if now >= e.expires {
             return None;
         }
         let age = now.saturating_duration_since(e.stored).as_secs();
-        Some((e.answer.clone(), u32::try_from(age).unwrap_or(u32::MAX)))
+        let until = (e.stored + Duration::from_secs(age + 1)).min(e.expires);
+        Some((
+            e.answer.clone(),
+            u32::try_from(age).unwrap_or(u32::MAX),
+            until,
+        ))
     }
 
     /// Keeps `answer` for its TTL (not at all when it has none).

@@ -29,6 +29,10 @@ const MAX_PENDING: usize = 1024;
 const MAX_TCP: usize = 64;
 /// An idle TCP connection is closed after this.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// UDP queries up to this size have their encoded answers remembered.
+const WIRE_QUERY_MAX: usize = 512;
+/// Encoded answers remembered at most.
+const WIRE_CAPACITY: usize = 4096;
 
 /// How a query arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +94,9 @@ pub struct Pending {
     max_size: usize,
 }
 
+/// An encoded answer and until when it is exact.
+type WireAnswer = (Vec<u8>, Instant);
+
 /// The stub.
 pub struct Stub {
     view: RwLock<ClusterView>,
@@ -97,6 +104,11 @@ pub struct Stub {
     upstreams: Vec<SocketAddr>,
     allowed_sources: Vec<IpAddr>,
     cache: Mutex<Cache>,
+    /// Encoded UDP answers by the query's bytes after its ID: a query
+    /// byte-identical but for the ID gets the same answer but for the ID,
+    /// valid until its TTLs would tick down (the hot path of a cache hit:
+    /// no parsing, no encoding).
+    wire: Mutex<HashMap<Vec<u8>, WireAnswer>>,
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<Arc<Resolved>>>>>,
     exchange: Arc<dyn Exchange>,
     counters: Counters,
@@ -110,6 +122,7 @@ impl Stub {
             upstreams: config.upstreams,
             allowed_sources: config.allowed_sources,
             cache: Mutex::default(),
+            wire: Mutex::default(),
             inflight: Mutex::default(),
             exchange,
             counters: Counters::default(),
@@ -151,6 +164,11 @@ impl Stub {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return Step::Reply(header_only(bytes, ResponseCode::Refused));
         }
+        let remember = transport == Transport::Udp && bytes.len() <= WIRE_QUERY_MAX;
+        if remember && let Some(r) = self.wire_hit(bytes, now) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Step::Reply(r);
+        }
         let query = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(_) => {
@@ -185,10 +203,14 @@ impl Stub {
             },
         };
         let key: Key = (q.name().to_lowercase(), qtype);
-        let cached = self.cache.lock().ok().and_then(|c| c.get(&key, now));
-        if let Some((answer, age)) = cached {
+        let cached = self.cache.lock().ok().and_then(|c| c.get_until(&key, now));
+        if let Some((answer, age, until)) = cached {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
-            return Step::Reply(respond(&query, &answer, age, max_size));
+            let r = respond(&query, &answer, age, max_size);
+            if remember {
+                self.wire_put(bytes, &r, until, now);
+            }
+            return Step::Reply(r);
         }
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let route = match self.view.read() {
@@ -201,6 +223,33 @@ impl Stub {
             route,
             max_size,
         }))
+    }
+
+    fn wire_hit(&self, query: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let wire = self.wire.lock().ok()?;
+        let (answer, until) = wire.get(&query[2..])?;
+        if now >= *until {
+            return None;
+        }
+        let mut r = answer.clone();
+        r[..2].copy_from_slice(&query[..2]);
+        Some(r)
+    }
+
+    fn wire_put(&self, query: &[u8], answer: &[u8], until: Instant, now: Instant) {
+        if answer.len() < 12 {
+            return;
+        }
+        let Ok(mut wire) = self.wire.lock() else {
+            return;
+        };
+        if wire.len() >= WIRE_CAPACITY {
+            wire.retain(|_, (_, u)| *u > now);
+            if wire.len() >= WIRE_CAPACITY {
+                wire.clear();
+            }
+        }
+        wire.insert(query[2..].to_vec(), (answer.to_vec(), until));
     }
 
     /// Answers a miss: one lookup per name and type at a time, the others

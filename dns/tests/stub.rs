@@ -297,6 +297,32 @@ fn cache_and_negative_cache() {
 }
 
 #[test]
+fn repeated_queries_reuse_the_encoded_answer_with_their_own_id() {
+    let (s, _) = stub(Zones::standard());
+    ask(&s, "echo.default.", RecordType::A);
+    let t0 = Instant::now();
+    let reply = |id: u16, at: Instant| match s.step(
+        &query(id, "echo.default.", RecordType::A, true),
+        LAPTOP,
+        Transport::Udp,
+        at,
+    ) {
+        Step::Reply(r) => r,
+        other => panic!("expected a cached reply, got {other:?}"),
+    };
+    let a = reply(100, t0);
+    let b = reply(200, t0);
+    assert_eq!(&a[..2], &100u16.to_be_bytes());
+    assert_eq!(&b[..2], &200u16.to_be_bytes());
+    assert_eq!(a[2..], b[2..]);
+    // Two seconds on, the TTL has ticked down: not the same bytes.
+    let c = Message::from_vec(&reply(300, t0 + Duration::from_secs(2))).expect("valid");
+    let first = Message::from_vec(&a).expect("valid");
+    assert!(c.answers[0].ttl < first.answers[0].ttl);
+    assert_eq!(s.stats().hits, 3);
+}
+
+#[test]
 fn identical_concurrent_queries_are_asked_once() {
     let mut z = Zones::standard();
     z.delay = Some(Duration::from_millis(50));

@@ -285,6 +285,13 @@ fn dns_acceptance() {
         );
         let out = s.laptop_ok(&["dig", "+short", "-x", &web_ip]);
         assert_eq!(out.trim(), "web.default.svc.cluster.local.", "PTR {web_ip}");
+        // A pod IP: its name under the headless Service.
+        let out = s.laptop_ok(&["dig", "+short", "-x", &db0_ip]);
+        assert_eq!(
+            out.trim(),
+            "db-0.db.data.svc.cluster.local.",
+            "PTR {db0_ip}"
+        );
         let out = s.laptop_ok(&["dig", "+tcp", "+short", "web.default.svc.cluster.local"]);
         assert_eq!(out.trim(), web_ip, "over TCP");
         let out = s.laptop_ok(&["getent", "hosts", "web"]);
