@@ -27,6 +27,7 @@ mod datapath;
 mod down;
 mod netlink;
 mod plan;
+mod reroute;
 mod state;
 mod tun;
 mod up;
@@ -87,6 +88,7 @@ enum Command {
     Daemon(connect::DaemonArgs),
     Install(connect::InstallArgs),
     Uninstall(connect::UninstallArgs),
+    Reroute(reroute::RerouteArgs),
 }
 
 fn init_logging(global: &Global) {
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => connect::run_daemon(args, &cli.global),
         Command::Install(args) => connect::run_install(args),
         Command::Uninstall(args) => connect::run_uninstall(args),
+        Command::Reroute(args) => reroute::run(args, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,6 +101,13 @@ pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
         } else if obj["metadata"].get("namespace").is_some() {
             obj["metadata"]["namespace"] = Value::from(opts.namespace.clone());
         }
+        if kind == "ClusterRoleBinding"
+            && let Some(subjects) = obj["subjects"].as_array_mut()
+        {
+            for s in subjects {
+                s["namespace"] = Value::from(opts.namespace.clone());
+            }
+        }
         obj["metadata"]["labels"][VERSION_LABEL] = Value::from(VERSION);
         obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = Value::from("burrow");
         if kind == "Deployment" {

@@ -38,6 +38,8 @@ pub mod datapath;
 pub mod dialer;
 pub mod framed;
 pub mod metrics;
+pub mod reroute;
+pub mod service;
 
 pub use datapath::DatapathConfig;
 
@@ -124,7 +126,7 @@ pub struct GatewayConfig {
 }
 
 /// How the control API hands out addresses and what it tells laptops.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlConfig {
     /// Tunnel addresses come from here; the first host is the gateway's.
     pub tunnel_network: ipnet::Ipv4Net,
@@ -133,6 +135,9 @@ pub struct ControlConfig {
     pub expiry: std::time::Duration,
     /// What the gateway knows of the cluster (from its resolv.conf).
     pub cluster: api::ClusterFacts,
+    /// The gateway's own access to the Kubernetes API (in-cluster
+    /// credentials), to restore rerouted Services; None outside a cluster.
+    pub kube: Option<kube::Client>,
 }
 
 impl Default for ControlConfig {
@@ -142,8 +147,21 @@ impl Default for ControlConfig {
                 .unwrap_or_default(),
             expiry: std::time::Duration::from_secs(180),
             cluster: api::ClusterFacts::default(),
+            kube: None,
         }
     }
+}
+
+/// Connections to laptops' tunnel addresses.
+fn laptop_connect() -> reroute::LaptopConnect {
+    std::sync::Arc::new(|addr| {
+        Box::pin(async move {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("cannot reach {addr}: no laptop dialer"),
+            ))
+        })
+    })
 }
 
 /// Run the gateway on `listeners` until `shutdown` resolves; open flows are
@@ -197,6 +215,7 @@ pub async fn serve(
                 )),
                 info,
                 expiry: config.control.expiry,
+                reroutes: reroute::Reroutes::new(laptop_connect(), config.control.kube.clone()),
             });
             tracing::info!(control = %l.local_addr()?, "control API serving");
             vec![
@@ -208,6 +227,7 @@ pub async fn serve(
                         }
                     }
                 }),
+                tokio::spawn(shared.reroutes.clone().reap()),
                 tokio::spawn(control::reap(shared)),
             ]
         }
