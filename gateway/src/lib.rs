@@ -20,6 +20,9 @@
 //! - [`framed`]: WireGuard over length-framed TCP connections (the
 //!   port-forward transport);
 //! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
+//! - [`httproute`]: the HTTP proxy that routes by header for personal
+//!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
+//!   mode's splice with its 502;
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
@@ -37,6 +40,7 @@ pub mod control;
 pub mod datapath;
 pub mod dialer;
 pub mod framed;
+pub mod httproute;
 pub mod metrics;
 pub mod reroute;
 pub mod service;
