@@ -66,7 +66,7 @@ impl ClusterArgs {
             .collect()
     }
 
-    fn target(&self) -> Target {
+    pub(crate) fn target(&self) -> Target {
         Target {
             kubeconfig: self.kubeconfig.clone(),
             kubeconfig_list: Vec::new(),

@@ -26,7 +26,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -35,11 +34,8 @@ use crate::api::{self, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stop
 /// How long a lease lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(15);
 
-/// A byte stream to somewhere: the laptop (through the tunnel) or the
-/// cluster.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-pub type BoxIo = Box<dyn Io>;
+pub use crate::httproute::BoxIo;
+use crate::httproute::{self, Dial, DialFuture, Rule, Rules, Upstream};
 
 /// Opens a TCP stream to a laptop's tunnel address through the tunnel
 /// (refused → `ConnectionRefused`).
@@ -217,6 +213,11 @@ impl Table {
             return Err(Refused::Invalid(format!(
                 "{name:?} is not an HTTP header name"
             )));
+        }
+        if let Some((_, value)) = &req.header
+            && http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(Refused::Invalid(format!("{value:?} is not an HTTP header value")));
         }
         let key = (req.namespace.clone(), req.service.clone());
         let entry = self.services.entry(key).or_insert_with(|| ServiceEntry {
@@ -436,10 +437,59 @@ pub struct PortRoutes {
     pub headers: Vec<HeaderRoute>,
 }
 
+impl PortRoutes {
+    /// The header rules for the HTTP router.
+    pub fn rules(&self) -> Rules {
+        let mut rules = Rules::new(Upstream::Cluster(self.shadow));
+        for h in &self.headers {
+            let (Ok(header), Ok(value)) = (
+                http::HeaderName::from_bytes(h.name.as_bytes()),
+                http::HeaderValue::from_str(&h.value),
+            ) else {
+                continue;
+            };
+            rules.rules.push(Rule {
+                header,
+                value,
+                to: h.target.upstream(),
+            });
+        }
+        rules
+    }
+}
+
+impl Target {
+    fn upstream(&self) -> Upstream {
+        Upstream::Laptop {
+            name: self.laptop.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
+/// Laptops through the tunnel, the cluster with TCP.
+struct Dialer {
+    laptop: LaptopConnect,
+}
+
+impl Dial for Dialer {
+    fn dial(&self, to: &Upstream) -> DialFuture<'_> {
+        match to.clone() {
+            Upstream::Laptop { addr, .. } => (self.laptop)(addr),
+            Upstream::Cluster(addr) => Box::pin(async move {
+                let s = TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s) as BoxIo)
+            }),
+        }
+    }
+}
+
 /// A running listener of one Service port.
 struct Listener {
     port: u16,
     routes: watch::Sender<Arc<PortRoutes>>,
+    rules: watch::Sender<Arc<Rules>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -555,6 +605,7 @@ impl Reroutes {
                     if let Ok(l) = self.listeners.lock()
                         && let Some(l) = l.get(&key)
                     {
+                        l.rules.send_replace(Arc::new(snapshot.rules()));
                         l.routes.send_replace(Arc::new(snapshot));
                     }
                     out.push((sp, port));
@@ -562,8 +613,12 @@ impl Reroutes {
                 None => {
                     let listener = TcpListener::bind(SocketAddr::new(self.listen_ip, 0)).await?;
                     let port = listener.local_addr()?.port();
+                    let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
                     let (tx, rx) = watch::channel(Arc::new(snapshot));
-                    let task = tokio::spawn(accept_loop(listener, rx, self.laptop.clone()));
+                    let dial: Arc<dyn Dial> = Arc::new(Dialer {
+                        laptop: self.laptop.clone(),
+                    });
+                    let task = tokio::spawn(accept_loop(listener, rx, rules_rx, dial));
                     tracing::info!(namespace = %svc.0, service = %svc.1, service_port = sp.port, listener = port, "listening for a rerouted port");
                     if let Ok(mut l) = self.listeners.lock() {
                         l.insert(
@@ -571,6 +626,7 @@ impl Reroutes {
                             Listener {
                                 port,
                                 routes: tx,
+                                rules: rules_tx,
                                 task,
                             },
                         );
@@ -709,7 +765,8 @@ pub async fn restore_orphans(client: &kube::Client) {
 async fn accept_loop(
     listener: TcpListener,
     routes: watch::Receiver<Arc<PortRoutes>>,
-    laptop: LaptopConnect,
+    rules: watch::Receiver<Arc<Rules>>,
+    dial: Arc<dyn Dial>,
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -722,43 +779,56 @@ async fn accept_loop(
         };
         let _ = conn.set_nodelay(true);
         let snapshot = routes.borrow().clone();
-        let laptop = laptop.clone();
+        let rules = rules.clone();
+        let dial = dial.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, &snapshot, &laptop).await {
+            if let Err(e) = handle(conn, &snapshot, rules, dial).await {
                 tracing::debug!(%peer, "rerouted connection: {e}");
             }
         });
     }
 }
 
-async fn handle(conn: TcpStream, routes: &PortRoutes, laptop: &LaptopConnect) -> io::Result<()> {
-    if let Some(target) = &routes.global {
-        return global(conn, target, laptop).await;
-    }
-    if !routes.headers.is_empty() {
-        return by_header(conn, routes, laptop).await;
-    }
-    let mut upstream = TcpStream::connect(routes.shadow).await?;
-    let _ = upstream.set_nodelay(true);
-    let mut conn = conn;
-    tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
-    Ok(())
-}
-
-/// Every connection to the laptop.
-async fn global(mut conn: TcpStream, target: &Target, laptop: &LaptopConnect) -> io::Result<()> {
-    match laptop(target.addr).await {
-        Ok(mut upstream) => {
-            tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
-            Ok(())
+async fn handle(
+    mut conn: TcpStream,
+    routes: &PortRoutes,
+    rules: watch::Receiver<Arc<Rules>>,
+    dial: Arc<dyn Dial>,
+) -> Result<(), String> {
+    match &routes.global {
+        Some(target) if target.protocol == Protocol::Http => {
+            httproute::splice_or_502(Box::new(conn), dial.as_ref(), &target.upstream())
+                .await
+                .map_err(|e| e.to_string())
         }
-        Err(e) => {
-            tracing::info!(laptop = %target.laptop, target = %target.addr, "the laptop did not take a rerouted connection: {e}");
-            match target.protocol {
-                Protocol::Tcp => reset(conn),
-                Protocol::Http => bad_gateway(conn, &target.laptop, &e).await,
+        Some(target) => {
+            // Raw TCP: a laptop that refuses, or resets, resets the caller.
+            let mut up = match dial.dial(&target.upstream()).await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::info!(laptop = %target.laptop, target = %target.addr, "the laptop refused a rerouted connection: {e}");
+                    reset(conn);
+                    return Ok(());
+                }
+            };
+            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut up).await {
+                reset(conn);
+                return Err(e.to_string());
             }
             Ok(())
+        }
+        None if !routes.headers.is_empty() => httproute::serve(Box::new(conn), rules, dial)
+            .await
+            .map_err(|e| e.to_string()),
+        None => {
+            let mut up = dial
+                .dial(&Upstream::Cluster(routes.shadow))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::io::copy_bidirectional(&mut conn, &mut up)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         }
     }
 }
@@ -767,42 +837,6 @@ async fn global(mut conn: TcpStream, target: &Target, laptop: &LaptopConnect) ->
 fn reset(conn: TcpStream) {
     let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
     drop(conn);
-}
-
-/// Reads the request head (so the caller sees an answer, not a reset) and
-/// answers 502.
-async fn bad_gateway(mut conn: TcpStream, laptop: &str, e: &io::Error) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut have = 0;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while have < buf.len() {
-            match conn.read(&mut buf[have..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => have += n,
-            }
-            if buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-    })
-    .await;
-    let body = format!("burrow: the laptop {laptop} did not answer: {e}\n");
-    let answer = format!(
-        "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = conn.write_all(answer.as_bytes()).await;
-    let _ = conn.shutdown().await;
-}
-
-/// Header routes: per request (HTTP/1.1) or stream (h2c).
-async fn by_header(conn: TcpStream, routes: &PortRoutes, laptop: &LaptopConnect) -> io::Result<()> {
-    let _ = laptop;
-    // Until the HTTP router is in: requests go to the original pods.
-    let mut upstream = TcpStream::connect(routes.shadow).await?;
-    let mut conn = conn;
-    tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
-    Ok(())
 }
 
 #[cfg(test)]
