@@ -186,8 +186,12 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         // What can be known with the user's credentials alone is checked
         // before anything starts: the Service, the port, the permission.
         let cluster = args.cluster.target().resolve().await?;
-        let namespace = spec.namespace.clone().unwrap_or_else(|| cluster.namespace.clone());
-        let found = burrow_deploy::reroute::find(&cluster, &namespace, &spec.service, &spec.port).await?;
+        let namespace = spec
+            .namespace
+            .clone()
+            .unwrap_or_else(|| cluster.namespace.clone());
+        let found =
+            burrow_deploy::reroute::find(&cluster, &namespace, &spec.service, &spec.port).await?;
         burrow_deploy::reroute::check_may_patch(&cluster, &found.service).await?;
         // Connect first when needed (a no-op when connected).
         crate::connect::connect_quietly(&args.cluster, global).await?;

@@ -37,6 +37,11 @@ pub struct DatapathHandle {
 }
 
 impl DatapathHandle {
+    /// Opens TCP connections to registered laptops through the tunnel.
+    pub fn dialer(&self) -> crate::laptop::LaptopDialer {
+        crate::laptop::LaptopDialer::new(self.tx.clone())
+    }
+
     /// Adds (or keeps) a peer with its one tunnel address.
     async fn add(&self, key: [u8; 32], address: IpAddr) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
+use crate::laptop::LaptopStream;
 use crate::metrics::Exposition;
 
 /// boringtun's timers want a call about every 250 ms.
@@ -43,6 +44,10 @@ const WG_TIMER_TICK: Duration = Duration::from_millis(250);
 /// Sweeps for closed TCP flows and idle UDP/ICMP flows.
 const SWEEP_TICK: Duration = Duration::from_secs(1);
 const ICMP_IDLE: Duration = Duration::from_secs(30);
+/// A TCP flow whose cluster-side end is gone (a dropped `LaptopStream`, a
+/// finished flow task) is reset if it has not closed after this long, as a
+/// kernel bounds an orphaned socket's FIN-WAIT-2 (`tcp_fin_timeout`).
+const ORPHAN_LINGER: Duration = Duration::from_secs(60);
 /// A grant of send-buffer space smaller than this waits for more (fewer,
 /// larger reads from the cluster socket).
 const MIN_GRANT: usize = 16 * 1024;
@@ -59,6 +64,10 @@ pub struct DatapathConfig {
     pub dial_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub tcp_buffer: usize,
+    /// The gateway's own tunnel address: the source of connections it
+    /// opens to laptops ([`Control::DialLaptop`]). `serve` fills it in
+    /// from the control API's tunnel network.
+    pub tunnel_address: Option<IpAddr>,
 }
 
 impl Default for DatapathConfig {
@@ -68,6 +77,7 @@ impl Default for DatapathConfig {
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             tcp_buffer: 64 * 1024,
+            tunnel_address: None,
         }
     }
 }
@@ -84,6 +94,12 @@ pub enum Control {
     RemovePeer([u8; 32]),
     /// Time since each peer's last handshake, by public key.
     LastHandshakes(oneshot::Sender<HashMap<[u8; 32], Duration>>),
+    /// Open a TCP connection to a laptop's tunnel address and port (see
+    /// [`crate::laptop::LaptopDialer`]).
+    DialLaptop {
+        to: SocketAddr,
+        reply: oneshot::Sender<io::Result<LaptopStream>>,
+    },
 }
 
 /// Counters the data path keeps beyond the peer table's own.
@@ -110,6 +126,9 @@ struct Stats {
     drop_udp_send_full: u64,
     drop_framed_backlog: u64,
     drop_too_large: u64,
+    /// Connections to laptops: established, refused, timed out, no such
+    /// laptop.
+    laptop_dials: [u64; 4],
 }
 
 /// The engine-side half of a TCP flow.
@@ -126,6 +145,19 @@ struct TcpFlow {
     laptop_eof: bool,
     /// The cluster side closed; our FIN to the laptop is queued.
     cluster_eof: bool,
+    /// A connection the gateway is opening to the laptop, until the
+    /// laptop answers.
+    connecting: Option<Connecting>,
+    /// When the sweep first found the cluster-side end gone.
+    orphaned_at: Option<Instant>,
+}
+
+/// The waiting half of [`Control::DialLaptop`].
+struct Connecting {
+    reply: oneshot::Sender<io::Result<LaptopStream>>,
+    /// The stream's end of the queue towards it.
+    from_laptop: mpsc::Receiver<ToCluster>,
+    deadline: Instant,
 }
 
 impl Drop for TcpFlow {
@@ -374,6 +406,9 @@ impl Datapath {
                     Some(Control::LastHandshakes(reply)) => {
                         let _ = reply.send(self.last_handshakes(Instant::now()));
                     }
+                    Some(Control::DialLaptop { to, reply }) => {
+                        self.dial_laptop(to, reply, Instant::now());
+                    }
                     None => control_open = false,
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -565,6 +600,8 @@ impl Datapath {
                 granted: 0,
                 laptop_eof: false,
                 cluster_eof: false,
+                connecting: None,
+                orphaned_at: None,
             },
         );
     }
@@ -818,6 +855,9 @@ impl Datapath {
     /// Move what can move for one accepted TCP flow, and retire it once
     /// both sides are done (or it was reset).
     fn service_tcp(&mut self, id: FlowId) {
+        if self.tcp.get(&id).is_some_and(|f| f.connecting.is_some()) && !self.finish_connect(id) {
+            return;
+        }
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
@@ -829,6 +869,7 @@ impl Datapath {
             return;
         };
         // Laptop → cluster, while the task's queue has room.
+        let mut orphaned_data = false;
         while !flow.laptop_eof {
             let queued = self.flows.tcp_recv_queue(id).unwrap_or(0);
             if queued == 0 && self.flows.tcp_recv(id, &mut []) != Ok(TcpRead::Eof) {
@@ -844,7 +885,16 @@ impl Datapath {
                         Err(_) => break,
                     }
                 }
-                Err(TrySendError::Closed(())) => break,
+                // Nobody reads any more (a dropped `LaptopStream`): data
+                // is answered with RST, as a closed socket would.
+                Err(TrySendError::Closed(())) => {
+                    if queued > 0 {
+                        orphaned_data = true;
+                    } else {
+                        flow.laptop_eof = true;
+                    }
+                    break;
+                }
             };
             if queued == 0 {
                 permit.send(ToCluster::Eof);
@@ -861,6 +911,13 @@ impl Datapath {
                 _ => break,
             }
         }
+        if orphaned_data {
+            self.abort_tcp(id);
+            return;
+        }
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
         // Cluster → laptop: grant the task the send buffer's free space.
         if !flow.cluster_eof && matches!(state, TcpState::Established | TcpState::CloseWait) {
             let room = self.flows.tcp_send_room(id).unwrap_or(0);
@@ -885,12 +942,142 @@ impl Datapath {
         }
     }
 
+    /// A connection to a laptop: the gateway's tunnel address must be of
+    /// the right family and some peer must own the address.
+    fn dial_laptop(
+        &mut self,
+        to: SocketAddr,
+        reply: oneshot::Sender<io::Result<LaptopStream>>,
+        now: Instant,
+    ) {
+        let local_ip = match self.cfg.tunnel_address {
+            Some(ip) if ip.is_ipv4() == to.is_ipv4() => ip,
+            _ => {
+                let _ = reply.send(Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("the gateway has no tunnel address to connect to {to} from"),
+                )));
+                return;
+            }
+        };
+        if self.peers.route(to.ip()).is_none() {
+            self.stats.laptop_dials[3] += 1;
+            let _ = reply.send(Err(io::Error::new(
+                io::ErrorKind::HostUnreachable,
+                format!("no registered laptop has the tunnel address {}", to.ip()),
+            )));
+            return;
+        }
+        let (id, local) = match self.flows.connect(local_ip, to) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = reply.send(Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("cannot connect to {to}: {e}"),
+                )));
+                return;
+            }
+        };
+        tracing::debug!(?id, %local, %to, "connecting to a laptop");
+        let (tx, rx) = mpsc::channel(dialer::TO_CLUSTER_QUEUE);
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                src: to,
+                dst: local,
+                to_cluster: tx,
+                shared: Arc::new(TcpShared::default()),
+                accepted: false,
+                granted: 0,
+                laptop_eof: false,
+                cluster_eof: false,
+                connecting: Some(Connecting {
+                    reply,
+                    from_laptop: rx,
+                    deadline: now + self.cfg.dial_timeout,
+                }),
+                orphaned_at: None,
+            },
+        );
+    }
+
+    /// Settle a connection to a laptop once the laptop answered (or did
+    /// not in time). True when it is established and serviced as usual.
+    fn finish_connect(&mut self, id: FlowId) -> bool {
+        let state = self.flows.tcp_state(id);
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return false;
+        };
+        let to = flow.src;
+        let outcome = match state {
+            Some(TcpState::SynSent | TcpState::SynReceived) => {
+                if Instant::now()
+                    < flow
+                        .connecting
+                        .as_ref()
+                        .map_or(Instant::now(), |c| c.deadline)
+                {
+                    return false;
+                }
+                Err((2, io::ErrorKind::TimedOut, format!("{to} did not answer")))
+            }
+            Some(TcpState::Closed) | None => Err((
+                1,
+                io::ErrorKind::ConnectionRefused,
+                format!("{to} refused the connection"),
+            )),
+            Some(_) => Ok(()),
+        };
+        let Some(connecting) = flow.connecting.take() else {
+            return true;
+        };
+        match outcome {
+            Ok(()) => {
+                let stream = LaptopStream::new(
+                    id,
+                    flow.dst,
+                    to,
+                    flow.shared.clone(),
+                    connecting.from_laptop,
+                    self.events_tx.clone(),
+                );
+                flow.accepted = true;
+                self.stats.laptop_dials[0] += 1;
+                tracing::debug!(?id, %to, "connected to a laptop");
+                // If the caller gave up waiting, the stream's drop closes it.
+                let _ = connecting.reply.send(Ok(stream));
+                true
+            }
+            Err((index, kind, message)) => {
+                self.stats.laptop_dials[index] += 1;
+                tracing::debug!(?id, %to, %message, "connecting to a laptop failed");
+                let _ = connecting.reply.send(Err(io::Error::new(kind, message)));
+                if state == Some(TcpState::Closed) || state.is_none() {
+                    self.tcp.remove(&id);
+                    self.flows.release(id);
+                } else {
+                    self.abort_tcp(id);
+                }
+                false
+            }
+        }
+    }
+
     fn sweep(&mut self, now: Instant) {
         let ids: Vec<FlowId> = self.flows.tcp_flows().collect();
         for id in ids {
-            if self.tcp.contains_key(&id) {
-                self.service_tcp(id);
+            let Some(flow) = self.tcp.get_mut(&id) else {
+                continue;
+            };
+            if flow.accepted && flow.to_cluster.is_closed() {
+                let since = *flow.orphaned_at.get_or_insert(now);
+                if now.saturating_duration_since(since) >= ORPHAN_LINGER {
+                    tracing::debug!(?id, laptop = %flow.src, "resetting a flow nobody reads");
+                    self.abort_tcp(id);
+                    continue;
+                }
             }
+            self.service_tcp(id);
         }
         let udp = &mut self.udp;
         self.flows.expire(now, |id| {
@@ -983,6 +1170,17 @@ impl Datapath {
                 &format!("kind=\"{}\"", kind.label()),
                 s.dial_errors[dial_index(kind)] as f64,
             );
+        }
+        e.family(
+            "burrow_gateway_laptop_connections_total",
+            "counter",
+            "TCP connections the gateway opened to laptops, by outcome.",
+        );
+        for (i, outcome) in ["established", "refused", "timeout", "no_such_laptop"]
+            .iter()
+            .enumerate()
+        {
+            e.sample(&format!("outcome=\"{outcome}\""), s.laptop_dials[i] as f64);
         }
         e.family(
             "burrow_gateway_packets_dropped_total",

@@ -23,6 +23,8 @@
 //! - [`httproute`]: the HTTP proxy that routes by header for personal
 //!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
 //!   mode's splice with its 502;
+//! - [`laptop`]: TCP connections the gateway opens to laptops through the
+//!   tunnel ([`laptop::LaptopDialer`]);
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
@@ -41,6 +43,7 @@ pub mod datapath;
 pub mod dialer;
 pub mod framed;
 pub mod httproute;
+pub mod laptop;
 pub mod metrics;
 pub mod reroute;
 pub mod service;
@@ -156,14 +159,13 @@ impl Default for ControlConfig {
     }
 }
 
-/// Connections to laptops' tunnel addresses.
-fn laptop_connect() -> reroute::LaptopConnect {
-    std::sync::Arc::new(|addr| {
+/// Connections to laptops' tunnel addresses, through the data path.
+fn laptop_connect(dialer: laptop::LaptopDialer) -> reroute::LaptopConnect {
+    std::sync::Arc::new(move |addr| {
+        let dialer = dialer.clone();
         Box::pin(async move {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                format!("cannot reach {addr}: no laptop dialer"),
-            ))
+            let stream = dialer.connect(addr).await?;
+            Ok(Box::new(stream) as reroute::BoxIo)
         })
     })
 }
@@ -182,7 +184,15 @@ pub async fn serve(
         port(listeners.wireguard.local_addr()),
         port(listeners.framed.local_addr()),
     );
-    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, config.datapath)
+    let mut datapath_config = config.datapath;
+    if datapath_config.tunnel_address.is_none() {
+        // The first host of the tunnel network, as the control API tells
+        // laptops (`Allocator::gateway_address`).
+        datapath_config.tunnel_address = Some(IpAddr::V4(
+            control::Allocator::new(config.control.tunnel_network).gateway_address(),
+        ));
+    }
+    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
         .context("invalid peer list")?;
     tracing::info!(
         public_key = %config::encode_key(datapath.public_key().as_bytes()),
@@ -219,7 +229,10 @@ pub async fn serve(
                 )),
                 info,
                 expiry: config.control.expiry,
-                reroutes: reroute::Reroutes::new(laptop_connect(), config.control.kube.clone()),
+                reroutes: reroute::Reroutes::new(
+                    laptop_connect(laptop::LaptopDialer::new(control_tx.clone())),
+                    config.control.kube.clone(),
+                ),
             });
             tracing::info!(control = %l.local_addr()?, "control API serving");
             vec![

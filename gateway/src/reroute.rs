@@ -217,7 +217,9 @@ impl Table {
         if let Some((_, value)) = &req.header
             && http::HeaderValue::from_str(value).is_err()
         {
-            return Err(Refused::Invalid(format!("{value:?} is not an HTTP header value")));
+            return Err(Refused::Invalid(format!(
+                "{value:?} is not an HTTP header value"
+            )));
         }
         let key = (req.namespace.clone(), req.service.clone());
         let entry = self.services.entry(key).or_insert_with(|| ServiceEntry {

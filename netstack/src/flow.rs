@@ -18,6 +18,14 @@
 //! while the dial is pending are absorbed. Every other TCP segment goes to
 //! smoltcp, which answers segments for unknown connections with RST.
 //!
+//! The gateway can also open TCP connections to a laptop
+//! ([`FlowEngine::connect`]): the engine picks an ephemeral port on the
+//! gateway's own tunnel address and smoltcp sends the SYN with the next
+//! egress. Such a flow is keyed like the others, (laptop, gateway end), and
+//! is driven with the same calls once `tcp_state` says `Established`; a
+//! flow that goes from `SynSent` straight to `Closed` was refused (the
+//! laptop answered RST). The driver bounds the wait for an answer.
+//!
 //! UDP does not go through smoltcp: a smoltcp UDP socket is keyed by local
 //! endpoint only, while flows here are keyed by the full 5-tuple. The engine
 //! parses datagrams itself, hands the payload to the driver without copying
@@ -30,7 +38,7 @@
 //! with what smoltcp's sockets emit.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -52,6 +60,9 @@ pub use smoltcp::socket::tcp::State as TcpState;
 const STACK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
 const STACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb0, 0, 0, 0, 0, 0, 1);
 const HOP_LIMIT: u8 = 64;
+/// Local ports of connections the gateway opens to laptops (IANA's dynamic
+/// range, as most kernels use).
+const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
@@ -138,6 +149,13 @@ pub enum FlowError {
     InvalidState(FlowId),
     #[error("payload of {0} bytes does not fit in one packet")]
     TooLarge(usize),
+    /// A connection cannot go from this local address to this remote one
+    /// (address families differ, port 0, unspecified address).
+    #[error("cannot connect from {0} to {1}")]
+    Unaddressable(IpAddr, SocketAddr),
+    /// Every ephemeral port towards this remote endpoint is in use.
+    #[error("no free local port towards {0}")]
+    NoFreePort(SocketAddr),
 }
 
 /// Result of reading from a TCP flow.
@@ -318,6 +336,8 @@ pub struct FlowEngine {
     udp_by_id: HashMap<FlowId, Tuple>,
     /// Accepted TCP flows that received segments since `take_active`.
     active: Vec<FlowId>,
+    /// Where the search for a free ephemeral port starts next.
+    next_port: u16,
 }
 
 impl FlowEngine {
@@ -354,6 +374,7 @@ impl FlowEngine {
             udp: HashMap::new(),
             udp_by_id: HashMap::new(),
             active: Vec::new(),
+            next_port: *EPHEMERAL_PORTS.start(),
         }
     }
 
@@ -522,13 +543,7 @@ impl FlowEngine {
     /// answer the laptop's SYN.
     pub fn accept(&mut self, id: FlowId, now: Instant) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
-        );
-        // A proxy forwards whatever it has at once; coalescing is the
-        // endpoints' business.
-        socket.set_nagle_enabled(false);
+        let mut socket = self.new_tcp_socket();
         if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
             return Err(FlowError::InvalidState(id));
@@ -553,6 +568,70 @@ impl FlowEngine {
             return Err(FlowError::InvalidState(id));
         }
         Ok(())
+    }
+
+    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+        );
+        // A proxy forwards whatever it has at once; coalescing is the
+        // endpoints' business.
+        socket.set_nagle_enabled(false);
+        socket
+    }
+
+    /// Open a TCP connection from `local_ip` (the gateway's own tunnel
+    /// address) to `remote` (a laptop's) on a free ephemeral port, which
+    /// is returned. The SYN leaves with the next `egress` and is
+    /// retransmitted by smoltcp's timers. `tcp_state` then tells the
+    /// outcome: `Established` (use the flow like an accepted one), or
+    /// `Closed` without having been established (refused: the laptop
+    /// answered RST). Segments of the flow mark it active like any other.
+    pub fn connect(
+        &mut self,
+        local_ip: IpAddr,
+        remote: SocketAddr,
+    ) -> Result<(FlowId, SocketAddr), FlowError> {
+        let unaddressable = FlowError::Unaddressable(local_ip, remote);
+        if local_ip.is_ipv4() != remote.is_ipv4()
+            || local_ip.is_unspecified()
+            || remote.ip().is_unspecified()
+            || remote.port() == 0
+        {
+            return Err(unaddressable);
+        }
+        let local = self.free_port(local_ip, remote)?;
+        let mut socket = self.new_tcp_socket();
+        socket
+            .connect(self.iface.context(), remote, local)
+            .map_err(|_| unaddressable)?;
+        let handle = self.sockets.add(socket);
+        let id = self.new_id();
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                handle,
+                tuple: (remote, local),
+                active: false,
+            },
+        );
+        self.tcp_by_tuple.insert((remote, local), id);
+        Ok((id, local))
+    }
+
+    /// A local endpoint on `ip` that no flow to `remote` uses.
+    fn free_port(&mut self, ip: IpAddr, remote: SocketAddr) -> Result<SocketAddr, FlowError> {
+        let (first, last) = (*EPHEMERAL_PORTS.start(), *EPHEMERAL_PORTS.end());
+        for _ in EPHEMERAL_PORTS {
+            let port = self.next_port;
+            self.next_port = if port >= last { first } else { port + 1 };
+            let local = SocketAddr::new(ip, port);
+            if !self.tcp_by_tuple.contains_key(&(remote, local)) {
+                return Ok(local);
+            }
+        }
+        Err(FlowError::NoFreePort(remote))
     }
 
     /// The driver's dial was refused: answer the laptop's SYN with RST.
@@ -1055,6 +1134,156 @@ mod tests {
         assert_eq!(
             e.udp_send(fresh, &[0; 1500], t0),
             Err(FlowError::TooLarge(1500))
+        );
+    }
+
+    /// The gateway's own tunnel address and a laptop's listening socket,
+    /// for connections the gateway opens.
+    const GATEWAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
+    const LAPTOP_SERVER: SocketAddr =
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)), 8080);
+
+    /// A segment from the laptop's server to `gateway`.
+    fn from_laptop(
+        gateway: SocketAddr,
+        control: TcpControl,
+        seq: Seq,
+        ack: Seq,
+    ) -> TcpRepr<'static> {
+        TcpRepr {
+            src_port: LAPTOP_SERVER.port(),
+            dst_port: gateway.port(),
+            control,
+            seq_number: seq,
+            ack_number: Some(ack),
+            window_len: 64240,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        }
+    }
+
+    /// `connect`, then the SYN the next egress emits.
+    fn connect_and_syn(e: &mut FlowEngine, now: Instant) -> (FlowId, SocketAddr, Seg) {
+        let (id, local) = e.connect(GATEWAY_IP, LAPTOP_SERVER).expect("connect");
+        assert_eq!(local.ip(), GATEWAY_IP);
+        assert!(EPHEMERAL_PORTS.contains(&local.port()));
+        assert_eq!(e.tcp_state(id), Some(TcpState::SynSent));
+        let out = drain(e, now);
+        assert_eq!(out.len(), 1, "one SYN");
+        let syn = parse_tcp(&out[0]);
+        assert_eq!(syn.control, TcpControl::Syn);
+        assert_eq!(syn.ack, None);
+        assert_eq!((syn.src, syn.dst), (local, LAPTOP_SERVER));
+        (id, local, syn)
+    }
+
+    #[test]
+    fn connect_to_a_laptop_handshake_bytes_and_half_close_both_ways() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, local, syn) = connect_and_syn(&mut e, t0);
+        assert!(syn.mss.is_some(), "the SYN carries an MSS");
+
+        // The laptop's kernel answers SYN-ACK.
+        let t1 = t0 + Duration::from_millis(1);
+        let mut synack = from_laptop(local, TcpControl::Syn, Seq(5000), syn.seq + 1);
+        synack.max_seg_size = Some(1380);
+        assert_eq!(
+            e.ingress(&tcp_packet(LAPTOP_SERVER, local, &synack), t1),
+            Ingress::Handled
+        );
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        let mut active = Vec::new();
+        e.take_active(&mut active);
+        assert_eq!(active, vec![id], "the SYN-ACK marks the flow active");
+        let acks: Vec<Seg> = drain(&mut e, t1).iter().map(|p| parse_tcp(p)).collect();
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0].ack, Some(Seq(5001)), "the handshake's ACK");
+
+        // Gateway → laptop, then our FIN (half-close).
+        assert_eq!(e.tcp_send(id, b"hello laptop"), Ok(12));
+        e.tcp_close(id).expect("open");
+        let segs: Vec<Seg> = drain(&mut e, t1).iter().map(|p| parse_tcp(p)).collect();
+        let data: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(data, b"hello laptop");
+        assert!(
+            segs.iter().any(|s| s.control == TcpControl::Fin),
+            "{segs:?}"
+        );
+        assert_eq!(e.tcp_state(id), Some(TcpState::FinWait1));
+
+        // The laptop acknowledges everything and keeps sending, then closes.
+        let our_end = syn.seq + 1 + 12 + 1;
+        let mut reply = from_laptop(local, TcpControl::Psh, Seq(5001), our_end);
+        reply.payload = b"hello gateway";
+        e.ingress(&tcp_packet(LAPTOP_SERVER, local, &reply), t1);
+        assert_eq!(e.tcp_state(id), Some(TcpState::FinWait2));
+        let mut buf = [0u8; 64];
+        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Data(13)));
+        assert_eq!(&buf[..13], b"hello gateway");
+        let fin = from_laptop(local, TcpControl::Fin, Seq(5001 + 13), our_end);
+        e.ingress(&tcp_packet(LAPTOP_SERVER, local, &fin), t1);
+        assert_eq!(e.tcp_recv(id, &mut buf), Ok(TcpRead::Eof));
+        assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
+        e.release(id);
+        assert_eq!(e.tcp_state(id), None);
+    }
+
+    #[test]
+    fn connect_refused_by_rst_and_syn_retransmitted_on_the_clock() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, local, syn) = connect_and_syn(&mut e, t0);
+        // No answer: the SYN goes again once smoltcp's timer fires.
+        let delay = e.poll_delay(t0).expect("a retransmit timer");
+        assert!(drain(&mut e, t0).is_empty(), "nothing before the timer");
+        let later = t0 + delay + Duration::from_millis(1);
+        let again: Vec<Seg> = drain(&mut e, later).iter().map(|p| parse_tcp(p)).collect();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].control, again[0].seq), (TcpControl::Syn, syn.seq));
+
+        // The laptop has no listener: its kernel answers RST, ACK.
+        let rst = from_laptop(local, TcpControl::Rst, Seq(0), syn.seq + 1);
+        e.ingress(&tcp_packet(LAPTOP_SERVER, local, &rst), later);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Closed), "refused");
+        let mut active = Vec::new();
+        e.take_active(&mut active);
+        assert_eq!(active, vec![id], "the driver hears of the refusal");
+        e.release(id);
+        assert!(drain(&mut e, later).is_empty());
+    }
+
+    #[test]
+    fn connections_to_one_laptop_get_distinct_ports_and_bad_ends_are_refused() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (a, la) = e.connect(GATEWAY_IP, LAPTOP_SERVER).expect("a");
+        let (b, lb) = e.connect(GATEWAY_IP, LAPTOP_SERVER).expect("b");
+        assert_ne!(a, b);
+        assert_ne!(la.port(), lb.port());
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(
+            e.connect(v6, LAPTOP_SERVER),
+            Err(FlowError::Unaddressable(v6, LAPTOP_SERVER))
+        );
+        let port0 = SocketAddr::new(LAPTOP_SERVER.ip(), 0);
+        assert!(matches!(
+            e.connect(GATEWAY_IP, port0),
+            Err(FlowError::Unaddressable(..))
+        ));
+        // A segment for the connection's tuple reaches it, not a new flow:
+        // a stray SYN from the laptop to our port is smoltcp's business.
+        let stray = TcpRepr {
+            ack_number: None,
+            ..from_laptop(la, TcpControl::Syn, Seq(1), Seq(0))
+        };
+        assert_eq!(
+            e.ingress(&tcp_packet(LAPTOP_SERVER, la, &stray), t0),
+            Ingress::Handled
         );
     }
 
