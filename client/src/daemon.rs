@@ -706,13 +706,19 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let reg = register(&cluster, &pod, &public_key, None).await?;
     let gateway_key = parse_key(&reg.info.public_key)?;
 
-    let routes = plan_routes(
+    let mut routes = plan_routes(
         &ranges.service,
         &ranges.pods,
         &reg.info.cluster.dns_servers,
         &req.include,
         &req.exclude,
     );
+    // Rerouted connections come from the gateway's tunnel address: the
+    // answers must go back into the tunnel.
+    let gateway_host = IpNet::from(reg.gateway_address);
+    if !routes.iter().any(|r| r.contains(&reg.gateway_address)) {
+        routes.push(gateway_host);
+    }
     let name = DEFAULT_IFNAME;
     if nl.link_index(name).await?.is_some() {
         anyhow::bail!(
@@ -760,11 +766,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         let udp = bind_udp(0).context("cannot bind a UDP port")?;
         let peer = PeerConfig {
             public_key: gateway_key,
-            allowed_ips: routes
-                .iter()
-                .copied()
-                .chain([IpNet::from(reg.gateway_address)])
-                .collect(),
+            allowed_ips: routes.clone(),
             endpoint: Some(chosen.endpoint),
             preshared_key: None,
             persistent_keepalive: Some(25),

@@ -247,7 +247,9 @@ fn print_list(list: &[Listed]) {
             route,
             proto,
             laptop,
-            r.since
+            burrow_gateway::reroute::rfc3339(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(r.since)
+            )
         );
     }
 }

@@ -374,17 +374,19 @@ async fn unregister(State(c): State<Shared>, Path(key): Path<String>) -> Respons
 }
 
 /// The registered laptop with this key.
-fn laptop(c: &Control, public_key: &str) -> Result<Laptop, Response> {
-    let key = decode_key(public_key).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-    let a = c
-        .allocator
-        .lock()
-        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned"))?;
+fn laptop(c: &Control, public_key: &str) -> Result<Laptop, Box<Response>> {
+    let key = decode_key(public_key).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
+    let a = c.allocator.lock().map_err(|_| {
+        Box::new(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "registry lock poisoned",
+        ))
+    })?;
     let e = a.by_key.get(&key).ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::NOT_FOUND,
             "this laptop is not registered with the gateway: connect first (`burrow connect`)",
-        )
+        ))
     })?;
     Ok(Laptop {
         key,
@@ -400,7 +402,7 @@ async fn list_reroutes(State(c): State<Shared>) -> Response {
 async fn add_reroute(State(c): State<Shared>, Json(req): Json<RerouteRequest>) -> Response {
     let laptop = match laptop(&c, &req.public_key) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match c.reroutes.add(&req, laptop).await {
         Ok(grant) => Json(grant).into_response(),

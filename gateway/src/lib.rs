@@ -208,6 +208,7 @@ pub async fn serve(
     let metrics = listeners
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+    let mut reroutes = None;
     let control_tasks = match listeners.control {
         Some(l) => {
             let info = api::Info {
@@ -234,6 +235,7 @@ pub async fn serve(
                     config.control.kube.clone(),
                 ),
             });
+            reroutes = Some(shared.reroutes.clone());
             tracing::info!(control = %l.local_addr()?, "control API serving");
             vec![
                 tokio::spawn({
@@ -257,6 +259,17 @@ pub async fn serve(
     acceptor.abort();
     for t in control_tasks {
         t.abort();
+    }
+    // Give the Services back before going: the laptops establish their
+    // reroutes again on the next gateway pod.
+    if let Some(r) = reroutes
+        && tokio::time::timeout(std::time::Duration::from_secs(10), r.release_all())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "restoring rerouted Services took over 10s; the next gateway restores the rest"
+        );
     }
     if let Some(m) = metrics {
         m.abort();
