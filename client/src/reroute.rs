@@ -461,7 +461,8 @@ impl Reroutes {
     async fn reestablish(&self, link: &Link) {
         let mut active = self.active.lock().await;
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        for a in active.iter_mut() {
+        let mut taken = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
             match establish(link, &a.spec, &a.namespace, a.tunnel_port, &tx).await {
                 Ok((_, port, forwarder)) => {
                     a.tunnel_port = port;
@@ -469,10 +470,18 @@ impl Reroutes {
                     a.forwarder = forwarder;
                     tracing::info!(namespace = %a.namespace, service = %a.service, port = a.port, "reroute established again");
                 }
+                // `--force` from another laptop: give up, do not fight.
+                Err(e) if format!("{e:#}").contains("already rerouted to laptop") => {
+                    tracing::warn!(namespace = %a.namespace, service = %a.service, "the reroute was taken over by another laptop: {e:#}");
+                    taken.push(i);
+                }
                 Err(e) => {
                     tracing::warn!(namespace = %a.namespace, service = %a.service, "establishing the reroute again: {e:#}")
                 }
             }
+        }
+        for i in taken.into_iter().rev() {
+            active.remove(i);
         }
     }
 
