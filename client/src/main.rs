@@ -14,6 +14,7 @@
 //!   route overlap rule.
 //! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
 //! - [`state`]: the crash-safety state file and the cleanup of a stale one.
+//! - [`reroute`]: `burrow reroute` (CLI and the daemon's side).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;

@@ -25,6 +25,10 @@
 //!   mode's splice with its 502;
 //! - [`laptop`]: TCP connections the gateway opens to laptops through the
 //!   tunnel ([`laptop::LaptopDialer`]);
+//! - [`reroute`]: the reroute table (leases, holders), the listeners that
+//!   take a rerouted Service's connections, and the restores;
+//!   [`service`]: what a reroute changes in the Service and how it is
+//!   given back (shared with the client);
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
