@@ -665,38 +665,48 @@ impl Reroutes {
             if let Ok(mut l) = self.listeners.lock() {
                 l.retain(|(s, _), _| s != svc);
             }
-            self.restore(svc.clone());
+            self.restore(svc.clone()).await;
         }
     }
 
-    /// Restores a Service no laptop reroutes any more (in the background,
-    /// retried; the client restores too).
-    fn restore(self: &Arc<Self>, svc: ServiceKey) {
+    /// Restores a Service no laptop reroutes any more: the first attempt
+    /// before answering (so a laptop's next reroute of it never races with
+    /// this restore), retries in the background; the client restores too.
+    async fn restore(self: &Arc<Self>, svc: ServiceKey) {
         let Some(client) = self.kube.clone() else {
             tracing::warn!(namespace = %svc.0, service = %svc.1, "no Kubernetes access: the Service is left to the client to restore");
             return;
         };
+        let attempt = |client: kube::Client, svc: ServiceKey, me: Arc<Self>| async move {
+            // Rerouted again in the meantime: not ours to restore.
+            if me
+                .table
+                .lock()
+                .map(|t| t.services.contains_key(&svc))
+                .unwrap_or(false)
+            {
+                return true;
+            }
+            match crate::service::restore(&client, &svc.0, &svc.1).await {
+                Ok(outcome) => {
+                    tracing::info!(namespace = %svc.0, service = %svc.1, ?outcome, "Service restored");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %svc.0, service = %svc.1, "restoring the Service: {e}");
+                    false
+                }
+            }
+        };
+        if attempt(client.clone(), svc.clone(), self.clone()).await {
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
-            for attempt in 0..5u32 {
-                // Rerouted again in the meantime: not ours to restore.
-                if me
-                    .table
-                    .lock()
-                    .map(|t| t.services.contains_key(&svc))
-                    .unwrap_or(false)
-                {
+            for n in 0..5u32 {
+                tokio::time::sleep(Duration::from_secs(1 << n)).await;
+                if attempt(client.clone(), svc.clone(), me.clone()).await {
                     return;
-                }
-                match crate::service::restore(&client, &svc.0, &svc.1).await {
-                    Ok(outcome) => {
-                        tracing::info!(namespace = %svc.0, service = %svc.1, ?outcome, "Service restored");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(namespace = %svc.0, service = %svc.1, attempt, "restoring the Service: {e}");
-                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-                    }
                 }
             }
         });
