@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is needed, brings the miniature cluster up, shows it, makes a
 # request from one pod to another Service by name, connects the laptop
-# namespace with `burrow connect` and reaches a Service from it, and tears it
-# all down.
+# namespace with `burrow connect` and reaches a Service from it, reroutes the
+# echo Service to a server on the laptop (a pod's curl reaches the laptop),
+# gives it back with --stop, and tears it all down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,23 @@ lap getent hosts intranet.example
 
 step "burrow status"
 lap target/debug/burrow status
+
+step "in the laptop: a local server on 127.0.0.1:3000, and burrow reroute echo --port 8080:3000"
+$MC exec --name demo laptop -- env POD_NAME=the-laptop PORT=3000 target/debug/mc-echo >/dev/null 2>&1 &
+LOCAL_ECHO=$!
+for _ in $(seq 50); do lap curl -sf http://127.0.0.1:3000/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+lap target/debug/burrow reroute echo --port 8080:3000 --kubeconfig "$KUBECONFIG_LAPTOP"
+lap target/debug/burrow reroute --list
+
+step "from pod $CALLER: curl http://echo.default:8080/hello now reaches the laptop (\"pod\": \"the-laptop\")"
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+echo
+
+step "burrow reroute --stop echo: the Service is given back, the cluster's pods answer again"
+lap target/debug/burrow reroute --stop echo
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+echo
+kill "$LOCAL_ECHO" 2>/dev/null || true
 
 step "burrow disconnect, burrow uninstall"
 lap target/debug/burrow disconnect

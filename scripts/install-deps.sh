@@ -11,7 +11,7 @@ fi
 PACKAGES=(
     iproute2 iptables procps psmisc curl ca-certificates
     dnsmasq-base nginx-light redis-server redis-tools socat dnsutils
-    wireguard-go wireguard-tools iputils-ping iperf3 conntrack dnsperf
+    wireguard-go wireguard-tools iputils-ping iperf3 conntrack dnsperf wrk
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q

@@ -36,7 +36,7 @@ pub struct ClusterArgs {
     context: Option<String>,
     /// Namespace you work in (default: the context's).
     #[arg(short = 'n', long, value_name = "NS")]
-    namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// Namespace of the gateway.
     #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
     gateway_namespace: String,
@@ -66,7 +66,7 @@ impl ClusterArgs {
             .collect()
     }
 
-    fn target(&self) -> Target {
+    pub(crate) fn target(&self) -> Target {
         Target {
             kubeconfig: self.kubeconfig.clone(),
             kubeconfig_list: Vec::new(),
@@ -140,7 +140,7 @@ pub struct UninstallArgs {
     cluster: ClusterArgs,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -297,11 +297,16 @@ pub fn run_uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         cluster.check_reachable().await?;
         let ns = &args.cluster.gateway_namespace;
         let steps = std::sync::Mutex::new(Steps::new(false));
-        let done = install::uninstall(&cluster, ns, &|s| {
+        let progress = |s: &str| {
             if let Ok(mut steps) = steps.lock() {
                 steps.step(s);
             }
-        })
+        };
+        // Give back every rerouted Service before the gateway goes.
+        let done = async {
+            burrow_deploy::reroute::restore_all(&cluster, &progress).await?;
+            install::uninstall(&cluster, ns, &progress).await
+        }
         .await;
         if let Ok(mut steps) = steps.lock() {
             steps.finish(done.is_ok());
@@ -371,6 +376,66 @@ async fn ensure_daemon(global: &Global) -> anyhow::Result<UnixStream> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The running daemon's socket; fails when none runs (not connected).
+pub(crate) async fn daemon_conn(global: &Global) -> anyhow::Result<UnixStream> {
+    let sock = socket_path(&global.run_dir);
+    UnixStream::connect(&sock).await.with_context(|| {
+        format!(
+            "not connected (no daemon on {}): run `burrow connect` first",
+            sock.display()
+        )
+    })
+}
+
+/// `burrow connect` with default options unless connected already; its
+/// progress is shown.
+pub(crate) async fn connect_quietly(cluster: &ClusterArgs, global: &Global) -> anyhow::Result<()> {
+    let req = ConnectRequest {
+        kubeconfig: cluster.kubeconfig(),
+        kubeconfig_list: cluster.kubeconfig_list(),
+        context: cluster.context.clone(),
+        namespace: cluster.namespace.clone(),
+        gateway_namespace: cluster.gateway_namespace.clone(),
+        transport: Transport::Auto,
+        endpoint: None,
+        include: Vec::new(),
+        exclude: Vec::new(),
+        no_install: false,
+        no_upgrade: false,
+        dns: crate::dns::DnsSetting::Auto,
+    };
+    let conn = ensure_daemon(global).await?;
+    exchange(conn, &Request::Connect(req), false)
+        .await
+        .map(drop)
+}
+
+/// Send one request; print progress (when `show`) until done; the done
+/// message.
+pub(crate) async fn exchange_message(
+    conn: UnixStream,
+    req: &Request,
+    show: bool,
+) -> anyhow::Result<String> {
+    let (rd, mut wr) = conn.into_split();
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await?;
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    while let Some(line) = lines.next_line().await? {
+        match serde_json::from_str::<Reply>(&line)? {
+            Reply::Progress { step } => {
+                if show {
+                    eprintln!("{step}");
+                }
+            }
+            Reply::Done { message, .. } => return Ok(message),
+            Reply::Error { message } => anyhow::bail!("{message}"),
+        }
+    }
+    anyhow::bail!("the daemon closed the connection without an answer")
 }
 
 /// Send one request; print progress (when `show`) until done.

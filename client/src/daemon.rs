@@ -93,6 +93,10 @@ pub enum Request {
     Connect(ConnectRequest),
     Status,
     Disconnect,
+    // burrow reroute (client/src/reroute.rs)
+    Reroute(crate::reroute::Spec),
+    RerouteStop(crate::reroute::Stop),
+    RerouteList,
 }
 
 /// One reply line.
@@ -145,9 +149,9 @@ pub struct Status {
     pub dns_stub: Option<crate::dns::DnsStatus>,
 }
 
-type Progress = mpsc::UnboundedSender<Reply>;
+pub(crate) type Progress = mpsc::UnboundedSender<Reply>;
 
-fn step(tx: &Progress, s: impl Into<String>) {
+pub(crate) fn step(tx: &Progress, s: impl Into<String>) {
     let s = s.into();
     tracing::info!("{s}");
     let _ = tx.send(Reply::Progress { step: s });
@@ -172,6 +176,22 @@ struct Daemon {
     run_dir: PathBuf,
     session: Mutex<Option<Session>>,
     quit: tokio::sync::Notify,
+    reroutes: Arc<crate::reroute::Reroutes>,
+}
+
+impl Daemon {
+    /// What `burrow reroute` needs of the connection, when connected.
+    async fn reroute_link(&self) -> Option<crate::reroute::Link> {
+        self.session
+            .lock()
+            .await
+            .as_ref()
+            .map(|s| crate::reroute::Link {
+                cluster: s.cluster.clone(),
+                public_key: s.public_key.clone(),
+                status: s.status.clone(),
+            })
+    }
 }
 
 /// `burrow daemon`: serve the socket until a `disconnect` or a signal.
@@ -199,6 +219,7 @@ pub async fn serve(run_dir: PathBuf) -> anyhow::Result<()> {
         run_dir: run_dir.clone(),
         session: Mutex::new(None),
         quit: tokio::sync::Notify::new(),
+        reroutes: Arc::default(),
     });
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -253,14 +274,31 @@ async fn handle(daemon: Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     let quit_after = matches!(request, Request::Disconnect);
     let work = tokio::spawn(async move {
         let result = match request {
-            Request::Connect(req) => connect(&d, req, &tx).await,
-            Request::Status => Ok(status(&d).await),
-            Request::Disconnect => disconnect(&d, &tx).await,
+            Request::Connect(req) => connect(&d, req, &tx)
+                .await
+                .map(|s| (String::new(), Some(s))),
+            Request::Status => Ok((String::new(), Some(status(&d).await))),
+            Request::Disconnect => disconnect(&d, &tx).await.map(|s| (String::new(), Some(s))),
+            Request::Reroute(spec) => match d.reroute_link().await {
+                Some(link) => d.reroutes.add(&link, spec, &tx).await.map(|m| (m, None)),
+                None => Err(anyhow::anyhow!("not connected: run `burrow connect` first")),
+            },
+            Request::RerouteStop(stop) => {
+                let link = d.reroute_link().await;
+                d.reroutes
+                    .stop(link.as_ref(), &stop, &tx)
+                    .await
+                    .map(|m| (m, None))
+            }
+            Request::RerouteList => {
+                let link = d.reroute_link().await;
+                d.reroutes.list(link.as_ref()).await.map(|m| (m, None))
+            }
         };
         let reply = match result {
-            Ok(status) => Reply::Done {
-                message: String::new(),
-                status: Some(Box::new(status)),
+            Ok((message, status)) => Reply::Done {
+                message,
+                status: status.map(Box::new),
             },
             Err(e) => Reply::Error {
                 message: format!("{e:#}"),
@@ -336,6 +374,22 @@ fn snapshot(status: &std::sync::Mutex<Status>, stats: &SharedStats) -> Status {
 }
 
 async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
+    // Reroutes first: restored while the tunnel and credentials are here.
+    let link = d.reroute_link().await;
+    if link.is_some() {
+        let all = crate::reroute::Stop {
+            namespace: None,
+            service: None,
+        };
+        if let Err(e) = d.reroutes.stop(link.as_ref(), &all, tx).await {
+            step(
+                tx,
+                format!(
+                    "stopping reroutes: {e:#} (the gateway restores them when their lease runs out)"
+                ),
+            );
+        }
+    }
     let mut session = d.session.lock().await;
     let Some(s) = session.take() else {
         return Ok(Status::default());
@@ -450,7 +504,7 @@ fn b64url(standard: &str) -> String {
 
 /// One HTTP/1.1 exchange over a byte stream; the answer has a
 /// Content-Length (or ends with the stream).
-async fn http<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn http<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     method: &str,
     path: &str,
@@ -703,13 +757,19 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let reg = register(&cluster, &pod, &public_key, None).await?;
     let gateway_key = parse_key(&reg.info.public_key)?;
 
-    let routes = plan_routes(
+    let mut routes = plan_routes(
         &ranges.service,
         &ranges.pods,
         &reg.info.cluster.dns_servers,
         &req.include,
         &req.exclude,
     );
+    // Rerouted connections come from the gateway's tunnel address: the
+    // answers must go back into the tunnel.
+    let gateway_host = IpNet::from(reg.gateway_address);
+    if !routes.iter().any(|r| r.contains(&reg.gateway_address)) {
+        routes.push(gateway_host);
+    }
     let name = DEFAULT_IFNAME;
     if nl.link_index(name).await?.is_some() {
         anyhow::bail!(
@@ -757,11 +817,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         let udp = bind_udp(0).context("cannot bind a UDP port")?;
         let peer = PeerConfig {
             public_key: gateway_key,
-            allowed_ips: routes
-                .iter()
-                .copied()
-                .chain([IpNet::from(reg.gateway_address)])
-                .collect(),
+            allowed_ips: routes.clone(),
             endpoint: Some(chosen.endpoint),
             preshared_key: None,
             persistent_keepalive: Some(25),

@@ -14,6 +14,7 @@
 //!   route overlap rule.
 //! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
 //! - [`state`]: the crash-safety state file and the cleanup of a stale one.
+//! - [`reroute`]: `burrow reroute` (CLI and the daemon's side).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ mod down;
 mod netlink;
 mod plan;
 mod progress;
+mod reroute;
 mod state;
 mod tun;
 mod up;
@@ -89,6 +91,7 @@ enum Command {
     Daemon(connect::DaemonArgs),
     Install(connect::InstallArgs),
     Uninstall(connect::UninstallArgs),
+    Reroute(reroute::RerouteArgs),
 }
 
 fn init_logging(global: &Global) {
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => connect::run_daemon(args, &cli.global),
         Command::Install(args) => connect::run_install(args),
         Command::Uninstall(args) => connect::run_uninstall(args),
+        Command::Reroute(args) => reroute::run(args, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,6 +101,13 @@ pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
         } else if obj["metadata"].get("namespace").is_some() {
             obj["metadata"]["namespace"] = Value::from(opts.namespace.clone());
         }
+        if kind == "ClusterRoleBinding"
+            && let Some(subjects) = obj["subjects"].as_array_mut()
+        {
+            for s in subjects {
+                s["namespace"] = Value::from(opts.namespace.clone());
+            }
+        }
         obj["metadata"]["labels"][VERSION_LABEL] = Value::from(VERSION);
         obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = Value::from("burrow");
         if kind == "Deployment" {
@@ -483,14 +490,26 @@ mod tests {
         let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
         assert_eq!(
             kinds,
-            ["Namespace", "ServiceAccount", "Deployment", "Service"]
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Deployment",
+                "Service"
+            ]
         );
         assert_eq!(objs[0]["metadata"]["name"], "tools");
         for o in &objs[1..] {
-            assert_eq!(o["metadata"]["namespace"], "tools", "{o}");
+            let cluster_wide = o["kind"].as_str().is_some_and(|k| k.starts_with("Cluster"));
+            if !cluster_wide {
+                assert_eq!(o["metadata"]["namespace"], "tools", "{o}");
+            }
             assert_eq!(o["metadata"]["labels"][VERSION_LABEL], VERSION);
         }
-        let d = &objs[2];
+        // The gateway's service account, wherever it is installed.
+        assert_eq!(objs[3]["subjects"][0]["namespace"], "tools");
+        let d = &objs[4];
         assert_eq!(
             d["spec"]["template"]["spec"]["containers"][0]["image"],
             "registry.example/burrow-gateway:9"

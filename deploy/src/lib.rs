@@ -14,6 +14,7 @@ pub mod error;
 pub mod facts;
 pub mod install;
 pub mod portforward;
+pub mod reroute;
 pub mod target;
 
 pub use error::DeployError;

@@ -6,7 +6,11 @@
 //! | --- | --- | --- |
 //! | `GET /v1/info` | | [`Info`] |
 //! | `POST /v1/peers` | [`RegisterRequest`] | [`Registration`] (idempotent; also the heartbeat) |
-//! | `DELETE /v1/peers/{public key, base64url}` | | 204 |
+//! | `DELETE /v1/peers/{public key, base64url}` | | 204 (also stops its reroutes) |
+//! | `GET /v1/reroutes` | | `[`[`Reroute`]`]` |
+//! | `POST /v1/reroutes` | [`RerouteRequest`] | [`RerouteGrant`]; 409 when another laptop holds the port |
+//! | `POST /v1/reroutes/stop` | [`StopRequest`] | [`Stopped`] |
+//! | `POST /v1/leases` | [`LeaseRenewal`] | 204; 404 when the laptop has no reroute |
 //!
 //! Errors are [`ApiError`] bodies with a 4xx/5xx status.
 
@@ -96,4 +100,113 @@ pub struct PeerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// How a rerouted port's connections are handled.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Bytes: every connection goes to the laptop; nothing listening there
+    /// resets the caller.
+    #[default]
+    Tcp,
+    /// HTTP: like `tcp`, but a laptop that does not answer gives the caller
+    /// a 502; header routes are HTTP.
+    Http,
+}
+
+/// One port of the rerouted Service (every TCP port gets a gateway
+/// listener; the ports not rerouted pass through to the shadow Service).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The port's name in the Service ("" when unnamed).
+    pub name: String,
+    pub port: u16,
+}
+
+/// `POST /v1/reroutes`: send a Service port's traffic to a laptop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RerouteRequest {
+    /// The laptop's WireGuard public key, base64 (it must be registered).
+    pub public_key: String,
+    pub namespace: String,
+    pub service: String,
+    /// Every TCP port of the Service.
+    pub ports: Vec<ServicePort>,
+    /// The Service port rerouted.
+    pub port: u16,
+    /// Where the laptop listens on its tunnel address (the daemon hands the
+    /// connections on to 127.0.0.1 of the same port).
+    pub laptop_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Only requests carrying this header (name, value) go to the laptop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<(String, String)>,
+    /// Take a global reroute over from whoever holds it.
+    #[serde(default)]
+    pub force: bool,
+    /// The shadow Service's ClusterIP: where traffic not rerouted goes.
+    pub shadow_ip: IpAddr,
+}
+
+/// The answer to a [`RerouteRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RerouteGrant {
+    /// The gateway pod's listener port for each Service port (by port
+    /// number), for the EndpointSlice.
+    pub listeners: Vec<(ServicePort, u16)>,
+    /// Renew within this many seconds (`POST /v1/leases`) or the reroute
+    /// is dropped and the Service restored.
+    pub lease_secs: u64,
+    /// The previous global holder, when `force` took it over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_over_from: Option<String>,
+}
+
+/// A reroute as `GET /v1/reroutes` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reroute {
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    pub laptop_port: u16,
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<(String, String)>,
+    /// The laptop's name (hostname and user) and tunnel address.
+    pub laptop: String,
+    pub laptop_address: IpAddr,
+    /// Unix seconds.
+    pub since: u64,
+    /// The laptop's public key, base64.
+    pub public_key: String,
+}
+
+/// `DELETE /v1/reroutes`: stop one laptop's reroute of a Service port
+/// (`port` None: all its ports of that Service; `service` None: all).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StopRequest {
+    pub public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a stop left: the Services no laptop reroutes any more (restored by
+/// the gateway, and restorable by the client too — restore is idempotent).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Stopped {
+    pub stopped: Vec<Reroute>,
+    /// (namespace, service) pairs with no reroute left.
+    pub released: Vec<(String, String)>,
+}
+
+/// `POST /v1/leases`: the laptop is alive; its reroutes are renewed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    pub public_key: String,
 }

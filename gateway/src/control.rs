@@ -23,8 +23,12 @@ use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration};
+use crate::api::{
+    ApiError, ClusterFacts, Info, LeaseRenewal, PeerInfo, RegisterRequest, Registration,
+    RerouteRequest, StopRequest,
+};
 use crate::datapath;
+use crate::reroute::{Laptop, Refused, Reroutes};
 
 /// The control server's way into the data path task.
 #[derive(Clone)]
@@ -243,6 +247,7 @@ pub struct Control {
     pub allocator: Mutex<Allocator>,
     pub info: Info,
     pub expiry: Duration,
+    pub reroutes: Arc<Reroutes>,
 }
 
 pub type Shared = Arc<Control>;
@@ -253,6 +258,9 @@ pub async fn serve(listener: TcpListener, control: Shared) -> std::io::Result<()
         .route("/v1/info", get(info))
         .route("/v1/peers", post(register))
         .route("/v1/peers/{key}", delete(unregister).get(peer))
+        .route("/v1/reroutes", get(list_reroutes).post(add_reroute))
+        .route("/v1/reroutes/stop", post(stop_reroutes))
+        .route("/v1/leases", post(renew_leases))
         .with_state(control);
     axum::serve(listener, app).await
 }
@@ -277,6 +285,7 @@ pub async fn reap(control: Shared) {
         for k in gone {
             tracing::info!(peer = %short(&k), "laptop expired: no registration or handshake");
             control.peers.remove(k).await;
+            control.reroutes.forget(k).await;
         }
     }
 }
@@ -395,10 +404,74 @@ async fn unregister(State(c): State<Shared>, Path(key): Path<String>) -> Respons
     };
     let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
     c.peers.remove(key).await;
+    c.reroutes.forget(key).await;
     if removed.is_some() {
         tracing::info!(peer = %short(&key), "laptop unregistered");
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// The registered laptop with this key.
+fn laptop(c: &Control, public_key: &str) -> Result<Laptop, Box<Response>> {
+    let key = decode_key(public_key).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
+    let a = c.allocator.lock().map_err(|_| {
+        Box::new(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "registry lock poisoned",
+        ))
+    })?;
+    let e = a.by_key.get(&key).ok_or_else(|| {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            "this laptop is not registered with the gateway: connect first (`burrow connect`)",
+        ))
+    })?;
+    Ok(Laptop {
+        key,
+        name: e.name.clone(),
+        address: IpAddr::V4(e.address),
+    })
+}
+
+async fn list_reroutes(State(c): State<Shared>) -> Response {
+    Json(c.reroutes.list()).into_response()
+}
+
+async fn add_reroute(State(c): State<Shared>, Json(req): Json<RerouteRequest>) -> Response {
+    let laptop = match laptop(&c, &req.public_key) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match c.reroutes.add(&req, laptop).await {
+        Ok(grant) => Json(grant).into_response(),
+        Err(e @ (Refused::Held { .. } | Refused::HeaderTaken { .. })) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn stop_reroutes(State(c): State<Shared>, Json(req): Json<StopRequest>) -> Response {
+    let key = match decode_key(&req.public_key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    Json(c.reroutes.stop(&req, key).await).into_response()
+}
+
+async fn renew_leases(State(c): State<Shared>, Json(req): Json<LeaseRenewal>) -> Response {
+    let key = match decode_key(&req.public_key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if c.reroutes.renew(key) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            "no reroute of this laptop is known here",
+        )
+    }
 }
 
 #[cfg(test)]

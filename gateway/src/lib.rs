@@ -20,11 +20,15 @@
 //! - [`framed`]: WireGuard over length-framed TCP connections (the
 //!   port-forward transport);
 //! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
-//! - [`laptop`]: TCP connections the gateway opens to laptops through the
-//!   tunnel ([`laptop::LaptopDialer`]);
 //! - [`httproute`]: the HTTP proxy that routes by header for personal
 //!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
 //!   mode's splice with its 502;
+//! - [`laptop`]: TCP connections the gateway opens to laptops through the
+//!   tunnel ([`laptop::LaptopDialer`]);
+//! - [`reroute`]: the reroute table (leases, holders), the listeners that
+//!   take a rerouted Service's connections, and the restores;
+//!   [`service`]: what a reroute changes in the Service and how it is
+//!   given back (shared with the client);
 //! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
@@ -45,6 +49,8 @@ pub mod framed;
 pub mod httproute;
 pub mod laptop;
 pub mod metrics;
+pub mod reroute;
+pub mod service;
 
 pub use datapath::DatapathConfig;
 
@@ -131,7 +137,7 @@ pub struct GatewayConfig {
 }
 
 /// How the control API hands out addresses and what it tells laptops.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlConfig {
     /// Tunnel addresses come from here; the first host is the gateway's.
     pub tunnel_network: ipnet::Ipv4Net,
@@ -140,6 +146,9 @@ pub struct ControlConfig {
     pub expiry: std::time::Duration,
     /// What the gateway knows of the cluster (from its resolv.conf).
     pub cluster: api::ClusterFacts,
+    /// The gateway's own access to the Kubernetes API (in-cluster
+    /// credentials), to restore rerouted Services; None outside a cluster.
+    pub kube: Option<kube::Client>,
 }
 
 impl Default for ControlConfig {
@@ -149,8 +158,20 @@ impl Default for ControlConfig {
                 .unwrap_or_default(),
             expiry: std::time::Duration::from_secs(180),
             cluster: api::ClusterFacts::default(),
+            kube: None,
         }
     }
+}
+
+/// Connections to laptops' tunnel addresses, through the data path.
+fn laptop_connect(dialer: laptop::LaptopDialer) -> reroute::LaptopConnect {
+    std::sync::Arc::new(move |addr| {
+        let dialer = dialer.clone();
+        Box::pin(async move {
+            let stream = dialer.connect(addr).await?;
+            Ok(Box::new(stream) as reroute::BoxIo)
+        })
+    })
 }
 
 /// Run the gateway on `listeners` until `shutdown` resolves; open flows are
@@ -191,6 +212,7 @@ pub async fn serve(
     let metrics = listeners
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+    let mut reroutes = None;
     let control_tasks = match listeners.control {
         Some(l) => {
             let info = api::Info {
@@ -212,7 +234,12 @@ pub async fn serve(
                 )),
                 info,
                 expiry: config.control.expiry,
+                reroutes: reroute::Reroutes::new(
+                    laptop_connect(laptop::LaptopDialer::new(control_tx.clone())),
+                    config.control.kube.clone(),
+                ),
             });
+            reroutes = Some(shared.reroutes.clone());
             tracing::info!(control = %l.local_addr()?, "control API serving");
             vec![
                 tokio::spawn({
@@ -223,6 +250,7 @@ pub async fn serve(
                         }
                     }
                 }),
+                tokio::spawn(shared.reroutes.clone().reap()),
                 tokio::spawn(control::reap(shared)),
             ]
         }
@@ -235,6 +263,17 @@ pub async fn serve(
     acceptor.abort();
     for t in control_tasks {
         t.abort();
+    }
+    // Give the Services back before going: the laptops establish their
+    // reroutes again on the next gateway pod.
+    if let Some(r) = reroutes
+        && tokio::time::timeout(std::time::Duration::from_secs(10), r.release_all())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "restoring rerouted Services took over 10s; the next gateway restores the rest"
+        );
     }
     if let Some(m) = metrics {
         m.abort();

@@ -116,6 +116,24 @@ async fn shutdown_signal() {
     }
 }
 
+/// The pod's own Kubernetes API access (service account), when running in
+/// a pod.
+fn in_cluster_client() -> Option<kube::Client> {
+    std::env::var_os("KUBERNETES_SERVICE_HOST")?;
+    let made = kube::Config::incluster()
+        .map_err(|e| e.to_string())
+        .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()));
+    match made {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(
+                "no Kubernetes API access ({e}): rerouted Services are restored only by the laptops"
+            );
+            None
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -135,6 +153,19 @@ fn main() -> anyhow::Result<()> {
     }
     .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // In a pod: restore what a previous gateway left rerouted before
+        // the listeners (and so readiness) come up.
+        let kube = in_cluster_client();
+        if let Some(c) = &kube
+            && tokio::time::timeout(
+                Duration::from_secs(15),
+                burrow_gateway::reroute::restore_orphans(c),
+            )
+            .await
+            .is_err()
+        {
+            tracing::warn!("looking for Services left rerouted took over 15s; going on");
+        }
         let mut listeners =
             Listeners::bind(cli.listen, wg_port, cli.framed_port, Some(cli.metrics_port)).await?;
         if cli.control_port != 0 {
@@ -160,6 +191,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel_network: cli.tunnel_network,
                 expiry: cli.peer_expiry,
                 cluster: burrow_gateway::control::facts_from_resolv_conf(&resolv, pod_ip),
+                kube,
             },
         };
         burrow_gateway::serve(config, listeners, shutdown_signal()).await

@@ -1,0 +1,736 @@
+//! `burrow reroute`: CLI and the daemon's side.
+//!
+//! The daemon, for one reroute: find the Service and port (user's
+//! credentials) → check the user may patch it (dry run) → shadow Service →
+//! a forwarder on the tunnel address (kernel socket, ephemeral port) that
+//! hands each connection to 127.0.0.1:LOCALPORT → ask the gateway for the
+//! route (`POST /v1/reroutes`, through the tunnel) → point the Service at
+//! the gateway's listeners. A renewer posts the lease every
+//! [`RENEW_EVERY`]; when the gateway no longer knows the laptop's reroutes
+//! (a new gateway pod, or an expired lease) it establishes them again.
+//! `--stop` and `disconnect` stop them at the gateway and restore the
+//! Services with the user's credentials (the gateway restores too; restore
+//! is idempotent).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use burrow_deploy::Cluster;
+use burrow_deploy::install::GatewayPod;
+use burrow_gateway::api::{
+    CONTROL_PORT, LeaseRenewal, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest,
+    Stopped,
+};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use crate::daemon::Status;
+
+/// How often the daemon renews its leases (the gateway's expiry is 15 s).
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// Reroute a cluster Service port to this machine.
+#[derive(Args, Debug)]
+pub struct RerouteArgs {
+    /// The Service to reroute.
+    #[arg(required_unless_present_any = ["list", "stop", "all"])]
+    service: Option<String>,
+    #[command(flatten)]
+    cluster: crate::connect::ClusterArgs,
+    /// SVCPORT[:LOCALPORT]: the Service port (number or name) and the local
+    /// port on 127.0.0.1 that answers (default: the same number).
+    #[arg(long, value_name = "SVCPORT[:LOCALPORT]")]
+    port: Option<String>,
+    /// Only requests carrying this header go to this machine (HTTP/1.1 and
+    /// h2c); the rest keep reaching the cluster's pods.
+    #[arg(long, value_name = "NAME=VALUE")]
+    header: Option<String>,
+    /// tcp: bytes; http: a laptop that does not answer gives callers 502.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+    protocol: ProtocolArg,
+    /// Take over a port another laptop reroutes.
+    #[arg(long)]
+    force: bool,
+    /// List the reroutes of the gateway.
+    #[arg(long, conflicts_with_all = ["stop", "all"])]
+    list: bool,
+    /// Stop rerouting SERVICE and restore it.
+    #[arg(long, value_name = "SERVICE", conflicts_with = "all")]
+    stop: Option<String>,
+    /// With --stop: every reroute of this machine.
+    #[arg(long)]
+    all: bool,
+    #[arg(short, long, value_enum, default_value_t = crate::connect::Output::Text)]
+    output: crate::connect::Output,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum ProtocolArg {
+    Tcp,
+    Http,
+}
+
+/// What the CLI asks the daemon to reroute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Spec {
+    pub namespace: Option<String>,
+    pub service: String,
+    /// A number or a name.
+    pub port: String,
+    pub local_port: u16,
+    pub protocol: Protocol,
+    pub header: Option<(String, String)>,
+    pub force: bool,
+}
+
+/// What `--stop` asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stop {
+    pub namespace: Option<String>,
+    /// None: every reroute.
+    pub service: Option<String>,
+}
+
+fn parse_port(text: &str) -> anyhow::Result<(String, Option<u16>)> {
+    match text.rsplit_once(':') {
+        Some((svc, local)) => {
+            let local = local
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .with_context(|| format!("--port {text}: LOCALPORT must be a port number"))?;
+            Ok((svc.to_owned(), Some(local)))
+        }
+        None => Ok((text.to_owned(), text.parse().ok())),
+    }
+}
+
+impl RerouteArgs {
+    fn spec(&self) -> anyhow::Result<Spec> {
+        let service = self
+            .service
+            .clone()
+            .context("name the Service to reroute")?;
+        let port = self
+            .port
+            .as_deref()
+            .context("say which port with --port SVCPORT[:LOCALPORT]")?;
+        let (svc_port, local) = parse_port(port)?;
+        let local_port = local.with_context(|| {
+            format!("--port {port}: give the local port too (--port {port}:LOCALPORT)")
+        })?;
+        let header = match &self.header {
+            None => None,
+            Some(h) => {
+                let (n, v) = h
+                    .split_once('=')
+                    .with_context(|| format!("--header {h}: expected NAME=VALUE"))?;
+                Some((n.trim().to_owned(), v.trim().to_owned()))
+            }
+        };
+        let protocol = match (self.protocol, &header) {
+            (_, Some(_)) | (ProtocolArg::Http, _) => Protocol::Http,
+            (ProtocolArg::Tcp, None) => Protocol::Tcp,
+        };
+        Ok(Spec {
+            namespace: self.cluster.namespace.clone(),
+            service,
+            port: svc_port,
+            local_port,
+            protocol,
+            header,
+            force: self.force,
+        })
+    }
+}
+
+/// `burrow reroute ...`.
+pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
+    crate::require_root("reroute", "it talks to the root-only daemon")?;
+    let rt = crate::connect::runtime()?;
+    rt.block_on(async {
+        if args.list {
+            let conn = crate::connect::daemon_conn(global).await?;
+            let text =
+                crate::connect::exchange_message(conn, &crate::daemon::Request::RerouteList, false)
+                    .await?;
+            let list: Vec<Listed> = serde_json::from_str(&text).context("the daemon's list")?;
+            match args.output {
+                crate::connect::Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&list)?)
+                }
+                crate::connect::Output::Text => print_list(&list),
+            }
+            return Ok(());
+        }
+        if args.stop.is_some() || args.all {
+            let stop = Stop {
+                namespace: args.cluster.namespace.clone(),
+                service: args.stop.clone(),
+            };
+            let conn = crate::connect::daemon_conn(global).await?;
+            let text = crate::connect::exchange_message(
+                conn,
+                &crate::daemon::Request::RerouteStop(stop),
+                true,
+            )
+            .await?;
+            println!("{text}");
+            return Ok(());
+        }
+        let spec = args.spec()?;
+        // What can be known with the user's credentials alone is checked
+        // before anything starts: the Service, the port, the permission.
+        let cluster = args.cluster.target().resolve().await?;
+        let namespace = spec
+            .namespace
+            .clone()
+            .unwrap_or_else(|| cluster.namespace.clone());
+        let found =
+            burrow_deploy::reroute::find(&cluster, &namespace, &spec.service, &spec.port).await?;
+        burrow_deploy::reroute::check_may_patch(&cluster, &found.service).await?;
+        // Connect first when needed (a no-op when connected).
+        crate::connect::connect_quietly(&args.cluster, global).await?;
+        let conn = crate::connect::daemon_conn(global).await?;
+        let text =
+            crate::connect::exchange_message(conn, &crate::daemon::Request::Reroute(spec), true)
+                .await?;
+        println!("{text}");
+        Ok(())
+    })
+}
+
+/// A reroute as `--list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub reroute: Reroute,
+    /// This machine's.
+    pub mine: bool,
+    /// For this machine's: the local port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_port: Option<u16>,
+}
+
+fn print_list(list: &[Listed]) {
+    if list.is_empty() {
+        println!("no reroutes");
+        return;
+    }
+    println!(
+        "{:<28} {:<7} {:<28} {:<6} {:<28} SINCE",
+        "SERVICE", "PORT", "ROUTE", "PROTO", "LAPTOP"
+    );
+    for l in list {
+        let r = &l.reroute;
+        let route = match &r.header {
+            Some((n, v)) => format!("{n}={v}"),
+            None => "all".into(),
+        };
+        let laptop = if l.mine {
+            format!("{} (this, :{})", r.laptop, l.local_port.unwrap_or(0))
+        } else {
+            r.laptop.clone()
+        };
+        let proto = match r.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        };
+        println!(
+            "{:<28} {:<7} {:<28} {:<6} {:<28} {}",
+            format!("{}/{}", r.namespace, r.service),
+            r.port,
+            route,
+            proto,
+            laptop,
+            burrow_gateway::reroute::rfc3339(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(r.since)
+            )
+        );
+    }
+}
+
+/// What the daemon needs of its connection.
+#[derive(Clone)]
+pub struct Link {
+    pub cluster: Cluster,
+    pub public_key: String,
+    pub status: Arc<std::sync::Mutex<Status>>,
+}
+
+impl Link {
+    fn gateway(&self) -> anyhow::Result<(GatewayPod, IpAddr)> {
+        let st = self
+            .status
+            .lock()
+            .map_err(|_| anyhow::anyhow!("status lock poisoned"))?
+            .clone();
+        let tunnel: IpAddr = st.tunnel_address.parse().context("no tunnel address yet")?;
+        Ok((
+            GatewayPod {
+                namespace: st.gateway_namespace,
+                name: st.gateway_pod,
+                ip: st.gateway_pod_ip,
+                version: st.gateway_version,
+                started: None,
+            },
+            tunnel,
+        ))
+    }
+
+    /// A control API call through the tunnel.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let (pod, _) = self.gateway()?;
+        let ip: IpAddr = pod.ip.parse().context("the gateway pod has no IP")?;
+        let work = async {
+            let mut s = TcpStream::connect((ip, CONTROL_PORT)).await?;
+            crate::daemon::http(&mut s, method, path, body).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), work)
+            .await
+            .with_context(|| {
+                format!(
+                    "the gateway {} did not answer {method} {path} in 5s",
+                    pod.name
+                )
+            })?
+    }
+}
+
+/// One established reroute.
+struct Active {
+    spec: Spec,
+    namespace: String,
+    service: String,
+    port: u16,
+    /// The forwarder's port on the tunnel address.
+    tunnel_port: u16,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+/// The daemon's reroutes.
+#[derive(Default)]
+pub struct Reroutes {
+    active: Mutex<Vec<Active>>,
+    renewer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Reroutes {
+    pub async fn list(&self, link: Option<&Link>) -> anyhow::Result<String> {
+        let Some(link) = link else {
+            return Ok("[]".into());
+        };
+        let (code, body) = link.call("GET", "/v1/reroutes", None).await?;
+        if code >= 300 {
+            anyhow::bail!(
+                "the gateway answered {code}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let all: Vec<Reroute> = serde_json::from_slice(&body).context("the gateway's list")?;
+        let active = self.active.lock().await;
+        let listed: Vec<Listed> = all
+            .into_iter()
+            .map(|r| {
+                let mine = r.public_key == link.public_key;
+                let local_port = active
+                    .iter()
+                    .find(|a| {
+                        mine && a.namespace == r.namespace
+                            && a.service == r.service
+                            && a.port == r.port
+                    })
+                    .map(|a| a.spec.local_port);
+                Listed {
+                    reroute: r,
+                    mine,
+                    local_port,
+                }
+            })
+            .collect();
+        Ok(serde_json::to_string(&listed)?)
+    }
+
+    /// Establishes a reroute; the message says what happened.
+    pub async fn add(
+        self: &Arc<Self>,
+        link: &Link,
+        spec: Spec,
+        tx: &crate::daemon::Progress,
+    ) -> anyhow::Result<String> {
+        let mut active = self.active.lock().await;
+        let namespace = spec
+            .namespace
+            .clone()
+            .unwrap_or_else(|| link.cluster.namespace.clone());
+        let found =
+            burrow_deploy::reroute::find(&link.cluster, &namespace, &spec.service, &spec.port)
+                .await?;
+        let existing = active.iter().position(|a| {
+            a.namespace == namespace && a.service == spec.service && a.port == found.port.port
+        });
+        let tunnel_port = match existing {
+            Some(i) => active[i].tunnel_port,
+            None => 0,
+        };
+        let (grant, tunnel_port, forwarder) =
+            establish(link, &spec, &namespace, tunnel_port, tx).await?;
+        let took = grant
+            .took_over_from
+            .map(|h| format!(" (taken over from {h})"))
+            .unwrap_or_default();
+        let a = Active {
+            spec: spec.clone(),
+            namespace: namespace.clone(),
+            service: spec.service.clone(),
+            port: found.port.port,
+            tunnel_port,
+            forwarder,
+        };
+        match existing {
+            Some(i) => active[i] = a,
+            None => active.push(a),
+        }
+        drop(active);
+        self.ensure_renewer(link.clone());
+        let what = match &spec.header {
+            Some((n, v)) => format!("requests with {n}: {v}"),
+            None => "all connections".into(),
+        };
+        Ok(format!(
+            "rerouted {namespace}/{} port {} to 127.0.0.1:{}: {what}{took}; stop with `burrow reroute --stop {}`",
+            spec.service, found.port.port, spec.local_port, spec.service
+        ))
+    }
+
+    fn ensure_renewer(self: &Arc<Self>, link: Link) {
+        let Ok(mut r) = self.renewer.lock() else {
+            return;
+        };
+        if r.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let me = self.clone();
+        *r = Some(tokio::spawn(async move { me.renew_loop(link).await }));
+    }
+
+    async fn renew_loop(self: Arc<Self>, link: Link) {
+        let body = match serde_json::to_vec(&LeaseRenewal {
+            public_key: link.public_key.clone(),
+        }) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        loop {
+            tokio::time::sleep(RENEW_EVERY).await;
+            if self.active.lock().await.is_empty() {
+                continue;
+            }
+            match link.call("POST", "/v1/leases", Some(&body)).await {
+                Ok((code, _)) if code < 300 => {}
+                Ok((404, _)) => {
+                    tracing::info!(
+                        "the gateway does not know this laptop's reroutes (new gateway pod, or the lease ran out): establishing them again"
+                    );
+                    self.reestablish(&link).await;
+                }
+                Ok((code, body)) => tracing::warn!(
+                    "renewing reroute leases: {code} {}",
+                    String::from_utf8_lossy(&body)
+                ),
+                Err(e) => tracing::warn!("renewing reroute leases: {e:#}"),
+            }
+        }
+    }
+
+    async fn reestablish(&self, link: &Link) {
+        let mut active = self.active.lock().await;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut taken = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
+            match establish(link, &a.spec, &a.namespace, a.tunnel_port, &tx).await {
+                Ok((_, port, forwarder)) => {
+                    a.tunnel_port = port;
+                    a.forwarder.abort();
+                    a.forwarder = forwarder;
+                    tracing::info!(namespace = %a.namespace, service = %a.service, port = a.port, "reroute established again");
+                }
+                // `--force` from another laptop: give up, do not fight.
+                Err(e) if format!("{e:#}").contains("already rerouted to laptop") => {
+                    tracing::warn!(namespace = %a.namespace, service = %a.service, "the reroute was taken over by another laptop: {e:#}");
+                    taken.push(i);
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %a.namespace, service = %a.service, "establishing the reroute again: {e:#}")
+                }
+            }
+        }
+        for i in taken.into_iter().rev() {
+            active.remove(i);
+        }
+    }
+
+    /// Stops this laptop's reroutes (of `stop.service`, or all) and
+    /// restores the Services no laptop reroutes any more.
+    pub async fn stop(
+        &self,
+        link: Option<&Link>,
+        stop: &Stop,
+        tx: &crate::daemon::Progress,
+    ) -> anyhow::Result<String> {
+        let mut active = self.active.lock().await;
+        let Some(link) = link else {
+            active.clear();
+            if let Ok(mut r) = self.renewer.lock()
+                && let Some(h) = r.take()
+            {
+                h.abort();
+            }
+            return Ok("not connected: no reroutes".into());
+        };
+        let namespace = stop
+            .namespace
+            .clone()
+            .unwrap_or_else(|| link.cluster.namespace.clone());
+        let req = StopRequest {
+            public_key: link.public_key.clone(),
+            namespace: stop.service.as_ref().map(|_| namespace.clone()),
+            service: stop.service.clone(),
+            port: None,
+        };
+        let mine: Vec<(String, String)> = active
+            .iter()
+            .filter(|a| {
+                stop.service
+                    .as_ref()
+                    .is_none_or(|s| *s == a.service && a.namespace == namespace)
+            })
+            .map(|a| (a.namespace.clone(), a.service.clone()))
+            .collect();
+        let body = serde_json::to_vec(&req)?;
+        let released: Vec<(String, String)> =
+            match link.call("POST", "/v1/reroutes/stop", Some(&body)).await {
+                Ok((code, body)) if code < 300 => {
+                    let s: Stopped =
+                        serde_json::from_slice(&body).context("the gateway's stop answer")?;
+                    s.released
+                }
+                Ok((code, body)) => {
+                    crate::daemon::step(
+                        tx,
+                        format!(
+                            "the gateway answered {code} to stopping: {}; restoring here",
+                            String::from_utf8_lossy(&body)
+                        ),
+                    );
+                    mine.clone()
+                }
+                Err(e) => {
+                    crate::daemon::step(
+                        tx,
+                        format!("the gateway did not answer ({e:#}); restoring here"),
+                    );
+                    mine.clone()
+                }
+            };
+        let mut restored = Vec::new();
+        for (ns, svc) in &released {
+            crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
+            burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?;
+            restored.push(format!("{ns}/{svc}"));
+        }
+        active.retain(|a| !mine.contains(&(a.namespace.clone(), a.service.clone())));
+        if active.is_empty()
+            && let Ok(mut r) = self.renewer.lock()
+            && let Some(h) = r.take()
+        {
+            h.abort();
+        }
+        if stop.service.is_some() && mine.is_empty() {
+            anyhow::bail!(
+                "this machine does not reroute {namespace}/{}; see `burrow reroute --list`",
+                stop.service.clone().unwrap_or_default()
+            );
+        }
+        Ok(if restored.is_empty() {
+            format!(
+                "stopped {} reroute(s); other laptops still reroute the Service",
+                mine.len()
+            )
+        } else {
+            format!(
+                "stopped {} reroute(s); restored {}",
+                mine.len(),
+                restored.join(", ")
+            )
+        })
+    }
+}
+
+/// The whole establishment of one reroute (see the module doc). Rolls back
+/// what it changed when a later step fails.
+async fn establish(
+    link: &Link,
+    spec: &Spec,
+    namespace: &str,
+    tunnel_port: u16,
+    tx: &crate::daemon::Progress,
+) -> anyhow::Result<(RerouteGrant, u16, tokio::task::JoinHandle<()>)> {
+    let cluster = &link.cluster;
+    let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
+    crate::daemon::step(
+        tx,
+        format!(
+            "checking you may patch Service {namespace}/{}",
+            spec.service
+        ),
+    );
+    burrow_deploy::reroute::check_may_patch(cluster, &found.service).await?;
+    crate::daemon::step(
+        tx,
+        "creating the shadow Service for traffic that stays in the cluster",
+    );
+    let shadow_ip = burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    let (gateway, tunnel_ip) = link.gateway()?;
+    let listener = match TcpListener::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
+        Ok(l) => l,
+        Err(_) if tunnel_port != 0 => TcpListener::bind(SocketAddr::new(tunnel_ip, 0)).await?,
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot listen on the tunnel address {tunnel_ip}"));
+        }
+    };
+    let tunnel_port = listener.local_addr()?.port();
+    let forwarder = tokio::spawn(forward(listener, spec.local_port));
+    let req = RerouteRequest {
+        public_key: link.public_key.clone(),
+        namespace: namespace.to_owned(),
+        service: spec.service.clone(),
+        ports: found.ports.clone(),
+        port: found.port.port,
+        laptop_port: tunnel_port,
+        protocol: spec.protocol,
+        header: spec.header.clone(),
+        force: spec.force,
+        shadow_ip,
+    };
+    crate::daemon::step(tx, format!("asking the gateway {} to listen", gateway.name));
+    let body = serde_json::to_vec(&req)?;
+    let (code, answer) = link.call("POST", "/v1/reroutes", Some(&body)).await?;
+    if code >= 300 {
+        forwarder.abort();
+        let message = serde_json::from_slice::<burrow_gateway::api::ApiError>(&answer)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
+        if burrow_gateway::service::saved(&found.service).is_none() {
+            // Nobody reroutes it: the shadow made just now goes again.
+            let _ = burrow_deploy::reroute::restore(cluster, namespace, &spec.service).await;
+        }
+        anyhow::bail!("the gateway refused: {message}");
+    }
+    let grant: RerouteGrant = serde_json::from_slice(&answer).context("the gateway's answer")?;
+    crate::daemon::step(
+        tx,
+        format!(
+            "pointing Service {namespace}/{} at the gateway",
+            spec.service
+        ),
+    );
+    if let Err(e) = burrow_deploy::reroute::point_at_gateway(
+        cluster,
+        &found.service,
+        &gateway,
+        &grant.listeners,
+        &laptop_label(),
+    )
+    .await
+    {
+        forwarder.abort();
+        let stop = serde_json::to_vec(&StopRequest {
+            public_key: link.public_key.clone(),
+            namespace: Some(namespace.to_owned()),
+            service: Some(spec.service.clone()),
+            port: Some(found.port.port),
+        })?;
+        let _ = link.call("POST", "/v1/reroutes/stop", Some(&stop)).await;
+        let _ = burrow_deploy::reroute::restore(cluster, namespace, &spec.service).await;
+        return Err(e.into());
+    }
+    Ok((grant, tunnel_port, forwarder))
+}
+
+fn laptop_label() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "laptop".into());
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "root".into());
+    format!("{user}@{host}")
+}
+
+/// Hands every connection arriving on the tunnel address to
+/// 127.0.0.1:`local_port`; nothing listening there → the tunnel connection
+/// is reset (the gateway answers 502 or resets the caller) and a line is
+/// logged.
+async fn forward(listener: TcpListener, local_port: u16) {
+    loop {
+        let (mut conn, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept on the reroute forwarder: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.set_nodelay(true);
+            match TcpStream::connect(("127.0.0.1", local_port)).await {
+                Ok(mut local) => {
+                    let _ = local.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut local).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%from, "rerouted connection: nothing answers on 127.0.0.1:{local_port} ({e}); is your local server running?");
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                    drop(conn);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(
+            parse_port("8080:3000").expect("ok"),
+            ("8080".into(), Some(3000))
+        );
+        assert_eq!(
+            parse_port("http:3000").expect("ok"),
+            ("http".into(), Some(3000))
+        );
+        assert_eq!(parse_port("8080").expect("ok"), ("8080".into(), Some(8080)));
+        assert_eq!(parse_port("http").expect("ok"), ("http".into(), None));
+        assert!(parse_port("8080:x").is_err());
+    }
+}

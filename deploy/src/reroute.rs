@@ -1,0 +1,369 @@
+//! The Kubernetes side of `burrow reroute`, done with the user's own
+//! credentials (so their RBAC applies): find the Service and port, check
+//! the user may patch it, create the shadow Service, point the Service at
+//! the gateway, and restore it. What is changed and how it is recorded is
+//! in `burrow_gateway::service`, shared with the gateway, which restores
+//! with its own credentials when a lease runs out.
+
+use std::net::IpAddr;
+
+use burrow_gateway::api::ServicePort;
+use burrow_gateway::service::{
+    self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY,
+    SLICE_MANAGER,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::error::DeployError;
+use crate::install::{FIELD_MANAGER, GatewayPod};
+use crate::target::Cluster;
+
+/// A Service port found by number or name.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub service: Service,
+    /// The chosen port.
+    pub port: ServicePort,
+    /// Every TCP port of the Service.
+    pub ports: Vec<ServicePort>,
+}
+
+fn describe_ports(svc: &Service) -> String {
+    let ports: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            match &p.name {
+                Some(n) if !n.is_empty() => format!("{} ({n}, {proto})", p.port),
+                _ => format!("{} ({proto})", p.port),
+            }
+        })
+        .collect();
+    if ports.is_empty() {
+        "none".into()
+    } else {
+        ports.join(", ")
+    }
+}
+
+/// The Service `namespace/name` and its port `port` (a number or a name).
+pub async fn find(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    port: &str,
+) -> Result<Found, DeployError> {
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let svc = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            let names: Vec<String> = api
+                .list(&ListParams::default())
+                .await
+                .map(|l| {
+                    l.items
+                        .into_iter()
+                        .filter(|s| {
+                            !s.metadata
+                                .labels
+                                .as_ref()
+                                .is_some_and(|l| l.contains_key(REROUTE_OF))
+                        })
+                        .filter_map(|s| s.metadata.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let hint = if names.is_empty() {
+                format!("namespace {namespace} has no Services; choose another with -n")
+            } else {
+                format!(
+                    "Services in {namespace}: {}; choose another namespace with -n",
+                    names.join(", ")
+                )
+            };
+            return Err(DeployError::new(
+                format!("Service {name} not found in namespace {namespace}"),
+                hint,
+            ));
+        }
+        Err(e) => return Err(cluster.err(e, &format!("get Service {namespace}/{name}"))),
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Err(DeployError::new(
+            format!(
+                "Service {namespace}/{name} is headless: callers reach its pods directly, not through it"
+            ),
+            "reroute a Service with a ClusterIP",
+        ));
+    }
+    let all = spec.ports.clone().unwrap_or_default();
+    let chosen = all.iter().find(|p| match port.parse::<i32>() {
+        Ok(n) => p.port == n,
+        Err(_) => p.name.as_deref() == Some(port),
+    });
+    let Some(chosen) = chosen else {
+        return Err(DeployError::new(
+            format!("Service {namespace}/{name} has no port {port}"),
+            format!("its ports: {}", describe_ports(&svc)),
+        ));
+    };
+    let tcp = |p: &k8s_openapi::api::core::v1::ServicePort| {
+        p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+    };
+    if !tcp(chosen) {
+        return Err(DeployError::new(
+            format!(
+                "port {port} of Service {namespace}/{name} is {}: burrow reroutes TCP ports",
+                chosen.protocol.clone().unwrap_or_default()
+            ),
+            format!("its ports: {}", describe_ports(&svc)),
+        ));
+    }
+    if all.iter().any(|p| !tcp(p)) {
+        return Err(DeployError::new(
+            format!(
+                "Service {namespace}/{name} has non-TCP ports, which the gateway cannot pass on while it is rerouted"
+            ),
+            format!("its ports: {}", describe_ports(&svc)),
+        ));
+    }
+    let sp = |p: &k8s_openapi::api::core::v1::ServicePort| ServicePort {
+        name: p.name.clone().unwrap_or_default(),
+        port: u16::try_from(p.port).unwrap_or(0),
+    };
+    if service::saved(&svc).is_none() && spec.selector.as_ref().is_none_or(|s| s.is_empty()) {
+        return Err(DeployError::new(
+            format!(
+                "Service {namespace}/{name} has no selector (its endpoints are managed by hand)"
+            ),
+            "burrow reroutes Services that select pods",
+        ));
+    }
+    Ok(Found {
+        port: sp(chosen),
+        ports: all.iter().map(sp).collect(),
+        service: svc,
+    })
+}
+
+/// Fails (403, naming what to ask for) unless the user may patch the
+/// Service; changes nothing (a server-side dry run).
+pub async fn check_may_patch(cluster: &Cluster, svc: &Service) -> Result<(), DeployError> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let pp = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    api.patch(&name, &pp, &Patch::Merge(json!({})))
+        .await
+        .map(drop)
+        .map_err(|e| {
+            let mut err = cluster.err(e, &format!("patch Service {ns}/{name}"));
+            if err.is_forbidden() {
+                err.hint = format!(
+                    "rerouting changes the Service: ask a cluster admin for `patch` on `services` (and `create`/`delete` on `services` and `endpointslices.discovery.k8s.io`) in namespace {ns}; nothing was changed"
+                );
+            }
+            err
+        })
+}
+
+fn owner(svc: &Service) -> Value {
+    json!([{
+        "apiVersion": "v1",
+        "kind": "Service",
+        "name": svc.metadata.name,
+        "uid": svc.metadata.uid,
+    }])
+}
+
+/// Creates (or finds) the shadow Service — the original selector and ports
+/// — and returns its ClusterIP.
+pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, DeployError> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let shadow = service::shadow_name(&name);
+    let selector = match service::saved(svc) {
+        Some((_, saved)) => saved.original_selector,
+        None => svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default(),
+    };
+    let ports: Vec<Value> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "port": p.port,
+                "targetPort": p.target_port,
+                "protocol": p.protocol,
+            })
+        })
+        .collect();
+    let body: Service = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": shadow,
+            "namespace": ns,
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, REROUTE_OF: name},
+            "ownerReferences": owner(svc),
+        },
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": ports},
+    }))
+    .map_err(|e| DeployError::new(format!("internal: shadow Service: {e}"), ""))?;
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let made = match api.create(&PostParams::default(), &body).await {
+        Ok(s) => s,
+        Err(kube::Error::Api(s)) if s.code == 409 => api
+            .get(&shadow)
+            .await
+            .map_err(|e| cluster.err(e, &format!("get Service {ns}/{shadow}")))?,
+        Err(e) => return Err(cluster.err(e, &format!("create Service {ns}/{shadow}"))),
+    };
+    made.spec
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| {
+            DeployError::new(
+                format!("the shadow Service {ns}/{shadow} has no ClusterIP"),
+                "look at it with `kubectl get svc -o yaml`",
+            )
+        })
+}
+
+/// Points `svc` at the gateway pod: burrow's EndpointSlice with the
+/// gateway's listener for each port, then the selector off (saved in the
+/// annotation, one patch), then the endpoint controller's slices gone.
+pub async fn point_at_gateway(
+    cluster: &Cluster,
+    svc: &Service,
+    gateway: &GatewayPod,
+    listeners: &[(ServicePort, u16)],
+    by: &str,
+) -> Result<(), DeployError> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let slice_name = service::slice_name(&name);
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": slice_name,
+            "namespace": ns,
+            "labels": {
+                SERVICE_NAME_LABEL: name,
+                SLICE_MANAGED_BY: SLICE_MANAGER,
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                REROUTE_OF: name,
+            },
+            "ownerReferences": owner(svc),
+        },
+        "addressType": if gateway.ip.contains(':') { "IPv6" } else { "IPv4" },
+        "endpoints": [{
+            "addresses": [gateway.ip],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": gateway.namespace, "name": gateway.name},
+        }],
+        "ports": listeners.iter().map(|(p, l)| json!({"name": p.name, "port": l, "protocol": "TCP"})).collect::<Vec<_>>(),
+    });
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), &ns);
+    slices
+        .patch(
+            &slice_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&slice),
+        )
+        .await
+        .map_err(|e| cluster.err(e, &format!("apply EndpointSlice {ns}/{slice_name}")))?;
+
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let mut current = svc.clone();
+    for _attempt in 0..3 {
+        if service::saved(&current).is_some() {
+            break;
+        }
+        let (patch, _) = service::reroute_patch(&current, by).map_err(|why| {
+            DeployError::new(
+                format!("cannot reroute Service {ns}/{name}: {why}"),
+                "burrow reroutes Services that select pods",
+            )
+        })?;
+        let patch: kube_json_patch::Patch = serde_json::from_value(patch)
+            .map_err(|e| DeployError::new(format!("internal: patch: {e}"), ""))?;
+        match services
+            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+        {
+            Ok(_) => break,
+            // Changed under us (a concurrent reroute): look again.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                current = services
+                    .get(&name)
+                    .await
+                    .map_err(|e| cluster.err(e, &format!("get Service {ns}/{name}")))?;
+            }
+            Err(e) => return Err(cluster.err(e, &format!("patch Service {ns}/{name}"))),
+        }
+    }
+    // Without a selector the endpoint controller stops managing its slices
+    // but leaves them: remove them, or callers would still reach the pods.
+    let lp = ListParams::default().labels(&format!(
+        "{SERVICE_NAME_LABEL}={name},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
+    ));
+    let theirs = slices
+        .list(&lp)
+        .await
+        .map_err(|e| cluster.err(e, &format!("list EndpointSlices of {ns}/{name}")))?;
+    for s in theirs.items {
+        let Some(n) = s.metadata.name else { continue };
+        match slices.delete(&n, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(cluster.err(e, &format!("delete EndpointSlice {ns}/{n}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Restores `namespace/name` with the user's credentials; idempotent.
+pub async fn restore(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+) -> Result<Restored, DeployError> {
+    service::restore(&cluster.client, namespace, name)
+        .await
+        .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))
+}
+
+/// Restores every rerouted Service the user can see (for `uninstall`).
+pub async fn restore_all(
+    cluster: &Cluster,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(), DeployError> {
+    let found = service::find_rerouted(&cluster.client)
+        .await
+        .map_err(|e| cluster.err(e, "list Services in all namespaces"))?;
+    for (ns, name) in found {
+        progress(&format!("restoring rerouted Service {ns}/{name}"));
+        restore(cluster, &ns, &name).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,1008 @@
+//! Reroutes: which laptop gets which Service port's connections, the
+//! gateway listeners that receive them, and the leases that give them back.
+//!
+//! - [`Table`] (pure, no I/O) is the registry: per (namespace, Service,
+//!   port) at most one global route and any number of header routes, each
+//!   with its laptop and lease. It decides conflicts (a global route held by
+//!   another laptop is refused, naming the holder, unless forced) and
+//!   expiry.
+//! - [`Reroutes`] drives it: one TCP listener per TCP port of a rerouted
+//!   Service (the EndpointSlice points there), handed a fresh snapshot of
+//!   the port's routes ([`PortRoutes`]) on every change; and, when the last
+//!   route of a Service goes (stop, lease expiry, the laptop unregistering
+//!   or expiring), a restore of the Service with the gateway's own
+//!   credentials ([`crate::service::restore`]).
+//!
+//! Per accepted connection: a global route splices the bytes to the
+//! laptop's tunnel address (a laptop that refuses: the caller gets a reset
+//! in `tcp` mode, a 502 in `http` mode); header routes hand the connection
+//! to the HTTP router; no route passes it through to the shadow Service.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::api::{self, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped};
+
+/// How long a lease lasts without renewal. Laptops renew every 5 s; 12 s
+/// tolerates two lost renewals and gives a Service back within 15 s of its
+/// laptop's death (lease, plus the 1 s reaper tick, plus the restore).
+pub const LEASE: Duration = Duration::from_secs(12);
+
+pub use crate::httproute::BoxIo;
+use crate::httproute::{self, Dial, DialFuture, Rule, Rules, Upstream};
+
+/// Opens a TCP stream to a laptop's tunnel address through the tunnel
+/// (refused → `ConnectionRefused`).
+pub type LaptopConnect = Arc<
+    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>> + Send + Sync,
+>;
+
+/// (namespace, Service).
+pub type ServiceKey = (String, String);
+
+/// A laptop as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Laptop {
+    pub key: [u8; 32],
+    pub name: String,
+    pub address: IpAddr,
+}
+
+/// One laptop's route for one Service port.
+#[derive(Debug, Clone)]
+struct Route {
+    laptop: Laptop,
+    laptop_port: u16,
+    protocol: Protocol,
+    header: Option<(String, String)>,
+    since: SystemTime,
+    renewed: Instant,
+}
+
+impl Route {
+    fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.laptop.address, self.laptop_port)
+    }
+
+    fn describe(&self, ns: &str, svc: &str, port: u16) -> api::Reroute {
+        api::Reroute {
+            namespace: ns.to_string(),
+            service: svc.to_string(),
+            port,
+            laptop_port: self.laptop_port,
+            protocol: self.protocol,
+            header: self.header.clone(),
+            laptop: self.laptop.name.clone(),
+            laptop_address: self.laptop.address,
+            since: self
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            public_key: crate::config::encode_key(&self.laptop.key),
+        }
+    }
+}
+
+/// Routes of one Service port.
+#[derive(Debug, Clone, Default)]
+struct PortEntry {
+    global: Option<Route>,
+    headers: Vec<Route>,
+}
+
+impl PortEntry {
+    fn is_empty(&self) -> bool {
+        self.global.is_none() && self.headers.is_empty()
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Route) -> bool) -> Vec<Route> {
+        let mut gone = Vec::new();
+        if let Some(g) = self.global.take() {
+            if keep(&g) {
+                self.global = Some(g);
+            } else {
+                gone.push(g);
+            }
+        }
+        let (kept, dropped): (Vec<_>, Vec<_>) = self.headers.drain(..).partition(|r| keep(r));
+        self.headers = kept;
+        gone.extend(dropped);
+        gone
+    }
+}
+
+/// One rerouted Service.
+#[derive(Debug, Clone)]
+struct ServiceEntry {
+    /// Every TCP port of the Service (each gets a listener).
+    ports: Vec<ServicePort>,
+    shadow_ip: IpAddr,
+    routes: BTreeMap<u16, PortEntry>,
+}
+
+/// Why a reroute was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "{namespace}/{service} port {port} is already rerouted to laptop {holder} (since {since}); \
+         use --force to take it over, or a --header route to share it"
+    )]
+    Held {
+        namespace: String,
+        service: String,
+        port: u16,
+        holder: String,
+        since: String,
+    },
+    #[error(
+        "{namespace}/{service} port {port} already sends {header} to laptop {holder}; choose another value"
+    )]
+    HeaderTaken {
+        namespace: String,
+        service: String,
+        port: u16,
+        header: String,
+        holder: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `t` as `2024-01-31T12:00:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The registry of reroutes (pure).
+#[derive(Debug, Default)]
+pub struct Table {
+    services: BTreeMap<ServiceKey, ServiceEntry>,
+}
+
+/// What [`Table::add`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    pub took_over_from: Option<String>,
+}
+
+impl Table {
+    /// Adds (or renews, when the same laptop asks again) a route.
+    pub fn add(
+        &mut self,
+        req: &RerouteRequest,
+        laptop: Laptop,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Added, Refused> {
+        if !req.ports.iter().any(|p| p.port == req.port) {
+            return Err(Refused::Invalid(format!(
+                "port {} is not among the Service's TCP ports",
+                req.port
+            )));
+        }
+        if let Some((name, _)) = &req.header
+            && (name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
+        {
+            return Err(Refused::Invalid(format!(
+                "{name:?} is not an HTTP header name"
+            )));
+        }
+        if let Some((_, value)) = &req.header
+            && http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(Refused::Invalid(format!(
+                "{value:?} is not an HTTP header value"
+            )));
+        }
+        let key = (req.namespace.clone(), req.service.clone());
+        let entry = self.services.entry(key).or_insert_with(|| ServiceEntry {
+            ports: req.ports.clone(),
+            shadow_ip: req.shadow_ip,
+            routes: BTreeMap::new(),
+        });
+        entry.ports = req.ports.clone();
+        entry.shadow_ip = req.shadow_ip;
+        let port = entry.routes.entry(req.port).or_default();
+        let route = Route {
+            laptop: laptop.clone(),
+            laptop_port: req.laptop_port,
+            protocol: if req.header.is_some() {
+                Protocol::Http
+            } else {
+                req.protocol
+            },
+            header: req.header.clone().map(|(n, v)| (n.to_ascii_lowercase(), v)),
+            since: wall,
+            renewed: now,
+        };
+        let mut added = Added {
+            took_over_from: None,
+        };
+        match &route.header {
+            None => {
+                if let Some(g) = &port.global
+                    && g.laptop.key != laptop.key
+                {
+                    if !req.force {
+                        let refused = Refused::Held {
+                            namespace: req.namespace.clone(),
+                            service: req.service.clone(),
+                            port: req.port,
+                            holder: g.laptop.name.clone(),
+                            since: rfc3339(g.since),
+                        };
+                        self.prune();
+                        return Err(refused);
+                    }
+                    added.took_over_from = Some(g.laptop.name.clone());
+                }
+                let since = match &port.global {
+                    Some(g) if g.laptop.key == laptop.key => g.since,
+                    _ => wall,
+                };
+                port.global = Some(Route { since, ..route });
+            }
+            Some(h) => {
+                if let Some(other) = port
+                    .headers
+                    .iter()
+                    .find(|r| r.header.as_ref() == Some(h) && r.laptop.key != laptop.key)
+                {
+                    let refused = Refused::HeaderTaken {
+                        namespace: req.namespace.clone(),
+                        service: req.service.clone(),
+                        port: req.port,
+                        header: format!("{}={}", h.0, h.1),
+                        holder: other.laptop.name.clone(),
+                    };
+                    self.prune();
+                    return Err(refused);
+                }
+                port.headers
+                    .retain(|r| !(r.laptop.key == laptop.key && r.header.as_ref() == Some(h)));
+                port.headers.push(route);
+            }
+        }
+        Ok(added)
+    }
+
+    /// Drops Services without routes; returns them.
+    fn prune(&mut self) -> Vec<ServiceKey> {
+        let mut released = Vec::new();
+        self.services.retain(|k, s| {
+            s.routes.retain(|_, p| !p.is_empty());
+            let keep = !s.routes.is_empty();
+            if !keep {
+                released.push(k.clone());
+            }
+            keep
+        });
+        released
+    }
+
+    fn remove_where(&mut self, mut gone: impl FnMut(&ServiceKey, u16, &Route) -> bool) -> Stopped {
+        let mut stopped = Vec::new();
+        for (k, s) in &mut self.services {
+            for (port, p) in &mut s.routes {
+                for r in p.retain(|r| !gone(k, *port, r)) {
+                    stopped.push(r.describe(&k.0, &k.1, *port));
+                }
+            }
+        }
+        Stopped {
+            stopped,
+            released: self.prune(),
+        }
+    }
+
+    /// Stops a laptop's routes matching the request.
+    pub fn stop(&mut self, req: &api::StopRequest, key: [u8; 32]) -> Stopped {
+        self.remove_where(|(ns, svc), port, r| {
+            r.laptop.key == key
+                && req.namespace.as_ref().is_none_or(|n| n == ns)
+                && req.service.as_ref().is_none_or(|s| s == svc)
+                && req.port.is_none_or(|p| p == port)
+        })
+    }
+
+    /// Stops every route of a laptop (it unregistered or expired).
+    pub fn forget(&mut self, key: [u8; 32]) -> Stopped {
+        self.remove_where(|_, _, r| r.laptop.key == key)
+    }
+
+    /// Renews a laptop's leases; false when it has none.
+    pub fn renew(&mut self, key: [u8; 32], now: Instant) -> bool {
+        let mut any = false;
+        for s in self.services.values_mut() {
+            for p in s.routes.values_mut() {
+                for r in p.global.iter_mut().chain(p.headers.iter_mut()) {
+                    if r.laptop.key == key {
+                        r.renewed = now;
+                        any = true;
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Drops the routes whose lease ran out.
+    pub fn expire(&mut self, now: Instant, lease: Duration) -> Stopped {
+        self.remove_where(|_, _, r| now.saturating_duration_since(r.renewed) > lease)
+    }
+
+    pub fn list(&self) -> Vec<api::Reroute> {
+        let mut out = Vec::new();
+        for ((ns, svc), s) in &self.services {
+            for (port, p) in &s.routes {
+                for r in p.global.iter().chain(p.headers.iter()) {
+                    out.push(r.describe(ns, svc, *port));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    /// What the listener of `svc`'s `port` routes by, right now.
+    pub fn snapshot(&self, svc: &ServiceKey, port: u16) -> Option<PortRoutes> {
+        let s = self.services.get(svc)?;
+        let p = s.routes.get(&port).cloned().unwrap_or_default();
+        Some(PortRoutes {
+            shadow: SocketAddr::new(s.shadow_ip, port),
+            global: p.global.map(|r| Target {
+                addr: r.target(),
+                protocol: r.protocol,
+                laptop: r.laptop.name,
+            }),
+            headers: p
+                .headers
+                .into_iter()
+                .filter_map(|r| {
+                    let (name, value) = r.header.clone()?;
+                    Some(HeaderRoute {
+                        name,
+                        value,
+                        target: Target {
+                            addr: r.target(),
+                            protocol: r.protocol,
+                            laptop: r.laptop.name,
+                        },
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    /// Every TCP port of `svc`.
+    pub fn ports(&self, svc: &ServiceKey) -> Vec<ServicePort> {
+        self.services
+            .get(svc)
+            .map(|s| s.ports.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Where a route sends connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub laptop: String,
+}
+
+/// A header route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRoute {
+    /// Lower case.
+    pub name: String,
+    pub value: String,
+    pub target: Target,
+}
+
+/// A snapshot of one Service port's routes, for its listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRoutes {
+    /// The shadow Service's ClusterIP and this port.
+    pub shadow: SocketAddr,
+    pub global: Option<Target>,
+    pub headers: Vec<HeaderRoute>,
+}
+
+impl PortRoutes {
+    /// The header rules for the HTTP router.
+    pub fn rules(&self) -> Rules {
+        let mut rules = Rules::new(Upstream::Cluster(self.shadow));
+        for h in &self.headers {
+            let (Ok(header), Ok(value)) = (
+                http::HeaderName::from_bytes(h.name.as_bytes()),
+                http::HeaderValue::from_str(&h.value),
+            ) else {
+                continue;
+            };
+            rules.rules.push(Rule {
+                header,
+                value,
+                to: h.target.upstream(),
+            });
+        }
+        rules
+    }
+}
+
+impl Target {
+    fn upstream(&self) -> Upstream {
+        Upstream::Laptop {
+            name: self.laptop.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
+/// Laptops through the tunnel, the cluster with TCP.
+struct Dialer {
+    laptop: LaptopConnect,
+}
+
+impl Dial for Dialer {
+    fn dial(&self, to: &Upstream) -> DialFuture<'_> {
+        match to.clone() {
+            Upstream::Laptop { addr, .. } => (self.laptop)(addr),
+            Upstream::Cluster(addr) => Box::pin(async move {
+                let s = TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s) as BoxIo)
+            }),
+        }
+    }
+}
+
+/// A running listener of one Service port.
+struct Listener {
+    port: u16,
+    routes: watch::Sender<Arc<PortRoutes>>,
+    rules: watch::Sender<Arc<Rules>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The reroutes of this gateway: table, listeners, restores.
+pub struct Reroutes {
+    table: Mutex<Table>,
+    listeners: Mutex<BTreeMap<(ServiceKey, u16), Listener>>,
+    laptop: LaptopConnect,
+    kube: Option<kube::Client>,
+    listen_ip: IpAddr,
+}
+
+impl Reroutes {
+    pub fn new(laptop: LaptopConnect, kube: Option<kube::Client>) -> Arc<Self> {
+        Arc::new(Self {
+            table: Mutex::new(Table::default()),
+            listeners: Mutex::new(BTreeMap::new()),
+            laptop,
+            kube,
+            listen_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        })
+    }
+
+    pub fn list(&self) -> Vec<api::Reroute> {
+        self.table.lock().map(|t| t.list()).unwrap_or_default()
+    }
+
+    /// Adds a route and makes sure every port of its Service has a
+    /// listener.
+    pub async fn add(
+        self: &Arc<Self>,
+        req: &RerouteRequest,
+        laptop: Laptop,
+    ) -> Result<RerouteGrant, Refused> {
+        let svc = (req.namespace.clone(), req.service.clone());
+        let added = {
+            let mut t = self
+                .table
+                .lock()
+                .map_err(|_| Refused::Invalid("internal: table lock poisoned".into()))?;
+            t.add(req, laptop, Instant::now(), SystemTime::now())?
+        };
+        let listeners = match self.sync(&svc).await {
+            Ok(l) => l,
+            Err(e) => {
+                // Undo: without listeners the route is useless.
+                if let Ok(mut t) = self.table.lock() {
+                    let key = t.services.get(&svc).and_then(|s| {
+                        s.routes.get(&req.port).and_then(|p| {
+                            p.global
+                                .iter()
+                                .chain(p.headers.iter())
+                                .map(|r| r.laptop.key)
+                                .next()
+                        })
+                    });
+                    if let Some(k) = key {
+                        t.stop(
+                            &api::StopRequest {
+                                public_key: String::new(),
+                                namespace: Some(svc.0.clone()),
+                                service: Some(svc.1.clone()),
+                                port: Some(req.port),
+                            },
+                            k,
+                        );
+                    }
+                }
+                return Err(Refused::Invalid(format!(
+                    "the gateway cannot listen for {}/{}: {e}",
+                    svc.0, svc.1
+                )));
+            }
+        };
+        tracing::info!(
+            namespace = %svc.0, service = %svc.1, port = req.port,
+            header = ?req.header, protocol = ?req.protocol,
+            took_over_from = ?added.took_over_from, "reroute added"
+        );
+        Ok(RerouteGrant {
+            listeners,
+            lease_secs: LEASE.as_secs(),
+            took_over_from: added.took_over_from,
+        })
+    }
+
+    /// Brings `svc`'s listeners in line with the table: one per TCP port
+    /// while it has routes (fresh snapshots pushed), none otherwise.
+    async fn sync(self: &Arc<Self>, svc: &ServiceKey) -> io::Result<Vec<(ServicePort, u16)>> {
+        let ports = self.table.lock().map(|t| t.ports(svc)).unwrap_or_default();
+        let mut out = Vec::new();
+        for sp in ports {
+            let snapshot = self
+                .table
+                .lock()
+                .ok()
+                .and_then(|t| t.snapshot(svc, sp.port));
+            let Some(snapshot) = snapshot else { continue };
+            let key = (svc.clone(), sp.port);
+            let existing = self
+                .listeners
+                .lock()
+                .ok()
+                .and_then(|l| l.get(&key).map(|l| l.port));
+            match existing {
+                Some(port) => {
+                    if let Ok(l) = self.listeners.lock()
+                        && let Some(l) = l.get(&key)
+                    {
+                        l.rules.send_replace(Arc::new(snapshot.rules()));
+                        l.routes.send_replace(Arc::new(snapshot));
+                    }
+                    out.push((sp, port));
+                }
+                None => {
+                    let listener = TcpListener::bind(SocketAddr::new(self.listen_ip, 0)).await?;
+                    let port = listener.local_addr()?.port();
+                    let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
+                    let (tx, rx) = watch::channel(Arc::new(snapshot));
+                    let dial: Arc<dyn Dial> = Arc::new(Dialer {
+                        laptop: self.laptop.clone(),
+                    });
+                    let task = tokio::spawn(accept_loop(listener, rx, rules_rx, dial));
+                    tracing::info!(namespace = %svc.0, service = %svc.1, service_port = sp.port, listener = port, "listening for a rerouted port");
+                    if let Ok(mut l) = self.listeners.lock() {
+                        l.insert(
+                            key,
+                            Listener {
+                                port,
+                                routes: tx,
+                                rules: rules_tx,
+                                task,
+                            },
+                        );
+                    }
+                    out.push((sp, port));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// After routes went: update listeners, close those of released
+    /// Services and restore them.
+    async fn settle(self: &Arc<Self>, stopped: &Stopped) {
+        let mut touched: Vec<ServiceKey> = stopped
+            .stopped
+            .iter()
+            .map(|r| (r.namespace.clone(), r.service.clone()))
+            .collect();
+        touched.sort();
+        touched.dedup();
+        for svc in &touched {
+            if !stopped.released.contains(svc) {
+                let _ = self.sync(svc).await;
+            }
+        }
+        for r in &stopped.stopped {
+            tracing::info!(namespace = %r.namespace, service = %r.service, port = r.port, laptop = %r.laptop, "reroute stopped");
+        }
+        for svc in &stopped.released {
+            if let Ok(mut l) = self.listeners.lock() {
+                l.retain(|(s, _), _| s != svc);
+            }
+            self.restore(svc.clone()).await;
+        }
+    }
+
+    /// Restores a Service no laptop reroutes any more: the first attempt
+    /// before answering (so a laptop's next reroute of it never races with
+    /// this restore), retries in the background; the client restores too.
+    async fn restore(self: &Arc<Self>, svc: ServiceKey) {
+        let Some(client) = self.kube.clone() else {
+            tracing::warn!(namespace = %svc.0, service = %svc.1, "no Kubernetes access: the Service is left to the client to restore");
+            return;
+        };
+        let attempt = |client: kube::Client, svc: ServiceKey, me: Arc<Self>| async move {
+            // Rerouted again in the meantime: not ours to restore.
+            if me
+                .table
+                .lock()
+                .map(|t| t.services.contains_key(&svc))
+                .unwrap_or(false)
+            {
+                return true;
+            }
+            match crate::service::restore(&client, &svc.0, &svc.1).await {
+                Ok(outcome) => {
+                    tracing::info!(namespace = %svc.0, service = %svc.1, ?outcome, "Service restored");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %svc.0, service = %svc.1, "restoring the Service: {e}");
+                    false
+                }
+            }
+        };
+        if attempt(client.clone(), svc.clone(), self.clone()).await {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            for n in 0..5u32 {
+                tokio::time::sleep(Duration::from_secs(1 << n)).await;
+                if attempt(client.clone(), svc.clone(), me.clone()).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Drops every route and restores every Service (the gateway is
+    /// stopping); waits for the restores.
+    pub async fn release_all(&self) {
+        let services: Vec<ServiceKey> = match self.table.lock() {
+            Ok(mut t) => std::mem::take(&mut t.services).into_keys().collect(),
+            Err(_) => return,
+        };
+        if let Ok(mut l) = self.listeners.lock() {
+            l.clear();
+        }
+        let Some(client) = &self.kube else { return };
+        for (ns, name) in services {
+            match crate::service::restore(client, &ns, &name).await {
+                Ok(outcome) => {
+                    tracing::info!(namespace = %ns, service = %name, ?outcome, "Service restored (gateway stopping)")
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, service = %name, "restoring the Service: {e}")
+                }
+            }
+        }
+    }
+
+    pub async fn stop(self: &Arc<Self>, req: &api::StopRequest, key: [u8; 32]) -> Stopped {
+        let stopped = self
+            .table
+            .lock()
+            .map(|mut t| t.stop(req, key))
+            .unwrap_or_default();
+        self.settle(&stopped).await;
+        stopped
+    }
+
+    pub async fn forget(self: &Arc<Self>, key: [u8; 32]) {
+        let stopped = self
+            .table
+            .lock()
+            .map(|mut t| t.forget(key))
+            .unwrap_or_default();
+        self.settle(&stopped).await;
+    }
+
+    pub fn renew(&self, key: [u8; 32]) -> bool {
+        self.table
+            .lock()
+            .map(|mut t| t.renew(key, Instant::now()))
+            .unwrap_or(false)
+    }
+
+    /// Drops expired leases every second; runs until dropped.
+    pub async fn reap(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let stopped = self
+                .table
+                .lock()
+                .map(|mut t| t.expire(Instant::now(), LEASE))
+                .unwrap_or_default();
+            if !stopped.stopped.is_empty() {
+                tracing::info!(count = stopped.stopped.len(), "reroute leases expired");
+                self.settle(&stopped).await;
+            }
+        }
+    }
+}
+
+/// At start: restore every Service a previous gateway left rerouted (its
+/// listeners are gone with it; the laptops re-establish their reroutes on
+/// this gateway).
+pub async fn restore_orphans(client: &kube::Client) {
+    match crate::service::restore_all(client).await {
+        Ok(done) => {
+            for (ns, name, r) in done {
+                match r {
+                    Ok(outcome) => {
+                        tracing::info!(namespace = %ns, service = %name, ?outcome, "restored a Service left rerouted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, service = %name, "cannot restore a Service left rerouted: {e}")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!("cannot look for Services left rerouted: {e}"),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    routes: watch::Receiver<Arc<PortRoutes>>,
+    rules: watch::Receiver<Arc<Rules>>,
+    dial: Arc<dyn Dial>,
+) {
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept on a reroute listener: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        let snapshot = routes.borrow().clone();
+        let rules = rules.clone();
+        let dial = dial.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, &snapshot, rules, dial).await {
+                tracing::debug!(%peer, "rerouted connection: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    mut conn: TcpStream,
+    routes: &PortRoutes,
+    rules: watch::Receiver<Arc<Rules>>,
+    dial: Arc<dyn Dial>,
+) -> Result<(), String> {
+    match &routes.global {
+        Some(target) if target.protocol == Protocol::Http => {
+            httproute::splice_or_502(Box::new(conn), dial.as_ref(), &target.upstream())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Some(target) => {
+            // Raw TCP: a laptop that refuses, or resets, resets the caller.
+            let mut up = match dial.dial(&target.upstream()).await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::info!(laptop = %target.laptop, target = %target.addr, "the laptop refused a rerouted connection: {e}");
+                    reset(conn);
+                    return Ok(());
+                }
+            };
+            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut up).await {
+                reset(conn);
+                return Err(e.to_string());
+            }
+            Ok(())
+        }
+        None if !routes.headers.is_empty() => httproute::serve(Box::new(conn), rules, dial)
+            .await
+            .map_err(|e| e.to_string()),
+        None => {
+            let mut up = dial
+                .dial(&Upstream::Cluster(routes.shadow))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::io::copy_bidirectional(&mut conn, &mut up)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Closes with a RST (SO_LINGER 0), as a refused connection would.
+fn reset(conn: TcpStream) {
+    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+    drop(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn laptop(n: u8) -> Laptop {
+        Laptop {
+            key: [n; 32],
+            name: format!("laptop{n}"),
+            address: IpAddr::from([198, 19, 0, n]),
+        }
+    }
+
+    fn req(header: Option<(&str, &str)>, force: bool) -> RerouteRequest {
+        RerouteRequest {
+            public_key: String::new(),
+            namespace: "default".into(),
+            service: "echo".into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 8080,
+            }],
+            port: 8080,
+            laptop_port: 3000,
+            protocol: Protocol::Http,
+            header: header.map(|(n, v)| (n.to_string(), v.to_string())),
+            force,
+            shadow_ip: IpAddr::from([10, 96, 0, 99]),
+        }
+    }
+
+    fn key() -> ServiceKey {
+        ("default".into(), "echo".into())
+    }
+
+    #[test]
+    fn a_global_route_is_held_until_forced() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        t.add(&req(None, false), laptop(2), now, wall)
+            .expect("first");
+        // The same laptop again: a renewal, not a conflict.
+        t.add(&req(None, false), laptop(2), now, wall)
+            .expect("again");
+        let err = t
+            .add(&req(None, false), laptop(3), now, wall)
+            .expect_err("held");
+        let text = err.to_string();
+        assert!(
+            text.contains("laptop2") && text.contains("2023-11-14T22:13:20Z"),
+            "{text}"
+        );
+        let added = t
+            .add(&req(None, true), laptop(3), now, wall)
+            .expect("forced");
+        assert_eq!(added.took_over_from.as_deref(), Some("laptop2"));
+        let snap = t.snapshot(&key(), 8080).expect("snapshot");
+        assert_eq!(snap.global.map(|g| g.laptop), Some("laptop3".to_string()));
+    }
+
+    #[test]
+    fn header_routes_coexist_and_release_the_service_when_the_last_goes() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        t.add(
+            &req(Some(("X-Burrow-Route", "alice")), false),
+            laptop(2),
+            now,
+            wall,
+        )
+        .expect("alice");
+        t.add(
+            &req(Some(("x-burrow-route", "bob")), false),
+            laptop(3),
+            now,
+            wall,
+        )
+        .expect("bob");
+        assert!(
+            t.add(
+                &req(Some(("x-burrow-route", "bob")), false),
+                laptop(2),
+                now,
+                wall
+            )
+            .is_err()
+        );
+        let snap = t.snapshot(&key(), 8080).expect("snapshot");
+        assert_eq!(snap.headers.len(), 2);
+        assert_eq!(snap.headers[0].name, "x-burrow-route");
+        let s = t.forget([2; 32]);
+        assert_eq!(s.stopped.len(), 1);
+        assert!(s.released.is_empty());
+        let s = t.forget([3; 32]);
+        assert_eq!(s.released, vec![key()]);
+        assert!(t.snapshot(&key(), 8080).is_none());
+    }
+
+    #[test]
+    fn leases_expire_unless_renewed() {
+        let mut t = Table::default();
+        let start = Instant::now();
+        t.add(&req(None, false), laptop(2), start, SystemTime::now())
+            .expect("add");
+        t.add(
+            &req(Some(("x", "y")), false),
+            laptop(3),
+            start,
+            SystemTime::now(),
+        )
+        .expect("add");
+        let later = start + Duration::from_secs(10);
+        assert!(t.renew([2; 32], later));
+        assert!(!t.renew([9; 32], later));
+        let s = t.expire(start + Duration::from_secs(20), LEASE);
+        assert_eq!(s.stopped.len(), 1);
+        assert_eq!(s.stopped[0].laptop, "laptop3");
+        let s = t.expire(start + Duration::from_secs(40), LEASE);
+        assert_eq!(s.released, vec![key()]);
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00Z");
+    }
+}
