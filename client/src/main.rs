@@ -27,6 +27,7 @@ mod datapath;
 mod dns;
 mod down;
 mod netlink;
+mod offload;
 mod plan;
 mod progress;
 mod state;
