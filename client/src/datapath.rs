@@ -22,6 +22,7 @@ use burrow_netstack::wg::{
 use burrow_netstack::wgconf::short_key;
 use tokio::net::UdpSocket;
 
+use crate::offload;
 use crate::tun::Tun;
 
 /// How often boringtun's timers run (handshake retries, keepalives, rekey).
@@ -29,9 +30,9 @@ pub const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Receive slot per datagram: above any sane tunnel MTU plus WireGuard
 /// overhead; larger datagrams are dropped as truncated.
 const RECV_SLOT: usize = 4096;
-/// A TUN read takes whatever the kernel hands over; with no offloads that is
-/// at most the device MTU, but the MTU can be raised under us.
-const TUN_READ: usize = 65536;
+/// A TUN read takes whatever the kernel hands over: a vnet header and a
+/// packet or a TSO segment of up to 64 KiB.
+const TUN_READ: usize = offload::VNET_HDR_LEN + 65536;
 
 /// Socket buffer size asked for on the UDP socket (capped by the kernel at
 /// `net.core.{r,w}mem_max`).
@@ -110,6 +111,8 @@ pub struct Datapath {
     out: Output,
     recv: RecvBatch,
     tun_buf: Vec<u8>,
+    /// One segment split off a TSO read.
+    seg_buf: Vec<u8>,
     decap_buf: Vec<u8>,
     timer_buf: Vec<u8>,
     counters: Counters,
@@ -149,6 +152,7 @@ impl Datapath {
             },
             recv: RecvBatch::new(RECV_SLOT),
             tun_buf: vec![0; TUN_READ],
+            seg_buf: vec![0; TUN_READ],
             decap_buf: vec![0; RECV_SLOT.max(MIN_BUFFER)],
             timer_buf: vec![0; slot],
             counters: Counters::default(),
@@ -228,27 +232,13 @@ impl Datapath {
                 Err(e) => return Err(e),
             };
             self.counters.tun_rx += 1;
-            if self.out.batch.is_full() {
-                self.out.flush(&mut self.counters);
-            }
-            let slot = self.out.batch.slot();
-            let start = slot.as_ptr();
-            let queued = match self.peers.encapsulate(&self.tun_buf[..n], slot) {
-                // boringtun writes at the start of the buffer it is given.
-                Encapsulated::Send { to, datagram, .. } if datagram.as_ptr() == start => {
-                    Some((to, datagram.len()))
-                }
-                Encapsulated::Send { .. } | Encapsulated::Dropped(_) => {
-                    self.counters.dropped += 1;
-                    None
-                }
-                // Queued inside the session until the handshake completes.
-                Encapsulated::Nothing => None,
-            };
-            if let Some((to, len)) = queued {
-                let to = self.out.wire_addr(to);
-                self.out.batch.commit(len, to);
-                self.counters.udp_tx += 1;
+            let (peers, out, counters) = (&mut self.peers, &mut self.out, &mut self.counters);
+            let r = offload::segment(&mut self.tun_buf[..n], &mut self.seg_buf, |packet| {
+                encrypt(peers, out, counters, packet)
+            });
+            if let Err(e) = r {
+                self.counters.dropped += 1;
+                tracing::debug!(error = %e, "TUN read dropped");
             }
         }
         Ok(())
@@ -341,6 +331,32 @@ impl Datapath {
             s.rx_bytes = ps.rx_bytes as u64;
             s.counters = self.counters;
         }
+    }
+}
+
+/// Encrypt one IP packet into the next slot of the send batch.
+fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet: &[u8]) {
+    if out.batch.is_full() {
+        out.flush(counters);
+    }
+    let slot = out.batch.slot();
+    let start = slot.as_ptr();
+    let queued = match peers.encapsulate(packet, slot) {
+        // boringtun writes at the start of the buffer it is given.
+        Encapsulated::Send { to, datagram, .. } if datagram.as_ptr() == start => {
+            Some((to, datagram.len()))
+        }
+        Encapsulated::Send { .. } | Encapsulated::Dropped(_) => {
+            counters.dropped += 1;
+            None
+        }
+        // Queued inside the session until the handshake completes.
+        Encapsulated::Nothing => None,
+    };
+    if let Some((to, len)) = queued {
+        let to = out.wire_addr(to);
+        out.batch.commit(len, to);
+        counters.udp_tx += 1;
     }
 }
 

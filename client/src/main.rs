@@ -28,6 +28,7 @@ mod datapath;
 mod dns;
 mod down;
 mod netlink;
+mod offload;
 mod plan;
 mod progress;
 mod reroute;

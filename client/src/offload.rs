@@ -1,0 +1,442 @@
+//! TUN offloads, sans-IO: what a TUN read with a `virtio_net_hdr` in front
+//! (`IFF_VNET_HDR`) turns into on the way to WireGuard.
+//!
+//! With `TUNSETOFFLOAD` (checksum + TSO) the kernel hands over TCP segments
+//! of up to 64 KiB with a partial checksum; [`segment`] splits one into
+//! MTU-sized IP packets as the kernel's own GSO would (IP length, ID and
+//! header checksum; TCP sequence number, FIN/PSH only on the last segment,
+//! CWR only on the first, full TCP checksum) and completes the checksum of
+//! packets that were not segmented. Malformed input is an error, never a
+//! panic.
+
+/// `struct virtio_net_hdr` (no mergeable buffers), host byte order.
+pub const VNET_HDR_LEN: usize = 10;
+
+const F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+/// Why a TUN read could not be turned into packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    #[error("read shorter than the vnet header")]
+    Short,
+    #[error("unsupported GSO type {0}")]
+    GsoType(u8),
+    #[error("GSO packet headers do not parse")]
+    BadHeaders,
+    #[error("checksum offsets outside the packet")]
+    BadCsum,
+    #[error("segment does not fit the scratch buffer")]
+    TooLarge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VnetHdr {
+    flags: u8,
+    gso_type: u8,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+}
+
+fn parse_hdr(b: &[u8]) -> Result<VnetHdr, OffloadError> {
+    if b.len() < VNET_HDR_LEN {
+        return Err(OffloadError::Short);
+    }
+    let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    Ok(VnetHdr {
+        flags: b[0],
+        gso_type: b[1],
+        gso_size: u16_at(4),
+        csum_start: u16_at(6),
+        csum_offset: u16_at(8),
+    })
+}
+
+/// Split one TUN read (`vnet header ++ packet`) into IP packets, each handed
+/// to `emit`; `scratch` must hold one segment (headers + `gso_size`).
+/// Returns how many packets were emitted.
+pub fn segment(
+    read: &mut [u8],
+    scratch: &mut [u8],
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, OffloadError> {
+    let hdr = parse_hdr(read)?;
+    let packet = &mut read[VNET_HDR_LEN..];
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE => {
+            if hdr.flags & F_NEEDS_CSUM != 0 {
+                complete_csum(packet, hdr.csum_start.into(), hdr.csum_offset.into())?;
+            }
+            emit(packet);
+            Ok(1)
+        }
+        t @ (GSO_TCPV4 | GSO_TCPV6) => tso(packet, t == GSO_TCPV4, hdr, scratch, emit),
+        t => Err(OffloadError::GsoType(t)),
+    }
+}
+
+/// The partial checksum at `start + offset` already holds the pseudo-header
+/// sum: fold in everything from `start` and store the complement.
+fn complete_csum(p: &mut [u8], start: usize, offset: usize) -> Result<(), OffloadError> {
+    let at = start.checked_add(offset).ok_or(OffloadError::BadCsum)?;
+    if at + 2 > p.len() || start > p.len() {
+        return Err(OffloadError::BadCsum);
+    }
+    let c = !fold(sum(0, &p[start..]));
+    p[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+fn tso(
+    p: &[u8],
+    v4: bool,
+    hdr: VnetHdr,
+    scratch: &mut [u8],
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, OffloadError> {
+    let bad = OffloadError::BadHeaders;
+    let first = *p.first().ok_or(bad)?;
+    let l4 = if v4 {
+        let ihl = usize::from(first & 0x0f) * 4;
+        if first >> 4 != 4 || ihl < 20 || p.len() < ihl || p[9] != 6 {
+            return Err(bad);
+        }
+        ihl
+    } else {
+        if first >> 4 != 6 || p.len() < 40 || p[6] != 6 {
+            return Err(bad);
+        }
+        40
+    };
+    if usize::from(hdr.csum_start) != l4 || p.len() < l4 + 20 {
+        return Err(bad);
+    }
+    let thl = usize::from(p[l4 + 12] >> 4) * 4;
+    let hlen = l4 + thl;
+    if thl < 20 || p.len() < hlen {
+        return Err(bad);
+    }
+    let mss = usize::from(hdr.gso_size);
+    if mss == 0 {
+        return Err(bad);
+    }
+    let payload = &p[hlen..];
+    let n = payload.len().div_ceil(mss).max(1);
+    if hlen + mss.min(payload.len()) > scratch.len() {
+        return Err(OffloadError::TooLarge);
+    }
+    let seq0 = u32::from_be_bytes([p[l4 + 4], p[l4 + 5], p[l4 + 6], p[l4 + 7]]);
+    let id0 = u16::from_be_bytes([p[4], p[5]]);
+    for i in 0..n {
+        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+        let len = hlen + chunk.len();
+        let s = &mut scratch[..len];
+        s[..hlen].copy_from_slice(&p[..hlen]);
+        s[hlen..].copy_from_slice(chunk);
+        let seq = seq0.wrapping_add((i * mss) as u32);
+        s[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+        let mut flags = s[l4 + 13];
+        if i + 1 < n {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            flags &= !TCP_CWR;
+        }
+        s[l4 + 13] = flags;
+        let tcp_len = (len - l4) as u16;
+        let pseudo = if v4 {
+            s[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            s[10..12].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(0, &s[..l4]));
+            s[10..12].copy_from_slice(&c.to_be_bytes());
+            sum(u32::from(tcp_len) + 6, &s[12..20])
+        } else {
+            s[4..6].copy_from_slice(&tcp_len.to_be_bytes());
+            sum(u32::from(tcp_len) + 6, &s[8..40])
+        };
+        s[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(pseudo, &s[l4..]));
+        s[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+        emit(s);
+    }
+    Ok(n)
+}
+
+/// One's-complement sum of big-endian 16-bit words (odd tail padded).
+fn sum(mut acc: u32, b: &[u8]) -> u32 {
+    let mut words = b.chunks_exact(2);
+    for w in &mut words {
+        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
+        if acc >= 0xffff_0000 {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+    }
+    if let [last] = words.remainder() {
+        acc = acc.wrapping_add(u32::from(*last) << 8);
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+
+    const MSS: u16 = 1000;
+
+    fn hdr(gso_type: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; 10] {
+        let mut h = [0u8; 10];
+        h[0] = F_NEEDS_CSUM;
+        h[1] = gso_type;
+        h[4..6].copy_from_slice(&gso_size.to_ne_bytes());
+        h[6..8].copy_from_slice(&csum_start.to_ne_bytes());
+        h[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
+        h
+    }
+
+    /// A TCP packet with headers built by smoltcp and `payload_len` bytes of
+    /// a pattern, as the kernel would hand it over (checksums not final).
+    fn tcp_packet(v6: bool, payload_len: usize, flags: u8) -> Vec<u8> {
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+        let repr = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control: smoltcp::wire::TcpControl::None,
+            seq_number: TcpSeqNumber(0xffff_f000u32 as i32),
+            ack_number: Some(TcpSeqNumber(77)),
+            window_len: 512,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &payload,
+        };
+        let tcp_len = repr.buffer_len();
+        let l4 = if v6 { 40 } else { 20 };
+        let mut p = vec![0u8; l4 + tcp_len];
+        let (src, dst) = if v6 {
+            let mut ip = Ipv6Packet::new_unchecked(&mut p[..]);
+            ip.set_version(6);
+            ip.set_payload_len(tcp_len as u16);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_hop_limit(64);
+            ip.set_src_addr("fd00::1".parse().expect("test data"));
+            ip.set_dst_addr("fd00::2".parse().expect("test data"));
+            (
+                IpAddress::Ipv6("fd00::1".parse().expect("test data")),
+                IpAddress::Ipv6("fd00::2".parse().expect("test data")),
+            )
+        } else {
+            let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+            ip.set_version(4);
+            ip.set_header_len(20);
+            ip.set_total_len((20 + tcp_len) as u16);
+            ip.set_ident(0xfffe);
+            ip.set_hop_limit(64);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_src_addr("10.0.0.1".parse().expect("test data"));
+            ip.set_dst_addr("10.0.0.2".parse().expect("test data"));
+            ip.fill_checksum();
+            (
+                IpAddress::Ipv4("10.0.0.1".parse().expect("test data")),
+                IpAddress::Ipv4("10.0.0.2".parse().expect("test data")),
+            )
+        };
+        let mut tcp = TcpPacket::new_unchecked(&mut p[l4..]);
+        repr.emit(&mut tcp, &src, &dst, &ChecksumCapabilities::ignored());
+        tcp.set_checksum(0xdead);
+        p[l4 + 13] |= flags;
+        p
+    }
+
+    fn run(h: [u8; 10], p: &[u8]) -> Result<Vec<Vec<u8>>, OffloadError> {
+        let mut read = h.to_vec();
+        read.extend_from_slice(p);
+        let mut scratch = vec![0u8; 65536];
+        let mut out = Vec::new();
+        segment(&mut read, &mut scratch, |s| out.push(s.to_vec()))?;
+        Ok(out)
+    }
+
+    /// Checks every segment with smoltcp; returns (seq, flags, payload).
+    fn check(segs: &[Vec<u8>], v6: bool) -> Vec<(u32, u8, Vec<u8>)> {
+        segs.iter()
+            .map(|s| {
+                let (l4, src, dst) = if v6 {
+                    let ip = Ipv6Packet::new_checked(&s[..]).expect("test data");
+                    assert_eq!(usize::from(ip.payload_len()) + 40, s.len());
+                    (
+                        40,
+                        IpAddress::Ipv6(ip.src_addr()),
+                        IpAddress::Ipv6(ip.dst_addr()),
+                    )
+                } else {
+                    let ip = Ipv4Packet::new_checked(&s[..]).expect("test data");
+                    assert!(ip.verify_checksum(), "IPv4 header checksum");
+                    assert_eq!(usize::from(ip.total_len()), s.len());
+                    (
+                        20,
+                        IpAddress::Ipv4(ip.src_addr()),
+                        IpAddress::Ipv4(ip.dst_addr()),
+                    )
+                };
+                let tcp = TcpPacket::new_checked(&s[l4..]).expect("test data");
+                assert!(tcp.verify_checksum(&src, &dst), "TCP checksum");
+                (
+                    tcp.seq_number().0 as u32,
+                    s[l4 + 13],
+                    tcp.payload().to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    fn tso_case(v6: bool) {
+        let len = 3 * usize::from(MSS) + 123;
+        let p = tcp_packet(v6, len, TCP_FIN | TCP_PSH | TCP_CWR);
+        let (t, l4) = if v6 { (GSO_TCPV6, 40) } else { (GSO_TCPV4, 20) };
+        let segs = run(hdr(t, MSS, l4, 16), &p).expect("test data");
+        assert_eq!(segs.len(), 4);
+        let parsed = check(&segs, v6);
+        let mut joined = Vec::new();
+        for (i, (seq, flags, payload)) in parsed.iter().enumerate() {
+            assert_eq!(*seq, 0xffff_f000u32.wrapping_add(i as u32 * u32::from(MSS)));
+            let last = i == 3;
+            assert_eq!(flags & (TCP_FIN | TCP_PSH) != 0, last, "FIN/PSH on {i}");
+            assert_eq!(flags & TCP_FIN != 0, last);
+            assert_eq!(flags & TCP_CWR != 0, i == 0, "CWR on {i}");
+            assert_eq!(flags & 0x10, 0x10, "ACK kept");
+            assert_eq!(payload.len(), if last { 123 } else { usize::from(MSS) });
+            joined.extend_from_slice(payload);
+        }
+        assert_eq!(joined, p[l4 as usize + 20..]);
+        if !v6 {
+            let ids: Vec<u16> = segs
+                .iter()
+                .map(|s| u16::from_be_bytes([s[4], s[5]]))
+                .collect();
+            assert_eq!(ids, [0xfffe, 0xffff, 0, 1]);
+        }
+    }
+
+    #[test]
+    fn tso_ipv4() {
+        tso_case(false);
+    }
+
+    #[test]
+    fn tso_ipv6() {
+        tso_case(true);
+    }
+
+    #[test]
+    fn header_only_gso_packet_is_one_valid_packet() {
+        let p = tcp_packet(false, 0, TCP_FIN);
+        let segs = run(hdr(GSO_TCPV4, MSS, 20, 16), &p).expect("test data");
+        let parsed = check(&segs, false);
+        assert_eq!(parsed.len(), 1);
+        assert!(parsed[0].2.is_empty());
+        assert_eq!(parsed[0].1 & TCP_FIN, TCP_FIN);
+    }
+
+    #[test]
+    fn exact_multiple_of_mss() {
+        let p = tcp_packet(true, 2 * usize::from(MSS), TCP_PSH);
+        let segs = run(hdr(GSO_TCPV6 | GSO_ECN, MSS, 40, 16), &p).expect("test data");
+        let parsed = check(&segs, true);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].1 & TCP_PSH, 0);
+        assert_eq!(parsed[1].1 & TCP_PSH, TCP_PSH);
+    }
+
+    #[test]
+    fn partial_checksum_is_completed() {
+        // The kernel leaves the pseudo-header sum in the checksum field.
+        let mut p = tcp_packet(false, 57, 0);
+        let tcp_len = (p.len() - 20) as u32;
+        let pseudo = !fold(sum(tcp_len + 6, &p[12..20]));
+        p[36..38].copy_from_slice(&(!pseudo).to_be_bytes());
+        let segs = run(hdr(GSO_NONE, 0, 20, 16), &p).expect("test data");
+        check(&segs, false);
+        // Without NEEDS_CSUM the packet passes untouched.
+        let mut h = hdr(GSO_NONE, 0, 0, 0);
+        h[0] = 0;
+        assert_eq!(run(h, &p).expect("test data"), vec![p.clone()]);
+    }
+
+    #[test]
+    fn malformed_input_is_rejected() {
+        let p = tcp_packet(false, 3000, 0);
+        assert_eq!(run_short(), Err(OffloadError::Short));
+        assert_eq!(run(hdr(3, MSS, 20, 6), &p), Err(OffloadError::GsoType(3)));
+        assert_eq!(
+            run(hdr(GSO_TCPV4, 0, 20, 16), &p),
+            Err(OffloadError::BadHeaders)
+        );
+        assert_eq!(
+            run(hdr(GSO_TCPV4, MSS, 24, 16), &p),
+            Err(OffloadError::BadHeaders)
+        );
+        assert_eq!(
+            run(hdr(GSO_TCPV6, MSS, 40, 16), &p),
+            Err(OffloadError::BadHeaders)
+        );
+        assert_eq!(
+            run(hdr(GSO_TCPV4, MSS, 20, 16), &p[..30]),
+            Err(OffloadError::BadHeaders)
+        );
+        assert_eq!(
+            run(hdr(GSO_TCPV4, MSS, 20, 16), &[]),
+            Err(OffloadError::BadHeaders)
+        );
+        assert_eq!(
+            run(hdr(GSO_NONE, 0, 20, 60000), &p),
+            Err(OffloadError::BadCsum)
+        );
+        assert_eq!(
+            run(hdr(GSO_NONE, 0, 65535, 65535), &p),
+            Err(OffloadError::BadCsum)
+        );
+        let mut bad_thl = p.clone();
+        bad_thl[32] = 0x10; // data offset 4 bytes
+        assert_eq!(
+            run(hdr(GSO_TCPV4, MSS, 20, 16), &bad_thl),
+            Err(OffloadError::BadHeaders)
+        );
+        let mut tiny = vec![0u8; 100];
+        assert_eq!(
+            segment(
+                &mut [hdr(GSO_TCPV4, MSS, 20, 16).as_slice(), &p].concat(),
+                &mut tiny,
+                |_| {}
+            ),
+            Err(OffloadError::TooLarge)
+        );
+        tiny.truncate(0);
+    }
+
+    fn run_short() -> Result<Vec<Vec<u8>>, OffloadError> {
+        let mut read = [0u8; 5];
+        segment(&mut read, &mut [0u8; 10], |_| {}).map(|_| Vec::new())
+    }
+}
