@@ -38,7 +38,9 @@ caller() { "$MC" exec --name "$NAME" "pod/default/$CALLER" -- "$@"; }
 LOCAL=$!
 for _ in $(seq 50); do lap curl -sf http://127.0.0.1:3000/healthz >/dev/null 2>&1 && break; sleep 0.1; done
 
-URL=http://echo.default:8080/
+# The ClusterIP, not the name: the miniature cluster's DNS reloads (and
+# briefly fails) while a reroute changes the Service.
+URL=http://$(kubectl --kubeconfig "$KCH" get svc echo -o jsonpath='{.spec.clusterIP}'):8080/
 # Prints "rps p50_ms p99_ms" for one wrk run from the caller pod.
 measure() {
     local out
@@ -59,7 +61,11 @@ to_ms() { # wrk prints 1.23ms, 456.00us or 1.02s
 }
 check() { # the answer comes from whom we expect
     local who
-    who=$(caller curl -sS --max-time 5 "$@" "$URL")
+    # The miniature cluster's DNS reloads when Services change: retry.
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        who=$(caller curl -sS --max-time 5 "$@" "$URL" 2>/dev/null) && break
+        sleep 0.5
+    done
     echo "  answered by: $(echo "$who" | sed -n 's/.*"pod":"\([^"]*\)".*/\1/p')" >&2
 }
 
