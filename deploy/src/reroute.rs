@@ -324,23 +324,55 @@ pub async fn point_at_gateway(
     }
     // Without a selector the endpoint controller stops managing its slices
     // but leaves them: remove them, or callers would still reach the pods.
+    // The controller may still be acting on an earlier change of this
+    // Service (the restore of a reroute stopped a moment ago) and write its
+    // slice again after we removed it: keep removing until it stays gone,
+    // so that when `reroute` returns, callers reach the gateway.
     let lp = ListParams::default().labels(&format!(
         "{SERVICE_NAME_LABEL}={name},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
     ));
-    let theirs = slices
-        .list(&lp)
-        .await
-        .map_err(|e| cluster.err(e, &format!("list EndpointSlices of {ns}/{name}")))?;
-    for s in theirs.items {
-        let Some(n) = s.metadata.name else { continue };
-        match slices.delete(&n, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(cluster.err(e, &format!("delete EndpointSlice {ns}/{n}"))),
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+    let mut quiet = 0;
+    while quiet < SETTLE_QUIET_CHECKS {
+        let theirs = slices
+            .list(&lp)
+            .await
+            .map_err(|e| cluster.err(e, &format!("list EndpointSlices of {ns}/{name}")))?;
+        if theirs.items.is_empty() {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
+        for s in theirs.items {
+            let Some(n) = s.metadata.name else { continue };
+            match slices.delete(&n, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(cluster.err(e, &format!("delete EndpointSlice {ns}/{n}"))),
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(DeployError::new(
+                format!(
+                    "the endpoint controller keeps recreating EndpointSlices for {ns}/{name} \
+                     after its selector was removed"
+                ),
+                "run `burrow reroute --stop` for it and try again; if it persists, look at \
+                 `kubectl get endpointslices -n NS -l kubernetes.io/service-name=NAME`",
+            ));
+        }
+        if quiet < SETTLE_QUIET_CHECKS {
+            tokio::time::sleep(SETTLE_INTERVAL).await;
         }
     }
     Ok(())
 }
+
+/// How long the endpoint controller's slices must stay gone (checks ×
+/// interval) before a reroute counts as in place, and the most to wait.
+const SETTLE_QUIET_CHECKS: u32 = 3;
+const SETTLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(150);
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Restores `namespace/name` with the user's credentials; idempotent.
 pub async fn restore(
