@@ -539,6 +539,10 @@ impl Peers {
             Err(Rejected::UnknownPeer) => return self.drop_decap(DropReason::UnknownPeer),
             Err(Rejected::WireGuard(e)) => return self.drop_decap(DropReason::WireGuard(e)),
         };
+        // Never roam to an address the tunnel itself routes (a cluster IP on
+        // the laptop, seen when a NodePort reply escapes its NAT): the next
+        // datagram to it would be sent into the tunnel, a loop.
+        let may_roam = self.routes.lookup(from.ip()).is_none();
         let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.drop_decap(DropReason::UnknownPeer);
         };
@@ -548,7 +552,9 @@ impl Peers {
             TunnResult::Done => {
                 if is_data {
                     // A keepalive that decrypted: authenticated.
-                    peer.endpoint = Some(from);
+                    if may_roam {
+                        peer.endpoint = Some(from);
+                    }
                     peer.last_received = Some(now);
                 }
                 return Decapsulated::Nothing;
@@ -561,7 +567,9 @@ impl Peers {
                 let authenticated = matches!(out.first(), Some(&MSG_HANDSHAKE_RESPONSE))
                     || out.first() == Some(&MSG_DATA);
                 if authenticated {
-                    peer.endpoint = Some(from);
+                    if may_roam {
+                        peer.endpoint = Some(from);
+                    }
                     peer.last_received = Some(now);
                     peer.last_handshake = Some(now);
                 }
@@ -575,7 +583,9 @@ impl Peers {
             TunnResult::WriteToTunnelV6(p, a) => (IpAddr::V6(a), p),
             TunnResult::Err(e) => return self.drop_decap(DropReason::WireGuard(e)),
         };
-        peer.endpoint = Some(from);
+        if may_roam {
+            peer.endpoint = Some(from);
+        }
         peer.last_received = Some(now);
         if self.routes.lookup(src) != Some(id) {
             return self.drop_decap(DropReason::ForgedSource { peer: id, src });
@@ -943,6 +953,13 @@ mod tests {
             Decapsulated::Dropped(DropReason::WireGuard(_))
         ));
         assert_eq!(w.gw.get(w.a).and_then(Peer::endpoint), Some(a.at));
+        // An authenticated datagram from an address the tunnel routes (here
+        // the laptop's own tunnel address) is delivered, but the endpoint
+        // stays: sending there would loop through the tunnel.
+        let before = a.at;
+        a.at = SocketAddr::new(IpAddr::from(LAPTOP_A), 7000);
+        send_from(&mut w, &mut a, &p).expect("delivered");
+        assert_eq!(w.gw.get(w.a).and_then(Peer::endpoint), Some(before));
     }
 
     #[test]
