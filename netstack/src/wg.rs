@@ -957,7 +957,7 @@ mod tests {
         // the laptop's own tunnel address) is delivered, but the endpoint
         // stays: sending there would loop through the tunnel.
         let before = a.at;
-        a.at = SocketAddr::new(IpAddr::from(LAPTOP_A), 7000);
+        a.at = SocketAddr::new(LAPTOP_A, 7000);
         send_from(&mut w, &mut a, &p).expect("delivered");
         assert_eq!(w.gw.get(w.a).and_then(Peer::endpoint), Some(before));
     }
