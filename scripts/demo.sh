@@ -69,7 +69,7 @@ echo
 
 step "burrow reroute --stop echo: the Service is given back, the cluster's pods answer again"
 lap target/debug/burrow reroute --stop echo
-$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://echo.default:8080/hello
 echo
 kill "$LOCAL_ECHO" 2>/dev/null || true
 

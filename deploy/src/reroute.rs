@@ -380,9 +380,38 @@ pub async fn restore(
     namespace: &str,
     name: &str,
 ) -> Result<Restored, DeployError> {
-    service::restore(&cluster.client, namespace, name)
+    let restored = service::restore(&cluster.client, namespace, name)
         .await
-        .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))
+        .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))?;
+    if matches!(restored, Restored::Restored) {
+        wait_for_pods(cluster, namespace, name).await;
+    }
+    Ok(restored)
+}
+
+/// After a restore, waits (at most [`SETTLE_TIMEOUT`] / 2) until the
+/// endpoint controller lists a ready pod for the Service again, so callers
+/// right after `--stop` reach the pods rather than a Service with no
+/// endpoints. A Service with no ready pods simply waits out the limit.
+async fn wait_for_pods(cluster: &Cluster, namespace: &str, name: &str) {
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!(
+        "{SERVICE_NAME_LABEL}={name},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
+    ));
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT / 2;
+    while std::time::Instant::now() < deadline {
+        if let Ok(list) = slices.list(&lp).await
+            && list.items.iter().any(|s| {
+                s.endpoints
+                    .iter()
+                    .flatten()
+                    .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            })
+        {
+            return;
+        }
+        tokio::time::sleep(SETTLE_INTERVAL).await;
+    }
 }
 
 /// Restores every rerouted Service the user can see (for `uninstall`).
