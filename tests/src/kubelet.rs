@@ -3575,7 +3575,12 @@ mod e2e {
 
             // No endpoints → refused at once.
             store.delete(must("discovery.k8s.io/v1/endpointslices"), "default", "web-x").expect("delete slice");
-            let err = wait_for("REJECT", 5, || curl(&node, "http://10.96.0.20/").err()).await;
+            // While the rules change a request may still time out; within
+            // 5 s it must be refused at once (curl exit 7).
+            let err = wait_for("REJECT", 5, || {
+                curl(&node, "http://10.96.0.20/").err().filter(|e| format!("{e:#}").contains("curl: (7)"))
+            })
+            .await;
             assert!(format!("{err:#}").contains("curl: (7)"), "{err:#}");
 
             // Deleting a pod stops it and removes its namespace.
