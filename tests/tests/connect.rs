@@ -148,15 +148,6 @@ impl Setup<'_> {
     }
 }
 
-fn jsonpath(c: &Cluster, args: &[&str], path: &str) -> String {
-    let mut all = args.to_vec();
-    let jp = format!("jsonpath={path}");
-    all.extend_from_slice(&["-o", &jp]);
-    let out = ok(kubectl(c, &all));
-    assert!(!out.trim().is_empty(), "kubectl {all:?} printed nothing");
-    out.trim().to_string()
-}
-
 #[test]
 fn connect_acceptance() {
     let Some(c) = cluster("cn", 2) else { return };
@@ -181,22 +172,8 @@ fn connect_acceptance() {
         ),
         udp_echo_ip: jsonpath(&c, &["get", "svc", "udp-echo"], "{.spec.clusterIP}"),
     };
-    let mut failures = Vec::new();
-    let mut point = |name: &str, f: &dyn Fn()| {
-        let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(()) => eprintln!("connect: point {name}: ok ({:?})", start.elapsed()),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("connect: point {name}: FAILED: {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    };
+    let mut points = Points::new("connect");
+    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 
     point(
         "errors: each a reason and what to do, nothing left",
@@ -579,11 +556,7 @@ fn connect_acceptance() {
         assert!(o.trim().is_empty(), "objects left: {o}");
     });
 
-    assert!(
-        failures.is_empty(),
-        "failed points:\n{}",
-        failures.join("\n")
-    );
+    points.finish();
 }
 
 impl Setup<'_> {

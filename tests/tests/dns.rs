@@ -14,10 +14,8 @@
 
 mod common;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use burrow_tests::cluster::Cluster;
 use common::*;
@@ -127,15 +125,6 @@ impl Setup<'_> {
     }
 }
 
-fn jsonpath(c: &Cluster, args: &[&str], path: &str) -> String {
-    let mut all = args.to_vec();
-    let jp = format!("jsonpath={path}");
-    all.extend_from_slice(&["-o", &jp]);
-    let out = ok(kubectl(c, &all));
-    assert!(!out.trim().is_empty(), "kubectl {all:?} printed nothing");
-    out.trim().to_string()
-}
-
 #[test]
 fn dns_acceptance() {
     let Some(c) = cluster("dn", 1) else { return };
@@ -169,22 +158,8 @@ fn dns_acceptance() {
     let web_ip = jsonpath(&c, &["get", "svc", "web"], "{.spec.clusterIP}");
     let db0_ip = jsonpath(&c, &["get", "pod", "-n", "data", "db-0"], "{.status.podIP}");
 
-    let mut failures = Vec::new();
-    let mut point = |name: &str, f: &dyn Fn()| {
-        let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(()) => eprintln!("dns: point {name}: ok ({:?})", start.elapsed()),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("dns: point {name}: FAILED: {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    };
+    let mut points = Points::new("dns");
+    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 
     point("connect rewrites resolv.conf to the stub", &|| {
         let out = s.connect(&[]);
@@ -402,9 +377,5 @@ fn dns_acceptance() {
     if s.current() != s.original {
         let _ = run(s.burrow(&["disconnect"]));
     }
-    assert!(
-        failures.is_empty(),
-        "failed points:\n{}",
-        failures.join("\n")
-    );
+    points.finish();
 }

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -271,22 +270,8 @@ fn reroute_acceptance() {
     let redis_before = s.svc("data", "redis");
     let pods_before = s.pods();
 
-    let mut failures = Vec::new();
-    let mut point = |name: &str, f: &dyn Fn()| {
-        let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(()) => eprintln!("reroute: point {name}: ok ({:?})", start.elapsed()),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("reroute: point {name}: FAILED: {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    };
+    let mut points = Points::new("reroute");
+    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 
     point(
         "5 no permission to patch Services: 403, nothing changes",
@@ -590,9 +575,5 @@ fn reroute_acceptance() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    assert!(
-        failures.is_empty(),
-        "failed points:\n{}",
-        failures.join("\n")
-    );
+    points.finish();
 }

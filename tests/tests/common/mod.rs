@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests.
 #![allow(dead_code)]
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -176,4 +177,54 @@ pub fn logs_containing(c: &Cluster, args: &[&str], want: &str) -> String {
             out.contains(want).then_some(out)
         },
     )
+}
+
+/// The acceptance points of one test: each runs even when an earlier one
+/// failed; `finish` fails the test with every failure.
+pub struct Points {
+    test: &'static str,
+    failures: Vec<String>,
+}
+
+impl Points {
+    pub fn new(test: &'static str) -> Self {
+        Self {
+            test,
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn point(&mut self, name: &str, f: &dyn Fn()) {
+        let start = Instant::now();
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(()) => eprintln!("{}: point {name}: ok ({:?})", self.test, start.elapsed()),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("{}: point {name}: FAILED: {msg}", self.test);
+                self.failures.push(format!("{name}: {msg}"));
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "failed points:\n{}",
+            self.failures.join("\n")
+        );
+    }
+}
+
+/// `kubectl ARGS -o jsonpath=PATH`, trimmed; fails when it prints nothing.
+pub fn jsonpath(c: &Cluster, args: &[&str], path: &str) -> String {
+    let mut all = args.to_vec();
+    let jp = format!("jsonpath={path}");
+    all.extend_from_slice(&["-o", &jp]);
+    let out = ok(kubectl(c, &all));
+    assert!(!out.trim().is_empty(), "kubectl {all:?} printed nothing");
+    out.trim().to_string()
 }
