@@ -142,6 +142,7 @@ impl Datapath {
         }
         let v6 = udp.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         let slot = (usize::from(mtu) + DATA_OVERHEAD + 64).max(MIN_BUFFER);
+        let recv = RecvBatch::for_socket(&udp, RECV_SLOT);
         Ok(Self {
             peers: table,
             tun,
@@ -150,7 +151,7 @@ impl Datapath {
                 v6,
                 batch: SendBatch::new(slot),
             },
-            recv: RecvBatch::new(RECV_SLOT),
+            recv,
             tun_buf: vec![0; TUN_READ],
             seg_buf: vec![0; TUN_READ],
             decap_buf: vec![0; RECV_SLOT.max(MIN_BUFFER)],
@@ -257,24 +258,27 @@ impl Datapath {
                 }
             };
             for i in 0..n {
-                self.counters.udp_rx += 1;
-                let Some((from, datagram)) = self.recv.get(i) else {
+                let Some((from, datagrams)) = self.recv.get(i) else {
+                    self.counters.udp_rx += 1;
                     self.counters.dropped += 1;
                     continue;
                 };
                 let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                on_datagram(
-                    &mut self.peers,
-                    &self.tun,
-                    &mut self.out,
-                    &mut self.decap_buf,
-                    &mut self.counters,
-                    from,
-                    datagram,
-                    now,
-                );
+                for datagram in datagrams {
+                    self.counters.udp_rx += 1;
+                    on_datagram(
+                        &mut self.peers,
+                        &self.tun,
+                        &mut self.out,
+                        &mut self.decap_buf,
+                        &mut self.counters,
+                        from,
+                        datagram,
+                        now,
+                    );
+                }
             }
-            if n < BATCH {
+            if n < self.recv.capacity() {
                 break;
             }
         }

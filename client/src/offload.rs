@@ -171,19 +171,27 @@ fn tso(
     Ok(n)
 }
 
-/// One's-complement sum of big-endian 16-bit words (odd tail padded).
-fn sum(mut acc: u32, b: &[u8]) -> u32 {
-    let mut words = b.chunks_exact(2);
+/// One's-complement sum of big-endian 16-bit words (odd tail padded),
+/// folded to 32 bits. Adds 64-bit big-endian words with end-around carry:
+/// 2^64 = 1 modulo 2^16 - 1, so this is the 16-bit sum, four words at a time.
+fn sum(acc: u32, b: &[u8]) -> u32 {
+    let mut s = u64::from(acc);
+    let mut add = |v: u64| {
+        let (r, carry) = s.overflowing_add(v);
+        s = r + u64::from(carry);
+    };
+    let mut words = b.chunks_exact(8);
     for w in &mut words {
-        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
-        if acc >= 0xffff_0000 {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        add(u64::from_be_bytes(a));
     }
-    if let [last] = words.remainder() {
-        acc = acc.wrapping_add(u32::from(*last) << 8);
-    }
-    acc
+    let mut tail = [0u8; 8];
+    let rest = words.remainder();
+    tail[..rest.len()].copy_from_slice(rest);
+    add(u64::from_be_bytes(tail));
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    ((s & 0xffff_ffff) + (s >> 32)) as u32
 }
 
 fn fold(mut acc: u32) -> u16 {
@@ -202,6 +210,39 @@ mod tests {
     };
 
     const MSS: u16 = 1000;
+
+    /// The 16-bit reference: one word at a time.
+    fn sum16(b: &[u8]) -> u16 {
+        let mut acc = 0u32;
+        for w in b.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        fold(acc)
+    }
+
+    #[test]
+    fn sum_matches_the_word_by_word_sum() {
+        let mut data = vec![0u8; 3000];
+        let mut x = 0x9e37_79b9_u32;
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        data[100..200].fill(0xff);
+        for start in 0..9 {
+            for len in (0..2900).step_by(37).chain([0, 1, 7, 8, 9, 15, 16, 17]) {
+                let b = &data[start..start + len];
+                assert_eq!(fold(sum(0, b)), sum16(b), "start {start} len {len}");
+                assert_eq!(
+                    fold(sum(0xffff_ffff, b)),
+                    fold(0xffff + u32::from(sum16(b))),
+                    "start {start} len {len}"
+                );
+            }
+        }
+    }
 
     fn hdr(gso_type: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; 10] {
         let mut h = [0u8; 10];

@@ -21,7 +21,7 @@ use boringtun::x25519::StaticSecret;
 use burrow_netstack::flow::{
     FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, TcpRead, TcpState,
 };
-use burrow_netstack::udp_batch::{self, RecvBatch, SendBatch};
+use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
     self, DATA_OVERHEAD, Decapsulated, Encapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
 };
@@ -77,10 +77,10 @@ impl Default for DatapathConfig {
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             // Socket buffers cost only the pages bytes touch (see
-            // burrow_netstack's slots), so a larger size would not make
-            // idle flows expensive; but 256 KiB measured slower for a
-            // single laptop → cluster stream than 64 KiB (BENCHMARKS.md).
-            tcp_buffer: 64 * 1024,
+            // burrow_netstack's slots), so idle flows stay cheap. 256 KiB
+            // roughly doubled a single stream over 64 KiB once the UDP
+            // path was segmented (BENCHMARKS.md); 1 MiB added ~10 % more.
+            tcp_buffer: 256 * 1024,
             tunnel_address: None,
         }
     }
@@ -369,7 +369,7 @@ impl Datapath {
             conns: HashMap::new(),
             dirty: Vec::new(),
         };
-        let mut recv = RecvBatch::new(RECV_SLOT);
+        let mut recv = RecvBatch::for_socket(&out.udp, RECV_SLOT);
         let start = Instant::now();
         let mut next_timers = start + WG_TIMER_TICK;
         let mut next_sweep = start + SWEEP_TICK;
@@ -463,18 +463,26 @@ impl Datapath {
             match recv.recv(&out.udp) {
                 Ok(n) => {
                     for i in 0..n {
-                        self.stats.udp_rx += 1;
                         match recv.get(i) {
                             // Synthetic framed addresses are never real
                             // senders.
                             Some((from, _)) if framed::addr_conn(from).is_some() => {
+                                self.stats.udp_rx += 1;
                                 self.stats.drop_malformed += 1
                             }
-                            Some((from, d)) => self.on_datagram(out, from, d, now),
-                            None => self.stats.drop_malformed += 1,
+                            Some((from, datagrams)) => {
+                                for d in datagrams {
+                                    self.stats.udp_rx += 1;
+                                    self.on_datagram(out, from, d, now);
+                                }
+                            }
+                            None => {
+                                self.stats.udp_rx += 1;
+                                self.stats.drop_malformed += 1
+                            }
                         }
                     }
-                    if n < udp_batch::BATCH {
+                    if n < recv.capacity() {
                         break;
                     }
                 }

@@ -63,13 +63,15 @@ struct Cli {
     dial_timeout: Duration,
     /// Per-flow TCP receive and send buffer, bytes: the most a flow keeps
     /// in flight each way (its window). Memory follows the bytes actually
-    /// buffered, so idle flows cost little whatever the size.
-    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
+    /// buffered, so idle flows cost little whatever the size; a flow that
+    /// moved bulk data keeps up to twice this resident until it closes.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     tcp_buffer: u32,
     /// Threads for the per-flow socket tasks beside the data path's own;
-    /// 0 runs everything on the data path's thread.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    /// 0 (the default) runs everything on the data path's thread, which
+    /// measured faster on 2 cores (no cross-thread wake-ups; BENCHMARKS.md).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     worker_threads: usize,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
