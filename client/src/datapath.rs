@@ -22,7 +22,7 @@ use burrow_netstack::wg::{
 use burrow_netstack::wgconf::short_key;
 use tokio::net::UdpSocket;
 
-use crate::offload;
+use crate::offload::{self, Coalescer};
 use crate::tun::Tun;
 
 /// How often boringtun's timers run (handshake retries, keepalives, rekey).
@@ -114,6 +114,9 @@ pub struct Datapath {
     /// One segment split off a TSO read.
     seg_buf: Vec<u8>,
     decap_buf: Vec<u8>,
+    /// Joins runs of TCP segments out of the tunnel into GSO writes (when
+    /// the TUN took offloads).
+    gro: Option<Coalescer>,
     timer_buf: Vec<u8>,
     counters: Counters,
     /// Last handshake seen per peer, to log new ones.
@@ -143,6 +146,7 @@ impl Datapath {
         let v6 = udp.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         let slot = (usize::from(mtu) + DATA_OVERHEAD + 64).max(MIN_BUFFER);
         let recv = RecvBatch::for_socket(&udp, RECV_SLOT);
+        let gro = tun.offload().then(Coalescer::new);
         Ok(Self {
             peers: table,
             tun,
@@ -155,6 +159,7 @@ impl Datapath {
             tun_buf: vec![0; TUN_READ],
             seg_buf: vec![0; TUN_READ],
             decap_buf: vec![0; RECV_SLOT.max(MIN_BUFFER)],
+            gro,
             timer_buf: vec![0; slot],
             counters: Counters::default(),
             handshakes,
@@ -269,6 +274,7 @@ impl Datapath {
                     on_datagram(
                         &mut self.peers,
                         &self.tun,
+                        &mut self.gro,
                         &mut self.out,
                         &mut self.decap_buf,
                         &mut self.counters,
@@ -281,6 +287,10 @@ impl Datapath {
             if n < self.recv.capacity() {
                 break;
             }
+        }
+        if let Some(gro) = &mut self.gro {
+            let (tun, counters) = (&self.tun, &mut self.counters);
+            gro.flush(&mut |h: &[u8], p: &[u8], n: usize| write_tun(tun, counters, h, p, n));
         }
     }
 
@@ -370,6 +380,7 @@ fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet:
 fn on_datagram(
     peers: &mut Peers,
     tun: &Tun,
+    gro: &mut Option<Coalescer>,
     out: &mut Output,
     buf: &mut [u8],
     counters: &mut Counters,
@@ -386,13 +397,13 @@ fn on_datagram(
                 }
             }
         }
-        Decapsulated::Packet { packet, .. } => match tun.send(packet) {
-            Ok(()) => counters.tun_tx += 1,
-            Err(e) => {
-                counters.dropped += 1;
-                tracing::trace!(error = %e, "TUN write failed");
+        Decapsulated::Packet { packet, .. } => {
+            let mut write = |h: &[u8], p: &[u8], n: usize| write_tun(tun, counters, h, p, n);
+            match gro {
+                Some(gro) => gro.push(packet, &mut write),
+                None => write(&[0; offload::VNET_HDR_LEN], packet, 1),
             }
-        },
+        }
         Decapsulated::Nothing => {}
         Decapsulated::Dropped(reason) => {
             counters.dropped += 1;
@@ -402,6 +413,17 @@ fn on_datagram(
                 }
                 other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
             }
+        }
+    }
+}
+
+/// One TUN write of `n` packets (a GSO packet when `n` > 1).
+fn write_tun(tun: &Tun, counters: &mut Counters, hdr: &[u8], packet: &[u8], n: usize) {
+    match tun.send_parts(hdr, packet) {
+        Ok(()) => counters.tun_tx += n as u64,
+        Err(e) => {
+            counters.dropped += n as u64;
+            tracing::trace!(error = %e, "TUN write failed");
         }
     }
 }

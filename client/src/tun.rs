@@ -70,6 +70,9 @@ pub enum TunError {
 /// A TUN device, non-blocking, registered with the tokio reactor.
 pub struct Tun {
     fd: AsyncFd<tun::Device>,
+    /// The kernel took checksum + TSO offload: reads may be TSO segments and
+    /// writes may be GSO packets.
+    offload: bool,
 }
 
 impl Tun {
@@ -119,7 +122,15 @@ impl Tun {
                 "TUN offload refused by the kernel: one packet per read"
             );
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            offload: r == 0,
+        })
+    }
+
+    /// Whether GSO packets may be written ([`Tun::send_parts`]).
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
     /// Wait until a packet may be ready to read.
@@ -140,11 +151,11 @@ impl Tun {
         }
     }
 
-    /// Write one packet without waiting: a TUN write only blocks when the
-    /// kernel's queue is full, and then the packet is dropped, as a router
-    /// would.
-    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let hdr = [0u8; crate::offload::VNET_HDR_LEN];
+    /// Write a vnet header and a packet (a GSO packet when the header says
+    /// so) as one TUN write, without waiting: a TUN write only blocks when
+    /// the kernel's queue is full, and then the packet is dropped, as a
+    /// router would.
+    pub fn send_parts(&self, hdr: &[u8], packet: &[u8]) -> io::Result<()> {
         let iov = [
             libc::iovec {
                 iov_base: hdr.as_ptr() as *mut libc::c_void,
