@@ -944,9 +944,17 @@ impl Datapath {
             }
         }
         match state {
-            TcpState::Closed | TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
+            TcpState::Closed if flow.laptop_eof && flow.cluster_eof => {
                 self.tcp.remove(&id);
                 self.flows.release(id);
+            }
+            // The laptop's FIN has just arrived: its ACK leaves with the next
+            // egress, so release after that. (Released at once, the ACK was
+            // never sent: every laptop connection closed by the cluster side
+            // sat in LAST-ACK until a loss probe ~200 ms later drew a RST.)
+            TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
+                self.tcp.remove(&id);
+                self.release_after_egress.push(id);
             }
             // Reset by the laptop, or timed out.
             TcpState::Closed => {

@@ -253,6 +253,8 @@ struct Laptop {
     dev: Queues,
     epoch: Instant,
     next_port: u16,
+    /// TCP segments with RST received from the gateway.
+    rsts: usize,
 }
 
 impl Laptop {
@@ -278,6 +280,7 @@ impl Laptop {
             dev,
             epoch: Instant::now(),
             next_port: 40000,
+            rsts: 0,
         }
     }
 
@@ -305,6 +308,10 @@ impl Laptop {
                     result = self.tunn.decapsulate(None, &[], &mut buf);
                 }
                 TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                    // IPv4 without options carrying TCP: flags at 20 + 13.
+                    if p.len() > 33 && p[0] == 0x45 && p[9] == 6 && p[33] & 0x04 != 0 {
+                        self.rsts += 1;
+                    }
                     self.dev.rx.push_back(p.to_vec());
                     break;
                 }
@@ -573,6 +580,46 @@ async fn cluster_side_reset_reaches_the_laptop() {
             |l| l.tcp(h).state() == tcp::State::Closed,
         )
         .await;
+    gw.stop().await;
+}
+
+/// The cluster side closes first (an HTTP server after its response):
+/// the laptop's FIN that follows must be acknowledged, not left for a
+/// retransmission to draw a RST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laptop_fin_after_the_cluster_closed_is_acknowledged() {
+    let gw = Gateway::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"bye").await;
+            drop(s);
+        }
+    });
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    for round in 0..5 {
+        let h = laptop.tcp_connect(server);
+        laptop
+            .until("the cluster side's FIN", Duration::from_secs(10), |l| {
+                l.tcp(h).state() == tcp::State::CloseWait
+            })
+            .await;
+        let mut got = Vec::new();
+        let _ = laptop.tcp(h).recv(|b| {
+            got.extend_from_slice(b);
+            (b.len(), ())
+        });
+        assert_eq!(got, b"bye");
+        laptop.tcp(h).close();
+        laptop
+            .until("the ACK of our FIN", Duration::from_secs(10), |l| {
+                l.tcp(h).state() == tcp::State::Closed
+            })
+            .await;
+        assert_eq!(laptop.rsts, 0, "round {round}: closed by a RST, not an ACK");
+        laptop.sockets.remove(h);
+    }
     gw.stop().await;
 }
 
