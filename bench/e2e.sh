@@ -152,7 +152,11 @@ teardown_ns() {
 }
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  # A second signal (timeout(1) forwards its own, profile.sh kills the HOLD
+  # run) must not cut the teardown short: namespaces, servers and the
+  # 100 MiB file in /dev/shm were left behind that way.
+  trap - EXIT
+  trap '' INT TERM
   if [ "${REPORTED:-1}" = 0 ] && [ -s "$RAW" ] && [ "${HOLD:-0}" != 1 ]; then
     write_report "PARTIAL: the run stopped early (exit $rc; MAX_SECONDS=$MAX_SECONDS)." 2>/dev/null
     log "partial results: $RESULTS"

@@ -146,7 +146,12 @@ impl Datapath {
         let v6 = udp.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         let slot = (usize::from(mtu) + DATA_OVERHEAD + 64).max(MIN_BUFFER);
         let recv = RecvBatch::for_socket(&udp, RECV_SLOT);
-        let gro = tun.offload().then(Coalescer::new);
+        // BURROW_TUN_GRO=off writes one packet per TUN write (comparisons).
+        let gro_wanted = !matches!(
+            std::env::var("BURROW_TUN_GRO").as_deref(),
+            Ok("off" | "0" | "false")
+        );
+        let gro = (tun.offload() && gro_wanted).then(Coalescer::new);
         Ok(Self {
             peers: table,
             tun,

@@ -956,8 +956,11 @@ impl Datapath {
                 self.tcp.remove(&id);
                 self.release_after_egress.push(id);
             }
-            // Reset by the laptop, or timed out.
-            TcpState::Closed => {
+            // Reset by the laptop, or timed out. A RST answering our
+            // SYN-ACK (the laptop gave up connecting) sends smoltcp back to
+            // LISTEN rather than CLOSED; kept, such a flow held its cluster
+            // connection open for good.
+            TcpState::Closed | TcpState::Listen => {
                 tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
                 self.tcp.remove(&id);
                 self.flows.release(id);

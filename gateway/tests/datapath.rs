@@ -583,6 +583,83 @@ async fn cluster_side_reset_reaches_the_laptop() {
     gw.stop().await;
 }
 
+/// A laptop that gives up while connecting (its socket is gone when the
+/// gateway's SYN-ACK arrives, so its stack answers RST): the gateway must
+/// drop the flow and close the connection it dialled into the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laptop_giving_up_mid_handshake_closes_the_cluster_side() {
+    use smoltcp::wire::{Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let gw = Gateway::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 16];
+            // EOF or reset: either way the gateway let go of it.
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let _ = closed_tx.send(n);
+        }
+    });
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    // A bare SYN: no socket on the laptop will own the answer.
+    let IpAddr::V4(server_ip) = server.ip() else {
+        panic!("IPv4 listener")
+    };
+    let syn = TcpRepr {
+        src_port: 45000,
+        dst_port: server.port(),
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1360),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: LAPTOP_IP,
+        dst_addr: server_ip,
+        next_header: IpProtocol::Tcp,
+        payload_len: syn.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut packet = vec![0u8; ip.buffer_len() + syn.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut v4 = Ipv4Packet::new_unchecked(&mut packet[..]);
+    ip.emit(&mut v4, &caps);
+    syn.emit(
+        &mut TcpPacket::new_unchecked(v4.payload_mut()),
+        &IpAddress::Ipv4(LAPTOP_IP),
+        &IpAddress::Ipv4(server_ip),
+        &caps,
+    );
+    laptop.send_ip(&packet).await;
+    // The laptop's stack answers the SYN-ACK with a RST by itself.
+    let start = Instant::now();
+    let mut closed_rx = closed_rx;
+    loop {
+        laptop.pump(Duration::from_millis(5)).await;
+        if let Ok(n) = closed_rx.try_recv() {
+            assert_eq!(n, 0, "nothing was sent on the cluster side");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the cluster-side connection stayed open"
+        );
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(&m, "burrow_gateway_flows_open{proto=\"tcp\"}"),
+        0.0
+    );
+    gw.stop().await;
+}
+
 /// The cluster side closes first (an HTTP server after its response):
 /// the laptop's FIN that follows must be acknowledged, not left for a
 /// retransmission to draw a RST.
