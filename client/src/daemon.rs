@@ -1061,7 +1061,7 @@ async fn choose_transport(
         step(tx, format!("{why_not_udp}; falling back to port-forward"));
     }
     let _ = pod;
-    let relay = UdpSocket::bind(("127.0.0.1", 0)).await?;
+    let relay = relay_socket()?;
     let endpoint = relay.local_addr()?;
     let reason = if why_not_udp.is_empty() {
         "asked for with --transport port-forward".to_owned()
@@ -1074,6 +1074,19 @@ async fn choose_transport(
         endpoint,
         relay: Some(relay),
     })
+}
+
+/// The port-forward relay's loopback socket. The data path sends it runs
+/// of datagrams as one segmented message; this socket has no UDP_GRO, so
+/// the kernel splits them and charges each datagram the run's memory: a
+/// large receive buffer keeps a bulk upload from overflowing it.
+fn relay_socket() -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 async fn udp_endpoint(
