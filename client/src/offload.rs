@@ -157,24 +157,33 @@ fn tso(
             flags &= !TCP_CWR;
         }
         s[l4 + 13] = flags;
-        let tcp_len = (len - l4) as u16;
-        let pseudo = if v4 {
-            s[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        if v4 {
             s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            s[10..12].copy_from_slice(&[0, 0]);
-            let c = !fold(sum(0, &s[..l4]));
-            s[10..12].copy_from_slice(&c.to_be_bytes());
-            sum(u32::from(tcp_len) + 6, &s[12..20])
-        } else {
-            s[4..6].copy_from_slice(&tcp_len.to_be_bytes());
-            sum(u32::from(tcp_len) + 6, &s[8..40])
-        };
+        }
+        let pseudo = set_ip_length(s, l4);
         s[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
         let c = !fold(sum(pseudo, &s[l4..]));
         s[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         emit(s);
     }
     Ok(n)
+}
+
+/// Set the IP header's length fields for the whole of `p` (TCP at `l4`;
+/// for IPv4 also its header checksum) and return the TCP pseudo-header sum.
+fn set_ip_length(p: &mut [u8], l4: usize) -> u32 {
+    let len = p.len();
+    let tcp_len = (len - l4) as u16;
+    if l4 == 20 {
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[10..12].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(0, &p[..20]));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        sum(u32::from(tcp_len) + 6, &p[12..20])
+    } else {
+        p[4..6].copy_from_slice(&tcp_len.to_be_bytes());
+        sum(u32::from(tcp_len) + 6, &p[8..40])
+    }
 }
 
 /// One's-complement sum of big-endian 16-bit words (odd tail padded),
@@ -381,17 +390,7 @@ impl Coalescer {
             return;
         }
         let (l4, hlen) = (self.l4, self.hlen);
-        let tcp_len = (held - l4) as u16;
-        let pseudo = if l4 == 20 {
-            p[2..4].copy_from_slice(&(held as u16).to_be_bytes());
-            p[10..12].copy_from_slice(&[0, 0]);
-            let c = !fold(sum(0, &p[..20]));
-            p[10..12].copy_from_slice(&c.to_be_bytes());
-            sum(u32::from(tcp_len) + 6, &p[12..20])
-        } else {
-            p[4..6].copy_from_slice(&tcp_len.to_be_bytes());
-            sum(u32::from(tcp_len) + 6, &p[8..40])
-        };
+        let pseudo = set_ip_length(p, l4);
         if self.psh {
             p[l4 + 13] |= TCP_PSH;
         }
@@ -589,14 +588,7 @@ mod tests {
     /// Recompute a packet's IPv4 header and TCP checksums after an edit.
     fn fix(p: &mut [u8]) {
         let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
-        let pseudo = if l4 == 20 {
-            p[10..12].copy_from_slice(&[0, 0]);
-            let c = !fold(sum(0, &p[..20]));
-            p[10..12].copy_from_slice(&c.to_be_bytes());
-            sum(u32::from((p.len() - l4) as u16) + 6, &p[12..20])
-        } else {
-            sum(u32::from((p.len() - l4) as u16) + 6, &p[8..40])
-        };
+        let pseudo = set_ip_length(p, l4);
         p[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
         let c = !fold(sum(pseudo, &p[l4..]));
         p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
