@@ -9,7 +9,7 @@
 //! service the flows that changed, run timers, collect egress and flush the
 //! batched output once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,6 +33,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::cluster::{ClusterPoll, ClusterSocket, ReadOutcome};
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
@@ -142,12 +143,10 @@ struct TcpFlow {
     /// The laptop's address and port.
     src: SocketAddr,
     dst: SocketAddr,
-    to_cluster: mpsc::Sender<ToCluster>,
-    shared: Arc<TcpShared>,
+    /// The other end: a socket into the cluster, or a laptop stream.
+    end: End,
     accepted: bool,
-    /// Credit granted to the task and not yet come back as data.
-    granted: usize,
-    /// The laptop's FIN was passed on to the task.
+    /// The laptop's FIN was passed on to the other end.
     laptop_eof: bool,
     /// The cluster side closed; our FIN to the laptop is queued.
     cluster_eof: bool,
@@ -156,6 +155,23 @@ struct TcpFlow {
     connecting: Option<Connecting>,
     /// When the sweep first found the cluster-side end gone.
     orphaned_at: Option<Instant>,
+}
+
+/// Where a TCP flow's bytes go beyond smoltcp.
+enum End {
+    /// A flow a laptop opened: the data path's own socket into the cluster
+    /// (`None` once closed).
+    Socket(Option<ClusterSocket>),
+    /// A connection the gateway opened to a laptop: a [`LaptopStream`]
+    /// held by another task, over channels.
+    Stream(StreamEnd),
+}
+
+struct StreamEnd {
+    to_cluster: mpsc::Sender<ToCluster>,
+    shared: Arc<TcpShared>,
+    /// Credit granted to the stream and not yet come back as data.
+    granted: usize,
 }
 
 /// The waiting half of [`Control::DialLaptop`].
@@ -168,10 +184,14 @@ struct Connecting {
 
 impl Drop for TcpFlow {
     fn drop(&mut self) {
-        // Dropping the sender ends the task's writer; a flow dropped before
-        // both sides finished cleanly resets the cluster socket.
+        // A flow dropped before both sides finished cleanly resets the
+        // other end (a stream's sender dropping ends its reads).
         if !(self.laptop_eof && self.cluster_eof) {
-            self.shared.abort();
+            match &self.end {
+                End::Socket(Some(socket)) => socket.set_reset_on_close(),
+                End::Socket(None) => {}
+                End::Stream(stream) => stream.shared.abort(),
+            }
         }
     }
 }
@@ -302,6 +322,13 @@ pub struct Datapath {
     timer_buf: Vec<u8>,
     active: Vec<FlowId>,
     release_after_egress: Vec<FlowId>,
+    /// Adds cluster sockets to the data path's epoll set (set by `run`).
+    registry: Option<mio::Registry>,
+    /// Flows dialing into the cluster, by deadline (one timeout for all,
+    /// so in order); entries of flows settled since are skipped.
+    dialing: VecDeque<(Instant, FlowId)>,
+    /// Flows whose cluster socket had an event.
+    cluster_ready: Vec<FlowId>,
 }
 
 impl Datapath {
@@ -342,6 +369,9 @@ impl Datapath {
             timer_buf: vec![0; MIN_BUFFER.max(cfg.mtu + DATA_OVERHEAD)],
             active: Vec::new(),
             release_after_egress: Vec::new(),
+            registry: None,
+            dialing: VecDeque::new(),
+            cluster_ready: Vec::new(),
             cfg,
         })
     }
@@ -362,6 +392,16 @@ impl Datapath {
         let Some(mut events_rx) = self.events_rx.take() else {
             return;
         };
+        let mut cluster = match ClusterPoll::new() {
+            Ok((poll, registry)) => {
+                self.registry = Some(registry);
+                Some(poll)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the cluster sockets' epoll set; TCP flows will fail");
+                None
+            }
+        };
         let slot = self.cfg.mtu + DATA_OVERHEAD + 64;
         let mut out = Output {
             udp,
@@ -380,11 +420,19 @@ impl Datapath {
             if let Some(d) = self.flows.poll_delay(now) {
                 deadline = deadline.min(now + d);
             }
+            if let Some((d, _)) = self.dialing.front() {
+                deadline = deadline.min(*d);
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 r = out.udp.readable() => {
                     if r.is_ok() {
                         self.drain_udp(&mut out, &mut recv);
+                    }
+                }
+                r = async { cluster.as_ref()?.ready().await.ok() }, if cluster.is_some() => {
+                    if let (Some(()), Some(poll)) = (r, cluster.as_mut()) {
+                        self.on_cluster_events(poll);
                     }
                 }
                 Some(ev) = framed_rx.recv() => {
@@ -424,6 +472,7 @@ impl Datapath {
             }
             let now = Instant::now();
             self.service_active();
+            self.expire_dials(now);
             if now >= next_timers {
                 let Self {
                     peers,
@@ -596,31 +645,78 @@ impl Datapath {
 
     fn open_tcp(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
         tracing::debug!(?id, %src, %dst, "dialing");
-        let (tx, rx) = mpsc::channel(dialer::TO_CLUSTER_QUEUE);
-        let shared = Arc::new(TcpShared::default());
-        tokio::spawn(dialer::tcp_flow(
-            id,
-            dst,
-            self.cfg.dial_timeout,
-            shared.clone(),
-            rx,
-            self.events_tx.clone(),
-        ));
-        self.tcp.insert(
-            id,
-            TcpFlow {
-                src,
-                dst,
-                to_cluster: tx,
-                shared,
-                accepted: false,
-                granted: 0,
-                laptop_eof: false,
-                cluster_eof: false,
-                connecting: None,
-                orphaned_at: None,
-            },
-        );
+        let socket = match &self.registry {
+            Some(registry) => ClusterSocket::connect(registry, id, dst),
+            None => Err(io::Error::other("no epoll set for cluster sockets")),
+        };
+        match socket {
+            Ok(socket) => {
+                self.tcp.insert(
+                    id,
+                    TcpFlow {
+                        src,
+                        dst,
+                        end: End::Socket(Some(socket)),
+                        accepted: false,
+                        laptop_eof: false,
+                        cluster_eof: false,
+                        connecting: None,
+                        orphaned_at: None,
+                    },
+                );
+                self.dialing
+                    .push_back((Instant::now() + self.cfg.dial_timeout, id));
+            }
+            // Failed at once (e.g. no route): the same as failing later.
+            Err(e) => {
+                tracing::debug!(?id, %dst, error = %e, "dial failed");
+                self.dial_failed(id, dst, DialError::classify(&e));
+            }
+        }
+    }
+
+    /// Take the events of the cluster sockets and service their flows.
+    fn on_cluster_events(&mut self, poll: &mut ClusterPoll) {
+        let mut ready = std::mem::take(&mut self.cluster_ready);
+        let tcp = &mut self.tcp;
+        let drained = poll.drain(|id, readiness| {
+            if let Some(TcpFlow {
+                end: End::Socket(Some(socket)),
+                ..
+            }) = tcp.get_mut(&id)
+            {
+                socket.on_event(readiness);
+                ready.push(id);
+            }
+        });
+        if let Err(e) = drained {
+            tracing::warn!(error = %e, "waiting on cluster sockets failed");
+        }
+        for id in ready.drain(..) {
+            self.service_tcp(id);
+        }
+        self.cluster_ready = ready;
+    }
+
+    /// Give up dials that outlived the dial timeout.
+    fn expire_dials(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.dialing.front() {
+            if deadline > now {
+                break;
+            }
+            self.dialing.pop_front();
+            let Some(flow) = self.tcp.get_mut(&id) else {
+                continue;
+            };
+            if flow.accepted || !matches!(flow.end, End::Socket(_)) {
+                continue;
+            }
+            let dst = flow.dst;
+            // Closed quietly: nothing was established.
+            flow.end = End::Socket(None);
+            self.tcp.remove(&id);
+            self.dial_failed(id, dst, DialError::Timeout);
+        }
     }
 
     fn udp_to_cluster(
@@ -734,12 +830,15 @@ impl Datapath {
     fn on_flow_event(&mut self, out: &mut Output, ev: FlowEvent) {
         let now = Instant::now();
         match ev {
-            FlowEvent::Dialed { id, result } => self.on_dialed(id, result, now),
             FlowEvent::TcpData { id, data } => {
-                let Some(flow) = self.tcp.get_mut(&id) else {
+                let Some(TcpFlow {
+                    end: End::Stream(stream),
+                    ..
+                }) = self.tcp.get_mut(&id)
+                else {
                     return;
                 };
-                flow.granted = flow.granted.saturating_sub(data.len());
+                stream.granted = stream.granted.saturating_sub(data.len());
                 match self.flows.tcp_send(id, &data) {
                     Ok(n) => {
                         self.stats.tcp_bytes_to_laptop += n as u64;
@@ -776,32 +875,16 @@ impl Datapath {
         }
     }
 
-    fn on_dialed(&mut self, id: FlowId, result: Result<(), DialError>, now: Instant) {
-        let Some(flow) = self.tcp.get_mut(&id) else {
-            return;
+    /// A dial into the cluster failed (the flow is no longer in the
+    /// table): the laptop gets RST when it was refused, and nothing (its
+    /// connect times out) otherwise.
+    fn dial_failed(&mut self, id: FlowId, dst: SocketAddr, e: DialError) {
+        self.stats.dial_errors[dial_index(e)] += 1;
+        tracing::debug!(?id, %dst, error = e.label(), "dial failed");
+        let _ = match e {
+            DialError::Refused => self.flows.refuse(id),
+            _ => self.flows.discard(id),
         };
-        match result {
-            Ok(()) => match self.flows.accept(id, now) {
-                Ok(()) => {
-                    flow.accepted = true;
-                    self.stats.tcp_opened += 1;
-                    tracing::debug!(?id, dst = %flow.dst, "flow open");
-                }
-                Err(e) => {
-                    tracing::debug!(?id, error = %e, "accept failed");
-                    self.tcp.remove(&id);
-                }
-            },
-            Err(e) => {
-                self.stats.dial_errors[dial_index(e)] += 1;
-                tracing::debug!(?id, dst = %flow.dst, error = e.label(), "dial failed");
-                let _ = match e {
-                    DialError::Refused => self.flows.refuse(id),
-                    _ => self.flows.discard(id),
-                };
-                self.tcp.remove(&id);
-            }
-        }
     }
 
     fn add_peer(&mut self, config: PeerConfig) -> Result<(), PeerError> {
@@ -869,8 +952,8 @@ impl Datapath {
         self.active = active;
     }
 
-    /// Move what can move for one accepted TCP flow, and retire it once
-    /// both sides are done (or it was reset).
+    /// Move what can move for one TCP flow, and retire it once both sides
+    /// are done (or it was reset).
     fn service_tcp(&mut self, id: FlowId) {
         if self.tcp.get(&id).is_some_and(|f| f.connecting.is_some()) && !self.finish_connect(id) {
             return;
@@ -879,25 +962,178 @@ impl Datapath {
             return;
         };
         if !flow.accepted {
-            return;
+            // A dial into the cluster: accept the laptop's SYN once it is
+            // connected.
+            let End::Socket(Some(socket)) = &mut flow.end else {
+                return;
+            };
+            match socket.connect_result() {
+                Ok(false) => return,
+                Ok(true) => match self.flows.accept(id, Instant::now()) {
+                    Ok(()) => {
+                        flow.accepted = true;
+                        self.stats.tcp_opened += 1;
+                        tracing::debug!(?id, dst = %flow.dst, "flow open");
+                    }
+                    Err(e) => {
+                        tracing::debug!(?id, error = %e, "accept failed");
+                        self.tcp.remove(&id);
+                        return;
+                    }
+                },
+                Err(e) => {
+                    let dst = flow.dst;
+                    tracing::debug!(?id, %dst, error = %e, "dial failed");
+                    flow.end = End::Socket(None);
+                    self.tcp.remove(&id);
+                    self.dial_failed(id, dst, DialError::classify(&e));
+                    return;
+                }
+            }
         }
         let Some(state) = self.flows.tcp_state(id) else {
             self.tcp.remove(&id);
             return;
         };
-        // Laptop → cluster, while the task's queue has room.
+        let moved = match self.tcp.get(&id).map(|f| matches!(f.end, End::Socket(_))) {
+            Some(true) => self.pump_socket(id, state),
+            Some(false) => self.pump_stream(id, state),
+            None => false,
+        };
+        if !moved {
+            return;
+        }
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        match state {
+            TcpState::Closed if flow.laptop_eof && flow.cluster_eof => {
+                self.tcp.remove(&id);
+                self.flows.release(id);
+            }
+            // The laptop's FIN has just arrived: its ACK leaves with the next
+            // egress, so release after that. (Released at once, the ACK was
+            // never sent: every laptop connection closed by the cluster side
+            // sat in LAST-ACK until a loss probe ~200 ms later drew a RST.)
+            TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
+                self.tcp.remove(&id);
+                self.release_after_egress.push(id);
+            }
+            // Reset by the laptop, or timed out. A RST answering our
+            // SYN-ACK (the laptop gave up connecting) sends smoltcp back to
+            // LISTEN rather than CLOSED; kept, such a flow held its cluster
+            // connection open for good.
+            TcpState::Closed | TcpState::Listen => {
+                tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
+                self.tcp.remove(&id);
+                self.flows.release(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Move bytes between smoltcp and the flow's cluster socket. False when
+    /// the flow was reset (and is gone).
+    fn pump_socket(&mut self, id: FlowId, state: TcpState) -> bool {
+        let Self {
+            tcp,
+            flows,
+            stats,
+            cfg,
+            ..
+        } = self;
+        let Some(flow) = tcp.get_mut(&id) else {
+            return false;
+        };
+        let End::Socket(slot) = &mut flow.end else {
+            return true;
+        };
+        let mut failed = None;
+        if let Some(socket) = slot.as_mut() {
+            // Laptop → cluster: write what smoltcp holds while the socket
+            // takes it (twice per pass at most: the ring may wrap).
+            while !flow.laptop_eof {
+                if !socket.is_writable() {
+                    // Only notice the laptop's FIN (its bytes all written).
+                    if flows.tcp_recv_with(id, |_| (0, ())) == Ok(None) {
+                        flow.laptop_eof = true;
+                    }
+                    break;
+                }
+                match flows.tcp_recv_with(id, |data| socket.write_from(data)) {
+                    Ok(Some(Ok(0))) | Err(_) => break,
+                    Ok(Some(Ok(n))) => stats.tcp_bytes_to_cluster += n as u64,
+                    Ok(Some(Err(e))) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Ok(None) => flow.laptop_eof = true,
+                }
+            }
+            // Cluster → laptop: read into smoltcp's send buffer while it
+            // has room (not in dribbles: wait for a useful amount).
+            let sending = matches!(state, TcpState::Established | TcpState::CloseWait);
+            while failed.is_none() && sending && !flow.cluster_eof && socket.is_readable() {
+                let room = flows.tcp_send_room(id).unwrap_or(0);
+                if room < MIN_GRANT.min(cfg.tcp_buffer) {
+                    break;
+                }
+                match flows.tcp_send_with(id, |buf| socket.read_into(buf)) {
+                    Ok(ReadOutcome::Data(n)) => stats.tcp_bytes_to_laptop += n as u64,
+                    Ok(ReadOutcome::DataThenEof(n)) => {
+                        stats.tcp_bytes_to_laptop += n as u64;
+                        flow.cluster_eof = true;
+                    }
+                    Ok(ReadOutcome::Eof) => flow.cluster_eof = true,
+                    Ok(ReadOutcome::Blocked | ReadOutcome::NoRoom) | Err(_) => break,
+                    Ok(ReadOutcome::Failed(e)) => failed = Some(e),
+                }
+                if flow.cluster_eof {
+                    let _ = flows.tcp_close(id);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::debug!(?id, dst = %flow.dst, error = %e, "cluster socket failed");
+            self.abort_tcp(id);
+            return false;
+        }
+        // Pass the laptop's FIN on: close at once when the cluster side is
+        // done too (FIN without a `shutdown` first), else half-close.
+        if flow.laptop_eof
+            && let Some(socket) = slot.as_mut()
+        {
+            if flow.cluster_eof {
+                *slot = None;
+            } else {
+                socket.shutdown_write();
+            }
+        }
+        true
+    }
+
+    /// Move bytes between smoltcp and a laptop stream's channels. False
+    /// when the flow was reset (and is gone).
+    fn pump_stream(&mut self, id: FlowId, state: TcpState) -> bool {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return false;
+        };
+        let End::Stream(stream) = &mut flow.end else {
+            return true;
+        };
+        // Laptop → stream, while its queue has room.
         let mut orphaned_data = false;
         while !flow.laptop_eof {
             let queued = self.flows.tcp_recv_queue(id).unwrap_or(0);
             if queued == 0 && self.flows.tcp_recv(id, &mut []) != Ok(TcpRead::Eof) {
                 break;
             }
-            let permit = match flow.to_cluster.try_reserve() {
+            let permit = match stream.to_cluster.try_reserve() {
                 Ok(p) => p,
                 Err(TrySendError::Full(())) => {
-                    flow.shared.engine_blocked.store(true, Ordering::Release);
-                    // The task may have drained in between: look again.
-                    match flow.to_cluster.try_reserve() {
+                    stream.shared.engine_blocked.store(true, Ordering::Release);
+                    // The stream may have drained in between: look again.
+                    match stream.to_cluster.try_reserve() {
                         Ok(p) => p,
                         Err(_) => break,
                     }
@@ -929,44 +1165,18 @@ impl Datapath {
         }
         if orphaned_data {
             self.abort_tcp(id);
-            return;
+            return false;
         }
-        let Some(flow) = self.tcp.get_mut(&id) else {
-            return;
-        };
-        // Cluster → laptop: grant the task the send buffer's free space.
+        // Stream → laptop: grant the send buffer's free space.
         if !flow.cluster_eof && matches!(state, TcpState::Established | TcpState::CloseWait) {
             let room = self.flows.tcp_send_room(id).unwrap_or(0);
-            let free = room.saturating_sub(flow.granted);
-            if free >= MIN_GRANT.min(self.cfg.tcp_buffer) || (flow.granted == 0 && free > 0) {
-                flow.granted += free;
-                flow.shared.grant(free);
+            let free = room.saturating_sub(stream.granted);
+            if free >= MIN_GRANT.min(self.cfg.tcp_buffer) || (stream.granted == 0 && free > 0) {
+                stream.granted += free;
+                stream.shared.grant(free);
             }
         }
-        match state {
-            TcpState::Closed if flow.laptop_eof && flow.cluster_eof => {
-                self.tcp.remove(&id);
-                self.flows.release(id);
-            }
-            // The laptop's FIN has just arrived: its ACK leaves with the next
-            // egress, so release after that. (Released at once, the ACK was
-            // never sent: every laptop connection closed by the cluster side
-            // sat in LAST-ACK until a loss probe ~200 ms later drew a RST.)
-            TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
-                self.tcp.remove(&id);
-                self.release_after_egress.push(id);
-            }
-            // Reset by the laptop, or timed out. A RST answering our
-            // SYN-ACK (the laptop gave up connecting) sends smoltcp back to
-            // LISTEN rather than CLOSED; kept, such a flow held its cluster
-            // connection open for good.
-            TcpState::Closed | TcpState::Listen => {
-                tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
-                self.tcp.remove(&id);
-                self.flows.release(id);
-            }
-            _ => {}
-        }
+        true
     }
 
     /// A connection to a laptop: the gateway's tunnel address must be of
@@ -1012,10 +1222,12 @@ impl Datapath {
             TcpFlow {
                 src: to,
                 dst: local,
-                to_cluster: tx,
-                shared: Arc::new(TcpShared::default()),
+                end: End::Stream(StreamEnd {
+                    to_cluster: tx,
+                    shared: Arc::new(TcpShared::default()),
+                    granted: 0,
+                }),
                 accepted: false,
-                granted: 0,
                 laptop_eof: false,
                 cluster_eof: false,
                 connecting: Some(Connecting {
@@ -1060,11 +1272,14 @@ impl Datapath {
         };
         match outcome {
             Ok(()) => {
+                let End::Stream(end) = &flow.end else {
+                    return false;
+                };
                 let stream = LaptopStream::new(
                     id,
                     flow.dst,
                     to,
-                    flow.shared.clone(),
+                    end.shared.clone(),
                     connecting.from_laptop,
                     self.events_tx.clone(),
                 );
@@ -1096,7 +1311,10 @@ impl Datapath {
             let Some(flow) = self.tcp.get_mut(&id) else {
                 continue;
             };
-            if flow.accepted && flow.to_cluster.is_closed() {
+            if flow.accepted
+                && let End::Stream(stream) = &flow.end
+                && stream.to_cluster.is_closed()
+            {
                 let since = *flow.orphaned_at.get_or_insert(now);
                 if now.saturating_duration_since(since) >= ORPHAN_LINGER {
                     tracing::debug!(?id, laptop = %flow.src, "resetting a flow nobody reads");

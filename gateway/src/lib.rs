@@ -41,6 +41,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod datapath;

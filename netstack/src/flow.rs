@@ -104,6 +104,19 @@ impl Default for FlowConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowId(u64);
 
+impl FlowId {
+    /// The id as a number (unique for the engine's lifetime; never reused),
+    /// e.g. as a poll token for the flow's cluster socket.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The id `as_u64` gave. An id the engine never issued names no flow.
+    pub fn from_u64(raw: u64) -> Self {
+        Self(raw)
+    }
+}
+
 /// What an inbound packet turned out to be.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ingress<'p> {
@@ -858,6 +871,40 @@ impl FlowEngine {
         } else {
             TcpRead::Data(total)
         })
+    }
+
+    /// Offer the bytes the laptop sent to `f`, straight from smoltcp's
+    /// buffer (the contiguous part; call again for bytes past the ring's
+    /// end): `f` returns how many it took, e.g. what a non-blocking `write`
+    /// to the cluster socket wrote, and a result. `f` gets an empty slice
+    /// when nothing is queued. `Ok(None)`: the laptop closed its sending
+    /// half and every byte was taken. What `f` leaves stays queued, and the
+    /// window stays closed by that much (backpressure).
+    pub fn tcp_recv_with<R>(
+        &mut self,
+        id: FlowId,
+        f: impl FnOnce(&[u8]) -> (usize, R),
+    ) -> Result<Option<R>, FlowError> {
+        match self.socket(id)?.recv(|data| f(data)) {
+            Ok(r) => Ok(Some(r)),
+            Err(tcp::RecvError::Finished) => Ok(None),
+            Err(tcp::RecvError::InvalidState) => Err(FlowError::InvalidState(id)),
+        }
+    }
+
+    /// Let `f` fill free space of the send buffer towards the laptop
+    /// (contiguous; empty when the buffer is full), e.g. by a non-blocking
+    /// `read` from the cluster socket; `f` returns how many bytes it wrote
+    /// and a result. Errs unless the flow may send (established, or the
+    /// laptop half-closed).
+    pub fn tcp_send_with<R>(
+        &mut self,
+        id: FlowId,
+        f: impl FnOnce(&mut [u8]) -> (usize, R),
+    ) -> Result<R, FlowError> {
+        self.socket(id)?
+            .send(f)
+            .map_err(|_| FlowError::InvalidState(id))
     }
 
     /// Close the sending half towards the laptop (FIN after buffered data).
