@@ -33,7 +33,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::cluster::{ClusterPoll, ClusterSocket, ReadOutcome};
+use crate::cluster::{ClusterPoll, ClusterSocket, Dialer, ReadOutcome, Readiness};
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
@@ -159,6 +159,9 @@ struct TcpFlow {
 
 /// Where a TCP flow's bytes go beyond smoltcp.
 enum End {
+    /// A flow a laptop opened, while the dialer thread creates its socket:
+    /// the socket's events that came first.
+    Dialing(Readiness),
     /// A flow a laptop opened: the data path's own socket into the cluster
     /// (`None` once closed).
     Socket(Option<ClusterSocket>),
@@ -189,7 +192,7 @@ impl Drop for TcpFlow {
         if !(self.laptop_eof && self.cluster_eof) {
             match &self.end {
                 End::Socket(Some(socket)) => socket.set_reset_on_close(),
-                End::Socket(None) => {}
+                End::Socket(None) | End::Dialing(_) => {}
                 End::Stream(stream) => stream.shared.abort(),
             }
         }
@@ -324,6 +327,9 @@ pub struct Datapath {
     release_after_egress: Vec<FlowId>,
     /// Adds cluster sockets to the data path's epoll set (set by `run`).
     registry: Option<mio::Registry>,
+    /// Opens and closes cluster sockets off the data path's thread (set
+    /// by `run`; without it, the data path does that itself).
+    dialer: Option<Dialer>,
     /// Flows dialing into the cluster, by deadline (one timeout for all,
     /// so in order); entries of flows settled since are skipped.
     dialing: VecDeque<(Instant, FlowId)>,
@@ -370,6 +376,7 @@ impl Datapath {
             active: Vec::new(),
             release_after_egress: Vec::new(),
             registry: None,
+            dialer: None,
             dialing: VecDeque::new(),
             cluster_ready: Vec::new(),
             cfg,
@@ -394,6 +401,7 @@ impl Datapath {
         };
         let mut cluster = match ClusterPoll::new() {
             Ok((poll, registry)) => {
+                self.dialer = dialer_thread(&registry, &self.events_tx);
                 self.registry = Some(registry);
                 Some(poll)
             }
@@ -645,6 +653,24 @@ impl Datapath {
 
     fn open_tcp(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
         tracing::debug!(?id, %src, %dst, "dialing");
+        if self.dialer.as_ref().is_some_and(|d| d.dial(id, dst)) {
+            self.tcp.insert(
+                id,
+                TcpFlow {
+                    src,
+                    dst,
+                    end: End::Dialing(Readiness::default()),
+                    accepted: false,
+                    laptop_eof: false,
+                    cluster_eof: false,
+                    connecting: None,
+                    orphaned_at: None,
+                },
+            );
+            self.dialing
+                .push_back((Instant::now() + self.cfg.dial_timeout, id));
+            return;
+        }
         let socket = match &self.registry {
             Some(registry) => ClusterSocket::connect(registry, id, dst),
             None => Err(io::Error::other("no epoll set for cluster sockets")),
@@ -679,15 +705,19 @@ impl Datapath {
     fn on_cluster_events(&mut self, poll: &mut ClusterPoll) {
         let mut ready = std::mem::take(&mut self.cluster_ready);
         let tcp = &mut self.tcp;
-        let drained = poll.drain(|id, readiness| {
-            if let Some(TcpFlow {
+        let drained = poll.drain(|id, readiness| match tcp.get_mut(&id) {
+            Some(TcpFlow {
                 end: End::Socket(Some(socket)),
                 ..
-            }) = tcp.get_mut(&id)
-            {
+            }) => {
                 socket.on_event(readiness);
                 ready.push(id);
             }
+            Some(TcpFlow {
+                end: End::Dialing(early),
+                ..
+            }) => early.merge(readiness),
+            _ => {}
         });
         if let Err(e) = drained {
             tracing::warn!(error = %e, "waiting on cluster sockets failed");
@@ -708,7 +738,7 @@ impl Datapath {
             let Some(flow) = self.tcp.get_mut(&id) else {
                 continue;
             };
-            if flow.accepted || !matches!(flow.end, End::Socket(_)) {
+            if flow.accepted || !matches!(flow.end, End::Socket(_) | End::Dialing(_)) {
                 continue;
             }
             let dst = flow.dst;
@@ -858,6 +888,7 @@ impl Datapath {
             }
             FlowEvent::TcpReset { id } => self.abort_tcp(id),
             FlowEvent::Writable { id } => self.service_tcp(id),
+            FlowEvent::Dialing { id, socket } => self.on_dialing(id, socket),
             FlowEvent::UdpReply { id, data } => match self.flows.udp_send(id, &data, now) {
                 Ok(()) => {
                     self.stats.udp_bytes_to_laptop += data.len() as u64;
@@ -871,6 +902,34 @@ impl Datapath {
                 if let Some(packet) = echo_reply_packet(key, &data) {
                     out.encapsulate(&mut self.peers, &packet, &mut self.stats);
                 }
+            }
+        }
+    }
+
+    /// The dialer thread's socket for a flow (see [`Dialer`]).
+    fn on_dialing(&mut self, id: FlowId, socket: io::Result<ClusterSocket>) {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            // The flow went meanwhile (reset by the laptop, timed out).
+            if let Ok(socket) = socket {
+                socket.set_reset_on_close();
+            }
+            return;
+        };
+        let End::Dialing(early) = flow.end else {
+            return;
+        };
+        match socket {
+            Ok(mut socket) => {
+                socket.on_event(early);
+                flow.end = End::Socket(Some(socket));
+                self.service_tcp(id);
+            }
+            Err(e) => {
+                let dst = flow.dst;
+                tracing::debug!(?id, %dst, error = %e, "dial failed");
+                flow.end = End::Socket(None);
+                self.tcp.remove(&id);
+                self.dial_failed(id, dst, DialError::classify(&e));
             }
         }
     }
@@ -995,7 +1054,11 @@ impl Datapath {
             self.tcp.remove(&id);
             return;
         };
-        let moved = match self.tcp.get(&id).map(|f| matches!(f.end, End::Socket(_))) {
+        let moved = match self
+            .tcp
+            .get(&id)
+            .map(|f| matches!(f.end, End::Socket(_) | End::Dialing(_)))
+        {
             Some(true) => self.pump_socket(id, state),
             Some(false) => self.pump_stream(id, state),
             None => false,
@@ -1040,6 +1103,7 @@ impl Datapath {
             flows,
             stats,
             cfg,
+            dialer,
             ..
         } = self;
         let Some(flow) = tcp.get_mut(&id) else {
@@ -1104,7 +1168,9 @@ impl Datapath {
             && let Some(socket) = slot.as_mut()
         {
             if flow.cluster_eof {
-                *slot = None;
+                if let (Some(socket), Some(dialer)) = (slot.take(), dialer.as_ref()) {
+                    dialer.close(socket);
+                }
             } else {
                 socket.shutdown_write();
             }
@@ -1502,6 +1568,28 @@ impl Datapath {
 /// Send on a connected datagram socket without waiting. Not tokio's
 /// `try_send`: that reports a fresh socket as not writable until the reactor
 /// has polled it once, which would drop every flow's first datagram.
+/// The dialer thread, unless `BURROW_DIAL_THREAD=off` (or the thread or a
+/// second handle to the epoll set cannot be had): then the data path dials
+/// and closes on its own thread.
+fn dialer_thread(
+    registry: &mio::Registry,
+    events: &mpsc::UnboundedSender<FlowEvent>,
+) -> Option<Dialer> {
+    if std::env::var("BURROW_DIAL_THREAD").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    let made = registry
+        .try_clone()
+        .and_then(|r| Dialer::spawn(r, events.clone()));
+    match made {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "no dialer thread; dialing on the data path's thread");
+            None
+        }
+    }
+}
+
 fn send_now(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
     socket2::SockRef::from(socket).send(payload)
 }

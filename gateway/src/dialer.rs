@@ -72,6 +72,12 @@ pub enum FlowEvent {
     TcpReset { id: FlowId },
     /// The stream drained its queue after the data path found it full.
     Writable { id: FlowId },
+    /// The dialer thread started connecting a flow's cluster socket (or
+    /// failed to).
+    Dialing {
+        id: FlowId,
+        socket: io::Result<crate::cluster::ClusterSocket>,
+    },
     /// A datagram from a UDP flow's destination.
     UdpReply { id: FlowId, data: Vec<u8> },
     /// An echo reply from an ICMP flow (ICMP header and data, as the kernel
