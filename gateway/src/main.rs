@@ -68,9 +68,11 @@ struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     tcp_buffer: u32,
-    /// Threads for the per-flow socket tasks beside the data path's own;
-    /// 0 (the default) runs everything on the data path's thread, which
-    /// measured faster on 2 cores (no cross-thread wake-ups; BENCHMARKS.md).
+    /// Runtime threads for the UDP/ICMP flow tasks, reroute streams,
+    /// control API and metrics; 0 (the default) runs them on the data
+    /// path's own thread, which measured faster on 2 cores (no cross-thread
+    /// wake-ups; BENCHMARKS.md). TCP flows' sockets are always the data
+    /// path's, with a dialer thread for connect and close.
     #[arg(long, value_name = "N", default_value_t = 0)]
     worker_threads: usize,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -156,9 +158,9 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     let wg = config::load(&cli.config)?;
     let wg_port = cli.wg_port.or(wg.listen_port).unwrap_or(51820);
-    // The data path is one task; worker threads serve the per-flow socket
-    // tasks and metrics. With 0 everything shares the data path's thread
-    // (no cross-thread wake-ups, one core).
+    // The data path is one task; worker threads serve the UDP/ICMP flow
+    // tasks, streams and metrics. With 0 those share the data path's
+    // thread (no cross-thread wake-ups).
     let runtime = match cli.worker_threads {
         0 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
