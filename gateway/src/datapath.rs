@@ -331,7 +331,8 @@ pub struct Datapath {
     /// by `run`; without it, the data path does that itself).
     dialer: Option<Dialer>,
     /// Flows dialing into the cluster, by deadline (one timeout for all,
-    /// so in order); entries of flows settled since are skipped.
+    /// so in order); entries of flows settled since are dropped when they
+    /// reach the front.
     dialing: VecDeque<(Instant, FlowId)>,
     /// Flows whose cluster socket had an event.
     cluster_ready: Vec<FlowId>,
@@ -428,8 +429,8 @@ impl Datapath {
             if let Some(d) = self.flows.poll_delay(now) {
                 deadline = deadline.min(now + d);
             }
-            if let Some((d, _)) = self.dialing.front() {
-                deadline = deadline.min(*d);
+            if let Some(d) = self.next_dial_deadline() {
+                deadline = deadline.min(d);
             }
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -726,6 +727,22 @@ impl Datapath {
             self.service_tcp(id);
         }
         self.cluster_ready = ready;
+    }
+
+    /// The deadline of the oldest dial still in progress. Settled dials
+    /// are dropped from the front here (most settle within milliseconds):
+    /// left queued, each would wake the loop at its old deadline.
+    fn next_dial_deadline(&mut self) -> Option<Instant> {
+        while let Some(&(deadline, id)) = self.dialing.front() {
+            let pending = self.tcp.get(&id).is_some_and(|f| {
+                !f.accepted && matches!(f.end, End::Socket(Some(_)) | End::Dialing(_))
+            });
+            if pending {
+                return Some(deadline);
+            }
+            self.dialing.pop_front();
+        }
+        None
     }
 
     /// Give up dials that outlived the dial timeout.
