@@ -654,52 +654,38 @@ impl Datapath {
 
     fn open_tcp(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
         tracing::debug!(?id, %src, %dst, "dialing");
-        if self.dialer.as_ref().is_some_and(|d| d.dial(id, dst)) {
-            self.tcp.insert(
-                id,
-                TcpFlow {
-                    src,
-                    dst,
-                    end: End::Dialing(Readiness::default()),
-                    accepted: false,
-                    laptop_eof: false,
-                    cluster_eof: false,
-                    connecting: None,
-                    orphaned_at: None,
-                },
-            );
-            self.dialing
-                .push_back((Instant::now() + self.cfg.dial_timeout, id));
-            return;
-        }
-        let socket = match &self.registry {
-            Some(registry) => ClusterSocket::connect(registry, id, dst),
-            None => Err(io::Error::other("no epoll set for cluster sockets")),
+        let end = if self.dialer.as_ref().is_some_and(|d| d.dial(id, dst)) {
+            End::Dialing(Readiness::default())
+        } else {
+            let socket = match &self.registry {
+                Some(registry) => ClusterSocket::connect(registry, id, dst),
+                None => Err(io::Error::other("no epoll set for cluster sockets")),
+            };
+            match socket {
+                Ok(socket) => End::Socket(Some(socket)),
+                // Failed at once (e.g. no route): the same as failing later.
+                Err(e) => {
+                    tracing::debug!(?id, %dst, error = %e, "dial failed");
+                    self.dial_failed(id, dst, DialError::classify(&e));
+                    return;
+                }
+            }
         };
-        match socket {
-            Ok(socket) => {
-                self.tcp.insert(
-                    id,
-                    TcpFlow {
-                        src,
-                        dst,
-                        end: End::Socket(Some(socket)),
-                        accepted: false,
-                        laptop_eof: false,
-                        cluster_eof: false,
-                        connecting: None,
-                        orphaned_at: None,
-                    },
-                );
-                self.dialing
-                    .push_back((Instant::now() + self.cfg.dial_timeout, id));
-            }
-            // Failed at once (e.g. no route): the same as failing later.
-            Err(e) => {
-                tracing::debug!(?id, %dst, error = %e, "dial failed");
-                self.dial_failed(id, dst, DialError::classify(&e));
-            }
-        }
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                src,
+                dst,
+                end,
+                accepted: false,
+                laptop_eof: false,
+                cluster_eof: false,
+                connecting: None,
+                orphaned_at: None,
+            },
+        );
+        self.dialing
+            .push_back((Instant::now() + self.cfg.dial_timeout, id));
     }
 
     /// Take the events of the cluster sockets and service their flows.
@@ -755,7 +741,7 @@ impl Datapath {
             let Some(flow) = self.tcp.get_mut(&id) else {
                 continue;
             };
-            if flow.accepted || !matches!(flow.end, End::Socket(_) | End::Dialing(_)) {
+            if flow.accepted || !matches!(flow.end, End::Socket(Some(_)) | End::Dialing(_)) {
                 continue;
             }
             let dst = flow.dst;
@@ -1185,6 +1171,7 @@ impl Datapath {
             && let Some(socket) = slot.as_mut()
         {
             if flow.cluster_eof {
+                // By the dialer thread; without one, dropped (closed) here.
                 if let (Some(socket), Some(dialer)) = (slot.take(), dialer.as_ref()) {
                     dialer.close(socket);
                 }
@@ -1582,9 +1569,6 @@ impl Datapath {
     }
 }
 
-/// Send on a connected datagram socket without waiting. Not tokio's
-/// `try_send`: that reports a fresh socket as not writable until the reactor
-/// has polled it once, which would drop every flow's first datagram.
 /// The dialer thread, unless `BURROW_DIAL_THREAD=off` (or the thread or a
 /// second handle to the epoll set cannot be had): then the data path dials
 /// and closes on its own thread.
@@ -1607,6 +1591,9 @@ fn dialer_thread(
     }
 }
 
+/// Send on a connected datagram socket without waiting. Not tokio's
+/// `try_send`: that reports a fresh socket as not writable until the reactor
+/// has polled it once, which would drop every flow's first datagram.
 fn send_now(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
     socket2::SockRef::from(socket).send(payload)
 }
