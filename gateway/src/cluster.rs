@@ -1,6 +1,6 @@
 //! The cluster side of TCP flows the laptops open: non-blocking sockets the
-//! data path owns and services itself, on its own thread, with no task or
-//! channel per flow.
+//! data path owns and services itself, with no task or channel per flow;
+//! only `connect` and `close` run on a thread beside it ([`Dialer`]).
 //!
 //! The sockets sit in an epoll set of their own ([`ClusterPoll`], a
 //! `mio::Poll`, edge-triggered) whose descriptor the data path waits on
