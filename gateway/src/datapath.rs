@@ -927,14 +927,21 @@ impl Datapath {
                 flow.end = End::Socket(Some(socket));
                 self.service_tcp(id);
             }
-            Err(e) => {
-                let dst = flow.dst;
-                tracing::debug!(?id, %dst, error = %e, "dial failed");
-                flow.end = End::Socket(None);
-                self.tcp.remove(&id);
-                self.dial_failed(id, dst, DialError::classify(&e));
-            }
+            Err(e) => self.forget_failed_dial(id, &e),
         }
+    }
+
+    /// Drop a flow whose dial failed (nothing was established: no RST to
+    /// the cluster) and answer the laptop.
+    fn forget_failed_dial(&mut self, id: FlowId, e: &io::Error) {
+        let Some(mut flow) = self.tcp.remove(&id) else {
+            return;
+        };
+        tracing::debug!(?id, dst = %flow.dst, error = %e, "dial failed");
+        flow.end = End::Socket(None);
+        let dst = flow.dst;
+        drop(flow);
+        self.dial_failed(id, dst, DialError::classify(e));
     }
 
     /// A dial into the cluster failed (the flow is no longer in the
@@ -1044,11 +1051,7 @@ impl Datapath {
                     }
                 },
                 Err(e) => {
-                    let dst = flow.dst;
-                    tracing::debug!(?id, %dst, error = %e, "dial failed");
-                    flow.end = End::Socket(None);
-                    self.tcp.remove(&id);
-                    self.dial_failed(id, dst, DialError::classify(&e));
+                    self.forget_failed_dial(id, &e);
                     return;
                 }
             }
