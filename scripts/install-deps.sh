@@ -12,6 +12,7 @@ PACKAGES=(
     iproute2 iptables procps psmisc curl ca-certificates
     dnsmasq-base nginx-light redis-server redis-tools socat dnsutils
     wireguard-go wireguard-tools iputils-ping iperf3 conntrack dnsperf wrk
+    g++
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
@@ -35,4 +36,11 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo not found: install a Rust toolchain (1.88 or newer) first" >&2
     exit 1
 fi
+# The fuzz targets' driver (scripts/fuzz-smoke.sh, FUZZING.md); pinned.
+# libFuzzer itself is C++ and built by libfuzzer-sys (hence g++ above).
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+
 echo "install-deps: ok (kubectl: $(kubectl version --client 2>/dev/null | head -1))"

@@ -35,4 +35,9 @@ else
 fi
 
 cargo build --workspace --all-targets
+# Every fuzz target briefly over its committed corpus (about a minute of
+# fuzzing after its own build): before the long test run, so a crash on a
+# known input fails fast, and the time-boxed runs do not share the two
+# cores with test clusters.
+bash scripts/fuzz-smoke.sh
 cargo test --workspace -- --test-threads=2
