@@ -512,6 +512,12 @@ fn print_status(s: &Status) {
         _ => println!("  flows:          unknown (the gateway did not answer)"),
     }
     println!("  reconnects:     {}", s.reconnects);
+    if s.inbound_refused > 0 {
+        println!(
+            "  refused:        {} connection attempt(s) from the cluster to ports burrow does not forward",
+            s.inbound_refused
+        );
+    }
     if let Some(e) = &s.last_reconnect_error {
         println!("  last error:     {e}");
     }

@@ -144,6 +144,10 @@ pub struct Status {
     pub udp_flows: Option<usize>,
     pub reconnects: u64,
     pub last_reconnect_error: Option<String>,
+    /// Connection attempts from the tunnel to ports burrow does not
+    /// forward, dropped by the laptop's inbound filter.
+    #[serde(default)]
+    pub inbound_refused: u64,
     /// The DNS stub (None: not connected).
     #[serde(default)]
     pub dns_stub: Option<crate::dns::DnsStatus>,
@@ -170,6 +174,8 @@ struct Session {
     state: State,
     paths: Paths,
     dns: Option<crate::dns::Running>,
+    /// Which tunnel ports the cluster may connect to (the forwarders').
+    inbound: Arc<crate::datapath::InboundPorts>,
 }
 
 struct Daemon {
@@ -190,6 +196,7 @@ impl Daemon {
                 cluster: s.cluster.clone(),
                 public_key: s.public_key.clone(),
                 status: s.status.clone(),
+                open: s.inbound.clone(),
             })
     }
 }
@@ -320,18 +327,19 @@ async fn handle(daemon: Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
 }
 
 async fn status(d: &Daemon) -> Status {
-    let (mut st, key) = {
+    let mut st = {
         let session = d.session.lock().await;
         match &*session {
             None => return Status::default(),
-            Some(s) => (
-                with_dns(snapshot(&s.status, &s.stats), s.dns.as_ref()),
-                s.public_key.clone(),
-            ),
+            Some(s) => {
+                let mut st = with_dns(snapshot(&s.status, &s.stats), s.dns.as_ref());
+                st.inbound_refused = s.inbound.refused();
+                st
+            }
         }
     };
-    if let Ok(pod_ip) = st.gateway_pod_ip.parse::<IpAddr>() {
-        match tokio::time::timeout(Duration::from_secs(1), peer_info(pod_ip, &key)).await {
+    if let Ok(gateway) = st.gateway_address.parse::<IpAddr>() {
+        match tokio::time::timeout(Duration::from_secs(1), peer_info(gateway)).await {
             Ok(Ok(info)) => {
                 // Less the flow this very query is open on.
                 st.tcp_flows = Some(info.tcp_flows.saturating_sub(1));
@@ -344,12 +352,21 @@ async fn status(d: &Daemon) -> Status {
     st
 }
 
-/// `GET /v1/peers/{key}` through the tunnel (the gateway pod's control port
-/// is routed like any pod IP).
-async fn peer_info(pod_ip: IpAddr, key: &str) -> anyhow::Result<PeerInfo> {
-    let mut conn = tokio::net::TcpStream::connect((pod_ip, CONTROL_PORT)).await?;
-    let path = format!("/v1/peers/{}", b64url(key));
-    let (code, body) = http(&mut conn, "GET", &path, None).await?;
+/// A call to the laptop's own API at the gateway's tunnel address, through
+/// the tunnel: the gateway knows the caller by its WireGuard peer.
+pub(crate) async fn tunnel_call(
+    gateway: IpAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut conn = tokio::net::TcpStream::connect((gateway, CONTROL_PORT)).await?;
+    http(&mut conn, method, path, body).await
+}
+
+/// `GET /v1/peer` through the tunnel.
+async fn peer_info(gateway: IpAddr) -> anyhow::Result<PeerInfo> {
+    let (code, body) = tunnel_call(gateway, "GET", "/v1/peer", None).await?;
     if code != 200 {
         anyhow::bail!("HTTP {code}: {}", String::from_utf8_lossy(&body));
     }
@@ -395,40 +412,34 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
         return Ok(Status::default());
     };
     step(tx, "unregistering from the gateway");
-    let pod = s
+    let gateway = s
         .status
         .lock()
-        .map(|st| st.gateway_pod.clone())
-        .unwrap_or_default();
-    let ns = s
-        .status
-        .lock()
-        .map(|st| st.gateway_namespace.clone())
-        .unwrap_or_default();
-    let path = format!("/v1/peers/{}", b64url(&s.public_key));
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        control_call(&s.cluster, &ns, &pod, "DELETE", &path, None),
-    )
-    .await
-    {
-        Ok(Ok((code, _))) if code < 300 || code == 404 => {}
-        Ok(Ok((code, body))) => step(
+        .ok()
+        .and_then(|st| st.gateway_address.parse::<IpAddr>().ok());
+    let unregistered = match gateway {
+        Some(gw) => tokio::time::timeout(
+            Duration::from_secs(5),
+            tunnel_call(gw, "DELETE", "/v1/peer", None),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5s"))),
+        None => Err(anyhow::anyhow!("no gateway tunnel address")),
+    };
+    match unregistered {
+        Ok((code, _)) if code < 300 || code == 404 => {}
+        Ok((code, body)) => step(
             tx,
             format!(
                 "the gateway answered {code} to unregistering: {}",
                 String::from_utf8_lossy(&body)
             ),
         ),
-        Ok(Err(e)) => step(
+        Err(e) => step(
             tx,
             format!(
                 "could not unregister (the gateway forgets the laptop after its expiry): {e:#}"
             ),
-        ),
-        Err(_) => step(
-            tx,
-            "could not unregister in 5s (the gateway forgets the laptop after its expiry)",
         ),
     }
     if let Some(dns) = s.dns {
@@ -495,13 +506,6 @@ fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
         .context("cannot read /dev/urandom")
 }
 
-fn b64url(standard: &str) -> String {
-    match base64::engine::general_purpose::STANDARD.decode(standard) {
-        Ok(b) => base64::engine::general_purpose::URL_SAFE.encode(b),
-        Err(_) => standard.to_owned(),
-    }
-}
-
 /// One HTTP/1.1 exchange over a byte stream; the answer has a
 /// Content-Length (or ends with the stream).
 pub(crate) async fn http<S: AsyncRead + AsyncWrite + Unpin>(
@@ -510,10 +514,23 @@ pub(crate) async fn http<S: AsyncRead + AsyncWrite + Unpin>(
     path: &str,
     body: Option<&[u8]>,
 ) -> anyhow::Result<(u16, Vec<u8>)> {
+    exchange(stream, method, path, body, true).await
+}
+
+/// One HTTP/1.1 exchange; with `close` false the stream stays usable for
+/// the next (the gateway always answers with a Content-Length).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    close: bool,
+) -> anyhow::Result<(u16, Vec<u8>)> {
     let body = body.unwrap_or_default();
+    let connection = if close { "close" } else { "keep-alive" };
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: burrow-gateway\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -561,44 +578,44 @@ pub(crate) async fn http<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((code, body))
 }
 
-/// A control API call through a fresh port-forward to the gateway pod.
-async fn control_call(
-    cluster: &Cluster,
-    namespace: &str,
-    pod: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut fwd = burrow_deploy::portforward::open(cluster, namespace, pod, CONTROL_PORT).await?;
-    http(&mut fwd.stream, method, path, body).await
-}
-
+/// Registers (or refreshes) this laptop through a fresh port-forward to
+/// the gateway pod's loopback-only registration port: a nonce, then the
+/// registration with the proof that this laptop holds its private key,
+/// both over the one port-forward.
 async fn register(
     cluster: &Cluster,
     pod: &GatewayPod,
-    public_key: &str,
+    key: &StaticSecret,
     previous: Option<IpAddr>,
 ) -> anyhow::Result<Registration> {
-    let req = RegisterRequest {
-        public_key: public_key.to_owned(),
-        name: laptop_name(),
-        previous_address: previous,
+    let work = async {
+        let mut fwd =
+            burrow_deploy::portforward::open(cluster, &pod.namespace, &pod.name, CONTROL_PORT)
+                .await?;
+        let (code, answer) = exchange(&mut fwd.stream, "GET", "/v1/info", None, false).await?;
+        if code >= 300 {
+            anyhow::bail!(
+                "the gateway refused to say who it is ({code}): {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        let info: burrow_gateway::api::Info = serde_json::from_slice(&answer)
+            .context("the gateway's info answer is not understood")?;
+        let gateway_key = parse_key(&info.public_key)?;
+        let public_key = PublicKey::from(key);
+        let req = RegisterRequest {
+            public_key: base64::engine::general_purpose::STANDARD.encode(public_key.as_bytes()),
+            name: laptop_name(),
+            previous_address: previous,
+            proof: burrow_gateway::api::proof::sign(key, &gateway_key, &info.registration_nonce),
+            nonce: info.registration_nonce,
+        };
+        let body = serde_json::to_vec(&req)?;
+        exchange(&mut fwd.stream, "POST", "/v1/peers", Some(&body), true).await
     };
-    let body = serde_json::to_vec(&req)?;
-    let (code, answer) = tokio::time::timeout(
-        Duration::from_secs(15),
-        control_call(
-            cluster,
-            &pod.namespace,
-            &pod.name,
-            "POST",
-            "/v1/peers",
-            Some(&body),
-        ),
-    )
-    .await
-    .context("registering with the gateway took more than 15s")??;
+    let (code, answer) = tokio::time::timeout(Duration::from_secs(15), work)
+        .await
+        .context("registering with the gateway took more than 15s")??;
     if code >= 300 {
         anyhow::bail!(
             "the gateway refused the registration ({code}): {}",
@@ -754,7 +771,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let public_key =
         base64::engine::general_purpose::STANDARD.encode(PublicKey::from(&key).as_bytes());
     step(tx, "registering with the gateway");
-    let reg = register(&cluster, &pod, &public_key, None).await?;
+    let reg = register(&cluster, &pod, &key, None).await?;
     let gateway_key = parse_key(&reg.info.public_key)?;
 
     let mut routes = plan_routes(
@@ -785,7 +802,6 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         );
     }
 
-    let pod_ip: IpAddr = pod.ip.parse().context("the gateway pod has no valid IP")?;
     step(tx, "opening the tunnel");
     let chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
     step(
@@ -800,6 +816,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let stats: SharedStats = Arc::default();
     let reset: Arc<std::sync::atomic::AtomicBool> = Arc::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let inbound = Arc::new(crate::datapath::InboundPorts::new(reg.gateway_address));
     let setup = async {
         let tun = Tun::create(name)?;
         let index = nl
@@ -825,7 +842,8 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         let dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
             .context("invalid gateway peer")?
             .with_stats(stats.clone())
-            .with_reset(reset.clone());
+            .with_reset(reset.clone())
+            .with_inbound_filter(inbound.clone());
         anyhow::Ok(dp)
     }
     .await;
@@ -861,9 +879,12 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
 
     step(
         tx,
-        format!("probing {pod_ip}:{CONTROL_PORT} through the tunnel"),
+        format!(
+            "probing the gateway at {}:{CONTROL_PORT} through the tunnel",
+            reg.gateway_address
+        ),
     );
-    if let Err(e) = probe(pod_ip).await {
+    if let Err(e) = probe(reg.gateway_address).await {
         let _ = stop_tx.send(true);
         let _ = datapath.await;
         let _ = teardown(&nl, &st, &paths).await;
@@ -936,7 +957,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         cluster: cluster.clone(),
         namespace: gns.clone(),
         version: want_version,
-        public_key: public_key.clone(),
+        key: key.clone(),
         address: reg.address,
         pod,
         relay,
@@ -956,6 +977,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         state: st,
         paths,
         dns: Some(dns),
+        inbound,
     });
     step(
         tx,
@@ -1005,17 +1027,24 @@ fn parse_key(b64: &str) -> anyhow::Result<PublicKey> {
     Ok(PublicKey::from(arr))
 }
 
-/// TCP connect to the gateway's control port through the tunnel.
-async fn probe(pod_ip: IpAddr) -> anyhow::Result<()> {
+/// The laptop's own API through the tunnel (`GET /v1/peer`): proves the
+/// tunnel carries packets both ways and the gateway knows this laptop.
+async fn probe(gateway: IpAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + PROBE_TIMEOUT;
     loop {
         let attempt = tokio::time::timeout(
             Duration::from_secs(2),
-            tokio::net::TcpStream::connect((pod_ip, CONTROL_PORT)),
+            tunnel_call(gateway, "GET", "/v1/peer", None),
         )
         .await;
         match attempt {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok((200, _))) => return Ok(()),
+            Ok(Ok((code, body))) if Instant::now() > deadline => {
+                anyhow::bail!(
+                    "probe: the gateway answered {code}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
             Ok(Err(e)) if Instant::now() > deadline => {
                 return Err(anyhow::anyhow!("probe: {e}"));
             }
@@ -1295,7 +1324,7 @@ struct Supervisor {
     cluster: Cluster,
     namespace: String,
     version: String,
-    public_key: String,
+    key: StaticSecret,
     address: IpAddr,
     pod: GatewayPod,
     relay: Option<Relay>,
@@ -1342,7 +1371,7 @@ async fn supervise(mut s: Supervisor) {
             continue;
         }
         let changed = target.name != s.pod.name;
-        match register(&s.cluster, &target, &s.public_key, Some(s.address)).await {
+        match register(&s.cluster, &target, &s.key, Some(s.address)).await {
             Ok(reg) => {
                 next_register = tokio::time::Instant::now() + HEARTBEAT;
                 if reg.address != s.address {

@@ -104,6 +104,92 @@ impl Output {
     }
 }
 
+/// The laptop's inbound filter for `burrow connect`: the cluster may open
+/// TCP connections to the laptop only on the ports of burrow's own reroute
+/// forwarders, and only from the gateway's tunnel address. Every other
+/// connection attempt out of the tunnel (a SYN to a server listening on
+/// 0.0.0.0, whoever sends it) is dropped before it reaches the kernel; so
+/// are TCP fragments (a SYN's flags split off its ports). Everything else
+/// passes: answers to the laptop's own connections, UDP and ICMP replies.
+/// Lock-free: a bitmap of ports, read per SYN.
+pub struct InboundPorts {
+    gateway: IpAddr,
+    bits: Box<[std::sync::atomic::AtomicU64]>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl InboundPorts {
+    pub fn new(gateway: IpAddr) -> Self {
+        Self {
+            gateway,
+            bits: (0..1024)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            refused: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn bit(port: u16) -> (usize, u64) {
+        (usize::from(port / 64), 1u64 << (port % 64))
+    }
+
+    /// Admit connections from the gateway to `port`.
+    pub fn open(&self, port: u16) {
+        let (i, b) = Self::bit(port);
+        if let Some(w) = self.bits.get(i) {
+            w.fetch_or(b, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    pub fn close(&self, port: u16) {
+        let (i, b) = Self::bit(port);
+        if let Some(w) = self.bits.get(i) {
+            w.fetch_and(!b, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn is_open(&self, port: u16) -> bool {
+        let (i, b) = Self::bit(port);
+        self.bits
+            .get(i)
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Acquire) & b != 0)
+    }
+
+    /// Connection attempts refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the packet out of the tunnel may reach the kernel.
+    pub fn admits(&self, packet: &[u8]) -> bool {
+        let Ok(ip) = burrow_netstack::wire::parse_ip(packet) else {
+            return true; // the kernel drops what does not parse
+        };
+        if ip.protocol != burrow_netstack::wire::PROTO_TCP {
+            return true;
+        }
+        let admitted = if ip.fragment {
+            false
+        } else {
+            let tcp = ip.payload(packet);
+            match (tcp.get(2..4), tcp.get(13)) {
+                (Some(port), Some(&flags)) => {
+                    let (syn, ack) = (flags & 0x02 != 0, flags & 0x10 != 0);
+                    !syn || ack
+                        || (ip.src == self.gateway
+                            && self.is_open(u16::from_be_bytes([port[0], port[1]])))
+                }
+                _ => false,
+            }
+        };
+        if !admitted {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admitted
+    }
+}
+
 /// The data path. Build with [`Datapath::new`], then [`Datapath::run`].
 pub struct Datapath {
     peers: Peers,
@@ -127,6 +213,9 @@ pub struct Datapath {
     /// handshake at once instead of after boringtun's timeouts.
     reset: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     configs: Vec<PeerConfig>,
+    /// `burrow connect`'s inbound filter (None: everything passes, as in
+    /// `burrow up`).
+    inbound: Option<std::sync::Arc<InboundPorts>>,
 }
 
 impl Datapath {
@@ -171,7 +260,14 @@ impl Datapath {
             stats: None,
             reset: None,
             configs,
+            inbound: None,
         })
+    }
+
+    /// Admit connections from the tunnel only as `ports` says.
+    pub fn with_inbound_filter(mut self, ports: std::sync::Arc<InboundPorts>) -> Self {
+        self.inbound = Some(ports);
+        self
     }
 
     /// Restart the sessions whenever `flag` is found set (then clear it).
@@ -279,6 +375,7 @@ impl Datapath {
                     on_datagram(
                         &mut self.peers,
                         &self.tun,
+                        self.inbound.as_deref(),
                         &mut self.gro,
                         &mut self.out,
                         &mut self.decap_buf,
@@ -385,6 +482,7 @@ fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet:
 fn on_datagram(
     peers: &mut Peers,
     tun: &Tun,
+    inbound: Option<&InboundPorts>,
     gro: &mut Option<Coalescer>,
     out: &mut Output,
     buf: &mut [u8],
@@ -403,6 +501,11 @@ fn on_datagram(
             }
         }
         Decapsulated::Packet { packet, .. } => {
+            if inbound.is_some_and(|f| !f.admits(packet)) {
+                counters.dropped += 1;
+                tracing::debug!(%from, "dropped a connection attempt from the tunnel to a port burrow does not forward");
+                return;
+            }
             let mut write = |h: &[u8], p: &[u8], n: usize| write_tun(tun, counters, h, p, n);
             match gro {
                 Some(gro) => gro.push(packet, &mut write),
@@ -465,4 +568,65 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 TCP packet (no options) from `src:sport` to port `dport`
+    /// with `flags`; `frag` sets the IPv4 fragment field.
+    fn tcp(src: [u8; 4], sport: u16, dport: u16, flags: u8, frag: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[8] = 64;
+        p[9] = burrow_netstack::wire::PROTO_TCP;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[198, 19, 0, 7]);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = flags;
+        p
+    }
+
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const GW: [u8; 4] = [198, 19, 0, 1];
+
+    #[test]
+    fn only_the_gateway_may_open_connections_and_only_to_forwarders() {
+        let f = InboundPorts::new(IpAddr::from(GW));
+        assert!(
+            !f.admits(&tcp(GW, 40000, 7200, SYN, 0)),
+            "nothing is open yet"
+        );
+        f.open(41234);
+        assert!(f.admits(&tcp(GW, 40000, 41234, SYN, 0)));
+        assert!(
+            !f.admits(&tcp(GW, 40000, 7200, SYN, 0)),
+            "a server on 0.0.0.0"
+        );
+        assert!(
+            !f.admits(&tcp([10, 244, 0, 9], 40000, 41234, SYN, 0)),
+            "a forwarder port, but not from the gateway"
+        );
+        // Answers to the laptop's own connections and segments of
+        // established ones pass; the kernel resets strays.
+        assert!(f.admits(&tcp([10, 96, 0, 10], 80, 50000, SYN | ACK, 0)));
+        assert!(f.admits(&tcp([10, 96, 0, 10], 80, 50000, ACK, 0)));
+        // A fragment could split a SYN's flags from its ports: dropped.
+        assert!(!f.admits(&tcp(GW, 40000, 41234, SYN, 0x2000)));
+        assert!(!f.admits(&tcp(GW, 40000, 41234, 0, 0x0001)));
+        f.close(41234);
+        assert!(!f.admits(&tcp(GW, 40000, 41234, SYN, 0)));
+        assert_eq!(f.refused(), 6);
+        // Not TCP, or not a packet: the filter does not judge.
+        let mut udp = tcp(GW, 1, 2, 0, 0);
+        udp[9] = burrow_netstack::wire::PROTO_UDP;
+        assert!(f.admits(&udp));
+        assert!(f.admits(&[0x45, 0]));
+    }
 }

@@ -19,10 +19,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
-use burrow_gateway::api::{
-    CONTROL_PORT, LeaseRenewal, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest,
-    Stopped,
-};
+use burrow_gateway::api::{Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,7 +52,7 @@ pub struct RerouteArgs {
     /// Take over a port another laptop reroutes.
     #[arg(long)]
     force: bool,
-    /// List the reroutes of the gateway.
+    /// List this machine's reroutes.
     #[arg(long, conflicts_with_all = ["stop", "all"])]
     list: bool,
     /// Stop rerouting SERVICE and restore it.
@@ -222,8 +219,8 @@ fn print_list(list: &[Listed]) {
         return;
     }
     println!(
-        "{:<28} {:<7} {:<28} {:<6} {:<28} SINCE",
-        "SERVICE", "PORT", "ROUTE", "PROTO", "LAPTOP"
+        "{:<28} {:<7} {:<28} {:<6} {:<12} SINCE",
+        "SERVICE", "PORT", "ROUTE", "PROTO", "LOCAL"
     );
     for l in list {
         let r = &l.reroute;
@@ -231,22 +228,21 @@ fn print_list(list: &[Listed]) {
             Some((n, v)) => format!("{n}={v}"),
             None => "all".into(),
         };
-        let laptop = if l.mine {
-            format!("{} (this, :{})", r.laptop, l.local_port.unwrap_or(0))
-        } else {
-            r.laptop.clone()
+        let local = match l.local_port {
+            Some(p) => format!("127.0.0.1:{p}"),
+            None => "-".into(),
         };
         let proto = match r.protocol {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
         };
         println!(
-            "{:<28} {:<7} {:<28} {:<6} {:<28} {}",
+            "{:<28} {:<7} {:<28} {:<6} {:<12} {}",
             format!("{}/{}", r.namespace, r.service),
             r.port,
             route,
             proto,
-            laptop,
+            local,
             burrow_gateway::reroute::rfc3339(
                 std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(r.since)
             )
@@ -260,6 +256,8 @@ pub struct Link {
     pub cluster: Cluster,
     pub public_key: String,
     pub status: Arc<std::sync::Mutex<Status>>,
+    /// The laptop's inbound filter: forwarder ports are opened here.
+    pub open: Arc<crate::datapath::InboundPorts>,
 }
 
 impl Link {
@@ -282,7 +280,28 @@ impl Link {
         ))
     }
 
-    /// A control API call through the tunnel.
+    /// The gateway's tunnel address (where the laptop's own API is, and
+    /// where rerouted connections come from).
+    fn gateway_address(&self) -> anyhow::Result<IpAddr> {
+        self.status
+            .lock()
+            .map_err(|_| anyhow::anyhow!("status lock poisoned"))?
+            .gateway_address
+            .parse()
+            .context("no gateway tunnel address yet")
+    }
+
+    /// This laptop's public key.
+    fn key(&self) -> anyhow::Result<[u8; 32]> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.public_key)
+            .context("this laptop's public key is not base64")?;
+        <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| anyhow::anyhow!("this laptop's public key is not 32 bytes"))
+    }
+
+    /// A call to the laptop's own API at the gateway, through the tunnel.
     async fn call(
         &self,
         method: &str,
@@ -290,11 +309,8 @@ impl Link {
         body: Option<&[u8]>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
         let (pod, _) = self.gateway()?;
-        let ip: IpAddr = pod.ip.parse().context("the gateway pod has no IP")?;
-        let work = async {
-            let mut s = TcpStream::connect((ip, CONTROL_PORT)).await?;
-            crate::daemon::http(&mut s, method, path, body).await
-        };
+        let gateway = self.gateway_address()?;
+        let work = crate::daemon::tunnel_call(gateway, method, path, body);
         tokio::time::timeout(Duration::from_secs(5), work)
             .await
             .with_context(|| {
@@ -314,12 +330,21 @@ struct Active {
     port: u16,
     /// The forwarder's port on the tunnel address.
     tunnel_port: u16,
-    forwarder: tokio::task::JoinHandle<()>,
+    forwarder: Forwarder,
 }
 
-impl Drop for Active {
+/// A running forwarder: its task, and its port open in the laptop's
+/// inbound filter while it runs.
+pub struct Forwarder {
+    task: tokio::task::JoinHandle<()>,
+    port: u16,
+    open: Arc<crate::datapath::InboundPorts>,
+}
+
+impl Drop for Forwarder {
     fn drop(&mut self) {
-        self.forwarder.abort();
+        self.task.abort();
+        self.open.close(self.port);
     }
 }
 
@@ -342,23 +367,21 @@ impl Reroutes {
                 String::from_utf8_lossy(&body)
             );
         }
+        // The gateway lists this laptop's own reroutes only.
         let all: Vec<Reroute> = serde_json::from_slice(&body).context("the gateway's list")?;
         let active = self.active.lock().await;
         let listed: Vec<Listed> = all
             .into_iter()
             .map(|r| {
-                let mine = r.public_key == link.public_key;
                 let local_port = active
                     .iter()
                     .find(|a| {
-                        mine && a.namespace == r.namespace
-                            && a.service == r.service
-                            && a.port == r.port
+                        a.namespace == r.namespace && a.service == r.service && a.port == r.port
                     })
                     .map(|a| a.spec.local_port);
                 Listed {
                     reroute: r,
-                    mine,
+                    mine: true,
                     local_port,
                 }
             })
@@ -430,18 +453,12 @@ impl Reroutes {
     }
 
     async fn renew_loop(self: Arc<Self>, link: Link) {
-        let body = match serde_json::to_vec(&LeaseRenewal {
-            public_key: link.public_key.clone(),
-        }) {
-            Ok(b) => b,
-            Err(_) => return,
-        };
         loop {
             tokio::time::sleep(RENEW_EVERY).await;
             if self.active.lock().await.is_empty() {
                 continue;
             }
-            match link.call("POST", "/v1/leases", Some(&body)).await {
+            match link.call("POST", "/v1/leases", None).await {
                 Ok((code, _)) if code < 300 => {}
                 Ok((404, _)) => {
                     tracing::info!(
@@ -466,7 +483,6 @@ impl Reroutes {
             match establish(link, &a.spec, &a.namespace, a.tunnel_port, &tx).await {
                 Ok((_, port, forwarder)) => {
                     a.tunnel_port = port;
-                    a.forwarder.abort();
                     a.forwarder = forwarder;
                     tracing::info!(namespace = %a.namespace, service = %a.service, port = a.port, "reroute established again");
                 }
@@ -508,7 +524,6 @@ impl Reroutes {
             .clone()
             .unwrap_or_else(|| link.cluster.namespace.clone());
         let req = StopRequest {
-            public_key: link.public_key.clone(),
             namespace: stop.service.as_ref().map(|_| namespace.clone()),
             service: stop.service.clone(),
             port: None,
@@ -548,11 +563,18 @@ impl Reroutes {
                     mine.clone()
                 }
             };
+        // Only Services this laptop rerouted itself are restored here,
+        // whatever the gateway's answer lists.
+        let key = link.key()?;
         let mut restored = Vec::new();
-        for (ns, svc) in &released {
-            crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
-            burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?;
-            restored.push(format!("{ns}/{svc}"));
+        for (ns, svc) in &mine {
+            if released.contains(&(ns.clone(), svc.clone())) {
+                crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
+                burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?;
+                restored.push(format!("{ns}/{svc}"));
+            } else {
+                burrow_deploy::reroute::remove_record(&link.cluster, ns, svc, &key).await?;
+            }
         }
         active.retain(|a| !mine.contains(&(a.namespace.clone(), a.service.clone())));
         if active.is_empty()
@@ -590,8 +612,9 @@ async fn establish(
     namespace: &str,
     tunnel_port: u16,
     tx: &crate::daemon::Progress,
-) -> anyhow::Result<(RerouteGrant, u16, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(RerouteGrant, u16, Forwarder)> {
     let cluster = &link.cluster;
+    let key = link.key()?;
     let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
     crate::daemon::step(
         tx,
@@ -605,20 +628,42 @@ async fn establish(
         tx,
         "creating the shadow Service for traffic that stays in the cluster",
     );
-    let shadow_ip = burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    crate::daemon::step(
+        tx,
+        format!(
+            "writing this laptop's reroute record on Service {namespace}/{}",
+            spec.service
+        ),
+    );
+    burrow_deploy::reroute::write_record(cluster, &found.service, &key, &laptop_label()).await?;
+    let undo = || async {
+        let _ =
+            burrow_deploy::reroute::remove_record(cluster, namespace, &spec.service, &key).await;
+    };
     let (gateway, tunnel_ip) = link.gateway()?;
+    let gateway_address = link.gateway_address()?;
     let listener = match TcpListener::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
+        Ok(l) => Ok(l),
+        Err(_) if tunnel_port != 0 => TcpListener::bind(SocketAddr::new(tunnel_ip, 0)).await,
+        Err(e) => Err(e),
+    };
+    let listener = match listener {
         Ok(l) => l,
-        Err(_) if tunnel_port != 0 => TcpListener::bind(SocketAddr::new(tunnel_ip, 0)).await?,
         Err(e) => {
+            undo().await;
             return Err(e)
                 .with_context(|| format!("cannot listen on the tunnel address {tunnel_ip}"));
         }
     };
     let tunnel_port = listener.local_addr()?.port();
-    let forwarder = tokio::spawn(forward(listener, spec.local_port));
+    link.open.open(tunnel_port);
+    let forwarder = Forwarder {
+        task: tokio::spawn(forward(listener, spec.local_port, gateway_address)),
+        port: tunnel_port,
+        open: link.open.clone(),
+    };
     let req = RerouteRequest {
-        public_key: link.public_key.clone(),
         namespace: namespace.to_owned(),
         service: spec.service.clone(),
         ports: found.ports.clone(),
@@ -627,20 +672,24 @@ async fn establish(
         protocol: spec.protocol,
         header: spec.header.clone(),
         force: spec.force,
-        shadow_ip,
     };
     crate::daemon::step(tx, format!("asking the gateway {} to listen", gateway.name));
     let body = serde_json::to_vec(&req)?;
-    let (code, answer) = link.call("POST", "/v1/reroutes", Some(&body)).await?;
+    let (code, answer) = match link.call("POST", "/v1/reroutes", Some(&body)).await {
+        Ok(a) => a,
+        Err(e) => {
+            undo().await;
+            return Err(e);
+        }
+    };
     if code >= 300 {
-        forwarder.abort();
+        drop(forwarder);
         let message = serde_json::from_slice::<burrow_gateway::api::ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
-        if burrow_gateway::service::saved(&found.service).is_none() {
-            // Nobody reroutes it: the shadow made just now goes again.
-            let _ = burrow_deploy::reroute::restore(cluster, namespace, &spec.service).await;
-        }
+        // This laptop's record goes again (and the shadow made just now,
+        // when nobody reroutes the Service).
+        undo().await;
         anyhow::bail!("the gateway refused: {message}");
     }
     let grant: RerouteGrant = serde_json::from_slice(&answer).context("the gateway's answer")?;
@@ -660,9 +709,8 @@ async fn establish(
     )
     .await
     {
-        forwarder.abort();
+        drop(forwarder);
         let stop = serde_json::to_vec(&StopRequest {
-            public_key: link.public_key.clone(),
             namespace: Some(namespace.to_owned()),
             service: Some(spec.service.clone()),
             port: Some(found.port.port),
@@ -684,11 +732,12 @@ fn laptop_label() -> String {
     format!("{user}@{host}")
 }
 
-/// Hands every connection arriving on the tunnel address to
-/// 127.0.0.1:`local_port`; nothing listening there → the tunnel connection
-/// is reset (the gateway answers 502 or resets the caller) and a line is
-/// logged.
-async fn forward(listener: TcpListener, local_port: u16) {
+/// Hands every connection arriving on the tunnel address from the
+/// gateway's tunnel address to 127.0.0.1:`local_port` (any other source is
+/// reset: rerouted connections come only from the gateway); nothing
+/// listening there → the tunnel connection is reset (the gateway answers
+/// 502 or resets the caller) and a line is logged.
+async fn forward(listener: TcpListener, local_port: u16, gateway: IpAddr) {
     loop {
         let (mut conn, from) = match listener.accept().await {
             Ok(c) => c,
@@ -698,6 +747,12 @@ async fn forward(listener: TcpListener, local_port: u16) {
                 continue;
             }
         };
+        if from.ip() != gateway {
+            tracing::warn!(%from, "reroute forwarder: a connection not from the gateway; reset");
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+            drop(conn);
+            continue;
+        }
         tokio::spawn(async move {
             let _ = conn.set_nodelay(true);
             match TcpStream::connect(("127.0.0.1", local_port)).await {

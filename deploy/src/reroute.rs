@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use burrow_gateway::api::ServicePort;
+use burrow_gateway::api::{ServicePort, names};
 use burrow_gateway::service::{
     self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY,
     SLICE_MANAGER,
@@ -60,6 +60,7 @@ pub async fn find(
     name: &str,
     port: &str,
 ) -> Result<Found, DeployError> {
+    check_names(namespace, name)?;
     let api: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
     let svc = match api.get_opt(name).await {
         Ok(Some(s)) => s,
@@ -152,6 +153,86 @@ pub async fn find(
         ports: all.iter().map(sp).collect(),
         service: svc,
     })
+}
+
+/// Refuses a namespace or Service name that is not a Kubernetes name (and
+/// a Service name too long to give a shadow), before it reaches a URL.
+pub fn check_names(namespace: &str, name: &str) -> Result<(), DeployError> {
+    let hint = "nothing was changed; check the name with `kubectl get services -n NAMESPACE`";
+    names::check_namespace(namespace).map_err(|e| DeployError::new(e, hint))?;
+    names::check_rerouted_service(name).map_err(|e| DeployError::new(e, hint))
+}
+
+/// Writes this laptop's reroute record on `svc` with the user's
+/// credentials (see `burrow_gateway::service`): the gateway acts on the
+/// Service for this laptop only while it carries it.
+pub async fn write_record(
+    cluster: &Cluster,
+    svc: &Service,
+    key: &[u8; 32],
+    laptop: &str,
+) -> Result<(), DeployError> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    check_names(&ns, &name)?;
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let mut current = svc.clone();
+    for _attempt in 0..5 {
+        if service::record_of(&current, key).is_some() {
+            return Ok(());
+        }
+        let patch = service::record_patch(&current, key, laptop)
+            .map_err(|e| DeployError::new(format!("internal: record: {e}"), ""))?;
+        let patch: kube_json_patch::Patch = serde_json::from_value(patch)
+            .map_err(|e| DeployError::new(format!("internal: patch: {e}"), ""))?;
+        match services
+            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Changed under us: read it again.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                current = services
+                    .get(&name)
+                    .await
+                    .map_err(|e| cluster.err(e, &format!("get Service {ns}/{name}")))?;
+            }
+            Err(e) => return Err(cluster.err(e, &format!("patch Service {ns}/{name}"))),
+        }
+    }
+    Err(DeployError::new(
+        format!("Service {ns}/{name} kept changing while burrow wrote its reroute record"),
+        "try again",
+    ))
+}
+
+/// Takes this laptop's reroute record off `namespace/name` (user's
+/// credentials); when nobody reroutes the Service, burrow's leftovers go
+/// too. For a reroute that did not come about, or that this laptop stopped
+/// while others still reroute the Service.
+pub async fn remove_record(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    key: &[u8; 32],
+) -> Result<(), DeployError> {
+    check_names(namespace, name)?;
+    let doing = format!("remove this laptop's reroute record from Service {namespace}/{name}");
+    service::remove_record(&cluster.client, namespace, name, key)
+        .await
+        .map_err(|e| cluster.err(e, &doing))?;
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let svc = services
+        .get_opt(name)
+        .await
+        .map_err(|e| cluster.err(e, &format!("get Service {namespace}/{name}")))?;
+    if svc.as_ref().is_none_or(|s| service::saved(s).is_none()) {
+        let uid = svc.and_then(|s| s.metadata.uid);
+        service::remove_leftovers(&cluster.client, namespace, name, uid.as_deref())
+            .await
+            .map_err(|e| cluster.err(e, &doing))?;
+    }
+    Ok(())
 }
 
 /// Fails (403, naming what to ask for) unless the user may patch the
@@ -380,6 +461,7 @@ pub async fn restore(
     namespace: &str,
     name: &str,
 ) -> Result<Restored, DeployError> {
+    check_names(namespace, name)?;
     let restored = service::restore(&cluster.client, namespace, name)
         .await
         .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))?;

@@ -1,22 +1,43 @@
-//! The gateway's control API, shared with the client: JSON over HTTP/1.1 on
-//! the control port, reached through a port-forward (so being allowed to
-//! port-forward to the gateway pod is the authorisation, as with kubectl).
+//! The gateway's control API, shared with the client: JSON over HTTP/1.1
+//! on [`CONTROL_PORT`], served in two places that differ in who can reach
+//! them, and so in what they trust:
+//!
+//! **Registration**, on the pod's loopback address only: reached through
+//! `kubectl port-forward` (the kubelet connects to `localhost` inside the
+//! pod), so being allowed `pods/portforward` on the gateway pod is the
+//! authorisation, as with kubectl; no other pod and no laptop's tunnel
+//! reaches it. The laptop proves it holds the private key of the public key
+//! it registers ([`proof`]), over a nonce from `GET /v1/info`.
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /v1/info` | | [`Info`] |
+//! | `GET /v1/info` | | [`Info`] (with a fresh registration nonce) |
 //! | `POST /v1/peers` | [`RegisterRequest`] | [`Registration`] (idempotent; also the heartbeat) |
-//! | `DELETE /v1/peers/{public key, base64url}` | | 204 (also stops its reroutes) |
-//! | `GET /v1/reroutes` | | `[`[`Reroute`]`]` |
-//! | `POST /v1/reroutes` | [`RerouteRequest`] | [`RerouteGrant`]; 409 when another laptop holds the port |
+//!
+//! **The laptop's own calls**, on the gateway's tunnel address (the first
+//! host of the tunnel network), inside the tunnel: the gateway's userspace
+//! stack terminates these connections itself, and the caller *is* the
+//! WireGuard peer that owns the connection's source address (the tunnel
+//! authenticates every packet and drops forged sources). No call names a
+//! laptop or a key: each acts on the caller's own peer.
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `GET /v1/peer` | | [`PeerInfo`] |
+//! | `DELETE /v1/peer` | | 204 (also stops its reroutes) |
+//! | `GET /v1/reroutes` | | `[`[`Reroute`]`]`: the caller's own |
+//! | `POST /v1/reroutes` | [`RerouteRequest`] | [`RerouteGrant`]; 403 without the Service's reroute record naming the caller; 409 when another laptop holds the port |
 //! | `POST /v1/reroutes/stop` | [`StopRequest`] | [`Stopped`] |
-//! | `POST /v1/leases` | [`LeaseRenewal`] | 204; 404 when the laptop has no reroute |
+//! | `POST /v1/leases` | | 204; 404 when the laptop has no reroute |
 //!
 //! Errors are [`ApiError`] bodies with a 4xx/5xx status.
 
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+pub mod names;
+pub mod proof;
 
 /// TCP port of the control API in the gateway pod.
 pub const CONTROL_PORT: u16 = 51822;
@@ -39,7 +60,11 @@ pub struct Info {
     /// The network tunnel addresses are handed out from.
     pub tunnel_network: String,
     pub cluster: ClusterFacts,
-    pub peers: usize,
+    /// A nonce to prove key possession with in the next
+    /// [`RegisterRequest`] (only `GET /v1/info` fills it in; valid for
+    /// [`proof::NONCE_LIFETIME_SECS`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub registration_nonce: String,
 }
 
 /// What the gateway knows of the cluster from inside it, read exactly as
@@ -70,6 +95,10 @@ pub struct RegisterRequest {
     /// reconnects when it is still free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_address: Option<IpAddr>,
+    /// The nonce from `GET /v1/info`.
+    pub nonce: String,
+    /// [`proof::sign`] of the nonce: shows the laptop holds the private key.
+    pub proof: String,
 }
 
 /// The answer to a registration.
@@ -85,7 +114,7 @@ pub struct Registration {
     pub expiry_secs: u64,
 }
 
-/// `GET /v1/peers/{key}`: one laptop as the gateway sees it.
+/// `GET /v1/peer`: the calling laptop as the gateway sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerInfo {
     pub address: IpAddr,
@@ -124,11 +153,12 @@ pub struct ServicePort {
     pub port: u16,
 }
 
-/// `POST /v1/reroutes`: send a Service port's traffic to a laptop.
+/// `POST /v1/reroutes`: send a Service port's traffic to the calling
+/// laptop. The Service must carry the laptop's reroute record (written with
+/// the user's own credentials); the fallback for traffic not rerouted is the
+/// shadow Service as the gateway itself finds it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RerouteRequest {
-    /// The laptop's WireGuard public key, base64 (it must be registered).
-    pub public_key: String,
     pub namespace: String,
     pub service: String,
     /// Every TCP port of the Service.
@@ -146,8 +176,45 @@ pub struct RerouteRequest {
     /// Take a global reroute over from whoever holds it.
     #[serde(default)]
     pub force: bool,
-    /// The shadow Service's ClusterIP: where traffic not rerouted goes.
-    pub shadow_ip: IpAddr,
+}
+
+/// Most TCP ports a rerouted Service may have (each gets a listener).
+pub const MAX_SERVICE_PORTS: usize = 100;
+
+impl RerouteRequest {
+    /// Checks every field that will reach a URL, a listener or a header
+    /// match: names are Kubernetes names, ports are ports.
+    pub fn validate(&self) -> Result<(), String> {
+        names::check_namespace(&self.namespace)?;
+        names::check_rerouted_service(&self.service)?;
+        if self.ports.is_empty() || self.ports.len() > MAX_SERVICE_PORTS {
+            return Err(format!(
+                "a rerouted Service has 1 to {MAX_SERVICE_PORTS} TCP ports, not {}",
+                self.ports.len()
+            ));
+        }
+        for p in &self.ports {
+            if p.port == 0 {
+                return Err("port 0 is not a Service port".into());
+            }
+            if !p.name.is_empty() {
+                names::check_port_name(&p.name)?;
+            }
+        }
+        if !self.ports.iter().any(|p| p.port == self.port) {
+            return Err(format!(
+                "port {} is not among the Service's TCP ports",
+                self.port
+            ));
+        }
+        if self.laptop_port == 0 {
+            return Err("the laptop's forwarder port must not be 0".into());
+        }
+        if let Some((name, value)) = &self.header {
+            names::check_header(name, value)?;
+        }
+        Ok(())
+    }
 }
 
 /// The answer to a [`RerouteRequest`].
@@ -164,7 +231,7 @@ pub struct RerouteGrant {
     pub took_over_from: Option<String>,
 }
 
-/// A reroute as `GET /v1/reroutes` lists it.
+/// One of the caller's reroutes as `GET /v1/reroutes` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reroute {
     pub namespace: String,
@@ -174,20 +241,14 @@ pub struct Reroute {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<(String, String)>,
-    /// The laptop's name (hostname and user) and tunnel address.
-    pub laptop: String,
-    pub laptop_address: IpAddr,
     /// Unix seconds.
     pub since: u64,
-    /// The laptop's public key, base64.
-    pub public_key: String,
 }
 
-/// `DELETE /v1/reroutes`: stop one laptop's reroute of a Service port
+/// `POST /v1/reroutes/stop`: stop the caller's reroutes of a Service port
 /// (`port` None: all its ports of that Service; `service` None: all).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct StopRequest {
-    pub public_key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,17 +257,24 @@ pub struct StopRequest {
     pub port: Option<u16>,
 }
 
-/// What a stop left: the Services no laptop reroutes any more (restored by
-/// the gateway, and restorable by the client too — restore is idempotent).
+impl StopRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(ns) = &self.namespace {
+            names::check_namespace(ns)?;
+        }
+        if let Some(svc) = &self.service {
+            names::check_service(svc)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a stop left: the caller's routes that went, and the Services no
+/// laptop reroutes any more (restored by the gateway; the client restores
+/// those of them it rerouted itself too — restore is idempotent).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Stopped {
     pub stopped: Vec<Reroute>,
     /// (namespace, service) pairs with no reroute left.
     pub released: Vec<(String, String)>,
-}
-
-/// `POST /v1/leases`: the laptop is alive; its reroutes are renewed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LeaseRenewal {
-    pub public_key: String,
 }

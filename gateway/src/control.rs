@@ -1,5 +1,7 @@
-//! The control API server (see [`crate::api`]): laptops register their
-//! WireGuard key here and get a tunnel address and the cluster facts.
+//! The control API servers (see [`crate::api`]): laptops register their
+//! WireGuard key on the loopback listener (through port-forward) and get a
+//! tunnel address and the cluster facts; every later call arrives through
+//! the tunnel, bound to the WireGuard peer it came from ([`Caller`]).
 //!
 //! The server owns the registry — who is registered, since when, with which
 //! address — and tells the data path to add or remove WireGuard peers.
@@ -11,23 +13,24 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
+use axum::{Extension, Json};
 use base64::Engine as _;
-use boringtun::x25519::PublicKey;
+use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_netstack::wg::PeerConfig;
 use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{
-    ApiError, ClusterFacts, Info, LeaseRenewal, PeerInfo, RegisterRequest, Registration,
-    RerouteRequest, StopRequest,
+    ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
+    StopRequest, proof,
 };
 use crate::datapath;
+use crate::laptop::ApiConn;
 use crate::reroute::{Laptop, Refused, Reroutes};
 
 /// The control server's way into the data path task.
@@ -96,11 +99,14 @@ struct Entry {
 }
 
 /// Hands out tunnel addresses: host addresses of `network`, the first one
-/// being the gateway's own.
+/// being the gateway's own. Every operation is O(1) but a search for a
+/// free address past taken ones, which only a nearly full network makes
+/// long.
 #[derive(Debug)]
 pub struct Allocator {
     network: Ipv4Net,
     by_key: HashMap<[u8; 32], Entry>,
+    by_address: HashMap<Ipv4Addr, [u8; 32]>,
 }
 
 impl Allocator {
@@ -108,6 +114,7 @@ impl Allocator {
         Self {
             network,
             by_key: HashMap::new(),
+            by_address: HashMap::new(),
         }
     }
 
@@ -118,11 +125,7 @@ impl Allocator {
     }
 
     fn in_use(&self, addr: Ipv4Addr, except: &[u8; 32]) -> bool {
-        addr == self.gateway_address()
-            || self
-                .by_key
-                .iter()
-                .any(|(k, e)| k != except && e.address == addr)
+        addr == self.gateway_address() || self.by_address.get(&addr).is_some_and(|k| k != except)
     }
 
     /// The address for `key`: its current one, else `previous` if free,
@@ -144,7 +147,7 @@ impl Allocator {
         let hosts = u32::from(self.network.broadcast()).saturating_sub(base);
         // Hosts are base+2 ..= base+hosts-1 (base+1 is the gateway).
         let usable = hosts.checked_sub(2)?;
-        if usable == 0 {
+        if usable == 0 || self.by_key.len() >= usable as usize {
             return None;
         }
         let valid = |a: Ipv4Addr| {
@@ -171,6 +174,7 @@ impl Allocator {
                 refreshed: now,
             },
         );
+        self.by_address.insert(found, key);
         Some(found)
     }
 
@@ -179,8 +183,14 @@ impl Allocator {
         self.by_key.get(key).map(|e| (e.name.clone(), e.address))
     }
 
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        self.by_key.contains_key(key)
+    }
+
     pub fn remove(&mut self, key: &[u8; 32]) -> Option<Ipv4Addr> {
-        self.by_key.remove(key).map(|e| e.address)
+        let e = self.by_key.remove(key)?;
+        self.by_address.remove(&e.address);
+        Some(e.address)
     }
 
     pub fn len(&self) -> usize {
@@ -207,6 +217,39 @@ impl Allocator {
             })
             .map(|(k, _)| *k)
             .collect()
+    }
+}
+
+/// A token bucket: `rate` per second, bursts of `burst`.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -241,6 +284,19 @@ pub fn facts_from_resolv_conf(text: &str, pod_ip: Option<IpAddr>) -> ClusterFact
     facts
 }
 
+/// Most registrations per second of keys the gateway does not know yet,
+/// and their burst; refreshes of known keys (the laptops' heartbeats) have
+/// their own, larger budget. Either way a refused registration is a 429,
+/// and the data path never waits for one.
+const NEW_KEYS_PER_SEC: f64 = 5.0;
+const NEW_KEYS_BURST: f64 = 50.0;
+const REQUESTS_PER_SEC: f64 = 100.0;
+const REQUESTS_BURST: f64 = 200.0;
+/// Connections to the tunnel API served at once (all laptops).
+const TUNNEL_API_CONNECTIONS: usize = 256;
+/// A tunnel API connection is closed after this long, whatever it does.
+const TUNNEL_API_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// The control server's shared state.
 pub struct Control {
     pub peers: DatapathHandle,
@@ -248,21 +304,99 @@ pub struct Control {
     pub info: Info,
     pub expiry: Duration,
     pub reroutes: Arc<Reroutes>,
+    /// The gateway's WireGuard key, to check registration proofs.
+    secret: StaticSecret,
+    /// Makes and checks registration nonces; lives only in this process.
+    nonce_key: [u8; 32],
+    new_keys: Mutex<RateLimit>,
+    requests: Mutex<RateLimit>,
+}
+
+impl Control {
+    pub fn new(
+        peers: DatapathHandle,
+        tunnel_network: Ipv4Net,
+        info: Info,
+        expiry: Duration,
+        reroutes: Arc<Reroutes>,
+        secret: StaticSecret,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            peers,
+            allocator: Mutex::new(Allocator::new(tunnel_network)),
+            info,
+            expiry,
+            reroutes,
+            secret,
+            nonce_key: rand::random(),
+            new_keys: Mutex::new(RateLimit::new(NEW_KEYS_PER_SEC, NEW_KEYS_BURST, now)),
+            requests: Mutex::new(RateLimit::new(REQUESTS_PER_SEC, REQUESTS_BURST, now)),
+        }
+    }
 }
 
 pub type Shared = Arc<Control>;
 
-/// Serves the control API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, control: Shared) -> std::io::Result<()> {
+/// Serves registration on `listener` (the pod's loopback address, reached
+/// through port-forward) until the task is dropped.
+pub async fn serve_registration(listener: TcpListener, control: Shared) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/v1/info", get(info))
         .route("/v1/peers", post(register))
-        .route("/v1/peers/{key}", delete(unregister).get(peer))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(control);
+    axum::serve(listener, app).await
+}
+
+/// The laptop a tunnel API request came from (see [`crate::laptop::ApiConn`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub key: [u8; 32],
+    pub address: IpAddr,
+}
+
+/// Serves the laptops' own API on the connections the data path takes at
+/// the gateway's tunnel address, each bound to the peer it came from.
+pub async fn serve_tunnel(mut conns: mpsc::Receiver<ApiConn>, control: Shared) {
+    let app = axum::Router::new()
+        .route("/v1/peer", get(my_peer).delete(unregister))
         .route("/v1/reroutes", get(list_reroutes).post(add_reroute))
         .route("/v1/reroutes/stop", post(stop_reroutes))
         .route("/v1/leases", post(renew_leases))
+        .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(control);
-    axum::serve(listener, app).await
+    let slots = Arc::new(tokio::sync::Semaphore::new(TUNNEL_API_CONNECTIONS));
+    while let Some(conn) = conns.recv().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(from = %conn.from, "tunnel API busy: connection dropped");
+            continue;
+        };
+        let caller = Caller {
+            key: conn.key,
+            address: conn.from.ip(),
+        };
+        let conn_from = conn.from;
+        tracing::debug!(from = %conn_from, "tunnel API connection");
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(caller)),
+        );
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(conn.stream), service);
+            match tokio::time::timeout(TUNNEL_API_CONNECTION_LIFETIME, served).await {
+                Ok(Err(e)) => tracing::debug!(from = %conn_from, "tunnel API connection: {e}"),
+                Err(_) => {
+                    tracing::debug!(from = %conn_from, "tunnel API connection: closed after {TUNNEL_API_CONNECTION_LIFETIME:?}")
+                }
+                Ok(Ok(())) => {}
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// Forgets laptops that neither registered nor handshook within the
@@ -315,19 +449,57 @@ fn decode_key(text: &str) -> Result<[u8; 32], String> {
         .map_err(|b: Vec<u8>| format!("public key must be 32 bytes, not {}", b.len()))
 }
 
-async fn info(State(c): State<Shared>) -> Json<Info> {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn too_many() -> Response {
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many registrations right now: try again in a second",
+    );
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    r
+}
+
+fn allowed(limit: &Mutex<RateLimit>) -> bool {
+    limit
+        .lock()
+        .map(|mut l| l.take(Instant::now()))
+        .unwrap_or(false)
+}
+
+async fn info(State(c): State<Shared>) -> Response {
+    if !allowed(&c.requests) {
+        return too_many();
+    }
     let mut info = c.info.clone();
-    info.peers = c.allocator.lock().map(|a| a.len()).unwrap_or(0);
-    Json(info)
+    info.registration_nonce = proof::nonce(&c.nonce_key, unix_now());
+    Json(info).into_response()
 }
 
 async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> Response {
+    if !allowed(&c.requests) {
+        return too_many();
+    }
     let key = match decode_key(&req.public_key) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    if key == [0u8; 32] {
-        return error(StatusCode::BAD_REQUEST, "public key is all zeros");
+    if let Err(e) = proof::check_nonce(&c.nonce_key, &req.nonce, unix_now()) {
+        return error(StatusCode::UNAUTHORIZED, e);
+    }
+    if !proof::verify(&c.secret, &PublicKey::from(key), &req.nonce, &req.proof) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "the registration does not prove possession of the key's private half",
+        );
     }
     let previous = match req.previous_address {
         Some(IpAddr::V4(a)) => Some(a),
@@ -339,11 +511,19 @@ async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> 
         .filter(|c| !c.is_control())
         .take(128)
         .collect();
+    let known = c
+        .allocator
+        .lock()
+        .map(|a| a.contains(&key))
+        .unwrap_or(false);
+    if !known && !allowed(&c.new_keys) {
+        return too_many();
+    }
     let (address, gateway_address, fresh) = {
         let Ok(mut a) = c.allocator.lock() else {
             return error(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned");
         };
-        let fresh = !a.by_key.contains_key(&key);
+        let fresh = !a.contains(&key);
         match a.assign(key, &name, previous, Instant::now()) {
             Some(addr) => (addr, a.gateway_address(), fresh),
             None => {
@@ -363,108 +543,123 @@ async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> 
     if fresh {
         tracing::info!(peer = %short(&key), name = %name, address = %address, "laptop registered");
     }
-    let mut info = c.info.clone();
-    info.peers = c.allocator.lock().map(|a| a.len()).unwrap_or(0);
     Json(Registration {
         address: IpAddr::V4(address),
         gateway_address: IpAddr::V4(gateway_address),
-        info,
+        info: c.info.clone(),
         expiry_secs: c.expiry.as_secs(),
     })
     .into_response()
 }
 
-async fn peer(State(c): State<Shared>, Path(key): Path<String>) -> Response {
-    let key = match decode_key(&key) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let Some((name, address)) = c.allocator.lock().ok().and_then(|a| a.get(&key)) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no laptop with key {} is registered", short(&key)),
-        );
-    };
-    let Some((tcp_flows, udp_flows)) = c.peers.flows_of(IpAddr::V4(address)).await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the data path has stopped");
-    };
-    Json(PeerInfo {
-        address: IpAddr::V4(address),
-        name,
-        tcp_flows,
-        udp_flows,
-    })
-    .into_response()
-}
-
-async fn unregister(State(c): State<Shared>, Path(key): Path<String>) -> Response {
-    let key = match decode_key(&key) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
-    c.peers.remove(key).await;
-    c.reroutes.forget(key).await;
-    if removed.is_some() {
-        tracing::info!(peer = %short(&key), "laptop unregistered");
-    }
-    StatusCode::NO_CONTENT.into_response()
-}
-
-/// The registered laptop with this key.
-fn laptop(c: &Control, public_key: &str) -> Result<Laptop, Box<Response>> {
-    let key = decode_key(public_key).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
+/// The registered laptop that is calling: its key must still be registered
+/// with the address the call came from.
+fn laptop(c: &Control, caller: &Caller) -> Result<Laptop, Box<Response>> {
     let a = c.allocator.lock().map_err(|_| {
         Box::new(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "registry lock poisoned",
         ))
     })?;
-    let e = a.by_key.get(&key).ok_or_else(|| {
-        Box::new(error(
+    match a.get(&caller.key) {
+        Some((name, address)) if IpAddr::V4(address) == caller.address => Ok(Laptop {
+            key: caller.key,
+            name,
+            address: caller.address,
+        }),
+        _ => Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "this laptop is not registered with the gateway: connect first (`burrow connect`)",
-        ))
-    })?;
-    Ok(Laptop {
-        key,
-        name: e.name.clone(),
-        address: IpAddr::V4(e.address),
-    })
+        ))),
+    }
 }
 
-async fn list_reroutes(State(c): State<Shared>) -> Response {
-    Json(c.reroutes.list()).into_response()
-}
-
-async fn add_reroute(State(c): State<Shared>, Json(req): Json<RerouteRequest>) -> Response {
-    let laptop = match laptop(&c, &req.public_key) {
+async fn my_peer(State(c): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    let laptop = match laptop(&c, &caller) {
         Ok(l) => l,
         Err(r) => return *r,
     };
+    let Some((tcp_flows, udp_flows)) = c.peers.flows_of(laptop.address).await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the data path has stopped");
+    };
+    Json(PeerInfo {
+        address: laptop.address,
+        name: laptop.name,
+        tcp_flows,
+        udp_flows,
+    })
+    .into_response()
+}
+
+async fn unregister(State(c): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(r) = laptop(&c, &caller) {
+        return *r;
+    }
+    let key = caller.key;
+    let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
+    c.reroutes.forget(key).await;
+    if removed.is_some() {
+        tracing::info!(peer = %short(&key), "laptop unregistered");
+    }
+    // Last: this very connection runs through the peer and its flows.
+    let peers = c.peers.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peers.remove(key).await;
+    });
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn list_reroutes(State(c): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(r) = laptop(&c, &caller) {
+        return *r;
+    }
+    Json(c.reroutes.list_of(caller.key)).into_response()
+}
+
+async fn add_reroute(
+    State(c): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<RerouteRequest>,
+) -> Response {
+    let laptop = match laptop(&c, &caller) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
     match c.reroutes.add(&req, laptop).await {
         Ok(grant) => Json(grant).into_response(),
         Err(e @ (Refused::Held { .. } | Refused::HeaderTaken { .. })) => {
             error(StatusCode::CONFLICT, e.to_string())
         }
+        Err(e @ Refused::NotYours(_)) => error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e @ Refused::Limit(_)) => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        Err(e @ Refused::Unavailable(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
-async fn stop_reroutes(State(c): State<Shared>, Json(req): Json<StopRequest>) -> Response {
-    let key = match decode_key(&req.public_key) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    Json(c.reroutes.stop(&req, key).await).into_response()
+async fn stop_reroutes(
+    State(c): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<StopRequest>,
+) -> Response {
+    if let Err(r) = laptop(&c, &caller) {
+        return *r;
+    }
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    Json(c.reroutes.stop(&req, caller.key).await).into_response()
 }
 
-async fn renew_leases(State(c): State<Shared>, Json(req): Json<LeaseRenewal>) -> Response {
-    let key = match decode_key(&req.public_key) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    if c.reroutes.renew(key) {
+async fn renew_leases(State(c): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(r) = laptop(&c, &caller) {
+        return *r;
+    }
+    if c.reroutes.renew(caller.key) {
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(

@@ -37,7 +37,7 @@ use crate::cluster::{ClusterPoll, ClusterSocket, Dialer, ReadOutcome, Readiness}
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
-use crate::laptop::LaptopStream;
+use crate::laptop::{ApiConn, LaptopStream};
 use crate::metrics::Exposition;
 
 /// boringtun's timers want a call about every 250 ms.
@@ -336,6 +336,10 @@ pub struct Datapath {
     dialing: VecDeque<(Instant, FlowId)>,
     /// Flows whose cluster socket had an event.
     cluster_ready: Vec<FlowId>,
+    /// Where connections to the gateway's own tunnel address and
+    /// [`crate::api::CONTROL_PORT`] go (the laptops' API, served by
+    /// [`crate::control`]); None refuses them.
+    api: Option<mpsc::Sender<ApiConn>>,
 }
 
 impl Datapath {
@@ -380,8 +384,15 @@ impl Datapath {
             dialer: None,
             dialing: VecDeque::new(),
             cluster_ready: Vec::new(),
+            api: None,
             cfg,
         })
+    }
+
+    /// Hand connections laptops open to the gateway's tunnel address and
+    /// the control port to `tx`, each with the WireGuard peer it came from.
+    pub fn serve_api(&mut self, tx: mpsc::Sender<ApiConn>) {
+        self.api = Some(tx);
     }
 
     pub fn public_key(&self) -> &boringtun::x25519::PublicKey {
@@ -653,6 +664,10 @@ impl Datapath {
     }
 
     fn open_tcp(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
+        if Some(dst.ip()) == self.cfg.tunnel_address {
+            self.open_local(id, src, dst);
+            return;
+        }
         tracing::debug!(?id, %src, %dst, "dialing");
         let end = if self.dialer.as_ref().is_some_and(|d| d.dial(id, dst)) {
             End::Dialing(Readiness::default())
@@ -686,6 +701,60 @@ impl Datapath {
         );
         self.dialing
             .push_back((Instant::now() + self.cfg.dial_timeout, id));
+    }
+
+    /// A connection to the gateway's own tunnel address: the laptops' API
+    /// on the control port, taken by the data path's own stack, with the
+    /// identity of the peer that owns the source address (every packet's
+    /// source was checked against its peer on the way in). Anything else
+    /// there is refused: the gateway has no other service in the tunnel.
+    fn open_local(&mut self, id: FlowId, src: SocketAddr, dst: SocketAddr) {
+        let key = self
+            .peers
+            .route(src.ip())
+            .and_then(|p| self.peers.get(p))
+            .map(|p| *p.public_key().as_bytes());
+        let permit = match (&self.api, key) {
+            (Some(api), Some(_)) if dst.port() == crate::api::CONTROL_PORT => {
+                api.try_reserve().ok()
+            }
+            _ => None,
+        };
+        let (Some(permit), Some(key)) = (permit, key) else {
+            tracing::debug!(?id, %src, %dst, "refused: nothing listens on the gateway's tunnel address there");
+            let _ = self.flows.refuse(id);
+            return;
+        };
+        tracing::debug!(?id, %src, %dst, "a laptop's API connection");
+        if let Err(e) = self.flows.accept(id, Instant::now()) {
+            tracing::debug!(?id, error = %e, "accept failed");
+            return;
+        }
+        let (tx, rx) = mpsc::channel(dialer::TO_CLUSTER_QUEUE);
+        let shared = Arc::new(TcpShared::default());
+        let stream = LaptopStream::new(id, dst, src, shared.clone(), rx, self.events_tx.clone());
+        self.tcp.insert(
+            id,
+            TcpFlow {
+                src,
+                dst,
+                end: End::Stream(StreamEnd {
+                    to_cluster: tx,
+                    shared,
+                    granted: 0,
+                }),
+                accepted: true,
+                laptop_eof: false,
+                cluster_eof: false,
+                connecting: None,
+                orphaned_at: None,
+            },
+        );
+        permit.send(ApiConn {
+            stream,
+            key,
+            from: src,
+        });
     }
 
     /// Take the events of the cluster sockets and service their flows.
@@ -1194,6 +1263,12 @@ impl Datapath {
         let End::Stream(stream) = &mut flow.end else {
             return true;
         };
+        // A laptop's connection to the gateway's own API is handed over at
+        // its SYN; until the handshake completes there is nothing to move
+        // (and smoltcp's "may not receive" there is not the laptop's FIN).
+        if matches!(state, TcpState::SynReceived | TcpState::SynSent) {
+            return true;
+        }
         // Laptop → stream, while its queue has room.
         let mut orphaned_data = false;
         while !flow.laptop_eof {
@@ -1552,21 +1627,20 @@ impl Datapath {
             "Configured WireGuard peers.",
         );
         e.sample("", self.peers.len() as f64);
+        // Counts only: nothing on the metrics port names a laptop or a key.
         e.family(
-            "burrow_gateway_peer_handshake_age_seconds",
+            "burrow_gateway_peers_handshaken",
             "gauge",
-            "Seconds since the last completed handshake, per peer (short public key).",
+            "Peers whose last handshake completed within the window.",
         );
-        for id in self.peers.ids() {
-            let Some(peer) = self.peers.get(id) else {
-                continue;
-            };
-            if let Some(age) = peer.stats().since_handshake {
-                e.sample(
-                    &format!("peer=\"{}\"", short_key(peer.public_key())),
-                    age.as_secs_f64(),
-                );
-            }
+        let now_ages: Vec<Duration> = self
+            .peers
+            .ids()
+            .filter_map(|id| self.peers.get(id)?.stats().since_handshake)
+            .collect();
+        for (window, secs) in [("180s", 180u64), ("600s", 600)] {
+            let n = now_ages.iter().filter(|a| a.as_secs() < secs).count();
+            e.sample(&format!("within=\"{window}\""), n as f64);
         }
         e.finish()
     }

@@ -65,6 +65,16 @@ impl LaptopDialer {
     }
 }
 
+/// A connection a laptop opened to the gateway's own API in the tunnel
+/// (see `Datapath::serve_api`): the stream, and who opened it.
+pub struct ApiConn {
+    pub stream: LaptopStream,
+    /// The public key of the WireGuard peer that owns the source address:
+    /// the caller's identity, authenticated by the tunnel.
+    pub key: [u8; 32],
+    pub from: SocketAddr,
+}
+
 /// A TCP connection to a laptop, opened by [`LaptopDialer::connect`].
 ///
 /// `shutdown()` sends FIN after the data written so far; reading goes on
@@ -251,8 +261,17 @@ impl Drop for LaptopStream {
     /// already), and RST if the laptop sends more later (the data path
     /// sees nobody reading), or if it keeps its half open too long.
     fn drop(&mut self) {
-        let unread = self.chunk_pos < self.chunk.len() || !self.from_laptop.is_empty();
-        if unread && !self.read_eof {
+        // Only bytes count as unread: a FIN still queued (the reader was
+        // done before it arrived, e.g. an HTTP server after a
+        // `Connection: close` request) is a clean close.
+        let mut unread = self.chunk_pos < self.chunk.len();
+        while let Ok(item) = self.from_laptop.try_recv() {
+            match item {
+                ToCluster::Data(d) => unread |= !d.is_empty(),
+                ToCluster::Eof => self.read_eof = true,
+            }
+        }
+        if unread {
             let _ = self.events.send(FlowEvent::TcpReset { id: self.id });
         } else if !self.write_shut {
             let _ = self.events.send(FlowEvent::TcpEof { id: self.id });

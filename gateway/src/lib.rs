@@ -65,8 +65,9 @@ pub struct Listeners {
     pub wireguard: UdpSocket,
     pub framed: TcpListener,
     pub metrics: Option<TcpListener>,
-    /// The control API (laptops registering at runtime); see [`api`].
-    pub control: Option<TcpListener>,
+    /// Registration of laptops (see [`api`]): loopback only, so that only
+    /// a port-forward reaches it.
+    pub control: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -100,14 +101,21 @@ impl Listeners {
             wireguard,
             framed,
             metrics,
-            control: None,
+            control: Vec::new(),
         })
     }
 
-    /// Also serve the control API on `ip:port` (0 picks a free port).
+    /// Also serve registration on `ip:port` (0 picks a free port). Only a
+    /// loopback address keeps it to port-forwards: anything else is
+    /// refused.
     pub async fn bind_control(&mut self, ip: IpAddr, port: u16) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            ip.is_loopback(),
+            "the control port serves registration and must listen on a loopback address \
+             (reached by port-forward), not {ip}"
+        );
         let addr = SocketAddr::new(ip, port);
-        self.control = Some(
+        self.control.push(
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot bind the control port {addr}"))?,
@@ -197,8 +205,10 @@ pub async fn serve(
             control::Allocator::new(config.control.tunnel_network).gateway_address(),
         ));
     }
-    let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
-        .context("invalid peer list")?;
+    let private_key = config.wg.private_key.clone();
+    let mut datapath =
+        datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
+            .context("invalid peer list")?;
     tracing::info!(
         public_key = %config::encode_key(datapath.public_key().as_bytes()),
         peers = peer_count,
@@ -214,49 +224,47 @@ pub async fn serve(
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
     let mut reroutes = None;
-    let control_tasks = match listeners.control {
-        Some(l) => {
-            let info = api::Info {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                public_key: config::encode_key(datapath.public_key().as_bytes()),
-                wireguard_port,
-                framed_port,
-                mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
-                tunnel_network: config.control.tunnel_network.to_string(),
-                cluster: config.control.cluster.clone(),
-                peers: 0,
-            };
-            let shared = std::sync::Arc::new(control::Control {
-                peers: control::DatapathHandle {
-                    tx: control_tx.clone(),
-                },
-                allocator: std::sync::Mutex::new(control::Allocator::new(
-                    config.control.tunnel_network,
-                )),
-                info,
-                expiry: config.control.expiry,
-                reroutes: reroute::Reroutes::new(
-                    laptop_connect(laptop::LaptopDialer::new(control_tx.clone())),
-                    config.control.kube.clone(),
-                ),
-            });
-            reroutes = Some(shared.reroutes.clone());
-            tracing::info!(control = %l.local_addr()?, "control API serving");
-            vec![
-                tokio::spawn({
-                    let shared = shared.clone();
-                    async move {
-                        if let Err(e) = control::serve(l, shared).await {
-                            tracing::error!("control API stopped: {e}");
-                        }
-                    }
-                }),
-                tokio::spawn(shared.reroutes.clone().reap()),
-                tokio::spawn(control::reap(shared)),
-            ]
+    let mut control_tasks = Vec::new();
+    if !listeners.control.is_empty() {
+        let info = api::Info {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            public_key: config::encode_key(datapath.public_key().as_bytes()),
+            wireguard_port,
+            framed_port,
+            mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+            tunnel_network: config.control.tunnel_network.to_string(),
+            cluster: config.control.cluster.clone(),
+            registration_nonce: String::new(),
+        };
+        let shared = std::sync::Arc::new(control::Control::new(
+            control::DatapathHandle {
+                tx: control_tx.clone(),
+            },
+            config.control.tunnel_network,
+            info,
+            config.control.expiry,
+            reroute::Reroutes::new(
+                laptop_connect(laptop::LaptopDialer::new(control_tx.clone())),
+                config.control.kube.clone(),
+            ),
+            private_key,
+        ));
+        reroutes = Some(shared.reroutes.clone());
+        let (api_tx, api_rx) = mpsc::channel(64);
+        datapath.serve_api(api_tx);
+        for l in listeners.control {
+            tracing::info!(registration = %l.local_addr()?, "control API serving (registration)");
+            let shared = shared.clone();
+            control_tasks.push(tokio::spawn(async move {
+                if let Err(e) = control::serve_registration(l, shared).await {
+                    tracing::error!("control API stopped: {e}");
+                }
+            }));
         }
-        None => Vec::new(),
-    };
+        control_tasks.push(tokio::spawn(control::serve_tunnel(api_rx, shared.clone())));
+        control_tasks.push(tokio::spawn(shared.reroutes.clone().reap()));
+        control_tasks.push(tokio::spawn(control::reap(shared)));
+    }
     drop(control_tx);
     datapath
         .run(listeners.wireguard, framed_rx, control_rx, shutdown)

@@ -32,8 +32,9 @@ struct Cli {
     /// port-forward transport).
     #[arg(long, value_name = "PORT", default_value_t = 51821)]
     framed_port: u16,
-    /// TCP port of the control API, where laptops register at runtime
-    /// (`burrow connect`); 0 turns it off.
+    /// TCP port of the control API: registration on the pod's loopback
+    /// address (reached only by port-forward), and the laptops' own calls
+    /// on the gateway's tunnel address inside the tunnel; 0 turns both off.
     #[arg(long, value_name = "PORT", default_value_t = burrow_gateway::api::CONTROL_PORT)]
     control_port: u16,
     /// Tunnel addresses for laptops registering at runtime are handed out
@@ -188,7 +189,17 @@ fn main() -> anyhow::Result<()> {
         let mut listeners =
             Listeners::bind(cli.listen, wg_port, cli.framed_port, Some(cli.metrics_port)).await?;
         if cli.control_port != 0 {
-            listeners.bind_control(cli.listen, cli.control_port).await?;
+            // Loopback only: the kubelet's port-forward connects to
+            // localhost inside the pod; nothing else can reach it.
+            listeners
+                .bind_control(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), cli.control_port)
+                .await?;
+            if let Err(e) = listeners
+                .bind_control(IpAddr::V6(Ipv6Addr::LOCALHOST), cli.control_port)
+                .await
+            {
+                tracing::debug!("no IPv6 loopback for the control port: {e:#}");
+            }
         }
         let resolv = std::fs::read_to_string(&cli.resolv_conf).unwrap_or_else(|e| {
             tracing::warn!(

@@ -58,7 +58,7 @@ pub struct Laptop {
 
 /// One laptop's route for one Service port.
 #[derive(Debug, Clone)]
-struct Route {
+pub struct Route {
     laptop: Laptop,
     laptop_port: u16,
     protocol: Protocol,
@@ -80,14 +80,11 @@ impl Route {
             laptop_port: self.laptop_port,
             protocol: self.protocol,
             header: self.header.clone(),
-            laptop: self.laptop.name.clone(),
-            laptop_address: self.laptop.address,
             since: self
                 .since
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            public_key: crate::config::encode_key(&self.laptop.key),
         }
     }
 }
@@ -155,6 +152,41 @@ pub enum Refused {
     },
     #[error("{0}")]
     Invalid(String),
+    /// The Service does not carry this laptop's reroute record.
+    #[error("{0}")]
+    NotYours(String),
+    /// The laptop reroutes as many Services as it may.
+    #[error("{0}")]
+    Limit(String),
+    /// The gateway cannot check or act right now.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Most Services one laptop may reroute at once (each takes a listener per
+/// TCP port in the gateway pod).
+pub const MAX_SERVICES_PER_LAPTOP: usize = 32;
+
+/// Routes that went, with their laptops (the wire type [`Stopped`] names
+/// no laptop).
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub routes: Vec<(ServiceKey, u16, Route)>,
+    /// Services with no route left.
+    pub released: Vec<ServiceKey>,
+}
+
+impl Removed {
+    pub fn to_api(&self) -> Stopped {
+        Stopped {
+            stopped: self
+                .routes
+                .iter()
+                .map(|(k, port, r)| r.describe(&k.0, &k.1, *port))
+                .collect(),
+            released: self.released.clone(),
+        }
+    }
 }
 
 /// `t` as `2024-01-31T12:00:00Z`.
@@ -197,41 +229,31 @@ pub struct Added {
 
 impl Table {
     /// Adds (or renews, when the same laptop asks again) a route.
+    /// `shadow_ip`: the shadow Service as the gateway found it.
     pub fn add(
         &mut self,
         req: &RerouteRequest,
         laptop: Laptop,
+        shadow_ip: IpAddr,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Added, Refused> {
-        if !req.ports.iter().any(|p| p.port == req.port) {
-            return Err(Refused::Invalid(format!(
-                "port {} is not among the Service's TCP ports",
-                req.port
-            )));
-        }
-        if let Some((name, _)) = &req.header
-            && (name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
-        {
-            return Err(Refused::Invalid(format!(
-                "{name:?} is not an HTTP header name"
-            )));
-        }
-        if let Some((_, value)) = &req.header
-            && http::HeaderValue::from_str(value).is_err()
-        {
-            return Err(Refused::Invalid(format!(
-                "{value:?} is not an HTTP header value"
-            )));
-        }
+        req.validate().map_err(Refused::Invalid)?;
         let key = (req.namespace.clone(), req.service.clone());
+        if !self.routes_of(laptop.key).any(|(k, _, _)| *k == key)
+            && self.services_of(laptop.key) >= MAX_SERVICES_PER_LAPTOP
+        {
+            return Err(Refused::Limit(format!(
+                "this laptop already reroutes {MAX_SERVICES_PER_LAPTOP} Services, the most one laptop may; stop one first (`burrow reroute --stop SERVICE`)"
+            )));
+        }
         let entry = self.services.entry(key).or_insert_with(|| ServiceEntry {
             ports: req.ports.clone(),
-            shadow_ip: req.shadow_ip,
+            shadow_ip,
             routes: BTreeMap::new(),
         });
         entry.ports = req.ports.clone();
-        entry.shadow_ip = req.shadow_ip;
+        entry.shadow_ip = shadow_ip;
         let port = entry.routes.entry(req.port).or_default();
         let route = Route {
             laptop: laptop.clone(),
@@ -310,23 +332,23 @@ impl Table {
         released
     }
 
-    fn remove_where(&mut self, mut gone: impl FnMut(&ServiceKey, u16, &Route) -> bool) -> Stopped {
-        let mut stopped = Vec::new();
+    fn remove_where(&mut self, mut gone: impl FnMut(&ServiceKey, u16, &Route) -> bool) -> Removed {
+        let mut routes = Vec::new();
         for (k, s) in &mut self.services {
             for (port, p) in &mut s.routes {
                 for r in p.retain(|r| !gone(k, *port, r)) {
-                    stopped.push(r.describe(&k.0, &k.1, *port));
+                    routes.push((k.clone(), *port, r));
                 }
             }
         }
-        Stopped {
-            stopped,
+        Removed {
+            routes,
             released: self.prune(),
         }
     }
 
     /// Stops a laptop's routes matching the request.
-    pub fn stop(&mut self, req: &api::StopRequest, key: [u8; 32]) -> Stopped {
+    pub fn stop(&mut self, req: &api::StopRequest, key: [u8; 32]) -> Removed {
         self.remove_where(|(ns, svc), port, r| {
             r.laptop.key == key
                 && req.namespace.as_ref().is_none_or(|n| n == ns)
@@ -336,8 +358,33 @@ impl Table {
     }
 
     /// Stops every route of a laptop (it unregistered or expired).
-    pub fn forget(&mut self, key: [u8; 32]) -> Stopped {
+    pub fn forget(&mut self, key: [u8; 32]) -> Removed {
         self.remove_where(|_, _, r| r.laptop.key == key)
+    }
+
+    /// Every route of the laptop with `key`.
+    fn routes_of(&self, key: [u8; 32]) -> impl Iterator<Item = (&ServiceKey, u16, &Route)> {
+        self.services.iter().flat_map(move |(k, s)| {
+            s.routes.iter().flat_map(move |(port, p)| {
+                p.global
+                    .iter()
+                    .chain(p.headers.iter())
+                    .filter(move |r| r.laptop.key == key)
+                    .map(move |r| (k, *port, r))
+            })
+        })
+    }
+
+    /// How many Services the laptop with `key` reroutes.
+    fn services_of(&self, key: [u8; 32]) -> usize {
+        let mut seen: Vec<&ServiceKey> = self.routes_of(key).map(|(k, _, _)| k).collect();
+        seen.dedup();
+        seen.len()
+    }
+
+    /// Whether the laptop with `key` has a route on `svc`.
+    pub fn reroutes(&self, key: [u8; 32], svc: &ServiceKey) -> bool {
+        self.routes_of(key).any(|(k, _, _)| k == svc)
     }
 
     /// Renews a laptop's leases; false when it has none.
@@ -357,20 +404,15 @@ impl Table {
     }
 
     /// Drops the routes whose lease ran out.
-    pub fn expire(&mut self, now: Instant, lease: Duration) -> Stopped {
+    pub fn expire(&mut self, now: Instant, lease: Duration) -> Removed {
         self.remove_where(|_, _, r| now.saturating_duration_since(r.renewed) > lease)
     }
 
-    pub fn list(&self) -> Vec<api::Reroute> {
-        let mut out = Vec::new();
-        for ((ns, svc), s) in &self.services {
-            for (port, p) in &s.routes {
-                for r in p.global.iter().chain(p.headers.iter()) {
-                    out.push(r.describe(ns, svc, *port));
-                }
-            }
-        }
-        out
+    /// The routes of the laptop with `key` (never anyone else's).
+    pub fn list_of(&self, key: [u8; 32]) -> Vec<api::Reroute> {
+        self.routes_of(key)
+            .map(|((ns, svc), port, r)| r.describe(ns, svc, port))
+            .collect()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
@@ -524,8 +566,63 @@ impl Reroutes {
         })
     }
 
-    pub fn list(&self) -> Vec<api::Reroute> {
-        self.table.lock().map(|t| t.list()).unwrap_or_default()
+    /// The reroutes of the laptop with `key`.
+    pub fn list_of(&self, key: [u8; 32]) -> Vec<api::Reroute> {
+        self.table
+            .lock()
+            .map(|t| t.list_of(key))
+            .unwrap_or_default()
+    }
+
+    /// What the cluster says of the request, read with the gateway's own
+    /// credentials: the Service must exist and carry `laptop`'s reroute
+    /// record (written with the user's credentials, so the user may patch
+    /// it), and its shadow must be burrow's; answers the shadow's
+    /// ClusterIP.
+    async fn check_service(
+        &self,
+        req: &RerouteRequest,
+        laptop: &Laptop,
+    ) -> Result<IpAddr, Refused> {
+        let Some(client) = self.kube.clone() else {
+            return Err(Refused::Unavailable(
+                "the gateway has no access to the Kubernetes API, so it cannot check the Service's reroute record".into(),
+            ));
+        };
+        let (ns, name) = (&req.namespace, &req.service);
+        let unavailable = |e: kube::Error| {
+            Refused::Unavailable(format!("the gateway cannot read Service {ns}/{name}: {e}"))
+        };
+        let work = async {
+            let services: kube::Api<k8s_openapi::api::core::v1::Service> =
+                kube::Api::namespaced(client.clone(), ns);
+            let svc = services
+                .get_opt(name)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| Refused::Invalid(format!("Service {ns}/{name} does not exist")))?;
+            if crate::service::record_of(&svc, &laptop.key).is_none() {
+                return Err(Refused::NotYours(format!(
+                    "Service {ns}/{name} carries no reroute record for this laptop: `burrow reroute` writes one with your own credentials before asking the gateway, so you need `patch` on services in namespace {ns}"
+                )));
+            }
+            crate::service::shadow_ip(&client, &svc)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| {
+                    Refused::Invalid(format!(
+                        "Service {ns}/{name} has no shadow Service of burrow's ({}): `burrow reroute` creates it with your credentials first",
+                        crate::service::shadow_name(name)
+                    ))
+                })
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .map_err(|_| {
+                Refused::Unavailable(format!(
+                    "the Kubernetes API did not answer the gateway about Service {ns}/{name} within 10s"
+                ))
+            })?
     }
 
     /// Adds a route and makes sure every port of its Service has a
@@ -535,39 +632,30 @@ impl Reroutes {
         req: &RerouteRequest,
         laptop: Laptop,
     ) -> Result<RerouteGrant, Refused> {
+        req.validate().map_err(Refused::Invalid)?;
+        let shadow_ip = self.check_service(req, &laptop).await?;
         let svc = (req.namespace.clone(), req.service.clone());
+        let key = laptop.key;
         let added = {
             let mut t = self
                 .table
                 .lock()
                 .map_err(|_| Refused::Invalid("internal: table lock poisoned".into()))?;
-            t.add(req, laptop, Instant::now(), SystemTime::now())?
+            t.add(req, laptop, shadow_ip, Instant::now(), SystemTime::now())?
         };
         let listeners = match self.sync(&svc).await {
             Ok(l) => l,
             Err(e) => {
                 // Undo: without listeners the route is useless.
                 if let Ok(mut t) = self.table.lock() {
-                    let key = t.services.get(&svc).and_then(|s| {
-                        s.routes.get(&req.port).and_then(|p| {
-                            p.global
-                                .iter()
-                                .chain(p.headers.iter())
-                                .map(|r| r.laptop.key)
-                                .next()
-                        })
-                    });
-                    if let Some(k) = key {
-                        t.stop(
-                            &api::StopRequest {
-                                public_key: String::new(),
-                                namespace: Some(svc.0.clone()),
-                                service: Some(svc.1.clone()),
-                                port: Some(req.port),
-                            },
-                            k,
-                        );
-                    }
+                    t.stop(
+                        &api::StopRequest {
+                            namespace: Some(svc.0.clone()),
+                            service: Some(svc.1.clone()),
+                            port: Some(req.port),
+                        },
+                        key,
+                    );
                 }
                 return Err(Refused::Invalid(format!(
                     "the gateway cannot listen for {}/{}: {e}",
@@ -644,24 +732,42 @@ impl Reroutes {
     }
 
     /// After routes went: update listeners, close those of released
-    /// Services and restore them.
-    async fn settle(self: &Arc<Self>, stopped: &Stopped) {
-        let mut touched: Vec<ServiceKey> = stopped
-            .stopped
+    /// Services and restore them, and take the records of laptops that no
+    /// longer reroute a Service off it.
+    async fn settle(self: &Arc<Self>, removed: &Removed) {
+        let mut touched: Vec<(ServiceKey, [u8; 32])> = removed
+            .routes
             .iter()
-            .map(|r| (r.namespace.clone(), r.service.clone()))
+            .map(|(k, _, r)| (k.clone(), r.laptop.key))
             .collect();
         touched.sort();
         touched.dedup();
-        for svc in &touched {
-            if !stopped.released.contains(svc) {
+        let mut synced: Vec<&ServiceKey> = Vec::new();
+        for (svc, _) in &touched {
+            if !removed.released.contains(svc) && !synced.contains(&svc) {
                 let _ = self.sync(svc).await;
+                synced.push(svc);
             }
         }
-        for r in &stopped.stopped {
-            tracing::info!(namespace = %r.namespace, service = %r.service, port = r.port, laptop = %r.laptop, "reroute stopped");
+        for (k, port, r) in &removed.routes {
+            tracing::info!(namespace = %k.0, service = %k.1, port, laptop = %r.laptop.name, "reroute stopped");
         }
-        for svc in &stopped.released {
+        for (svc, key) in &touched {
+            let still = self
+                .table
+                .lock()
+                .map(|t| t.reroutes(*key, svc))
+                .unwrap_or(true);
+            if still || removed.released.contains(svc) {
+                continue;
+            }
+            if let Some(client) = &self.kube
+                && let Err(e) = crate::service::remove_record(client, &svc.0, &svc.1, key).await
+            {
+                tracing::warn!(namespace = %svc.0, service = %svc.1, "removing a laptop's reroute record: {e}");
+            }
+        }
+        for svc in &removed.released {
             if let Ok(mut l) = self.listeners.lock() {
                 l.retain(|(s, _), _| s != svc);
             }
@@ -735,23 +841,24 @@ impl Reroutes {
         }
     }
 
+    /// Stops the routes of the laptop with `key` that `req` names.
     pub async fn stop(self: &Arc<Self>, req: &api::StopRequest, key: [u8; 32]) -> Stopped {
-        let stopped = self
+        let removed = self
             .table
             .lock()
             .map(|mut t| t.stop(req, key))
             .unwrap_or_default();
-        self.settle(&stopped).await;
-        stopped
+        self.settle(&removed).await;
+        removed.to_api()
     }
 
     pub async fn forget(self: &Arc<Self>, key: [u8; 32]) {
-        let stopped = self
+        let removed = self
             .table
             .lock()
             .map(|mut t| t.forget(key))
             .unwrap_or_default();
-        self.settle(&stopped).await;
+        self.settle(&removed).await;
     }
 
     pub fn renew(&self, key: [u8; 32]) -> bool {
@@ -766,14 +873,14 @@ impl Reroutes {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let stopped = self
+            let removed = self
                 .table
                 .lock()
                 .map(|mut t| t.expire(Instant::now(), LEASE))
                 .unwrap_or_default();
-            if !stopped.stopped.is_empty() {
-                tracing::info!(count = stopped.stopped.len(), "reroute leases expired");
-                self.settle(&stopped).await;
+            if !removed.routes.is_empty() {
+                tracing::info!(count = removed.routes.len(), "reroute leases expired");
+                self.settle(&removed).await;
             }
         }
     }
@@ -889,9 +996,10 @@ mod tests {
         }
     }
 
+    const SHADOW: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 99));
+
     fn req(header: Option<(&str, &str)>, force: bool) -> RerouteRequest {
         RerouteRequest {
-            public_key: String::new(),
             namespace: "default".into(),
             service: "echo".into(),
             ports: vec![ServicePort {
@@ -903,7 +1011,6 @@ mod tests {
             protocol: Protocol::Http,
             header: header.map(|(n, v)| (n.to_string(), v.to_string())),
             force,
-            shadow_ip: IpAddr::from([10, 96, 0, 99]),
         }
     }
 
@@ -916,13 +1023,13 @@ mod tests {
         let mut t = Table::default();
         let now = Instant::now();
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        t.add(&req(None, false), laptop(2), now, wall)
+        t.add(&req(None, false), laptop(2), SHADOW, now, wall)
             .expect("first");
         // The same laptop again: a renewal, not a conflict.
-        t.add(&req(None, false), laptop(2), now, wall)
+        t.add(&req(None, false), laptop(2), SHADOW, now, wall)
             .expect("again");
         let err = t
-            .add(&req(None, false), laptop(3), now, wall)
+            .add(&req(None, false), laptop(3), SHADOW, now, wall)
             .expect_err("held");
         let text = err.to_string();
         assert!(
@@ -930,7 +1037,7 @@ mod tests {
             "{text}"
         );
         let added = t
-            .add(&req(None, true), laptop(3), now, wall)
+            .add(&req(None, true), laptop(3), SHADOW, now, wall)
             .expect("forced");
         assert_eq!(added.took_over_from.as_deref(), Some("laptop2"));
         let snap = t.snapshot(&key(), 8080).expect("snapshot");
@@ -945,6 +1052,7 @@ mod tests {
         t.add(
             &req(Some(("X-Burrow-Route", "alice")), false),
             laptop(2),
+            SHADOW,
             now,
             wall,
         )
@@ -952,6 +1060,7 @@ mod tests {
         t.add(
             &req(Some(("x-burrow-route", "bob")), false),
             laptop(3),
+            SHADOW,
             now,
             wall,
         )
@@ -960,6 +1069,7 @@ mod tests {
             t.add(
                 &req(Some(("x-burrow-route", "bob")), false),
                 laptop(2),
+                SHADOW,
                 now,
                 wall
             )
@@ -969,7 +1079,7 @@ mod tests {
         assert_eq!(snap.headers.len(), 2);
         assert_eq!(snap.headers[0].name, "x-burrow-route");
         let s = t.forget([2; 32]);
-        assert_eq!(s.stopped.len(), 1);
+        assert_eq!(s.routes.len(), 1);
         assert!(s.released.is_empty());
         let s = t.forget([3; 32]);
         assert_eq!(s.released, vec![key()]);
@@ -980,11 +1090,18 @@ mod tests {
     fn leases_expire_unless_renewed() {
         let mut t = Table::default();
         let start = Instant::now();
-        t.add(&req(None, false), laptop(2), start, SystemTime::now())
-            .expect("add");
+        t.add(
+            &req(None, false),
+            laptop(2),
+            SHADOW,
+            start,
+            SystemTime::now(),
+        )
+        .expect("add");
         t.add(
             &req(Some(("x", "y")), false),
             laptop(3),
+            SHADOW,
             start,
             SystemTime::now(),
         )
@@ -993,10 +1110,57 @@ mod tests {
         assert!(t.renew([2; 32], later));
         assert!(!t.renew([9; 32], later));
         let s = t.expire(start + Duration::from_secs(20), LEASE);
-        assert_eq!(s.stopped.len(), 1);
-        assert_eq!(s.stopped[0].laptop, "laptop3");
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[0].2.laptop.name, "laptop3");
         let s = t.expire(start + Duration::from_secs(40), LEASE);
         assert_eq!(s.released, vec![key()]);
+    }
+
+    #[test]
+    fn hostile_names_and_too_many_services_are_refused() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        for bad in ["echo#", "a/b", "x?y", &"a".repeat(64)] {
+            let mut r = req(None, false);
+            r.service = bad.to_string();
+            assert!(
+                matches!(
+                    t.add(&r, laptop(2), SHADOW, now, SystemTime::now()),
+                    Err(Refused::Invalid(_))
+                ),
+                "{bad}"
+            );
+            let mut r = req(None, false);
+            r.namespace = bad.to_string();
+            assert!(
+                matches!(
+                    t.add(&r, laptop(2), SHADOW, now, SystemTime::now()),
+                    Err(Refused::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(t.list_of([2; 32]).is_empty());
+        for i in 0..MAX_SERVICES_PER_LAPTOP {
+            let mut r = req(None, false);
+            r.service = format!("svc{i}");
+            t.add(&r, laptop(2), SHADOW, now, SystemTime::now())
+                .expect("under the cap");
+        }
+        let mut r = req(None, false);
+        r.service = "one-more".into();
+        assert!(matches!(
+            t.add(&r, laptop(2), SHADOW, now, SystemTime::now()),
+            Err(Refused::Limit(_))
+        ));
+        // Another laptop is not affected, and a known Service is a renewal.
+        t.add(&r, laptop(3), SHADOW, now, SystemTime::now())
+            .expect("laptop 3");
+        let mut r = req(None, false);
+        r.service = "svc0".into();
+        t.add(&r, laptop(2), SHADOW, now, SystemTime::now())
+            .expect("renewal");
+        assert_eq!(t.list_of([3; 32]).len(), 1, "each laptop lists its own");
     }
 
     #[test]

@@ -15,17 +15,38 @@
 //! it never undoes a newer reroute), then deletes the EndpointSlice and the
 //! shadow. Every step tolerates "already done", so restore is idempotent and
 //! can be repeated after a crash at any point.
+//!
+//! Each laptop that reroutes a Service also leaves its **reroute record**
+//! on it ([`RECORD_PREFIX`]`<key id>`: its public key and name), written
+//! with the user's own credentials before it asks the gateway: the gateway
+//! acts on a Service only for a laptop whose record it carries, so a laptop
+//! can never make the gateway touch a Service its user could not patch.
+//!
+//! Names are checked ([`crate::api::names`]) before any request is built
+//! (kube does not escape them), and burrow's own objects are deleted only
+//! when they carry burrow's labels for that very Service and are owned by
+//! it, with a uid precondition: a look-alike made by someone else is never
+//! deleted.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
+use base64::Engine as _;
+use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::api::names;
+
 /// The annotation holding the original selector ([`Saved`], JSON).
 pub const ANNOTATION: &str = "burrow.dev/reroute";
+/// Prefix of a laptop's reroute record annotation ([`Record`], JSON); the
+/// rest is [`record_id`] of its key.
+pub const RECORD_PREFIX: &str = "burrow.dev/laptop-";
 /// Label on burrow's shadow Services and EndpointSlices: the rerouted
 /// Service's name.
 pub const REROUTE_OF: &str = "burrow.dev/reroute-of";
@@ -50,21 +71,105 @@ pub struct Saved {
     pub by: String,
 }
 
-/// Names are DNS labels: at most 63 characters.
-fn label(base: &str, suffix: &str) -> String {
-    let keep = 63usize.saturating_sub(suffix.len());
-    let base: String = base.chars().take(keep).collect();
-    format!("{}{suffix}", base.trim_end_matches('-'))
-}
-
-/// The shadow Service of `service`.
+/// The shadow Service of `service` (a name checked by
+/// [`names::check_rerouted_service`]).
 pub fn shadow_name(service: &str) -> String {
-    label(service, "-burrow-shadow")
+    names::shadow_name(service)
 }
 
 /// burrow's EndpointSlice for `service`.
 pub fn slice_name(service: &str) -> String {
-    label(service, "-burrow")
+    names::slice_name(service)
+}
+
+/// A laptop's reroute record on a Service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// The laptop's WireGuard public key, base64.
+    pub key: String,
+    /// Who (user and host), for people reading the object.
+    pub laptop: String,
+}
+
+/// The id of a key in its record's annotation name: 20 hex digits.
+pub fn record_id(key: &[u8; 32]) -> String {
+    key[..10].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The annotation holding `key`'s record.
+pub fn record_annotation(key: &[u8; 32]) -> String {
+    format!("{RECORD_PREFIX}{}", record_id(key))
+}
+
+/// `key`'s record on `svc`, if there is one naming exactly that key.
+pub fn record_of(svc: &Service, key: &[u8; 32]) -> Option<Record> {
+    let text = svc
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(&record_annotation(key))?;
+    let record: Record = serde_json::from_str(text).ok()?;
+    let named = base64::engine::general_purpose::STANDARD
+        .decode(&record.key)
+        .ok()?;
+    (named.as_slice() == key.as_slice()).then_some(record)
+}
+
+/// The JSON patch that writes `key`'s record on `svc` (guarded by the
+/// resourceVersion read, so a concurrent change makes it fail, not vanish).
+pub fn record_patch(svc: &Service, key: &[u8; 32], laptop: &str) -> Result<Value, String> {
+    let record = Record {
+        key: base64::engine::general_purpose::STANDARD.encode(key),
+        laptop: laptop.to_string(),
+    };
+    let text = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+    let mut ops = Vec::new();
+    if let Some(rv) = &svc.metadata.resource_version {
+        ops.push(json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+    }
+    if svc.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_key(&record_annotation(key))), "value": text}));
+    Ok(Value::Array(ops))
+}
+
+/// The annotations of `svc` burrow wrote: the saved selector and every
+/// laptop's record.
+fn burrow_annotations(svc: &Service) -> Vec<(String, String)> {
+    svc.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| *k == ANNOTATION || k.starts_with(RECORD_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Ops removing `keys` (each `test`ed against its value first, so what
+/// another writer changed meanwhile is never removed), and the whole
+/// annotations map when nothing else would be left in it.
+fn remove_annotation_ops(svc: &Service, keys: &[(String, String)]) -> Vec<Value> {
+    let mut ops: Vec<Value> = keys
+        .iter()
+        .map(|(k, v)| json!({"op": "test", "path": format!("/metadata/annotations/{}", pointer_key(k)), "value": v}))
+        .collect();
+    let total = svc.metadata.annotations.as_ref().map_or(0, BTreeMap::len);
+    if total == keys.len() {
+        ops.push(json!({"op": "remove", "path": "/metadata/annotations"}));
+    } else {
+        ops.extend(keys.iter().map(
+            |(k, _)| json!({"op": "remove", "path": format!("/metadata/annotations/{}", pointer_key(k))}),
+        ));
+    }
+    ops
+}
+
+/// The JSON patch that removes `key`'s record from `svc`, if it has one.
+pub fn remove_record_patch(svc: &Service, key: &[u8; 32]) -> Option<Value> {
+    let name = record_annotation(key);
+    let value = svc.metadata.annotations.as_ref()?.get(&name)?.clone();
+    Some(Value::Array(remove_annotation_ops(svc, &[(name, value)])))
 }
 
 fn pointer_key(key: &str) -> String {
@@ -104,25 +209,22 @@ pub fn reroute_patch(svc: &Service, by: &str) -> Result<(Value, Saved), String> 
 }
 
 /// The JSON patch that restores a rerouted Service whose annotation text is
-/// `text`: the selector back, the annotation gone (and the annotations map
-/// too when burrow's was the only one, as before the reroute... unless it
-/// was an empty map, which the API server does not keep apart from none).
+/// `text`: the selector back, burrow's annotations (saved selector and
+/// every laptop's record) gone, and the annotations map too when burrow's
+/// were all it held, as before the reroute... unless it was an empty map,
+/// which the API server does not keep apart from none.
 pub fn restore_patch(svc: &Service, text: &str, saved: &Saved) -> Value {
     let key = pointer_key(ANNOTATION);
-    let only_ours = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.len() == 1);
     let mut ops = vec![
         json!({"op": "test", "path": format!("/metadata/annotations/{key}"), "value": text}),
         json!({"op": "add", "path": "/spec/selector", "value": saved.original_selector}),
     ];
-    if only_ours {
-        ops.push(json!({"op": "remove", "path": "/metadata/annotations"}));
-    } else {
-        ops.push(json!({"op": "remove", "path": format!("/metadata/annotations/{key}")}));
-    }
+    let ours: Vec<(String, String)> = burrow_annotations(svc)
+        .into_iter()
+        .filter(|(k, _)| k != ANNOTATION)
+        .chain(std::iter::once((ANNOTATION.to_string(), text.to_string())))
+        .collect();
+    ops.extend(remove_annotation_ops(svc, &ours));
     Value::Array(ops)
 }
 
@@ -138,31 +240,65 @@ pub enum Restored {
     Gone,
 }
 
+fn bad_name(message: String) -> kube::Error {
+    kube::Error::Api(Box::new(
+        kube::core::Status::failure(&message, "Invalid").with_code(422),
+    ))
+}
+
+/// Checks a namespace and Service name before they reach a URL.
+pub fn check_names(namespace: &str, name: &str) -> Result<(), kube::Error> {
+    names::check_namespace(namespace).map_err(bad_name)?;
+    names::check_service(name).map_err(bad_name)
+}
+
+/// Applies a JSON patch built by this module.
+async fn json_patch(services: &Api<Service>, name: &str, patch: Value) -> Result<(), kube::Error> {
+    let patch: kube_json_patch::Patch =
+        serde_json::from_value(patch).map_err(|e| kube::Error::Service(Box::new(e)))?;
+    services
+        .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map(drop)
+}
+
 /// Restores `namespace/name` (see the module doc); idempotent.
 pub async fn restore(
     client: &kube::Client,
     namespace: &str,
     name: &str,
 ) -> Result<Restored, kube::Error> {
+    check_names(namespace, name)?;
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let mut outcome = Restored::Gone;
+    let mut uid = None;
     for _attempt in 0..3 {
         let Some(svc) = services.get_opt(name).await? else {
             outcome = Restored::Gone;
             break;
         };
+        uid = svc.metadata.uid.clone();
         let Some((text, saved)) = saved(&svc) else {
             outcome = Restored::NotRerouted;
+            // Records a crash left behind go too.
+            let records: Vec<(String, String)> = burrow_annotations(&svc);
+            if !records.is_empty() {
+                match json_patch(
+                    &services,
+                    name,
+                    Value::Array(remove_annotation_ops(&svc, &records)),
+                )
+                .await
+                {
+                    Ok(()) => {}
+                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             break;
         };
-        let patch = restore_patch(&svc, &text, &saved);
-        let patch: kube_json_patch::Patch =
-            serde_json::from_value(patch).map_err(|e| kube::Error::Service(Box::new(e)))?;
-        match services
-            .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-            .await
-        {
-            Ok(_) => {
+        match json_patch(&services, name, restore_patch(&svc, &text, &saved)).await {
+            Ok(()) => {
                 outcome = Restored::Restored;
                 break;
             }
@@ -171,37 +307,133 @@ pub async fn restore(
             Err(e) => return Err(e),
         }
     }
-    remove_leftovers(client, namespace, name).await?;
+    remove_leftovers(client, namespace, name, uid.as_deref()).await?;
     Ok(outcome)
 }
 
-/// Deletes burrow's EndpointSlice and shadow Service of `name`.
+/// Removes `key`'s record from `namespace/name` (its laptop no longer
+/// reroutes it); nothing when there is none.
+pub async fn remove_record(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    key: &[u8; 32],
+) -> Result<(), kube::Error> {
+    check_names(namespace, name)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    for _attempt in 0..3 {
+        let Some(svc) = services.get_opt(name).await? else {
+            return Ok(());
+        };
+        let Some(patch) = remove_record_patch(&svc, key) else {
+            return Ok(());
+        };
+        match json_patch(&services, name, patch).await {
+            Ok(()) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => continue,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `meta` is burrow's object for Service `name`: burrow's labels
+/// naming that Service, and (when the Service's uid is known) owned by it.
+fn is_ours(meta: &ObjectMeta, name: &str, service_uid: Option<&str>) -> bool {
+    let labels = meta.labels.as_ref();
+    let labelled = labels.and_then(|l| l.get(REROUTE_OF)).map(String::as_str) == Some(name)
+        && labels
+            .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+            .map(String::as_str)
+            == Some(MANAGED_BY);
+    let owned =
+        meta.owner_references.iter().flatten().any(|o| {
+            o.kind == "Service" && o.name == name && service_uid.is_none_or(|u| o.uid == u)
+        });
+    labelled && owned
+}
+
+/// Deletes `object` from `api` if it is burrow's for Service `name`, with
+/// its uid as a precondition.
+async fn delete_if_ours<K>(
+    api: &Api<K>,
+    object: &str,
+    name: &str,
+    service_uid: Option<&str>,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Metadata<Ty = ObjectMeta>,
+{
+    let Some(found) = api.get_opt(object).await? else {
+        return Ok(());
+    };
+    let meta = found.metadata();
+    if !is_ours(meta, name, service_uid) {
+        tracing::warn!(
+            object,
+            service = name,
+            "not burrow's (labels or owner differ): left alone"
+        );
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: meta.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(object, &dp).await {
+        Ok(_) => Ok(()),
+        // Gone meanwhile, or replaced by another object of that name.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes burrow's EndpointSlice and shadow Service of `name`, if they
+/// are burrow's for it (see [`is_ours`]). `service_uid`: the Service's uid
+/// when it still exists.
 pub async fn remove_leftovers(
     client: &kube::Client,
     namespace: &str,
     name: &str,
+    service_uid: Option<&str>,
 ) -> Result<(), kube::Error> {
+    check_names(namespace, name)?;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
-    ignore_404(
-        slices
-            .delete(&slice_name(name), &DeleteParams::default())
-            .await,
-    )?;
+    delete_if_ours(&slices, &slice_name(name), name, service_uid).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-    ignore_404(
-        services
-            .delete(&shadow_name(name), &DeleteParams::default())
-            .await,
-    )?;
+    delete_if_ours(&services, &shadow_name(name), name, service_uid).await?;
     Ok(())
 }
 
-fn ignore_404<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
+/// The ClusterIP of `svc`'s shadow Service, as the gateway itself finds it
+/// (never a value a client sent): None when there is no shadow that is
+/// burrow's for this Service.
+pub async fn shadow_ip(
+    client: &kube::Client,
+    svc: &Service,
+) -> Result<Option<IpAddr>, kube::Error> {
+    let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    check_names(&namespace, &name)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let Some(shadow) = services.get_opt(&shadow_name(&name)).await? else {
+        return Ok(None);
+    };
+    if !is_ours(&shadow.metadata, &name, svc.metadata.uid.as_deref()) {
+        return Ok(None);
     }
+    Ok(shadow
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok()))
 }
 
 /// Every rerouted Service (namespace, name) the client can list, plus every
@@ -211,10 +443,20 @@ pub async fn find_rerouted(client: &kube::Client) -> Result<Vec<(String, String)
     let mut out = Vec::new();
     for svc in services.list(&ListParams::default()).await?.items {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        if saved(&svc).is_some() {
-            out.push((ns, svc.metadata.name.clone().unwrap_or_default()));
-        } else if let Some(of) = svc.metadata.labels.as_ref().and_then(|l| l.get(REROUTE_OF)) {
-            out.push((ns, of.clone()));
+        let found = if saved(&svc).is_some() || !burrow_annotations(&svc).is_empty() {
+            svc.metadata.name.clone()
+        } else {
+            svc.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(REROUTE_OF))
+                .cloned()
+        };
+        // A label value is anyone's text: only names that are names.
+        if let Some(name) = found
+            && check_names(&ns, &name).is_ok()
+        {
+            out.push((ns, name));
         }
     }
     out.sort();
@@ -290,10 +532,61 @@ mod tests {
     }
 
     #[test]
-    fn names_are_dns_labels() {
-        let long = "a".repeat(70);
-        assert!(shadow_name(&long).len() <= 63);
-        assert!(slice_name(&long).len() <= 63);
-        assert_eq!(shadow_name("echo"), "echo-burrow-shadow");
+    fn records_come_and_go_and_restore_removes_them_all() {
+        for annotations in [None, Some(json!({"team": "a"}))] {
+            let before = svc(annotations);
+            let (k1, k2) = ([1u8; 32], [2u8; 32]);
+            let with1 = apply(
+                &before,
+                record_patch(&before, &k1, "alice@a").expect("record"),
+            );
+            assert_eq!(
+                record_of(&with1, &k1).map(|r| r.laptop),
+                Some("alice@a".to_string())
+            );
+            assert!(record_of(&with1, &k2).is_none());
+            // A record naming another key under k1's annotation is not k1's.
+            let mut forged = with1.clone();
+            if let Some(a) = forged.metadata.annotations.as_mut() {
+                a.insert(
+                    record_annotation(&k2),
+                    serde_json::to_string(&Record {
+                        key: base64::engine::general_purpose::STANDARD.encode(k1),
+                        laptop: "x".into(),
+                    })
+                    .expect("json"),
+                );
+            }
+            assert!(record_of(&forged, &k2).is_none());
+            // Removing the only record gives the Service back as it was.
+            let back = apply(&with1, remove_record_patch(&with1, &k1).expect("has one"));
+            assert_eq!(
+                serde_json::to_value(&back).expect("json"),
+                serde_json::to_value(&before).expect("json")
+            );
+            // Rerouted with two records: restore removes all of burrow's.
+            let with2 = apply(&with1, record_patch(&with1, &k2, "bob@b").expect("record"));
+            let (patch, _) = reroute_patch(&with2, "alice@a").expect("patch");
+            let rerouted = apply(&with2, patch);
+            let (text, found) = super::saved(&rerouted).expect("annotated");
+            let after = apply(&rerouted, restore_patch(&rerouted, &text, &found));
+            assert_eq!(
+                serde_json::to_value(&after).expect("json"),
+                serde_json::to_value(&before).expect("json")
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_names_never_reach_a_request() {
+        for (ns, name) in [
+            ("default", "echo#"),
+            ("kube-system", "kube-dns#"),
+            ("a/b", "x"),
+            ("default", "x?y"),
+        ] {
+            assert!(check_names(ns, name).is_err(), "{ns}/{name}");
+        }
+        assert!(check_names("default", "echo").is_ok());
     }
 }

@@ -49,7 +49,7 @@ impl Gateway {
             .expect("bind control port");
         let control = listeners
             .control
-            .as_ref()
+            .first()
             .and_then(|l| l.local_addr().ok())
             .expect("control addr");
         let wg = listeners.wireguard.local_addr().expect("addr");
@@ -503,10 +503,12 @@ async fn tcp_echo_over_udp_transport() {
     tcp_echo_through(&gw, Transport::udp(gw.wg).await).await;
     let m = gw.metrics().await;
     assert!(Gateway::metric(&m, "burrow_gateway_flows_opened_total{proto=\"tcp\"}") == 1.0);
+    // Counts only: no label names a peer.
     assert!(
-        m.contains("burrow_gateway_peer_handshake_age_seconds{peer="),
+        Gateway::metric(&m, "burrow_gateway_peers_handshaken{within=\"180s\"}") >= 1.0,
         "{m}"
     );
+    assert!(!m.contains("peer="), "{m}");
     gw.stop().await;
 }
 
@@ -1075,25 +1077,67 @@ async fn control_call(gw: &Gateway, method: &str, path: &str, body: &str) -> (u1
     (status, body)
 }
 
+/// A registration body for `secret`'s key, with a fresh nonce and a proof
+/// signed by `signer` (the same secret, unless forging).
+async fn registration(gw: &Gateway, secret: [u8; 32], signer: [u8; 32], name: &str) -> String {
+    use base64::Engine as _;
+    let (code, info) = control_call(gw, "GET", "/v1/info", "").await;
+    assert_eq!(code, 200, "{info}");
+    let info: serde_json::Value = serde_json::from_str(&info).expect("info is JSON");
+    let nonce = info["registration_nonce"]
+        .as_str()
+        .expect("a nonce")
+        .to_string();
+    let gateway_key = PublicKey::from(&StaticSecret::from(GATEWAY_SECRET));
+    let proof = burrow_gateway::api::proof::sign(&StaticSecret::from(signer), &gateway_key, &nonce);
+    let key = base64::engine::general_purpose::STANDARD
+        .encode(PublicKey::from(&StaticSecret::from(secret)).as_bytes());
+    serde_json::json!({"public_key": key, "name": name, "nonce": nonce, "proof": proof}).to_string()
+}
+
+/// One HTTP/1.1 request to the laptop's own API through its tunnel.
+async fn tunnel_call(laptop: &mut Laptop, method: &str, path: &str) -> (u16, String) {
+    let h = laptop.tcp_connect(SocketAddr::from((
+        Ipv4Addr::new(198, 19, 0, 1),
+        burrow_gateway::api::CONTROL_PORT,
+    )));
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    let text = String::from_utf8(laptop.tcp_round_trip(h, req.as_bytes()).await).expect("utf-8");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
-    use base64::Engine as _;
     let gw = Gateway::start().await;
     let secret = [9u8; 32];
-    let public = PublicKey::from(&StaticSecret::from(secret));
-    let key = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
 
     let (code, info) = control_call(&gw, "GET", "/v1/info", "").await;
     assert_eq!(code, 200, "{info}");
     let info: serde_json::Value = serde_json::from_str(&info).expect("info is JSON");
     let gateway_key = PublicKey::from(&StaticSecret::from(GATEWAY_SECRET));
-    assert_eq!(
-        info["public_key"],
-        base64::engine::general_purpose::STANDARD.encode(gateway_key.as_bytes())
-    );
+    {
+        use base64::Engine as _;
+        assert_eq!(
+            info["public_key"],
+            base64::engine::general_purpose::STANDARD.encode(gateway_key.as_bytes())
+        );
+    }
     assert_eq!(info["framed_port"], gw.framed.port());
 
-    let body = format!(r#"{{"public_key":"{key}","name":"alice@laptop"}}"#);
+    // A registration must prove it holds the key's private half.
+    let forged = registration(&gw, secret, [8u8; 32], "mallory").await;
+    let (code, err) = control_call(&gw, "POST", "/v1/peers", &forged).await;
+    assert_eq!(code, 401, "{err}");
+    let body = registration(&gw, secret, secret, "alice@laptop").await;
     let (code, reg) = control_call(&gw, "POST", "/v1/peers", &body).await;
     assert_eq!(code, 200, "{reg}");
     let reg: serde_json::Value = serde_json::from_str(&reg).expect("registration is JSON");
@@ -1110,6 +1154,7 @@ async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
     );
     assert_eq!(reg["gateway_address"], "198.19.0.1");
     // Registering again is the heartbeat: same address.
+    let body = registration(&gw, secret, secret, "alice@laptop").await;
     let (_, again) = control_call(&gw, "POST", "/v1/peers", &body).await;
     let again: serde_json::Value = serde_json::from_str(&again).expect("JSON");
     assert_eq!(again["address"], reg["address"]);
@@ -1127,14 +1172,24 @@ async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
         .await;
     assert_eq!(laptop.tcp_round_trip(h, b"hello").await, b"hello");
 
-    // Unregistered: the gateway drops its packets; a new connection never
-    // completes.
-    let path = format!(
-        "/v1/peers/{}",
-        base64::engine::general_purpose::URL_SAFE.encode(public.as_bytes())
-    );
-    let (code, _) = control_call(&gw, "DELETE", &path, "").await;
+    // Its own API is in the tunnel, and knows it by its WireGuard peer.
+    let (code, me) = tunnel_call(&mut laptop, "GET", "/v1/peer").await;
+    assert_eq!(code, 200, "{me}");
+    let me: serde_json::Value = serde_json::from_str(&me).expect("JSON");
+    assert_eq!(me["address"], addr.to_string());
+    assert_eq!(me["name"], "alice@laptop");
+    let (code, list) = tunnel_call(&mut laptop, "GET", "/v1/reroutes").await;
+    assert_eq!((code, list.as_str()), (200, "[]"));
+    // Nothing else answers on the gateway's tunnel address.
+    let h = laptop.tcp_connect(SocketAddr::from((Ipv4Addr::new(198, 19, 0, 1), 9090)));
+    laptop.pump(Duration::from_millis(500)).await;
+    assert_ne!(laptop.tcp(h).state(), tcp::State::Established);
+
+    // Unregistered (through the tunnel): the gateway drops its packets; a
+    // new connection never completes.
+    let (code, _) = tunnel_call(&mut laptop, "DELETE", "/v1/peer").await;
     assert_eq!(code, 204);
+    laptop.pump(Duration::from_millis(500)).await;
     let h2 = laptop.tcp_connect(echo);
     laptop.pump(Duration::from_secs(2)).await;
     assert_ne!(laptop.tcp(h2).state(), tcp::State::Established);
@@ -1144,7 +1199,7 @@ async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
         &gw,
         "POST",
         "/v1/peers",
-        r#"{"public_key":"AAAA","name":"x"}"#,
+        r#"{"public_key":"AAAA","name":"x","nonce":"","proof":""}"#,
     )
     .await;
     assert_eq!(code, 400, "{err}");
@@ -1152,4 +1207,16 @@ async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
     let (code, _) = control_call(&gw, "POST", "/v1/peers", "not json").await;
     assert!((400..500).contains(&code), "{code}");
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn registration_listens_on_loopback_only() {
+    let mut listeners = Listeners::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, 0, None)
+        .await
+        .expect("bind");
+    let err = listeners
+        .bind_control(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+        .await
+        .expect_err("0.0.0.0 is refused");
+    assert!(format!("{err:#}").contains("loopback"), "{err:#}");
 }

@@ -178,6 +178,19 @@ pub fn pod_netns(cluster: &str, uid: &str) -> String {
     kubelet::pod_netns_name(cluster, uid)
 }
 
+/// The port-forward dialer: like the real kubelet, it connects to
+/// `localhost:PORT` inside the pod's own network namespace, so a pod's
+/// loopback-only listeners are reachable by port-forward and nothing else.
+fn pod_dialer(cluster: String) -> minicluster_apiserver::server::Dialer {
+    std::sync::Arc::new(move |t: minicluster_apiserver::server::PodTarget| {
+        let netns = pod_netns(&cluster, &t.uid);
+        Box::pin(async move {
+            let local = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, t.port));
+            net::dial_in(&netns, local, std::time::Duration::from_secs(5)).await
+        })
+    })
+}
+
 // ---------------------------------------------------------------- daemon
 
 /// Writes the current start-up step for `up` to show.
@@ -365,7 +378,7 @@ async fn run(
         tls_key_pem: pki.server_key_pem.clone(),
         ca_pem: pki.ca_pem.clone(),
         listeners: vec![node_listener, host_listener],
-        dialer: net::dialer(&ctx.node_netns()),
+        dialer: pod_dialer(ctx.name.clone()),
         logs: Some(kubelet::log_source(store.clone(), ctx.clone())),
     };
     tasks.spawn(async move { ("apiserver", server::serve(config).await) });

@@ -4,7 +4,7 @@
 //! channel 2i and errors on channel 2i+1; each channel first carries the
 //! port number (2 bytes, little-endian).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::error::ApiError;
-use crate::server::{Body, Dialer, empty_body};
+use crate::server::{Body, Dialer, PodTarget, empty_body};
 
 /// Subprotocols spoken, preferred first.
 const PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "channel.k8s.io"];
@@ -37,6 +37,7 @@ pub fn handle(
     req: Request<hyper::body::Incoming>,
     pod_name: &str,
     namespace: &str,
+    uid: String,
     ip: IpAddr,
     ports: Vec<u16>,
     dialer: Dialer,
@@ -70,7 +71,7 @@ pub fn handle(
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
-                forward(ws, pod, ip, ports, dialer).await;
+                forward(ws, pod, uid, ip, ports, dialer).await;
             }
             Err(e) => tracing::debug!("portforward upgrade failed: {e}"),
         }
@@ -97,6 +98,7 @@ fn frame(channel: u8, data: &[u8]) -> Message {
 async fn forward<S>(
     ws: WebSocketStream<S>,
     pod: String,
+    uid: String,
     ip: IpAddr,
     ports: Vec<u16>,
     dialer: Dialer,
@@ -127,8 +129,12 @@ async fn forward<S>(
     let mut writers: Vec<Option<tokio::net::tcp::OwnedWriteHalf>> = Vec::new();
     let mut readers = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        let addr = SocketAddr::new(ip, *port);
-        match (dialer)(addr).await {
+        let target = PodTarget {
+            uid: uid.clone(),
+            ip,
+            port: *port,
+        };
+        match (dialer)(target).await {
             Ok(conn) => {
                 let (mut r, w) = conn.into_split();
                 writers.push(Some(w));
@@ -150,7 +156,7 @@ async fn forward<S>(
             }
             Err(e) => {
                 let msg = format!(
-                    "error forwarding port {port} to pod {pod}, uid : failed to connect to {addr}: {e}"
+                    "error forwarding port {port} to pod {pod}, uid : failed to execute portforward in network namespace of the pod: failed to connect to localhost:{port} inside namespace: IPv4: dial tcp4 127.0.0.1:{port}: {e}"
                 );
                 tracing::debug!("{msg}");
                 let _ = out_tx.send(frame(2 * i as u8 + 1, msg.as_bytes())).await;

@@ -33,9 +33,20 @@ use crate::{discovery, portforward};
 /// The response body type.
 pub type Body = BoxBody<Bytes, Infallible>;
 
-/// How the server reaches pod IPs (they live in another network namespace).
+/// A pod port to connect to for `pods/portforward`.
+#[derive(Debug, Clone)]
+pub struct PodTarget {
+    pub uid: String,
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+}
+
+/// How the server reaches a pod's port for `pods/portforward`. The real
+/// kubelet (its container runtime) connects to `localhost:PORT` inside the
+/// pod's network namespace, so only a pod's loopback listeners are what a
+/// port-forward must reach; a dialer given the pod's uid can do the same.
 pub type Dialer = Arc<
-    dyn Fn(SocketAddr) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> + Send + Sync,
+    dyn Fn(PodTarget) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> + Send + Sync,
 >;
 
 /// What [`serve`] needs.
@@ -54,9 +65,14 @@ pub struct ServerConfig {
     pub logs: Option<LogSource>,
 }
 
-/// A dialer that connects from the current network namespace.
+/// A dialer that connects to the pod IP from the current network
+/// namespace (for servers whose "pods" listen on this machine).
 pub fn direct_dialer() -> Dialer {
-    Arc::new(|addr| Box::pin(tokio::net::TcpStream::connect(addr)))
+    Arc::new(|t: PodTarget| {
+        Box::pin(tokio::net::TcpStream::connect(SocketAddr::new(
+            t.ip, t.port,
+        )))
+    })
 }
 
 struct State {
@@ -698,6 +714,10 @@ async fn resource_request(
                 ));
             }
             let pod = store.get(rt, ns, name)?;
+            let uid = pod["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let ip: IpAddr = pod["status"]["podIP"]
                 .as_str()
                 .and_then(|s| s.parse().ok())
@@ -721,7 +741,7 @@ async fn resource_request(
                     "query parameter \"port\" is required",
                 ));
             }
-            portforward::handle(req, name, ns, ip, ports, state.dialer.clone())
+            portforward::handle(req, name, ns, uid, ip, ports, state.dialer.clone())
         }
         "create" => {
             if !collection || sub.is_some() {

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::{Cluster, ClusterOptions};
 
+pub mod laptops;
+#[allow(unused_imports)]
+pub use laptops::{Setup, pod_field, pods_in};
+
 /// Whether end-to-end tests must run (CI sets BURROW_E2E=1).
 pub fn e2e_required() -> bool {
     std::env::var("BURROW_E2E").is_ok_and(|v| v == "1")

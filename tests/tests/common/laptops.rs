@@ -1,0 +1,207 @@
+//! Laptops in a miniature cluster for the end-to-end tests: `burrow` run in
+//! a laptop namespace with its own run dir, servers started there, the
+//! Services and pods as kubectl sees them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use burrow_tests::cluster::Cluster;
+use serde_json::Value;
+
+use super::*;
+
+pub struct Setup<'a> {
+    pub c: &'a Cluster,
+    pub bin: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup<'_> {
+    pub fn laptop(&self, n: usize) -> String {
+        if n == 1 {
+            "laptop".into()
+        } else {
+            format!("laptop{n}")
+        }
+    }
+
+    pub fn run_dir(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("run{n}"))
+    }
+
+    pub fn on(&self, n: usize, args: &[&str]) -> Command {
+        self.c.exec(&self.laptop(n), args)
+    }
+
+    /// `burrow --run-dir <laptop's> ARGS --kubeconfig K` in laptop `n`.
+    pub fn burrow_with(&self, n: usize, kubeconfig: Option<&Path>, args: &[&str]) -> Command {
+        let run_dir = self.run_dir(n);
+        let burrow = self.bin.join("burrow");
+        let mut all = vec![
+            burrow.to_str().expect("utf-8 path").to_string(),
+            "--run-dir".into(),
+            run_dir.to_str().expect("utf-8 path").to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        if let Some(k) = kubeconfig {
+            all.push("--kubeconfig".into());
+            all.push(k.display().to_string());
+        }
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.on(n, &refs)
+    }
+
+    pub fn burrow(&self, n: usize, args: &[&str]) -> Command {
+        self.burrow_with(n, None, args)
+    }
+
+    pub fn daemon_log(&self, n: usize) -> String {
+        burrow_tests::cluster::tail(&self.run_dir(n).join("daemon.log"), 40)
+    }
+
+    /// `burrow reroute ARGS` with the admin kubeconfig; asserts success.
+    pub fn reroute(&self, n: usize, args: &[&str]) -> String {
+        let mut all = vec!["reroute"];
+        all.extend_from_slice(args);
+        let kc = self.c.kubeconfig();
+        let o = run(self.burrow_with(n, Some(&kc), &all));
+        assert!(
+            o.status.success(),
+            "burrow {all:?} in laptop {n} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            o.status,
+            stdout(&o),
+            stderr(&o),
+            self.daemon_log(n)
+        );
+        stdout(&o)
+    }
+
+    pub fn stop(&self, n: usize, service: &str, ns: &str) -> String {
+        let o = run(self.burrow(n, &["reroute", "--stop", service, "-n", ns]));
+        assert!(
+            o.status.success(),
+            "reroute --stop {service} in laptop {n}: {}\n{}\ndaemon log:\n{}",
+            stdout(&o),
+            stderr(&o),
+            self.daemon_log(n)
+        );
+        stdout(&o)
+    }
+
+    /// The body `curl ARGS` from the caller pod prints (success checked).
+    pub fn curl_in_caller(&self, args: &[&str]) -> String {
+        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        all.extend_from_slice(args);
+        ok(in_caller(self.c, &all))
+    }
+
+    /// Which "pod" answered `http://echo.default:8080/`.
+    pub fn echo_pod(&self, extra: &[&str]) -> String {
+        let mut args = vec!["http://echo.default:8080/"];
+        args.extend_from_slice(extra);
+        pod_field(&self.curl_in_caller(&args))
+    }
+
+    pub fn svc(&self, ns: &str, name: &str) -> Value {
+        let out = ok(kubectl(
+            self.c,
+            &["get", "svc", name, "-n", ns, "-o", "json"],
+        ));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("svc json: {e}: {out}"))
+    }
+
+    /// Pods of every namespace: name → start time (a restarted or
+    /// replaced pod changes either).
+    pub fn pods(&self) -> Vec<(String, String)> {
+        let out = ok(kubectl(
+            self.c,
+            &[
+                "get",
+                "pods",
+                "-A",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {.status.startTime} {.status.containerStatuses[*].restartCount}{\"\\n\"}{end}",
+            ],
+        ));
+        let mut v: Vec<(String, String)> = out
+            .lines()
+            .filter(|l| !l.starts_with("burrow-system/"))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The Service's spec and annotations equal `before`'s, and burrow left
+    /// nothing beside it.
+    pub fn assert_restored(&self, ns: &str, name: &str, before: &Value) {
+        let now = self.svc(ns, name);
+        assert_eq!(
+            now["spec"], before["spec"],
+            "spec of {ns}/{name} not restored"
+        );
+        assert_eq!(
+            now["metadata"]["annotations"], before["metadata"]["annotations"],
+            "annotations of {ns}/{name} not restored"
+        );
+        assert_eq!(now["metadata"]["labels"], before["metadata"]["labels"]);
+        let left = ok(kubectl(
+            self.c,
+            &[
+                "get",
+                "svc,endpointslices",
+                "-n",
+                ns,
+                "-l",
+                &format!("burrow.dev/reroute-of={name}"),
+                "-o",
+                "name",
+            ],
+        ));
+        assert!(left.trim().is_empty(), "burrow objects left: {left}");
+    }
+
+    pub fn selector(&self, ns: &str, name: &str) -> Value {
+        self.svc(ns, name)["spec"]["selector"].clone()
+    }
+
+    /// Starts `args` in laptop `n` in the background.
+    pub fn spawn(&self, n: usize, env: &[(&str, &str)], args: &[&str]) -> Child {
+        let mut all = vec!["env".to_string()];
+        all.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.on(n, &refs)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn in laptop")
+    }
+
+    pub fn daemon_pid(&self, n: usize) -> i32 {
+        let text = std::fs::read_to_string(self.run_dir(n).join("up-burrow0.json"))
+            .expect("daemon state file");
+        let v: Value = serde_json::from_str(&text).expect("state json");
+        v["pid"].as_i64().expect("pid") as i32
+    }
+}
+
+pub fn pod_field(body: &str) -> String {
+    let v: Value = serde_json::from_str(body.trim())
+        .unwrap_or_else(|e| panic!("echo answer is not JSON ({e}): {body}"));
+    v["pod"].as_str().unwrap_or_default().to_string()
+}
+
+/// The "pod" fields of several JSON answers printed back to back.
+pub fn pods_in(out: &str) -> Vec<String> {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<Value>()
+        .map(|v| {
+            v.unwrap_or_else(|e| panic!("{e}: {out}"))["pod"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}

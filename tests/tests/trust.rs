@@ -1,0 +1,392 @@
+//! Acceptance of issue 13 (trust), points 1–3, in one miniature cluster
+//! with two laptops and the real binaries: laptop 1 reroutes `echo` to its
+//! own server and also runs a server on 0.0.0.0:7200 it never reroutes;
+//! the attackers are the `caller` pod and laptop 2 (through its own
+//! tunnel), trying every TCP port of the gateway pod and laptop 2's own API.
+//!
+//! Every point runs even when an earlier one failed; the failures are
+//! listed at the end.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::Value;
+
+/// What laptop 1's secret server answers with.
+const SECRET: &str = "secret-7200";
+/// The gateway's tunnel address (first host of the default tunnel network).
+const GATEWAY_TUNNEL: &str = "198.19.0.1";
+
+/// Requests an attacker sends to each port: (method, path, body).
+fn attacks(victim_key: &str, victim_key_url: &str) -> Vec<(&'static str, String, String)> {
+    let plant = serde_json::json!({
+        "public_key": victim_key,
+        "namespace": "default", "service": "echo",
+        "ports": [{"name": "http", "port": 8080}], "port": 8080,
+        "laptop_port": 7200, "protocol": "tcp", "force": true,
+        "shadow_ip": "10.244.0.1",
+    })
+    .to_string();
+    let hostile = serde_json::json!({
+        "public_key": victim_key,
+        "namespace": "kube-system", "service": "kube-dns#",
+        "ports": [{"name": "dns", "port": 53}], "port": 53, "laptop_port": 7200,
+    })
+    .to_string();
+    vec![
+        ("GET", "/v1/info".into(), String::new()),
+        ("GET", "/v1/reroutes".into(), String::new()),
+        ("GET", format!("/v1/peers/{victim_key_url}"), String::new()),
+        ("GET", "/metrics".into(), String::new()),
+        (
+            "POST",
+            "/v1/peers".into(),
+            format!(r#"{{"public_key":"{victim_key}","name":"mallory","nonce":"","proof":""}}"#),
+        ),
+        ("POST", "/v1/reroutes".into(), plant),
+        ("POST", "/v1/reroutes".into(), hostile),
+        (
+            "POST",
+            "/v1/reroutes/stop".into(),
+            format!(r#"{{"public_key":"{victim_key}"}}"#),
+        ),
+        (
+            "POST",
+            "/v1/reroutes/stop".into(),
+            r#"{"namespace":"kube-system","service":"kube-dns#"}"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/leases".into(),
+            format!(r#"{{"public_key":"{victim_key}"}}"#),
+        ),
+        (
+            "DELETE",
+            format!("/v1/peers/{victim_key_url}"),
+            String::new(),
+        ),
+    ]
+}
+
+/// `curl` of one attack request; its output (status line, headers, body)
+/// whatever happened.
+fn curl_args(url: &str, method: &str, body: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "curl",
+        "-sS",
+        "-i",
+        "--max-time",
+        "3",
+        "-X",
+        method,
+        "-H",
+        "content-type: application/json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !body.is_empty() {
+        v.push("--data".into());
+        v.push(body.to_string());
+    }
+    v.push(url.to_string());
+    v
+}
+
+#[test]
+fn trust_acceptance() {
+    let Some(c) = cluster("tr", 2) else { return };
+    let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let s = Setup {
+        c: &c,
+        bin: bin.clone(),
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let echo = bin.join("mc-echo").display().to_string();
+    let mut servers = vec![
+        s.spawn(
+            1,
+            &[("POD_NAME", "laptop-alice"), ("PORT", "3000")],
+            &[&echo],
+        ),
+        // Listens on 0.0.0.0:7200 and is never rerouted.
+        s.spawn(1, &[("POD_NAME", SECRET), ("PORT", "7200")], &[&echo]),
+    ];
+    for port in [3000, 7200] {
+        eventually(Duration::from_secs(10), "laptop 1's servers up", || {
+            run(s.on(
+                1,
+                &["curl", "-sf", &format!("http://127.0.0.1:{port}/healthz")],
+            ))
+            .status
+            .success()
+            .then_some(())
+        });
+    }
+    let kc = c.kubeconfig().display().to_string();
+    for n in [1, 2] {
+        let o = run(s.burrow(n, &["connect", "--kubeconfig", &kc]));
+        assert!(
+            o.status.success(),
+            "connect laptop {n}: {}\n{}\n{}",
+            stdout(&o),
+            stderr(&o),
+            s.daemon_log(n)
+        );
+    }
+    s.reroute(1, &["echo", "--port", "8080:3000"]);
+    eventually(
+        Duration::from_secs(15),
+        "the caller reaches laptop 1",
+        || (s.echo_pod(&[]) == "laptop-alice").then_some(()),
+    );
+
+    // Laptop 1 as the gateway could know it: key, name, tunnel address.
+    let private = std::fs::read_to_string(s.run_dir(1).join("key")).expect("laptop 1's key");
+    let private: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(private.trim())
+        .expect("base64")
+        .try_into()
+        .expect("32 bytes");
+    let public =
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(private));
+    let key = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
+    let key_url = base64::engine::general_purpose::URL_SAFE.encode(public.as_bytes());
+    let status: Value =
+        serde_json::from_str(&ok(s.burrow(1, &["status", "-o", "json"]))).expect("status json");
+    let laptop1_addr = status["tunnel_address"]
+        .as_str()
+        .expect("tunnel address")
+        .to_string();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let name = format!("@{hostname}");
+
+    let gw_pod: Value = serde_json::from_str(&ok(kubectl(
+        &c,
+        &["get", "pods", "-n", "burrow-system", "-o", "json"],
+    )))
+    .expect("pods json");
+    let gw_ip = gw_pod["items"][0]["status"]["podIP"]
+        .as_str()
+        .expect("gateway pod IP")
+        .to_string();
+    // Every TCP port of the gateway pod: its declared ones, the control
+    // port, and the reroute listeners burrow's EndpointSlice names.
+    let slice: Value = serde_json::from_str(&ok(kubectl(
+        &c,
+        &["get", "endpointslice", "echo-burrow", "-o", "json"],
+    )))
+    .expect("slice json");
+    let mut ports: Vec<u64> = vec![51821, 51822, 9090];
+    ports.extend(
+        slice["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["port"].as_u64()),
+    );
+    let listeners: Vec<u64> = ports[3..].to_vec();
+    assert!(!listeners.is_empty(), "no reroute listener in {slice}");
+
+    let echo_before = s.svc("default", "echo");
+    let dns_before = s.svc("kube-system", "kube-dns");
+    let redis_before = s.svc("data", "redis");
+
+    let mut points = Points::new("trust");
+    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
+
+    let leaks = |who: &str, url: &str, out: &str| {
+        assert!(
+            !out.contains(&key),
+            "{who}: {url} named laptop 1's key:\n{out}"
+        );
+        assert!(
+            !out.contains(&key_url),
+            "{who}: {url} named laptop 1's key:\n{out}"
+        );
+        assert!(
+            hostname.is_empty() || !out.contains(&name),
+            "{who}: {url} named a laptop ({name}):\n{out}"
+        );
+        assert!(
+            !out.contains(SECRET),
+            "{who}: {url} reached laptop 1's 7200:\n{out}"
+        );
+    };
+
+    point(
+        "1 nothing on the gateway pod or in laptop 2's tunnel abuses laptop 1",
+        &|| {
+            for (method, path, body) in attacks(&key, &key_url) {
+                for port in &ports {
+                    let url = format!("http://{gw_ip}:{port}{path}");
+                    let args = curl_args(&url, method, &body);
+                    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let from_pod = run(in_caller(&c, &refs));
+                    let from_laptop2 = run(s.on(2, &refs));
+                    if listeners.contains(port) {
+                        // The rerouted Service answers (laptop 1's echo
+                        // server, which shows the path asked): it must be
+                        // that server, never another port of laptop 1.
+                        for o in [&from_pod, &from_laptop2] {
+                            assert!(!stdout(o).contains(SECRET), "{url}: {}", stdout(o));
+                        }
+                        continue;
+                    }
+                    leaks("caller pod", &url, &stdout(&from_pod));
+                    leaks("laptop 2", &url, &stdout(&from_laptop2));
+                    if *port == 51822 {
+                        assert!(
+                            !from_pod.status.success() && !from_laptop2.status.success(),
+                            "the registration port answered on the pod IP: {}{}",
+                            stdout(&from_pod),
+                            stdout(&from_laptop2)
+                        );
+                    }
+                }
+                // Laptop 2's own API in the tunnel acts on laptop 2 only.
+                if method == "DELETE" {
+                    continue;
+                }
+                let url = format!("http://{GATEWAY_TUNNEL}:51822{path}");
+                let args = curl_args(&url, method, &body);
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = stdout(&run(s.on(2, &refs)));
+                leaks("laptop 2's API", &url, &out);
+                if method == "POST" && path == "/v1/reroutes" {
+                    assert!(
+                        out.starts_with("HTTP/1.1 4"),
+                        "laptop 2 planted a reroute: {out}"
+                    );
+                }
+                // The caller pod cannot reach the tunnel address at all.
+                let out = run(in_caller(&c, &refs));
+                assert!(!out.status.success(), "the caller reached {url}");
+            }
+            // 15 s later, laptop 1's reroute still holds: its lease was
+            // neither stopped nor taken.
+            std::thread::sleep(Duration::from_secs(15));
+            assert_eq!(s.echo_pod(&[]), "laptop-alice");
+            for (ns, name, before) in [
+                ("default", "echo", &echo_before),
+                ("kube-system", "kube-dns", &dns_before),
+            ] {
+                let now = s.svc(ns, name);
+                assert_eq!(
+                    now["metadata"]["uid"], before["metadata"]["uid"],
+                    "{ns}/{name} replaced"
+                );
+                assert_eq!(now["spec"], before["spec"], "{ns}/{name} changed");
+            }
+            let list = ok(s.burrow(1, &["reroute", "--list", "-o", "json"]));
+            assert!(list.contains("\"echo\""), "{list}");
+        },
+    );
+
+    point(
+        "2 laptop 2 cannot act on laptop 1's reroute or on a Service not rerouted to it",
+        &|| {
+            // Its user may patch Services, but the gateway only acts on
+            // what carries laptop 2's record: stopping echo stops nothing.
+            let stop = curl_args(
+                &format!("http://{GATEWAY_TUNNEL}:51822/v1/reroutes/stop"),
+                "POST",
+                r#"{"namespace":"default","service":"echo"}"#,
+            );
+            let refs: Vec<&str> = stop.iter().map(String::as_str).collect();
+            let out = ok(s.on(2, &refs));
+            assert!(out.contains(r#""stopped":[]"#), "{out}");
+            assert_eq!(s.echo_pod(&[]), "laptop-alice");
+            // A Service without laptop 2's record: refused, unchanged.
+            let plant = curl_args(
+                &format!("http://{GATEWAY_TUNNEL}:51822/v1/reroutes"),
+                "POST",
+                r#"{"namespace":"data","service":"redis","ports":[{"name":"redis","port":6379}],"port":6379,"laptop_port":7200}"#,
+            );
+            let refs: Vec<&str> = plant.iter().map(String::as_str).collect();
+            let out = ok(s.on(2, &refs));
+            assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+            assert!(out.contains("reroute record"), "{out}");
+            assert_eq!(
+                s.svc("data", "redis")["metadata"]["resourceVersion"],
+                redis_before["metadata"]["resourceVersion"]
+            );
+            // Names that are not Kubernetes names: a clear error, nothing
+            // changed, from the CLI and from the API alike.
+            let long = "a".repeat(64);
+            for bad in ["echo#", "a/b", "x?y", long.as_str()] {
+                let o = run(s.burrow_with(
+                    2,
+                    Some(&c.kubeconfig()),
+                    &["reroute", bad, "--port", "8080:3000"],
+                ));
+                let err = stderr(&o);
+                assert!(!o.status.success(), "reroute {bad} succeeded");
+                assert!(
+                    err.contains("not a valid Service name") && err.contains("nothing was changed"),
+                    "{bad}: {err}"
+                );
+                let body = serde_json::json!({
+                    "namespace": "default", "service": bad,
+                    "ports": [{"name": "http", "port": 8080}], "port": 8080, "laptop_port": 7200,
+                })
+                .to_string();
+                let args = curl_args(
+                    &format!("http://{GATEWAY_TUNNEL}:51822/v1/reroutes"),
+                    "POST",
+                    &body,
+                );
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = ok(s.on(2, &refs));
+                assert!(out.starts_with("HTTP/1.1 400"), "{bad}: {out}");
+            }
+            let now = s.svc("default", "echo");
+            assert_eq!(now["metadata"]["uid"], echo_before["metadata"]["uid"]);
+            assert_eq!(s.echo_pod(&[]), "laptop-alice");
+        },
+    );
+
+    point(
+        "3 laptop 1's server on 0.0.0.0:7200 is unreachable from the cluster",
+        &|| {
+            let url = format!("http://{laptop1_addr}:7200/");
+            let args = curl_args(&url, "GET", "");
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            for (who, o) in [
+                ("caller pod", run(in_caller(&c, &refs))),
+                ("laptop 2", run(s.on(2, &refs))),
+            ] {
+                assert!(!o.status.success(), "{who} reached {url}: {}", stdout(&o));
+                leaks(who, &url, &stdout(&o));
+            }
+            // Every reroute listener answers with laptop 1's rerouted
+            // server, never the other one.
+            for port in &listeners {
+                for _ in 0..5 {
+                    let url = format!("http://{gw_ip}:{port}/");
+                    let out = ok(in_caller(&c, &["curl", "-sS", "--max-time", "5", &url]));
+                    leaks("caller pod", &url, &out);
+                    assert_eq!(pod_field(&out), "laptop-alice");
+                }
+            }
+        },
+    );
+
+    points.finish();
+    for mut child in servers.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for n in [1, 2] {
+        let _ = run(s.burrow(n, &["disconnect"]));
+    }
+}
