@@ -216,19 +216,25 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 
 def api_seeds():
     t = "control_api"
-    write(t, "register", '{"public_key":"%s","name":"alice@laptop","previous_address":"198.19.0.7"}' % KEY)
-    write(t, "register-min", '{"public_key":"%s","name":"bob"}' % KEY)
-    write(t, "reroute", '{"public_key":"%s","namespace":"default","service":"web","ports":[{"name":"http","port":80},'
+    nonce = base64.b64encode(struct.pack("!Q", 1800000000) + bytes(16)).decode()
+    write(t, "register", '{"public_key":"%s","name":"alice@laptop","previous_address":"198.19.0.7",'
+          '"nonce":"%s","proof":"%s"}' % (KEY, nonce, KEY))
+    write(t, "register-min", '{"public_key":"%s","name":"bob","nonce":"","proof":""}' % KEY.replace("+", "-"))
+    write(t, "reroute", '{"namespace":"default","service":"web","ports":[{"name":"http","port":80},'
           '{"name":"","port":8443}],"port":80,"laptop_port":8080,"protocol":"http",'
-          '"header":["x-user","alice"],"force":true,"shadow_ip":"10.96.0.44"}' % KEY)
-    write(t, "reroute-tcp", '{"public_key":"%s","namespace":"data","service":"redis","ports":[{"name":"","port":6379}],'
-          '"port":6379,"laptop_port":6379,"shadow_ip":"fd00::1"}' % KEY)
-    write(t, "stop", '{"public_key":"%s","namespace":"default","service":"web","port":80}' % KEY)
-    write(t, "stop-all", '{"public_key":"%s"}' % KEY)
-    write(t, "lease", '{"public_key":"%s"}' % KEY)
-    write(t, "bad-names", '{"public_key":"%s","namespace":"Default_NS","service":"-web.","ports":[],"port":0,'
-          '"laptop_port":0,"shadow_ip":"10.0.0.1","header":["",""]}' % KEY)
+          '"header":["x-user","alice"],"force":true}')
+    write(t, "reroute-tcp", '{"namespace":"data","service":"redis","ports":[{"name":"","port":6379}],'
+          '"port":6379,"laptop_port":6379}')
+    write(t, "stop", '{"namespace":"default","service":"web","port":80}')
+    write(t, "stop-all", '{}')
+    write(t, "bad-names", '{"namespace":"Default_NS","service":"-web.","ports":[{"name":"a--b","port":0}],'
+          '"port":0,"laptop_port":0,"header":["",""]}')
     write(t, "escapes", '{"public_key":"\\u0000\\ud83d\\ude00","name":"\\"\\\\","namespace":null}')
+    write(t, "record", '{"key":"%s","laptop":"alice@laptop"}' % KEY)
+    write(t, "saved", '{"originalSelector":{"app":"web"},"by":"alice"}')
+    write(t, "grant", '{"listeners":[[{"name":"http","port":80},40123]],"lease_secs":12,"took_over_from":"bob"}')
+    write(t, "name", "echo-service-with-a-rather-long-name-for-shadow")
+    write(t, "header", "x-burrow-user:alice smith")
 
 
 # ---- wgconf ----------------------------------------------------------------
