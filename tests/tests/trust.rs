@@ -226,8 +226,14 @@ fn trust_acceptance() {
     point(
         "1 nothing on the gateway pod or in laptop 2's tunnel abuses laptop 1",
         &|| {
-            for (method, path, body) in attacks(&key, &key_url) {
+            for (i, (method, path, body)) in attacks(&key, &key_url).into_iter().enumerate() {
                 for port in &ports {
+                    // The framed port speaks length-framed WireGuard, not
+                    // HTTP: one try is enough (each waits for curl's
+                    // timeout).
+                    if *port == 51821 && i > 0 {
+                        continue;
+                    }
                     let url = format!("http://{gw_ip}:{port}{path}");
                     let args = curl_args(&url, method, &body);
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
