@@ -423,7 +423,9 @@ fn shipped_roles_acceptance() {
                 err.contains("403")
                     && err.contains(r#"resource "services""#)
                     && err.contains(r#"namespace "default""#)
-                    && (err.contains("cannot get") || err.contains("cannot patch")),
+                    && (err.contains("cannot get") || err.contains("cannot patch"))
+                    && err.contains("burrow-reroute")
+                    && err.contains("nothing was changed"),
                 "{err}"
             );
             let now = s.svc("default", "echo");
