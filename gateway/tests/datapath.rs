@@ -1065,6 +1065,11 @@ async fn control_call(gw: &Gateway, method: &str, path: &str, body: &str) -> (u1
     s.write_all(req.as_bytes()).await.expect("request");
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("response");
+    status_and_body(&text)
+}
+
+/// An HTTP/1.1 response's (status, body).
+fn status_and_body(text: &str) -> (u16, String) {
     let status = text
         .split_whitespace()
         .nth(1)
@@ -1103,16 +1108,7 @@ async fn tunnel_call(laptop: &mut Laptop, method: &str, path: &str) -> (u16, Str
     )));
     let req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
     let text = String::from_utf8(laptop.tcp_round_trip(h, req.as_bytes()).await).expect("utf-8");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
