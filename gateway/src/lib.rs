@@ -197,6 +197,7 @@ pub async fn serve(
             control::Allocator::new(config.control.tunnel_network).gateway_address(),
         ));
     }
+    let framed_limits = datapath_config.framed;
     let datapath = datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
         .context("invalid peer list")?;
     tracing::info!(
@@ -209,7 +210,12 @@ pub async fn serve(
     );
     let (framed_tx, framed_rx) = mpsc::channel(1024);
     let (control_tx, control_rx) = mpsc::channel(16);
-    let acceptor = tokio::spawn(framed::accept_loop(listeners.framed, framed_tx));
+    let acceptor = tokio::spawn(framed::accept_loop(
+        listeners.framed,
+        framed_tx,
+        framed_limits,
+        datapath.framed_counters(),
+    ));
     let metrics = listeners
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
