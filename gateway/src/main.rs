@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, config};
+use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, config, framed};
+use burrow_netstack::flow::LaptopLimits;
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,24 +78,29 @@ struct Cli {
     worker_threads: usize,
     /// Most TCP flows one laptop may hold (pending or open); a connection
     /// beyond it is refused (RST). Each holds a socket into the cluster.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = at_least_one)]
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().tcp_flows,
+          value_parser = at_least_one)]
     max_tcp_flows_per_laptop: usize,
     /// Most TCP dials one laptop may have in progress; a SYN beyond it is
     /// dropped and retransmitted by the laptop.
-    #[arg(long, value_name = "N", default_value_t = 256, value_parser = at_least_one)]
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().pending_dials,
+          value_parser = at_least_one)]
     max_pending_dials_per_laptop: usize,
     /// Most UDP flows (5-tuples, each a socket until idle for 60 s) one
     /// laptop may hold; datagrams of a flow beyond it are dropped.
-    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = at_least_one)]
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().udp_flows,
+          value_parser = at_least_one)]
     max_udp_flows_per_laptop: usize,
     /// Most framed-TCP connections open at once from loopback (where
     /// port-forwards arrive), and again from everywhere else (the
     /// NodePort); more are reset at once.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = at_least_one)]
+    #[arg(long, value_name = "N", default_value_t = framed::Limits::default().max_connections,
+          value_parser = at_least_one)]
     framed_max_connections: usize,
     /// Most framed-TCP connections open at once from one source address
     /// (loopback, where port-forwards come from, excepted).
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = at_least_one)]
+    #[arg(long, value_name = "N", default_value_t = framed::Limits::default().max_per_source,
+          value_parser = at_least_one)]
     framed_max_connections_per_source: usize,
     /// A framed-TCP connection that has not delivered a valid WireGuard
     /// message within this long is closed.
@@ -216,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let open_files = raise_open_files_limit();
-    let per_laptop = burrow_netstack::flow::LaptopLimits {
+    let per_laptop = LaptopLimits {
         tcp_flows: cli.max_tcp_flows_per_laptop,
         pending_dials: cli.max_pending_dials_per_laptop,
         udp_flows: cli.max_udp_flows_per_laptop,
@@ -280,7 +286,7 @@ fn main() -> anyhow::Result<()> {
                 dial_timeout: cli.dial_timeout,
                 tcp_buffer: cli.tcp_buffer as usize,
                 per_laptop,
-                framed: burrow_gateway::framed::Limits {
+                framed: framed::Limits {
                     max_connections: cli.framed_max_connections,
                     max_per_source: cli.framed_max_connections_per_source,
                     handshake_timeout: cli.framed_handshake_timeout,

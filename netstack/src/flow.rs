@@ -123,10 +123,12 @@ pub struct LaptopLimits {
     /// TCP flows the laptop opened, pending or accepted, until released.
     /// Each holds a socket into the cluster and up to two socket buffers.
     pub tcp_flows: usize,
-    /// TCP flows still waiting for their dial (a first SYN kept). Dials
-    /// within a cluster settle in about a millisecond; many pending means
-    /// unreachable destinations (each held for the dial timeout) or a
-    /// burst, and a SYN dropped here is retransmitted by the laptop.
+    /// TCP flows still waiting for their dial (a first SYN kept, a socket
+    /// connecting). Dials within a cluster settle in about a millisecond;
+    /// many pending means unreachable destinations (each held for the dial
+    /// timeout) or a burst, such as a load tool opening 1,000 connections
+    /// at once, which should pass. A SYN dropped here is retransmitted by
+    /// the laptop a second later.
     pub pending_dials: usize,
     /// UDP flows (5-tuples). Each holds a socket until idle for the UDP
     /// timeout; a laptop's DNS stub opens one per cluster query.
@@ -137,7 +139,7 @@ impl Default for LaptopLimits {
     fn default() -> Self {
         Self {
             tcp_flows: 4096,
-            pending_dials: 256,
+            pending_dials: 1024,
             udp_flows: 2048,
         }
     }
