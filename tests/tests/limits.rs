@@ -244,6 +244,14 @@ impl Setup<'_> {
         );
     }
 
+    fn gateway_pod(&self) -> String {
+        jsonpath(
+            self.c,
+            &["get", "pods", "-n", gateway::NAMESPACE],
+            "{.items[0].metadata.name}",
+        )
+    }
+
     /// The gateway's metrics, scraped from the caller pod.
     fn metrics(&self) -> String {
         let pod_ip = jsonpath(
@@ -372,7 +380,15 @@ fn limits_acceptance() {
             // same cap for 60 s, hence the slack).
             let out = ok(s.mc_flows(
                 1,
-                &["udp-flows", "--to", &to, "--flows", &UDP_FLOWS.to_string()],
+                &[
+                    "udp-flows",
+                    "--to",
+                    &to,
+                    "--flows",
+                    &UDP_FLOWS.to_string(),
+                    "--rounds",
+                    "5",
+                ],
             ));
             eprintln!("limits: laptop 1, {UDP_FLOWS} UDP flows: {}", out.trim());
             let answered = numbers(&out, &["answered"])[0];
@@ -410,6 +426,18 @@ fn limits_acceptance() {
                     !line.contains("198.19.") && !line.contains("peer="),
                     "a refusal metric names a laptop: {line}"
                 );
+            }
+            // Logged once per laptop and cap, not per refusal.
+            let log = ok(kubectl(
+                s.c,
+                &["logs", "-n", gateway::NAMESPACE, &s.gateway_pod()],
+            ));
+            for what in ["TCP flows", "UDP flows"] {
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("laptop at its cap") && l.contains(what))
+                    .collect();
+                assert_eq!(lines.len(), 1, "log lines for the {what} cap: {lines:#?}");
             }
 
             let (rest, exited) = hold.finish(Duration::from_secs(60));
