@@ -1233,7 +1233,9 @@ async fn framed_connections_without_a_handshake_are_closed_and_capped() {
         framed: framed::Limits {
             max_connections: 3,
             handshake_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3),
+            // Long enough for the steps before the round trip below on a
+            // loaded machine.
+            idle_timeout: Duration::from_secs(6),
             ..framed::Limits::default()
         },
         ..DatapathConfig::default()
@@ -1255,12 +1257,14 @@ async fn framed_connections_without_a_handshake_are_closed_and_capped() {
     let mut frame = vec![0u8, 148, 1];
     frame.resize(150, 0x42);
     junk.write_all(&frame).await.expect("write");
-    // The cap of 3 is reached: the next is reset at once.
-    let mut over = TcpStream::connect(gw.framed).await.expect("connect");
-    assert!(
-        closed_within(&mut over, Duration::from_secs(5)).await,
-        "a connection beyond the cap is closed at once"
-    );
+    // The cap of 3 is reached: the next is reset at once (maybe before
+    // the connect returns).
+    if let Ok(mut over) = TcpStream::connect(gw.framed).await {
+        assert!(
+            closed_within(&mut over, Duration::from_secs(5)).await,
+            "a connection beyond the cap is closed at once"
+        );
+    }
     // The deadline closes the two; the laptop's connection outlives it.
     assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
     assert!(closed_within(&mut junk, Duration::from_secs(5)).await);
@@ -1284,7 +1288,7 @@ async fn framed_connections_without_a_handshake_are_closed_and_capped() {
     let Transport::Framed { stream, .. } = &mut laptop.transport else {
         unreachable!("a framed laptop")
     };
-    assert!(closed_within(stream, Duration::from_secs(10)).await);
+    assert!(closed_within(stream, Duration::from_secs(20)).await);
     let m = gw.metrics().await;
     assert_eq!(
         Gateway::metric(
