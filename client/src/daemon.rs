@@ -873,6 +873,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
             cluster.clone(),
             pod.clone(),
             status.clone(),
+            reset.clone(),
             relay_stop,
         )
     });
@@ -1207,10 +1208,18 @@ impl Relay {
         cluster: Cluster,
         pod: GatewayPod,
         status: Arc<std::sync::Mutex<Status>>,
+        reset: Arc<std::sync::atomic::AtomicBool>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
-        tokio::spawn(relay_loop(Arc::new(sock), cluster, pod_rx, status, stop));
+        tokio::spawn(relay_loop(
+            Arc::new(sock),
+            cluster,
+            pod_rx,
+            status,
+            reset,
+            stop,
+        ));
         Self { pod: pod_tx }
     }
 }
@@ -1220,6 +1229,7 @@ async fn relay_loop(
     cluster: Cluster,
     mut pod: tokio::sync::watch::Receiver<GatewayPod>,
     status: Arc<std::sync::Mutex<Status>>,
+    reset: Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
@@ -1243,11 +1253,16 @@ async fn relay_loop(
             }
         };
         tracing::info!(pod = %current.name, "port-forward transport open");
-        if let Some(reason) = broken.take()
-            && let Ok(mut st) = status.lock()
-        {
-            st.reconnects += 1;
-            st.last_reconnect_error = Some(format!("port-forward stream reopened after: {reason}"));
+        if let Some(reason) = broken.take() {
+            // A handshake right away on the new stream: an idle laptop
+            // would otherwise send nothing until its next keepalive, and
+            // the gateway closes a stream that carries no handshake soon.
+            reset.store(true, std::sync::atomic::Ordering::Release);
+            if let Ok(mut st) = status.lock() {
+                st.reconnects += 1;
+                st.last_reconnect_error =
+                    Some(format!("port-forward stream reopened after: {reason}"));
+            }
         }
         let (mut rd, mut wr) = tokio::io::split(fwd.stream);
         let up = {

@@ -366,15 +366,6 @@ pub async fn accept_loop(
         let reader_counters = counters.clone();
         tokio::spawn(async move {
             let _slot = reader_slot;
-            // A port-forward (from loopback) was authorised by the API
-            // server, and a stream the relay reopens while the laptop is
-            // idle carries nothing until the next keepalive (25 s): only
-            // the idle timeout applies to it, or it would be reset and
-            // reopened every handshake timeout.
-            let mut limits = limits;
-            if remote.ip().to_canonical().is_loopback() {
-                limits.handshake_timeout = limits.idle_timeout;
-            }
             let end = read_chunks(&rd, id, &reader_events, &reader_out, limits).await;
             match end {
                 ReadEnd::HandshakeTimeout => {
