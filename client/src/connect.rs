@@ -459,7 +459,11 @@ pub(crate) async fn exchange_message(
 }
 
 /// Send one request; print progress (when `show`) until done.
-async fn exchange(conn: UnixStream, req: &Request, show: bool) -> anyhow::Result<Status> {
+pub(crate) async fn exchange(
+    conn: UnixStream,
+    req: &Request,
+    show: bool,
+) -> anyhow::Result<Status> {
     let (rd, mut wr) = conn.into_split();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');

@@ -148,6 +148,11 @@ pub struct Status {
     /// forward, dropped by the laptop's inbound filter.
     #[serde(default)]
     pub inbound_refused: u64,
+    /// The kubeconfig file(s) `connect` was given (`--kubeconfig`, or
+    /// KUBECONFIG's list); empty: the default. Later commands use them
+    /// when they are given none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubeconfig: Vec<PathBuf>,
     /// The DNS stub (None: not connected).
     #[serde(default)]
     pub dns_stub: Option<crate::dns::DnsStatus>,
@@ -923,6 +928,11 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
 
     let filled = Status {
         connected: true,
+        kubeconfig: req
+            .kubeconfig
+            .clone()
+            .map(|k| vec![k])
+            .unwrap_or_else(|| req.kubeconfig_list.clone()),
         context: cluster.context.clone(),
         server: cluster.server.clone(),
         namespace: cluster.namespace.clone(),

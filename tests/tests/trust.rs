@@ -116,7 +116,8 @@ fn trust_acceptance() {
             s.daemon_log(n)
         );
     }
-    s.reroute(1, &["echo", "--port", "8080:3000"]);
+    // No --kubeconfig: the one `connect` was given is used.
+    ok(s.burrow(1, &["reroute", "echo", "--port", "8080:3000"]));
     eventually(
         Duration::from_secs(15),
         "the caller reaches laptop 1",
