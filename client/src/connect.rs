@@ -126,11 +126,19 @@ pub struct DisconnectArgs {}
 #[derive(Args, Debug)]
 pub struct DaemonArgs {}
 
-/// Install (or upgrade) the gateway in the cluster.
+/// Install (or upgrade) the gateway in the cluster, with its
+/// NetworkPolicy and the roles developers need (bound by you: the output
+/// says how).
 #[derive(Args, Debug)]
 pub struct InstallArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Let pods of namespace NS scrape the gateway's metrics (port 9090)
+    /// besides the gateway's own namespace; `--metrics-namespace ''`
+    /// admits none. Without it, an upgrade keeps what the installed
+    /// NetworkPolicy admits (none on a fresh install).
+    #[arg(long, value_name = "NS")]
+    metrics_namespace: Option<String>,
 }
 
 /// Remove the gateway and everything burrow created in the cluster.
@@ -262,6 +270,7 @@ pub fn run_install(args: InstallArgs) -> anyhow::Result<()> {
         }
         let opts = InstallOptions {
             namespace: ns.clone(),
+            metrics_namespace: args.metrics_namespace.clone(),
             ..Default::default()
         };
         let steps = std::sync::Mutex::new(Steps::new(false));
@@ -287,6 +296,8 @@ pub fn run_install(args: InstallArgs) -> anyhow::Result<()> {
         }
         let pod = ready?;
         println!("the gateway is ready: pod {} ({})", pod.name, pod.ip);
+        println!();
+        println!("{}", install::binding_instructions(ns));
         Ok(())
     })
 }
@@ -313,6 +324,15 @@ pub fn run_uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         }
         done?;
         println!("removed the gateway and namespace {ns}");
+        let left = install::user_bindings(&cluster).await;
+        if !left.is_empty() {
+            println!(
+                "bindings made for burrow's roles are left (they grant nothing without the roles); to remove them:"
+            );
+            for line in left {
+                println!("  {line}");
+            }
+        }
         Ok(())
     })
 }
@@ -439,7 +459,11 @@ pub(crate) async fn exchange_message(
 }
 
 /// Send one request; print progress (when `show`) until done.
-async fn exchange(conn: UnixStream, req: &Request, show: bool) -> anyhow::Result<Status> {
+pub(crate) async fn exchange(
+    conn: UnixStream,
+    req: &Request,
+    show: bool,
+) -> anyhow::Result<Status> {
     let (rd, mut wr) = conn.into_split();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');

@@ -148,6 +148,11 @@ pub struct Status {
     /// forward, dropped by the laptop's inbound filter.
     #[serde(default)]
     pub inbound_refused: u64,
+    /// The kubeconfig file(s) `connect` was given (`--kubeconfig`, or
+    /// KUBECONFIG's list); empty: the default. Later commands use them
+    /// when they are given none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubeconfig: Vec<PathBuf>,
     /// The DNS stub (None: not connected).
     #[serde(default)]
     pub dns_stub: Option<crate::dns::DnsStatus>,
@@ -873,6 +878,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
             cluster.clone(),
             pod.clone(),
             status.clone(),
+            reset.clone(),
             relay_stop,
         )
     });
@@ -922,6 +928,11 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
 
     let filled = Status {
         connected: true,
+        kubeconfig: req
+            .kubeconfig
+            .clone()
+            .map(|k| vec![k])
+            .unwrap_or_else(|| req.kubeconfig_list.clone()),
         context: cluster.context.clone(),
         server: cluster.server.clone(),
         namespace: cluster.namespace.clone(),
@@ -1207,10 +1218,18 @@ impl Relay {
         cluster: Cluster,
         pod: GatewayPod,
         status: Arc<std::sync::Mutex<Status>>,
+        reset: Arc<std::sync::atomic::AtomicBool>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
-        tokio::spawn(relay_loop(Arc::new(sock), cluster, pod_rx, status, stop));
+        tokio::spawn(relay_loop(
+            Arc::new(sock),
+            cluster,
+            pod_rx,
+            status,
+            reset,
+            stop,
+        ));
         Self { pod: pod_tx }
     }
 }
@@ -1220,6 +1239,7 @@ async fn relay_loop(
     cluster: Cluster,
     mut pod: tokio::sync::watch::Receiver<GatewayPod>,
     status: Arc<std::sync::Mutex<Status>>,
+    reset: Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
@@ -1243,11 +1263,16 @@ async fn relay_loop(
             }
         };
         tracing::info!(pod = %current.name, "port-forward transport open");
-        if let Some(reason) = broken.take()
-            && let Ok(mut st) = status.lock()
-        {
-            st.reconnects += 1;
-            st.last_reconnect_error = Some(format!("port-forward stream reopened after: {reason}"));
+        if let Some(reason) = broken.take() {
+            // A handshake right away on the new stream: an idle laptop
+            // would otherwise send nothing until its next keepalive, and
+            // the gateway closes a stream that carries no handshake soon.
+            reset.store(true, std::sync::atomic::Ordering::Release);
+            if let Ok(mut st) = status.lock() {
+                st.reconnects += 1;
+                st.last_reconnect_error =
+                    Some(format!("port-forward stream reopened after: {reason}"));
+            }
         }
         let (mut rd, mut wr) = tokio::io::split(fwd.stream);
         let up = {

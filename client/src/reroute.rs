@@ -179,10 +179,34 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
             println!("{text}");
             return Ok(());
         }
-        let spec = args.spec()?;
+        let mut spec = args.spec()?;
         // What can be known with the user's credentials alone is checked
         // before anything starts: the Service, the port, the permission.
-        let cluster = args.cluster.target().resolve().await?;
+        // Given no kubeconfig, the one `connect` used (and its context and
+        // namespace), as the daemon will.
+        let mut target = args.cluster.target();
+        let env_kubeconfig = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+        if target.kubeconfig.is_none()
+            && !env_kubeconfig
+            && let Ok(conn) = crate::connect::daemon_conn(global).await
+            && let Ok(st) =
+                crate::connect::exchange(conn, &crate::daemon::Request::Status, false).await
+            && st.connected
+        {
+            match st.kubeconfig.as_slice() {
+                [] => {}
+                [one] => target.kubeconfig = Some(one.clone()),
+                many => target.kubeconfig_list = many.to_vec(),
+            }
+            if target.context.is_none() && !st.context.is_empty() {
+                target.context = Some(st.context.clone());
+            }
+            if target.namespace.is_none() && !st.namespace.is_empty() {
+                target.namespace = Some(st.namespace.clone());
+                spec.namespace = Some(st.namespace.clone());
+            }
+        }
+        let cluster = target.resolve().await?;
         let namespace = spec
             .namespace
             .clone()

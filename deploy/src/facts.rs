@@ -7,13 +7,19 @@
 //!   Without permission to create Services, the range is the smallest /16s
 //!   that hold every ClusterIP the user can see.
 //! - Pod ranges: the nodes' `spec.podCIDRs`; without permission to list
-//!   nodes, the /16s of the pod IPs the user can see.
+//!   nodes, the /16s of the pod IPs the user can see: pods of the user's
+//!   namespace, else the endpoints of its EndpointSlices (a developer who
+//!   may only reroute there can list those, not pods).
+//!
+//! Each fallback works with a 403 from the precise way: a developer bound
+//! only to burrow's roles connects without any cluster-wide permission.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PostParams};
 use serde::Serialize;
 
@@ -182,10 +188,10 @@ async fn visible_cluster_ips(cluster: &Cluster) -> Result<Vec<IpAddr>, DeployErr
 
 async fn visible_pod_ips(cluster: &Cluster) -> Result<Vec<IpAddr>, DeployError> {
     let ns: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let list = ns
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| cluster.err(e, "list pods"))?;
+    let list = match ns.list(&ListParams::default()).await {
+        Ok(l) => l,
+        Err(_) => return endpoint_ips(cluster).await,
+    };
     Ok(list
         .into_iter()
         .filter_map(|p| p.status)
@@ -196,6 +202,29 @@ async fn visible_pod_ips(cluster: &Cluster) -> Result<Vec<IpAddr>, DeployError> 
                 .map(|p| p.ip)
                 .chain(s.pod_ip)
         })
+        .filter_map(|ip| ip.parse().ok())
+        .collect())
+}
+
+/// The pod addresses in the EndpointSlices of the user's namespace, for a
+/// user who may not list pods. Only the endpoint controller's slices, and
+/// only endpoints that are pods: a selector-less Service's slice may hold
+/// any address (`default/kubernetes` holds the API server's).
+async fn endpoint_ips(cluster: &Cluster) -> Result<Vec<IpAddr>, DeployError> {
+    let api: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let lp = ListParams::default()
+        .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
+    let list = api.list(&lp).await.map_err(|e| {
+        cluster.err(
+            e,
+            &format!("list pods or EndpointSlices in {}", cluster.namespace),
+        )
+    })?;
+    Ok(list
+        .into_iter()
+        .flat_map(|s| s.endpoints.into_iter().flatten())
+        .filter(|e| e.target_ref.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod"))
+        .flat_map(|e| e.addresses)
         .filter_map(|ip| ip.parse().ok())
         .collect())
 }

@@ -1,11 +1,14 @@
 //! Installing, finding, upgrading and uninstalling the gateway.
 //!
 //! The objects are the plain manifests in `deploy/manifests/` (embedded at
-//! build time, so `kubectl apply -f` and `burrow install` install the same
-//! thing), with the image and version filled in, applied with server-side
-//! apply under the field manager `burrow`. The gateway's WireGuard key lives
-//! in a Secret created once and kept across upgrades, so laptops keep their
-//! sessions' trust in the gateway's key.
+//! build time, so `kubectl apply -f deploy/manifests/` and `burrow install`
+//! install the same thing), with the namespace, image, version and metrics
+//! namespace filled in, applied with server-side apply under the field
+//! manager `burrow`. The gateway's WireGuard key lives in a Secret created
+//! once and kept across upgrades, so laptops keep their sessions' trust in
+//! the gateway's key. Besides the gateway and its NetworkPolicy, the
+//! manifests hold the roles developers need (`user-roles.yaml`); burrow
+//! creates them and never binds anyone: [`binding_instructions`] says how.
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +26,19 @@ use serde_json::Value;
 use crate::error::DeployError;
 use crate::target::Cluster;
 
-/// The manifests, as in `deploy/manifests/gateway.yaml`.
-const MANIFEST: &str = include_str!("../manifests/gateway.yaml");
+/// The manifests of `deploy/manifests/`, in the order they are applied
+/// (the order `kubectl apply -f deploy/manifests/` takes too).
+const MANIFESTS: &[(&str, &str)] = &[
+    ("gateway.yaml", include_str!("../manifests/gateway.yaml")),
+    (
+        "networkpolicy.yaml",
+        include_str!("../manifests/networkpolicy.yaml"),
+    ),
+    (
+        "user-roles.yaml",
+        include_str!("../manifests/user-roles.yaml"),
+    ),
+];
 
 /// The namespace the manifests use; `--gateway-namespace` moves it.
 pub const DEFAULT_NAMESPACE: &str = "burrow-system";
@@ -38,6 +52,20 @@ pub const SELECTOR: &str = "app.kubernetes.io/name=burrow-gateway";
 pub const VERSION_LABEL: &str = "app.kubernetes.io/version";
 /// Field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "burrow";
+/// The gateway's NetworkPolicy.
+pub const NETWORK_POLICY: &str = "burrow-gateway";
+/// Annotation on the NetworkPolicy naming the namespace admitted to the
+/// metrics port besides the gateway's own (kept across upgrades).
+pub const METRICS_NAMESPACE_ANNOTATION: &str = "burrow.dev/metrics-namespace";
+/// The label every namespace carries with its own name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// The Role developers are bound to in the gateway's namespace to connect.
+pub const CONNECT_ROLE: &str = "burrow-connect";
+/// The ClusterRole bound cluster-wide, optionally, for what connect reads
+/// outside the gateway's namespace (nodes, namespace names).
+pub const CONNECT_CLUSTER_ROLE: &str = "burrow-connect-cluster";
+/// The ClusterRole bound per namespace to reroute its Services.
+pub const REROUTE_ROLE: &str = "burrow-reroute";
 
 /// The client's version; the gateway it installs has the same.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -50,6 +78,11 @@ pub struct InstallOptions {
     /// `burrow-gateway:<VERSION>` (override with `BURROW_GATEWAY_IMAGE` or
     /// `--gateway-image`).
     pub image: String,
+    /// The namespace (besides the gateway's own) whose pods may scrape the
+    /// gateway's metrics: `Some("")` none, `None` whatever the installed
+    /// NetworkPolicy admits (none on a fresh install), so an upgrade by
+    /// `burrow connect` keeps what the admin chose.
+    pub metrics_namespace: Option<String>,
 }
 
 impl Default for InstallOptions {
@@ -60,6 +93,7 @@ impl Default for InstallOptions {
                 .ok()
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| format!("burrow-gateway:{VERSION}")),
+            metrics_namespace: None,
         }
     }
 }
@@ -84,12 +118,24 @@ pub struct GatewayPod {
     pub started: Option<String>,
 }
 
-/// The manifests' objects with namespace, image and version filled in.
+/// The manifests' objects with namespace, image, version and metrics
+/// namespace filled in.
 pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
+    let metrics = opts.metrics_namespace.as_deref().unwrap_or_default();
+    if !metrics.is_empty() && !is_dns_label(metrics) {
+        return Err(DeployError::new(
+            format!("--metrics-namespace {metrics:?} is not a namespace name"),
+            "a namespace name is lower-case letters, digits and '-', at most 63 characters",
+        ));
+    }
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(MANIFEST) {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| DeployError::new(format!("internal: embedded manifest: {e}"), ""))?;
+    let docs = MANIFESTS
+        .iter()
+        .flat_map(|(file, text)| serde_yaml::Deserializer::from_str(text).map(move |d| (file, d)));
+    for (file, doc) in docs {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| {
+            DeployError::new(format!("internal: embedded manifest {file}: {e}"), "")
+        })?;
         let mut obj: Value = serde_json::to_value(value)
             .map_err(|e| DeployError::new(format!("internal: manifest: {e}"), ""))?;
         if obj.is_null() {
@@ -108,6 +154,9 @@ pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
                 s["namespace"] = Value::from(opts.namespace.clone());
             }
         }
+        if kind == "NetworkPolicy" {
+            admit_metrics(&mut obj, &opts.namespace, metrics);
+        }
         obj["metadata"]["labels"][VERSION_LABEL] = Value::from(VERSION);
         obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = Value::from("burrow");
         if kind == "Deployment" {
@@ -122,6 +171,77 @@ pub fn render(opts: &InstallOptions) -> Result<Vec<Value>, DeployError> {
         out.push(obj);
     }
     Ok(out)
+}
+
+/// In the NetworkPolicy: the peers naming the manifests' namespace name the
+/// gateway's, and `metrics` (if any) joins them; the annotation records it.
+fn admit_metrics(policy: &mut Value, namespace: &str, metrics: &str) {
+    let rules = policy["spec"]["ingress"].as_array_mut();
+    for rule in rules.into_iter().flatten() {
+        let Some(peers) = rule["from"].as_array_mut() else {
+            continue;
+        };
+        let ours = |p: &Value| {
+            p["namespaceSelector"]["matchLabels"][NAMESPACE_NAME_LABEL] == DEFAULT_NAMESPACE
+        };
+        if !peers.iter().any(ours) {
+            continue;
+        }
+        for p in peers.iter_mut().filter(|p| ours(p)) {
+            p["namespaceSelector"]["matchLabels"][NAMESPACE_NAME_LABEL] = Value::from(namespace);
+        }
+        if !metrics.is_empty() && metrics != namespace {
+            peers.push(serde_json::json!({
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: metrics}}
+            }));
+        }
+    }
+    policy["metadata"]["annotations"][METRICS_NAMESPACE_ANNOTATION] = Value::from(metrics);
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The `kubectl` lines a cluster admin runs to give a developer what
+/// burrow needs, with `USER` and `NAMESPACE` to fill in.
+pub fn binding_instructions(namespace: &str) -> String {
+    format!(
+        "Developers need roles bound by a cluster admin (burrow binds nobody). For user USER:\n\
+         \x20 to connect:\n\
+         \x20   kubectl -n {namespace} create rolebinding {CONNECT_ROLE}-USER --role={CONNECT_ROLE} --user=USER\n\
+         \x20 to reroute the Services of namespace NAMESPACE (once per namespace):\n\
+         \x20   kubectl -n NAMESPACE create rolebinding {REROUTE_ROLE}-USER --clusterrole={REROUTE_ROLE} --user=USER\n\
+         \x20 optional, cluster-wide: direct UDP to the NodePort, exact pod ranges, namespace names in DNS:\n\
+         \x20   kubectl create clusterrolebinding {CONNECT_CLUSTER_ROLE}-USER --clusterrole={CONNECT_CLUSTER_ROLE} --user=USER\n\
+         (--group=GROUP instead of --user=USER binds a whole group)"
+    )
+}
+
+/// The metrics namespace the installed NetworkPolicy admits ("" when none
+/// or not installed).
+async fn installed_metrics_namespace(
+    cluster: &Cluster,
+    namespace: &str,
+) -> Result<String, DeployError> {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let api: Api<NetworkPolicy> = Api::namespaced(cluster.client.clone(), namespace);
+    let found = api.get_opt(NETWORK_POLICY).await.map_err(|e| {
+        cluster.err(
+            e,
+            &format!("get NetworkPolicy {namespace}/{NETWORK_POLICY}"),
+        )
+    })?;
+    Ok(found
+        .and_then(|p| p.metadata.annotations)
+        .and_then(|a| a.get(METRICS_NAMESPACE_ANNOTATION).cloned())
+        .unwrap_or_default())
 }
 
 /// The gateway's Deployment, if installed.
@@ -166,6 +286,23 @@ pub async fn apply(
         let kind = obj["kind"].as_str().unwrap_or_default();
         let name = obj["metadata"]["name"].as_str().unwrap_or_default();
         progress(&format!("applying {kind} {name}"));
+        if kind == "NetworkPolicy" && opts.metrics_namespace.is_none() {
+            // Keep the metrics namespace the installed policy admits. Asked
+            // only here, so a user who may not install is refused at the
+            // first object, the Namespace, as before.
+            let kept = InstallOptions {
+                metrics_namespace: Some(
+                    installed_metrics_namespace(cluster, &opts.namespace).await?,
+                ),
+                ..opts.clone()
+            };
+            let policy = render(&kept)?
+                .into_iter()
+                .find(|o| o["kind"] == "NetworkPolicy")
+                .ok_or_else(|| DeployError::new("internal: the NetworkPolicy went missing", ""))?;
+            apply_object(cluster, &policy).await?;
+            continue;
+        }
         apply_object(cluster, obj).await?;
         if kind == "Namespace" {
             ensure_key_secret(cluster, &opts.namespace).await?;
@@ -399,10 +536,16 @@ pub async fn node_ports(
 /// ExternalIPs first, then its InternalIPs (deduplicated, in list order).
 pub async fn node_addresses(cluster: &Cluster) -> Result<Vec<std::net::IpAddr>, DeployError> {
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client.clone());
-    let nodes = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| cluster.err(e, "list nodes"))?;
+    let nodes = api.list(&ListParams::default()).await.map_err(|e| {
+        let mut err = cluster.err(e, "list nodes (to find the gateway's NodePort address)");
+        if err.is_forbidden() {
+            err.hint = format!(
+                "the port-forward transport needs no node access; for direct UDP pass --endpoint NODE:PORT, \
+                 or ask a cluster admin to bind the ClusterRole {CONNECT_CLUSTER_ROLE} to you"
+            );
+        }
+        err
+    })?;
     let mut out = Vec::new();
     for kind in ["ExternalIP", "InternalIP"] {
         for node in &nodes.items {
@@ -418,6 +561,43 @@ pub async fn node_addresses(cluster: &Cluster) -> Result<Vec<std::net::IpAddr>, 
         }
     }
     Ok(out)
+}
+
+/// The bindings someone made to burrow's developer roles, as
+/// `kubectl delete` commands (`uninstall` leaves them: it never made them;
+/// without the roles they grant nothing). Empty when they cannot be listed.
+pub async fn user_bindings(cluster: &Cluster) -> Vec<String> {
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+    let ours = |kind: &str, name: &str| match kind {
+        "Role" => name == CONNECT_ROLE,
+        "ClusterRole" => name == REROUTE_ROLE || name == CONNECT_CLUSTER_ROLE,
+        _ => false,
+    };
+    let mut out = Vec::new();
+    let rbs: Api<RoleBinding> = Api::all(cluster.client.clone());
+    if let Ok(list) = rbs.list(&ListParams::default()).await {
+        for b in list {
+            if ours(&b.role_ref.kind, &b.role_ref.name) {
+                out.push(format!(
+                    "kubectl -n {} delete rolebinding {}",
+                    b.metadata.namespace.unwrap_or_default(),
+                    b.metadata.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    let crbs: Api<ClusterRoleBinding> = Api::all(cluster.client.clone());
+    if let Ok(list) = crbs.list(&ListParams::default()).await {
+        for b in list {
+            if ours(&b.role_ref.kind, &b.role_ref.name) {
+                out.push(format!(
+                    "kubectl delete clusterrolebinding {}",
+                    b.metadata.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Removes every object `apply` made, the namespace last, and waits until
@@ -485,6 +665,7 @@ mod tests {
         let objs = render(&InstallOptions {
             namespace: "tools".into(),
             image: "registry.example/burrow-gateway:9".into(),
+            metrics_namespace: None,
         })
         .expect("render");
         let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
@@ -496,7 +677,11 @@ mod tests {
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "Deployment",
-                "Service"
+                "Service",
+                "NetworkPolicy",
+                "Role",
+                "ClusterRole",
+                "ClusterRole",
             ]
         );
         assert_eq!(objs[0]["metadata"]["name"], "tools");
@@ -523,5 +708,160 @@ mod tests {
         assert_eq!(sc["allowPrivilegeEscalation"], false);
         assert_eq!(sc["readOnlyRootFilesystem"], true);
         assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+        // The developers' Role lives beside the gateway.
+        assert_eq!(objs[7]["metadata"]["name"], CONNECT_ROLE);
+        assert_eq!(objs[7]["metadata"]["namespace"], "tools");
+    }
+
+    fn rule_verbs(role: &Value) -> Vec<(String, String, Vec<String>)> {
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    out.push((g.clone(), r, strings(&rule["verbs"])));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_gateway_holds_only_what_a_restore_needs() {
+        let objs = render(&InstallOptions::default()).expect("render");
+        let role = objs
+            .iter()
+            .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == NAME)
+            .expect("gateway ClusterRole");
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            rule_verbs(role),
+            [
+                (
+                    "".into(),
+                    "services".into(),
+                    v(&["get", "list", "patch", "delete"])
+                ),
+                (
+                    "discovery.k8s.io".into(),
+                    "endpointslices".into(),
+                    v(&["get", "list", "delete"])
+                ),
+            ]
+        );
+    }
+
+    fn policy(opts: &InstallOptions) -> Value {
+        render(opts)
+            .expect("render")
+            .into_iter()
+            .find(|o| o["kind"] == "NetworkPolicy")
+            .expect("NetworkPolicy")
+    }
+
+    /// The namespaces admitted to the metrics port.
+    fn metrics_from(p: &Value) -> Vec<String> {
+        let rules = p["spec"]["ingress"].as_array().expect("ingress");
+        let rule = rules
+            .iter()
+            .find(|r| r["ports"][0]["port"] == "metrics")
+            .expect("metrics rule");
+        rule["from"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                p["namespaceSelector"]["matchLabels"][NAMESPACE_NAME_LABEL]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_network_policy_admits_metrics_from_the_named_namespace_only() {
+        let p = policy(&InstallOptions::default());
+        assert_eq!(p["metadata"]["namespace"], DEFAULT_NAMESPACE);
+        assert_eq!(metrics_from(&p), [DEFAULT_NAMESPACE]);
+        assert_eq!(
+            p["metadata"]["annotations"][METRICS_NAMESPACE_ANNOTATION],
+            ""
+        );
+        let p = policy(&InstallOptions {
+            namespace: "tools".into(),
+            metrics_namespace: Some("monitoring".into()),
+            ..Default::default()
+        });
+        assert_eq!(metrics_from(&p), ["tools", "monitoring"]);
+        assert_eq!(
+            p["metadata"]["annotations"][METRICS_NAMESPACE_ANNOTATION],
+            "monitoring"
+        );
+        // Reroute listeners: every pod, the pinned ephemeral range, and
+        // neither metrics nor control inside it.
+        let rules = p["spec"]["ingress"].as_array().expect("ingress");
+        let listeners = rules
+            .iter()
+            .find(|r| r["from"][0]["namespaceSelector"] == serde_json::json!({}))
+            .expect("listener rule");
+        let ranges: Vec<(u64, u64)> = listeners["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["port"].as_u64().unwrap_or(0),
+                    p["endPort"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(ranges, [(32768, 51821), (51823, 60999)]);
+        let bad = InstallOptions {
+            metrics_namespace: Some("Not A Namespace".into()),
+            ..Default::default()
+        };
+        assert!(render(&bad).is_err());
+    }
+
+    #[test]
+    fn the_pinned_port_range_is_the_one_the_policy_admits() {
+        let objs = render(&InstallOptions::default()).expect("render");
+        let d = objs
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .expect("Deployment");
+        let sysctls = d["spec"]["template"]["spec"]["securityContext"]["sysctls"]
+            .as_array()
+            .expect("sysctls");
+        let range = sysctls
+            .iter()
+            .find(|s| s["name"] == "net.ipv4.ip_local_port_range")
+            .expect("ip_local_port_range");
+        assert_eq!(range["value"], "32768 60999");
+    }
+
+    #[test]
+    fn binding_instructions_name_the_shipped_roles() {
+        let text = binding_instructions("burrow-system");
+        assert!(text.contains(
+            "kubectl -n burrow-system create rolebinding burrow-connect-USER --role=burrow-connect --user=USER"
+        ));
+        assert!(text.contains(
+            "kubectl -n NAMESPACE create rolebinding burrow-reroute-USER --clusterrole=burrow-reroute --user=USER"
+        ));
+        let objs = render(&InstallOptions::default()).expect("render");
+        for role in [CONNECT_ROLE, REROUTE_ROLE, CONNECT_CLUSTER_ROLE] {
+            assert!(
+                objs.iter().any(|o| o["metadata"]["name"] == role),
+                "{role} is not in the manifests"
+            );
+        }
     }
 }

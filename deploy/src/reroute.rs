@@ -94,7 +94,17 @@ pub async fn find(
                 hint,
             ));
         }
-        Err(e) => return Err(cluster.err(e, &format!("get Service {namespace}/{name}"))),
+        Err(e) => {
+            let mut err = cluster.err(e, &format!("get Service {namespace}/{name}"));
+            if err.is_forbidden() {
+                err.hint = format!(
+                    "rerouting needs the ClusterRole `burrow-reroute` bound in namespace {namespace} \
+                     (`get`, `patch`, `create`, `delete` on services and endpointslices); ask an \
+                     admin (`burrow install` prints the binding); nothing was changed"
+                );
+            }
+            return Err(err);
+        }
     };
     let spec = svc.spec.clone().unwrap_or_default();
     if spec.cluster_ip.as_deref() == Some("None") {
@@ -252,7 +262,7 @@ pub async fn check_may_patch(cluster: &Cluster, svc: &Service) -> Result<(), Dep
             let mut err = cluster.err(e, &format!("patch Service {ns}/{name}"));
             if err.is_forbidden() {
                 err.hint = format!(
-                    "rerouting changes the Service: ask a cluster admin for `patch` on `services` (and `create`/`delete` on `services` and `endpointslices.discovery.k8s.io`) in namespace {ns}; nothing was changed"
+                    "rerouting changes the Service: ask a cluster admin for `patch` on `services` (and `create`/`delete` on `services` and `endpointslices.discovery.k8s.io`) in namespace {ns} — the ClusterRole `burrow-reroute` bound there has them; nothing was changed"
                 );
             }
             err

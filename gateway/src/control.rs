@@ -601,11 +601,14 @@ async fn unregister(State(c): State<Shared>, Extension(caller): Extension<Caller
     if removed.is_some() {
         tracing::info!(peer = %short(&key), "laptop unregistered");
     }
-    // Last: this very connection runs through the peer and its flows.
-    let peers = c.peers.clone();
+    // Last, once this answer is on its way: the connection it leaves on
+    // runs through the peer. Not when the laptop registered again since.
+    let c = c.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        peers.remove(key).await;
+        if !c.allocator.lock().map(|a| a.contains(&key)).unwrap_or(true) {
+            c.peers.remove(key).await;
+        }
     });
     StatusCode::NO_CONTENT.into_response()
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
 use burrow_netstack::flow::{
-    FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, TcpRead, TcpState,
+    FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, LaptopLimits, Limit, TcpRead, TcpState,
 };
 use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
@@ -69,6 +69,11 @@ pub struct DatapathConfig {
     /// opens to laptops ([`Control::DialLaptop`]). `serve` fills it in
     /// from the control API's tunnel network.
     pub tunnel_address: Option<IpAddr>,
+    /// Caps on the flows one laptop opens.
+    pub per_laptop: LaptopLimits,
+    /// Bounds on the framed-TCP port's connections (`serve` hands them to
+    /// [`framed::accept_loop`]).
+    pub framed: framed::Limits,
 }
 
 impl Default for DatapathConfig {
@@ -83,6 +88,8 @@ impl Default for DatapathConfig {
             // path was segmented (BENCHMARKS.md); 1 MiB added ~10 % more.
             tcp_buffer: 256 * 1024,
             tunnel_address: None,
+            per_laptop: LaptopLimits::default(),
+            framed: framed::Limits::default(),
         }
     }
 }
@@ -136,6 +143,8 @@ struct Stats {
     /// Connections to laptops: established, refused, timed out, no such
     /// laptop.
     laptop_dials: [u64; 4],
+    /// New flows refused by a laptop's caps, by [`Limit::ALL`] order.
+    refused: [u64; 3],
 }
 
 /// The engine-side half of a TCP flow.
@@ -340,6 +349,8 @@ pub struct Datapath {
     /// [`crate::api::CONTROL_PORT`] go (the laptops' API, served by
     /// [`crate::control`]); None refuses them.
     api: Option<mpsc::Sender<ApiConn>>,
+    /// The framed port's refusals and timeouts (counted by its tasks).
+    framed_counters: Arc<framed::Counters>,
 }
 
 impl Datapath {
@@ -359,6 +370,7 @@ impl Datapath {
                 tcp_rx_buffer: cfg.tcp_buffer,
                 tcp_tx_buffer: cfg.tcp_buffer,
                 udp_idle_timeout: cfg.udp_idle_timeout,
+                per_laptop: cfg.per_laptop,
                 random_seed: rand::random(),
                 ..FlowConfig::default()
             },
@@ -385,6 +397,7 @@ impl Datapath {
             dialing: VecDeque::new(),
             cluster_ready: Vec::new(),
             api: None,
+            framed_counters: Arc::default(),
             cfg,
         })
     }
@@ -397,6 +410,12 @@ impl Datapath {
 
     pub fn public_key(&self) -> &boringtun::x25519::PublicKey {
         self.peers.public_key()
+    }
+
+    /// Where the framed port's tasks count refusals and timeouts (rendered
+    /// with the data path's metrics).
+    pub fn framed_counters(&self) -> Arc<framed::Counters> {
+        self.framed_counters.clone()
     }
 
     /// Run until `shutdown` resolves.
@@ -587,12 +606,18 @@ impl Datapath {
                 let mut decoder = std::mem::take(&mut conn.decoder);
                 let from = framed::conn_addr(id);
                 let now = Instant::now();
+                let mut authenticated = false;
                 let result = framed::decode_chunk(&mut decoder, &chunk, |frame| {
                     self.stats.framed_rx += 1;
-                    self.on_datagram(out, from, frame, now);
+                    authenticated |= self.on_datagram(out, from, frame, now);
                 });
                 match (result, out.conns.get_mut(&id)) {
-                    (Ok(()), Some(conn)) => conn.decoder = decoder,
+                    (Ok(()), Some(conn)) => {
+                        conn.decoder = decoder;
+                        if authenticated {
+                            conn.out.mark_authenticated();
+                        }
+                    }
                     (Err(e), Some(conn)) => {
                         tracing::warn!(conn = id, remote = %conn.remote, error = %e,
                             "framed connection out of step; closing it");
@@ -606,10 +631,19 @@ impl Datapath {
         }
     }
 
-    /// One WireGuard datagram from an underlay address.
-    fn on_datagram(&mut self, out: &mut Output, from: SocketAddr, datagram: &[u8], now: Instant) {
+    /// One WireGuard datagram from an underlay address. True when some
+    /// peer's session accepted it (a valid handshake message, or data or a
+    /// keepalive of a live session), not for a cookie reply to an
+    /// unverified sender or a drop.
+    fn on_datagram(
+        &mut self,
+        out: &mut Output,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) -> bool {
         let mut buf = std::mem::take(&mut self.decap);
-        match self.peers.decapsulate(from, datagram, &mut buf, now) {
+        let accepted = match self.peers.decapsulate(from, datagram, &mut buf, now) {
             Decapsulated::Send { peer, to, datagram } => {
                 out.send(to, datagram, &mut self.stats);
                 if let Some(peer) = peer {
@@ -619,21 +653,29 @@ impl Datapath {
                         out.send(to, datagram, &mut self.stats);
                     }
                 }
+                peer.is_some()
             }
-            Decapsulated::Packet { packet, .. } => self.on_packet(out, packet, now),
-            Decapsulated::Nothing => {}
-            Decapsulated::Dropped(reason) => match reason {
-                wg::DropReason::ForgedSource { peer, src } => {
-                    let key = self.peers.get(peer).map(|p| short_key(p.public_key()));
-                    tracing::debug!(peer = ?key, %src, "dropped packet with forged source");
+            Decapsulated::Packet { packet, .. } => {
+                self.on_packet(out, packet, now);
+                true
+            }
+            Decapsulated::Nothing => true,
+            Decapsulated::Dropped(reason) => {
+                match reason {
+                    wg::DropReason::ForgedSource { peer, src } => {
+                        let key = self.peers.get(peer).map(|p| short_key(p.public_key()));
+                        tracing::debug!(peer = ?key, %src, "dropped packet with forged source");
+                    }
+                    wg::DropReason::PeerToPeer { dst, .. } => {
+                        tracing::debug!(%dst, "dropped packet addressed to another peer");
+                    }
+                    other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
                 }
-                wg::DropReason::PeerToPeer { dst, .. } => {
-                    tracing::debug!(%dst, "dropped packet addressed to another peer");
-                }
-                other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
-            },
-        }
+                false
+            }
+        };
         self.decap = buf;
+        accepted
     }
 
     /// One IP packet from a laptop, its source already checked.
@@ -648,6 +690,11 @@ impl Datapath {
                 payload,
                 ..
             } => self.udp_to_cluster(id, new, dst, payload, now),
+            Ingress::Refused {
+                laptop,
+                limit,
+                first,
+            } => self.refused(laptop, limit, first),
             Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP)) => {
                 self.icmp_to_cluster(out, packet, now)
             }
@@ -660,6 +707,28 @@ impl Datapath {
                     IngressDrop::TooManyPendingSyns => s.drop_pending_syns += 1,
                 }
             }
+        }
+    }
+
+    /// A laptop's new flow was refused by one of its caps: counted each
+    /// time, logged once (until the laptop holds no flows again).
+    fn refused(&mut self, laptop: IpAddr, limit: Limit, first: bool) {
+        self.stats.refused[limit_index(limit)] += 1;
+        if first {
+            let caps = self.cfg.per_laptop;
+            let (cap, what) = match limit {
+                Limit::TcpFlows => (caps.tcp_flows, "TCP flows; new connections get RST"),
+                Limit::PendingDials => (
+                    caps.pending_dials,
+                    "TCP dials pending; new SYNs are dropped (the laptop retries)",
+                ),
+                Limit::UdpFlows => (
+                    caps.udp_flows,
+                    "UDP flows; datagrams of new flows are dropped",
+                ),
+            };
+            tracing::warn!(%laptop, limit = limit.label(), cap,
+                "laptop at its cap of {cap} {what}; further refusals are counted in burrow_gateway_flows_refused_total");
         }
     }
 
@@ -1577,6 +1646,30 @@ impl Datapath {
             e.sample(&format!("outcome=\"{outcome}\""), s.laptop_dials[i] as f64);
         }
         e.family(
+            "burrow_gateway_flows_refused_total",
+            "counter",
+            "New flows refused because their laptop was at a cap, by cap (each refused SYN or datagram).",
+        );
+        for limit in Limit::ALL {
+            e.sample(
+                &format!("limit=\"{}\"", limit.label()),
+                s.refused[limit_index(limit)] as f64,
+            );
+        }
+        e.family(
+            "burrow_gateway_laptop_flow_limit",
+            "gauge",
+            "The caps on what one laptop may hold.",
+        );
+        let caps = self.cfg.per_laptop;
+        for (limit, cap) in [
+            (Limit::TcpFlows, caps.tcp_flows),
+            (Limit::PendingDials, caps.pending_dials),
+            (Limit::UdpFlows, caps.udp_flows),
+        ] {
+            e.sample(&format!("limit=\"{}\"", limit.label()), cap as f64);
+        }
+        e.family(
             "burrow_gateway_packets_dropped_total",
             "counter",
             "Packets and datagrams dropped, by reason.",
@@ -1621,6 +1714,33 @@ impl Datapath {
             "Framed-TCP transport connections open.",
         );
         e.sample("", out.conns.len() as f64);
+        let f = &self.framed_counters;
+        e.family(
+            "burrow_gateway_framed_connections_refused_total",
+            "counter",
+            "Framed-TCP connections reset at once because a cap was full, by cap.",
+        );
+        e.sample(
+            "reason=\"total_limit\"",
+            f.refused_total_limit.load(Ordering::Relaxed) as f64,
+        );
+        e.sample(
+            "reason=\"source_limit\"",
+            f.refused_source_limit.load(Ordering::Relaxed) as f64,
+        );
+        e.family(
+            "burrow_gateway_framed_connections_timed_out_total",
+            "counter",
+            "Framed-TCP connections closed by the gateway, by timeout.",
+        );
+        e.sample(
+            "reason=\"handshake\"",
+            f.closed_handshake_timeout.load(Ordering::Relaxed) as f64,
+        );
+        e.sample(
+            "reason=\"idle\"",
+            f.closed_idle_timeout.load(Ordering::Relaxed) as f64,
+        );
         e.family(
             "burrow_gateway_peers",
             "gauge",
@@ -1685,6 +1805,14 @@ fn dial_index(e: DialError) -> usize {
         DialError::Timeout => 1,
         DialError::Unreachable => 2,
         DialError::Other => 3,
+    }
+}
+
+fn limit_index(l: Limit) -> usize {
+    match l {
+        Limit::TcpFlows => 0,
+        Limit::PendingDials => 1,
+        Limit::UdpFlows => 2,
     }
 }
 

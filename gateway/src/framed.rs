@@ -11,14 +11,30 @@
 //! Per connection a reader task passes raw stream chunks to the data path
 //! (decoding happens there, without copying whole frames), and a writer task
 //! drains an output buffer the data path appends frames to.
+//!
+//! The port is reachable by anyone who reaches a node (NodePort), so
+//! connections are bounded ([`Limits`]): in number and per source address,
+//! each must make some peer's session accept a datagram within the
+//! handshake timeout, and a connection silent for the idle timeout is
+//! closed. Connections from loopback are port-forwards (the container
+//! runtime dials the pod's localhost), already authorised by the API
+//! server: they have a pool of `max_connections` of their own and no
+//! per-source cap, so a flood through the NodePort never locks out the
+//! laptops that come through port-forwards. A connection beyond a cap is accepted and reset
+//! at once, so the kernel's accept queue never fills (a full queue would
+//! fail the pod's TCP readiness probe). Refusals and closes by timeout are
+//! counted in [`Counters`].
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use burrow_netstack::framing::{self, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
 /// Bytes read from a connection per chunk.
@@ -29,6 +45,141 @@ pub const MAX_BACKLOG: usize = 4 * 1024 * 1024;
 
 /// Identity of one framed connection.
 pub type ConnId = u64;
+
+/// Bounds on framed connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once from loopback (port-forwards), and again
+    /// from everywhere else. A laptop uses one (a second briefly while its
+    /// port-forward is reopened).
+    pub max_connections: usize,
+    /// Connections open at once from one source address other than
+    /// loopback.
+    pub max_per_source: usize,
+    /// A connection that has not made some peer's session accept a
+    /// datagram (a valid handshake initiation, or data of a live session)
+    /// within this long is closed.
+    pub handshake_timeout: Duration,
+    /// A connection that delivered no byte for this long is closed. burrow
+    /// sends a keepalive every 25 s, so only a dead stream or a client
+    /// without keepalives meets it.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_per_source: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the framed port refused or closed, by reason. Written by the accept
+/// loop and the connection tasks (once per connection, never per
+/// datagram), read when the data path renders metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Refused: `max_connections` were open.
+    pub refused_total_limit: AtomicU64,
+    /// Refused: `max_per_source` were open from the same address.
+    pub refused_source_limit: AtomicU64,
+    /// Closed: no datagram accepted within `handshake_timeout`.
+    pub closed_handshake_timeout: AtomicU64,
+    /// Closed: silent for `idle_timeout`.
+    pub closed_idle_timeout: AtomicU64,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    TotalLimit,
+    SourceLimit,
+}
+
+/// The connections open now, by source (sans-IO: the accept loop admits,
+/// each connection's [`Admitted`] gives its place back).
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    /// Open from loopback (port-forwards).
+    local: usize,
+    /// Open from everywhere else, in all and by source.
+    remote: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            local: 0,
+            remote: 0,
+            by_source: HashMap::new(),
+        }
+    }
+
+    /// Take a place for a connection from `source`, or say which cap is
+    /// full.
+    pub fn admit(&mut self, source: IpAddr) -> Result<(), Refusal> {
+        let source = source.to_canonical();
+        if source.is_loopback() {
+            if self.local >= self.limits.max_connections {
+                return Err(Refusal::TotalLimit);
+            }
+            self.local += 1;
+            return Ok(());
+        }
+        if self.remote >= self.limits.max_connections {
+            return Err(Refusal::TotalLimit);
+        }
+        let n = self.by_source.entry(source).or_default();
+        if *n >= self.limits.max_per_source {
+            return Err(Refusal::SourceLimit);
+        }
+        *n += 1;
+        self.remote += 1;
+        Ok(())
+    }
+
+    /// Give back the place of a connection from `source`.
+    pub fn release(&mut self, source: IpAddr) {
+        let source = source.to_canonical();
+        if source.is_loopback() {
+            self.local = self.local.saturating_sub(1);
+            return;
+        }
+        self.remote = self.remote.saturating_sub(1);
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.local + self.remote
+    }
+}
+
+/// A connection's place in the [`Admission`], given back on drop (when
+/// both of its tasks are done).
+struct Admitted {
+    admission: Arc<Mutex<Admission>>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.admission.lock() {
+            a.release(self.source);
+        }
+    }
+}
 
 /// The synthetic underlay address standing for connection `id`.
 pub fn conn_addr(id: ConnId) -> SocketAddr {
@@ -70,6 +221,8 @@ pub struct FramedOut {
     buf: Mutex<Vec<u8>>,
     wake: Notify,
     closed: AtomicBool,
+    /// Some peer's session accepted a datagram from this connection.
+    authenticated: AtomicBool,
 }
 
 impl FramedOut {
@@ -101,6 +254,18 @@ impl FramedOut {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// Some peer's session accepted a datagram from this connection: the
+    /// handshake timeout no longer applies.
+    pub fn mark_authenticated(&self) {
+        if !self.authenticated.load(Ordering::Relaxed) {
+            self.authenticated.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
     }
 }
 
@@ -138,8 +303,14 @@ impl FramedConn {
     }
 }
 
-/// Accept connections until the listener fails.
-pub async fn accept_loop(listener: TcpListener, events: mpsc::Sender<FramedEvent>) {
+/// Accept connections until the data path goes away, within `limits`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::Sender<FramedEvent>,
+    limits: Limits,
+    counters: Arc<Counters>,
+) {
+    let admission = Arc::new(Mutex::new(Admission::new(limits)));
     let mut next_id: ConnId = 0;
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -147,10 +318,31 @@ pub async fn accept_loop(listener: TcpListener, events: mpsc::Sender<FramedEvent
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "framed listener: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let admitted = admission
+            .lock()
+            .map_err(|_| Refusal::TotalLimit)
+            .and_then(|mut a| a.admit(remote.ip()));
+        if let Err(refusal) = admitted {
+            let counter = match refusal {
+                Refusal::TotalLimit => &counters.refused_total_limit,
+                Refusal::SourceLimit => &counters.refused_source_limit,
+            };
+            // Logged on the first refusal and every 1000th after.
+            if counter.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                tracing::warn!(%remote, ?refusal, ?limits,
+                    "framed connection refused: at its cap (counted in burrow_gateway_framed_connections_refused_total)");
+            }
+            reset(&stream);
+            continue;
+        }
+        let slot = Arc::new(Admitted {
+            admission: admission.clone(),
+            source: remote.ip(),
+        });
         next_id += 1;
         let id = next_id;
         let _ = stream.set_nodelay(true);
@@ -167,36 +359,38 @@ pub async fn accept_loop(listener: TcpListener, events: mpsc::Sender<FramedEvent
             return;
         }
         tracing::info!(conn = id, %remote, "framed connection opened");
-        let (mut rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = stream.into_split();
         let reader_events = events.clone();
         let reader_out = out.clone();
+        let reader_slot = slot.clone();
+        let reader_counters = counters.clone();
         tokio::spawn(async move {
-            loop {
-                let mut chunk = Vec::with_capacity(READ_CHUNK);
-                match rd.read_buf(&mut chunk).await {
-                    Ok(0) => break,
-                    Ok(_) => {
-                        // A bounded channel: a laptop sending faster than
-                        // the data path processes is slowed by TCP.
-                        if reader_events
-                            .send(FramedEvent::Data { id, chunk })
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(conn = id, error = %e, "framed connection read failed");
-                        break;
-                    }
+            let _slot = reader_slot;
+            let end = read_chunks(&rd, id, &reader_events, &reader_out, limits).await;
+            match end {
+                ReadEnd::HandshakeTimeout => {
+                    reader_counters
+                        .closed_handshake_timeout
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = id, %remote, "framed connection closed: no handshake in time");
                 }
+                ReadEnd::IdleTimeout => {
+                    reader_counters
+                        .closed_idle_timeout
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(conn = id, %remote, "framed connection closed: idle");
+                }
+                ReadEnd::Closed => {}
+            }
+            if end != ReadEnd::Closed {
+                reset(rd.as_ref());
             }
             reader_out.close();
             let _ = reader_events.send(FramedEvent::Closed { id }).await;
             tracing::info!(conn = id, %remote, "framed connection closed");
         });
         tokio::spawn(async move {
+            let _slot = slot;
             // Double buffering: swap the shared buffer for this one, write
             // it out, keep its capacity.
             let mut pending = Vec::new();
@@ -225,6 +419,79 @@ pub async fn accept_loop(listener: TcpListener, events: mpsc::Sender<FramedEvent
     }
 }
 
+/// How a connection's reading ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    /// End of stream, an error, or the data path went away.
+    Closed,
+    HandshakeTimeout,
+    IdleTimeout,
+}
+
+/// Pass a connection's bytes to the data path until it ends or times out.
+/// A buffer is taken only once bytes are there: idle connections hold
+/// none.
+async fn read_chunks(
+    rd: &OwnedReadHalf,
+    id: ConnId,
+    events: &mpsc::Sender<FramedEvent>,
+    out: &FramedOut,
+    limits: Limits,
+) -> ReadEnd {
+    let opened = Instant::now();
+    let handshake_by = opened + limits.handshake_timeout;
+    let mut last_read = opened;
+    loop {
+        let idle_by = last_read + limits.idle_timeout;
+        let wake = if out.is_authenticated() {
+            idle_by
+        } else {
+            idle_by.min(handshake_by)
+        };
+        match tokio::time::timeout_at(wake.into(), rd.readable()).await {
+            Err(_) => {
+                let now = Instant::now();
+                if !out.is_authenticated() && now >= handshake_by {
+                    return ReadEnd::HandshakeTimeout;
+                }
+                if now >= idle_by {
+                    return ReadEnd::IdleTimeout;
+                }
+                // Authenticated meanwhile: wait for the idle timeout.
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(conn = id, error = %e, "framed connection read failed");
+                return ReadEnd::Closed;
+            }
+            Ok(Ok(())) => {}
+        }
+        let mut chunk = Vec::with_capacity(READ_CHUNK);
+        match rd.try_read_buf(&mut chunk) {
+            Ok(0) => return ReadEnd::Closed,
+            Ok(_) => {
+                last_read = Instant::now();
+                // A bounded channel: a laptop sending faster than the data
+                // path processes is slowed by TCP.
+                if events.send(FramedEvent::Data { id, chunk }).await.is_err() {
+                    return ReadEnd::Closed;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::debug!(conn = id, error = %e, "framed connection read failed");
+                return ReadEnd::Closed;
+            }
+        }
+    }
+}
+
+/// Close with RST when the last handle goes: a refused or timed-out
+/// connection leaves no FIN-WAIT or TIME-WAIT state behind.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 /// Decode every frame in `chunk`, handing each to `datagram`. An error means
 /// the stream is out of step and the connection must be dropped.
 pub fn decode_chunk(
@@ -250,5 +517,48 @@ mod tests {
         }
         assert_eq!(addr_conn("127.0.0.1:5".parse().expect("addr")), None);
         assert_eq!(addr_conn("[::1]:5".parse().expect("addr")), None);
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn admission_caps_in_number_and_per_source_and_keeps_loopback_apart() {
+        let mut a = Admission::new(Limits {
+            max_connections: 3,
+            max_per_source: 2,
+            ..Limits::default()
+        });
+        assert_eq!(a.admit(ip("192.168.240.2")), Ok(()));
+        // The same source as an IPv4-mapped address (a `::` listener).
+        assert_eq!(a.admit(ip("::ffff:192.168.240.2")), Ok(()));
+        assert_eq!(a.admit(ip("192.168.240.2")), Err(Refusal::SourceLimit));
+        assert_eq!(a.admit(ip("10.0.0.9")), Ok(()));
+        assert_eq!(a.admit(ip("10.0.0.10")), Err(Refusal::TotalLimit));
+        // Port-forwards arrive from loopback: a pool of their own, no
+        // per-source cap.
+        for lo in ["127.0.0.1", "::1", "127.0.0.1"] {
+            assert_eq!(a.admit(ip(lo)), Ok(()), "{lo}");
+        }
+        assert_eq!(a.admit(ip("::ffff:127.0.0.1")), Err(Refusal::TotalLimit));
+        assert_eq!(a.open(), 6);
+        a.release(ip("192.168.240.2"));
+        assert_eq!(a.admit(ip("10.0.0.10")), Ok(()));
+        assert_eq!(a.admit(ip("192.168.240.2")), Err(Refusal::TotalLimit));
+        a.release(ip("::1"));
+        assert_eq!(a.admit(ip("127.0.0.1")), Ok(()));
+        for s in [
+            "::ffff:192.168.240.2",
+            "10.0.0.9",
+            "10.0.0.10",
+            "127.0.0.1",
+            "127.0.0.1",
+            "127.0.0.1",
+        ] {
+            a.release(ip(s));
+        }
+        assert_eq!(a.open(), 0);
+        assert!(a.by_source.is_empty());
     }
 }

@@ -206,6 +206,7 @@ pub async fn serve(
         ));
     }
     let private_key = config.wg.private_key.clone();
+    let framed_limits = datapath_config.framed;
     let mut datapath =
         datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
             .context("invalid peer list")?;
@@ -219,7 +220,12 @@ pub async fn serve(
     );
     let (framed_tx, framed_rx) = mpsc::channel(1024);
     let (control_tx, control_rx) = mpsc::channel(16);
-    let acceptor = tokio::spawn(framed::accept_loop(listeners.framed, framed_tx));
+    let acceptor = tokio::spawn(framed::accept_loop(
+        listeners.framed,
+        framed_tx,
+        framed_limits,
+        datapath.framed_counters(),
+    ));
     let metrics = listeners
         .metrics
         .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));

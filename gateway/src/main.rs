@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, config};
+use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, config, framed};
+use burrow_netstack::flow::LaptopLimits;
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,6 +77,40 @@ struct Cli {
     /// path's, with a dialer thread for connect and close.
     #[arg(long, value_name = "N", default_value_t = 0)]
     worker_threads: usize,
+    /// Most TCP flows one laptop may hold (pending or open); a connection
+    /// beyond it is refused (RST). Each holds a socket into the cluster.
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().tcp_flows,
+          value_parser = at_least_one)]
+    max_tcp_flows_per_laptop: usize,
+    /// Most TCP dials one laptop may have in progress; a SYN beyond it is
+    /// dropped and retransmitted by the laptop.
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().pending_dials,
+          value_parser = at_least_one)]
+    max_pending_dials_per_laptop: usize,
+    /// Most UDP flows (5-tuples, each a socket until idle for 60 s) one
+    /// laptop may hold; datagrams of a flow beyond it are dropped.
+    #[arg(long, value_name = "N", default_value_t = LaptopLimits::default().udp_flows,
+          value_parser = at_least_one)]
+    max_udp_flows_per_laptop: usize,
+    /// Most framed-TCP connections open at once from loopback (where
+    /// port-forwards arrive), and again from everywhere else (the
+    /// NodePort); more are reset at once.
+    #[arg(long, value_name = "N", default_value_t = framed::Limits::default().max_connections,
+          value_parser = at_least_one)]
+    framed_max_connections: usize,
+    /// Most framed-TCP connections open at once from one source address
+    /// (loopback, where port-forwards come from, excepted).
+    #[arg(long, value_name = "N", default_value_t = framed::Limits::default().max_per_source,
+          value_parser = at_least_one)]
+    framed_max_connections_per_source: usize,
+    /// A framed-TCP connection that has not delivered a valid WireGuard
+    /// message within this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_duration)]
+    framed_handshake_timeout: Duration,
+    /// A framed-TCP connection silent for this long is closed (burrow
+    /// sends a keepalive every 25 s).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime_duration)]
+    framed_idle_timeout: Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -90,6 +125,13 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("`{s}`: expected e.g. 10s or 500ms")),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: expected a whole number of at least 1")),
     }
 }
 
@@ -153,10 +195,49 @@ fn tune_allocator() {
     }
 }
 
+/// Every flow holds a socket: raise the soft open-files limit to the hard
+/// one (container runtimes may start processes with a soft limit of 1024,
+/// below the per-laptop caps). Returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(raised.rlim_cur as u64);
+            }
+        }
+        Some(lim.rlim_cur as u64)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let open_files = raise_open_files_limit();
+    let per_laptop = LaptopLimits {
+        tcp_flows: cli.max_tcp_flows_per_laptop,
+        pending_dials: cli.max_pending_dials_per_laptop,
+        udp_flows: cli.max_udp_flows_per_laptop,
+    };
+    let one_laptop = (per_laptop.tcp_flows + per_laptop.udp_flows) as u64;
+    match open_files {
+        Some(n) if n < one_laptop + 1024 => tracing::warn!(
+            open_files = n,
+            "the open-files limit is below one laptop's caps ({one_laptop} flows, a socket each); \
+             flows beyond it fail to dial"
+        ),
+        Some(n) => tracing::info!(open_files = n, ?per_laptop, "limits"),
+        None => {}
+    }
     let wg = config::load(&cli.config)?;
     let wg_port = cli.wg_port.or(wg.listen_port).unwrap_or(51820);
     // The data path is one task; worker threads serve the UDP/ICMP flow
@@ -215,6 +296,13 @@ fn main() -> anyhow::Result<()> {
                 mtu: usize::from(cli.mtu),
                 dial_timeout: cli.dial_timeout,
                 tcp_buffer: cli.tcp_buffer as usize,
+                per_laptop,
+                framed: framed::Limits {
+                    max_connections: cli.framed_max_connections,
+                    max_per_source: cli.framed_max_connections_per_source,
+                    handshake_timeout: cli.framed_handshake_timeout,
+                    idle_timeout: cli.framed_idle_timeout,
+                },
                 ..DatapathConfig::default()
             },
             control: ControlConfig {

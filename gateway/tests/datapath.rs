@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_gateway::config::WgConfig;
-use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners};
+use burrow_gateway::{ControlConfig, DatapathConfig, GatewayConfig, Listeners, framed};
+use burrow_netstack::flow::LaptopLimits;
 use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -40,6 +41,14 @@ struct Gateway {
 
 impl Gateway {
     async fn start() -> Self {
+        Self::start_with(DatapathConfig {
+            dial_timeout: Duration::from_secs(2),
+            ..DatapathConfig::default()
+        })
+        .await
+    }
+
+    async fn start_with(datapath: DatapathConfig) -> Self {
         let mut listeners = Listeners::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0, 0, Some(0))
             .await
             .expect("bind loopback ports");
@@ -71,10 +80,7 @@ impl Gateway {
                     peer(OTHER_SECRET, OTHER_PEER_IP),
                 ],
             },
-            datapath: DatapathConfig {
-                dial_timeout: Duration::from_secs(2),
-                ..DatapathConfig::default()
-            },
+            datapath,
             control: ControlConfig::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -1065,6 +1071,11 @@ async fn control_call(gw: &Gateway, method: &str, path: &str, body: &str) -> (u1
     s.write_all(req.as_bytes()).await.expect("request");
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("response");
+    status_and_body(&text)
+}
+
+/// An HTTP/1.1 response's (status, body).
+fn status_and_body(text: &str) -> (u16, String) {
     let status = text
         .split_whitespace()
         .nth(1)
@@ -1103,16 +1114,7 @@ async fn tunnel_call(laptop: &mut Laptop, method: &str, path: &str) -> (u16, Str
     )));
     let req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
     let text = String::from_utf8(laptop.tcp_round_trip(h, req.as_bytes()).await).expect("utf-8");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1219,4 +1221,144 @@ async fn registration_listens_on_loopback_only() {
         .await
         .expect_err("0.0.0.0 is refused");
     assert!(format!("{err:#}").contains("loopback"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laptop_at_its_tcp_cap_gets_rst_and_another_laptop_does_not() {
+    let gw = Gateway::start_with(DatapathConfig {
+        dial_timeout: Duration::from_secs(2),
+        per_laptop: LaptopLimits {
+            tcp_flows: 2,
+            ..LaptopLimits::default()
+        },
+        ..DatapathConfig::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let held: Vec<SocketHandle> = (0..2).map(|_| laptop.tcp_connect(echo)).collect();
+    laptop
+        .until("two connections", Duration::from_secs(10), |l| {
+            held.iter()
+                .all(|h| l.tcp(*h).state() == tcp::State::Established)
+        })
+        .await;
+    let third = laptop.tcp_connect(echo);
+    laptop
+        .until("the third refused", Duration::from_secs(10), |l| {
+            l.tcp(third).state() == tcp::State::Closed
+        })
+        .await;
+    assert_eq!(laptop.rsts, 1, "refused with RST");
+    // The other laptop is not held back.
+    let mut other = Laptop::new(OTHER_SECRET, OTHER_PEER_IP, Transport::udp(gw.wg).await);
+    let h = other.tcp_connect(echo);
+    other
+        .until(
+            "the other laptop's connection",
+            Duration::from_secs(10),
+            |l| l.tcp(h).state() == tcp::State::Established,
+        )
+        .await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(
+            &m,
+            "burrow_gateway_flows_refused_total{limit=\"tcp_flows\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        Gateway::metric(&m, "burrow_gateway_laptop_flow_limit{limit=\"tcp_flows\"}"),
+        2.0
+    );
+    gw.stop().await;
+}
+
+/// Reads until the gateway closes `stream` (end of stream or reset);
+/// false if it is still open after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_connections_without_a_handshake_are_closed_and_capped() {
+    let gw = Gateway::start_with(DatapathConfig {
+        dial_timeout: Duration::from_secs(2),
+        framed: framed::Limits {
+            max_connections: 3,
+            handshake_timeout: Duration::from_secs(1),
+            // Long enough for the steps before the round trip below on a
+            // loaded machine.
+            idle_timeout: Duration::from_secs(6),
+            ..framed::Limits::default()
+        },
+        ..DatapathConfig::default()
+    })
+    .await;
+    // A laptop over the framed transport handshakes at once.
+    let echo = echo_server().await;
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::framed(gw.framed).await);
+    let h = laptop.tcp_connect(echo);
+    laptop
+        .until("the laptop's connection", Duration::from_secs(10), |l| {
+            l.tcp(h).state() == tcp::State::Established
+        })
+        .await;
+    // Two that never handshake: one silent, one sending a junk frame the
+    // size of a handshake initiation.
+    let mut silent = TcpStream::connect(gw.framed).await.expect("connect");
+    let mut junk = TcpStream::connect(gw.framed).await.expect("connect");
+    let mut frame = vec![0u8, 148, 1];
+    frame.resize(150, 0x42);
+    junk.write_all(&frame).await.expect("write");
+    // The cap of 3 is reached: the next is reset at once (maybe before
+    // the connect returns).
+    if let Ok(mut over) = TcpStream::connect(gw.framed).await {
+        assert!(
+            closed_within(&mut over, Duration::from_secs(5)).await,
+            "a connection beyond the cap is closed at once"
+        );
+    }
+    // The deadline closes the two; the laptop's connection outlives it.
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    assert!(closed_within(&mut junk, Duration::from_secs(5)).await);
+    let got = laptop.tcp_round_trip(h, b"after the deadline").await;
+    assert_eq!(got, b"after the deadline");
+    let m = gw.metrics().await;
+    let sample = |s: &str| Gateway::metric(&m, s);
+    assert_eq!(
+        sample("burrow_gateway_framed_connections_refused_total{reason=\"total_limit\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample("burrow_gateway_framed_connections_timed_out_total{reason=\"handshake\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample("burrow_gateway_framed_connections_timed_out_total{reason=\"idle\"}"),
+        0.0
+    );
+    // Silent for longer than the idle timeout: closed too.
+    let Transport::Framed { stream, .. } = &mut laptop.transport else {
+        unreachable!("a framed laptop")
+    };
+    assert!(closed_within(stream, Duration::from_secs(20)).await);
+    let m = gw.metrics().await;
+    assert_eq!(
+        Gateway::metric(
+            &m,
+            "burrow_gateway_framed_connections_timed_out_total{reason=\"idle\"}"
+        ),
+        1.0
+    );
+    gw.stop().await;
 }

@@ -32,6 +32,16 @@
 //! ([`Ingress::UdpDatagram`]) and builds replies with smoltcp's wire types.
 //! Idle flows expire ([`FlowEngine::expire`]).
 //!
+//! Each laptop (tunnel address: the peer table has already checked that a
+//! packet's source is its peer's) has caps on the flows it opens
+//! ([`LaptopLimits`]), kept with counters per address so a refusal costs a
+//! hash lookup, never a scan: TCP flows (pending or accepted; a SYN beyond
+//! the cap is answered with RST), TCP dials pending (a SYN beyond is
+//! dropped: the laptop retransmits) and UDP flows (a datagram that would
+//! open one more is dropped). Refusals are reported as
+//! [`Ingress::Refused`]. Connections the gateway opens to a laptop
+//! ([`FlowEngine::connect`]) are not counted.
+//!
 //! Sans-IO: the engine is fed packets and `now`; it never reads a clock or
 //! touches a socket. Packets it produces while processing input are queued
 //! (in recycled buffers) and handed out by [`FlowEngine::egress`] together
@@ -83,6 +93,8 @@ pub struct FlowConfig {
     /// SYNs waiting for the driver's dial beyond this many are dropped (the
     /// laptop retransmits), bounding memory under a SYN flood.
     pub max_pending_syns: usize,
+    /// Caps on what one laptop may open.
+    pub per_laptop: LaptopLimits,
     /// Seed for smoltcp's initial sequence numbers; vary it per process.
     pub random_seed: u64,
 }
@@ -95,8 +107,90 @@ impl Default for FlowConfig {
             tcp_tx_buffer: 64 * 1024,
             udp_idle_timeout: Duration::from_secs(60),
             max_pending_syns: 4096,
+            per_laptop: LaptopLimits::default(),
             random_seed: 0,
         }
+    }
+}
+
+/// Caps on the flows one laptop (one tunnel address) holds at the gateway.
+/// The defaults are far above what a developer's programs open (a browser
+/// holds a few hundred connections, a parallel test suite a few thousand
+/// at most) and bound what one laptop can take from the others: sockets,
+/// memory, dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaptopLimits {
+    /// TCP flows the laptop opened, pending or accepted, until released.
+    /// Each holds a socket into the cluster and up to two socket buffers.
+    pub tcp_flows: usize,
+    /// TCP flows still waiting for their dial (a first SYN kept, a socket
+    /// connecting). Dials within a cluster settle in about a millisecond;
+    /// many pending means unreachable destinations (each held for the dial
+    /// timeout) or a burst, such as a load tool opening 1,000 connections
+    /// at once, which should pass. A SYN dropped here is retransmitted by
+    /// the laptop a second later.
+    pub pending_dials: usize,
+    /// UDP flows (5-tuples). Each holds a socket until idle for the UDP
+    /// timeout; a laptop's DNS stub opens one per cluster query.
+    pub udp_flows: usize,
+}
+
+impl Default for LaptopLimits {
+    fn default() -> Self {
+        Self {
+            tcp_flows: 4096,
+            pending_dials: 1024,
+            udp_flows: 2048,
+        }
+    }
+}
+
+/// Which of a laptop's caps refused a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// [`LaptopLimits::tcp_flows`]: the SYN was answered with RST.
+    TcpFlows,
+    /// [`LaptopLimits::pending_dials`]: the SYN was dropped.
+    PendingDials,
+    /// [`LaptopLimits::udp_flows`]: the datagram was dropped.
+    UdpFlows,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 3] = [Limit::TcpFlows, Limit::PendingDials, Limit::UdpFlows];
+
+    /// A short name, e.g. for a metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::TcpFlows => "tcp_flows",
+            Limit::PendingDials => "pending_dials",
+            Limit::UdpFlows => "udp_flows",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Limit::TcpFlows => 1,
+            Limit::PendingDials => 2,
+            Limit::UdpFlows => 4,
+        }
+    }
+}
+
+/// What one laptop holds now (see [`LaptopLimits`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaptopFlows {
+    pub tcp: usize,
+    pub pending: usize,
+    pub udp: usize,
+    /// Caps that refused since the laptop last held nothing (bits of
+    /// [`Limit::bit`]): a refusal is worth a log line only once.
+    refused: u8,
+}
+
+impl LaptopFlows {
+    fn is_empty(&self) -> bool {
+        self.tcp == 0 && self.pending == 0 && self.udp == 0
     }
 }
 
@@ -137,6 +231,15 @@ pub enum Ingress<'p> {
         src: SocketAddr,
         dst: SocketAddr,
         payload: &'p [u8],
+    },
+    /// A new flow beyond one of its laptop's caps: a TCP SYN answered with
+    /// RST (call `egress`) or dropped, a UDP datagram dropped. `first`:
+    /// the first refusal by this cap since the laptop last held no flows
+    /// (log it; count every one).
+    Refused {
+        laptop: IpAddr,
+        limit: Limit,
+        first: bool,
     },
     /// Not handled: see the reason.
     Dropped(IngressDrop),
@@ -201,6 +304,9 @@ struct TcpFlow {
     tuple: Tuple,
     /// Already listed in `FlowEngine::active`.
     active: bool,
+    /// Opened by the laptop (`tuple.0`), so counted in its `LaptopFlows`;
+    /// not for connections the gateway opened.
+    counted: bool,
 }
 
 struct UdpFlow {
@@ -232,6 +338,25 @@ impl TxQueue {
         while let Some(buf) = self.queued.pop_front() {
             out(&buf);
             self.free.push(buf);
+        }
+    }
+}
+
+/// Take back what `laptop` held of one flow; forget the laptop once it
+/// holds nothing.
+fn uncount(
+    laptops: &mut HashMap<IpAddr, LaptopFlows>,
+    laptop: IpAddr,
+    tcp: usize,
+    pending: usize,
+    udp: usize,
+) {
+    if let Some(f) = laptops.get_mut(&laptop) {
+        f.tcp = f.tcp.saturating_sub(tcp);
+        f.pending = f.pending.saturating_sub(pending);
+        f.udp = f.udp.saturating_sub(udp);
+        if f.is_empty() {
+            laptops.remove(&laptop);
         }
     }
 }
@@ -354,6 +479,8 @@ pub struct FlowEngine {
     tcp_by_tuple: HashMap<Tuple, FlowId>,
     udp: HashMap<Tuple, UdpFlow>,
     udp_by_id: HashMap<FlowId, Tuple>,
+    /// What each laptop holds, by tunnel address (entries go when empty).
+    laptops: HashMap<IpAddr, LaptopFlows>,
     /// Accepted TCP flows that received segments since `take_active`.
     active: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
@@ -403,6 +530,7 @@ impl FlowEngine {
             tcp_by_tuple: HashMap::new(),
             udp: HashMap::new(),
             udp_by_id: HashMap::new(),
+            laptops: HashMap::new(),
             active: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
             rx_slots: Slots::new(config.tcp_rx_buffer),
@@ -469,6 +597,10 @@ impl FlowEngine {
                         (flow.id, false)
                     }
                     None => {
+                        if let Some(refused) = self.refuse_over(src.ip(), Limit::UdpFlows) {
+                            return refused;
+                        }
+                        self.laptop_mut(src.ip()).udp += 1;
                         let id = self.new_id();
                         self.udp.insert(
                             (src, dst),
@@ -514,9 +646,22 @@ impl FlowEngine {
                 Some(_) => return None,
             }
         }
+        // The flow cap first: its RST is final, while a SYN dropped for
+        // pending dials comes again.
+        for limit in [Limit::TcpFlows, Limit::PendingDials] {
+            if let Some(refused) = self.refuse_over(src.ip(), limit) {
+                if limit == Limit::TcpFlows {
+                    self.queue_rst_for_syn(packet);
+                }
+                return Some(refused);
+            }
+        }
         if self.pending.len() >= self.config.max_pending_syns {
             return Some(Ingress::Dropped(IngressDrop::TooManyPendingSyns));
         }
+        let laptop = self.laptop_mut(src.ip());
+        laptop.tcp += 1;
+        laptop.pending += 1;
         let id = self.new_id();
         self.pending.insert(
             id,
@@ -528,6 +673,41 @@ impl FlowEngine {
         );
         self.tcp_by_tuple.insert((src, dst), id);
         Some(Ingress::NewTcp { id, src, dst })
+    }
+
+    /// `Some(Refused)` when `laptop` holds as many flows as `limit` allows.
+    fn refuse_over(&mut self, laptop: IpAddr, limit: Limit) -> Option<Ingress<'static>> {
+        let caps = self.config.per_laptop;
+        let held = self.laptops.get(&laptop).copied().unwrap_or_default();
+        let (held, cap) = match limit {
+            Limit::TcpFlows => (held.tcp, caps.tcp_flows),
+            Limit::PendingDials => (held.pending, caps.pending_dials),
+            Limit::UdpFlows => (held.udp, caps.udp_flows),
+        };
+        if held < cap {
+            return None;
+        }
+        let flows = self.laptop_mut(laptop);
+        let first = flows.refused & limit.bit() == 0;
+        flows.refused |= limit.bit();
+        Some(Ingress::Refused {
+            laptop,
+            limit,
+            first,
+        })
+    }
+
+    fn laptop_mut(&mut self, laptop: IpAddr) -> &mut LaptopFlows {
+        self.laptops.entry(laptop).or_default()
+    }
+
+    fn uncount(&mut self, laptop: IpAddr, tcp: usize, pending: usize, udp: usize) {
+        uncount(&mut self.laptops, laptop, tcp, pending, udp);
+    }
+
+    /// What `laptop` holds now (by its tunnel address). Constant time.
+    pub fn laptop_flows(&self, laptop: IpAddr) -> LaptopFlows {
+        self.laptops.get(&laptop).copied().unwrap_or_default()
     }
 
     fn mark_active(&mut self, src: SocketAddr, dst: SocketAddr) {
@@ -610,11 +790,14 @@ impl FlowEngine {
     /// answer the laptop's SYN.
     pub fn accept(&mut self, id: FlowId, now: Instant) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
+        // No longer pending; still one of the laptop's TCP flows.
+        self.uncount(syn.src.ip(), 0, 1, 0);
         let (mut socket, memory) = self.new_tcp_socket();
         if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
             drop(socket);
             self.give_back(memory);
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+            self.uncount(syn.src.ip(), 1, 0, 0);
             return Err(FlowError::InvalidState(id));
         }
         let handle = self.sockets.add(socket);
@@ -625,6 +808,7 @@ impl FlowEngine {
                 memory,
                 tuple: (syn.src, syn.dst),
                 active: false,
+                counted: true,
             },
         );
         self.inject(&syn.packet, now);
@@ -730,6 +914,7 @@ impl FlowEngine {
                 memory,
                 tuple: (remote, local),
                 active: false,
+                counted: false,
             },
         );
         self.tcp_by_tuple.insert((remote, local), id);
@@ -754,13 +939,28 @@ impl FlowEngine {
     pub fn refuse(&mut self, id: FlowId) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
         self.tcp_by_tuple.remove(&(syn.src, syn.dst));
-        let ip = wire::parse_ip(&syn.packet).map_err(|_| FlowError::InvalidState(id))?;
+        self.uncount(syn.src.ip(), 1, 1, 0);
+        if self.queue_rst_for_syn(&syn.packet) {
+            Ok(())
+        } else {
+            Err(FlowError::InvalidState(id))
+        }
+    }
+
+    /// Queue the RST answering `packet`, a SYN without ACK that parsed
+    /// before. False if it does not parse (nothing queued).
+    fn queue_rst_for_syn(&mut self, packet: &[u8]) -> bool {
+        let Ok(ip) = wire::parse_ip(packet) else {
+            return false;
+        };
         let (src_ip, dst_ip) = (IpAddress::from(ip.src), IpAddress::from(ip.dst));
         let checksums = ChecksumCapabilities::default();
-        let segment = TcpPacket::new_checked(ip.payload(&syn.packet))
-            .map_err(|_| FlowError::InvalidState(id))?;
-        let repr = TcpRepr::parse(&segment, &src_ip, &dst_ip, &checksums)
-            .map_err(|_| FlowError::InvalidState(id))?;
+        let Ok(segment) = TcpPacket::new_checked(ip.payload(packet)) else {
+            return false;
+        };
+        let Ok(repr) = TcpRepr::parse(&segment, &src_ip, &dst_ip, &checksums) else {
+            return false;
+        };
         // RFC 9293 3.10.7.1: a SYN without ACK is answered with
         // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>.
         let rst = TcpRepr {
@@ -783,7 +983,7 @@ impl FlowEngine {
             let mut tcp = TcpPacket::new_unchecked(&mut buf[ip_repr.header_len()..]);
             rst.emit(&mut tcp, &dst_ip, &src_ip, &checksums);
         });
-        Ok(())
+        true
     }
 
     /// The destination is unreachable: forget the SYN without answering, so
@@ -791,6 +991,7 @@ impl FlowEngine {
     pub fn discard(&mut self, id: FlowId) -> Result<(), FlowError> {
         let syn = self.pending.remove(&id).ok_or(FlowError::UnknownFlow(id))?;
         self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+        self.uncount(syn.src.ip(), 1, 1, 0);
         Ok(())
     }
 
@@ -926,12 +1127,17 @@ impl FlowEngine {
             drop(self.sockets.remove(flow.handle));
             self.give_back(flow.memory);
             self.tcp_by_tuple.remove(&flow.tuple);
+            if flow.counted {
+                self.uncount(flow.tuple.0.ip(), 1, 0, 0);
+            }
         }
         if let Some(syn) = self.pending.remove(&id) {
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
+            self.uncount(syn.src.ip(), 1, 1, 0);
         }
         if let Some(tuple) = self.udp_by_id.remove(&id) {
             self.udp.remove(&tuple);
+            self.uncount(tuple.0.ip(), 0, 0, 1);
         }
     }
 
@@ -972,10 +1178,12 @@ impl FlowEngine {
     pub fn expire(&mut self, now: Instant, mut expired: impl FnMut(FlowId)) {
         let timeout = self.config.udp_idle_timeout;
         let by_id = &mut self.udp_by_id;
-        self.udp.retain(|_, flow| {
+        let laptops = &mut self.laptops;
+        self.udp.retain(|(laptop, _), flow| {
             let keep = now.saturating_duration_since(flow.last_active) < timeout;
             if !keep {
                 by_id.remove(&flow.id);
+                uncount(laptops, laptop.ip(), 0, 0, 1);
                 expired(flow.id);
             }
             keep
@@ -1552,6 +1760,213 @@ mod tests {
             e.ingress(&tcp_packet(LAPTOP_SERVER, la, &stray), t0),
             Ingress::Handled
         );
+    }
+
+    /// An engine with small per-laptop caps.
+    fn capped(tcp_flows: usize, pending_dials: usize, udp_flows: usize, t0: Instant) -> FlowEngine {
+        FlowEngine::new(
+            FlowConfig {
+                per_laptop: LaptopLimits {
+                    tcp_flows,
+                    pending_dials,
+                    udp_flows,
+                },
+                ..FlowConfig::default()
+            },
+            t0,
+        )
+    }
+
+    /// Laptop `LAPTOP`'s address with another port.
+    fn port(p: u16) -> SocketAddr {
+        SocketAddr::new(LAPTOP.ip(), p)
+    }
+
+    const OTHER_LAPTOP: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3));
+
+    fn syn_from(e: &mut FlowEngine, from: SocketAddr, now: Instant) -> Ingress<'static> {
+        let mut syn = syn_repr(1000);
+        syn.src_port = from.port();
+        match e.ingress(&tcp_packet(from, SERVICE, &syn), now) {
+            Ingress::NewTcp { id, src, dst } => Ingress::NewTcp { id, src, dst },
+            Ingress::Refused {
+                laptop,
+                limit,
+                first,
+            } => Ingress::Refused {
+                laptop,
+                limit,
+                first,
+            },
+            Ingress::Handled => Ingress::Handled,
+            Ingress::Dropped(d) => Ingress::Dropped(d),
+            Ingress::UdpDatagram { .. } => panic!("a SYN is not UDP"),
+        }
+    }
+
+    fn new_id(i: Ingress) -> FlowId {
+        match i {
+            Ingress::NewTcp { id, .. } => id,
+            other => panic!("expected NewTcp, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_laptop_at_its_tcp_cap_gets_rst_and_others_are_not_held_back() {
+        let t0 = Instant::now();
+        let mut e = capped(2, 10, 10, t0);
+        let a = new_id(syn_from(&mut e, port(1), t0));
+        let b = new_id(syn_from(&mut e, port(2), t0));
+        e.accept(a, t0).expect("pending");
+        let _ = drain(&mut e, t0);
+        assert_eq!(
+            syn_from(&mut e, port(3), t0),
+            Ingress::Refused {
+                laptop: LAPTOP.ip(),
+                limit: Limit::TcpFlows,
+                first: true
+            }
+        );
+        let out = drain(&mut e, t0);
+        assert_eq!(out.len(), 1, "the refused SYN is answered");
+        let rst = parse_tcp(&out[0]);
+        assert_eq!(rst.control, TcpControl::Rst);
+        assert_eq!((rst.src, rst.dst), (SERVICE, port(3)));
+        assert_eq!(rst.ack, Some(Seq(1001)));
+        // Counted each time, worth a log line once.
+        assert_eq!(
+            syn_from(&mut e, port(4), t0),
+            Ingress::Refused {
+                laptop: LAPTOP.ip(),
+                limit: Limit::TcpFlows,
+                first: false
+            }
+        );
+        // Another laptop is not held back.
+        let other = SocketAddr::new(OTHER_LAPTOP, 40000);
+        new_id(syn_from(&mut e, other, t0));
+        assert_eq!(
+            e.laptop_flows(LAPTOP.ip()),
+            LaptopFlows {
+                tcp: 2,
+                pending: 1,
+                udp: 0,
+                refused: Limit::TcpFlows.bit()
+            }
+        );
+        // A released flow makes room.
+        e.discard(b).expect("pending");
+        new_id(syn_from(&mut e, port(5), t0));
+    }
+
+    #[test]
+    fn a_syn_beyond_the_pending_cap_is_dropped_and_retried_later() {
+        let t0 = Instant::now();
+        let mut e = capped(10, 1, 10, t0);
+        let a = new_id(syn_from(&mut e, port(1), t0));
+        assert_eq!(
+            syn_from(&mut e, port(2), t0),
+            Ingress::Refused {
+                laptop: LAPTOP.ip(),
+                limit: Limit::PendingDials,
+                first: true
+            }
+        );
+        assert!(drain(&mut e, t0).is_empty(), "dropped, not answered");
+        // Once the first dial settles, the retransmitted SYN is a new flow.
+        e.accept(a, t0).expect("pending");
+        let _ = drain(&mut e, t0);
+        new_id(syn_from(&mut e, port(2), t0));
+        let held = e.laptop_flows(LAPTOP.ip());
+        assert_eq!((held.tcp, held.pending), (2, 1));
+    }
+
+    #[test]
+    fn udp_flows_beyond_the_cap_are_dropped_until_one_expires() {
+        let t0 = Instant::now();
+        let mut e = capped(10, 10, 2, t0);
+        let dns = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53);
+        let open = |e: &mut FlowEngine, from: SocketAddr, now: Instant| -> Option<bool> {
+            match e.ingress(&udp_packet(from, dns, b"q"), now) {
+                Ingress::UdpDatagram { new, .. } => Some(new),
+                Ingress::Refused {
+                    limit: Limit::UdpFlows,
+                    laptop,
+                    ..
+                } => {
+                    assert_eq!(laptop, from.ip());
+                    None
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(open(&mut e, port(1), t0), Some(true));
+        assert_eq!(open(&mut e, port(2), t0), Some(true));
+        assert_eq!(open(&mut e, port(3), t0), None);
+        assert_eq!(open(&mut e, port(3), t0), None, "every datagram again");
+        // Existing flows and other laptops go on.
+        assert_eq!(open(&mut e, port(1), t0), Some(false));
+        let other = SocketAddr::new(OTHER_LAPTOP, 5353);
+        assert_eq!(open(&mut e, other, t0), Some(true));
+        // Flow 2 expires (flow 1 was active later).
+        let t1 = t0 + Duration::from_secs(61);
+        assert_eq!(
+            open(&mut e, port(1), t1 - Duration::from_secs(30)),
+            Some(false)
+        );
+        e.expire(t1, |_| {});
+        assert_eq!(e.laptop_flows(LAPTOP.ip()).udp, 1);
+        assert_eq!(open(&mut e, port(3), t1), Some(true));
+        assert_eq!(
+            e.ingress(&udp_packet(port(4), dns, b"q"), t1),
+            Ingress::Refused {
+                laptop: LAPTOP.ip(),
+                limit: Limit::UdpFlows,
+                first: false
+            },
+            "logged once until the laptop held nothing"
+        );
+    }
+
+    #[test]
+    fn counts_go_back_to_nothing_on_every_way_out() {
+        let t0 = Instant::now();
+        let mut e = capped(100, 100, 100, t0);
+        let refused = new_id(syn_from(&mut e, port(1), t0));
+        let discarded = new_id(syn_from(&mut e, port(2), t0));
+        let released_pending = new_id(syn_from(&mut e, port(3), t0));
+        let accepted = new_id(syn_from(&mut e, port(4), t0));
+        e.refuse(refused).expect("pending");
+        e.discard(discarded).expect("pending");
+        e.release(released_pending);
+        e.accept(accepted, t0).expect("pending");
+        let dns = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53);
+        let Ingress::UdpDatagram { id: udp, .. } = e.ingress(&udp_packet(port(5), dns, b"q"), t0)
+        else {
+            panic!("a UDP flow")
+        };
+        // The gateway's own connections to the laptop are not its flows.
+        let (to_laptop, _) = e
+            .connect(GATEWAY_IP, SocketAddr::new(LAPTOP.ip(), 8080))
+            .expect("connect");
+        let held = e.laptop_flows(LAPTOP.ip());
+        assert_eq!((held.tcp, held.pending, held.udp), (1, 0, 1));
+        e.release(accepted);
+        e.release(udp);
+        e.release(to_laptop);
+        assert_eq!(e.laptop_flows(LAPTOP.ip()), LaptopFlows::default());
+        assert!(
+            e.laptops.is_empty(),
+            "no entry kept for a laptop with nothing"
+        );
+        // A finished connection's tuple reused: the old flow is released.
+        let again = new_id(syn_from(&mut e, port(6), t0));
+        e.accept(again, t0).expect("pending");
+        e.tcp_abort(again).expect("open");
+        let _ = drain(&mut e, t0);
+        new_id(syn_from(&mut e, port(6), t0));
+        let held = e.laptop_flows(LAPTOP.ip());
+        assert_eq!((held.tcp, held.pending), (1, 1));
     }
 
     #[test]

@@ -897,6 +897,26 @@ impl Cluster {
         self.state_dir.join("kubeconfig-limited-host")
     }
 
+    /// A kubeconfig for laptops (server https://192.168.240.1:6443) as
+    /// `user` in `groups` (at most two), with a client certificate from the
+    /// cluster's CA. The user has no rights beyond what bindings give it:
+    /// every authenticated user may only review its own access.
+    pub fn kubeconfig_for(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
+        let pki = pki::Pki::load(&self.state_dir.join("pki"))?;
+        let (cert, key) = pki.client_cert(user, groups)?;
+        let path = self.state_dir.join(format!("kubeconfig-user-{user}"));
+        pki::write_kubeconfig(
+            &path,
+            &format!("minicluster-{}", self.name),
+            &format!("https://{NODE_UNDERLAY_IP}:{API_PORT}"),
+            &pki.ca_pem,
+            user,
+            &cert,
+            &key,
+        )?;
+        Ok(path)
+    }
+
     /// The network namespace of `laptop`, `laptop2`..., `node` or
     /// `pod/NAMESPACE/POD`.
     pub fn netns(&self, target: &str) -> Result<String> {

@@ -250,6 +250,20 @@ fn connect_acceptance() {
         let out = s.connect_ok(1, &[]);
         eprintln!("connect output:\n{out}");
         assert!(out.contains("installing the gateway"), "{out}");
+        // The gateway's NetworkPolicy came with it (stored, not enforced,
+        // in the miniature cluster: the traffic below passes beside it).
+        let policy = jsonpath(
+            s.c,
+            &[
+                "get",
+                "networkpolicy",
+                "-n",
+                "burrow-system",
+                "burrow-gateway",
+            ],
+            "{.spec.podSelector.matchLabels}",
+        );
+        assert!(policy.contains("burrow-gateway"), "{policy}");
         s.assert_traffic(1);
         let st = s.status_json(1);
         assert_eq!(st["connected"], true, "{st}");
@@ -554,6 +568,20 @@ fn connect_acceptance() {
             &["get", "all,secret,sa", "-n", "burrow-system", "-o", "name"],
         ));
         assert!(o.trim().is_empty(), "objects left: {o}");
+        let o = ok(kubectl(&c, &["get", "networkpolicy", "-A", "-o", "name"]));
+        assert!(o.trim().is_empty(), "NetworkPolicy left: {o}");
+        let o = ok(kubectl(
+            &c,
+            &[
+                "get",
+                "clusterroles,clusterrolebindings",
+                "-l",
+                "app.kubernetes.io/managed-by=burrow",
+                "-o",
+                "name",
+            ],
+        ));
+        assert!(o.trim().is_empty(), "cluster-wide objects left: {o}");
     });
 
     points.finish();

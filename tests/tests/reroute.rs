@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,15 +16,8 @@ use serde_json::Value;
 #[test]
 fn reroute_acceptance() {
     let Some(c) = cluster("rr", 2) else { return };
-    let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let s = Setup {
-        c: &c,
-        bin: bin.clone(),
-        dir: tempfile::tempdir().expect("tempdir"),
-    };
+    let s = Setup::new(&c);
+    let bin = s.bin.clone();
     let echo = bin.join("mc-echo").display().to_string();
     let mut servers = vec![
         s.spawn(

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -100,36 +99,12 @@ fn curl_args(url: &str, method: &str, body: &str) -> Vec<String> {
 #[test]
 fn trust_acceptance() {
     let Some(c) = cluster("tr", 2) else { return };
-    let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let s = Setup {
-        c: &c,
-        bin: bin.clone(),
-        dir: tempfile::tempdir().expect("tempdir"),
-    };
-    let echo = bin.join("mc-echo").display().to_string();
+    let s = Setup::new(&c);
     let mut servers = vec![
-        s.spawn(
-            1,
-            &[("POD_NAME", "laptop-alice"), ("PORT", "3000")],
-            &[&echo],
-        ),
+        s.echo_server(1, "laptop-alice", 3000),
         // Listens on 0.0.0.0:7200 and is never rerouted.
-        s.spawn(1, &[("POD_NAME", SECRET), ("PORT", "7200")], &[&echo]),
+        s.echo_server(1, SECRET, 7200),
     ];
-    for port in [3000, 7200] {
-        eventually(Duration::from_secs(10), "laptop 1's servers up", || {
-            run(s.on(
-                1,
-                &["curl", "-sf", &format!("http://127.0.0.1:{port}/healthz")],
-            ))
-            .status
-            .success()
-            .then_some(())
-        });
-    }
     let kc = c.kubeconfig().display().to_string();
     for n in [1, 2] {
         let o = run(s.burrow(n, &["connect", "--kubeconfig", &kc]));
@@ -141,7 +116,8 @@ fn trust_acceptance() {
             s.daemon_log(n)
         );
     }
-    s.reroute(1, &["echo", "--port", "8080:3000"]);
+    // No --kubeconfig: the one `connect` was given is used.
+    ok(s.burrow(1, &["reroute", "echo", "--port", "8080:3000"]));
     eventually(
         Duration::from_secs(15),
         "the caller reaches laptop 1",
@@ -226,8 +202,14 @@ fn trust_acceptance() {
     point(
         "1 nothing on the gateway pod or in laptop 2's tunnel abuses laptop 1",
         &|| {
-            for (method, path, body) in attacks(&key, &key_url) {
+            for (i, (method, path, body)) in attacks(&key, &key_url).into_iter().enumerate() {
                 for port in &ports {
+                    // The framed port speaks length-framed WireGuard, not
+                    // HTTP: one try is enough (each waits for curl's
+                    // timeout).
+                    if *port == 51821 && i > 0 {
+                        continue;
+                    }
                     let url = format!("http://{gw_ip}:{port}{path}");
                     let args = curl_args(&url, method, &body);
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -704,6 +704,7 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
             }
         }
         "core/v1/secrets" => set_default(obj, "type", json!("Opaque")),
+        "networking.k8s.io/v1/networkpolicies" => crate::networkpolicy::default(obj),
         _ => {}
     }
 }
@@ -868,6 +869,13 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
             }
             validate_pod_spec("spec.template.spec", &spec["template"]["spec"], &mut errs);
         }
+        "networking.k8s.io/v1/networkpolicies" => crate::networkpolicy::validate(obj, &mut errs),
+        "rbac.authorization.k8s.io/v1/roles"
+        | "rbac.authorization.k8s.io/v1/clusterroles"
+        | "rbac.authorization.k8s.io/v1/rolebindings"
+        | "rbac.authorization.k8s.io/v1/clusterrolebindings" => {
+            crate::auth::validate(rt.kind, obj, &mut errs)
+        }
         "core/v1/namespaces" if !name.is_empty() && !is_dns_label(name) => {
             errs.push(format!(
                     "metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
@@ -888,6 +896,7 @@ fn known_top_level(rt: &ResourceType) -> Option<&'static [&'static str]> {
     const COMMON: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
     Some(match rt.kind {
         "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Namespace" | "Node" => COMMON,
+        "NetworkPolicy" => &["apiVersion", "kind", "metadata", "spec"],
         "ConfigMap" => &[
             "apiVersion",
             "kind",

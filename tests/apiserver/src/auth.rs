@@ -278,6 +278,87 @@ fn rule_allows(rule: &Value, attrs: &Attributes<'_>) -> bool {
     }
 }
 
+/// The real validation of RBAC objects (`kind` Role, ClusterRole,
+/// RoleBinding, ClusterRoleBinding): rules need verbs and, for resources,
+/// API groups; bindings need a role of the right kind and known subjects.
+pub fn validate(kind: &str, obj: &Value, errs: &mut Vec<String>) {
+    match kind {
+        "Role" | "ClusterRole" => {
+            for (i, rule) in obj["rules"].as_array().into_iter().flatten().enumerate() {
+                let empty = |k: &str| rule[k].as_array().is_none_or(|a| a.is_empty());
+                if empty("verbs") {
+                    errs.push(format!(
+                        "rules[{i}].verbs: Required value: verbs must contain at least one value"
+                    ));
+                }
+                if !empty("nonResourceURLs") {
+                    if kind == "Role" {
+                        errs.push(format!(
+                            "rules[{i}].nonResourceURLs: Invalid value: {}: namespaced rules cannot apply to non-resource URLs",
+                            rule["nonResourceURLs"]
+                        ));
+                    }
+                    if !empty("apiGroups") || !empty("resources") || !empty("resourceNames") {
+                        errs.push(format!(
+                            "rules[{i}].nonResourceURLs: Invalid value: {}: rules cannot apply to both regular resources and non-resource URLs",
+                            rule["nonResourceURLs"]
+                        ));
+                    }
+                } else if empty("apiGroups") {
+                    errs.push(format!(
+                        "rules[{i}].apiGroups: Required value: resource rules must supply at least one api group"
+                    ));
+                } else if empty("resources") {
+                    errs.push(format!(
+                        "rules[{i}].resources: Required value: resource rules must supply at least one resource"
+                    ));
+                }
+            }
+        }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let role_ref = &obj["roleRef"];
+            let group = role_ref["apiGroup"].as_str().unwrap_or("");
+            if group != "rbac.authorization.k8s.io" {
+                errs.push(format!(
+                    "roleRef.apiGroup: Unsupported value: {group:?}: supported values: \"rbac.authorization.k8s.io\""
+                ));
+            }
+            let ref_kind = role_ref["kind"].as_str().unwrap_or("");
+            match (kind, ref_kind) {
+                ("RoleBinding", "Role" | "ClusterRole") | ("ClusterRoleBinding", "ClusterRole") => {}
+                ("RoleBinding", other) => errs.push(format!(
+                    "roleRef.kind: Unsupported value: {other:?}: supported values: \"Role\", \"ClusterRole\""
+                )),
+                (_, other) => errs.push(format!(
+                    "roleRef.kind: Unsupported value: {other:?}: supported values: \"ClusterRole\""
+                )),
+            }
+            if role_ref["name"].as_str().is_none_or(str::is_empty) {
+                errs.push("roleRef.name: Required value".to_string());
+            }
+            for (i, sub) in obj["subjects"].as_array().into_iter().flatten().enumerate() {
+                if sub["name"].as_str().is_none_or(str::is_empty) {
+                    errs.push(format!("subjects[{i}].name: Required value"));
+                }
+                match sub["kind"].as_str().unwrap_or("") {
+                    "User" | "Group" => {}
+                    "ServiceAccount" => {
+                        if kind == "ClusterRoleBinding"
+                            && sub["namespace"].as_str().is_none_or(str::is_empty)
+                        {
+                            errs.push(format!("subjects[{i}].namespace: Required value"));
+                        }
+                    }
+                    other => errs.push(format!(
+                        "subjects[{i}].kind: Unsupported value: {other:?}: supported values: \"ServiceAccount\", \"User\", \"Group\""
+                    )),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The default ClusterRoles of a fresh cluster (`cluster-admin`, `admin`,
 /// `edit`, `view`, `system:basic-user`) and the bindings of `system:masters`
 /// to `cluster-admin` and of every authenticated user to
@@ -477,5 +558,150 @@ mod tests {
         assert_eq!(u.name, "system:serviceaccount:default:burrow");
         assert!(auth.authenticate(None, Some("Bearer nope")).is_err());
         assert!(auth.authenticate(None, None).is_err());
+    }
+
+    fn attrs<'a>(
+        verb: &'a str,
+        key: &str,
+        sub: Option<&'a str>,
+        ns: &'a str,
+        name: &'a str,
+    ) -> Attributes<'a> {
+        Attributes {
+            verb,
+            resource: must(key),
+            subresource: sub,
+            namespace: ns,
+            name,
+        }
+    }
+
+    #[test]
+    fn cluster_roles_bound_in_a_namespace_grant_only_there() {
+        let s = store_with_ns();
+        let dana = UserInfo::new("dana", &[]);
+        s.create(
+            must("rbac.authorization.k8s.io/v1/clusterroles"),
+            "",
+            json!({"metadata": {"name": "reroute"}, "rules": [
+                {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "patch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list"]},
+            ]}),
+        )
+        .expect("cluster role");
+        s.create(
+            must("rbac.authorization.k8s.io/v1/rolebindings"),
+            "default",
+            json!({"metadata": {"name": "dana"}, "roleRef": {"kind": "ClusterRole", "name": "reroute", "apiGroup": "rbac.authorization.k8s.io"},
+                   "subjects": [{"kind": "User", "name": "dana", "apiGroup": "rbac.authorization.k8s.io"}]}),
+        )
+        .expect("binding");
+        let svc = "core/v1/services";
+        let slices = "discovery.k8s.io/v1/endpointslices";
+        assert!(allowed(
+            &s,
+            &dana,
+            &attrs("patch", svc, None, "default", "echo")
+        ));
+        assert!(!allowed(
+            &s,
+            &dana,
+            &attrs("patch", svc, None, "team", "echo")
+        ));
+        // All namespaces at once is not "every namespace it is bound in".
+        assert!(!allowed(&s, &dana, &attrs("get", svc, None, "", "")));
+        assert!(!allowed(
+            &s,
+            &dana,
+            &attrs("delete", svc, None, "default", "echo")
+        ));
+        // The status subresource is a resource of its own.
+        assert!(!allowed(
+            &s,
+            &dana,
+            &attrs("patch", svc, Some("status"), "default", "echo")
+        ));
+        assert!(allowed(
+            &s,
+            &dana,
+            &attrs("create", slices, None, "default", "")
+        ));
+        // A rule of the core group grants nothing in another group.
+        let core_slices =
+            json!([{"apiGroups": [""], "resources": ["endpointslices"], "verbs": ["*"]}]);
+        assert!(!rules_allow(
+            &json!({"rules": core_slices}),
+            &attrs("delete", slices, None, "default", "x")
+        ));
+        // A cluster-scoped resource is never granted by a RoleBinding.
+        assert!(!allowed(
+            &s,
+            &dana,
+            &attrs("list", "core/v1/nodes", None, "", "")
+        ));
+        assert!(allowed(
+            &s,
+            &dana,
+            &attrs("list", "core/v1/pods", None, "default", "")
+        ));
+        // `pods` does not grant `pods/portforward`.
+        assert!(!allowed(
+            &s,
+            &dana,
+            &attrs("list", "core/v1/pods", Some("portforward"), "default", "p")
+        ));
+    }
+
+    #[test]
+    fn resource_names_restrict_to_named_requests() {
+        let role = json!({"rules": [
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create"], "resourceNames": ["gw"]},
+        ]});
+        let deploy = "apps/v1/deployments";
+        assert!(rules_allow(&role, &attrs("get", deploy, None, "ns", "gw")));
+        assert!(!rules_allow(
+            &role,
+            &attrs("get", deploy, None, "ns", "other")
+        ));
+        // A collection request names nothing (a create's name is in its body).
+        assert!(!rules_allow(&role, &attrs("list", deploy, None, "ns", "")));
+        assert!(!rules_allow(
+            &role,
+            &attrs("create", deploy, None, "ns", "")
+        ));
+    }
+
+    #[test]
+    fn rbac_objects_are_validated() {
+        let mut errs = Vec::new();
+        validate(
+            "Role",
+            &json!({"rules": [{"resources": ["pods"], "verbs": ["get"]}, {"apiGroups": [""], "resources": ["pods"]}, {"nonResourceURLs": ["/x"], "verbs": ["get"]}]}),
+            &mut errs,
+        );
+        validate(
+            "RoleBinding",
+            &json!({"roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Rol", "name": "x"}, "subjects": [{"kind": "user", "name": "u"}]}),
+            &mut errs,
+        );
+        validate(
+            "ClusterRoleBinding",
+            &json!({"roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ""}, "subjects": [{"kind": "ServiceAccount", "name": "sa"}]}),
+            &mut errs,
+        );
+        assert_eq!(
+            errs,
+            [
+                "rules[0].apiGroups: Required value: resource rules must supply at least one api group",
+                "rules[1].verbs: Required value: verbs must contain at least one value",
+                "rules[2].nonResourceURLs: Invalid value: [\"/x\"]: namespaced rules cannot apply to non-resource URLs",
+                "roleRef.kind: Unsupported value: \"Rol\": supported values: \"Role\", \"ClusterRole\"",
+                "subjects[0].kind: Unsupported value: \"user\": supported values: \"ServiceAccount\", \"User\", \"Group\"",
+                "roleRef.kind: Unsupported value: \"Role\": supported values: \"ClusterRole\"",
+                "roleRef.name: Required value",
+                "subjects[0].namespace: Required value",
+            ]
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod discovery;
 pub mod error;
 pub mod local;
 pub mod logs;
+pub mod networkpolicy;
 pub mod patch;
 pub mod pki;
 pub mod portforward;

@@ -57,18 +57,7 @@ impl Pki {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
         let ca_key = KeyPair::generate().context("generating the CA key")?;
-        let mut ca_params = CertificateParams::default();
-        ca_params.distinguished_name = DistinguishedName::new();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "kubernetes");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        validity(&mut ca_params);
+        let ca_params = ca_params();
         let ca_cert = ca_params
             .self_signed(&ca_key)
             .context("self-signing the CA")?;
@@ -128,6 +117,27 @@ impl Pki {
         Ok(pki)
     }
 
+    /// The PKI [`Pki::generate`] wrote into `dir`, to sign more client
+    /// certificates (a harness minting a user's kubeconfig for a running
+    /// cluster).
+    pub fn load(dir: &Path) -> anyhow::Result<Pki> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let ca_key_pem = read("ca.key")?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing ca.key")?;
+        // The issuer of a certificate is the CA's name and key: the same
+        // parameters as when it was generated sign for it.
+        Ok(Pki {
+            ca_pem: read("ca.crt")?,
+            ca_key_pem,
+            server_cert_pem: read("apiserver.crt")?,
+            server_key_pem: read("apiserver.key")?,
+            issuer: Issuer::new(ca_params(), ca_key),
+        })
+    }
+
     /// A client certificate for `user` in `groups` (CN = user, O = each
     /// group; at most two), signed by the CA: (certificate PEM, key PEM).
     pub fn client_cert(&self, user: &str, groups: &[&str]) -> anyhow::Result<(String, String)> {
@@ -159,6 +169,23 @@ impl Pki {
             .context("signing a client certificate")?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+}
+
+/// The CA's certificate parameters (subject `CN=kubernetes`).
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kubernetes");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut params);
+    params
 }
 
 /// Writes a kubeconfig with one cluster, one user and one context (all named

@@ -95,6 +95,9 @@ pub static RESOURCES: &[ResourceType] = &[
     rt("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole", false, &[], &[]),
     rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, &[], &[]),
     rt("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, &[], &[]),
+    // Stored and validated, never enforced: like a cluster whose network
+    // plugin has no policy support (nothing here filters pod traffic).
+    rt("networking.k8s.io", "v1", "networkpolicies", "networkpolicy", "NetworkPolicy", true, &["netpol"], &[]),
     rt("events.k8s.io", "v1", "events", "event", "Event", true, &[], &[]),
     // Virtual (create-only, never stored): answered by the REST layer.
     rt("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "", "SelfSubjectAccessReview", false, &[], &[]),

@@ -579,6 +579,7 @@ async fn resource_request(
     let collection = t.name.is_empty();
     let sub = t.sub.as_deref();
     let watch = q.flag("watch");
+    let streaming = matches!(sub, Some("portforward" | "exec" | "attach"));
     let verb = match (&method, collection) {
         (&Method::GET | &Method::HEAD, true) => {
             if watch {
@@ -588,7 +589,7 @@ async fn resource_request(
             }
         }
         (&Method::GET | &Method::HEAD, false) => {
-            if sub == Some("portforward") || sub == Some("exec") || sub == Some("attach") {
+            if streaming {
                 "create"
             } else {
                 "get"
@@ -605,13 +606,35 @@ async fn resource_request(
             ));
         }
     };
+    // A list or watch pinned to one name (`fieldSelector=metadata.name=x`)
+    // is authorized for that name, so `resourceNames` rules apply to it,
+    // as the real server's request info does.
+    let pinned = if collection && matches!(verb, "list" | "watch") {
+        FieldSelector::parse(q.get("fieldSelector").unwrap_or(""))
+            .ok()
+            .and_then(|f| f.name().map(str::to_string))
+    } else {
+        None
+    };
     let attrs = Attributes {
         verb,
         resource: t.rt,
         subresource: sub,
         namespace: &t.ns,
-        name: &t.name,
+        name: pinned.as_deref().unwrap_or(&t.name),
     };
+    if streaming && matches!(method, Method::GET | Method::HEAD) {
+        // A WebSocket upgrade is a GET, authorized as `get` like any GET;
+        // since Kubernetes 1.35 (AuthorizePodWebsocketUpgradeCreatePermission,
+        // on by default) also as `create`, which SPDY's POST always needed.
+        // Both are required here, the strictest real server: a role that
+        // works here works on every version.
+        let get = Attributes {
+            verb: "get",
+            ..attrs.clone()
+        };
+        state.auth.authorize(&state.store, user, &get)?;
+    }
     state.auth.authorize(&state.store, user, &attrs)?;
     let accept = req
         .headers()
@@ -803,6 +826,8 @@ async fn resource_request(
                     if e.code == 404
                         && matches!(rt.kind, "Endpoints" | "Lease" | "Event" | "ConfigMap") =>
                 {
+                    // An update that creates needs `create` too.
+                    authorize_create(state, user, &attrs)?;
                     let mut obj = obj;
                     obj["metadata"]["name"] = json!(name);
                     let o = admission::create_with(store, rt, ns, obj, opts)?;
@@ -840,6 +865,11 @@ async fn resource_request(
                     opts,
                 )?;
                 return Ok(json_response(StatusCode::OK, &scale_of(&out)));
+            }
+            if kind == PatchType::Apply && sub.is_none() && store.get(rt, ns, name).is_err() {
+                // Server-side apply of a missing object creates it, which
+                // needs `create` as well as `patch`.
+                authorize_create(state, user, &attrs)?;
             }
             let (out, created) = admission::patch(
                 store,
@@ -922,6 +952,19 @@ async fn resource_request(
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// `attrs` as a `create` (a write that creates the object it names).
+fn authorize_create(
+    state: &Arc<State>,
+    user: &UserInfo,
+    attrs: &Attributes<'_>,
+) -> Result<(), ApiError> {
+    let create = Attributes {
+        verb: "create",
+        ..attrs.clone()
+    };
+    state.auth.authorize(&state.store, user, &create)
 }
 
 /// `GET pods/{name}/log`: validated here, streamed by the node.

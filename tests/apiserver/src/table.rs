@@ -424,6 +424,16 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
             ),
             age,
         ],
+        "NetworkPolicy" => vec![
+            name,
+            col(
+                "Pod-Selector",
+                "string",
+                0,
+                "podSelector selects the pods to which this NetworkPolicy object applies. The array of rules is applied to any pods selected by this field. An empty selector matches all pods in this namespace.",
+            ),
+            age,
+        ],
         _ => vec![name, age],
     }
 }
@@ -696,6 +706,11 @@ fn cells(rt: &ResourceType, o: &Value) -> Vec<Value> {
                 created,
             ]
         }
+        "NetworkPolicy" => vec![
+            name,
+            json!(selector_string(&o["spec"]["podSelector"])),
+            created,
+        ],
         _ => vec![name, created],
     }
 }

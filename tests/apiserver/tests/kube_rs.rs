@@ -411,4 +411,65 @@ async fn kube_rs_portforward() {
     // Missing pod: 404.
     let err = pods.portforward("nope", &[80]).await.err().expect("404");
     assert!(format!("{err:?}").contains("404"), "{err:?}");
+
+    // RBAC: a WebSocket port-forward needs `get` and `create` on
+    // pods/portforward (`pods` is not enough); each 403 names the verb.
+    let rbac = |kind: &str, name: &str, body: serde_json::Value| {
+        let rt = must(&format!("rbac.authorization.k8s.io/v1/{kind}"));
+        let mut body = body;
+        body["metadata"] = json!({"name": name});
+        minicluster_apiserver::admission::create(&server.store, rt, "default", body)
+            .expect("rbac object");
+    };
+    let bind = |user: &str, role: &str| {
+        json!({"roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+    };
+    for (role, verbs) in [
+        ("pf-get", json!(["get"])),
+        ("pf-create", json!(["create"])),
+        ("pf-both", json!(["get", "create"])),
+    ] {
+        rbac(
+            "roles",
+            role,
+            json!({"rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]},
+                {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": verbs},
+            ]}),
+        );
+        rbac("rolebindings", role, bind(role, role));
+    }
+    for (user, missing) in [
+        ("pf-get", Some("create")),
+        ("pf-create", Some("get")),
+        ("pf-both", None),
+    ] {
+        let kc = server.kubeconfig_for(user, &[]).expect("kubeconfig");
+        let theirs: Api<Pod> = Api::namespaced(client_for(&kc).await, "default");
+        match (theirs.portforward("echo", &[port]).await, missing) {
+            (Ok(mut pf), None) => {
+                let _ = pf.take_stream(port).expect("stream");
+            }
+            (Err(e), Some(verb)) => {
+                let text = format!("{e:?}");
+                assert!(
+                    text.contains("403")
+                        && text
+                            .contains(&format!("cannot {verb} resource \\\"pods/portforward\\\"")),
+                    "{user}: {text}"
+                );
+            }
+            (Ok(_), Some(verb)) => panic!("{user} port-forwarded without {verb}"),
+            (Err(e), None) => panic!("{user}: {e:?}"),
+        }
+    }
+}
+
+async fn client_for(kubeconfig: &std::path::Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(cfg).expect("client")
 }

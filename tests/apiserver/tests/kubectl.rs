@@ -717,3 +717,130 @@ async fn kubectl_apply_list_and_logs() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: gateway
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      app: gateway
+  ingress:
+  - ports:
+    - protocol: UDP
+      port: wireguard
+  - from:
+    - namespaceSelector: {}
+    ports:
+    - port: 32768
+      endPort: 60999
+"#;
+
+const DEVELOPER_ROLE: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: rerouter
+rules:
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "patch"]
+"#;
+
+/// NetworkPolicies are served like any kind (stored, validated, listed
+/// across namespaces), and a ClusterRole bound with `kubectl create
+/// rolebinding --clusterrole` grants in that namespace only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_network_policies_and_namespaced_cluster_roles() {
+    let Some(bin) = kubectl_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = LocalServer::start(dir.path()).await.expect("server");
+    seed(&server);
+    let k = Kubectl {
+        bin: bin.clone(),
+        kubeconfig: server.kubeconfig.clone(),
+        cache: dir.path().join("cache"),
+    };
+    let out = k.ok(&["api-resources"], None).await;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("networkpolicies") && l.contains("netpol")),
+        "{out}"
+    );
+    let out = k.ok(&["apply", "-f", "-"], Some(POLICY)).await;
+    assert!(
+        out.contains("networkpolicy.networking.k8s.io/gateway created"),
+        "{out}"
+    );
+    let out = k.ok(&["get", "networkpolicy", "-A"], None).await;
+    let header = out.lines().next().unwrap_or_default();
+    for col in ["NAMESPACE", "NAME", "POD-SELECTOR", "AGE"] {
+        assert!(header.contains(col), "{out}");
+    }
+    assert!(
+        out.lines().any(|l| l.starts_with("default")
+            && l.contains("gateway")
+            && l.contains("app=gateway")),
+        "{out}"
+    );
+    let stored = server
+        .store
+        .get(
+            must("networking.k8s.io/v1/networkpolicies"),
+            "default",
+            "gateway",
+        )
+        .expect("stored");
+    assert_eq!(stored["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(stored["spec"]["ingress"][1]["ports"][0]["protocol"], "TCP");
+    let bad = POLICY.replace("endPort: 60999", "endPort: 80");
+    let err = k.fails(&["apply", "-f", "-"], Some(&bad)).await;
+    assert!(
+        err.contains("spec.ingress[1].ports[0].endPort: Invalid value")
+            && err.contains("must be greater than or equal to `port`"),
+        "{err}"
+    );
+    let out = k.ok(&["delete", "networkpolicy", "gateway"], None).await;
+    assert!(out.contains("deleted"), "{out}");
+
+    k.ok(&["create", "namespace", "team"], None).await;
+    k.ok(&["apply", "-f", "-"], Some(DEVELOPER_ROLE)).await;
+    let out = k
+        .ok(
+            &[
+                "-n",
+                "team",
+                "create",
+                "rolebinding",
+                "carol-rerouter",
+                "--clusterrole=rerouter",
+                "--user=carol",
+            ],
+            None,
+        )
+        .await;
+    assert!(out.contains("carol-rerouter created"), "{out}");
+    let carol = Kubectl {
+        bin,
+        kubeconfig: server.kubeconfig_for("carol", &[]).expect("kubeconfig"),
+        cache: dir.path().join("cache-carol"),
+    };
+    let yes = carol
+        .ok(&["auth", "can-i", "patch", "services", "-n", "team"], None)
+        .await;
+    assert_eq!(yes.trim(), "yes");
+    let refused: [&[&str]; 3] = [
+        &["auth", "can-i", "patch", "services", "-n", "default"],
+        &["auth", "can-i", "delete", "services", "-n", "team"],
+        &["auth", "can-i", "patch", "services", "-A"],
+    ];
+    for args in refused {
+        let no = carol.run(args, None).await;
+        assert_eq!(String::from_utf8_lossy(&no.stdout).trim(), "no", "{args:?}");
+    }
+}

@@ -3,12 +3,25 @@
 //!
 //! - `mc-flows echo-server --port P`: a TCP echo server (runs in a pod):
 //!   writes back everything it reads, and shuts its side down when the
-//!   client does.
+//!   client does; and a UDP echo on the same port number.
 //! - `mc-flows echo-clients --to IP:P --connections N --bytes B`: opens N
 //!   connections at once, waits until all are established (or failed), then
 //!   each sends B bytes of its own pattern, half-closes, and reads the echo
 //!   back to EOF. Prints one summary line and exits 0 only if every
 //!   connection got exactly its bytes back.
+//! - `mc-flows hold --to IP:P --connections N`: opens N connections to an
+//!   echo server (at most `--parallel` connects at a time), checks a byte
+//!   echoes on each one that opened, prints one line counting them by
+//!   outcome (`established`, `refused`, `timed-out`, `failed`) and keeps
+//!   them open until its stdin closes.
+//! - `mc-flows udp-flows --to IP:P --flows N`: N UDP sockets (N flows),
+//!   each sending a datagram to a UDP echo, resent for a few rounds while
+//!   unanswered; prints how many were answered.
+//! - `mc-flows idle-connections --to IP:P --connections N`: opens N
+//!   connections that each send one frame of junk (never a valid
+//!   WireGuard message), prints how many opened (and how many were reset
+//!   before the connect returned), then waits until the other end has
+//!   closed every one that opened; exits 0 only then.
 //!
 //! Must never: talk to anything but the address it is given.
 
@@ -19,8 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Barrier;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Barrier, Semaphore};
 
 #[derive(Debug, Parser)]
 #[command(name = "mc-flows")]
@@ -35,6 +48,42 @@ enum Cmd {
     EchoServer {
         #[arg(long, env = "PORT")]
         port: u16,
+    },
+    /// Open connections to an echo server and hold them until stdin
+    /// closes.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        /// Connects in flight at a time.
+        #[arg(long, default_value_t = 200)]
+        parallel: usize,
+        #[arg(long, default_value_t = 30)]
+        connect_timeout_secs: u64,
+    },
+    /// Open N UDP flows to an echo server; count the answered ones.
+    UdpFlows {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        flows: usize,
+        /// Rounds of resending to the unanswered, 2 s apart.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Open connections that never make a valid handshake; wait until the
+    /// other end closed them all.
+    IdleConnections {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        parallel: usize,
+        /// Give up waiting for the closes after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        limit_secs: u64,
     },
     /// Open many connections to an echo server and check every echo.
     EchoClients {
@@ -66,6 +115,15 @@ async fn echo_server(port: u16) -> Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))
         .await
         .with_context(|| format!("binding 0.0.0.0:{port}"))?;
+    let udp = UdpSocket::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("binding UDP 0.0.0.0:{port}"))?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(&buf[..n], from).await;
+        }
+    });
     loop {
         let (mut conn, _) = listener.accept().await?;
         tokio::spawn(async move {
@@ -168,12 +226,258 @@ async fn echo_clients(to: SocketAddr, n: usize, bytes: usize, limit: Duration) -
     Ok(ok == n)
 }
 
+/// How one connect ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Established,
+    Refused,
+    TimedOut,
+    Failed,
+    /// Accepted by the other end's kernel, then reset before the connect
+    /// returned.
+    Reset,
+}
+
+/// Connect to `to` within `timeout`, at most `parallel` at a time.
+async fn connect_limited(
+    to: SocketAddr,
+    timeout: Duration,
+    parallel: Arc<Semaphore>,
+) -> (Outcome, Option<TcpStream>, String) {
+    let Ok(_permit) = parallel.acquire_owned().await else {
+        return (Outcome::Failed, None, "semaphore closed".into());
+    };
+    match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Ok(Ok(c)) => (Outcome::Established, Some(c), String::new()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            (Outcome::Refused, None, String::new())
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            (Outcome::Reset, None, String::new())
+        }
+        Ok(Err(e)) => (Outcome::Failed, None, e.to_string()),
+        Err(_) => (Outcome::TimedOut, None, String::new()),
+    }
+}
+
+/// Open `n` connections and run `then` on each that opened; counts by
+/// outcome and the connections kept.
+async fn open_many<F, Fut>(
+    to: SocketAddr,
+    n: usize,
+    parallel: usize,
+    timeout: Duration,
+    then: F,
+) -> ([usize; 5], Vec<TcpStream>, Vec<String>)
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<TcpStream>> + Send,
+{
+    let permits = Arc::new(Semaphore::new(parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let permits = permits.clone();
+        let then = then.clone();
+        tasks.spawn(async move {
+            match connect_limited(to, timeout, permits).await {
+                (Outcome::Established, Some(c), _) => match then(c).await {
+                    Ok(c) => (Outcome::Established, Some(c), String::new()),
+                    Err(e) => (Outcome::Failed, None, format!("after connecting: {e}")),
+                },
+                other => other,
+            }
+        });
+    }
+    let mut counts = [0usize; 5];
+    let mut kept = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (outcome, conn, error) =
+            r.unwrap_or_else(|e| (Outcome::Failed, None, format!("task: {e}")));
+        counts[outcome as usize] += 1;
+        kept.extend(conn);
+        if !error.is_empty() {
+            errors.push(error);
+        }
+    }
+    (counts, kept, errors)
+}
+
+/// On stderr: stdout's first line is the summary callers wait for.
+fn print_errors(errors: &[String]) {
+    for e in errors.iter().take(10) {
+        eprintln!("error: {e}");
+    }
+    if errors.len() > 10 {
+        eprintln!("... and {} more errors", errors.len() - 10);
+    }
+}
+
+async fn hold(to: SocketAddr, n: usize, parallel: usize, timeout: Duration) -> Result<()> {
+    let (counts, kept, errors) = open_many(to, n, parallel, timeout, |mut c: TcpStream| async {
+        // One byte there and back: the flow really carries data.
+        c.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut b))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
+        Ok(c)
+    })
+    .await;
+    print_errors(&errors);
+    println!(
+        "established {} refused {} timed-out {} failed {} reset {}",
+        counts[0], counts[1], counts[2], counts[3], counts[4]
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // Held until stdin closes.
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    drop(kept);
+    Ok(())
+}
+
+async fn udp_flows(to: SocketAddr, n: usize, rounds: usize) -> Result<()> {
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = UdpSocket::bind(("0.0.0.0", 0))
+            .await
+            .with_context(|| format!("UDP socket {i}"))?;
+        s.connect(to)
+            .await
+            .with_context(|| format!("UDP socket {i}"))?;
+        sockets.push(Arc::new(s));
+    }
+    let mut answered = vec![false; n];
+    for _ in 0..rounds.max(1) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, s) in sockets.iter().enumerate() {
+            if answered[i] {
+                continue;
+            }
+            let s = s.clone();
+            tasks.spawn(async move {
+                let msg = format!("flow {i}");
+                if s.send(msg.as_bytes()).await.is_err() {
+                    return None;
+                }
+                let mut buf = [0u8; 64];
+                let got = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf)).await;
+                matches!(got, Ok(Ok(len)) if buf[..len] == *msg.as_bytes()).then_some(i)
+            });
+            // Paced a little: a burst of thousands is the laptop's own
+            // queues' business, not the gateway's.
+            if i % 256 == 255 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Some(i)) = r {
+                answered[i] = true;
+            }
+        }
+    }
+    let count = answered.iter().filter(|a| **a).count();
+    println!("answered {count} of {n}");
+    Ok(())
+}
+
+async fn idle_connections(
+    to: SocketAddr,
+    n: usize,
+    parallel: usize,
+    limit: Duration,
+) -> Result<bool> {
+    // A frame the size of a handshake initiation with junk in it.
+    let mut junk = vec![0u8, 148, 1];
+    junk.resize(2 + 148, 0x42);
+    let junk = Arc::new(junk);
+    let (counts, kept, errors) =
+        open_many(to, n, parallel, Duration::from_secs(30), move |mut c| {
+            let junk = junk.clone();
+            async move {
+                // A connection reset at once fails here or on the read below:
+                // either way, closed by the other end.
+                let _ = c.write_all(&junk).await;
+                Ok(c)
+            }
+        })
+        .await;
+    print_errors(&errors);
+    println!(
+        "opened {} reset-at-once {} refused {} timed-out {} failed {}",
+        counts[0], counts[4], counts[1], counts[2], counts[3]
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let opened = kept.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut c in kept {
+        tasks.spawn(async move {
+            let mut buf = [0u8; 1024];
+            // Closed by the other end: end of stream or a reset.
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return start.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let (mut closed, mut at_once, mut last) = (0usize, 0usize, Duration::ZERO);
+    while closed < opened {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(Ok(after))) => {
+                closed += 1;
+                if after < Duration::from_secs(1) {
+                    at_once += 1;
+                }
+                last = last.max(after);
+            }
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
+        }
+    }
+    println!(
+        "closed by the other end: {closed} of {opened} ({at_once} within 1 s), the last after {:.1}s",
+        last.as_secs_f64()
+    );
+    Ok(closed == opened && counts[0] + counts[4] == n)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     raise_nofile();
     match cli.command {
         Cmd::EchoServer { port } => echo_server(port).await,
+        Cmd::Hold {
+            to,
+            connections,
+            parallel,
+            connect_timeout_secs,
+        } => {
+            hold(
+                to,
+                connections,
+                parallel,
+                Duration::from_secs(connect_timeout_secs),
+            )
+            .await
+        }
+        Cmd::UdpFlows { to, flows, rounds } => udp_flows(to, flows, rounds).await,
+        Cmd::IdleConnections {
+            to,
+            connections,
+            parallel,
+            limit_secs,
+        } => {
+            let all = idle_connections(to, connections, parallel, Duration::from_secs(limit_secs))
+                .await?;
+            std::process::exit(if all { 0 } else { 1 });
+        }
         Cmd::EchoClients {
             to,
             connections,

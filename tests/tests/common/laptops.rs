@@ -16,6 +16,42 @@ pub struct Setup<'a> {
     pub dir: tempfile::TempDir,
 }
 
+impl<'a> Setup<'a> {
+    /// Laptops of `c`, with the test binaries' directory and a fresh run
+    /// dir per laptop.
+    pub fn new(c: &'a Cluster) -> Self {
+        let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        Setup {
+            c,
+            bin,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Starts `mc-echo` on 0.0.0.0:`port` of laptop `n`, answering as
+    /// `pod`, and waits until it answers.
+    pub fn echo_server(&self, n: usize, pod: &str, port: u16) -> Child {
+        let echo = self.bin.join("mc-echo").display().to_string();
+        let port_text = port.to_string();
+        let child = self.spawn(n, &[("POD_NAME", pod), ("PORT", &port_text)], &[&echo]);
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        eventually(
+            std::time::Duration::from_secs(10),
+            "local echo server up",
+            || {
+                run(self.on(n, &["curl", "-sf", &url]))
+                    .status
+                    .success()
+                    .then_some(())
+            },
+        );
+        child
+    }
+}
+
 impl Setup<'_> {
     pub fn laptop(&self, n: usize) -> String {
         if n == 1 {
