@@ -120,7 +120,7 @@ def flow_seeds():
         return b"\x00" + bytes([flags]) + piece(p) + extra
 
     syn = tcp(LAPTOP, SVC, 40000, 80)
-    s = b"\x00"
+    s = b"\x00\x00"
     s += pkt(FIX, syn, b"\x00")  # accept
     s += b"\x07"  # egress: SYN-ACK
     s += pkt(ACK, tcp(LAPTOP, SVC, 40000, 80, flags=0x10))
@@ -133,18 +133,18 @@ def flow_seeds():
     s += b"\x0a\x00\x05"  # close
     s += b"\x07\x09\xff\xff\x07"
     write(t, "tcp-exchange", s)
-    s = b"\x05" + pkt(FIX, syn, b"\x02") + b"\x07" + pkt(FIX, syn, b"\x03") + pkt(FIX, tcp(LAPTOP, SVC, 40001, 80), b"\x01")
+    s = b"\x05\x81" + pkt(FIX, syn, b"\x02") + b"\x07" + pkt(FIX, syn, b"\x03") + pkt(FIX, tcp(LAPTOP, SVC, 40001, 80), b"\x01")
     s += b"\x07\x0a\x00\x06\x07\x0a\x00\x07\x0e\x01\x0e\x02\x0e\x03\x0e\x04"
     write(t, "tcp-refuse-abort", s)
-    s = b"\x12" + pkt(FIX, udp(LAPTOP, SVC, 5353, 53, b"\x12\x34query"), b"\x01")
+    s = b"\x12\xa3" + pkt(FIX, udp(LAPTOP, SVC, 5353, 53, b"\x12\x34query"), b"\x01")
     s += pkt(FIX, udp(ip6(2), ip6(10), 5353, 53, b"v6 query", v6=True), b"\x01")
     s += b"\x07\x09\x00\x40\x0e\x00\x0a\x00\x08" + piece(b"late reply") + b"\x07"
     write(t, "udp", s)
-    s = b"\x00" + b"\x0d\x00\x1f\x90" + b"\x07"  # connect to 100.64.0.2:8080
+    s = b"\x00\x00" + b"\x0d\x00\x1f\x90" + b"\x07"  # connect to 100.64.0.2:8080
     s += pkt(0x20 | ACK, tcp(LAPTOP, SVC, 1, 1, flags=0x12))  # SYN-ACK reversed
     s += b"\x07\x0a\x00\x00" + piece(b"hello laptop") + b"\x07"
     write(t, "connect", s)
-    s = b"\x03" + pkt(0x10 | FIX, tcp(LAPTOP, SVC, 40002, 443, mss=1460), b"\x05\x00\x00")
+    s = b"\x03\x00" + pkt(0x10 | FIX, tcp(LAPTOP, SVC, 40002, 443, mss=1460), b"\x05\x00\x00")
     s += pkt(0, ip(LAPTOP, SVC, 1, b"\x08\x00\x00\x00"))
     s += pkt(0, syn[:30]) + pkt(FIX, tcp(ip6(2), ip6(10), 40000, 80, v6=True), b"\x00") + b"\x07"
     write(t, "mss-icmp-v6", s)

@@ -13,6 +13,10 @@
 //! the last TCP segment the engine emitted reversed (so the gateway's own
 //! connections to a laptop get answers), and MSS clamping
 //! (`wire::clamp_tcp_mss`, which the client applies to every packet).
+//!
+//! The engine's per-laptop caps are the defaults or a few flows each; after
+//! every operation its accounting (`laptop_flows`) must match the flows it
+//! holds (`flows_of`) and stay within the caps.
 #![no_main]
 
 use std::collections::HashMap;
@@ -20,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use burrow_fuzz::{Reader, fix_ip_header, fix_transport_checksum, tcp_checksum_ok, tcp_tuple};
-use burrow_netstack::flow::{FlowConfig, FlowEngine, FlowId, Ingress, TcpRead};
+use burrow_netstack::flow::{FlowConfig, FlowEngine, FlowId, Ingress, LaptopLimits, TcpRead};
 use burrow_netstack::wire;
 use libfuzzer_sys::fuzz_target;
 
@@ -41,6 +45,9 @@ struct Harness {
     last_tcp: Option<Vec<u8>>,
     /// Every flow id the engine handed out.
     flows: Vec<FlowId>,
+    limits: LaptopLimits,
+    /// Laptop addresses that opened flows (the first few).
+    laptops: Vec<IpAddr>,
 }
 
 fn be32(p: &[u8], at: usize) -> u32 {
@@ -161,7 +168,45 @@ impl Harness {
                     let _ = self.eng.udp_send(id, &reply, self.now);
                 }
             }
+            Ingress::Refused { laptop, .. } => {
+                let h = parsed.expect("a refused flow came from a valid packet");
+                assert_eq!(laptop, h.src);
+            }
             Ingress::Handled | Ingress::Dropped(_) => {}
+        }
+        if let Ok(h) = wire::parse_ip(&p)
+            && self.laptops.len() < 8
+            && !self.laptops.contains(&h.src)
+        {
+            self.laptops.push(h.src);
+        }
+    }
+
+    /// The per-laptop accounting agrees with the flows the engine holds
+    /// and never exceeds the caps.
+    fn check_accounting(&self) {
+        for &laptop in &self.laptops {
+            let f = self.eng.laptop_flows(laptop);
+            let (tcp, udp) = self.eng.flows_of(laptop);
+            assert!(
+                f.tcp <= self.limits.tcp_flows,
+                "{f:?} over {:?}",
+                self.limits
+            );
+            assert!(
+                f.pending <= self.limits.pending_dials,
+                "{f:?} over {:?}",
+                self.limits
+            );
+            assert!(
+                f.udp <= self.limits.udp_flows,
+                "{f:?} over {:?}",
+                self.limits
+            );
+            assert!(f.pending <= f.tcp, "{f:?}");
+            // flows_of also counts connections the gateway opened to it.
+            assert!(f.tcp <= tcp, "{f:?} but {tcp} TCP flows");
+            assert_eq!(f.udp, udp, "{f:?} but {udp} UDP flows");
         }
     }
 
@@ -273,6 +318,17 @@ fuzz_target!(|data: &[u8]| {
     let c = r.u8();
     let mtu = [1420, 576, 1280, 1500][usize::from(c & 3)];
     let buffer = [1024, 4096, 16 * 1024, 64 * 1024][usize::from((c >> 2) & 3)];
+    // Per-laptop caps: the defaults, or a few flows each.
+    let l = r.u8();
+    let limits = if l & 0x80 == 0 {
+        LaptopLimits::default()
+    } else {
+        LaptopLimits {
+            tcp_flows: usize::from(l & 7) + 1,
+            pending_dials: usize::from((l >> 3) & 3) + 1,
+            udp_flows: usize::from((l >> 5) & 3) + 1,
+        }
+    };
     let config = FlowConfig {
         mtu,
         tcp_rx_buffer: buffer,
@@ -280,6 +336,7 @@ fuzz_target!(|data: &[u8]| {
         udp_idle_timeout: Duration::from_secs(60),
         max_pending_syns: usize::from(c >> 4) + 1,
         random_seed: 0,
+        per_laptop: limits,
     };
     let start = Instant::now();
     let mut h = Harness {
@@ -289,6 +346,8 @@ fuzz_target!(|data: &[u8]| {
         sent: HashMap::new(),
         last_tcp: None,
         flows: Vec::new(),
+        limits,
+        laptops: Vec::new(),
     };
     let mut ops = 0;
     while !r.is_empty() && ops < MAX_OPS {
@@ -301,6 +360,8 @@ fuzz_target!(|data: &[u8]| {
             13 => h.connect(&mut r),
             _ => h.housekeeping(&mut r),
         }
+        h.check_accounting();
     }
     h.egress();
+    h.check_accounting();
 });
