@@ -56,7 +56,7 @@ pub fn check_nonce(nonce_key: &[u8; 32], nonce: &str, now: u64) -> Result<(), &'
         return Err("the nonce was not made by this gateway (it may have restarted): ask again");
     }
     let made = u64::from_be_bytes(t);
-    if made > now + 5 || now.saturating_sub(made) > NONCE_LIFETIME_SECS {
+    if made > now.saturating_add(5) || now.saturating_sub(made) > NONCE_LIFETIME_SECS {
         return Err("the nonce has expired: ask again");
     }
     Ok(())
