@@ -179,20 +179,7 @@ impl Setup<'_> {
             now["metadata"]["annotations"], before["metadata"]["annotations"],
             "annotations of {ns}/{name}"
         );
-        let left = ok(kubectl(
-            self.c,
-            &[
-                "get",
-                "svc,endpointslices",
-                "-n",
-                ns,
-                "-l",
-                &format!("burrow.dev/reroute-of={name}"),
-                "-o",
-                "name",
-            ],
-        ));
-        assert!(left.trim().is_empty(), "burrow objects left: {left}");
+        assert_no_leftovers(self.c, ns, name);
     }
 
     /// Which pod answered `url` from the caller pod.

@@ -182,20 +182,7 @@ impl Setup<'_> {
             "annotations of {ns}/{name} not restored"
         );
         assert_eq!(now["metadata"]["labels"], before["metadata"]["labels"]);
-        let left = ok(kubectl(
-            self.c,
-            &[
-                "get",
-                "svc,endpointslices",
-                "-n",
-                ns,
-                "-l",
-                &format!("burrow.dev/reroute-of={name}"),
-                "-o",
-                "name",
-            ],
-        ));
-        assert!(left.trim().is_empty(), "burrow objects left: {left}");
+        assert_no_leftovers(self.c, ns, name);
     }
 
     pub fn selector(&self, ns: &str, name: &str) -> Value {
@@ -240,4 +227,22 @@ pub fn pods_in(out: &str) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// burrow left no shadow Service or EndpointSlice for `ns/name`.
+pub fn assert_no_leftovers(c: &Cluster, ns: &str, name: &str) {
+    let left = ok(kubectl(
+        c,
+        &[
+            "get",
+            "svc,endpointslices",
+            "-n",
+            ns,
+            "-l",
+            &format!("burrow.dev/reroute-of={name}"),
+            "-o",
+            "name",
+        ],
+    ));
+    assert!(left.trim().is_empty(), "burrow objects left: {left}");
 }

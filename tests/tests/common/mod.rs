@@ -10,7 +10,7 @@ use burrow_tests::cluster::{Cluster, ClusterOptions};
 
 pub mod laptops;
 #[allow(unused_imports)]
-pub use laptops::{Setup, pod_field, pods_in};
+pub use laptops::{Setup, assert_no_leftovers, pod_field, pods_in};
 
 /// Whether end-to-end tests must run (CI sets BURROW_E2E=1).
 pub fn e2e_required() -> bool {
