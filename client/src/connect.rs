@@ -30,10 +30,10 @@ pub enum Output {
 pub struct ClusterArgs {
     /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
     #[arg(long, value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
+    pub(crate) kubeconfig: Option<PathBuf>,
     /// Kubeconfig context (default: the current one).
     #[arg(long, value_name = "NAME")]
-    context: Option<String>,
+    pub(crate) context: Option<String>,
     /// Namespace you work in (default: the context's).
     #[arg(short = 'n', long, value_name = "NS")]
     pub(crate) namespace: Option<String>,

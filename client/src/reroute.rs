@@ -150,6 +150,33 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
     crate::require_root("reroute", "it talks to the root-only daemon")?;
     let rt = crate::connect::runtime()?;
     rt.block_on(async {
+        // The connection's cluster is the one rerouted; naming another is
+        // refused before anything is done.
+        let connected = match crate::connect::daemon_conn(global).await {
+            Ok(conn) => crate::connect::exchange(conn, &crate::daemon::Request::Status, false)
+                .await
+                .ok()
+                .filter(|st| st.connected),
+            Err(_) => None,
+        };
+        let explicit = args.cluster.kubeconfig.is_some() || args.cluster.context.is_some();
+        if let Some(st) = &connected
+            && explicit
+        {
+            let named = args.cluster.target().resolve().await?;
+            if named.server != st.server {
+                anyhow::bail!(
+                    "burrow is connected to {} (context {}), but this names {} (context {}): \
+                     reroutes go through the connected cluster's gateway. Leave out \
+                     --kubeconfig/--context to use the connection's, or `burrow disconnect` \
+                     and connect to the other cluster first",
+                    st.server,
+                    st.context,
+                    named.server,
+                    named.context
+                );
+            }
+        }
         if args.list {
             let conn = crate::connect::daemon_conn(global).await?;
             let text =
@@ -188,10 +215,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         let env_kubeconfig = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
         if target.kubeconfig.is_none()
             && !env_kubeconfig
-            && let Ok(conn) = crate::connect::daemon_conn(global).await
-            && let Ok(st) =
-                crate::connect::exchange(conn, &crate::daemon::Request::Status, false).await
-            && st.connected
+            && let Some(st) = &connected
         {
             match st.kubeconfig.as_slice() {
                 [] => {}
@@ -211,9 +235,26 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
             .namespace
             .clone()
             .unwrap_or_else(|| cluster.namespace.clone());
+        if let Some(st) = &connected
+            && cluster.server != st.server
+        {
+            anyhow::bail!(
+                "burrow is connected to {} (context {}), but your kubeconfig names {} (context {}): \
+                 reroutes go through the connected cluster's gateway. Use --kubeconfig/--context \
+                 for the connection's cluster, or `burrow disconnect` and connect to this one first",
+                st.server,
+                st.context,
+                cluster.server,
+                cluster.context
+            );
+        }
+        burrow_deploy::reroute::check_cluster_supports(&cluster).await?;
         let found =
             burrow_deploy::reroute::find(&cluster, &namespace, &spec.service, &spec.port).await?;
         burrow_deploy::reroute::check_may_patch(&cluster, &found.service).await?;
+        if let Some(w) = burrow_deploy::reroute::gitops_warning(&found.service) {
+            eprintln!("warning: {w}");
+        }
         // Connect first when needed (a no-op when connected).
         crate::connect::connect_quietly(&args.cluster, global).await?;
         let conn = crate::connect::daemon_conn(global).await?;
@@ -271,6 +312,9 @@ fn print_list(list: &[Listed]) {
                 std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(r.since)
             )
         );
+        if let Some(c) = &r.changed {
+            println!("  ! {c}");
+        }
     }
 }
 
@@ -377,6 +421,9 @@ impl Drop for Forwarder {
 pub struct Reroutes {
     active: Mutex<Vec<Active>>,
     renewer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// What the daemon last logged about changes someone else made to a
+    /// rerouted Service, per (namespace, Service).
+    told: Mutex<std::collections::BTreeMap<(String, String), String>>,
 }
 
 impl Reroutes {
@@ -483,7 +530,40 @@ impl Reroutes {
                 continue;
             }
             match link.call("POST", "/v1/leases", None).await {
-                Ok((code, _)) if code < 300 => {}
+                Ok((code, body)) if code < 300 => {
+                    // Tell (once) what someone else changed on a rerouted
+                    // Service.
+                    let leases: burrow_gateway::api::Leases =
+                        serde_json::from_slice(&body).unwrap_or_default();
+                    if !leases.taken_over.is_empty() {
+                        let mut active = self.active.lock().await;
+                        active.retain(|a| {
+                            let taken = leases.taken_over.iter().find(|t| {
+                                t.namespace == a.namespace
+                                    && t.service == a.service
+                                    && t.port == a.port
+                                    && a.spec.header.is_none()
+                            });
+                            if let Some(t) = taken {
+                                tracing::warn!(namespace = %a.namespace, service = %a.service, port = a.port, "laptop {} took this reroute over (--force): dropped here", t.by);
+                            }
+                            taken.is_none()
+                        });
+                    }
+                    let mut told = self.told.lock().await;
+                    for r in &leases.reroutes {
+                        let key = (r.namespace.clone(), r.service.clone());
+                        if told.get(&key) != r.changed.as_ref() {
+                            if let Some(c) = &r.changed {
+                                tracing::warn!(namespace = %r.namespace, service = %r.service, "{c}");
+                            }
+                            match &r.changed {
+                                Some(c) => told.insert(key, c.clone()),
+                                None => told.remove(&key),
+                            };
+                        }
+                    }
+                }
                 Ok((404, _)) => {
                     tracing::info!(
                         "the gateway does not know this laptop's reroutes (new gateway pod, or the lease ran out): establishing them again"
@@ -562,11 +642,13 @@ impl Reroutes {
             .map(|a| (a.namespace.clone(), a.service.clone()))
             .collect();
         let body = serde_json::to_vec(&req)?;
+        let mut notes = Vec::new();
         let released: Vec<(String, String)> =
             match link.call("POST", "/v1/reroutes/stop", Some(&body)).await {
                 Ok((code, body)) if code < 300 => {
                     let s: Stopped =
                         serde_json::from_slice(&body).context("the gateway's stop answer")?;
+                    notes = s.notes;
                     s.released
                 }
                 Ok((code, body)) => {
@@ -594,7 +676,13 @@ impl Reroutes {
         for (ns, svc) in &mine {
             if released.contains(&(ns.clone(), svc.clone())) {
                 crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
-                burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?;
+                if let burrow_gateway::service::Restored::KeptNewerSelector(sel) =
+                    burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?
+                {
+                    notes.push(format!(
+                        "Service {ns}/{svc}: someone else had put its selector back ({sel}) while it was rerouted; that newer selector was left in place"
+                    ));
+                }
                 restored.push(format!("{ns}/{svc}"));
             } else {
                 burrow_deploy::reroute::remove_record(&link.cluster, ns, svc, &key).await?;
@@ -613,7 +701,7 @@ impl Reroutes {
                 stop.service.clone().unwrap_or_default()
             );
         }
-        Ok(if restored.is_empty() {
+        let mut text = if restored.is_empty() {
             format!(
                 "stopped {} reroute(s); other laptops still reroute the Service",
                 mine.len()
@@ -624,7 +712,13 @@ impl Reroutes {
                 mine.len(),
                 restored.join(", ")
             )
-        })
+        };
+        notes.dedup();
+        for n in notes {
+            text.push_str("\nnote: ");
+            text.push_str(&n);
+        }
+        Ok(text)
     }
 }
 

@@ -746,12 +746,17 @@ mod tests {
                 (
                     "".into(),
                     "services".into(),
-                    v(&["get", "list", "patch", "delete"])
+                    v(&["get", "list", "watch", "patch", "delete"])
+                ),
+                (
+                    "".into(),
+                    "endpoints".into(),
+                    v(&["get", "list", "watch", "delete"])
                 ),
                 (
                     "discovery.k8s.io".into(),
                     "endpointslices".into(),
-                    v(&["get", "list", "delete"])
+                    v(&["get", "list", "watch", "delete"])
                 ),
             ]
         );

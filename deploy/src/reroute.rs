@@ -9,12 +9,11 @@ use std::net::IpAddr;
 
 use burrow_gateway::api::{ServicePort, names};
 use burrow_gateway::service::{
-    self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY,
-    SLICE_MANAGER,
+    self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, SLICE_MANAGER,
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::error::DeployError;
@@ -99,7 +98,7 @@ pub async fn find(
             if err.is_forbidden() {
                 err.hint = format!(
                     "rerouting needs the ClusterRole `burrow-reroute` bound in namespace {namespace} \
-                     (`get`, `patch`, `create`, `delete` on services and endpointslices); ask an \
+                     (`get`, `patch`, `create`, `delete` on services and endpointslices, `get`/`delete` on endpoints); ask an \
                      admin (`burrow install` prints the binding); nothing was changed"
                 );
             }
@@ -262,7 +261,7 @@ pub async fn check_may_patch(cluster: &Cluster, svc: &Service) -> Result<(), Dep
             let mut err = cluster.err(e, &format!("patch Service {ns}/{name}"));
             if err.is_forbidden() {
                 err.hint = format!(
-                    "rerouting changes the Service: ask a cluster admin for `patch` on `services` (and `create`/`delete` on `services` and `endpointslices.discovery.k8s.io`) in namespace {ns} — the ClusterRole `burrow-reroute` bound there has them; nothing was changed"
+                    "rerouting changes the Service: ask a cluster admin for `patch` on `services` (and `create`/`delete` on `services` and `endpointslices.discovery.k8s.io`) (and `delete` on `endpoints`) in namespace {ns} — the ClusterRole `burrow-reroute` bound there has them; nothing was changed"
                 );
             }
             err
@@ -341,7 +340,7 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, D
 
 /// Points `svc` at the gateway pod: burrow's EndpointSlice with the
 /// gateway's listener for each port, then the selector off (saved in the
-/// annotation, one patch), then the endpoint controller's slices gone.
+/// annotation, one patch), then the endpoint controllers' slices and the legacy Endpoints gone.
 pub async fn point_at_gateway(
     cluster: &Cluster,
     svc: &Service,
@@ -413,97 +412,83 @@ pub async fn point_at_gateway(
             Err(e) => return Err(cluster.err(e, &format!("patch Service {ns}/{name}"))),
         }
     }
-    // Without a selector the endpoint controller stops managing its slices
-    // but leaves them: remove them, or callers would still reach the pods.
-    // The controller may still be acting on an earlier change of this
-    // Service (the restore of a reroute stopped a moment ago) and write its
-    // slice again after we removed it: keep removing until it stays gone,
-    // so that when `reroute` returns, callers reach the gateway.
-    let lp = ListParams::default().labels(&format!(
-        "{SERVICE_NAME_LABEL}={name},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
-    ));
+    // Without a selector the endpoint-slice controller stops managing its
+    // slices but leaves them, the endpoints controller leaves its legacy
+    // `Endpoints`, and the mirroring controller then mirrors that into a
+    // slice of its own: remove them all (`service::remove_strays`), or
+    // callers would still reach the pods. An in-flight sync of a
+    // controller may still write after that: keep removing until nothing
+    // comes back for a while (the gateway also watches while the reroute
+    // holds), and put burrow's slice back should a restore racing with
+    // this reroute have removed it. Then wait out kube-proxy's lag, so
+    // that when `reroute` returns, callers reach the gateway.
     let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
     let mut quiet = 0;
     while quiet < SETTLE_QUIET_CHECKS {
-        let theirs = slices
-            .list(&lp)
+        let removed = service::remove_strays(&cluster.client, &ns, &name)
             .await
-            .map_err(|e| cluster.err(e, &format!("list EndpointSlices of {ns}/{name}")))?;
-        if theirs.items.is_empty() {
+            .map_err(|e| {
+                let mut err = cluster.err(e, &format!("remove the endpoint controllers' objects of {ns}/{name}"));
+                if err.is_forbidden() {
+                    err.hint = format!("rerouting removes the controllers' EndpointSlices and the legacy Endpoints of the Service while it is rerouted: the ClusterRole `burrow-reroute` bound in namespace {ns} has `delete` on both; run `burrow reroute --stop {name}` to give the Service back");
+                }
+                err
+            })?;
+        let ours_there = slices
+            .get_opt(&slice_name)
+            .await
+            .map_err(|e| cluster.err(e, &format!("get EndpointSlice {ns}/{slice_name}")))?
+            .is_some();
+        if !ours_there {
+            slices
+                .patch(
+                    &slice_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&slice),
+                )
+                .await
+                .map_err(|e| cluster.err(e, &format!("apply EndpointSlice {ns}/{slice_name}")))?;
+        }
+        if removed.is_empty() && ours_there {
             quiet += 1;
         } else {
             quiet = 0;
         }
-        for s in theirs.items {
-            let Some(n) = s.metadata.name else { continue };
-            match slices.delete(&n, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(cluster.err(e, &format!("delete EndpointSlice {ns}/{n}"))),
-            }
-        }
         if std::time::Instant::now() > deadline {
             return Err(DeployError::new(
                 format!(
-                    "the endpoint controller keeps recreating EndpointSlices for {ns}/{name} \
+                    "the endpoint controllers keep recreating EndpointSlices or Endpoints for {ns}/{name} \
                      after its selector was removed"
                 ),
                 "run `burrow reroute --stop` for it and try again; if it persists, look at \
-                 `kubectl get endpointslices -n NS -l kubernetes.io/service-name=NAME`",
+                 `kubectl get endpointslices,endpoints -n NS -l kubernetes.io/service-name=NAME`",
             ));
         }
         if quiet < SETTLE_QUIET_CHECKS {
             tokio::time::sleep(SETTLE_INTERVAL).await;
         }
     }
+    tokio::time::sleep(service::KUBE_PROXY_LAG).await;
     Ok(())
 }
 
-/// How long the endpoint controller's slices must stay gone (checks ×
-/// interval) before a reroute counts as in place, and the most to wait.
+/// How long the controllers' objects must stay gone (checks × interval)
+/// before a reroute counts as in place, and the most to wait.
 const SETTLE_QUIET_CHECKS: u32 = 3;
 const SETTLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(150);
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Restores `namespace/name` with the user's credentials; idempotent.
+/// Restores `namespace/name` with the user's credentials; idempotent and
+/// make-before-break (see `burrow_gateway::service::restore`).
 pub async fn restore(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
 ) -> Result<Restored, DeployError> {
     check_names(namespace, name)?;
-    let restored = service::restore(&cluster.client, namespace, name)
+    service::restore(&cluster.client, namespace, name)
         .await
-        .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))?;
-    if matches!(restored, Restored::Restored) {
-        wait_for_pods(cluster, namespace, name).await;
-    }
-    Ok(restored)
-}
-
-/// After a restore, waits (at most [`SETTLE_TIMEOUT`] / 2) until the
-/// endpoint controller lists a ready pod for the Service again, so callers
-/// right after `--stop` reach the pods rather than a Service with no
-/// endpoints. A Service with no ready pods simply waits out the limit.
-async fn wait_for_pods(cluster: &Cluster, namespace: &str, name: &str) {
-    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
-    let lp = ListParams::default().labels(&format!(
-        "{SERVICE_NAME_LABEL}={name},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
-    ));
-    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT / 2;
-    while std::time::Instant::now() < deadline {
-        if let Ok(list) = slices.list(&lp).await
-            && list.items.iter().any(|s| {
-                s.endpoints
-                    .iter()
-                    .flatten()
-                    .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            })
-        {
-            return;
-        }
-        tokio::time::sleep(SETTLE_INTERVAL).await;
-    }
+        .map_err(|e| cluster.err(e, &format!("restore Service {namespace}/{name}")))
 }
 
 /// Restores every rerouted Service the user can see (for `uninstall`).
@@ -519,4 +504,125 @@ pub async fn restore_all(
         restore(cluster, &ns, &name).await?;
     }
     Ok(())
+}
+
+/// The oldest Kubernetes minor version `reroute` works with: EndpointSlices
+/// `discovery.k8s.io/v1` are served from 1.21.
+pub const MIN_REROUTE_VERSION: &str = "1.21";
+
+/// Refuses, before anything is changed, a cluster that does not serve
+/// what `reroute` needs (EndpointSlices `discovery.k8s.io/v1`), naming its
+/// version and the minimum.
+pub async fn check_cluster_supports(cluster: &Cluster) -> Result<(), DeployError> {
+    match cluster
+        .client
+        .list_api_group_resources("discovery.k8s.io/v1")
+        .await
+    {
+        Ok(list) if list.resources.iter().any(|r| r.name == "endpointslices") => Ok(()),
+        Ok(_) | Err(kube::Error::Api(_)) => {
+            let version = cluster
+                .client
+                .apiserver_version()
+                .await
+                .map(|v| v.git_version)
+                .unwrap_or_else(|_| "unknown".into());
+            Err(unsupported(&version))
+        }
+        Err(e) => Err(cluster.err(e, "read the API groups the cluster serves")),
+    }
+}
+
+fn unsupported(version: &str) -> DeployError {
+    DeployError::new(
+        format!(
+            "this cluster (Kubernetes {version}) does not serve EndpointSlices \
+             (discovery.k8s.io/v1), which `burrow reroute` needs: it works on Kubernetes \
+             {MIN_REROUTE_VERSION} and newer; nothing was changed"
+        ),
+        "`burrow connect` still works on this cluster; to reroute, use a cluster of \
+         Kubernetes 1.21 or newer",
+    )
+}
+
+/// A warning when `svc` is managed by a GitOps controller that would put
+/// its selector back (and so end the reroute), saying what to configure.
+pub fn gitops_warning(svc: &Service) -> Option<String> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    let argo = annotations
+        .get("argocd.argoproj.io/tracking-id")
+        .and_then(|t| t.split(':').next().map(str::to_owned))
+        .or_else(|| labels.get("argocd.argoproj.io/instance").cloned());
+    if let Some(app) = argo {
+        return Some(format!(
+            "Service {ns}/{name} is managed by Argo CD (application {app}): with self-heal on, \
+             Argo CD puts the selector back and so ends the reroute. Tell it to ignore the \
+             selector: in the Application, `ignoreDifferences: [{{kind: Service, name: {name}, \
+             jsonPointers: [/spec/selector]}}]` with `syncOptions: [RespectIgnoreDifferences=true]`, \
+             or turn self-heal off while you work"
+        ));
+    }
+    for (label, kind) in [
+        ("kustomize.toolkit.fluxcd.io/name", "kustomization"),
+        ("helm.toolkit.fluxcd.io/name", "helmrelease"),
+    ] {
+        if let Some(owner) = labels.get(label) {
+            let owner_ns = labels
+                .get(&label.replace("/name", "/namespace"))
+                .cloned()
+                .unwrap_or_else(|| ns.clone());
+            return Some(format!(
+                "Service {ns}/{name} is managed by Flux ({kind} {owner_ns}/{owner}): its next \
+                 reconciliation puts the selector back and so ends the reroute. Annotate the \
+                 Service `kustomize.toolkit.fluxcd.io/reconcile=disabled` while you work, or \
+                 `flux suspend {kind} {owner} -n {owner_ns}`"
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(labels: Value, annotations: Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "api", "namespace": "dev", "labels": labels, "annotations": annotations},
+            "spec": {"selector": {"app": "api"}}
+        }))
+        .expect("service")
+    }
+
+    #[test]
+    fn gitops_owners_are_named_with_what_to_configure() {
+        let argo = svc(
+            json!({}),
+            json!({"argocd.argoproj.io/tracking-id": "shop:/Service:dev/api"}),
+        );
+        let w = gitops_warning(&argo).expect("argo");
+        assert!(w.contains("Argo CD (application shop)"), "{w}");
+        assert!(w.contains("ignoreDifferences"), "{w}");
+        let flux = svc(
+            json!({"kustomize.toolkit.fluxcd.io/name": "apps", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}),
+            json!({}),
+        );
+        let w = gitops_warning(&flux).expect("flux");
+        assert!(
+            w.contains("flux suspend kustomization apps -n flux-system"),
+            "{w}"
+        );
+        assert!(gitops_warning(&svc(json!({"app": "api"}), json!({}))).is_none());
+    }
+
+    #[test]
+    fn an_old_cluster_is_refused_naming_its_version_and_the_minimum() {
+        let e = unsupported("v1.20.15");
+        let text = format!("{e}");
+        assert!(text.contains("Kubernetes v1.20.15"), "{text}");
+        assert!(text.contains("1.21 and newer"), "{text}");
+    }
 }

@@ -243,6 +243,30 @@ pub struct Reroute {
     pub header: Option<(String, String)>,
     /// Unix seconds.
     pub since: u64,
+    /// What someone else changed on the Service while it is rerouted (its
+    /// selector put back, its ports), as the gateway's watch saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<String>,
+}
+
+/// A global route taken over from the caller by another laptop's
+/// `--force`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakenOver {
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    /// The laptop that took it.
+    pub by: String,
+}
+
+/// `POST /v1/leases` answer: the caller's reroutes (renewed) and those
+/// taken over from it lately (to drop, not to take back).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Leases {
+    pub reroutes: Vec<Reroute>,
+    #[serde(default)]
+    pub taken_over: Vec<TakenOver>,
 }
 
 /// `POST /v1/reroutes/stop`: stop the caller's reroutes of a Service port
@@ -277,4 +301,8 @@ pub struct Stopped {
     pub stopped: Vec<Reroute>,
     /// (namespace, service) pairs with no reroute left.
     pub released: Vec<(String, String)>,
+    /// What the restores left alone and why (a selector someone else put
+    /// back stays), for the user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }

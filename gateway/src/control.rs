@@ -662,8 +662,10 @@ async fn renew_leases(State(c): State<Shared>, Extension(caller): Extension<Call
     if let Err(r) = laptop(&c, &caller) {
         return *r;
     }
-    if c.reroutes.renew(caller.key) {
-        StatusCode::NO_CONTENT.into_response()
+    if let Some(leases) = c.reroutes.renew(caller.key) {
+        // The renewed reroutes, with what someone else changed on their
+        // Services, and those taken over, so the daemon can tell its user.
+        Json(leases).into_response()
     } else {
         error(
             StatusCode::NOT_FOUND,

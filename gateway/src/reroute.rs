@@ -85,6 +85,7 @@ impl Route {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            changed: None,
         }
     }
 }
@@ -124,6 +125,9 @@ struct ServiceEntry {
     ports: Vec<ServicePort>,
     shadow_ip: IpAddr,
     routes: BTreeMap<u16, PortEntry>,
+    /// What someone else changed on the Service while it is rerouted
+    /// (noticed by the gateway's watch), for `--list`.
+    changed: Option<String>,
 }
 
 /// Why a reroute was refused.
@@ -185,6 +189,7 @@ impl Removed {
                 .map(|(k, port, r)| r.describe(&k.0, &k.1, *port))
                 .collect(),
             released: self.released.clone(),
+            notes: Vec::new(),
         }
     }
 }
@@ -219,7 +224,14 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[derive(Debug, Default)]
 pub struct Table {
     services: BTreeMap<ServiceKey, ServiceEntry>,
+    /// Global routes taken over (`--force`) from a laptop, by its key:
+    /// told to it when it renews, so it drops them instead of taking
+    /// them back once the new holder leaves. Kept [`TAKEN_MEMORY`].
+    taken: BTreeMap<[u8; 32], Vec<(api::TakenOver, Instant)>>,
 }
+
+/// How long a laptop is told that a route was taken from it.
+const TAKEN_MEMORY: Duration = Duration::from_secs(120);
 
 /// What [`Table::add`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,10 +259,16 @@ impl Table {
                 "this laptop already reroutes {MAX_SERVICES_PER_LAPTOP} Services, the most one laptop may; stop one first (`burrow reroute --stop SERVICE`)"
             )));
         }
+        if let Some(taken) = self.taken.get_mut(&laptop.key) {
+            taken.retain(|(t, _)| {
+                !(t.namespace == req.namespace && t.service == req.service && t.port == req.port)
+            });
+        }
         let entry = self.services.entry(key).or_insert_with(|| ServiceEntry {
             ports: req.ports.clone(),
             shadow_ip,
             routes: BTreeMap::new(),
+            changed: None,
         });
         entry.ports = req.ports.clone();
         entry.shadow_ip = shadow_ip;
@@ -287,6 +305,22 @@ impl Table {
                         return Err(refused);
                     }
                     added.took_over_from = Some(g.laptop.name.clone());
+                    let from = self.taken.entry(g.laptop.key).or_default();
+                    from.retain(|(t, _)| {
+                        !(t.namespace == req.namespace
+                            && t.service == req.service
+                            && t.port == req.port)
+                    });
+                    from.truncate(64);
+                    from.push((
+                        api::TakenOver {
+                            namespace: req.namespace.clone(),
+                            service: req.service.clone(),
+                            port: req.port,
+                            by: laptop.name.clone(),
+                        },
+                        now,
+                    ));
                 }
                 let since = match &port.global {
                     Some(g) if g.laptop.key == laptop.key => g.since,
@@ -359,7 +393,20 @@ impl Table {
 
     /// Stops every route of a laptop (it unregistered or expired).
     pub fn forget(&mut self, key: [u8; 32]) -> Removed {
+        self.taken.remove(&key);
         self.remove_where(|_, _, r| r.laptop.key == key)
+    }
+
+    /// The global routes taken over from the laptop with `key` lately.
+    pub fn taken_from(&mut self, key: [u8; 32], now: Instant) -> Vec<api::TakenOver> {
+        self.taken.retain(|_, v| {
+            v.retain(|(_, at)| now.saturating_duration_since(*at) < TAKEN_MEMORY);
+            !v.is_empty()
+        });
+        self.taken
+            .get(&key)
+            .map(|v| v.iter().map(|(t, _)| t.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Every route of the laptop with `key`.
@@ -411,8 +458,24 @@ impl Table {
     /// The routes of the laptop with `key` (never anyone else's).
     pub fn list_of(&self, key: [u8; 32]) -> Vec<api::Reroute> {
         self.routes_of(key)
-            .map(|((ns, svc), port, r)| r.describe(ns, svc, port))
+            .map(|(k, port, r)| {
+                let mut d = r.describe(&k.0, &k.1, port);
+                d.changed = self.services.get(k).and_then(|s| s.changed.clone());
+                d
+            })
             .collect()
+    }
+
+    /// Notes (or clears, with None) what someone else changed on `svc`;
+    /// whether that is news.
+    pub fn note_change(&mut self, svc: &ServiceKey, changed: Option<String>) -> bool {
+        match self.services.get_mut(svc) {
+            Some(s) if s.changed != changed => {
+                s.changed = changed;
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
@@ -550,6 +613,9 @@ impl Drop for Listener {
 pub struct Reroutes {
     table: Mutex<Table>,
     listeners: Mutex<BTreeMap<(ServiceKey, u16), Listener>>,
+    /// Per rerouted Service, the watch that keeps other endpoints away
+    /// and notices changes made by someone else ([`guard`]).
+    guards: Mutex<BTreeMap<ServiceKey, tokio::task::JoinHandle<()>>>,
     laptop: LaptopConnect,
     kube: Option<kube::Client>,
     listen_ip: IpAddr,
@@ -560,10 +626,28 @@ impl Reroutes {
         Arc::new(Self {
             table: Mutex::new(Table::default()),
             listeners: Mutex::new(BTreeMap::new()),
+            guards: Mutex::new(BTreeMap::new()),
             laptop,
             kube,
             listen_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         })
+    }
+
+    /// Notes what someone else changed on `svc` (None: nothing); logs news.
+    fn note_change(&self, svc: &ServiceKey, changed: Option<String>) {
+        let news = self
+            .table
+            .lock()
+            .map(|mut t| t.note_change(svc, changed.clone()))
+            .unwrap_or(false);
+        if news {
+            match changed {
+                Some(c) => tracing::warn!(namespace = %svc.0, service = %svc.1, "{c}"),
+                None => {
+                    tracing::info!(namespace = %svc.0, service = %svc.1, "the rerouted Service is as burrow left it again")
+                }
+            }
+        }
     }
 
     /// The reroutes of the laptop with `key`.
@@ -663,6 +747,7 @@ impl Reroutes {
                 )));
             }
         };
+        self.ensure_guard(&svc);
         tracing::info!(
             namespace = %svc.0, service = %svc.1, port = req.port,
             header = ?req.header, protocol = ?req.protocol,
@@ -734,7 +819,7 @@ impl Reroutes {
     /// After routes went: update listeners, close those of released
     /// Services and restore them, and take the records of laptops that no
     /// longer reroute a Service off it.
-    async fn settle(self: &Arc<Self>, removed: &Removed) {
+    async fn settle(self: &Arc<Self>, removed: &Removed) -> Vec<String> {
         let mut touched: Vec<(ServiceKey, [u8; 32])> = removed
             .routes
             .iter()
@@ -767,21 +852,77 @@ impl Reroutes {
                 tracing::warn!(namespace = %svc.0, service = %svc.1, "removing a laptop's reroute record: {e}");
             }
         }
+        let mut notes = Vec::new();
         for svc in &removed.released {
-            if let Ok(mut l) = self.listeners.lock() {
+            self.stop_guard(svc);
+            // Make-before-break: until the restore has the pods listed
+            // again and kube-proxy has caught up, callers may still be
+            // sent here; the listeners stay and hand them to the shadow.
+            self.shadow_only(svc);
+            if let Some(note) = self.restore(svc.clone()).await {
+                notes.push(note);
+            }
+            let again = self
+                .table
+                .lock()
+                .map(|t| t.services.contains_key(svc))
+                .unwrap_or(false);
+            if !again && let Ok(mut l) = self.listeners.lock() {
                 l.retain(|(s, _), _| s != svc);
             }
-            self.restore(svc.clone()).await;
+        }
+        notes
+    }
+
+    /// Points every listener of `svc` at its shadow only (no laptop).
+    fn shadow_only(&self, svc: &ServiceKey) {
+        if let Ok(l) = self.listeners.lock() {
+            for ((s, _), l) in l.iter() {
+                if s != svc {
+                    continue;
+                }
+                let shadow = l.routes.borrow().shadow;
+                l.rules
+                    .send_replace(Arc::new(Rules::new(Upstream::Cluster(shadow))));
+                l.routes.send_replace(Arc::new(PortRoutes {
+                    shadow,
+                    global: None,
+                    headers: Vec::new(),
+                }));
+            }
+        }
+    }
+
+    /// Starts the watch over `svc` while it is rerouted (once).
+    fn ensure_guard(self: &Arc<Self>, svc: &ServiceKey) {
+        let Some(client) = self.kube.clone() else {
+            return;
+        };
+        let Ok(mut guards) = self.guards.lock() else {
+            return;
+        };
+        if guards.get(svc).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        guards.insert(svc.clone(), tokio::spawn(guard(me, client, svc.clone())));
+    }
+
+    fn stop_guard(&self, svc: &ServiceKey) {
+        if let Ok(mut guards) = self.guards.lock()
+            && let Some(h) = guards.remove(svc)
+        {
+            h.abort();
         }
     }
 
     /// Restores a Service no laptop reroutes any more: the first attempt
     /// before answering (so a laptop's next reroute of it never races with
     /// this restore), retries in the background; the client restores too.
-    async fn restore(self: &Arc<Self>, svc: ServiceKey) {
+    async fn restore(self: &Arc<Self>, svc: ServiceKey) -> Option<String> {
         let Some(client) = self.kube.clone() else {
             tracing::warn!(namespace = %svc.0, service = %svc.1, "no Kubernetes access: the Service is left to the client to restore");
-            return;
+            return None;
         };
         let attempt = |client: kube::Client, svc: ServiceKey, me: Arc<Self>| async move {
             // Rerouted again in the meantime: not ours to restore.
@@ -791,31 +932,41 @@ impl Reroutes {
                 .map(|t| t.services.contains_key(&svc))
                 .unwrap_or(false)
             {
-                return true;
+                return Some(None);
             }
             match crate::service::restore(&client, &svc.0, &svc.1).await {
                 Ok(outcome) => {
                     tracing::info!(namespace = %svc.0, service = %svc.1, ?outcome, "Service restored");
-                    true
+                    Some(match outcome {
+                        crate::service::Restored::KeptNewerSelector(sel) => Some(format!(
+                            "Service {}/{}: someone else had put its selector back ({sel}) while it was rerouted; that newer selector was left in place",
+                            svc.0, svc.1
+                        )),
+                        _ => None,
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(namespace = %svc.0, service = %svc.1, "restoring the Service: {e}");
-                    false
+                    None
                 }
             }
         };
-        if attempt(client.clone(), svc.clone(), self.clone()).await {
-            return;
+        if let Some(note) = attempt(client.clone(), svc.clone(), self.clone()).await {
+            return note;
         }
         let me = self.clone();
         tokio::spawn(async move {
             for n in 0..5u32 {
                 tokio::time::sleep(Duration::from_secs(1 << n)).await;
-                if attempt(client.clone(), svc.clone(), me.clone()).await {
+                if attempt(client.clone(), svc.clone(), me.clone())
+                    .await
+                    .is_some()
+                {
                     return;
                 }
             }
         });
+        None
     }
 
     /// Drops every route and restores every Service (the gateway is
@@ -825,19 +976,26 @@ impl Reroutes {
             Ok(mut t) => std::mem::take(&mut t.services).into_keys().collect(),
             Err(_) => return,
         };
+        for svc in &services {
+            self.stop_guard(svc);
+            self.shadow_only(svc);
+        }
+        if let Some(client) = &self.kube {
+            // All at once: each waits for its pods to be listed again.
+            futures::future::join_all(services.iter().map(|(ns, name)| async move {
+                match crate::service::restore(client, ns, name).await {
+                    Ok(outcome) => {
+                        tracing::info!(namespace = %ns, service = %name, ?outcome, "Service restored (gateway stopping)")
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, service = %name, "restoring the Service: {e}")
+                    }
+                }
+            }))
+            .await;
+        }
         if let Ok(mut l) = self.listeners.lock() {
             l.clear();
-        }
-        let Some(client) = &self.kube else { return };
-        for (ns, name) in services {
-            match crate::service::restore(client, &ns, &name).await {
-                Ok(outcome) => {
-                    tracing::info!(namespace = %ns, service = %name, ?outcome, "Service restored (gateway stopping)")
-                }
-                Err(e) => {
-                    tracing::warn!(namespace = %ns, service = %name, "restoring the Service: {e}")
-                }
-            }
         }
     }
 
@@ -848,8 +1006,10 @@ impl Reroutes {
             .lock()
             .map(|mut t| t.stop(req, key))
             .unwrap_or_default();
-        self.settle(&removed).await;
-        removed.to_api()
+        let notes = self.settle(&removed).await;
+        let mut stopped = removed.to_api();
+        stopped.notes = notes;
+        stopped
     }
 
     pub async fn forget(self: &Arc<Self>, key: [u8; 32]) {
@@ -861,11 +1021,17 @@ impl Reroutes {
         self.settle(&removed).await;
     }
 
-    pub fn renew(&self, key: [u8; 32]) -> bool {
-        self.table
-            .lock()
-            .map(|mut t| t.renew(key, Instant::now()))
-            .unwrap_or(false)
+    /// Renews the leases of the laptop with `key`: its reroutes and the
+    /// ones taken over from it lately; None when it has neither.
+    pub fn renew(&self, key: [u8; 32]) -> Option<api::Leases> {
+        let mut t = self.table.lock().ok()?;
+        let now = Instant::now();
+        let renewed = t.renew(key, now);
+        let taken_over = t.taken_from(key, now);
+        (renewed || !taken_over.is_empty()).then(|| api::Leases {
+            reroutes: t.list_of(key),
+            taken_over,
+        })
     }
 
     /// Drops expired leases every second; runs until dropped.
@@ -884,6 +1050,153 @@ impl Reroutes {
             }
         }
     }
+}
+
+/// The object of an added or changed event.
+fn applied<K>(e: kube::runtime::watcher::Event<K>) -> Option<K> {
+    use kube::runtime::watcher::Event;
+    match e {
+        Event::Apply(o) | Event::InitApply(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// What [`guard`] saw.
+enum Seen {
+    /// An EndpointSlice or Endpoints object that is not burrow's.
+    Stray,
+    Service(Box<k8s_openapi::api::core::v1::Service>),
+}
+
+/// While `svc` is rerouted: watches its EndpointSlices, its legacy
+/// Endpoints and the Service itself. Any other source of endpoints that
+/// appears (an in-flight controller sync writing late, a controller
+/// restart, the mirroring controller) is removed at once
+/// ([`crate::service::remove_strays`]); a selector put back or ports
+/// changed by someone else (a GitOps self-heal, `kubectl edit`) are noted
+/// for `--list` and logged. Runs until aborted (the Service released).
+async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: ServiceKey) {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::{Endpoints, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+
+    let (ns, name) = (svc.0.clone(), svc.1.clone());
+    let slices = watcher(
+        kube::Api::<EndpointSlice>::namespaced(client.clone(), &ns),
+        watcher::Config::default()
+            .labels(&format!("{}={name}", crate::service::SERVICE_NAME_LABEL)),
+    )
+    .default_backoff()
+    .filter_map(move |e| {
+        let seen = e.ok().and_then(applied).and_then(|s: EndpointSlice| {
+            let ours = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::service::SLICE_MANAGED_BY))
+                .is_some_and(|m| m == crate::service::SLICE_MANAGER);
+            (!ours).then_some(Seen::Stray)
+        });
+        std::future::ready(seen)
+    })
+    .boxed();
+    let endpoints = watcher(
+        kube::Api::<Endpoints>::namespaced(client.clone(), &ns),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff()
+    .filter_map(move |e| {
+        std::future::ready(e.ok().and_then(applied).map(|_: Endpoints| Seen::Stray))
+    })
+    .boxed();
+    let services = watcher(
+        kube::Api::<Service>::namespaced(client.clone(), &ns),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff()
+    .filter_map(move |e| {
+        std::future::ready(
+            e.ok()
+                .and_then(applied)
+                .map(|s: Service| Seen::Service(Box::new(s))),
+        )
+    })
+    .boxed();
+    let mut seen = futures::stream::select_all([slices, endpoints, services]);
+    while let Some(event) = seen.next().await {
+        let Some(me) = me.upgrade() else { return };
+        match event {
+            Seen::Stray => match crate::service::remove_strays(&client, &ns, &name).await {
+                Ok(removed) if !removed.is_empty() => tracing::info!(
+                    namespace = %ns, service = %name,
+                    "removed what appeared beside burrow's EndpointSlice of the rerouted Service: {}",
+                    removed.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, service = %name, "removing other endpoints of the rerouted Service: {e}")
+                }
+            },
+            Seen::Service(s) => {
+                let ports = me.table.lock().map(|t| t.ports(&svc)).unwrap_or_default();
+                me.note_change(&svc, change_of(&s, &ports));
+            }
+        }
+    }
+}
+
+/// What someone else changed on a rerouted Service, compared with what
+/// burrow left: its selector put back, burrow's annotation gone, its
+/// ports changed.
+fn change_of(svc: &k8s_openapi::api::core::v1::Service, ports: &[ServicePort]) -> Option<String> {
+    if let Some(sel) = crate::service::newer_selector(svc) {
+        return Some(format!(
+            "someone else put the selector back ({}): callers reach the pods, not this reroute; `reroute --stop` will leave that selector in place",
+            crate::service::describe_selector(&sel)
+        ));
+    }
+    if crate::service::saved(svc).is_none() {
+        return Some(
+            "someone else removed burrow's reroute annotation from the Service".to_string(),
+        );
+    }
+    let mut now: Vec<(String, u16)> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port).unwrap_or(0),
+            )
+        })
+        .collect();
+    let mut then: Vec<(String, u16)> = ports.iter().map(|p| (p.name.clone(), p.port)).collect();
+    now.sort();
+    then.sort();
+    if !then.is_empty() && now != then {
+        let list = |v: &[(String, u16)]| {
+            v.iter()
+                .map(|(n, p)| {
+                    if n.is_empty() {
+                        p.to_string()
+                    } else {
+                        format!("{p} ({n})")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Some(format!(
+            "someone else changed the Service's ports to {} (burrow rerouted {}): reroute again to follow them",
+            list(&now),
+            list(&then)
+        ));
+    }
+    None
 }
 
 /// At start: restore every Service a previous gateway left rerouted (its
@@ -1042,6 +1355,16 @@ mod tests {
         assert_eq!(added.took_over_from.as_deref(), Some("laptop2"));
         let snap = t.snapshot(&key(), 8080).expect("snapshot");
         assert_eq!(snap.global.map(|g| g.laptop), Some("laptop3".to_string()));
+        // The laptop it was taken from is told (so it does not take it
+        // back when the new holder leaves), for a while, and only it.
+        let taken = t.taken_from(laptop(2).key, now);
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].port, taken[0].by.as_str()), (8080, "laptop3"));
+        assert!(t.taken_from(laptop(3).key, now).is_empty());
+        assert!(
+            t.taken_from(laptop(2).key, now + TAKEN_MEMORY + Duration::from_secs(1))
+                .is_empty()
+        );
     }
 
     #[test]

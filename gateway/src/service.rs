@@ -60,6 +60,21 @@ pub const SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SLICE_MANAGER: &str = "burrow.dev";
 /// The endpoint-slice controller's value for [`SLICE_MANAGED_BY`].
 pub const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+/// The mirroring controller's value for [`SLICE_MANAGED_BY`] (slices it
+/// makes from the legacy `Endpoints` of a Service without a selector).
+pub const MIRROR_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// How long after burrow's EndpointSlice goes (or after the controllers'
+/// go, when a reroute starts) kube-proxy may still send new connections
+/// the old way: its iptables proxier syncs at most once per
+/// `--iptables-min-sync-period` (1 s by default) after a change is seen.
+/// The shadow Service and the gateway's listeners outlive burrow's slice
+/// by this much, and `reroute` returns this much after the controllers'
+/// slices are gone.
+pub const KUBE_PROXY_LAG: std::time::Duration = std::time::Duration::from_millis(1500);
+/// The longest a restore waits for the endpoint-slice controller to list
+/// the pods again before burrow's slice goes anyway.
+pub const CONTROLLER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the annotation records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -212,13 +227,23 @@ pub fn reroute_patch(svc: &Service, by: &str) -> Result<(Value, Saved), String> 
 /// `text`: the selector back, burrow's annotations (saved selector and
 /// every laptop's record) gone, and the annotations map too when burrow's
 /// were all it held, as before the reroute... unless it was an empty map,
-/// which the API server does not keep apart from none.
+/// which the API server does not keep apart from none. Guarded by the
+/// resourceVersion read, so a change made meanwhile (someone putting a
+/// selector back) makes it fail instead of being overwritten.
+///
+/// When `svc` already has a selector again (someone else put one back
+/// while it was rerouted), that newer selector stays: only burrow's
+/// annotations go.
 pub fn restore_patch(svc: &Service, text: &str, saved: &Saved) -> Value {
     let key = pointer_key(ANNOTATION);
-    let mut ops = vec![
-        json!({"op": "test", "path": format!("/metadata/annotations/{key}"), "value": text}),
-        json!({"op": "add", "path": "/spec/selector", "value": saved.original_selector}),
-    ];
+    let mut ops = Vec::new();
+    if let Some(rv) = &svc.metadata.resource_version {
+        ops.push(json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+    }
+    ops.push(json!({"op": "test", "path": format!("/metadata/annotations/{key}"), "value": text}));
+    if newer_selector(svc).is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/selector", "value": saved.original_selector}));
+    }
     let ours: Vec<(String, String)> = burrow_annotations(svc)
         .into_iter()
         .filter(|(k, _)| k != ANNOTATION)
@@ -228,11 +253,33 @@ pub fn restore_patch(svc: &Service, text: &str, saved: &Saved) -> Value {
     Value::Array(ops)
 }
 
+/// The selector of a rerouted `svc`, when someone else put one back
+/// while it was rerouted (burrow's reroute removes it).
+pub fn newer_selector(svc: &Service) -> Option<BTreeMap<String, String>> {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .filter(|s| !s.is_empty())
+}
+
+/// `app=x,tier=y`.
+pub fn describe_selector(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restored {
     /// The selector was put back.
     Restored,
+    /// Someone else had put a selector back while the Service was
+    /// rerouted: it was left in place (described), only burrow's
+    /// annotations went.
+    KeptNewerSelector(String),
     /// The Service was not rerouted (already restored): only leftovers were
     /// removed.
     NotRerouted,
@@ -263,6 +310,14 @@ async fn json_patch(services: &Api<Service>, name: &str, patch: Value) -> Result
 }
 
 /// Restores `namespace/name` (see the module doc); idempotent.
+///
+/// Make-before-break: the selector comes back first while burrow's
+/// EndpointSlice still points at the gateway (whose listener hands
+/// everything to the shadow Service, i.e. the same pods); burrow's slice
+/// goes only once the endpoint-slice controller lists the pods again
+/// ([`await_controller`]), and the shadow only [`KUBE_PROXY_LAG`] after
+/// that, so that no caller ever meets a Service without a ready endpoint.
+/// A Service rerouted again meanwhile is left as it is.
 pub async fn restore(
     client: &kube::Client,
     namespace: &str,
@@ -272,9 +327,10 @@ pub async fn restore(
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let mut outcome = Restored::Gone;
     let mut uid = None;
-    for _attempt in 0..3 {
+    for _attempt in 0..5 {
         let Some(svc) = services.get_opt(name).await? else {
             outcome = Restored::Gone;
+            uid = None;
             break;
         };
         uid = svc.metadata.uid.clone();
@@ -297,18 +353,183 @@ pub async fn restore(
             }
             break;
         };
+        let kept = newer_selector(&svc).map(|s| describe_selector(&s));
         match json_patch(&services, name, restore_patch(&svc, &text, &saved)).await {
             Ok(()) => {
-                outcome = Restored::Restored;
+                outcome = match kept {
+                    Some(k) => {
+                        tracing::warn!(
+                            namespace,
+                            service = name,
+                            selector = %k,
+                            "someone else put a selector back while the Service was rerouted: left in place"
+                        );
+                        Restored::KeptNewerSelector(k)
+                    }
+                    None => Restored::Restored,
+                };
                 break;
             }
-            // The annotation changed under us (a `test` failed): look again.
+            // Changed under us (a `test` failed): look again.
             Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => continue,
             Err(e) => return Err(e),
         }
     }
+    if uid.is_some() {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+        let ours = slices.get_opt(&slice_name(name)).await?;
+        if ours.is_some() {
+            // Callers may still be sent to the gateway: keep them served
+            // until the pods are listed again.
+            await_controller(client, namespace, name).await;
+            if rerouted_again(&services, name).await? {
+                return Ok(outcome);
+            }
+            delete_if_ours(&slices, &slice_name(name), name, uid.as_deref()).await?;
+            tokio::time::sleep(KUBE_PROXY_LAG).await;
+            if rerouted_again(&services, name).await? {
+                return Ok(outcome);
+            }
+        }
+    }
     remove_leftovers(client, namespace, name, uid.as_deref()).await?;
     Ok(outcome)
+}
+
+/// Whether `name` carries burrow's reroute annotation again (a laptop
+/// rerouted it while a restore waited): its slice and shadow are needed.
+async fn rerouted_again(services: &Api<Service>, name: &str) -> Result<bool, kube::Error> {
+    Ok(services
+        .get_opt(name)
+        .await?
+        .is_some_and(|s| saved(&s).is_some()))
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn ready_endpoints(slice: &EndpointSlice) -> usize {
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .count()
+}
+
+/// Waits (at most [`CONTROLLER_WAIT`]) until the endpoint-slice
+/// controller lists for Service `name` as many ready endpoints as it
+/// lists for its shadow (same selector, same pods), or, when the shadow
+/// has none, until it has made a slice at all.
+pub async fn await_controller(client: &kube::Client, namespace: &str, name: &str) {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let of = |svc: &str| {
+        ListParams::default().labels(&format!(
+            "{SERVICE_NAME_LABEL}={svc},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
+        ))
+    };
+    let shadow = shadow_name(name);
+    let deadline = tokio::time::Instant::now() + CONTROLLER_WAIT;
+    loop {
+        let listed = async {
+            let theirs = slices.list(&of(name)).await.ok()?;
+            let want = slices
+                .list(&of(&shadow))
+                .await
+                .ok()
+                .map_or(0, |l| l.items.iter().map(ready_endpoints).sum::<usize>());
+            let have: usize = theirs.items.iter().map(ready_endpoints).sum();
+            Some(!theirs.items.is_empty() && have >= want)
+        };
+        if listed.await == Some(true) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                namespace,
+                service = name,
+                "the endpoint controller did not list the pods again within {}s; giving the Service back anyway",
+                CONTROLLER_WAIT.as_secs()
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// While `namespace/name` is rerouted (no selector, burrow's annotation),
+/// removes every other source of endpoints for it: EndpointSlices that are
+/// not burrow's (the endpoint-slice controller's, left behind or written
+/// late by an in-flight sync; the mirroring controller's) and the legacy
+/// `Endpoints` object (left by the endpoints controller; the mirroring
+/// controller would mirror it). These are objects the controllers derive
+/// from the Service and make again when the selector comes back; burrow
+/// deletes them by uid, and only while the Service is rerouted. Returns
+/// what it removed.
+pub async fn remove_strays(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<String>, kube::Error> {
+    check_names(namespace, name)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let Some(svc) = services.get_opt(name).await? else {
+        return Ok(Vec::new());
+    };
+    if saved(&svc).is_none() || newer_selector(&svc).is_some() {
+        return Ok(Vec::new());
+    }
+    let uid = svc.metadata.uid.clone();
+    let mut removed = Vec::new();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={name}"));
+    for slice in slices.list(&lp).await?.items {
+        let meta = &slice.metadata;
+        if label(meta, SLICE_MANAGED_BY) == Some(SLICE_MANAGER)
+            && is_ours(meta, name, uid.as_deref())
+        {
+            continue;
+        }
+        let Some(n) = meta.name.clone() else { continue };
+        if delete_by_uid(&slices, &n, meta.uid.clone()).await? {
+            removed.push(format!(
+                "EndpointSlice {n} (managed by {})",
+                label(meta, SLICE_MANAGED_BY).unwrap_or("unknown")
+            ));
+        }
+    }
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> =
+        Api::namespaced(client.clone(), namespace);
+    if let Some(ep) = endpoints.get_opt(name).await?
+        && delete_by_uid(&endpoints, name, ep.metadata.uid.clone()).await?
+    {
+        removed.push(format!("Endpoints {name}"));
+    }
+    Ok(removed)
+}
+
+/// Deletes `object` if it still has `uid`; whether it did.
+async fn delete_by_uid<K>(
+    api: &Api<K>,
+    object: &str,
+    uid: Option<String>,
+) -> Result<bool, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(object, &dp).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes `key`'s record from `namespace/name` (its laptop no longer

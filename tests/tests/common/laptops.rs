@@ -229,20 +229,35 @@ pub fn pods_in(out: &str) -> Vec<String> {
         .collect()
 }
 
-/// burrow left no shadow Service or EndpointSlice for `ns/name`.
+/// burrow leaves no shadow Service or EndpointSlice for `ns/name`: they
+/// go within seconds of the restore (the shadow outlives burrow's slice
+/// by kube-proxy's lag, make-before-break).
 pub fn assert_no_leftovers(c: &Cluster, ns: &str, name: &str) {
-    let left = ok(kubectl(
-        c,
-        &[
-            "get",
-            "svc,endpointslices",
-            "-n",
-            ns,
-            "-l",
-            &format!("burrow.dev/reroute-of={name}"),
-            "-o",
-            "name",
-        ],
-    ));
-    assert!(left.trim().is_empty(), "burrow objects left: {left}");
+    let list = || {
+        ok(kubectl(
+            c,
+            &[
+                "get",
+                "svc,endpointslices",
+                "-n",
+                ns,
+                "-l",
+                &format!("burrow.dev/reroute-of={name}"),
+                "-o",
+                "name",
+            ],
+        ))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = list();
+        if left.trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "burrow objects left 20 s after the restore: {left}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -1,0 +1,366 @@
+//! Acceptance of the reroute hand-off (issue 14, points 1, 2, 6 and 7) in
+//! one miniature cluster with two laptops and the real binaries: callers
+//! in the `caller` pod open a new connection to `echo.default:8080` every
+//! 20 ms (`mc-flows callers`) while laptops turn reroutes on and off, and
+//! not one request may fail. The laptops answer with mc-echo as
+//! `laptop-alice` / `laptop-bob`; the cluster's pods as `echo-…`.
+//!
+//! Every point runs even when an earlier one failed; the failures are
+//! listed at the end.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use burrow_tests::cluster::Cluster;
+use common::*;
+
+const HEADER: &str = "x-burrow-route: alice";
+
+/// A stream of callers in the caller pod.
+struct Callers {
+    child: Child,
+    what: &'static str,
+}
+
+/// What a stream of callers saw.
+struct Seen {
+    /// Answers per answering pod.
+    by: BTreeMap<String, usize>,
+    failures: Vec<String>,
+    max_ms: u64,
+}
+
+impl Callers {
+    fn start(c: &Cluster, caller: &str, header: Option<&str>, what: &'static str) -> Self {
+        let mc_flows = env!("CARGO_BIN_EXE_mc-flows");
+        let mut args = vec![
+            mc_flows,
+            "callers",
+            "--host",
+            "echo.default",
+            "--port",
+            "8080",
+        ];
+        if let Some(h) = header {
+            args.extend(["--header", h]);
+        }
+        let mut cmd = c.exec(&format!("pod/default/{caller}"), &args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("mc-flows callers");
+        Callers { child, what }
+    }
+
+    fn finish(mut self) -> Seen {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().expect("callers output");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{} callers: {}\n{}",
+            self.what,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut seen = Seen {
+            by: BTreeMap::new(),
+            failures: Vec::new(),
+            max_ms: 0,
+        };
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ' ');
+            let (kind, ms, rest) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            match kind {
+                "ok" => {
+                    // Pods by workload: `echo-…` counts as one.
+                    let who = if rest.starts_with("echo-") {
+                        "pods".to_string()
+                    } else {
+                        rest.to_string()
+                    };
+                    *seen.by.entry(who).or_default() += 1;
+                    seen.max_ms = seen.max_ms.max(ms.parse().unwrap_or(0));
+                }
+                "fail" => {
+                    seen.failures.push(format!("{ms} ms: {rest}"));
+                    seen.max_ms = seen.max_ms.max(ms.parse().unwrap_or(0));
+                }
+                _ => {}
+            }
+        }
+        eprintln!(
+            "{} callers: {:?}, {} failed, slowest {} ms",
+            self.what,
+            seen.by,
+            seen.failures.len(),
+            seen.max_ms
+        );
+        seen
+    }
+}
+
+impl Seen {
+    fn total(&self) -> usize {
+        self.by.values().sum::<usize>() + self.failures.len()
+    }
+
+    fn assert_none_failed(&self, what: &str) {
+        assert!(
+            self.failures.is_empty(),
+            "{what}: {} of {} requests failed: {:?}",
+            self.failures.len(),
+            self.total(),
+            self.failures
+        );
+        assert!(
+            self.total() > 20,
+            "{what}: too few requests ({})",
+            self.total()
+        );
+    }
+
+    fn count(&self, who: &str) -> usize {
+        self.by.get(who).copied().unwrap_or(0)
+    }
+}
+
+/// Runs both streams of callers (without and with the routing header)
+/// around `during`; see [`assert_none_failed`].
+fn under_load(c: &Cluster, caller: &str, during: &dyn Fn()) -> (Seen, Seen) {
+    let plain = Callers::start(c, caller, None, "header-less");
+    let routed = Callers::start(c, caller, Some(HEADER), "header");
+    std::thread::sleep(Duration::from_millis(500));
+    during();
+    std::thread::sleep(Duration::from_millis(1500));
+    (plain.finish(), routed.finish())
+}
+
+fn assert_none_failed(what: &str, (plain, routed): &(Seen, Seen)) {
+    plain.assert_none_failed(&format!("{what}, header-less callers"));
+    routed.assert_none_failed(&format!("{what}, header callers"));
+}
+
+#[test]
+fn reroute_handoff_acceptance() {
+    let Some(c) = cluster("rh", 2) else { return };
+    let s = Setup::new(&c);
+    let _alice = s.echo_server(1, "laptop-alice", 3000);
+    let _bob = s.echo_server(2, "laptop-bob", 3000);
+    let caller = pod_of(&c, "default", "caller");
+    let before = s.svc("default", "echo");
+    let kc = c.kubeconfig();
+    let kc_text = kc.display().to_string();
+
+    let mut points = Points::new("reroute-handoff");
+    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
+
+    point(
+        "6 reroute right after `connect --kubeconfig K` uses K; another cluster is refused",
+        &|| {
+            ok(s.burrow(1, &["connect", "--kubeconfig", &kc_text]));
+            // No --kubeconfig (and no KUBECONFIG): the connection's.
+            let o = run(s.burrow(1, &["reroute", "echo", "--port", "8080:3000"]));
+            assert!(
+                o.status.success(),
+                "reroute without --kubeconfig: {}\n{}\n{}",
+                stdout(&o),
+                stderr(&o),
+                s.daemon_log(1)
+            );
+            assert_eq!(s.echo_pod(&[]), "laptop-alice");
+            // A kubeconfig naming another API server is refused, naming both.
+            let text = std::fs::read_to_string(&kc).expect("kubeconfig");
+            let other = s.dir.path().join("other-cluster.yaml");
+            let changed = text
+                .lines()
+                .map(|l| {
+                    if l.trim_start().starts_with("server:") {
+                        "    server: https://192.0.2.10:6443".to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::File::create(&other)
+                .and_then(|mut f| f.write_all(changed.as_bytes()))
+                .expect("write kubeconfig");
+            let o = run(s.burrow_with(
+                1,
+                Some(&other),
+                &["reroute", "redis", "-n", "data", "--port", "6379:6390"],
+            ));
+            let err = stderr(&o);
+            assert!(!o.status.success(), "another cluster must be refused");
+            assert!(
+                err.contains("burrow is connected to") && err.contains("192.0.2.10"),
+                "{err}"
+            );
+            s.stop(1, "echo", "default");
+            s.assert_restored("default", "echo", &before);
+        },
+    );
+
+    point(
+        "1 right after `reroute` returns, 20 of 20 requests reach the laptop (global, then header)",
+        &|| {
+            s.reroute(1, &["echo", "--port", "8080:3000"]);
+            for i in 0..20 {
+                assert_eq!(s.echo_pod(&[]), "laptop-alice", "global, request {i}");
+            }
+            s.stop(1, "echo", "default");
+            s.reroute(
+                1,
+                &[
+                    "echo",
+                    "--port",
+                    "8080:3000",
+                    "--header",
+                    "x-burrow-route=alice",
+                ],
+            );
+            for i in 0..20 {
+                assert_eq!(
+                    s.echo_pod(&["-H", HEADER]),
+                    "laptop-alice",
+                    "header, request {i}"
+                );
+            }
+            s.stop(1, "echo", "default");
+            s.assert_restored("default", "echo", &before);
+        },
+    );
+
+    point("2a global reroute on and off: no caller fails", &|| {
+        let seen = under_load(&c, &caller, &|| {
+            s.reroute(1, &["echo", "--port", "8080:3000"]);
+            std::thread::sleep(Duration::from_secs(1));
+            s.stop(1, "echo", "default");
+        });
+        s.assert_restored("default", "echo", &before);
+        assert_none_failed("global on/off", &seen);
+        let (plain, routed) = seen;
+        assert!(plain.count("laptop-alice") > 0 && routed.count("laptop-alice") > 0);
+    });
+
+    point("2b header reroute on and off: no caller fails", &|| {
+        let seen = under_load(&c, &caller, &|| {
+            s.reroute(
+                1,
+                &[
+                    "echo",
+                    "--port",
+                    "8080:3000",
+                    "--header",
+                    "x-burrow-route=alice",
+                ],
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            s.stop(1, "echo", "default");
+        });
+        s.assert_restored("default", "echo", &before);
+        assert_none_failed("header on/off", &seen);
+        let (plain, routed) = seen;
+        assert_eq!(
+            plain.count("laptop-alice"),
+            0,
+            "a header-less request reached the laptop"
+        );
+        assert!(routed.count("laptop-alice") > 0);
+    });
+
+    point(
+        "2c --force takes a teammate's global route, then disconnect: no caller fails",
+        &|| {
+            let seen = under_load(&c, &caller, &|| {
+                s.reroute(2, &["echo", "--port", "8080:3000"]);
+                std::thread::sleep(Duration::from_secs(1));
+                s.reroute(1, &["echo", "--port", "8080:3000", "--force"]);
+                std::thread::sleep(Duration::from_secs(1));
+                ok(s.burrow(1, &["disconnect"]));
+            });
+            // The teammate whose route was taken does not take it back
+            // once the new holder left: the Service is given back.
+            s.assert_restored("default", "echo", &before);
+            std::thread::sleep(Duration::from_secs(6));
+            let listed = ok(s.burrow(2, &["reroute", "--list"]));
+            let log = s.daemon_log(2);
+            ok(s.burrow(2, &["disconnect"]));
+            assert!(listed.contains("no reroutes"), "{listed}");
+            assert!(log.contains("took this reroute over"), "{log}");
+            s.assert_restored("default", "echo", &before);
+            assert_none_failed("takeover and disconnect", &seen);
+            let (plain, _) = seen;
+            assert!(plain.count("laptop-bob") > 0 && plain.count("laptop-alice") > 0);
+        },
+    );
+
+    point(
+        "7 someone else puts the selector back: --list says so, --stop leaves it",
+        &|| {
+            s.reroute(1, &["echo", "--port", "8080:3000"]);
+            let newer = r#"{"spec":{"selector":{"app":"echo","track":"stable"}}}"#;
+            ok(kubectl(
+                &c,
+                &["patch", "svc", "echo", "--type", "merge", "-p", newer],
+            ));
+            let started = std::time::Instant::now();
+            let listed = eventually(Duration::from_secs(2), "--list shows the change", || {
+                let out = ok(s.burrow(1, &["reroute", "--list"]));
+                out.contains("someone else put the selector back")
+                    .then_some(out)
+            });
+            eprintln!("--list after {:?}:\n{listed}", started.elapsed());
+            assert!(listed.contains("app=echo,track=stable"), "{listed}");
+            let json = ok(s.burrow(1, &["reroute", "--list", "--output", "json"]));
+            assert!(json.contains("\"changed\""), "{json}");
+            eventually(Duration::from_secs(15), "the daemon log says so", || {
+                s.daemon_log(1)
+                    .contains("someone else put the selector back")
+                    .then_some(())
+            });
+            let out = s.stop(1, "echo", "default");
+            assert!(
+                out.contains("left in place") && out.contains("track=stable"),
+                "{out}"
+            );
+            let sel = s.selector("default", "echo");
+            assert_eq!(sel["track"], "stable", "the newer selector was overwritten");
+            assert_no_leftovers(&c, "default", "echo");
+            let ann = s.svc("default", "echo")["metadata"]["annotations"].clone();
+            assert!(
+                !ann.to_string().contains("burrow.dev"),
+                "burrow's annotations left: {ann}"
+            );
+            // Give the Service its own selector back for whatever follows.
+            let original = serde_json::json!([
+                {"op": "replace", "path": "/spec/selector", "value": before["spec"]["selector"]}
+            ]);
+            ok(kubectl(
+                &c,
+                &[
+                    "patch",
+                    "svc",
+                    "echo",
+                    "--type",
+                    "json",
+                    "-p",
+                    &original.to_string(),
+                ],
+            ));
+        },
+    );
+
+    let _ = run(s.burrow(1, &["disconnect"]));
+    let _ = run(s.burrow(2, &["disconnect"]));
+    points.finish();
+}
