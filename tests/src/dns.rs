@@ -410,7 +410,12 @@ impl Instance {
         let probe = format!("kubernetes.default.svc.{CLUSTER_DOMAIN}");
         let answered = tokio::task::spawn_blocking(move || wait_for_dns(&n, addr, &probe)).await;
         match answered {
-            Ok(Ok(())) => Ok(inst),
+            // It answered and it is ours (not something else on the port).
+            Ok(Ok(())) if !inst.exited() => Ok(inst),
+            Ok(Ok(())) => Err(anyhow::anyhow!(
+                "dnsmasq on port {port} exited (see {})",
+                dir.join("dnsmasq.log").display()
+            )),
             Ok(Err(e)) => {
                 inst.stop().await;
                 Err(e)
@@ -510,9 +515,18 @@ pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
         }
         let dead = active.as_mut().is_none_or(Instance::exited);
         let srv_changed = active.as_ref().is_some_and(|a| a.srv != rec.srv);
-        if dead || srv_changed {
-            let port = next_port;
-            next_port = FIRST_PORT + (next_port + 1 - FIRST_PORT) % PORTS;
+        // The next port no live instance holds (none free: wait for one to
+        // retire).
+        let busy: Vec<u16> = active
+            .iter()
+            .chain(retiring.iter().map(|(_, i)| i))
+            .map(|i| i.port)
+            .collect();
+        let free = (0..PORTS)
+            .map(|k| FIRST_PORT + (next_port - FIRST_PORT + k) % PORTS)
+            .find(|p| !busy.contains(p));
+        if let (true, Some(port)) = (dead || srv_changed, free) {
+            next_port = FIRST_PORT + (port + 1 - FIRST_PORT) % PORTS;
             match Instance::start(&dir, &node, &hosts_path, &rec.srv, port).await {
                 Ok(inst) => {
                     if let Err(e) = point_kube_dns(&store, port) {
