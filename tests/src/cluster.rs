@@ -30,7 +30,7 @@ use crate::ctx::{
     API_PORT, CLUSTER_DNS_IP, ClusterCtx, KUBERNETES_SERVICE_IP, NODE_NAME, NODE_UNDERLAY_IP,
     POD_CIDR, POD_GATEWAY, STATE_ROOT,
 };
-use crate::{controllers, dns, kubelet, net, proxy};
+use crate::{controllers, dns, endpoints, kubelet, net, proxy};
 
 /// The workloads applied when `--workloads` is not given.
 pub const DEFAULT_WORKLOADS: &str = include_str!("../workloads/default.yaml");
@@ -394,7 +394,9 @@ async fn run(
     controller!("scheduler", controllers::scheduler);
     controller!("deployments", controllers::deployments);
     controller!("replicasets", controllers::replicasets);
-    controller!("endpoints", controllers::endpoints);
+    controller!("endpoints", endpoints::endpoints_controller);
+    controller!("endpointslices", endpoints::slice_controller);
+    controller!("endpointslicemirroring", endpoints::mirroring_controller);
     controller!("kubelet", kubelet::run);
     controller!("kube-proxy", proxy::run);
     controller!("dns", dns::run);
@@ -666,13 +668,16 @@ pub fn bootstrap(store: &Store) -> Result<()> {
             },
         }),
     )?;
+    // As the API server's endpoint reconciler keeps them: an Endpoints
+    // labelled skip-mirror and its own slice `kubernetes` (no managed-by).
     static_endpoints(
         store,
         "default",
         "kubernetes",
-        json!({"component": "apiserver", "provider": "kubernetes"}),
+        json!({(endpoints::SKIP_MIRROR): "true"}),
         &NODE_UNDERLAY_IP.to_string(),
         &[("https", API_PORT, "TCP")],
+        true,
     )?;
     // kube-system/kube-dns → the cluster DNS on the node's pod gateway.
     create_obj(
@@ -694,19 +699,27 @@ pub fn bootstrap(store: &Store) -> Result<()> {
             },
         }),
     )?;
+    // A selectorless Service whose Endpoints the cluster DNS keeps (see
+    // `dns`): the mirroring controller makes its slice, as for any such
+    // Service.
     static_endpoints(
         store,
         "kube-system",
         "kube-dns",
         json!({"k8s-app": "kube-dns"}),
         &POD_GATEWAY.to_string(),
-        &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        &[
+            ("dns", dns::FIRST_PORT, "UDP"),
+            ("dns-tcp", dns::FIRST_PORT, "TCP"),
+        ],
+        false,
     )?;
     Ok(())
 }
 
-/// Endpoints and an EndpointSlice (mirrored, as Kubernetes does for
-/// selector-less Services) pointing at one address.
+/// Endpoints pointing at one address; with `own_slice`, the slice the API
+/// server keeps beside it for `default/kubernetes` (named like the Service,
+/// only the service-name label).
 fn static_endpoints(
     store: &Store,
     ns: &str,
@@ -714,6 +727,7 @@ fn static_endpoints(
     labels: Value,
     ip: &str,
     ports: &[(&str, u16, &str)],
+    own_slice: bool,
 ) -> Result<()> {
     let ports_json: Vec<Value> = ports
         .iter()
@@ -729,17 +743,16 @@ fn static_endpoints(
             "subsets": [{"addresses": [{"ip": ip}], "ports": ports_json}],
         }),
     )?;
-    let mut slice_labels = labels.clone();
-    slice_labels["kubernetes.io/service-name"] = json!(name);
-    slice_labels["endpointslice.kubernetes.io/managed-by"] =
-        json!("endpointslicemirroring-controller.k8s.io");
+    if !own_slice {
+        return Ok(());
+    }
     create_obj(
         store,
         "discovery.k8s.io/v1/endpointslices",
         ns,
         json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": name, "namespace": ns, "labels": slice_labels},
+            "metadata": {"name": name, "namespace": ns, "labels": {(endpoints::SERVICE_NAME): name}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": [ip], "conditions": {"ready": true, "serving": true, "terminating": false}}],
             "ports": ports_json,
@@ -1085,7 +1098,10 @@ mod tests {
         tasks.spawn(controllers::scheduler(store.clone(), ctx.clone()));
         tasks.spawn(controllers::deployments(store.clone(), ctx.clone()));
         tasks.spawn(controllers::replicasets(store.clone(), ctx.clone()));
-        tasks.spawn(controllers::endpoints(store.clone(), ctx.clone()));
+        {
+            let store = store.clone();
+            tasks.spawn(async move { crate::endpoints::all_without_lag(store).await });
+        }
         let kubelet_store = store.clone();
         tasks.spawn(async move {
             let pods = must("core/v1/pods");

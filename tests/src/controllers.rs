@@ -1,6 +1,7 @@
 //! The control-plane controllers of the miniature cluster: scheduler,
-//! Deployment → ReplicaSet, ReplicaSet → Pod, endpoints (Endpoints and
-//! EndpointSlices), service accounts and namespaces.
+//! Deployment → ReplicaSet, ReplicaSet → Pod, service accounts and
+//! namespaces; and the pure endpoint computations the endpoint controllers
+//! (`crate::endpoints`) share.
 //!
 //! Each is a loop over the store's watch plus a full resync every few
 //! seconds. Every pass reconciles the whole (small) cluster and writes only
@@ -9,7 +10,7 @@
 //! Must never: touch the network or processes (the kubelet, kube-proxy and DNS
 //! controllers do that), or rewrite an object whose content did not change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,15 +32,6 @@ const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
 fn rt_pods() -> &'static ResourceType {
     must("core/v1/pods")
-}
-fn rt_services() -> &'static ResourceType {
-    must("core/v1/services")
-}
-fn rt_endpoints() -> &'static ResourceType {
-    must("core/v1/endpoints")
-}
-fn rt_slices() -> &'static ResourceType {
-    must("discovery.k8s.io/v1/endpointslices")
 }
 fn rt_deployments() -> &'static ResourceType {
     must("apps/v1/deployments")
@@ -836,11 +828,11 @@ pub fn compute_endpoints(svc: &Value, pods: &[Value]) -> Option<Vec<EpGroup>> {
     Some(groups)
 }
 
-fn target_ref(a: &EpAddress) -> Value {
+pub fn target_ref(a: &EpAddress) -> Value {
     json!({"kind": "Pod", "name": a.pod_name, "namespace": a.pod_namespace, "uid": a.pod_uid})
 }
 
-fn port_json(p: &EpPort) -> Value {
+pub fn port_json(p: &EpPort) -> Value {
     let mut v = json!({"port": p.port, "protocol": p.protocol});
     if !p.name.is_empty() {
         v["name"] = json!(p.name);
@@ -904,224 +896,6 @@ pub fn slice_endpoints(group: &EpGroup) -> Vec<Value> {
             v
         })
         .collect()
-}
-
-const SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
-const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
-const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
-const SERVICE_NAME: &str = "kubernetes.io/service-name";
-
-/// Endpoints and EndpointSlices for every Service with a selector.
-pub async fn endpoints(store: Arc<Store>, _ctx: ClusterCtx) -> Result<()> {
-    control_loop(
-        store,
-        "endpoints",
-        |ev| {
-            is(
-                ev,
-                &[
-                    "core/v1/pods",
-                    "core/v1/services",
-                    "core/v1/endpoints",
-                    "discovery.k8s.io/v1/endpointslices",
-                ],
-            )
-        },
-        |store| {
-            let (services, _) = store.list(rt_services(), None);
-            let (pods, _) = store.list(rt_pods(), None);
-            let (eps, _) = store.list(rt_endpoints(), None);
-            let (slices, _) = store.list(rt_slices(), None);
-            let mut managed: HashMap<(String, String), ()> = HashMap::new();
-            for svc in &services {
-                let Some(groups) = compute_endpoints(svc, &pods) else {
-                    continue;
-                };
-                managed.insert((meta_ns(svc).to_string(), meta_name(svc).to_string()), ());
-                if let Err(e) = sync_endpoints(store, svc, &groups, &eps) {
-                    tracing::warn!("endpoints {}/{}: {e:#}", meta_ns(svc), meta_name(svc));
-                }
-                if let Err(e) = sync_slices(store, svc, &groups, &slices) {
-                    tracing::warn!("endpointslices {}/{}: {e:#}", meta_ns(svc), meta_name(svc));
-                }
-            }
-            // Endpoints we managed whose Service is gone (or lost its selector).
-            for ep in &eps {
-                let key = (meta_ns(ep).to_string(), meta_name(ep).to_string());
-                if s(
-                    ep,
-                    &format!("/metadata/labels/{}", SKIP_MIRROR.replace('/', "~1")),
-                ) == "true"
-                    && !managed.contains_key(&key)
-                {
-                    let svc_exists = services
-                        .iter()
-                        .any(|s| meta_ns(s) == key.0 && meta_name(s) == key.1);
-                    if !svc_exists {
-                        ignore_not_found(store.delete(rt_endpoints(), &key.0, &key.1))?;
-                    }
-                }
-            }
-            // Our slices whose Service is gone (normally garbage collected
-            // through ownerReferences already).
-            for sl in &slices {
-                if s(
-                    sl,
-                    &format!("/metadata/labels/{}", MANAGED_BY.replace('/', "~1")),
-                ) != SLICE_CONTROLLER
-                {
-                    continue;
-                }
-                let svc = s(
-                    sl,
-                    &format!("/metadata/labels/{}", SERVICE_NAME.replace('/', "~1")),
-                );
-                if !managed.contains_key(&(meta_ns(sl).to_string(), svc.to_string())) {
-                    ignore_not_found(store.delete(rt_slices(), meta_ns(sl), meta_name(sl)))?;
-                }
-            }
-            Ok(())
-        },
-    )
-    .await
-}
-
-fn sync_endpoints(store: &Store, svc: &Value, groups: &[EpGroup], eps: &[Value]) -> Result<()> {
-    let ns = meta_ns(svc);
-    let name = meta_name(svc);
-    let subsets = endpoints_subsets(groups);
-    let mut labels = svc["metadata"]["labels"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    labels.insert(SKIP_MIRROR.to_string(), json!("true"));
-    let labels = Value::Object(labels);
-    let existing = eps
-        .iter()
-        .find(|e| meta_ns(e) == ns && meta_name(e) == name);
-    let want_subsets = if subsets.is_empty() {
-        None
-    } else {
-        Some(json!(subsets))
-    };
-    match existing {
-        None => {
-            let mut ep = json!({
-                "apiVersion": "v1",
-                "kind": "Endpoints",
-                "metadata": {"name": name, "namespace": ns, "labels": labels},
-            });
-            if let Some(sub) = want_subsets {
-                ep["subsets"] = sub;
-            }
-            create(store, rt_endpoints(), ns, ep)?;
-        }
-        Some(ep) => {
-            if ep.get("subsets") != want_subsets.as_ref() || ep["metadata"]["labels"] != labels {
-                ignore_not_found(store.update_with(rt_endpoints(), ns, name, |ep| {
-                    ep["metadata"]["labels"] = labels;
-                    match want_subsets {
-                        Some(sub) => ep["subsets"] = sub,
-                        None => {
-                            if let Some(m) = ep.as_object_mut() {
-                                m.remove("subsets");
-                            }
-                        }
-                    }
-                    Ok(())
-                }))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn sync_slices(store: &Store, svc: &Value, groups: &[EpGroup], slices: &[Value]) -> Result<()> {
-    let ns = meta_ns(svc);
-    let name = meta_name(svc);
-    let mut existing: Vec<&Value> = slices
-        .iter()
-        .filter(|sl| {
-            meta_ns(sl) == ns
-                && s(
-                    sl,
-                    &format!("/metadata/labels/{}", SERVICE_NAME.replace('/', "~1")),
-                ) == name
-                && s(
-                    sl,
-                    &format!("/metadata/labels/{}", MANAGED_BY.replace('/', "~1")),
-                ) == SLICE_CONTROLLER
-        })
-        .collect();
-    // With no endpoints at all, keep one empty slice (as Kubernetes does).
-    let placeholder;
-    let groups: &[EpGroup] = if groups.is_empty() {
-        placeholder = [EpGroup {
-            ports: vec![],
-            addresses: vec![],
-        }];
-        &placeholder
-    } else {
-        groups
-    };
-    let mut labels = svc["metadata"]["labels"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    labels.insert(SERVICE_NAME.to_string(), json!(name));
-    labels.insert(MANAGED_BY.to_string(), json!(SLICE_CONTROLLER));
-    let labels = Value::Object(labels);
-    for g in groups {
-        let ports: Vec<Value> = g.ports.iter().map(port_json).collect();
-        let endpoints = slice_endpoints(g);
-        let ports_v = json!(ports);
-        let endpoints_v = json!(endpoints);
-        // Reuse a slice with the same ports, else any left over.
-        let pos = existing
-            .iter()
-            .position(|sl| {
-                sl["ports"] == ports_v || (sl.get("ports").is_none() && ports.is_empty())
-            })
-            .or(if existing.is_empty() { None } else { Some(0) });
-        match pos {
-            Some(i) => {
-                let sl = existing.remove(i);
-                let cur_ports = sl.get("ports").cloned().unwrap_or(json!([]));
-                let cur_eps = sl.get("endpoints").cloned().unwrap_or(json!([]));
-                if cur_ports != ports_v
-                    || cur_eps != endpoints_v
-                    || sl["metadata"]["labels"] != labels
-                {
-                    ignore_not_found(store.update_with(rt_slices(), ns, meta_name(sl), |sl| {
-                        sl["metadata"]["labels"] = labels.clone();
-                        sl["ports"] = ports_v;
-                        sl["endpoints"] = endpoints_v;
-                        Ok(())
-                    }))?;
-                }
-            }
-            None => {
-                let sl = json!({
-                    "apiVersion": "discovery.k8s.io/v1",
-                    "kind": "EndpointSlice",
-                    "metadata": {
-                        "generateName": format!("{name}-"),
-                        "namespace": ns,
-                        "labels": labels,
-                        "ownerReferences": owner_ref(svc, "v1", "Service"),
-                    },
-                    "addressType": "IPv4",
-                    "endpoints": endpoints_v,
-                    "ports": ports_v,
-                });
-                create(store, rt_slices(), ns, sl)?;
-            }
-        }
-    }
-    for sl in existing {
-        ignore_not_found(store.delete(rt_slices(), ns, meta_name(sl)))?;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- namespaces

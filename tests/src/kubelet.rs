@@ -3476,9 +3476,18 @@ mod e2e {
             create(&store, "core/v1/services", "kube-system", json!({"metadata": {"name": "kube-dns"},
                 "spec": {"clusterIP": "10.96.0.10", "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}));
+            // kube-dns's endpoints at the cluster DNS's first instance; the
+            // mirroring controller makes its slice (and follows the DNS's
+            // rolling replacements).
+            let dns_port = crate::dns::FIRST_PORT;
             create(&store, "core/v1/endpoints", "kube-system", json!({"metadata": {"name": "kube-dns"},
                 "subsets": [{"addresses": [{"ip": "10.244.0.1"}], "ports": [
-                    {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}]}));
+                    {"name": "dns", "port": dns_port, "protocol": "UDP"}, {"name": "dns-tcp", "port": dns_port, "protocol": "TCP"}]}]}));
+            tokio::spawn(crate::informer::run(
+                store.clone(),
+                crate::endpoints::MirrorController::default(),
+                crate::informer::Lag::NONE,
+            ));
             create(&store, "core/v1/services", "default", json!({"metadata": {"name": "kubernetes"},
                 "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443}]}}));
             create(&store, "core/v1/services", "default", json!({"metadata": {"name": "web"},

@@ -2,7 +2,8 @@
 //!
 //! Owns the Linux network namespaces that stand in for a node, its pods and
 //! laptops; the controllers that make the stand-in API server's objects real
-//! (scheduler, deployment/replicaset, kubelet, endpoints, kube-proxy with
+//! (scheduler, deployment/replicaset, kubelet, the endpoints, EndpointSlice
+//! and mirroring controllers with their lag, kube-proxy with
 //! iptables, cluster DNS with dnsmasq); the `minicluster` harness binary; and
 //! the end-to-end tests that drive the real `burrow` and `burrow-gateway`
 //! binaries through it.
@@ -16,8 +17,10 @@ pub mod cluster;
 pub mod controllers;
 pub mod ctx;
 pub mod dns;
+pub mod endpoints;
 pub mod gateway;
 pub mod images;
+pub mod informer;
 pub mod kubelet;
 pub mod net;
 pub mod proxy;

@@ -1,8 +1,16 @@
 //! kube-proxy, iptables mode, for the one node: ClusterIP:port and
-//! NodePort → DNAT to ready endpoints with random spread; Services without
-//! ready endpoints → REJECT. Rewritten atomically (`iptables-restore
-//! --noflush`) within ~100 ms of any Service / EndpointSlice / Endpoints
-//! change, only when the rule text changed. After each rewrite, the UDP
+//! NodePort → DNAT to the endpoints of every EndpointSlice labelled
+//! `kubernetes.io/service-name` for the Service (whoever made it: the
+//! EndpointSlice controller, the mirroring controller, anyone), ready ones
+//! with random spread — serving terminating ones when none is ready — as
+//! `pkg/proxy/endpointslicecache.go` does; a slice port without a name is
+//! ignored, as there. Endpoints objects are never read (kube-proxy has
+//! proxied from EndpointSlices only since v1.22). Services without
+//! endpoints → REJECT. Rewritten atomically (`iptables-restore --noflush`)
+//! when the rule text changed, as the real one's `--iptables-min-sync-period`
+//! (1 s) allows: a change after a quiet second at once (plus the informer
+//! lag), changes within a second of the last write one second after it.
+//! After each rewrite, the UDP
 //! conntrack entries that would keep a flow on a removed endpoint (or on a
 //! Service's earlier lack of one) are deleted, as kube-proxy does
 //! (`conntrack -D` in the node namespace): a UDP client that keeps sending
@@ -25,7 +33,12 @@ use crate::ctx::{ClusterCtx, NODE_UNDERLAY_IP};
 pub struct Backend {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// `conditions.ready`, absent meaning true.
     pub ready: bool,
+    /// `conditions.serving`, absent meaning true.
+    pub serving: bool,
+    /// `conditions.terminating`, absent meaning false.
+    pub terminating: bool,
     /// `hostname` of the endpoint (headless Services with pod hostnames).
     pub hostname: Option<String>,
 }
@@ -79,85 +92,74 @@ fn meta<'a>(obj: &'a Value, field: &str) -> &'a str {
 }
 
 /// The backends of port (`port_name`, `protocol`) of Service `ns/name`:
-/// from its EndpointSlices (label `kubernetes.io/service-name`) if any
-/// exist, else from its Endpoints object. Sorted, deduplicated.
+/// the union of the endpoints of every IPv4 EndpointSlice labelled
+/// `kubernetes.io/service-name: name` in `ns` (an address in two slices
+/// counts once). Sorted.
 pub fn backends(
     ns: &str,
     name: &str,
     port_name: &str,
     protocol: &str,
     slices: &[Value],
-    endpoints: &[Value],
 ) -> Vec<Backend> {
-    let mut out = BTreeSet::new();
-    let own: Vec<&Value> = slices
-        .iter()
-        .filter(|s| {
-            meta(s, "namespace") == ns
-                && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(name)
-                && s["addressType"].as_str().unwrap_or("IPv4") == "IPv4"
-        })
-        .collect();
-    if !own.is_empty() {
-        for slice in own {
-            let Some(ports) = slice["ports"].as_array() else {
+    let mut out: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+    let own = slices.iter().filter(|s| {
+        meta(s, "namespace") == ns
+            && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(name)
+            && s["addressType"].as_str().unwrap_or("IPv4") == "IPv4"
+    });
+    for slice in own {
+        let Some(ports) = slice["ports"].as_array() else {
+            continue;
+        };
+        for p in ports {
+            // A port without a name is skipped ("Ignoring port with nil
+            // name"): only `""` names an unnamed Service port.
+            let Some(pname) = p["name"].as_str() else {
                 continue;
             };
-            for p in ports {
-                if p["name"].as_str().unwrap_or("") != port_name
-                    || p["protocol"].as_str().unwrap_or("TCP") != protocol
-                {
-                    continue;
-                }
-                let Some(port) = p["port"].as_u64().and_then(|n| u16::try_from(n).ok()) else {
-                    continue;
-                };
-                for ep in slice["endpoints"].as_array().into_iter().flatten() {
-                    let ready = ep["conditions"]["ready"].as_bool() != Some(false);
-                    let hostname = ep["hostname"].as_str().map(str::to_string);
-                    for a in ep["addresses"].as_array().into_iter().flatten() {
-                        if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
-                            out.insert(Backend {
-                                ip,
-                                port,
-                                ready,
-                                hostname: hostname.clone(),
-                            });
-                        }
-                    }
-                }
+            if pname != port_name || p["protocol"].as_str().unwrap_or("TCP") != protocol {
+                continue;
             }
-        }
-    } else if let Some(ep) = endpoints
-        .iter()
-        .find(|e| meta(e, "namespace") == ns && meta(e, "name") == name)
-    {
-        for subset in ep["subsets"].as_array().into_iter().flatten() {
-            for p in subset["ports"].as_array().into_iter().flatten() {
-                if p["name"].as_str().unwrap_or("") != port_name
-                    || p["protocol"].as_str().unwrap_or("TCP") != protocol
-                {
-                    continue;
-                }
-                let Some(port) = p["port"].as_u64().and_then(|n| u16::try_from(n).ok()) else {
+            let Some(port) = p["port"]
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
+            else {
+                continue;
+            };
+            for ep in slice["endpoints"].as_array().into_iter().flatten() {
+                let c = &ep["conditions"];
+                let hostname = ep["hostname"].as_str().map(str::to_string);
+                // The first address of an endpoint is the one proxied to.
+                let Some(ip) = ep["addresses"][0]
+                    .as_str()
+                    .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                else {
                     continue;
                 };
-                for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
-                    for a in subset[key].as_array().into_iter().flatten() {
-                        if let Some(ip) = a["ip"].as_str().and_then(|s| s.parse().ok()) {
-                            out.insert(Backend {
-                                ip,
-                                port,
-                                ready,
-                                hostname: a["hostname"].as_str().map(str::to_string),
-                            });
-                        }
-                    }
-                }
+                out.entry((ip, port)).or_insert(Backend {
+                    ip,
+                    port,
+                    ready: c["ready"].as_bool() != Some(false),
+                    serving: c["serving"].as_bool() != Some(false),
+                    terminating: c["terminating"].as_bool() == Some(true),
+                    hostname,
+                });
             }
         }
     }
-    out.into_iter().collect()
+    out.into_values().collect()
+}
+
+/// The endpoints kube-proxy sends new connections to: the ready ones, or if
+/// there is none, the serving terminating ones.
+pub fn usable(all: &[Backend]) -> Vec<&Backend> {
+    let ready: Vec<&Backend> = all.iter().filter(|b| b.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    all.iter().filter(|b| b.serving && b.terminating).collect()
 }
 
 fn dnat_rules(out: &mut String, chain: &str, matcher: &str, comment: &str, ready: &[&Backend]) {
@@ -181,7 +183,7 @@ fn dnat_rules(out: &mut String, chain: &str, matcher: &str, comment: &str, ready
 /// The `iptables-restore --noflush` input for the Services and their
 /// endpoints: nat `KUBE-SERVICES`/`KUBE-NODEPORTS` and filter
 /// `KUBE-SERVICES` (declaring a chain flushes it). Deterministic.
-pub fn rules_text(services: &[Value], slices: &[Value], endpoints: &[Value]) -> String {
+pub fn rules_text(services: &[Value], slices: &[Value]) -> String {
     let mut nat = String::new();
     let mut nodeports = String::new();
     let mut filter = String::new();
@@ -202,8 +204,8 @@ pub fn rules_text(services: &[Value], slices: &[Value], endpoints: &[Value]) -> 
             } else {
                 format!("{ns}/{name}:{}", sp.name)
             };
-            let all = backends(ns, name, &sp.name, &sp.protocol, slices, endpoints);
-            let ready: Vec<&Backend> = all.iter().filter(|b| b.ready).collect();
+            let all = backends(ns, name, &sp.name, &sp.protocol, slices);
+            let ready = usable(&all);
             let cluster_match = format!("-d {ip}/32 -p {proto} -m {proto} --dport {}", sp.port);
             let node_match = sp
                 .node_port
@@ -247,7 +249,6 @@ pub struct UdpPort {
 pub fn udp_endpoints(
     services: &[Value],
     slices: &[Value],
-    endpoints: &[Value],
 ) -> BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>> {
     let mut out = BTreeMap::new();
     for svc in services {
@@ -257,11 +258,8 @@ pub fn udp_endpoints(
             .into_iter()
             .filter(|p| p.protocol == "UDP")
         {
-            let ready = backends(ns, name, &sp.name, "UDP", slices, endpoints)
-                .into_iter()
-                .filter(|b| b.ready)
-                .map(|b| (b.ip, b.port))
-                .collect();
+            let all = backends(ns, name, &sp.name, "UDP", slices);
+            let ready = usable(&all).into_iter().map(|b| (b.ip, b.port)).collect();
             out.insert(
                 UdpPort {
                     cluster_ip: ip,
@@ -371,32 +369,85 @@ type UdpState = BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>;
 fn current_rules(store: &Store) -> (String, UdpState) {
     let (services, _) = store.list(must("core/v1/services"), None);
     let (slices, _) = store.list(must("discovery.k8s.io/v1/endpointslices"), None);
-    let (endpoints, _) = store.list(must("core/v1/endpoints"), None);
     (
-        rules_text(&services, &slices, &endpoints),
-        udp_endpoints(&services, &slices, &endpoints),
+        rules_text(&services, &slices),
+        udp_endpoints(&services, &slices),
     )
 }
 
 fn relevant(key: &str) -> bool {
     matches!(
         key,
-        "core/v1/services" | "discovery.k8s.io/v1/endpointslices" | "core/v1/endpoints"
+        "core/v1/services" | "discovery.k8s.io/v1/endpointslices"
     )
 }
 
-/// Runs kube-proxy until the store's watch channel closes.
+/// kube-proxy's sync runner (`BoundedFrequencyRunner`): a token bucket of
+/// `burst` syncs refilled at one per `min_interval`.
+#[derive(Debug, Clone)]
+pub struct SyncRunner {
+    min_interval: Duration,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl SyncRunner {
+    /// kube-proxy's iptables mode: burst 2.
+    pub fn new(min_interval: Duration) -> SyncRunner {
+        SyncRunner {
+            min_interval,
+            burst: 2.0,
+            tokens: 2.0,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: tokio::time::Instant) {
+        if self.min_interval.is_zero() {
+            self.tokens = self.burst;
+        } else {
+            let gained =
+                now.duration_since(self.at).as_secs_f64() / self.min_interval.as_secs_f64();
+            self.tokens = (self.tokens + gained).min(self.burst);
+        }
+        self.at = now;
+    }
+
+    /// When the next sync may run (now, or when a token is back).
+    pub fn ready_at(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + self.min_interval.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    /// A sync ran at `now`.
+    pub fn took(&mut self, now: tokio::time::Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+}
+
+/// Runs kube-proxy until the store's watch channel closes. After a change it
+/// waits the informer lag, then for its sync runner, then reads what is
+/// there and writes the rules if they differ.
 pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
+    let lag = crate::informer::Lag::from_env();
     let node = ctx.node_netns();
     let (_, mut rx) = store
         .watch(None)
         .map_err(|e| anyhow::anyhow!("watch: {e:?}"))?;
+    let mut runner = SyncRunner::new(lag.proxy_min_sync);
     let mut last = String::new();
     // The UDP endpoints the applied rules send to.
     let mut last_udp = UdpState::new();
     loop {
         let (text, udp) = current_rules(&store);
         if text != last {
+            runner.took(tokio::time::Instant::now());
             let (n, t) = (node.clone(), text.clone());
             match tokio::task::spawn_blocking(move || apply(&n, &t)).await {
                 Ok(Ok(())) => {
@@ -438,8 +489,11 @@ pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
         } else if !wait.await {
             return Ok(());
         }
-        // Coalesce a burst of changes.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The change reaches kube-proxy's informer after the watch lag;
+        // then the sync runner decides when the rules are written.
+        tokio::time::sleep(lag.informer_delay()).await;
+        let at = runner.ready_at(tokio::time::Instant::now());
+        tokio::time::sleep_until(at).await;
         while let Ok(_ev) = rx.try_recv() {}
     }
 }
@@ -478,7 +532,7 @@ mod tests {
                 {"addresses": ["10.244.0.6"], "conditions": {"ready": false}}
             ]),
         )];
-        let text = rules_text(&services, &slices, &[]);
+        let text = rules_text(&services, &slices);
         let m = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -m comment --comment \"default/echo:http\"";
         assert!(text.contains(&format!(
             "{m} -m statistic --mode random --probability 0.3333333333 -j DNAT --to-destination 10.244.0.3:8080\n"
@@ -502,7 +556,7 @@ mod tests {
     }
 
     #[test]
-    fn no_endpoints_reject_and_udp_and_endpoints_fallback() {
+    fn no_endpoints_reject_and_udp_and_mirrored_slices() {
         let services = vec![
             svc("default", "empty", "10.96.0.30", json!([{"port": 80}])),
             svc(
@@ -519,12 +573,16 @@ mod tests {
             ),
             svc("data", "db", "None", json!([{"port": 5432}])),
         ];
-        let endpoints = vec![json!({
-            "metadata": {"namespace": "kube-system", "name": "kube-dns"},
-            "subsets": [{"addresses": [{"ip": "10.244.0.1"}],
-                         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}]
-        })];
-        let text = rules_text(&services, &[], &endpoints);
+        let mut mirrored = slice(
+            "kube-system",
+            "kube-dns",
+            json!([{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.244.0.1"], "conditions": {"ready": true}}]),
+        );
+        mirrored["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] =
+            json!("endpointslicemirroring-controller.k8s.io");
+        let slices = vec![mirrored];
+        let text = rules_text(&services, &slices);
         assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.30/32 -p tcp -m tcp --dport 80 -m comment --comment \"default/empty has no endpoints\" -j REJECT --reject-with tcp-reset\n"));
         assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.31/32 -p udp -m udp --dport 9000 -m comment --comment \"default/udp has no endpoints\" -j REJECT --reject-with icmp-port-unreachable\n"));
         assert!(text.contains("-A KUBE-SERVICES -d 192.168.240.1/32 -p udp -m udp --dport 30900 -m comment --comment \"default/udp has no endpoints\" -j REJECT --reject-with icmp-port-unreachable\n"));
@@ -532,7 +590,7 @@ mod tests {
         assert!(text.contains("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"kube-system/kube-dns:dns-tcp\" -j DNAT --to-destination 10.244.0.1:53\n"));
         assert!(!text.contains("data/db"));
         // Deterministic.
-        assert_eq!(text, rules_text(&services, &[], &endpoints));
+        assert_eq!(text, rules_text(&services, &slices));
     }
 
     #[test]
@@ -558,7 +616,7 @@ mod tests {
                 json!(eps),
             )]
         };
-        let before = udp_endpoints(&services, &slice_with(&["10.244.0.5", "10.244.0.6"]), &[]);
+        let before = udp_endpoints(&services, &slice_with(&["10.244.0.5", "10.244.0.6"]));
         assert_eq!(before.len(), 1, "TCP ports are not tracked: {before:?}");
         let port = UdpPort {
             cluster_ip: "10.96.0.31".parse().expect("ip"),
@@ -568,7 +626,7 @@ mod tests {
         assert_eq!(before[&port].len(), 2);
         let s = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         // One endpoint goes: its flows, by ClusterIP and by NodePort.
-        let after = udp_endpoints(&services, &slice_with(&["10.244.0.6"]), &[]);
+        let after = udp_endpoints(&services, &slice_with(&["10.244.0.6"]));
         assert_eq!(
             conntrack_cleanup(&before, &after),
             vec![
@@ -596,9 +654,9 @@ mod tests {
         assert!(conntrack_cleanup(&after, &after).is_empty());
         // All gone, then a replacement: the old one's flows, then anything
         // that stuck to the Service while it had none.
-        let empty = udp_endpoints(&services, &slice_with(&[]), &[]);
+        let empty = udp_endpoints(&services, &slice_with(&[]));
         assert_eq!(conntrack_cleanup(&after, &empty).len(), 2);
-        let replaced = udp_endpoints(&services, &slice_with(&["10.244.0.9"]), &[]);
+        let replaced = udp_endpoints(&services, &slice_with(&["10.244.0.9"]));
         assert_eq!(
             conntrack_cleanup(&empty, &replaced),
             vec![
@@ -620,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn slices_win_over_endpoints_and_ports_match_by_name_and_protocol() {
+    fn ports_match_by_name_and_protocol() {
         let services = vec![svc(
             "default",
             "web",
@@ -633,13 +691,85 @@ mod tests {
             json!([{"name": "a", "port": 8080}, {"name": "b", "port": 8081, "protocol": "UDP"}]),
             json!([{"addresses": ["10.244.0.9"]}]),
         )];
-        let endpoints = vec![json!({"metadata": {"namespace": "default", "name": "web"},
-            "subsets": [{"addresses": [{"ip": "10.244.9.9"}], "ports": [{"name": "a", "port": 1}]}]})];
-        let text = rules_text(&services, &slices, &endpoints);
+        let text = rules_text(&services, &slices);
         assert!(text.contains("--dport 80 -m comment --comment \"default/web:a\" -j DNAT --to-destination 10.244.0.9:8080"));
         assert!(text.contains(
             "--dport 81 -m comment --comment \"default/web:b has no endpoints\" -j REJECT"
         ));
-        assert!(!text.contains("10.244.9.9"));
+    }
+
+    /// Every slice of the Service counts (the controller's, a mirrored one,
+    /// anyone's), an address in two slices once; a port without a name is
+    /// ignored; with no ready endpoint, serving terminating ones are used.
+    #[test]
+    fn union_of_all_slices_nameless_ports_and_terminating_fallback() {
+        let services = vec![
+            svc("default", "echo", "10.96.0.20", json!([{"port": 80}])),
+            svc(
+                "default",
+                "drain",
+                "10.96.0.21",
+                json!([{"name": "h", "port": 80}]),
+            ),
+        ];
+        let mut controller = slice(
+            "default",
+            "echo",
+            json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.244.0.3"], "conditions": {"ready": true}},
+                   {"addresses": ["10.244.0.4"], "conditions": {"ready": true}}]),
+        );
+        controller["metadata"]["name"] = json!("echo-ctl");
+        let mut mirrored = slice(
+            "default",
+            "echo",
+            json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.244.0.4"], "conditions": {"ready": true}},
+                   {"addresses": ["10.244.0.5"], "conditions": {"ready": true}}]),
+        );
+        mirrored["metadata"]["name"] = json!("echo-mirror");
+        // A port with no name at all (JSON null): kube-proxy skips it.
+        let mut nameless = slice(
+            "default",
+            "echo",
+            json!([{"name": null, "port": 3000, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.244.0.66"], "conditions": {"ready": true}}]),
+        );
+        nameless["metadata"]["name"] = json!("echo-nameless");
+        let draining = slice(
+            "default",
+            "drain",
+            json!([{"name": "h", "port": 80, "protocol": "TCP"}]),
+            json!([
+                {"addresses": ["10.244.0.7"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.0.8"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+            ]),
+        );
+        let slices = vec![controller, mirrored, nameless, draining];
+        let all = backends("default", "echo", "", "TCP", &slices);
+        let ips: Vec<String> = all.iter().map(|b| b.ip.to_string()).collect();
+        assert_eq!(ips, ["10.244.0.3", "10.244.0.4", "10.244.0.5"]);
+        let text = rules_text(&services, &slices);
+        assert!(text.contains("probability 0.3333333333 -j DNAT --to-destination 10.244.0.3:8080"));
+        assert!(!text.contains("10.244.0.66"));
+        assert!(text.contains("\"default/drain:h\" -j DNAT --to-destination 10.244.0.7:80\n"));
+        assert!(!text.contains("10.244.0.8"));
+    }
+
+    #[tokio::test]
+    async fn sync_runner_bursts_two_then_one_per_period() {
+        let t0 = tokio::time::Instant::now();
+        let mut r = SyncRunner::new(Duration::from_secs(1));
+        assert_eq!(r.ready_at(t0), t0);
+        r.took(t0);
+        assert_eq!(r.ready_at(t0), t0);
+        r.took(t0);
+        let next = r.ready_at(t0);
+        assert!(next >= t0 + Duration::from_millis(999), "{:?}", next - t0);
+        let mut none = SyncRunner::new(Duration::ZERO);
+        for _ in 0..5 {
+            none.took(t0);
+        }
+        assert_eq!(none.ready_at(t0), t0);
     }
 }
