@@ -376,17 +376,26 @@ impl Link {
         path: &str,
         body: Option<&[u8]>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
+        // A stop waits for the gateway's make-before-break restore: the
+        // pods listed again (at most `CONTROLLER_WAIT`), then kube-proxy's
+        // lag.
+        let limit = if path == "/v1/reroutes/stop" {
+            burrow_gateway::service::CONTROLLER_WAIT
+                + burrow_gateway::service::KUBE_PROXY_LAG
+                + Duration::from_secs(10)
+        } else {
+            Duration::from_secs(5)
+        };
         let (pod, _) = self.gateway()?;
         let gateway = self.gateway_address()?;
         let work = crate::daemon::tunnel_call(gateway, method, path, body);
-        tokio::time::timeout(Duration::from_secs(5), work)
-            .await
-            .with_context(|| {
-                format!(
-                    "the gateway {} did not answer {method} {path} in 5s",
-                    pod.name
-                )
-            })?
+        tokio::time::timeout(limit, work).await.with_context(|| {
+            format!(
+                "the gateway {} did not answer {method} {path} in {}s",
+                pod.name,
+                limit.as_secs()
+            )
+        })?
     }
 }
 

@@ -327,6 +327,7 @@ pub async fn restore(
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let mut outcome = Restored::Gone;
     let mut uid = None;
+    let mut restored = false;
     for _attempt in 0..5 {
         let Some(svc) = services.get_opt(name).await? else {
             outcome = Restored::Gone;
@@ -356,6 +357,7 @@ pub async fn restore(
         let kept = newer_selector(&svc).map(|s| describe_selector(&s));
         match json_patch(&services, name, restore_patch(&svc, &text, &saved)).await {
             Ok(()) => {
+                restored = true;
                 outcome = match kept {
                     Some(k) => {
                         tracing::warn!(
@@ -371,9 +373,26 @@ pub async fn restore(
                 break;
             }
             // Changed under us (a `test` failed): look again.
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => continue,
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                tracing::debug!(
+                    namespace,
+                    service = name,
+                    "restore patch refused ({}): reading again",
+                    s.message
+                );
+                continue;
+            }
             Err(e) => return Err(e),
         }
+    }
+    if uid.is_some() && !restored && outcome != Restored::NotRerouted {
+        return Err(kube::Error::Api(Box::new(
+            kube::core::Status::failure(
+                &format!("Service {namespace}/{name} kept changing while burrow restored it"),
+                "Conflict",
+            )
+            .with_code(409),
+        )));
     }
     if uid.is_some() {
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
@@ -381,7 +400,10 @@ pub async fn restore(
         if ours.is_some() {
             // Callers may still be sent to the gateway: keep them served
             // until the pods are listed again.
-            await_controller(client, namespace, name).await;
+            // A newer selector than burrow's may select other pods than
+            // the shadow: then only a slice of the controller's is awaited.
+            let like_shadow = !matches!(outcome, Restored::KeptNewerSelector(_));
+            await_controller(client, namespace, name, like_shadow).await;
             if rerouted_again(&services, name).await? {
                 return Ok(outcome);
             }
@@ -420,9 +442,15 @@ fn ready_endpoints(slice: &EndpointSlice) -> usize {
 
 /// Waits (at most [`CONTROLLER_WAIT`]) until the endpoint-slice
 /// controller lists for Service `name` as many ready endpoints as it
-/// lists for its shadow (same selector, same pods), or, when the shadow
-/// has none, until it has made a slice at all.
-pub async fn await_controller(client: &kube::Client, namespace: &str, name: &str) {
+/// lists for its shadow (same selector, same pods; when `like_shadow`), or,
+/// when the shadow has none or the selector is not burrow's, until it has
+/// made a slice at all.
+pub async fn await_controller(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    like_shadow: bool,
+) {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     let of = |svc: &str| {
         ListParams::default().labels(&format!(
@@ -434,11 +462,15 @@ pub async fn await_controller(client: &kube::Client, namespace: &str, name: &str
     loop {
         let listed = async {
             let theirs = slices.list(&of(name)).await.ok()?;
-            let want = slices
-                .list(&of(&shadow))
-                .await
-                .ok()
-                .map_or(0, |l| l.items.iter().map(ready_endpoints).sum::<usize>());
+            let want = if like_shadow {
+                slices
+                    .list(&of(&shadow))
+                    .await
+                    .ok()
+                    .map_or(0, |l| l.items.iter().map(ready_endpoints).sum::<usize>())
+            } else {
+                0
+            };
             let have: usize = theirs.items.iter().map(ready_endpoints).sum();
             Some(!theirs.items.is_empty() && have >= want)
         };
@@ -741,6 +773,40 @@ mod tests {
                 serde_json::to_value(&before).expect("json")
             );
         }
+    }
+
+    #[test]
+    fn a_selector_put_back_by_someone_else_is_kept() {
+        let before = svc(Some(json!({"team": "a"})));
+        let (patch, _) = reroute_patch(&before, "alice@laptop").expect("patch");
+        let mut rerouted = apply(&before, patch);
+        rerouted.metadata.resource_version = Some("42".into());
+        if let Some(spec) = rerouted.spec.as_mut() {
+            spec.selector = Some(BTreeMap::from([
+                ("app".to_string(), "echo".to_string()),
+                ("track".to_string(), "stable".to_string()),
+            ]));
+        }
+        let (text, found) = super::saved(&rerouted).expect("annotated");
+        let after = apply(&rerouted, restore_patch(&rerouted, &text, &found));
+        assert_eq!(
+            after
+                .spec
+                .and_then(|s| s.selector)
+                .map(|s| describe_selector(&s)),
+            Some("app=echo,track=stable".to_string())
+        );
+        assert_eq!(
+            after.metadata.annotations,
+            Some(BTreeMap::from([("team".to_string(), "a".to_string())]))
+        );
+        // A change made after the read makes the patch fail, not vanish.
+        let mut moved = rerouted.clone();
+        moved.metadata.resource_version = Some("43".into());
+        let mut doc = serde_json::to_value(&moved).expect("json");
+        let patch: kube_json_patch::Patch =
+            serde_json::from_value(restore_patch(&rerouted, &text, &found)).expect("patch");
+        assert!(kube_json_patch::patch(&mut doc, &patch).is_err());
     }
 
     #[test]

@@ -331,7 +331,21 @@ fn reroute_handoff_acceptance() {
             let out = s.stop(1, "echo", "default");
             assert!(
                 out.contains("left in place") && out.contains("track=stable"),
-                "{out}"
+                "{out}\ngateway log:\n{}",
+                String::from_utf8_lossy(
+                    &run(kubectl(
+                        &c,
+                        &[
+                            "logs",
+                            "-n",
+                            "burrow-system",
+                            "deploy/burrow-gateway",
+                            "--tail",
+                            "40"
+                        ]
+                    ))
+                    .stdout
+                )
             );
             let sel = s.selector("default", "echo");
             assert_eq!(sel["track"], "stable", "the newer selector was overwritten");
