@@ -2,12 +2,14 @@
 //! gateway listeners that receive them, and the leases that give them back.
 //!
 //! - [`Table`] (pure, no I/O) is the registry: per (namespace, Service,
-//!   port) at most one global route and any number of header routes, each
+//!   port number and transport) at most one global route and any number of
+//!   header routes (TCP ports only), each
 //!   with its laptop and lease. It decides conflicts (a global route held by
 //!   another laptop is refused, naming the holder, unless forced) and
 //!   expiry.
 //! - [`Reroutes`] drives it: one TCP listener per TCP port of a rerouted
-//!   Service (the EndpointSlice points there), handed a fresh snapshot of
+//!   Service and one UDP socket per UDP port ([`crate::udproute`]; the
+//!   EndpointSlice points there), handed a fresh snapshot of
 //!   the port's routes ([`PortRoutes`]) on every change; and, when the last
 //!   route of a Service goes (stop, lease expiry, the laptop unregistering
 //!   or expiring), a restore of the Service with the gateway's own
