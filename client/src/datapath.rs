@@ -109,12 +109,18 @@ impl Output {
 /// forwarders, and only from the gateway's tunnel address. Every other
 /// connection attempt out of the tunnel (a SYN to a server listening on
 /// 0.0.0.0, whoever sends it) is dropped before it reaches the kernel; so
-/// are TCP fragments (a SYN's flags split off its ports). Everything else
-/// passes: answers to the laptop's own connections, UDP and ICMP replies.
-/// Lock-free: a bitmap of ports, read per SYN.
+/// are TCP fragments (a SYN's flags split off its ports). UDP from the
+/// gateway's tunnel address reaches only burrow's UDP reroute forwarders
+/// (the gateway sends nothing else from it), UDP to those forwarders comes
+/// only from it, and UDP fragments from it are dropped (the gateway never
+/// fragments). Everything else passes: answers to the laptop's own
+/// connections, UDP replies to the laptop's own flows (the gateway relays
+/// a cluster datagram only to the laptop's flow that it answers) and ICMP.
+/// Lock-free: bitmaps of ports, read per SYN or datagram.
 pub struct InboundPorts {
     gateway: IpAddr,
     bits: Box<[std::sync::atomic::AtomicU64]>,
+    udp_bits: Box<[std::sync::atomic::AtomicU64]>,
     refused: std::sync::atomic::AtomicU64,
 }
 
@@ -125,6 +131,9 @@ impl InboundPorts {
             bits: (0..1024)
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
+            udp_bits: (0..1024)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -133,26 +142,53 @@ impl InboundPorts {
         (usize::from(port / 64), 1u64 << (port % 64))
     }
 
-    /// Admit connections from the gateway to `port`.
+    /// Admit connections from the gateway to TCP `port`.
     pub fn open(&self, port: u16) {
-        let (i, b) = Self::bit(port);
-        if let Some(w) = self.bits.get(i) {
-            w.fetch_or(b, std::sync::atomic::Ordering::Release);
-        }
+        Self::set(&self.bits, port, true);
     }
 
     pub fn close(&self, port: u16) {
+        Self::set(&self.bits, port, false);
+    }
+
+    /// Admit datagrams from the gateway to UDP `port`.
+    pub fn open_udp(&self, port: u16) {
+        Self::set(&self.udp_bits, port, true);
+    }
+
+    pub fn close_udp(&self, port: u16) {
+        Self::set(&self.udp_bits, port, false);
+    }
+
+    fn set(bits: &[std::sync::atomic::AtomicU64], port: u16, open: bool) {
         let (i, b) = Self::bit(port);
-        if let Some(w) = self.bits.get(i) {
-            w.fetch_and(!b, std::sync::atomic::Ordering::Release);
+        if let Some(w) = bits.get(i) {
+            if open {
+                w.fetch_or(b, std::sync::atomic::Ordering::Release);
+            } else {
+                w.fetch_and(!b, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 
-    fn is_open(&self, port: u16) -> bool {
+    fn is_set(bits: &[std::sync::atomic::AtomicU64], port: u16) -> bool {
         let (i, b) = Self::bit(port);
-        self.bits
-            .get(i)
+        bits.get(i)
             .is_some_and(|w| w.load(std::sync::atomic::Ordering::Acquire) & b != 0)
+    }
+
+    fn is_open(&self, port: u16) -> bool {
+        Self::is_set(&self.bits, port)
+    }
+
+    /// Whether a UDP datagram from `src` to `port` (None: a fragment, no
+    /// ports) may pass.
+    fn admits_udp(&self, src: IpAddr, port: Option<u16>) -> bool {
+        let from_gateway = src == self.gateway;
+        match port {
+            None => !from_gateway,
+            Some(port) => from_gateway == Self::is_set(&self.udp_bits, port),
+        }
     }
 
     /// Connection attempts refused so far.
@@ -165,6 +201,25 @@ impl InboundPorts {
         let Ok(ip) = burrow_netstack::wire::parse_ip(packet) else {
             return true; // the kernel drops what does not parse
         };
+        if ip.protocol == burrow_netstack::wire::PROTO_UDP {
+            let port = if ip.fragment {
+                None
+            } else {
+                ip.payload(packet)
+                    .get(2..4)
+                    .map(|p| u16::from_be_bytes([p[0], p[1]]))
+            };
+            let admitted = match port {
+                // A datagram too short for its ports: the kernel drops it.
+                None if !ip.fragment => true,
+                port => self.admits_udp(ip.src, port),
+            };
+            if !admitted {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return admitted;
+        }
         if ip.protocol != burrow_netstack::wire::PROTO_TCP {
             return true;
         }
@@ -623,10 +678,49 @@ mod tests {
         f.close(41234);
         assert!(!f.admits(&tcp(GW, 40000, 41234, SYN, 0)));
         assert_eq!(f.refused(), 6);
-        // Not TCP, or not a packet: the filter does not judge.
-        let mut udp = tcp(GW, 1, 2, 0, 0);
-        udp[9] = burrow_netstack::wire::PROTO_UDP;
-        assert!(f.admits(&udp));
+        // Not TCP or UDP, or not a packet: the filter does not judge.
+        let mut icmp = tcp(GW, 1, 2, 0, 0);
+        icmp[9] = 1;
+        assert!(f.admits(&icmp));
         assert!(f.admits(&[0x45, 0]));
+    }
+
+    /// An IPv4 UDP datagram from `src:sport` to port `dport`.
+    fn udp(src: [u8; 4], sport: u16, dport: u16, frag: u16) -> Vec<u8> {
+        let mut p = tcp(src, sport, dport, 0, frag);
+        p[9] = burrow_netstack::wire::PROTO_UDP;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p.truncate(28);
+        p[24..26].copy_from_slice(&8u16.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn udp_from_the_gateway_reaches_only_udp_forwarders() {
+        let f = InboundPorts::new(IpAddr::from(GW));
+        assert!(!f.admits(&udp(GW, 50000, 41234, 0)), "nothing is open yet");
+        f.open_udp(41234);
+        assert!(f.admits(&udp(GW, 50000, 41234, 0)));
+        assert!(
+            !f.admits(&udp(GW, 50000, 5353, 0)),
+            "a UDP server on 0.0.0.0 is not reachable from the gateway"
+        );
+        assert!(
+            !f.admits(&udp([10, 244, 0, 9], 53, 41234, 0)),
+            "a forwarder port, but not from the gateway"
+        );
+        // A TCP forwarder's port is not a UDP one, nor the reverse.
+        f.open(7000);
+        assert!(!f.admits(&udp(GW, 50000, 7000, 0)));
+        assert!(!f.admits(&tcp(GW, 40000, 41234, SYN, 0)));
+        // Replies to the laptop's own UDP flows (DNS, …) pass.
+        assert!(f.admits(&udp([10, 96, 0, 10], 53, 50123, 0)));
+        // Fragments from the gateway are dropped (it never fragments);
+        // others pass as before.
+        assert!(!f.admits(&udp(GW, 50000, 41234, 0x2000)));
+        assert!(f.admits(&udp([10, 96, 0, 10], 53, 50123, 0x2000)));
+        f.close_udp(41234);
+        assert!(!f.admits(&udp(GW, 50000, 41234, 0)));
+        assert_eq!(f.refused(), 7);
     }
 }

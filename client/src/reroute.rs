@@ -3,7 +3,9 @@
 //! The daemon, for one reroute: find the Service and port (user's
 //! credentials) → check the user may patch it (dry run) → shadow Service →
 //! a forwarder on the tunnel address (kernel socket, ephemeral port) that
-//! hands each connection to 127.0.0.1:LOCALPORT → ask the gateway for the
+//! hands each connection to 127.0.0.1:LOCALPORT (for a UDP port: each
+//! source's datagrams to 127.0.0.1:LOCALPORT from a socket of its own, the
+//! replies back) → ask the gateway for the
 //! route (`POST /v1/reroutes`, through the tunnel) → point the Service at
 //! the gateway's listeners. A renewer posts the lease every
 //! [`RENEW_EVERY`]; when the gateway no longer knows the laptop's reroutes
@@ -19,10 +21,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
-use burrow_gateway::api::{Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped};
+use burrow_gateway::api::{
+    PortProtocol, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped,
+};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Mutex;
 
 use crate::daemon::Status;
@@ -38,8 +42,9 @@ pub struct RerouteArgs {
     service: Option<String>,
     #[command(flatten)]
     cluster: crate::connect::ClusterArgs,
-    /// SVCPORT[:LOCALPORT]: the Service port (number or name) and the local
-    /// port on 127.0.0.1 that answers (default: the same number).
+    /// SVCPORT[:LOCALPORT]: the Service port (number or name; a number may
+    /// say /udp or /tcp) and the local port on 127.0.0.1 that answers
+    /// (default: the same number). A UDP port goes to the local UDP port.
     #[arg(long, value_name = "SVCPORT[:LOCALPORT]")]
     port: Option<String>,
     /// Only requests carrying this header go to this machine (HTTP/1.1 and
@@ -102,7 +107,11 @@ fn parse_port(text: &str) -> anyhow::Result<(String, Option<u16>)> {
                 .with_context(|| format!("--port {text}: LOCALPORT must be a port number"))?;
             Ok((svc.to_owned(), Some(local)))
         }
-        None => Ok((text.to_owned(), text.parse().ok())),
+        // "9000/udp" answers on local port 9000 too.
+        None => Ok((
+            text.to_owned(),
+            text.split('/').next().and_then(|n| n.parse().ok()),
+        )),
     }
 }
 
@@ -251,6 +260,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         burrow_deploy::reroute::check_cluster_supports(&cluster).await?;
         let found =
             burrow_deploy::reroute::find(&cluster, &namespace, &spec.service, &spec.port).await?;
+        found.protocol(spec.protocol, spec.header.is_some())?;
         burrow_deploy::reroute::check_may_patch(&cluster, &found.service).await?;
         if let Some(w) = burrow_deploy::reroute::gitops_warning(&found.service) {
             eprintln!("warning: {w}");
@@ -300,6 +310,7 @@ fn print_list(list: &[Listed]) {
         let proto = match r.protocol {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Udp => "udp",
         };
         println!(
             "{:<28} {:<7} {:<28} {:<6} {:<12} {}",
@@ -405,6 +416,7 @@ struct Active {
     namespace: String,
     service: String,
     port: u16,
+    transport: PortProtocol,
     /// The forwarder's port on the tunnel address.
     tunnel_port: u16,
     forwarder: Forwarder,
@@ -415,13 +427,17 @@ struct Active {
 pub struct Forwarder {
     task: tokio::task::JoinHandle<()>,
     port: u16,
+    transport: PortProtocol,
     open: Arc<crate::datapath::InboundPorts>,
 }
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.task.abort();
-        self.open.close(self.port);
+        match self.transport {
+            PortProtocol::Tcp => self.open.close(self.port),
+            PortProtocol::Udp => self.open.close_udp(self.port),
+        }
     }
 }
 
@@ -456,7 +472,10 @@ impl Reroutes {
                 let local_port = active
                     .iter()
                     .find(|a| {
-                        a.namespace == r.namespace && a.service == r.service && a.port == r.port
+                        a.namespace == r.namespace
+                            && a.service == r.service
+                            && a.port == r.port
+                            && a.transport == r.protocol.transport()
                     })
                     .map(|a| a.spec.local_port);
                 Listed {
@@ -485,7 +504,10 @@ impl Reroutes {
             burrow_deploy::reroute::find(&link.cluster, &namespace, &spec.service, &spec.port)
                 .await?;
         let existing = active.iter().position(|a| {
-            a.namespace == namespace && a.service == spec.service && a.port == found.port.port
+            a.namespace == namespace
+                && a.service == spec.service
+                && a.port == found.port.port
+                && a.transport == found.port.protocol
         });
         let tunnel_port = match existing {
             Some(i) => active[i].tunnel_port,
@@ -502,6 +524,7 @@ impl Reroutes {
             namespace: namespace.clone(),
             service: spec.service.clone(),
             port: found.port.port,
+            transport: found.port.protocol,
             tunnel_port,
             forwarder,
         };
@@ -511,13 +534,19 @@ impl Reroutes {
         }
         drop(active);
         self.ensure_renewer(link.clone());
-        let what = match &spec.header {
-            Some((n, v)) => format!("requests with {n}: {v}"),
-            None => "all connections".into(),
+        let (what, port) = match (&spec.header, found.port.protocol) {
+            (Some((n, v)), _) => (
+                format!("requests with {n}: {v}"),
+                found.port.port.to_string(),
+            ),
+            (None, PortProtocol::Tcp) => ("all connections".into(), found.port.port.to_string()),
+            (None, PortProtocol::Udp) => {
+                ("all datagrams".into(), format!("{}/udp", found.port.port))
+            }
         };
         Ok(format!(
-            "rerouted {namespace}/{} port {} to 127.0.0.1:{}: {what}{took}; stop with `burrow reroute --stop {}`",
-            spec.service, found.port.port, spec.local_port, spec.service
+            "rerouted {namespace}/{} port {port} to 127.0.0.1:{}: {what}{took}; stop with `burrow reroute --stop {}`",
+            spec.service, spec.local_port, spec.service
         ))
     }
 
@@ -743,6 +772,7 @@ async fn establish(
     let cluster = &link.cluster;
     let key = link.key()?;
     let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
+    let protocol = found.protocol(spec.protocol, spec.header.is_some())?;
     crate::daemon::step(
         tx,
         format!(
@@ -770,33 +800,30 @@ async fn establish(
     };
     let (gateway, tunnel_ip) = link.gateway()?;
     let gateway_address = link.gateway_address()?;
-    let listener = match TcpListener::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
-        Ok(l) => Ok(l),
-        Err(_) if tunnel_port != 0 => TcpListener::bind(SocketAddr::new(tunnel_ip, 0)).await,
-        Err(e) => Err(e),
-    };
-    let listener = match listener {
-        Ok(l) => l,
+    let forwarder = match start_forwarder(
+        link,
+        found.port.protocol,
+        tunnel_ip,
+        tunnel_port,
+        spec.local_port,
+        gateway_address,
+    )
+    .await
+    {
+        Ok(f) => f,
         Err(e) => {
             undo().await;
-            return Err(e)
-                .with_context(|| format!("cannot listen on the tunnel address {tunnel_ip}"));
+            return Err(e);
         }
     };
-    let tunnel_port = listener.local_addr()?.port();
-    link.open.open(tunnel_port);
-    let forwarder = Forwarder {
-        task: tokio::spawn(forward(listener, spec.local_port, gateway_address)),
-        port: tunnel_port,
-        open: link.open.clone(),
-    };
+    let tunnel_port = forwarder.port;
     let req = RerouteRequest {
         namespace: namespace.to_owned(),
         service: spec.service.clone(),
         ports: found.ports.clone(),
         port: found.port.port,
         laptop_port: tunnel_port,
-        protocol: spec.protocol,
+        protocol,
         header: spec.header.clone(),
         force: spec.force,
     };
@@ -849,6 +876,57 @@ async fn establish(
     Ok((grant, tunnel_port, forwarder))
 }
 
+/// A forwarder on the tunnel address (the port it had before if free,
+/// else an ephemeral one), open in the inbound filter.
+async fn start_forwarder(
+    link: &Link,
+    transport: PortProtocol,
+    tunnel_ip: IpAddr,
+    tunnel_port: u16,
+    local_port: u16,
+    gateway: IpAddr,
+) -> anyhow::Result<Forwarder> {
+    let context = || format!("cannot listen on the tunnel address {tunnel_ip}");
+    let (task, port) = match transport {
+        PortProtocol::Tcp => {
+            let listener = match TcpListener::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
+                Ok(l) => Ok(l),
+                Err(_) if tunnel_port != 0 => {
+                    TcpListener::bind(SocketAddr::new(tunnel_ip, 0)).await
+                }
+                Err(e) => Err(e),
+            }
+            .with_context(context)?;
+            let port = listener.local_addr()?.port();
+            link.open.open(port);
+            (tokio::spawn(forward(listener, local_port, gateway)), port)
+        }
+        PortProtocol::Udp => {
+            let socket = match UdpSocket::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
+                Ok(s) => Ok(s),
+                Err(_) if tunnel_port != 0 => UdpSocket::bind(SocketAddr::new(tunnel_ip, 0)).await,
+                Err(e) => Err(e),
+            }
+            .with_context(context)?;
+            let port = socket.local_addr()?.port();
+            link.open.open_udp(port);
+            let task = tokio::spawn(forward_udp(
+                socket,
+                local_port,
+                gateway,
+                UdpLimits::default(),
+            ));
+            (task, port)
+        }
+    };
+    Ok(Forwarder {
+        task,
+        port,
+        transport,
+        open: link.open.clone(),
+    })
+}
+
 fn laptop_label() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -897,9 +975,199 @@ async fn forward(listener: TcpListener, local_port: u16, gateway: IpAddr) {
     }
 }
 
+/// Bounds of a UDP forwarder.
+#[derive(Debug, Clone, Copy)]
+struct UdpLimits {
+    /// Sources (the gateway's flows, one per cluster caller) with a local
+    /// socket at once.
+    max_sources: usize,
+    /// A source with no datagram either way for this long loses its
+    /// socket; longer than the gateway's 60 s, so the gateway's end goes
+    /// first.
+    idle: Duration,
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        Self {
+            max_sources: 1024,
+            idle: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One source's local socket (connected to 127.0.0.1:LOCALPORT) and the
+/// task that sends its replies back.
+struct UdpSource {
+    local: Arc<UdpSocket>,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    replies: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpSource {
+    fn drop(&mut self) {
+        self.replies.abort();
+    }
+}
+
+/// Hands the datagrams arriving on the tunnel address from the gateway's
+/// tunnel address to 127.0.0.1:`local_port`: each source (the gateway's
+/// end of one cluster caller's flow) from a socket of its own, so the
+/// local server's replies go back to that source. Datagrams from anyone
+/// else are dropped (the inbound filter already drops them); nothing
+/// listening locally drops them too, with a log line.
+async fn forward_udp(socket: UdpSocket, local_port: u16, gateway: IpAddr, limits: UdpLimits) {
+    use std::sync::atomic::Ordering;
+    let socket = Arc::new(socket);
+    let start = std::time::Instant::now();
+    let now_ms = move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut sources: std::collections::HashMap<SocketAddr, UdpSource> = Default::default();
+    let mut buf = vec![0u8; 65_535];
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut said_full = false;
+    let said_nothing_there = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!("receive on the UDP reroute forwarder: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                if from.ip() != gateway {
+                    tracing::debug!(%from, "UDP reroute forwarder: a datagram not from the gateway; dropped");
+                    continue;
+                }
+                if sources.get(&from).is_some_and(|s| s.replies.is_finished()) {
+                    sources.remove(&from);
+                }
+                if !sources.contains_key(&from) {
+                    if sources.len() >= limits.max_sources {
+                        if !said_full {
+                            said_full = true;
+                            tracing::warn!(cap = limits.max_sources, "UDP reroute forwarder: as many cluster callers as it takes; datagrams of new ones are dropped until some are idle");
+                        }
+                        continue;
+                    }
+                    let local = match UdpSocket::bind(("127.0.0.1", 0)).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!("UDP reroute forwarder: no local socket: {e}");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = local.connect(("127.0.0.1", local_port)).await {
+                        tracing::warn!("UDP reroute forwarder: {e}");
+                        continue;
+                    }
+                    let local = Arc::new(local);
+                    let last = Arc::new(std::sync::atomic::AtomicU64::new(now_ms()));
+                    let replies = {
+                        let (local, socket, last) = (local.clone(), socket.clone(), last.clone());
+                        let nothing_there = said_nothing_there.clone();
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65_535];
+                            loop {
+                                match local.recv(&mut buf).await {
+                                    Ok(n) => {
+                                        last.store(now_ms(), Ordering::Relaxed);
+                                        nothing_there.store(false, Ordering::Relaxed);
+                                        let _ = socket.send_to(buf.get(..n).unwrap_or_default(), from).await;
+                                    }
+                                    // ICMP port unreachable for an earlier datagram.
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                                        if !nothing_there.swap(true, Ordering::Relaxed) {
+                                            tracing::warn!("rerouted datagrams: nothing answers on UDP 127.0.0.1:{local_port}; is your local server running?");
+                                        }
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                        })
+                    };
+                    sources.insert(from, UdpSource { local, last, replies });
+                }
+                if let Some(s) = sources.get(&from) {
+                    s.last.store(now_ms(), Ordering::Relaxed);
+                    // Straight to the kernel; a full buffer drops it.
+                    let _ = socket2::SockRef::from(s.local.as_ref()).send(buf.get(..n).unwrap_or_default());
+                }
+            }
+            _ = sweep.tick() => {
+                let now = now_ms();
+                let idle = u64::try_from(limits.idle.as_millis()).unwrap_or(u64::MAX);
+                sources.retain(|_, s| {
+                    !s.replies.is_finished()
+                        && now.saturating_sub(s.last.load(Ordering::Relaxed)) < idle
+                });
+                if sources.len() <= limits.max_sources / 2 {
+                    said_full = false;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Datagrams from the gateway reach the local server, each source from
+    /// a socket of its own, and the replies go back to their source;
+    /// datagrams from anyone else never reach it.
+    #[tokio::test]
+    async fn udp_forwarder_relays_per_source_and_only_from_the_gateway() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let server = UdpSocket::bind(("127.0.0.1", 0)).await.expect("server");
+        let local_port = server.local_addr().expect("addr").port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut reply = b"laptop:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = server.send_to(&reply, from).await;
+            }
+        });
+        let gateway: IpAddr = "127.0.0.1".parse().expect("ip");
+        let socket = UdpSocket::bind(("127.0.0.1", 0)).await.expect("forwarder");
+        let fwd = socket.local_addr().expect("addr");
+        tokio::spawn(forward_udp(
+            socket,
+            local_port,
+            gateway,
+            UdpLimits::default(),
+        ));
+
+        let stranger = UdpSocket::bind(("127.0.0.2", 0)).await.expect("stranger");
+        stranger.send_to(b"sneak", fwd).await.expect("send");
+        let a = UdpSocket::bind(("127.0.0.1", 0)).await.expect("a");
+        let b = UdpSocket::bind(("127.0.0.1", 0)).await.expect("b");
+        async fn ask(s: &UdpSocket, fwd: SocketAddr, msg: &[u8]) -> Vec<u8> {
+            s.send_to(msg, fwd).await.expect("send");
+            let mut buf = [0u8; 512];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(10), s.recv_from(&mut buf))
+                .await
+                .expect("a reply")
+                .expect("recv");
+            assert_eq!(from, fwd, "replies come from the forwarder");
+            buf[..n].to_vec()
+        }
+        assert_eq!(ask(&a, fwd, b"one").await, b"laptop:one");
+        assert_eq!(ask(&b, fwd, b"two").await, b"laptop:two");
+        assert_eq!(ask(&a, fwd, b"three").await, b"laptop:three");
+        // The stranger's datagram came first, on the same socket.
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            3,
+            "the stranger's never arrived"
+        );
+    }
 
     #[test]
     fn ports_parse() {
@@ -914,5 +1182,13 @@ mod tests {
         assert_eq!(parse_port("8080").expect("ok"), ("8080".into(), Some(8080)));
         assert_eq!(parse_port("http").expect("ok"), ("http".into(), None));
         assert!(parse_port("8080:x").is_err());
+        assert_eq!(
+            parse_port("53/udp:5353").expect("ok"),
+            ("53/udp".into(), Some(5353))
+        );
+        assert_eq!(
+            parse_port("53/udp").expect("ok"),
+            ("53/udp".into(), Some(53))
+        );
     }
 }

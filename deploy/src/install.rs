@@ -816,18 +816,26 @@ mod tests {
             .iter()
             .find(|r| r["from"][0]["namespaceSelector"] == serde_json::json!({}))
             .expect("listener rule");
-        let ranges: Vec<(u64, u64)> = listeners["ports"]
+        let ranges: Vec<(&str, u64, u64)> = listeners["ports"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|p| {
                 (
+                    p["protocol"].as_str().unwrap_or(""),
                     p["port"].as_u64().unwrap_or(0),
                     p["endPort"].as_u64().unwrap_or(0),
                 )
             })
             .collect();
-        assert_eq!(ranges, [(32768, 51821), (51823, 60999)]);
+        assert_eq!(
+            ranges,
+            [
+                ("TCP", 32768, 51821),
+                ("TCP", 51823, 60999),
+                ("UDP", 32768, 60999)
+            ]
+        );
         let bad = InstallOptions {
             metrics_namespace: Some("Not A Namespace".into()),
             ..Default::default()

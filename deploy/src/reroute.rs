@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use burrow_gateway::api::{ServicePort, names};
+use burrow_gateway::api::{PortProtocol, Protocol, ServicePort, names};
 use burrow_gateway::service::{
     self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, SLICE_MANAGER,
 };
@@ -26,8 +26,33 @@ pub struct Found {
     pub service: Service,
     /// The chosen port.
     pub port: ServicePort,
-    /// Every TCP port of the Service.
+    /// Every port of the Service (TCP and UDP).
     pub ports: Vec<ServicePort>,
+}
+
+impl Found {
+    /// The protocol of the reroute `asked` for (`tcp` or `http`) with or
+    /// without a header: a UDP port takes datagrams, globally only.
+    pub fn protocol(&self, asked: Protocol, header: bool) -> Result<Protocol, DeployError> {
+        let ns = self.service.metadata.namespace.clone().unwrap_or_default();
+        let name = self.service.metadata.name.clone().unwrap_or_default();
+        match self.port.protocol {
+            PortProtocol::Tcp if header => Ok(Protocol::Http),
+            PortProtocol::Tcp => Ok(asked),
+            PortProtocol::Udp if header => Err(DeployError::new(
+                burrow_gateway::api::header_udp_refusal(&ns, &name, self.port.port),
+                "nothing was changed",
+            )),
+            PortProtocol::Udp if asked == Protocol::Http => Err(DeployError::new(
+                format!(
+                    "port {} of Service {ns}/{name} is UDP: --protocol http is for TCP ports",
+                    self.port.port
+                ),
+                "leave --protocol out for a UDP port; nothing was changed",
+            )),
+            PortProtocol::Udp => Ok(Protocol::Udp),
+        }
+    }
 }
 
 fn describe_ports(svc: &Service) -> String {
@@ -52,7 +77,9 @@ fn describe_ports(svc: &Service) -> String {
     }
 }
 
-/// The Service `namespace/name` and its port `port` (a number or a name).
+/// The Service `namespace/name` and its port `port`: a number or a name,
+/// the number optionally with `/tcp` or `/udp` (needed when the Service has
+/// both under that number).
 pub async fn find(
     cluster: &Cluster,
     namespace: &str,
@@ -114,41 +141,7 @@ pub async fn find(
             "reroute a Service with a ClusterIP",
         ));
     }
-    let all = spec.ports.clone().unwrap_or_default();
-    let chosen = all.iter().find(|p| match port.parse::<i32>() {
-        Ok(n) => p.port == n,
-        Err(_) => p.name.as_deref() == Some(port),
-    });
-    let Some(chosen) = chosen else {
-        return Err(DeployError::new(
-            format!("Service {namespace}/{name} has no port {port}"),
-            format!("its ports: {}", describe_ports(&svc)),
-        ));
-    };
-    let tcp = |p: &k8s_openapi::api::core::v1::ServicePort| {
-        p.protocol.as_deref().unwrap_or("TCP") == "TCP"
-    };
-    if !tcp(chosen) {
-        return Err(DeployError::new(
-            format!(
-                "port {port} of Service {namespace}/{name} is {}: burrow reroutes TCP ports",
-                chosen.protocol.clone().unwrap_or_default()
-            ),
-            format!("its ports: {}", describe_ports(&svc)),
-        ));
-    }
-    if all.iter().any(|p| !tcp(p)) {
-        return Err(DeployError::new(
-            format!(
-                "Service {namespace}/{name} has non-TCP ports, which the gateway cannot pass on while it is rerouted"
-            ),
-            format!("its ports: {}", describe_ports(&svc)),
-        ));
-    }
-    let sp = |p: &k8s_openapi::api::core::v1::ServicePort| ServicePort {
-        name: p.name.clone().unwrap_or_default(),
-        port: u16::try_from(p.port).unwrap_or(0),
-    };
+    let (chosen, ports) = choose_port(&svc, namespace, name, port)?;
     if service::saved(&svc).is_none() && spec.selector.as_ref().is_none_or(|s| s.is_empty()) {
         return Err(DeployError::new(
             format!(
@@ -158,10 +151,84 @@ pub async fn find(
         ));
     }
     Ok(Found {
-        port: sp(chosen),
-        ports: all.iter().map(sp).collect(),
+        port: chosen,
+        ports,
         service: svc,
     })
+}
+
+/// The port `port` of `svc` (see [`find`]) and every port of it; refuses
+/// a Service with ports of other protocols than TCP and UDP.
+fn choose_port(
+    svc: &Service,
+    namespace: &str,
+    name: &str,
+    port: &str,
+) -> Result<(ServicePort, Vec<ServicePort>), DeployError> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let all = spec.ports.clone().unwrap_or_default();
+    let transport = |p: &k8s_openapi::api::core::v1::ServicePort| match p
+        .protocol
+        .as_deref()
+        .unwrap_or("TCP")
+    {
+        "TCP" => Some(PortProtocol::Tcp),
+        "UDP" => Some(PortProtocol::Udp),
+        _ => None,
+    };
+    let (number, wanted) = match port.rsplit_once('/') {
+        Some((n, p)) if p.eq_ignore_ascii_case("tcp") => (n, Some(PortProtocol::Tcp)),
+        Some((n, p)) if p.eq_ignore_ascii_case("udp") => (n, Some(PortProtocol::Udp)),
+        _ => (port, None),
+    };
+    let candidates: Vec<&k8s_openapi::api::core::v1::ServicePort> = all
+        .iter()
+        .filter(|p| match number.parse::<i32>() {
+            Ok(n) => p.port == n,
+            Err(_) => p.name.as_deref() == Some(number),
+        })
+        .filter(|p| wanted.is_none_or(|w| transport(p) == Some(w)))
+        .collect();
+    let chosen = match candidates.as_slice() {
+        [] => {
+            return Err(DeployError::new(
+                format!("Service {namespace}/{name} has no port {port}"),
+                format!("its ports: {}", describe_ports(svc)),
+            ));
+        }
+        [one] => *one,
+        _ => {
+            return Err(DeployError::new(
+                format!(
+                    "Service {namespace}/{name} has port {number} for TCP and for UDP: say which"
+                ),
+                format!(
+                    "--port {number}/udp:LOCALPORT or --port {number}/tcp:LOCALPORT, or the port's name; its ports: {}",
+                    describe_ports(svc)
+                ),
+            ));
+        }
+    };
+    let others: Vec<String> = all
+        .iter()
+        .filter(|p| transport(p).is_none())
+        .map(|p| format!("{} ({})", p.port, p.protocol.clone().unwrap_or_default()))
+        .collect();
+    if !others.is_empty() {
+        return Err(DeployError::new(
+            format!(
+                "Service {namespace}/{name} has ports burrow cannot pass on while it is rerouted: {} (burrow reroutes TCP and UDP)",
+                others.join(", ")
+            ),
+            format!("its ports: {}; nothing was changed", describe_ports(svc)),
+        ));
+    }
+    let sp = |p: &k8s_openapi::api::core::v1::ServicePort| ServicePort {
+        name: p.name.clone().unwrap_or_default(),
+        port: u16::try_from(p.port).unwrap_or(0),
+        protocol: transport(p).unwrap_or_default(),
+    };
+    Ok((sp(chosen), all.iter().map(sp).collect()))
 }
 
 /// Refuses a namespace or Service name that is not a Kubernetes name (and
@@ -371,7 +438,7 @@ pub async fn point_at_gateway(
             "conditions": {"ready": true},
             "targetRef": {"kind": "Pod", "namespace": gateway.namespace, "name": gateway.name},
         }],
-        "ports": listeners.iter().map(|(p, l)| json!({"name": p.name, "port": l, "protocol": "TCP"})).collect::<Vec<_>>(),
+        "ports": listeners.iter().map(|(p, l)| json!({"name": p.name, "port": l, "protocol": p.protocol.as_k8s()})).collect::<Vec<_>>(),
     });
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), &ns);
     slices
@@ -589,7 +656,7 @@ pub fn gitops_warning(svc: &Service) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn svc(labels: Value, annotations: Value) -> Service {
+    fn owned(labels: Value, annotations: Value) -> Service {
         serde_json::from_value(json!({
             "metadata": {"name": "api", "namespace": "dev", "labels": labels, "annotations": annotations},
             "spec": {"selector": {"app": "api"}}
@@ -597,16 +664,24 @@ mod tests {
         .expect("service")
     }
 
+    fn svc(ports: Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "dns", "namespace": "default"},
+            "spec": {"selector": {"app": "dns"}, "ports": ports},
+        }))
+        .expect("service")
+    }
+
     #[test]
     fn gitops_owners_are_named_with_what_to_configure() {
-        let argo = svc(
+        let argo = owned(
             json!({}),
             json!({"argocd.argoproj.io/tracking-id": "shop:/Service:dev/api"}),
         );
         let w = gitops_warning(&argo).expect("argo");
         assert!(w.contains("Argo CD (application shop)"), "{w}");
         assert!(w.contains("ignoreDifferences"), "{w}");
-        let flux = svc(
+        let flux = owned(
             json!({"kustomize.toolkit.fluxcd.io/name": "apps", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}),
             json!({}),
         );
@@ -615,7 +690,7 @@ mod tests {
             w.contains("flux suspend kustomization apps -n flux-system"),
             "{w}"
         );
-        assert!(gitops_warning(&svc(json!({"app": "api"}), json!({}))).is_none());
+        assert!(gitops_warning(&owned(json!({"app": "api"}), json!({}))).is_none());
     }
 
     #[test]
@@ -624,5 +699,90 @@ mod tests {
         let text = format!("{e}");
         assert!(text.contains("Kubernetes v1.20.15"), "{text}");
         assert!(text.contains("1.21 and newer"), "{text}");
+    }
+
+    fn dns() -> Service {
+        svc(json!([
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            {"name": "metrics", "port": 9153},
+        ]))
+    }
+
+    fn pick(s: &Service, port: &str) -> Result<ServicePort, String> {
+        choose_port(s, "default", "dns", port)
+            .map(|(p, _)| p)
+            .map_err(|e| format!("{}; {}", e.reason, e.hint))
+    }
+
+    #[test]
+    fn ports_are_chosen_by_name_or_number_and_protocol() {
+        let s = dns();
+        let udp = pick(&s, "dns").expect("by name");
+        assert_eq!((udp.port, udp.protocol), (53, PortProtocol::Udp));
+        assert_eq!(pick(&s, "53/udp").expect("udp").name, "dns");
+        assert_eq!(pick(&s, "53/TCP").expect("tcp").name, "dns-tcp");
+        assert_eq!(
+            pick(&s, "9153").expect("tcp by default").protocol,
+            PortProtocol::Tcp
+        );
+        let err = pick(&s, "53").expect_err("ambiguous");
+        assert!(
+            err.contains("for TCP and for UDP") && err.contains("--port 53/udp:LOCALPORT"),
+            "{err}"
+        );
+        assert!(pick(&s, "9153/udp").is_err());
+        let (_, all) = choose_port(&s, "default", "dns", "dns").expect("ports");
+        assert_eq!(all.len(), 3, "every port, TCP and UDP, gets a listener");
+    }
+
+    #[test]
+    fn sctp_ports_are_refused_naming_them() {
+        let s = svc(json!([
+            {"name": "http", "port": 80},
+            {"name": "sig", "port": 3868, "protocol": "SCTP"},
+        ]));
+        let err = pick(&s, "80").expect_err("SCTP");
+        assert!(
+            err.contains("3868 (SCTP)") && err.contains("TCP and UDP"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn udp_ports_are_rerouted_globally_only() {
+        let found = |port: &str| {
+            let s = dns();
+            let (p, ports) = choose_port(&s, "default", "dns", port).expect("port");
+            Found {
+                service: s,
+                port: p,
+                ports,
+            }
+        };
+        let udp = found("dns");
+        assert_eq!(
+            udp.protocol(Protocol::Tcp, false).expect("global"),
+            Protocol::Udp
+        );
+        let err = udp.protocol(Protocol::Http, true).expect_err("header");
+        assert!(
+            err.reason.contains("header reroutes are HTTP-only")
+                && err
+                    .reason
+                    .contains("a global reroute (without --header) works for UDP"),
+            "{}",
+            err.reason
+        );
+        assert!(udp.protocol(Protocol::Http, false).is_err());
+        let tcp = found("dns-tcp");
+        assert_eq!(
+            tcp.protocol(Protocol::Tcp, true).expect("header"),
+            Protocol::Http
+        );
+        assert_eq!(
+            tcp.protocol(Protocol::Tcp, false).expect("tcp"),
+            Protocol::Tcp
+        );
     }
 }

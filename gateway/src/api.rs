@@ -142,15 +142,69 @@ pub enum Protocol {
     /// HTTP: like `tcp`, but a laptop that does not answer gives the caller
     /// a 502; header routes are HTTP.
     Http,
+    /// Datagrams, for a UDP port (global routes only): every datagram a
+    /// caller sends goes to the laptop, and the laptop's replies go back to
+    /// that caller. Older gateways refuse it (unknown variant) rather than
+    /// treat a UDP port as TCP.
+    Udp,
 }
 
-/// One port of the rerouted Service (every TCP port gets a gateway
-/// listener; the ports not rerouted pass through to the shadow Service).
+impl Protocol {
+    /// The transport of the Service port a route with this protocol takes.
+    pub fn transport(self) -> PortProtocol {
+        match self {
+            Protocol::Tcp | Protocol::Http => PortProtocol::Tcp,
+            Protocol::Udp => PortProtocol::Udp,
+        }
+    }
+}
+
+/// A Service port's transport, spelled as Kubernetes spells it.
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl PortProtocol {
+    /// `TCP` or `UDP`, as in a Service or an EndpointSlice.
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "TCP",
+            PortProtocol::Udp => "UDP",
+        }
+    }
+
+    /// `tcp` or `udp`.
+    pub fn lower(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_k8s())
+    }
+}
+
+/// One port of the rerouted Service (every port gets a gateway listener,
+/// a TCP listener or a UDP socket; the ports not rerouted pass through to
+/// the shadow Service).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServicePort {
     /// The port's name in the Service ("" when unnamed).
     pub name: String,
     pub port: u16,
+    /// TCP when absent (peers from before UDP ports were rerouted).
+    #[serde(default)]
+    pub protocol: PortProtocol,
 }
 
 /// `POST /v1/reroutes`: send a Service port's traffic to the calling
@@ -161,9 +215,10 @@ pub struct ServicePort {
 pub struct RerouteRequest {
     pub namespace: String,
     pub service: String,
-    /// Every TCP port of the Service.
+    /// Every port of the Service (TCP and UDP).
     pub ports: Vec<ServicePort>,
-    /// The Service port rerouted.
+    /// The Service port rerouted: this number, with the transport
+    /// `protocol` implies (`udp`: the UDP port, else the TCP port).
     pub port: u16,
     /// Where the laptop listens on its tunnel address (the daemon hands the
     /// connections on to 127.0.0.1 of the same port).
@@ -178,7 +233,7 @@ pub struct RerouteRequest {
     pub force: bool,
 }
 
-/// Most TCP ports a rerouted Service may have (each gets a listener).
+/// Most ports a rerouted Service may have (each gets a listener).
 pub const MAX_SERVICE_PORTS: usize = 100;
 
 impl RerouteRequest {
@@ -189,7 +244,7 @@ impl RerouteRequest {
         names::check_rerouted_service(&self.service)?;
         if self.ports.is_empty() || self.ports.len() > MAX_SERVICE_PORTS {
             return Err(format!(
-                "a rerouted Service has 1 to {MAX_SERVICE_PORTS} TCP ports, not {}",
+                "a rerouted Service has 1 to {MAX_SERVICE_PORTS} ports, not {}",
                 self.ports.len()
             ));
         }
@@ -201,9 +256,25 @@ impl RerouteRequest {
                 names::check_port_name(&p.name)?;
             }
         }
-        if !self.ports.iter().any(|p| p.port == self.port) {
+        let transport = self.protocol.transport();
+        let has = |t: PortProtocol| {
+            self.ports
+                .iter()
+                .any(|p| p.port == self.port && p.protocol == t)
+        };
+        if self.header.is_some()
+            && (transport == PortProtocol::Udp
+                || (!has(PortProtocol::Tcp) && has(PortProtocol::Udp)))
+        {
+            return Err(header_udp_refusal(
+                &self.namespace,
+                &self.service,
+                self.port,
+            ));
+        }
+        if !has(transport) {
             return Err(format!(
-                "port {} is not among the Service's TCP ports",
+                "port {}/{transport} is not among the Service's ports",
                 self.port
             ));
         }
@@ -215,6 +286,16 @@ impl RerouteRequest {
         }
         Ok(())
     }
+}
+
+/// Why a header reroute of a UDP port is refused (the gateway and the
+/// client say the same).
+pub fn header_udp_refusal(namespace: &str, service: &str, port: u16) -> String {
+    format!(
+        "port {port} of Service {namespace}/{service} is UDP: header reroutes are HTTP-only \
+         (each HTTP request is routed by its headers); a global reroute (without --header) \
+         works for UDP ports"
+    )
 }
 
 /// The answer to a [`RerouteRequest`].

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
 use burrow_netstack::flow::{
-    FlowConfig, FlowEngine, FlowId, Ingress, IngressDrop, LaptopLimits, Limit, TcpRead, TcpState,
+    FlowConfig, FlowEngine, FlowError, FlowId, Ingress, IngressDrop, LaptopLimits, Limit, TcpRead,
+    TcpState,
 };
 use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
@@ -37,7 +38,7 @@ use crate::cluster::{ClusterPoll, ClusterSocket, Dialer, ReadOutcome, Readiness}
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
-use crate::laptop::{ApiConn, LaptopStream};
+use crate::laptop::{ApiConn, LaptopDatagrams, LaptopStream};
 use crate::metrics::Exposition;
 
 /// boringtun's timers want a call about every 250 ms.
@@ -114,6 +115,28 @@ pub enum Control {
         to: SocketAddr,
         reply: oneshot::Sender<io::Result<LaptopStream>>,
     },
+    /// Open a UDP flow to a laptop's tunnel address and port (see
+    /// [`crate::laptop::LaptopDialer::open_udp`]).
+    OpenLaptopUdp {
+        to: SocketAddr,
+        reply: oneshot::Sender<io::Result<LaptopDatagrams>>,
+    },
+}
+
+/// Datagrams for laptops on the UDP flows the gateway opened, queued in
+/// the flow event channel and not yet sent, at most (beyond: dropped, as a
+/// full socket buffer would).
+const LAPTOP_UDP_QUEUED: usize = 4096;
+/// Datagrams from a laptop waiting for the reader of a UDP flow the
+/// gateway opened, at most per flow (beyond: dropped).
+const LAPTOP_UDP_QUEUE: usize = 64;
+
+/// The data path's end of a UDP flow the gateway opened to a laptop.
+struct LaptopUdpEnd {
+    /// The laptop's tunnel address and port.
+    laptop: SocketAddr,
+    /// Datagrams from the laptop, to the flow's [`LaptopDatagrams`].
+    tx: mpsc::Sender<Vec<u8>>,
 }
 
 /// Counters the data path keeps beyond the peer table's own.
@@ -351,6 +374,10 @@ pub struct Datapath {
     api: Option<mpsc::Sender<ApiConn>>,
     /// The framed port's refusals and timeouts (counted by its tasks).
     framed_counters: Arc<framed::Counters>,
+    /// UDP flows the gateway opened to laptops (rerouted UDP ports).
+    laptop_udp: HashMap<FlowId, LaptopUdpEnd>,
+    /// Datagrams for them queued in the event channel.
+    laptop_udp_queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Datapath {
@@ -398,6 +425,8 @@ impl Datapath {
             cluster_ready: Vec::new(),
             api: None,
             framed_counters: Arc::default(),
+            laptop_udp: HashMap::new(),
+            laptop_udp_queued: Arc::default(),
             cfg,
         })
     }
@@ -504,6 +533,9 @@ impl Datapath {
                     }
                     Some(Control::DialLaptop { to, reply }) => {
                         self.dial_laptop(to, reply, Instant::now());
+                    }
+                    Some(Control::OpenLaptopUdp { to, reply }) => {
+                        let _ = reply.send(self.open_laptop_udp(to, Instant::now()));
                     }
                     None => control_open = false,
                 },
@@ -689,7 +721,24 @@ impl Datapath {
                 dst,
                 payload,
                 ..
-            } => self.udp_to_cluster(id, new, dst, payload, now),
+            } => {
+                if let Some(end) = self.laptop_udp.get(&id) {
+                    // A laptop's datagram on a flow the gateway opened.
+                    if end.tx.try_send(payload.to_vec()).is_ok() {
+                        self.stats.udp_bytes_to_cluster += payload.len() as u64;
+                    } else {
+                        self.stats.drop_udp_send_full += 1;
+                    }
+                } else if Some(dst.ip()) == self.cfg.tunnel_address {
+                    // Nothing else listens for UDP on the gateway's tunnel
+                    // address.
+                    self.flows.release(id);
+                    self.udp.remove(&id);
+                    self.stats.drop_unsupported += 1;
+                } else {
+                    self.udp_to_cluster(id, new, dst, payload, now);
+                }
+            }
             Ingress::Refused {
                 laptop,
                 limit,
@@ -1039,6 +1088,15 @@ impl Datapath {
                 }
                 Err(_) => self.stats.drop_too_large += 1,
             },
+            FlowEvent::LaptopUdp { id, data } => {
+                self.laptop_udp_queued.fetch_sub(1, Ordering::AcqRel);
+                match self.flows.udp_send(id, &data, now) {
+                    Ok(()) => self.stats.udp_bytes_to_laptop += data.len() as u64,
+                    Err(FlowError::TooLarge(_)) => self.stats.drop_too_large += 1,
+                    // Released meanwhile.
+                    Err(_) => {}
+                }
+            }
             FlowEvent::IcmpReply { key, data } => {
                 if let Some(packet) = echo_reply_packet(key, &data) {
                     out.encapsulate(&mut self.peers, &packet, &mut self.stats);
@@ -1126,6 +1184,18 @@ impl Datapath {
         for flow in owned {
             self.abort_tcp(flow);
         }
+        // Its UDP flows from reroutes end (their readers see the end).
+        let flows = &mut self.flows;
+        self.laptop_udp.retain(|id, end| {
+            let theirs = peer
+                .allowed_ips()
+                .iter()
+                .any(|n| n.contains(&end.laptop.ip()));
+            if theirs {
+                flows.release(*id);
+            }
+            !theirs
+        });
     }
 
     fn last_handshakes(&self, now: Instant) -> HashMap<[u8; 32], Duration> {
@@ -1396,6 +1466,45 @@ impl Datapath {
         true
     }
 
+    /// A UDP flow to a laptop (a rerouted UDP port's caller): from the
+    /// gateway's tunnel address and an ephemeral port to `to`, which some
+    /// peer must own.
+    fn open_laptop_udp(&mut self, to: SocketAddr, now: Instant) -> io::Result<LaptopDatagrams> {
+        let local_ip = match self.cfg.tunnel_address {
+            Some(ip) if ip.is_ipv4() == to.is_ipv4() => ip,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("the gateway has no tunnel address to send to {to} from"),
+                ));
+            }
+        };
+        if self.peers.route(to.ip()).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::HostUnreachable,
+                format!("no registered laptop has the tunnel address {}", to.ip()),
+            ));
+        }
+        let (id, local) = self.flows.udp_open(local_ip, to, now).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("cannot open a UDP flow to {to}: {e}"),
+            )
+        })?;
+        let (tx, rx) = mpsc::channel(LAPTOP_UDP_QUEUE);
+        self.laptop_udp.insert(id, LaptopUdpEnd { laptop: to, tx });
+        tracing::debug!(?id, %local, %to, "UDP flow to a laptop");
+        Ok(LaptopDatagrams::new(
+            id,
+            local,
+            to,
+            rx,
+            self.events_tx.clone(),
+            self.laptop_udp_queued.clone(),
+            LAPTOP_UDP_QUEUED,
+        ))
+    }
+
     /// A connection to a laptop: the gateway's tunnel address must be of
     /// the right family and some peer must own the address.
     fn dial_laptop(
@@ -1542,6 +1651,15 @@ impl Datapath {
             self.service_tcp(id);
         }
         self.flows.probe_stalled_flows();
+        // UDP flows to laptops whose reader is gone.
+        let flows = &mut self.flows;
+        self.laptop_udp.retain(|id, end| {
+            let closed = end.tx.is_closed();
+            if closed {
+                flows.release(*id);
+            }
+            !closed
+        });
         let udp = &mut self.udp;
         self.flows.expire(now, |id| {
             udp.remove(&id);

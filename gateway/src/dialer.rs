@@ -80,6 +80,9 @@ pub enum FlowEvent {
     },
     /// A datagram from a UDP flow's destination.
     UdpReply { id: FlowId, data: Vec<u8> },
+    /// A datagram for a laptop, on a UDP flow the gateway opened to it
+    /// ([`crate::laptop::LaptopDatagrams`]).
+    LaptopUdp { id: FlowId, data: Vec<u8> },
     /// An echo reply from an ICMP flow (ICMP header and data, as the kernel
     /// delivers them on a ping socket).
     IcmpReply { key: IcmpKey, data: Vec<u8> },

@@ -65,6 +65,121 @@ impl LaptopDialer {
     }
 }
 
+impl LaptopDialer {
+    /// Opens a UDP flow to `to` (a laptop's tunnel address and port)
+    /// through the tunnel, from the gateway's tunnel address and an
+    /// ephemeral port. Errors as for [`LaptopDialer::connect`] (no laptop
+    /// has the address → `HostUnreachable`); nothing is sent yet.
+    pub async fn open_udp(&self, to: SocketAddr) -> io::Result<LaptopDatagrams> {
+        let stopped = || io::Error::other("the gateway's data path has stopped");
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Control::OpenLaptopUdp { to, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// A UDP flow to a laptop, opened by [`LaptopDialer::open_udp`]: datagrams
+/// go to the laptop with [`LaptopUdpSender::send`] (from
+/// [`LaptopDatagrams::sender`]), the laptop's datagrams back come from
+/// [`LaptopDatagrams::recv`]. Dropping it ends the flow (the data path
+/// releases it within its 1 s sweep); so does the laptop unregistering
+/// (`recv` then answers `None`).
+pub struct LaptopDatagrams {
+    local: SocketAddr,
+    peer: SocketAddr,
+    rx: mpsc::Receiver<Vec<u8>>,
+    sender: LaptopUdpSender,
+}
+
+/// Sends datagrams on a [`LaptopDatagrams`] flow. Cloneable.
+#[derive(Clone)]
+pub struct LaptopUdpSender {
+    id: FlowId,
+    events: mpsc::UnboundedSender<FlowEvent>,
+    /// Datagrams for laptops queued in `events`, across every flow.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    max_queued: usize,
+}
+
+impl LaptopDatagrams {
+    pub(crate) fn new(
+        id: FlowId,
+        local: SocketAddr,
+        peer: SocketAddr,
+        rx: mpsc::Receiver<Vec<u8>>,
+        events: mpsc::UnboundedSender<FlowEvent>,
+        queued: Arc<std::sync::atomic::AtomicUsize>,
+        max_queued: usize,
+    ) -> Self {
+        Self {
+            local,
+            peer,
+            rx,
+            sender: LaptopUdpSender {
+                id,
+                events,
+                queued,
+                max_queued,
+            },
+        }
+    }
+
+    /// The gateway's end: its tunnel address and the ephemeral port.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The laptop's end.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn sender(&self) -> LaptopUdpSender {
+        self.sender.clone()
+    }
+
+    /// The next datagram from the laptop; `None` once the flow is gone.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+}
+
+impl LaptopUdpSender {
+    /// Queues one datagram for the laptop; false when it was dropped (the
+    /// data path has too many queued, or stopped). Datagrams larger than
+    /// the tunnel's MTU allows are dropped by the data path.
+    pub fn send(&self, datagram: &[u8]) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let sent = self
+            .events
+            .send(FlowEvent::LaptopUdp {
+                id: self.id,
+                data: datagram.to_vec(),
+            })
+            .is_ok();
+        if !sent {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+}
+
+impl std::fmt::Debug for LaptopDatagrams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaptopDatagrams")
+            .field("id", &self.sender.id)
+            .field("local", &self.local)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A connection a laptop opened to the gateway's own API in the tunnel
 /// (see `Datapath::serve_api`): the stream, and who opened it.
 pub struct ApiConn {

@@ -52,6 +52,7 @@ pub mod laptop;
 pub mod metrics;
 pub mod reroute;
 pub mod service;
+pub mod udproute;
 
 pub use datapath::DatapathConfig;
 
@@ -251,6 +252,7 @@ pub async fn serve(
             config.control.expiry,
             reroute::Reroutes::new(
                 laptop_connect(laptop::LaptopDialer::new(control_tx.clone())),
+                udproute::opener(laptop::LaptopDialer::new(control_tx.clone())),
                 config.control.kube.clone(),
             ),
             private_key,

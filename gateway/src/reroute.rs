@@ -2,12 +2,14 @@
 //! gateway listeners that receive them, and the leases that give them back.
 //!
 //! - [`Table`] (pure, no I/O) is the registry: per (namespace, Service,
-//!   port) at most one global route and any number of header routes, each
+//!   port number and transport) at most one global route and any number of
+//!   header routes (TCP ports only), each
 //!   with its laptop and lease. It decides conflicts (a global route held by
 //!   another laptop is refused, naming the holder, unless forced) and
 //!   expiry.
 //! - [`Reroutes`] drives it: one TCP listener per TCP port of a rerouted
-//!   Service (the EndpointSlice points there), handed a fresh snapshot of
+//!   Service and one UDP socket per UDP port ([`crate::udproute`]; the
+//!   EndpointSlice points there), handed a fresh snapshot of
 //!   the port's routes ([`PortRoutes`]) on every change; and, when the last
 //!   route of a Service goes (stop, lease expiry, the laptop unregistering
 //!   or expiring), a restore of the Service with the gateway's own
@@ -29,7 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::api::{self, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped};
+use crate::api::{
+    self, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
+};
 
 /// How long a lease lasts without renewal. Laptops renew every 5 s; 12 s
 /// tolerates two lost renewals and gives a Service back within 15 s of its
@@ -47,6 +51,10 @@ pub type LaptopConnect = Arc<
 
 /// (namespace, Service).
 pub type ServiceKey = (String, String);
+
+/// A Service port: its number and transport (a Service may have TCP and
+/// UDP ports of the same number, as DNS has).
+pub type PortKey = (u16, PortProtocol);
 
 /// A laptop as the registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,10 +129,10 @@ impl PortEntry {
 /// One rerouted Service.
 #[derive(Debug, Clone)]
 struct ServiceEntry {
-    /// Every TCP port of the Service (each gets a listener).
+    /// Every port of the Service (each gets a listener).
     ports: Vec<ServicePort>,
     shadow_ip: IpAddr,
-    routes: BTreeMap<u16, PortEntry>,
+    routes: BTreeMap<PortKey, PortEntry>,
     /// What someone else changed on the Service while it is rerouted
     /// (noticed by the gateway's watch), for `--list`.
     changed: Option<String>,
@@ -272,7 +280,10 @@ impl Table {
         });
         entry.ports = req.ports.clone();
         entry.shadow_ip = shadow_ip;
-        let port = entry.routes.entry(req.port).or_default();
+        let port = entry
+            .routes
+            .entry((req.port, req.protocol.transport()))
+            .or_default();
         let route = Route {
             laptop: laptop.clone(),
             laptop_port: req.laptop_port,
@@ -369,7 +380,7 @@ impl Table {
     fn remove_where(&mut self, mut gone: impl FnMut(&ServiceKey, u16, &Route) -> bool) -> Removed {
         let mut routes = Vec::new();
         for (k, s) in &mut self.services {
-            for (port, p) in &mut s.routes {
+            for ((port, _), p) in &mut s.routes {
                 for r in p.retain(|r| !gone(k, *port, r)) {
                     routes.push((k.clone(), *port, r));
                 }
@@ -412,7 +423,7 @@ impl Table {
     /// Every route of the laptop with `key`.
     fn routes_of(&self, key: [u8; 32]) -> impl Iterator<Item = (&ServiceKey, u16, &Route)> {
         self.services.iter().flat_map(move |(k, s)| {
-            s.routes.iter().flat_map(move |(port, p)| {
+            s.routes.iter().flat_map(move |((port, _), p)| {
                 p.global
                     .iter()
                     .chain(p.headers.iter())
@@ -482,10 +493,17 @@ impl Table {
         self.services.keys()
     }
 
-    /// What the listener of `svc`'s `port` routes by, right now.
+    /// What the listener of `svc`'s TCP `port` routes by, right now.
     pub fn snapshot(&self, svc: &ServiceKey, port: u16) -> Option<PortRoutes> {
+        self.snapshot_port(svc, (port, PortProtocol::Tcp))
+    }
+
+    /// What the listener of `svc`'s `port` (TCP or UDP) routes by, right
+    /// now.
+    pub fn snapshot_port(&self, svc: &ServiceKey, key: PortKey) -> Option<PortRoutes> {
         let s = self.services.get(svc)?;
-        let p = s.routes.get(&port).cloned().unwrap_or_default();
+        let port = key.0;
+        let p = s.routes.get(&key).cloned().unwrap_or_default();
         Some(PortRoutes {
             shadow: SocketAddr::new(s.shadow_ip, port),
             global: p.global.map(|r| Target {
@@ -512,7 +530,7 @@ impl Table {
         })
     }
 
-    /// Every TCP port of `svc`.
+    /// Every port of `svc`.
     pub fn ports(&self, svc: &ServiceKey) -> Vec<ServicePort> {
         self.services
             .get(svc)
@@ -612,22 +630,29 @@ impl Drop for Listener {
 /// The reroutes of this gateway: table, listeners, restores.
 pub struct Reroutes {
     table: Mutex<Table>,
-    listeners: Mutex<BTreeMap<(ServiceKey, u16), Listener>>,
+    listeners: Mutex<BTreeMap<(ServiceKey, PortKey), Listener>>,
     /// Per rerouted Service, the watch that keeps other endpoints away
     /// and notices changes made by someone else ([`guard`]).
     guards: Mutex<BTreeMap<ServiceKey, tokio::task::JoinHandle<()>>>,
     laptop: LaptopConnect,
+    /// UDP flows to laptops' tunnel addresses, for UDP ports.
+    laptop_udp: crate::udproute::LaptopUdpOpen,
     kube: Option<kube::Client>,
     listen_ip: IpAddr,
 }
 
 impl Reroutes {
-    pub fn new(laptop: LaptopConnect, kube: Option<kube::Client>) -> Arc<Self> {
+    pub fn new(
+        laptop: LaptopConnect,
+        laptop_udp: crate::udproute::LaptopUdpOpen,
+        kube: Option<kube::Client>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             table: Mutex::new(Table::default()),
             listeners: Mutex::new(BTreeMap::new()),
             guards: Mutex::new(BTreeMap::new()),
             laptop,
+            laptop_udp,
             kube,
             listen_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         })
@@ -760,19 +785,21 @@ impl Reroutes {
         })
     }
 
-    /// Brings `svc`'s listeners in line with the table: one per TCP port
-    /// while it has routes (fresh snapshots pushed), none otherwise.
+    /// Brings `svc`'s listeners in line with the table: one per port (a
+    /// TCP listener, or a UDP socket for a UDP port) while it has routes
+    /// (fresh snapshots pushed), none otherwise.
     async fn sync(self: &Arc<Self>, svc: &ServiceKey) -> io::Result<Vec<(ServicePort, u16)>> {
         let ports = self.table.lock().map(|t| t.ports(svc)).unwrap_or_default();
         let mut out = Vec::new();
         for sp in ports {
+            let port_key = (sp.port, sp.protocol);
             let snapshot = self
                 .table
                 .lock()
                 .ok()
-                .and_then(|t| t.snapshot(svc, sp.port));
+                .and_then(|t| t.snapshot_port(svc, port_key));
             let Some(snapshot) = snapshot else { continue };
-            let key = (svc.clone(), sp.port);
+            let key = (svc.clone(), port_key);
             let existing = self
                 .listeners
                 .lock()
@@ -789,15 +816,36 @@ impl Reroutes {
                     out.push((sp, port));
                 }
                 None => {
-                    let listener = TcpListener::bind(SocketAddr::new(self.listen_ip, 0)).await?;
-                    let port = listener.local_addr()?.port();
                     let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
                     let (tx, rx) = watch::channel(Arc::new(snapshot));
-                    let dial: Arc<dyn Dial> = Arc::new(Dialer {
-                        laptop: self.laptop.clone(),
-                    });
-                    let task = tokio::spawn(accept_loop(listener, rx, rules_rx, dial));
-                    tracing::info!(namespace = %svc.0, service = %svc.1, service_port = sp.port, listener = port, "listening for a rerouted port");
+                    let (port, task) = match sp.protocol {
+                        PortProtocol::Tcp => {
+                            let listener =
+                                TcpListener::bind(SocketAddr::new(self.listen_ip, 0)).await?;
+                            let port = listener.local_addr()?.port();
+                            let dial: Arc<dyn Dial> = Arc::new(Dialer {
+                                laptop: self.laptop.clone(),
+                            });
+                            (
+                                port,
+                                tokio::spawn(accept_loop(listener, rx, rules_rx, dial)),
+                            )
+                        }
+                        PortProtocol::Udp => {
+                            let socket = crate::udproute::bind(self.listen_ip)?;
+                            let port = socket.local_addr()?.port();
+                            (
+                                port,
+                                tokio::spawn(crate::udproute::relay(
+                                    socket,
+                                    rx,
+                                    self.laptop_udp.clone(),
+                                    crate::udproute::Limits::default(),
+                                )),
+                            )
+                        }
+                    };
+                    tracing::info!(namespace = %svc.0, service = %svc.1, service_port = sp.port, protocol = %sp.protocol, listener = port, "listening for a rerouted port");
                     if let Ok(mut l) = self.listeners.lock() {
                         l.insert(
                             key,
@@ -1318,6 +1366,7 @@ mod tests {
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 8080,
+                protocol: PortProtocol::Tcp,
             }],
             port: 8080,
             laptop_port: 3000,
@@ -1484,6 +1533,104 @@ mod tests {
         t.add(&r, laptop(2), SHADOW, now, SystemTime::now())
             .expect("renewal");
         assert_eq!(t.list_of([3; 32]).len(), 1, "each laptop lists its own");
+    }
+
+    /// A Service with TCP and UDP port 53 (as DNS has).
+    fn dns_req(protocol: Protocol, header: Option<(&str, &str)>) -> RerouteRequest {
+        let port = |name: &str, protocol| ServicePort {
+            name: name.into(),
+            port: 53,
+            protocol,
+        };
+        RerouteRequest {
+            namespace: "default".into(),
+            service: "dns".into(),
+            ports: vec![
+                port("dns", PortProtocol::Udp),
+                port("dns-tcp", PortProtocol::Tcp),
+            ],
+            port: 53,
+            laptop_port: 3000,
+            protocol,
+            header: header.map(|(n, v)| (n.to_string(), v.to_string())),
+            force: false,
+        }
+    }
+
+    #[test]
+    fn udp_and_tcp_ports_of_one_number_are_routed_apart() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let svc = ("default".to_string(), "dns".to_string());
+        t.add(
+            &dns_req(Protocol::Udp, None),
+            laptop(2),
+            SHADOW,
+            now,
+            SystemTime::now(),
+        )
+        .expect("udp");
+        let udp = t.snapshot_port(&svc, (53, PortProtocol::Udp)).expect("udp");
+        assert_eq!(udp.global.map(|g| g.protocol), Some(Protocol::Udp));
+        let tcp = t.snapshot_port(&svc, (53, PortProtocol::Tcp)).expect("tcp");
+        assert!(tcp.global.is_none(), "TCP 53 still goes to the pods");
+        assert_eq!(tcp.shadow, SocketAddr::new(SHADOW, 53));
+        // Another laptop may take TCP 53 without touching UDP 53.
+        t.add(
+            &dns_req(Protocol::Tcp, None),
+            laptop(3),
+            SHADOW,
+            now,
+            SystemTime::now(),
+        )
+        .expect("tcp by another laptop");
+        let listed = t.list_of([2; 32]);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].protocol, Protocol::Udp);
+        // A header reroute of the UDP port: HTTP-only, says so.
+        for req in [
+            dns_req(Protocol::Udp, Some(("x-user", "a"))),
+            dns_req(Protocol::Http, Some(("x-user", "a"))),
+        ] {
+            let mut only_udp = req.clone();
+            only_udp.ports.retain(|p| p.protocol == PortProtocol::Udp);
+            for r in [req, only_udp] {
+                let err = t.add(&r, laptop(2), SHADOW, now, SystemTime::now());
+                if r.protocol == Protocol::Http && r.ports.len() == 2 {
+                    // TCP 53 exists: that is a header route of TCP 53.
+                    assert!(err.is_ok(), "{err:?}");
+                    continue;
+                }
+                let text = err.expect_err("refused").to_string();
+                assert!(
+                    text.contains("header reroutes are HTTP-only")
+                        && text.contains("global reroute"),
+                    "{text}"
+                );
+            }
+        }
+        // A UDP route of a number the Service has only as TCP is refused.
+        let mut r = req(None, false);
+        r.protocol = Protocol::Udp;
+        assert!(matches!(
+            t.add(&r, laptop(2), SHADOW, now, SystemTime::now()),
+            Err(Refused::Invalid(_))
+        ));
+        // Stopping by number stops the laptop's routes of that number.
+        let gone = t.stop(
+            &api::StopRequest {
+                namespace: Some("default".into()),
+                service: Some("dns".into()),
+                port: Some(53),
+            },
+            [2; 32],
+        );
+        assert_eq!(
+            gone.routes.len(),
+            2,
+            "UDP 53 and the header route of TCP 53"
+        );
+        assert!(t.snapshot_port(&svc, (53, PortProtocol::Tcp)).is_some());
     }
 
     #[test]

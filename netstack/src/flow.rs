@@ -30,7 +30,10 @@
 //! endpoint only, while flows here are keyed by the full 5-tuple. The engine
 //! parses datagrams itself, hands the payload to the driver without copying
 //! ([`Ingress::UdpDatagram`]) and builds replies with smoltcp's wire types.
-//! Idle flows expire ([`FlowEngine::expire`]).
+//! Idle flows expire ([`FlowEngine::expire`]). The gateway can open UDP
+//! flows to a laptop too ([`FlowEngine::udp_open`]: its tunnel address and
+//! an ephemeral port to the laptop's; the laptop's datagrams back arrive as
+//! that flow's), for rerouted UDP ports; their owner releases them.
 //!
 //! Each laptop (tunnel address: the peer table has already checked that a
 //! packet's source is its peer's) has caps on the flows it opens
@@ -312,6 +315,10 @@ struct TcpFlow {
 struct UdpFlow {
     id: FlowId,
     last_active: Instant,
+    /// Opened by the laptop (`tuple.0`): counted in its `LaptopFlows`
+    /// and expired when idle. A flow the gateway opened
+    /// ([`FlowEngine::udp_open`]) is neither: its owner releases it.
+    counted: bool,
 }
 
 type Tuple = (SocketAddr, SocketAddr);
@@ -607,6 +614,7 @@ impl FlowEngine {
                             UdpFlow {
                                 id,
                                 last_active: now,
+                                counted: true,
                             },
                         );
                         self.udp_by_id.insert(id, (src, dst));
@@ -1135,13 +1143,61 @@ impl FlowEngine {
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
             self.uncount(syn.src.ip(), 1, 1, 0);
         }
-        if let Some(tuple) = self.udp_by_id.remove(&id) {
-            self.udp.remove(&tuple);
+        if let Some(tuple) = self.udp_by_id.remove(&id)
+            && let Some(flow) = self.udp.remove(&tuple)
+            && flow.counted
+        {
             self.uncount(tuple.0.ip(), 0, 0, 1);
         }
     }
 
-    /// Send a UDP datagram from the flow's destination back to the laptop.
+    /// Open a UDP flow from `local_ip` (the gateway's own tunnel address)
+    /// to `remote` (a laptop's) on a free ephemeral port, which is
+    /// returned: [`FlowEngine::udp_send`] sends datagrams to the laptop
+    /// from that port, and the laptop's datagrams back to it arrive as
+    /// [`Ingress::UdpDatagram`] of this flow. Not counted in the laptop's
+    /// caps and never expired here: the caller releases it.
+    pub fn udp_open(
+        &mut self,
+        local_ip: IpAddr,
+        remote: SocketAddr,
+        now: Instant,
+    ) -> Result<(FlowId, SocketAddr), FlowError> {
+        if local_ip.is_ipv4() != remote.is_ipv4()
+            || local_ip.is_unspecified()
+            || remote.ip().is_unspecified()
+            || remote.port() == 0
+        {
+            return Err(FlowError::Unaddressable(local_ip, remote));
+        }
+        let (first, last) = (*EPHEMERAL_PORTS.start(), *EPHEMERAL_PORTS.end());
+        let mut local = None;
+        for _ in EPHEMERAL_PORTS {
+            let port = self.next_port;
+            self.next_port = if port >= last { first } else { port + 1 };
+            let candidate = SocketAddr::new(local_ip, port);
+            if !self.udp.contains_key(&(remote, candidate)) {
+                local = Some(candidate);
+                break;
+            }
+        }
+        let local = local.ok_or(FlowError::NoFreePort(remote))?;
+        let id = self.new_id();
+        self.udp.insert(
+            (remote, local),
+            UdpFlow {
+                id,
+                last_active: now,
+                counted: false,
+            },
+        );
+        self.udp_by_id.insert(id, (remote, local));
+        Ok((id, local))
+    }
+
+    /// Send a UDP datagram from the flow's destination back to the laptop
+    /// (for a flow from [`FlowEngine::udp_open`]: from the gateway's end to
+    /// the laptop).
     pub fn udp_send(&mut self, id: FlowId, payload: &[u8], now: Instant) -> Result<(), FlowError> {
         let &(laptop, remote) = self.udp_by_id.get(&id).ok_or(FlowError::UnknownFlow(id))?;
         if let Some(flow) = self.udp.get_mut(&(laptop, remote)) {
@@ -1180,7 +1236,7 @@ impl FlowEngine {
         let by_id = &mut self.udp_by_id;
         let laptops = &mut self.laptops;
         self.udp.retain(|(laptop, _), flow| {
-            let keep = now.saturating_duration_since(flow.last_active) < timeout;
+            let keep = !flow.counted || now.saturating_duration_since(flow.last_active) < timeout;
             if !keep {
                 by_id.remove(&flow.id);
                 uncount(laptops, laptop.ip(), 0, 0, 1);
@@ -1553,6 +1609,46 @@ mod tests {
         let dsts: Vec<SocketAddr> = drain(&mut e, t0).iter().map(|p| parse_tcp(p).dst).collect();
         assert_eq!(dsts.len(), 2);
         assert!(dsts.contains(&LAPTOP) && dsts.contains(&other));
+    }
+
+    #[test]
+    fn udp_flows_the_gateway_opens_to_a_laptop() {
+        let t0 = Instant::now();
+        let gw = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
+        let forwarder = SocketAddr::new(LAPTOP.ip(), 41000);
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, local) = e.udp_open(gw, forwarder, t0).expect("open");
+        assert_eq!(local.ip(), gw);
+        let (id2, local2) = e.udp_open(gw, forwarder, t0).expect("second");
+        assert_ne!((id, local), (id2, local2), "each its own port");
+        // To the laptop, from the gateway's end.
+        e.udp_send(id, b"datagram", t0).expect("send");
+        let out = drain(&mut e, t0);
+        let ip = wire::parse_ip(&out[0]).expect("valid");
+        assert_eq!((ip.src, ip.dst), (gw, forwarder.ip()));
+        let udp = UdpPacket::new_checked(ip.payload(&out[0])).expect("udp");
+        assert_eq!((udp.src_port(), udp.dst_port()), (local.port(), 41000));
+        // The laptop's reply is this flow's, not a new one.
+        let reply = udp_packet(forwarder, local, b"reply");
+        let Ingress::UdpDatagram {
+            id: got,
+            new: false,
+            payload,
+            ..
+        } = e.ingress(&reply, t0)
+        else {
+            panic!("a reply to the gateway's flow")
+        };
+        assert_eq!((got, payload), (id, &b"reply"[..]));
+        // Not the laptop's: not counted, not expired; released by its owner.
+        assert_eq!(e.laptop_flows(LAPTOP.ip()).udp, 0);
+        let mut gone = Vec::new();
+        e.expire(t0 + Duration::from_secs(3600), |id| gone.push(id));
+        assert!(gone.is_empty());
+        e.release(id);
+        assert_eq!(e.udp_send(id, b"late", t0), Err(FlowError::UnknownFlow(id)));
+        assert_eq!(e.laptop_flows(LAPTOP.ip()).udp, 0);
+        assert!(e.udp_open(gw, SocketAddr::new(LAPTOP.ip(), 0), t0).is_err());
     }
 
     #[test]
