@@ -153,8 +153,10 @@ fn assert_none_failed(what: &str, (plain, routed): &(Seen, Seen)) {
 fn reroute_handoff_acceptance() {
     let Some(c) = cluster("rh", 2) else { return };
     let s = Setup::new(&c);
-    let _alice = s.echo_server(1, "laptop-alice", 3000);
-    let _bob = s.echo_server(2, "laptop-bob", 3000);
+    let mut servers = vec![
+        s.echo_server(1, "laptop-alice", 3000),
+        s.echo_server(2, "laptop-bob", 3000),
+    ];
     let caller = pod_of(&c, "default", "caller");
     let before = s.svc("default", "echo");
     let kc = c.kubeconfig();
@@ -376,5 +378,9 @@ fn reroute_handoff_acceptance() {
 
     let _ = run(s.burrow(1, &["disconnect"]));
     let _ = run(s.burrow(2, &["disconnect"]));
+    for mut child in servers.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     points.finish();
 }
