@@ -441,14 +441,18 @@ pub async fn point_at_gateway(
         "ports": listeners.iter().map(|(p, l)| json!({"name": p.name, "port": l, "protocol": p.protocol.as_k8s()})).collect::<Vec<_>>(),
     });
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), &ns);
-    slices
-        .patch(
-            &slice_name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&slice),
-        )
-        .await
-        .map_err(|e| cluster.err(e, &format!("apply EndpointSlice {ns}/{slice_name}")))?;
+    let apply = || async {
+        slices
+            .patch(
+                &slice_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&slice),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| cluster.err(e, &format!("apply EndpointSlice {ns}/{slice_name}")))
+    };
+    apply().await?;
 
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
     let mut current = svc.clone();
@@ -507,14 +511,7 @@ pub async fn point_at_gateway(
             .map_err(|e| cluster.err(e, &format!("get EndpointSlice {ns}/{slice_name}")))?
             .is_some();
         if !ours_there {
-            slices
-                .patch(
-                    &slice_name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&slice),
-                )
-                .await
-                .map_err(|e| cluster.err(e, &format!("apply EndpointSlice {ns}/{slice_name}")))?;
+            apply().await?;
         }
         if removed.is_empty() && ours_there {
             quiet += 1;

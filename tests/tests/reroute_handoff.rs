@@ -19,6 +19,14 @@ use burrow_tests::cluster::Cluster;
 use common::*;
 
 const HEADER: &str = "x-burrow-route: alice";
+/// `reroute` arguments: alice's header route of echo:8080.
+const HEADER_ROUTE: &[&str] = &[
+    "echo",
+    "--port",
+    "8080:3000",
+    "--header",
+    "x-burrow-route=alice",
+];
 
 /// A stream of callers in the caller pod.
 struct Callers {
@@ -220,16 +228,7 @@ fn reroute_handoff_acceptance() {
                 assert_eq!(s.echo_pod(&[]), "laptop-alice", "global, request {i}");
             }
             s.stop(1, "echo", "default");
-            s.reroute(
-                1,
-                &[
-                    "echo",
-                    "--port",
-                    "8080:3000",
-                    "--header",
-                    "x-burrow-route=alice",
-                ],
-            );
+            s.reroute(1, HEADER_ROUTE);
             for i in 0..20 {
                 assert_eq!(
                     s.echo_pod(&["-H", HEADER]),
@@ -256,16 +255,7 @@ fn reroute_handoff_acceptance() {
 
     point("2b header reroute on and off: no caller fails", &|| {
         let seen = under_load(&c, &caller, &|| {
-            s.reroute(
-                1,
-                &[
-                    "echo",
-                    "--port",
-                    "8080:3000",
-                    "--header",
-                    "x-burrow-route=alice",
-                ],
-            );
+            s.reroute(1, HEADER_ROUTE);
             std::thread::sleep(Duration::from_secs(1));
             s.stop(1, "echo", "default");
         });
