@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::api::{self, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped};
+use crate::api::{self, Fallback, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped};
 
 /// How long a lease lasts without renewal. Laptops renew every 5 s; 12 s
 /// tolerates two lost renewals and gives a Service back within 15 s of its
@@ -62,14 +62,24 @@ pub struct Route {
     laptop: Laptop,
     laptop_port: u16,
     protocol: Protocol,
+    fallback: Fallback,
     header: Option<(String, String)>,
     since: SystemTime,
     renewed: Instant,
 }
 
 impl Route {
-    fn target(&self) -> SocketAddr {
+    fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.laptop.address, self.laptop_port)
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr(),
+            protocol: self.protocol,
+            laptop: self.laptop.name.clone(),
+            fallback: self.fallback,
+        }
     }
 
     fn describe(&self, ns: &str, svc: &str, port: u16) -> api::Reroute {
@@ -85,6 +95,7 @@ impl Route {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            fallback: self.fallback,
         }
     }
 }
@@ -263,6 +274,7 @@ impl Table {
             } else {
                 req.protocol
             },
+            fallback: req.fallback,
             header: req.header.clone().map(|(n, v)| (n.to_ascii_lowercase(), v)),
             since: wall,
             renewed: now,
@@ -425,11 +437,7 @@ impl Table {
         let p = s.routes.get(&port).cloned().unwrap_or_default();
         Some(PortRoutes {
             shadow: SocketAddr::new(s.shadow_ip, port),
-            global: p.global.map(|r| Target {
-                addr: r.target(),
-                protocol: r.protocol,
-                laptop: r.laptop.name,
-            }),
+            global: p.global.map(|r| r.target()),
             headers: p
                 .headers
                 .into_iter()
@@ -438,11 +446,7 @@ impl Table {
                     Some(HeaderRoute {
                         name,
                         value,
-                        target: Target {
-                            addr: r.target(),
-                            protocol: r.protocol,
-                            laptop: r.laptop.name,
-                        },
+                        target: r.target(),
                     })
                 })
                 .collect(),
@@ -464,6 +468,9 @@ pub struct Target {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub laptop: String,
+    /// Nothing listening on the laptop: the caller is told, or sent to the
+    /// pods.
+    pub fallback: Fallback,
 }
 
 /// A header route.
@@ -499,6 +506,7 @@ impl PortRoutes {
                 header,
                 value,
                 to: h.target.upstream(),
+                fallback: h.target.fallback,
             });
         }
         rules
@@ -941,26 +949,18 @@ async fn handle(
     dial: Arc<dyn Dial>,
 ) -> Result<(), String> {
     match &routes.global {
-        Some(target) if target.protocol == Protocol::Http => {
-            httproute::splice_or_502(Box::new(conn), dial.as_ref(), &target.upstream())
+        // The laptop's, or the pods' when it cannot be reached (or nothing
+        // listens there and its fallback says so).
+        Some(target) => {
+            let route = httproute::Global {
+                laptop: target.upstream(),
+                pods: Upstream::Cluster(routes.shadow),
+                protocol: target.protocol,
+                fallback: target.fallback,
+            };
+            httproute::global(conn, dial.as_ref(), &route)
                 .await
                 .map_err(|e| e.to_string())
-        }
-        Some(target) => {
-            // Raw TCP: a laptop that refuses, or resets, resets the caller.
-            let mut up = match dial.dial(&target.upstream()).await {
-                Ok(up) => up,
-                Err(e) => {
-                    tracing::info!(laptop = %target.laptop, target = %target.addr, "the laptop refused a rerouted connection: {e}");
-                    reset(conn);
-                    return Ok(());
-                }
-            };
-            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut up).await {
-                reset(conn);
-                return Err(e.to_string());
-            }
-            Ok(())
         }
         None if !routes.headers.is_empty() => httproute::serve(Box::new(conn), rules, dial)
             .await
@@ -976,12 +976,6 @@ async fn handle(
                 .map_err(|e| e.to_string())
         }
     }
-}
-
-/// Closes with a RST (SO_LINGER 0), as a refused connection would.
-fn reset(conn: TcpStream) {
-    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
-    drop(conn);
 }
 
 #[cfg(test)]
@@ -1011,6 +1005,7 @@ mod tests {
             protocol: Protocol::Http,
             header: header.map(|(n, v)| (n.to_string(), v.to_string())),
             force,
+            fallback: Fallback::Error,
         }
     }
 
