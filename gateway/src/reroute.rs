@@ -1159,6 +1159,39 @@ mod tests {
     }
 
     #[test]
+    fn protocol_and_fallback_reach_the_listener() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let mut global = req(None, false);
+        global.protocol = Protocol::Auto;
+        global.fallback = Fallback::Pods;
+        t.add(&global, laptop(2), SHADOW, now, SystemTime::now())
+            .expect("global");
+        let mut header = req(Some(("x-burrow-route", "me")), false);
+        header.protocol = Protocol::Tcp;
+        header.fallback = Fallback::Pods;
+        t.add(&header, laptop(3), SHADOW, now, SystemTime::now())
+            .expect("header");
+        let snap = t.snapshot(&key(), 8080).expect("snapshot");
+        let g = snap.global.clone().expect("global target");
+        assert_eq!((g.protocol, g.fallback), (Protocol::Auto, Fallback::Pods));
+        // Header routes are HTTP whatever was asked; the fallback stays.
+        let h = &snap.headers[0].target;
+        assert_eq!((h.protocol, h.fallback), (Protocol::Http, Fallback::Pods));
+        assert_eq!(snap.rules().rules[0].fallback, Fallback::Pods);
+        assert_eq!(t.list_of([2; 32])[0].fallback, Fallback::Pods);
+        // Missing on the wire: auto, error.
+        let old: RerouteRequest = serde_json::from_str(
+            r#"{"namespace":"default","service":"echo","ports":[{"name":"","port":8080}],"port":8080,"laptop_port":3000}"#,
+        )
+        .expect("an older client's request");
+        assert_eq!(
+            (old.protocol, old.fallback),
+            (Protocol::Auto, Fallback::Error)
+        );
+    }
+
+    #[test]
     fn dates_are_rfc3339() {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
