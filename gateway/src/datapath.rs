@@ -1395,6 +1395,14 @@ impl Datapath {
                 }
             };
             if queued == 0 {
+                // CLOSED without the laptop's FIN seen: it reset the
+                // connection. No EOF: the flow's removal fails the
+                // stream's reads with `ConnectionReset`, which callers
+                // tell from a clean close (nothing listening on the
+                // laptop resets, see `httproute::NoAnswer`).
+                if state == TcpState::Closed {
+                    break;
+                }
                 permit.send(ToCluster::Eof);
                 flow.laptop_eof = true;
                 break;
