@@ -770,9 +770,14 @@ impl Proxy {
             Ok(resp) => respond(Ok(resp), to),
             Err((failure, unsent)) => {
                 let why = failure.no_answer();
+                // Never written to the laptop (its connection failed
+                // first): with `Fallback::Pods` the pods take it, however
+                // the laptop ended the connection.
+                let to_pods = why.to_pods(rule.fallback)
+                    || (unsent.is_some() && rule.fallback == Fallback::Pods);
                 let retry = unsent.or(again);
                 match retry {
-                    Some(req) if why.to_pods(rule.fallback) => {
+                    Some(req) if to_pods => {
                         tracing::debug!(upstream = %rule.to, ?why, "{failure}: to the pods");
                         respond(self.forward(req, &rules.fallback).await, &rules.fallback)
                     }
