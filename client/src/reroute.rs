@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
 use burrow_gateway::api::{
-    PortProtocol, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped,
+    Fallback, PortProtocol, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped,
 };
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -51,9 +51,17 @@ pub struct RerouteArgs {
     /// h2c); the rest keep reaching the cluster's pods.
     #[arg(long, value_name = "NAME=VALUE")]
     header: Option<String>,
-    /// tcp: bytes; http: a laptop that does not answer gives callers 502.
-    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+    /// What callers get when nothing listens on the local port: auto
+    /// tells HTTP callers (HTTP/1 request line, HTTP/2 preface) from
+    /// others by their first bytes; http: 502 naming this machine; tcp: a
+    /// reset. (If this machine cannot be reached at all, the cluster's pods
+    /// answer, whatever this says.)
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Auto)]
     protocol: ProtocolArg,
+    /// When nothing listens on the local port: `error` answers as
+    /// --protocol says; `pods` sends the callers to the cluster's pods.
+    #[arg(long, value_enum, value_name = "error|pods", default_value_t = FallbackArg::Error)]
+    fallback: FallbackArg,
     /// Take over a port another laptop reroutes.
     #[arg(long)]
     force: bool,
@@ -72,8 +80,15 @@ pub struct RerouteArgs {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 enum ProtocolArg {
+    Auto,
     Tcp,
     Http,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum FallbackArg {
+    Error,
+    Pods,
 }
 
 /// What the CLI asks the daemon to reroute.
@@ -87,6 +102,9 @@ pub struct Spec {
     pub protocol: Protocol,
     pub header: Option<(String, String)>,
     pub force: bool,
+    /// Nothing listening locally: callers are told, or go to the pods.
+    #[serde(default)]
+    pub fallback: Fallback,
 }
 
 /// What `--stop` asks for.
@@ -141,6 +159,11 @@ impl RerouteArgs {
         let protocol = match (self.protocol, &header) {
             (_, Some(_)) | (ProtocolArg::Http, _) => Protocol::Http,
             (ProtocolArg::Tcp, None) => Protocol::Tcp,
+            (ProtocolArg::Auto, None) => Protocol::Auto,
+        };
+        let fallback = match self.fallback {
+            FallbackArg::Error => Fallback::Error,
+            FallbackArg::Pods => Fallback::Pods,
         };
         Ok(Spec {
             namespace: self.cluster.namespace.clone(),
@@ -150,6 +173,7 @@ impl RerouteArgs {
             protocol,
             header,
             force: self.force,
+            fallback,
         })
     }
 }
@@ -307,11 +331,7 @@ fn print_list(list: &[Listed]) {
             Some(p) => format!("127.0.0.1:{p}"),
             None => "-".into(),
         };
-        let proto = match r.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Http => "http",
-            Protocol::Udp => "udp",
-        };
+        let proto = r.protocol.as_str();
         println!(
             "{:<28} {:<7} {:<28} {:<6} {:<12} {}",
             format!("{}/{}", r.namespace, r.service),
@@ -826,6 +846,7 @@ async fn establish(
         protocol,
         header: spec.header.clone(),
         force: spec.force,
+        fallback: spec.fallback,
     };
     crate::daemon::step(tx, format!("asking the gateway {} to listen", gateway.name));
     let body = serde_json::to_vec(&req)?;

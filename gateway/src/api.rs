@@ -131,13 +131,19 @@ pub struct ApiError {
     pub error: String,
 }
 
-/// How a rerouted port's connections are handled.
+/// How a rerouted port's connections are handled when nothing listens on
+/// the laptop (a laptop that is not reachable at all sends its callers to
+/// the cluster's pods whatever the protocol).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Told by the caller's first bytes: an HTTP/1 request line or the
+    /// HTTP/2 preface is answered like `http`, anything else like `tcp`.
+    /// The default since issue 14 (before: `tcp`).
+    #[default]
+    Auto,
     /// Bytes: every connection goes to the laptop; nothing listening there
     /// resets the caller.
-    #[default]
     Tcp,
     /// HTTP: like `tcp`, but a laptop that does not answer gives the caller
     /// a 502; header routes are HTTP.
@@ -153,9 +159,36 @@ impl Protocol {
     /// The transport of the Service port a route with this protocol takes.
     pub fn transport(self) -> PortProtocol {
         match self {
-            Protocol::Tcp | Protocol::Http => PortProtocol::Tcp,
+            Protocol::Auto | Protocol::Tcp | Protocol::Http => PortProtocol::Tcp,
             Protocol::Udp => PortProtocol::Udp,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Where a rerouted connection goes when the laptop is reachable but
+/// nothing listens on its local port.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// The caller is told: 502 naming the laptop (HTTP) or a reset (TCP).
+    #[default]
+    Error,
+    /// The cluster's pods (the shadow Service) answer instead.
+    Pods,
+}
+
+impl Fallback {
+    pub fn is_error(&self) -> bool {
+        *self == Fallback::Error
     }
 }
 
@@ -231,6 +264,10 @@ pub struct RerouteRequest {
     /// Take a global reroute over from whoever holds it.
     #[serde(default)]
     pub force: bool,
+    /// Nothing listening on the laptop: tell the caller, or send it to the
+    /// pods (`--fallback pods`).
+    #[serde(default, skip_serializing_if = "Fallback::is_error")]
+    pub fallback: Fallback,
 }
 
 /// Most ports a rerouted Service may have (each gets a listener).
@@ -328,6 +365,8 @@ pub struct Reroute {
     /// selector put back, its ports), as the gateway's watch saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed: Option<String>,
+    #[serde(default, skip_serializing_if = "Fallback::is_error")]
+    pub fallback: Fallback,
 }
 
 /// A global route taken over from the caller by another laptop's

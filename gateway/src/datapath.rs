@@ -38,7 +38,7 @@ use crate::cluster::{ClusterPoll, ClusterSocket, Dialer, ReadOutcome, Readiness}
 use crate::config::short_key;
 use crate::dialer::{self, CHUNK, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 use crate::framed::{self, ConnId, FramedConn, FramedEvent};
-use crate::laptop::{ApiConn, LaptopDatagrams, LaptopStream};
+use crate::laptop::{ApiConn, LAPTOP_PATIENCE, LaptopDatagrams, LaptopStream};
 use crate::metrics::Exposition;
 
 /// boringtun's timers want a call about every 250 ms.
@@ -214,6 +214,8 @@ struct Connecting {
     reply: oneshot::Sender<io::Result<LaptopStream>>,
     /// The stream's end of the queue towards it.
     from_laptop: mpsc::Receiver<ToCluster>,
+    /// When the SYN went out.
+    started: Instant,
     deadline: Instant,
 }
 
@@ -378,6 +380,13 @@ pub struct Datapath {
     laptop_udp: HashMap<FlowId, LaptopUdpEnd>,
     /// Datagrams for them queued in the event channel.
     laptop_udp_queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections the gateway opened to laptops, and since when each has
+    /// had bytes towards its laptop waiting for an ACK (see
+    /// [`Datapath::check_laptops`]).
+    laptop_streams: HashMap<FlowId, Option<Instant>>,
+    /// Laptops found not answering, by tunnel address, and since when:
+    /// dials to them fail at once until they are heard from again.
+    down: HashMap<IpAddr, Instant>,
 }
 
 impl Datapath {
@@ -427,6 +436,8 @@ impl Datapath {
             framed_counters: Arc::default(),
             laptop_udp: HashMap::new(),
             laptop_udp_queued: Arc::default(),
+            laptop_streams: HashMap::new(),
+            down: HashMap::new(),
             cfg,
         })
     }
@@ -532,7 +543,7 @@ impl Datapath {
                         let _ = reply.send(self.flows.flows_of(laptop));
                     }
                     Some(Control::DialLaptop { to, reply }) => {
-                        self.dial_laptop(to, reply, Instant::now());
+                        self.dial_laptop(to, reply, &out.conns, Instant::now());
                     }
                     Some(Control::OpenLaptopUdp { to, reply }) => {
                         let _ = reply.send(self.open_laptop_udp(to, Instant::now()));
@@ -553,6 +564,7 @@ impl Datapath {
                 } = &mut self;
                 peers.update_timers(timer_buf, |_, to, d| out.send(to, d, stats));
                 next_timers = now + WG_TIMER_TICK;
+                self.check_laptops(now);
             }
             if now >= next_sweep {
                 self.sweep(now);
@@ -629,6 +641,19 @@ impl Datapath {
             FramedEvent::Closed { id } => {
                 if let Some(c) = out.conns.remove(&id) {
                     c.out.close();
+                }
+                // A laptop whose transport this was cannot be reached until
+                // it reconnects (its next datagram moves its endpoint).
+                let gone = framed::conn_addr(id);
+                let cut_off: Vec<IpAddr> = self
+                    .peers
+                    .ids()
+                    .filter_map(|p| self.peers.get(p))
+                    .filter(|p| p.endpoint() == Some(gone))
+                    .filter_map(|p| p.allowed_ips().first().map(|n| n.addr()))
+                    .collect();
+                for addr in cut_off {
+                    self.mark_down(addr, Instant::now(), "its tunnel connection closed");
                 }
             }
             FramedEvent::Data { id, chunk } => {
@@ -1175,6 +1200,9 @@ impl Datapath {
         let Some(peer) = self.peers.remove(id) else {
             return;
         };
+        for n in peer.allowed_ips() {
+            self.down.remove(&n.addr());
+        }
         let owned: Vec<FlowId> = self
             .tcp
             .iter()
@@ -1437,6 +1465,14 @@ impl Datapath {
                 }
             };
             if queued == 0 {
+                // CLOSED without the laptop's FIN seen: it reset the
+                // connection. No EOF: the flow's removal fails the
+                // stream's reads with `ConnectionReset`, which callers
+                // tell from a clean close (nothing listening on the
+                // laptop resets, see `httproute::NoAnswer`).
+                if state == TcpState::Closed {
+                    break;
+                }
                 permit.send(ToCluster::Eof);
                 flow.laptop_eof = true;
                 break;
@@ -1511,6 +1547,7 @@ impl Datapath {
         &mut self,
         to: SocketAddr,
         reply: oneshot::Sender<io::Result<LaptopStream>>,
+        conns: &HashMap<ConnId, FramedConn>,
         now: Instant,
     ) {
         let local_ip = match self.cfg.tunnel_address {
@@ -1523,12 +1560,33 @@ impl Datapath {
                 return;
             }
         };
-        if self.peers.route(to.ip()).is_none() {
+        let Some(peer) = self.peers.route(to.ip()).and_then(|p| self.peers.get(p)) else {
             self.stats.laptop_dials[3] += 1;
             let _ = reply.send(Err(io::Error::new(
                 io::ErrorKind::HostUnreachable,
                 format!("no registered laptop has the tunnel address {}", to.ip()),
             )));
+            return;
+        };
+        let heard = peer.last_received();
+        let cut_off = peer
+            .endpoint()
+            .and_then(framed::addr_conn)
+            .is_some_and(|c| !conns.contains_key(&c));
+        if let Some(&since) = self.down.get(&to.ip()) {
+            if heard.is_some_and(|h| h > since) {
+                tracing::info!(laptop = %to.ip(), "laptop answering again: rerouted connections go to it");
+                self.down.remove(&to.ip());
+            } else {
+                self.stats.laptop_dials[2] += 1;
+                let _ = reply.send(Err(unreachable(to.ip())));
+                return;
+            }
+        }
+        if cut_off {
+            self.mark_down(to.ip(), now, "its tunnel connection closed");
+            self.stats.laptop_dials[2] += 1;
+            let _ = reply.send(Err(unreachable(to.ip())));
             return;
         }
         let (id, local) = match self.flows.connect(local_ip, to) {
@@ -1559,11 +1617,86 @@ impl Datapath {
                 connecting: Some(Connecting {
                     reply,
                     from_laptop: rx,
+                    started: now,
                     deadline: now + self.cfg.dial_timeout,
                 }),
                 orphaned_at: None,
             },
         );
+        self.laptop_streams.insert(id, None);
+    }
+
+    /// Finds laptops that leave a connection waiting (a SYN, or bytes not
+    /// acknowledged) for [`LAPTOP_PATIENCE`] without the gateway hearing
+    /// anything from them since, and marks them down.
+    fn check_laptops(&mut self, now: Instant) {
+        let Self {
+            laptop_streams,
+            tcp,
+            flows,
+            peers,
+            ..
+        } = self;
+        let mut silent: Vec<IpAddr> = Vec::new();
+        laptop_streams.retain(|id, waiting| {
+            let Some(flow) = tcp.get(id) else {
+                return false;
+            };
+            let since = match &flow.connecting {
+                Some(c) => c.started,
+                None => {
+                    if flows.tcp_send_queue(*id).unwrap_or(0) == 0 {
+                        *waiting = None;
+                        return true;
+                    }
+                    *waiting.get_or_insert(now)
+                }
+            };
+            if now.saturating_duration_since(since) < LAPTOP_PATIENCE {
+                return true;
+            }
+            let laptop = flow.src.ip();
+            let heard = peers
+                .route(laptop)
+                .and_then(|p| peers.get(p))
+                .and_then(|p| p.last_received());
+            if heard.is_none_or(|h| h < since) && !silent.contains(&laptop) {
+                silent.push(laptop);
+            }
+            true
+        });
+        for laptop in silent {
+            self.mark_down(laptop, now, "it did not answer for 1.5 s");
+        }
+    }
+
+    /// The laptop at `laptop` is not reachable: its pending dials fail and
+    /// its streams fail with `HostUnreachable` (the reroute listeners then
+    /// send their callers to the cluster's pods), and so do further dials
+    /// until it is heard from again.
+    fn mark_down(&mut self, laptop: IpAddr, now: Instant, why: &str) {
+        if self.down.insert(laptop, now).is_none() {
+            tracing::info!(%laptop, "laptop not answering ({why}): rerouted connections go to the cluster's pods until it is heard from again");
+        }
+        let ids: Vec<FlowId> = self
+            .laptop_streams
+            .keys()
+            .filter(|id| self.tcp.get(id).is_some_and(|f| f.src.ip() == laptop))
+            .copied()
+            .collect();
+        for id in ids {
+            self.laptop_streams.remove(&id);
+            let Some(flow) = self.tcp.get_mut(&id) else {
+                continue;
+            };
+            if let Some(connecting) = flow.connecting.take() {
+                self.stats.laptop_dials[2] += 1;
+                let _ = connecting.reply.send(Err(unreachable(laptop)));
+            } else if let End::Stream(end) = &flow.end {
+                end.shared.unreachable.store(true, Ordering::Release);
+            }
+            self.abort_tcp(id);
+        }
     }
 
     /// Settle a connection to a laptop once the laptop answered (or did
@@ -1911,6 +2044,14 @@ fn dialer_thread(
 /// has polled it once, which would drop every flow's first datagram.
 fn send_now(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
     socket2::SockRef::from(socket).send(payload)
+}
+
+/// A dial to, or a stream of, a laptop that is not answering.
+fn unreachable(laptop: IpAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::HostUnreachable,
+        format!("the laptop at {laptop} is not answering"),
+    )
 }
 
 fn framing_max() -> usize {

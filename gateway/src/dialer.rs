@@ -115,6 +115,9 @@ pub struct TcpShared {
     pub engine_blocked: AtomicBool,
     /// The flow was reset: the stream fails.
     pub reset: AtomicBool,
+    /// Set before a reset: the laptop stopped answering (the stream fails
+    /// with `HostUnreachable`, not `ConnectionReset`).
+    pub unreachable: AtomicBool,
 }
 
 impl TcpShared {

@@ -79,7 +79,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+
+use crate::api::{Fallback, Protocol};
 
 /// A byte stream to or from a peer.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -123,12 +126,16 @@ pub trait Dial: Send + Sync + 'static {
     fn dial(&self, to: &Upstream) -> DialFuture<'_>;
 }
 
-/// Requests whose `header` has exactly `value` go to `to`.
+/// Requests whose `header` has exactly `value` go to `to`. When `to` (a
+/// laptop) cannot be reached, they go to the fallback ([`Rules`]) if they
+/// were not sent yet or may be sent again (idempotent, no body); so they
+/// do when nothing listens there, with `Fallback::Pods`.
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub header: HeaderName,
     pub value: HeaderValue,
     pub to: Upstream,
+    pub fallback: Fallback,
 }
 
 /// The rules of one rerouted Service port, first match wins.
@@ -150,10 +157,14 @@ impl Rules {
 
     /// The upstream for a request with these headers.
     pub fn route(&self, headers: &HeaderMap) -> &Upstream {
+        self.matching(headers).map_or(&self.fallback, |r| &r.to)
+    }
+
+    /// The first rule these headers match.
+    pub fn matching(&self, headers: &HeaderMap) -> Option<&Rule> {
         self.rules
             .iter()
             .find(|r| headers.get_all(&r.header).iter().any(|v| v == r.value))
-            .map_or(&self.fallback, |r| &r.to)
     }
 }
 
@@ -296,6 +307,376 @@ pub async fn splice_or_502(conn: BoxIo, dial: &dyn Dial, to: &Upstream) -> Resul
     }
 }
 
+/// The HTTP/2 connection preface of a prior-knowledge client.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest HTTP/1 method token [`detect`] takes.
+const MAX_METHOD: usize = 24;
+/// How long a caller's first bytes are awaited, when a laptop did not
+/// answer and only they can tell whether the caller gets a 502 or a reset.
+pub const DETECT_WAIT: Duration = Duration::from_secs(1);
+
+/// What a caller's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// A method token, a space and the start of a request target.
+    Http1,
+    /// The HTTP/2 prior-knowledge preface.
+    Http2,
+    /// Anything else.
+    Other,
+    /// Too few bytes to tell yet.
+    NeedMore,
+}
+
+impl Detected {
+    pub fn is_http(self) -> bool {
+        matches!(self, Detected::Http1 | Detected::Http2)
+    }
+}
+
+/// Tells HTTP callers from others by their first bytes: the HTTP/2 preface
+/// (`PRI * HTTP/2.0`…), or an HTTP/1 request line's start (a method token
+/// of RFC 9110 token characters, a space, then a request target's first
+/// character).
+pub fn detect(bytes: &[u8]) -> Detected {
+    let n = bytes.len().min(H2_PREFACE.len());
+    if n > 0 && bytes[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Detected::Http2
+        } else {
+            Detected::NeedMore
+        };
+    }
+    let method = bytes.iter().take_while(|b| is_tchar(**b)).count();
+    if method > MAX_METHOD {
+        return Detected::Other;
+    }
+    match (bytes.get(method), bytes.get(method + 1)) {
+        (None, _) => Detected::NeedMore,
+        (Some(b' '), None) if method > 0 => Detected::NeedMore,
+        (Some(b' '), Some(t)) if method > 0 && t.is_ascii_graphic() => Detected::Http1,
+        _ => Detected::Other,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `sent` — what a caller sent before the laptop answered — is
+/// exactly one whole HTTP/1 request with an idempotent method (RFC 9110
+/// §9.2.2: may be sent again when a connection fails before its answer).
+pub fn safe_to_resend(sent: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = req.parse(sent) else {
+        return false;
+    };
+    if !matches!(
+        req.method,
+        Some("GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+    ) {
+        return false;
+    }
+    let mut body = 0usize;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return false;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                Some(n) => body = n,
+                None => return false,
+            }
+        }
+    }
+    sent.len().checked_sub(head) == Some(body)
+}
+
+/// Why a laptop did not answer a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The laptop is not reachable: its tunnel is gone, it is unregistered,
+    /// or it stopped answering (see `laptop::LAPTOP_PATIENCE`).
+    Unreachable,
+    /// Reachable, and nothing listens: the dial was refused, or the laptop
+    /// reset the connection before a byte of answer (its forwarder resets
+    /// when it cannot connect to the local port, before reading anything).
+    Refused,
+    /// Accepted, then closed (or failed otherwise) before answering.
+    Closed,
+}
+
+impl NoAnswer {
+    /// From a failed dial or a failed read or write before the answer.
+    pub fn of(e: &io::Error) -> NoAnswer {
+        match e.kind() {
+            io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::AddrNotAvailable => NoAnswer::Unreachable,
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => NoAnswer::Refused,
+            _ => NoAnswer::Closed,
+        }
+    }
+
+    /// Whether the caller goes to the pods instead, given the route's
+    /// fallback (when what it sent may be sent there).
+    pub fn to_pods(self, fallback: Fallback) -> bool {
+        match self {
+            NoAnswer::Unreachable => true,
+            NoAnswer::Refused => fallback == Fallback::Pods,
+            NoAnswer::Closed => false,
+        }
+    }
+}
+
+/// What the caller of a laptop that did not answer gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The pods (the shadow Service), with what it sent replayed.
+    Pods,
+    /// `502 Bad Gateway` naming the laptop.
+    BadGateway,
+    /// A reset, as a refused connection.
+    Reset,
+}
+
+/// The answer for a caller whose laptop did not answer: `why`, the
+/// route's fallback, whether the caller speaks HTTP, and whether what it
+/// sent may be sent to the pods (all of it is held, and it never reached a
+/// program on the laptop, or is one idempotent HTTP request).
+pub fn decide(why: NoAnswer, fallback: Fallback, http: bool, resendable: bool) -> Answer {
+    if why.to_pods(fallback) && resendable {
+        Answer::Pods
+    } else if http {
+        Answer::BadGateway
+    } else {
+        Answer::Reset
+    }
+}
+
+/// A global route: every connection to the laptop; `pods` when it cannot
+/// be reached (and when nothing listens there, with `Fallback::Pods`).
+#[derive(Debug, Clone)]
+pub struct Global {
+    pub laptop: Upstream,
+    pub pods: Upstream,
+    pub protocol: Protocol,
+    pub fallback: Fallback,
+}
+
+/// Serves one caller of a global route. The laptop is dialled at once
+/// (server-first protocols are not delayed); what the caller sends is
+/// held until the laptop's first byte, so that if the laptop does not
+/// answer the caller can still go to the pods ([`decide`]) or get a 502.
+/// Only then, and only in `auto` mode, are the caller's first bytes
+/// awaited ([`DETECT_WAIT`]) to tell HTTP from other bytes.
+pub async fn global(conn: TcpStream, dial: &dyn Dial, route: &Global) -> Result<(), Error> {
+    let mut down = conn;
+    let mut held = BytesMut::with_capacity(16 * 1024);
+    let mut down_open = true;
+    let splice_err = |to: &Upstream| {
+        let to = to.clone();
+        move |source| Error::Splice {
+            upstream: to,
+            source,
+        }
+    };
+    let dialing = dial_upstream(dial, &route.laptop);
+    tokio::pin!(dialing);
+    let dialed = loop {
+        tokio::select! {
+            r = &mut dialing => break r,
+            r = down.read_buf(&mut held), if down_open && held.len() < REPLAY_LIMIT => {
+                if r.map_err(splice_err(&route.laptop))? == 0 {
+                    down_open = false;
+                }
+            }
+        }
+    };
+    let (why, reached) = match dialed {
+        Ok(mut up) => match first_answer(&mut down, &mut up, &mut held, &mut down_open).await {
+            Ok(first) => {
+                down.write_all(&first)
+                    .await
+                    .map_err(splice_err(&route.laptop))?;
+                drop(held);
+                tokio::io::copy_bidirectional(&mut down, &mut up)
+                    .await
+                    .map_err(splice_err(&route.laptop))?;
+                return Ok(());
+            }
+            Err(FirstAnswer::Downstream(e)) => return Err(splice_err(&route.laptop)(e)),
+            Err(FirstAnswer::None(why)) => (why, true),
+        },
+        Err(e) => {
+            let why = NoAnswer::of(&e);
+            if why != NoAnswer::Unreachable {
+                warn_nothing_answered(&route.laptop, &e);
+            } else {
+                tracing::debug!(upstream = %route.laptop, "laptop unreachable ({e}): to the pods");
+            }
+            (why, false)
+        }
+    };
+    let replayable = held.len() <= REPLAY_LIMIT;
+    // Resent without looking: nothing reached a program on the laptop.
+    let blind = replayable && (!reached || why == NoAnswer::Refused);
+    let answer = if why.to_pods(route.fallback) && blind {
+        Answer::Pods
+    } else {
+        let http = match route.protocol {
+            Protocol::Http => true,
+            // UDP ports never reach a TCP listener; as bytes if one did.
+            Protocol::Tcp | Protocol::Udp => false,
+            Protocol::Auto => detect_caller(&mut down, &mut held, &mut down_open).await,
+        };
+        let resendable = blind || (replayable && http && safe_to_resend(&held));
+        decide(why, route.fallback, http, resendable)
+    };
+    if reached && why != NoAnswer::Refused {
+        warn_nothing_answered(
+            &route.laptop,
+            &format!("{why:?} before answering; caller: {answer:?}"),
+        );
+    }
+    match answer {
+        Answer::Pods => to_pods(down, held, dial, route).await,
+        Answer::BadGateway if !replayable => {
+            // Too much of the request went by to answer it: close.
+            drop(down);
+            Ok(())
+        }
+        Answer::BadGateway => {
+            let replay = Replay {
+                prefix: held.freeze(),
+                inner: Box::new(down),
+            };
+            serve_bad_gateway(Box::new(replay), &route.laptop).await
+        }
+        Answer::Reset => {
+            reset(down);
+            Ok(())
+        }
+    }
+}
+
+/// Sends a caller of a laptop that did not answer to the pods, replaying
+/// what it sent.
+async fn to_pods(
+    mut down: TcpStream,
+    held: BytesMut,
+    dial: &dyn Dial,
+    route: &Global,
+) -> Result<(), Error> {
+    let splice_err = |source| Error::Splice {
+        upstream: route.pods.clone(),
+        source,
+    };
+    let mut up = match dial_upstream(dial, &route.pods).await {
+        Ok(up) => up,
+        Err(e) => {
+            warn_nothing_answered(&route.pods, &e);
+            if route.protocol != Protocol::Tcp && detect(&held).is_http() {
+                let replay = Replay {
+                    prefix: held.freeze(),
+                    inner: Box::new(down),
+                };
+                return serve_bad_gateway(Box::new(replay), &route.pods).await;
+            }
+            reset(down);
+            return Ok(());
+        }
+    };
+    up.write_all(&held).await.map_err(splice_err)?;
+    drop(held);
+    tokio::io::copy_bidirectional(&mut down, &mut up)
+        .await
+        .map_err(splice_err)?;
+    Ok(())
+}
+
+/// Why [`first_answer`] got none.
+enum FirstAnswer {
+    None(NoAnswer),
+    Downstream(io::Error),
+}
+
+/// Hands `held` to `up`, then passes the caller's bytes on (still holding
+/// them, up to [`REPLAY_LIMIT`]) until the laptop's first bytes, which it
+/// returns.
+async fn first_answer(
+    down: &mut TcpStream,
+    up: &mut BoxIo,
+    held: &mut BytesMut,
+    down_open: &mut bool,
+) -> Result<Vec<u8>, FirstAnswer> {
+    if let Err(e) = up.write_all(held).await {
+        return Err(FirstAnswer::None(NoAnswer::of(&e)));
+    }
+    if !*down_open && up.shutdown().await.is_err() {
+        return Err(FirstAnswer::None(NoAnswer::Closed));
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut first = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            r = down.read(&mut buf), if *down_open => {
+                let n = r.map_err(FirstAnswer::Downstream)?;
+                if n == 0 {
+                    *down_open = false;
+                    if let Err(e) = up.shutdown().await {
+                        return Err(FirstAnswer::None(NoAnswer::of(&e)));
+                    }
+                    continue;
+                }
+                if held.len() <= REPLAY_LIMIT {
+                    // Past the limit it stays too long to replay.
+                    held.extend_from_slice(&buf[..n]);
+                }
+                if let Err(e) = up.write_all(&buf[..n]).await {
+                    return Err(FirstAnswer::None(NoAnswer::of(&e)));
+                }
+            }
+            r = up.read(&mut first) => return match r {
+                Ok(n) if n > 0 => {
+                    first.truncate(n);
+                    Ok(first)
+                }
+                Ok(_) => Err(FirstAnswer::None(NoAnswer::Closed)),
+                Err(e) => Err(FirstAnswer::None(NoAnswer::of(&e))),
+            },
+        }
+    }
+}
+
+/// Whether the caller speaks HTTP, by its first bytes; waits for them at
+/// most [`DETECT_WAIT`] (a caller that sends nothing is not HTTP).
+async fn detect_caller(down: &mut TcpStream, held: &mut BytesMut, down_open: &mut bool) -> bool {
+    let deadline = tokio::time::Instant::now() + DETECT_WAIT;
+    loop {
+        match detect(held) {
+            Detected::NeedMore if *down_open && held.len() < REPLAY_LIMIT => {}
+            d => return d.is_http(),
+        }
+        match tokio::time::timeout_at(deadline, down.read_buf(held)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => *down_open = false,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Closes with a RST (SO_LINGER 0), as a refused connection would.
+pub fn reset(conn: TcpStream) {
+    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+    drop(conn);
+}
+
 /// Answers every request on `conn` with 502 naming `to`, then closes.
 async fn serve_bad_gateway(conn: BoxIo, to: &Upstream) -> Result<(), Error> {
     let service = service_fn(|req: Request<Incoming>| {
@@ -324,8 +705,8 @@ struct Proxy {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
 }
 
 impl Sender {
@@ -344,6 +725,23 @@ enum Failure {
     Upstream(hyper::Error),
 }
 
+impl Failure {
+    fn no_answer(&self) -> NoAnswer {
+        let e: &(dyn std::error::Error + 'static) = match self {
+            Failure::Dial(e) => return NoAnswer::of(e),
+            Failure::Handshake(e) | Failure::Upstream(e) => e,
+        };
+        let mut source = Some(e);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return NoAnswer::of(io);
+            }
+            source = e.source();
+        }
+        NoAnswer::Closed
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -357,33 +755,47 @@ impl fmt::Display for Failure {
 impl Proxy {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let rules = self.rules.borrow().clone();
-        let to = rules.route(req.headers());
+        let rule = rules.matching(req.headers());
+        let to = rule.map_or(&rules.fallback, |r| &r.to);
         tracing::trace!(method = %req.method(), uri = %req.uri(), upstream = %to, "routing");
         if req.version() != Version::HTTP_2 && is_upgrade(&req) {
-            return self.upgrade(req, to).await;
+            return self.upgrade(req, to, &rules.fallback).await;
         }
         strip_hop_by_hop(req.headers_mut());
-        match self.forward(req, to).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
-            }
-            Err(e) => {
-                warn_nothing_answered(to, &e);
-                bad_gateway_response(to)
+        let Some(rule) = rule else {
+            return respond(self.forward(req.map(BodyExt::boxed), to).await, to);
+        };
+        // To a laptop: if it cannot take the request, the pods may.
+        let again = resend_copy(&req);
+        match self.forward(req.map(BodyExt::boxed), &rule.to).await {
+            Ok(resp) => respond(Ok(resp), to),
+            Err((failure, unsent)) => {
+                let why = failure.no_answer();
+                // Never written to the laptop (its connection failed
+                // first): with `Fallback::Pods` the pods take it, however
+                // the laptop ended the connection.
+                let to_pods = why.to_pods(rule.fallback)
+                    || (unsent.is_some() && rule.fallback == Fallback::Pods);
+                let retry = unsent.or(again);
+                match retry {
+                    Some(req) if to_pods => {
+                        tracing::debug!(upstream = %rule.to, ?why, "{failure}: to the pods");
+                        respond(self.forward(req, &rules.fallback).await, &rules.fallback)
+                    }
+                    _ => respond(Err((failure, None)), to),
+                }
             }
         }
     }
 
     /// Sends `req` on this connection's upstream connection to `to`, dialling
     /// it first if needed; a stale one is replaced once if `req` was not
-    /// sent on it.
+    /// sent on it. A failure hands `req` back when it was not sent.
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         to: &Upstream,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<Incoming>, (Failure, Option<Request<Body>>)> {
         let h2 = req.version() == Version::HTTP_2;
         let slot = self.slot(to);
         let mut attempt = 0;
@@ -392,14 +804,17 @@ impl Proxy {
             let mut guard = slot.lock().await;
             let (sender, fresh) = match guard.take() {
                 Some(s) if attempt == 1 && !s.is_closed() => (s, false),
-                _ => (self.connect(to, h2).await?, true),
+                _ => match self.connect(to, h2).await {
+                    Ok(s) => (s, true),
+                    Err(f) => return Err((f, Some(req))),
+                },
             };
             let result = match sender {
                 Sender::H1(mut s) => {
                     // Waits for the previous response on it to finish.
                     if let Err(e) = s.ready().await {
                         if fresh {
-                            return Err(Failure::Upstream(e));
+                            return Err((Failure::Upstream(e), Some(req)));
                         }
                         continue;
                     }
@@ -413,7 +828,7 @@ impl Proxy {
                     drop(guard);
                     match s.ready().await {
                         Ok(()) => s.try_send_request(req).await,
-                        Err(e) if fresh => return Err(Failure::Upstream(e)),
+                        Err(e) if fresh => return Err((Failure::Upstream(e), Some(req))),
                         Err(_) => continue,
                     }
                 }
@@ -422,7 +837,7 @@ impl Proxy {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,
-                    _ => return Err(Failure::Upstream(e.into_error())),
+                    unsent => return Err((Failure::Upstream(e.into_error()), unsent)),
                 },
             }
         }
@@ -473,13 +888,25 @@ impl Proxy {
 
     /// An HTTP/1 `Upgrade` or `CONNECT`: forwarded on a connection of its
     /// own; once the upstream agrees, both sides are spliced as raw bytes.
-    async fn upgrade(&self, mut req: Request<Incoming>, to: &Upstream) -> Response<Body> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        to: &Upstream,
+        pods: &Upstream,
+    ) -> Response<Body> {
         let downstream = hyper::upgrade::on(&mut req);
         let is_connect = req.method() == Method::CONNECT;
+        let mut to = to;
         let sent = async {
-            let io = dial_upstream(&*self.dial, to)
-                .await
-                .map_err(Failure::Dial)?;
+            let io = match dial_upstream(&*self.dial, to).await {
+                // A laptop that cannot be reached: the pods take it.
+                Err(e) if NoAnswer::of(&e) == NoAnswer::Unreachable && to != pods => {
+                    to = pods;
+                    dial_upstream(&*self.dial, pods).await
+                }
+                r => r,
+            }
+            .map_err(Failure::Dial)?;
             let (mut sender, conn) = http1::Builder::new()
                 .handshake(TokioIo::new(io))
                 .await
@@ -516,6 +943,49 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// The upstream's answer as the downstream gets it: a 502 naming `to` when
+/// none came.
+fn respond(
+    result: Result<Response<Incoming>, (Failure, Option<Request<Body>>)>,
+    to: &Upstream,
+) -> Response<Body> {
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err((e, _)) => {
+            warn_nothing_answered(to, &e);
+            bad_gateway_response(to)
+        }
+    }
+}
+
+/// A copy of `req` to send again should its upstream fail before
+/// answering: only for idempotent methods (RFC 9110 §9.2.2) without a
+/// body.
+fn resend_copy(req: &Request<Incoming>) -> Option<Request<Body>> {
+    use hyper::body::Body as _;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 async fn dial_upstream(dial: &dyn Dial, to: &Upstream) -> io::Result<BoxIo> {
@@ -671,6 +1141,7 @@ mod tests {
             header: HeaderName::from_static("x-burrow-route"),
             value: HeaderValue::from_static(v),
             to,
+            fallback: Fallback::Error,
         };
         Rules {
             rules: vec![
@@ -776,5 +1247,99 @@ mod tests {
         assert!(!is_upgrade(&req(Method::GET, &[("upgrade", "websocket")])));
         assert!(!is_upgrade(&req(Method::GET, &[("connection", "upgrade")])));
         assert!(is_upgrade(&req(Method::CONNECT, &[])));
+    }
+
+    #[test]
+    fn http_callers_are_told_by_their_first_bytes() {
+        for http1 in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /x",
+            b"OPTIONS * HTTP/1.1",
+            b"CONNECT echo:443 HTTP/1.1",
+            b"M-SEARCH * HTTP/1.1",
+            b"GET http://echo/ HTTP/1.1",
+        ] {
+            assert_eq!(detect(http1), Detected::Http1, "{http1:?}");
+        }
+        assert_eq!(detect(H2_PREFACE), Detected::Http2);
+        let mut with_frames = H2_PREFACE.to_vec();
+        with_frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(detect(&with_frames), Detected::Http2);
+        // Prefixes of either are not decided yet.
+        for more in [&b""[..], b"G", b"GET", b"GET ", b"PRI * HTTP/2.0\r\n"] {
+            assert_eq!(detect(more), Detected::NeedMore, "{more:?}");
+        }
+        // TLS, RESP, a MySQL-ish binary greeting, a line without a space,
+        // two spaces, an overlong token: bytes.
+        for other in [
+            &[0x16u8, 0x03, 0x01, 0x02, 0x00][..],
+            b"*1\r\n$4\r\nPING\r\n",
+            b"\x4a\x00\x00\x00\x0a8.0",
+            b"PING\r\n",
+            b"GET  /",
+            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA / HTTP/1.1",
+            b" GET /",
+            b"PRI * HTTP/2.1\r\n",
+        ] {
+            let d = detect(other);
+            assert!(
+                d == Detected::Other || (other.starts_with(b"PRI") && d == Detected::Http1),
+                "{other:?}: {d:?}"
+            );
+            assert!(!d.is_http() || other.starts_with(b"PRI"), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn only_one_whole_idempotent_request_is_resent() {
+        assert!(safe_to_resend(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n"));
+        assert!(safe_to_resend(
+            b"PUT /k HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi"
+        ));
+        for no in [
+            &b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nhost: echo\r\n",
+            b"GET / HTTP/1.1\r\n\r\nGET /again HTTP/1.1\r\n\r\n",
+            b"PUT /k HTTP/1.1\r\ncontent-length: 5\r\n\r\nhi",
+            b"PUT /k HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"PUT /k HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+            b"\x16\x03\x01",
+        ] {
+            assert!(!safe_to_resend(no), "{:?}", String::from_utf8_lossy(no));
+        }
+    }
+
+    #[test]
+    fn a_laptop_that_cannot_be_reached_sends_callers_to_the_pods() {
+        use io::ErrorKind::*;
+        for kind in [HostUnreachable, TimedOut, NetworkUnreachable] {
+            assert_eq!(NoAnswer::of(&io::Error::from(kind)), NoAnswer::Unreachable);
+        }
+        for kind in [ConnectionRefused, ConnectionReset] {
+            assert_eq!(NoAnswer::of(&io::Error::from(kind)), NoAnswer::Refused);
+        }
+        assert_eq!(NoAnswer::of(&io::Error::from(BrokenPipe)), NoAnswer::Closed);
+
+        use Answer::*;
+        use Fallback::{Error as Tell, Pods as ToPods};
+        // Unreachable: the pods, whatever the fallback, when what the
+        // caller sent may go there; else as the protocol says.
+        for fallback in [Tell, ToPods] {
+            assert_eq!(decide(NoAnswer::Unreachable, fallback, true, true), Pods);
+            assert_eq!(decide(NoAnswer::Unreachable, fallback, false, true), Pods);
+            assert_eq!(
+                decide(NoAnswer::Unreachable, fallback, true, false),
+                BadGateway
+            );
+            assert_eq!(decide(NoAnswer::Unreachable, fallback, false, false), Reset);
+        }
+        // Nothing listening: told (502 or reset) unless --fallback pods.
+        assert_eq!(decide(NoAnswer::Refused, Tell, true, true), BadGateway);
+        assert_eq!(decide(NoAnswer::Refused, Tell, false, true), Reset);
+        assert_eq!(decide(NoAnswer::Refused, ToPods, true, true), Pods);
+        assert_eq!(decide(NoAnswer::Refused, ToPods, false, true), Pods);
+        // Accepted and closed without a word: never resent.
+        assert_eq!(decide(NoAnswer::Closed, ToPods, true, true), BadGateway);
+        assert_eq!(decide(NoAnswer::Closed, ToPods, false, true), Reset);
     }
 }

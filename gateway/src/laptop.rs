@@ -51,9 +51,14 @@ impl LaptopDialer {
     /// through the tunnel, from the gateway's tunnel address.
     ///
     /// Errors: the laptop answered RST → `ConnectionRefused`; no
-    /// registered laptop has that address → `HostUnreachable`; no answer
-    /// within the data path's dial timeout → `TimedOut`; the gateway has
-    /// no tunnel address of `to`'s family → `AddrNotAvailable`.
+    /// registered laptop has that address, or the laptop is not answering
+    /// (see [`LAPTOP_PATIENCE`]) → `HostUnreachable`; no answer within the
+    /// data path's dial timeout although the laptop is heard from →
+    /// `TimedOut`; the gateway has no tunnel address of `to`'s family →
+    /// `AddrNotAvailable`.
+    ///
+    /// A stream whose laptop stops answering fails its reads with
+    /// `HostUnreachable`; one the laptop reset, with `ConnectionReset`.
     pub async fn connect(&self, to: SocketAddr) -> io::Result<LaptopStream> {
         let stopped = || io::Error::other("the gateway's data path has stopped");
         let (reply, answer) = oneshot::channel();
@@ -180,6 +185,18 @@ impl std::fmt::Debug for LaptopDatagrams {
     }
 }
 
+/// How long a laptop may leave the gateway waiting without a sign of life
+/// (no datagram at all from its WireGuard peer: no ACK, SYN-ACK, handshake
+/// or keepalive) while a connection to it waits — for its SYN-ACK, or for
+/// the ACK of bytes sent — before the data path marks it down: its
+/// pending dials fail and its streams fail with `HostUnreachable`, and
+/// further dials fail at once until it is heard from again. A live laptop's
+/// kernel ACKs within a round trip whatever its applications do (a server
+/// stopped in a debugger included), so only a dead or cut-off laptop stays
+/// silent; 1.5 s leaves room for a WireGuard handshake over a slow
+/// port-forward and keeps fail-open under 2 s.
+pub const LAPTOP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// A connection a laptop opened to the gateway's own API in the tunnel
 /// (see `Datapath::serve_api`): the stream, and who opened it.
 pub struct ApiConn {
@@ -249,6 +266,12 @@ impl LaptopStream {
     }
 
     fn reset_error(&self) -> io::Error {
+        if self.shared.unreachable.load(Ordering::Acquire) {
+            return io::Error::new(
+                io::ErrorKind::HostUnreachable,
+                format!("the laptop at {} stopped answering", self.peer.ip()),
+            );
+        }
         io::Error::new(
             io::ErrorKind::ConnectionReset,
             format!("the connection to {} was reset", self.peer),

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::api::{
-    self, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
+    self, Fallback, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
 };
 
 /// How long a lease lasts without renewal. Laptops renew every 5 s; 12 s
@@ -70,14 +70,24 @@ pub struct Route {
     laptop: Laptop,
     laptop_port: u16,
     protocol: Protocol,
+    fallback: Fallback,
     header: Option<(String, String)>,
     since: SystemTime,
     renewed: Instant,
 }
 
 impl Route {
-    fn target(&self) -> SocketAddr {
+    fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.laptop.address, self.laptop_port)
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr(),
+            protocol: self.protocol,
+            laptop: self.laptop.name.clone(),
+            fallback: self.fallback,
+        }
     }
 
     fn describe(&self, ns: &str, svc: &str, port: u16) -> api::Reroute {
@@ -94,6 +104,7 @@ impl Route {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             changed: None,
+            fallback: self.fallback,
         }
     }
 }
@@ -292,6 +303,7 @@ impl Table {
             } else {
                 req.protocol
             },
+            fallback: req.fallback,
             header: req.header.clone().map(|(n, v)| (n.to_ascii_lowercase(), v)),
             since: wall,
             renewed: now,
@@ -506,11 +518,7 @@ impl Table {
         let p = s.routes.get(&key).cloned().unwrap_or_default();
         Some(PortRoutes {
             shadow: SocketAddr::new(s.shadow_ip, port),
-            global: p.global.map(|r| Target {
-                addr: r.target(),
-                protocol: r.protocol,
-                laptop: r.laptop.name,
-            }),
+            global: p.global.map(|r| r.target()),
             headers: p
                 .headers
                 .into_iter()
@@ -519,11 +527,7 @@ impl Table {
                     Some(HeaderRoute {
                         name,
                         value,
-                        target: Target {
-                            addr: r.target(),
-                            protocol: r.protocol,
-                            laptop: r.laptop.name,
-                        },
+                        target: r.target(),
                     })
                 })
                 .collect(),
@@ -545,6 +549,9 @@ pub struct Target {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub laptop: String,
+    /// Nothing listening on the laptop: the caller is told, or sent to the
+    /// pods.
+    pub fallback: Fallback,
 }
 
 /// A header route.
@@ -580,6 +587,7 @@ impl PortRoutes {
                 header,
                 value,
                 to: h.target.upstream(),
+                fallback: h.target.fallback,
             });
         }
         rules
@@ -1302,26 +1310,18 @@ async fn handle(
     dial: Arc<dyn Dial>,
 ) -> Result<(), String> {
     match &routes.global {
-        Some(target) if target.protocol == Protocol::Http => {
-            httproute::splice_or_502(Box::new(conn), dial.as_ref(), &target.upstream())
+        // The laptop's, or the pods' when it cannot be reached (or nothing
+        // listens there and its fallback says so).
+        Some(target) => {
+            let route = httproute::Global {
+                laptop: target.upstream(),
+                pods: Upstream::Cluster(routes.shadow),
+                protocol: target.protocol,
+                fallback: target.fallback,
+            };
+            httproute::global(conn, dial.as_ref(), &route)
                 .await
                 .map_err(|e| e.to_string())
-        }
-        Some(target) => {
-            // Raw TCP: a laptop that refuses, or resets, resets the caller.
-            let mut up = match dial.dial(&target.upstream()).await {
-                Ok(up) => up,
-                Err(e) => {
-                    tracing::info!(laptop = %target.laptop, target = %target.addr, "the laptop refused a rerouted connection: {e}");
-                    reset(conn);
-                    return Ok(());
-                }
-            };
-            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut up).await {
-                reset(conn);
-                return Err(e.to_string());
-            }
-            Ok(())
         }
         None if !routes.headers.is_empty() => httproute::serve(Box::new(conn), rules, dial)
             .await
@@ -1337,12 +1337,6 @@ async fn handle(
                 .map_err(|e| e.to_string())
         }
     }
-}
-
-/// Closes with a RST (SO_LINGER 0), as a refused connection would.
-fn reset(conn: TcpStream) {
-    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
-    drop(conn);
 }
 
 #[cfg(test)]
@@ -1373,6 +1367,7 @@ mod tests {
             protocol: Protocol::Http,
             header: header.map(|(n, v)| (n.to_string(), v.to_string())),
             force,
+            fallback: Fallback::Error,
         }
     }
 
@@ -1554,6 +1549,7 @@ mod tests {
             protocol,
             header: header.map(|(n, v)| (n.to_string(), v.to_string())),
             force: false,
+            fallback: Fallback::Error,
         }
     }
 
@@ -1631,6 +1627,39 @@ mod tests {
             "UDP 53 and the header route of TCP 53"
         );
         assert!(t.snapshot_port(&svc, (53, PortProtocol::Tcp)).is_some());
+    }
+
+    #[test]
+    fn protocol_and_fallback_reach_the_listener() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let mut global = req(None, false);
+        global.protocol = Protocol::Auto;
+        global.fallback = Fallback::Pods;
+        t.add(&global, laptop(2), SHADOW, now, SystemTime::now())
+            .expect("global");
+        let mut header = req(Some(("x-burrow-route", "me")), false);
+        header.protocol = Protocol::Tcp;
+        header.fallback = Fallback::Pods;
+        t.add(&header, laptop(3), SHADOW, now, SystemTime::now())
+            .expect("header");
+        let snap = t.snapshot(&key(), 8080).expect("snapshot");
+        let g = snap.global.clone().expect("global target");
+        assert_eq!((g.protocol, g.fallback), (Protocol::Auto, Fallback::Pods));
+        // Header routes are HTTP whatever was asked; the fallback stays.
+        let h = &snap.headers[0].target;
+        assert_eq!((h.protocol, h.fallback), (Protocol::Http, Fallback::Pods));
+        assert_eq!(snap.rules().rules[0].fallback, Fallback::Pods);
+        assert_eq!(t.list_of([2; 32])[0].fallback, Fallback::Pods);
+        // Missing on the wire: auto, error.
+        let old: RerouteRequest = serde_json::from_str(
+            r#"{"namespace":"default","service":"echo","ports":[{"name":"","port":8080}],"port":8080,"laptop_port":3000}"#,
+        )
+        .expect("an older client's request");
+        assert_eq!(
+            (old.protocol, old.fallback),
+            (Protocol::Auto, Fallback::Error)
+        );
     }
 
     #[test]

@@ -402,6 +402,7 @@ mod tests {
                 addr,
                 protocol: crate::api::Protocol::Udp,
                 laptop: "gone".into(),
+                fallback: crate::api::Fallback::Error,
             }),
             headers: Vec::new(),
         })

@@ -9,8 +9,9 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_gateway::api::{Fallback, Protocol};
 use burrow_gateway::httproute::{
-    self, BoxIo, Dial, DialFuture, Rule, Rules, Upstream, serve, splice_or_502,
+    self, BoxIo, Dial, DialFuture, Global, Rule, Rules, Upstream, serve, splice_or_502,
 };
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -266,6 +267,7 @@ fn rule(value: &'static str, to: Upstream) -> Rule {
         header: HeaderName::from_static(ROUTE),
         value: HeaderValue::from_static(value),
         to,
+        fallback: Fallback::Error,
     }
 }
 
@@ -1160,4 +1162,373 @@ fn nothing_answered_names_the_upstream() {
         httproute::Upstream::Cluster(addr).nothing_answered(),
         "burrow: nothing answered on 10.96.0.7:8080\n"
     );
+}
+
+// ------------------------------------------------------------ fail-open
+
+/// Like [`TcpDial`], except that `unplugged` answers as the gateway's data
+/// path does for a laptop it found not answering (`HostUnreachable`), and
+/// `dying` accepts the connection, then fails reads that way after 300 ms
+/// without an answer (the laptop died with the request in flight).
+struct Unplugged {
+    unplugged: SocketAddr,
+    dying: SocketAddr,
+}
+
+impl Dial for Unplugged {
+    fn dial(&self, to: &Upstream) -> DialFuture<'_> {
+        let addr = match to {
+            Upstream::Laptop { addr, .. } | Upstream::Cluster(addr) => *addr,
+        };
+        let (unplugged, dying) = (addr == self.unplugged, addr == self.dying);
+        Box::pin(async move {
+            if unplugged {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::HostUnreachable,
+                    "the laptop is not answering",
+                ));
+            }
+            let s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            if dying {
+                return Ok(Box::new(Dying {
+                    inner: s,
+                    death: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
+                }) as BoxIo);
+            }
+            Ok(Box::new(s) as BoxIo)
+        })
+    }
+}
+
+struct Dying {
+    inner: TcpStream,
+    death: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for Dying {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Pending => match self.death.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::HostUnreachable,
+                    "the laptop stopped answering",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            r => r,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Dying {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts and reads, never answers (a laptop server stuck forever).
+async fn silent_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a greeting first, then echoes (a server-first protocol).
+async fn greeter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello\r\n").await;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy in global mode (`httproute::global`) for `route`.
+async fn global_proxy(route: Global, dial: Arc<dyn Dial>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    let route = Arc::new(route);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (route, dial) = (route.clone(), dial.clone());
+            tokio::spawn(async move {
+                let _ = httproute::global(s, &*dial, &route).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `bytes` raw and reads until the proxy closes: what came back, and
+/// whether the end was a reset.
+async fn raw(proxy: SocketAddr, bytes: &[u8]) -> (Vec<u8>, bool) {
+    let is_reset = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    // The proxy may reset before the connect or the write returns.
+    let mut s = match TcpStream::connect(proxy).await {
+        Ok(s) => s,
+        Err(e) if is_reset(&e) => return (Vec::new(), true),
+        Err(e) => panic!("connect: {e}"),
+    };
+    match s.write_all(bytes).await {
+        Ok(()) => {}
+        Err(e) if is_reset(&e) => return (Vec::new(), true),
+        Err(e) => panic!("write: {e}"),
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_reset(&e) => return (got, true),
+            Err(e) => panic!("reading from the proxy: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_auto_tells_http_from_bytes_when_nothing_listens_and_falls_back_when_asked() {
+    within(async {
+        let world = World::new().await;
+        let nobody = dead_addr().await;
+        let dial: Arc<dyn Dial> = Arc::new(TcpDial);
+        let route = |fallback| Global {
+            laptop: laptop("carol", nobody),
+            pods: Upstream::Cluster(world.cluster),
+            protocol: Protocol::Auto,
+            fallback,
+        };
+        let proxy = global_proxy(route(Fallback::Error), dial.clone()).await;
+        // HTTP/1 and HTTP/2 callers: 502 naming the laptop.
+        let s = h1_get(&mut h1_client(proxy).await, "/who", None).await;
+        assert_eq!(s.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(s.body, "burrow: nothing answered on laptop carol\n");
+        let out = curl(&[
+            "--http2-prior-knowledge",
+            "-i",
+            &format!("http://{proxy}/who"),
+        ])
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with("HTTP/2 502"), "{stdout}");
+        // Other bytes: a reset, no answer.
+        let (got, was_reset) = raw(proxy, b"\x16\x03\x01hello").await;
+        assert!(got.is_empty() && was_reset, "{got:?} {was_reset}");
+        // --protocol tcp forces the reset on an HTTP caller too.
+        let tcp = global_proxy(
+            Global {
+                protocol: Protocol::Tcp,
+                ..route(Fallback::Error)
+            },
+            dial.clone(),
+        )
+        .await;
+        let (got, was_reset) = raw(tcp, b"GET /who HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(got.is_empty() && was_reset, "{got:?}");
+
+        // --fallback pods: the pods answer, HTTP or not.
+        let proxy = global_proxy(route(Fallback::Pods), dial.clone()).await;
+        let s = h1_get(&mut h1_client(proxy).await, "/who", None).await;
+        assert_eq!(s.body, "cluster");
+        let (got, _) = raw(proxy, b"GET /who HTTP/1.0\r\nhost: x\r\n\r\n").await;
+        assert!(
+            String::from_utf8_lossy(&got).ends_with("cluster"),
+            "{got:?}"
+        );
+
+        // A server-first laptop is not kept waiting for the caller.
+        let proxy = global_proxy(
+            Global {
+                laptop: laptop("erin", greeter().await),
+                ..route(Fallback::Error)
+            },
+            dial.clone(),
+        )
+        .await;
+        let mut s = TcpStream::connect(proxy).await.expect("connect");
+        let mut buf = [0u8; 11];
+        s.read_exact(&mut buf).await.expect("greeting");
+        assert_eq!(&buf, b"220 hello\r\n");
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"ping");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_laptop_sends_callers_to_the_pods() {
+    within(async {
+        let world = World::new().await;
+        let unplugged = dead_addr().await;
+        let dying = silent_upstream().await;
+        let dial: Arc<dyn Dial> = Arc::new(Unplugged { unplugged, dying });
+
+        // Global, the laptop unreachable at the dial: the pods, for HTTP
+        // and for bytes (the pods' HTTP server answers a raw request).
+        for protocol in [Protocol::Auto, Protocol::Tcp, Protocol::Http] {
+            let proxy = global_proxy(
+                Global {
+                    laptop: laptop("carol", unplugged),
+                    pods: Upstream::Cluster(world.cluster),
+                    protocol,
+                    fallback: Fallback::Error,
+                },
+                dial.clone(),
+            )
+            .await;
+            let s = h1_get(&mut h1_client(proxy).await, "/who", None).await;
+            assert_eq!(s.body, "cluster", "{protocol:?}");
+        }
+        // Global, the laptop dies with a GET in flight: resent to the pods;
+        // a POST is not resent (502).
+        let proxy = global_proxy(
+            Global {
+                laptop: laptop("dave", dying),
+                pods: Upstream::Cluster(world.cluster),
+                protocol: Protocol::Auto,
+                fallback: Fallback::Error,
+            },
+            dial.clone(),
+        )
+        .await;
+        let (got, _) = raw(
+            proxy,
+            b"GET /who HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("cluster"),
+            "{text}"
+        );
+        let (got, _) = raw(
+            proxy,
+            b"POST /who HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 502") && text.contains("laptop dave"),
+            "{text}"
+        );
+
+        // Header routes: the matching requests go to the pods.
+        let mut rules = world.rules();
+        rules
+            .rules
+            .insert(0, rule("gone", laptop("carol", unplugged)));
+        rules.rules.insert(0, rule("dying", laptop("dave", dying)));
+        let (proxy, _tx) = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let (tx, rx) = watch::channel(Arc::new(rules));
+            let dial = dial.clone();
+            tokio::spawn(async move {
+                while let Ok((s, _)) = listener.accept().await {
+                    let (rx, dial) = (rx.clone(), dial.clone());
+                    tokio::spawn(async move {
+                        let _ = serve(Box::new(s), rx, dial).await;
+                    });
+                }
+            });
+            (addr, tx)
+        };
+        let mut client = h1_client(proxy).await;
+        assert_eq!(
+            h1_get(&mut client, "/who", Some("gone")).await.body,
+            "cluster"
+        );
+        assert_eq!(
+            h1_get(&mut client, "/who", Some("dying")).await.body,
+            "cluster"
+        );
+        assert_eq!(
+            h1_get(&mut client, "/who", Some("alice")).await.body,
+            "alice"
+        );
+        let out = curl(&[
+            "--http2-prior-knowledge",
+            "-H",
+            "x-burrow-route: gone",
+            &format!("http://{proxy}/who"),
+        ])
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "cluster");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_route_with_fallback_pods_sends_refused_requests_to_the_pods() {
+    within(async {
+        let world = World::new().await;
+        let mut rules = world.rules();
+        rules.rules.insert(
+            0,
+            Rule {
+                fallback: Fallback::Pods,
+                ..rule("gone", laptop("carol", dead_addr().await))
+            },
+        );
+        rules
+            .rules
+            .insert(0, rule("told", laptop("dave", dead_addr().await)));
+        let (proxy, _rules) = header_proxy(rules).await;
+        let mut client = h1_client(proxy).await;
+        assert_eq!(
+            h1_get(&mut client, "/who", Some("gone")).await.body,
+            "cluster"
+        );
+        let s = h1_get(&mut client, "/who", Some("told")).await;
+        assert_eq!(s.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(s.body, "burrow: nothing answered on laptop dave\n");
+    })
+    .await;
 }

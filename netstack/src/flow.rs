@@ -1031,6 +1031,13 @@ impl FlowEngine {
         Ok(socket.send_capacity() - socket.send_queue())
     }
 
+    /// Bytes queued towards the laptop and not yet acknowledged by it
+    /// (sent or not): what a silent laptop leaves waiting.
+    pub fn tcp_send_queue(&self, id: FlowId) -> Result<usize, FlowError> {
+        let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        Ok(self.sockets.get::<tcp::Socket>(flow.handle).send_queue())
+    }
+
     /// Bytes the laptop sent that wait in the flow's receive buffer.
     pub fn tcp_recv_queue(&self, id: FlowId) -> Result<usize, FlowError> {
         let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;

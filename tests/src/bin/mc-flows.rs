@@ -22,6 +22,12 @@
 //!   WireGuard message), prints how many opened (and how many were reset
 //!   before the connect returned), then waits until the other end has
 //!   closed every one that opened; exits 0 only then.
+//! - `mc-flows http-every --to IP:P [--header 'NAME: VALUE'] --every-ms 20`:
+//!   starts a new connection with one `GET /` (`Connection: close`) every
+//!   20 ms, each on its own task so a slow answer does not delay the next,
+//!   until stdin closes; prints one line per request when it ends: `@@
+//!   <unix seconds> <status or 0> <seconds taken> <"pod" field or -> <error
+//!   or ->`.
 //!
 //! - `mc-flows callers --host NAME --port P [--header 'N: V']`: a new HTTP
 //!   connection every 20 ms (name resolved each time), one GET each, until
@@ -87,6 +93,20 @@ enum Cmd {
         parallel: usize,
         /// Give up waiting for the closes after this many seconds.
         #[arg(long, default_value_t = 120)]
+        limit_secs: u64,
+    },
+    /// One HTTP request on a new connection every EVERY_MS until stdin
+    /// closes; a line per request.
+    HttpEvery {
+        #[arg(long)]
+        to: SocketAddr,
+        /// `NAME: VALUE` to send with every request.
+        #[arg(long)]
+        header: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        every_ms: u64,
+        /// A request not answered within this many seconds fails.
+        #[arg(long, default_value_t = 10)]
         limit_secs: u64,
     },
     /// Open many connections to an echo server and check every echo.
@@ -469,6 +489,87 @@ async fn idle_connections(
     Ok(closed == opened && counts[0] + counts[4] == n)
 }
 
+/// See the module doc (`http-every`).
+async fn http_every(
+    to: SocketAddr,
+    header: Option<String>,
+    every: Duration,
+    limit: Duration,
+) -> Result<()> {
+    let mut request = format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
+    if let Some(h) = header {
+        request.push_str(&h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    let request: Arc<[u8]> = request.into_bytes().into();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut stdin_closed = Box::pin(async {
+        let mut sink = [0u8; 64];
+        let mut stdin = tokio::io::stdin();
+        while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running = 0usize;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = &mut stdin_closed, if !stopping => stopping = true,
+            _ = tick.tick(), if !stopping => {
+                running += 1;
+                let (request, done) = (request.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let outcome = tokio::time::timeout(limit, one_get(to, &request)).await;
+                    let took = start.elapsed().as_secs_f64();
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    let line = match outcome {
+                        Ok(Ok((status, pod))) => format!("@@ {at:.3} {status} {took:.4} {pod} -"),
+                        Ok(Err(e)) => format!("@@ {at:.3} 0 {took:.4} - {}", e.to_string().replace(' ', "_")),
+                        Err(_) => format!("@@ {at:.3} 0 {took:.4} - timed_out"),
+                    };
+                    let _ = done.send(line);
+                });
+            }
+            Some(line) = done_rx.recv() => {
+                running -= 1;
+                println!("{line}");
+                if stopping && running == 0 {
+                    return Ok(());
+                }
+            }
+        }
+        if stopping && running == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// One request on a new connection: the status and the answer's `"pod"`.
+async fn one_get(to: SocketAddr, request: &[u8]) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(to).await.context("connect")?;
+    s.write_all(request).await.context("write")?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.context("read")?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let pod = text
+        .split("\"pod\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("-")
+        .to_string();
+    Ok((status, pod))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -499,6 +600,20 @@ async fn main() -> Result<()> {
             let all = idle_connections(to, connections, parallel, Duration::from_secs(limit_secs))
                 .await?;
             std::process::exit(if all { 0 } else { 1 });
+        }
+        Cmd::HttpEvery {
+            to,
+            header,
+            every_ms,
+            limit_secs,
+        } => {
+            http_every(
+                to,
+                header,
+                Duration::from_millis(every_ms),
+                Duration::from_secs(limit_secs),
+            )
+            .await
         }
         Cmd::EchoClients {
             to,
