@@ -1,7 +1,7 @@
 //! Acceptance of the reroute hand-off (issue 14, points 1, 2, 6 and 7) in
 //! one miniature cluster with two laptops and the real binaries: callers
 //! in the `caller` pod open a new connection to `echo.default:8080` every
-//! 20 ms (`mc-flows callers`) while laptops turn reroutes on and off, and
+//! 20 ms (`mc-flows http-every`) while laptops turn reroutes on and off, and
 //! not one request may fail. The laptops answer with mc-echo as
 //! `laptop-alice` / `laptop-bob`; the cluster's pods as `echo-…`.
 //!
@@ -47,11 +47,13 @@ impl Callers {
         let mc_flows = env!("CARGO_BIN_EXE_mc-flows");
         let mut args = vec![
             mc_flows,
-            "callers",
-            "--host",
-            "echo.default",
-            "--port",
-            "8080",
+            "http-every",
+            "--to",
+            "echo.default:8080",
+            "--every-ms",
+            "20",
+            "--limit-secs",
+            "3",
         ];
         if let Some(h) = header {
             args.extend(["--header", h]);
@@ -60,10 +62,12 @@ impl Callers {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd.spawn().expect("mc-flows callers");
+        let child = cmd.spawn().expect("mc-flows http-every");
         Callers { child, what }
     }
 
+    /// Stops the callers; what they saw (`@@ AT STATUS SECONDS POD ERROR`
+    /// per request; anything but a 200 failed).
     fn finish(mut self) -> Seen {
         drop(self.child.stdin.take());
         let out = self.child.wait_with_output().expect("callers output");
@@ -81,28 +85,23 @@ impl Callers {
             max_ms: 0,
         };
         for line in text.lines() {
-            let mut parts = line.splitn(3, ' ');
-            let (kind, ms, rest) = (
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-            );
-            match kind {
-                "ok" => {
-                    // Pods by workload: `echo-…` counts as one.
-                    let who = if rest.starts_with("echo-") {
-                        "pods".to_string()
-                    } else {
-                        rest.to_string()
-                    };
-                    *seen.by.entry(who).or_default() += 1;
-                    seen.max_ms = seen.max_ms.max(ms.parse().unwrap_or(0));
-                }
-                "fail" => {
-                    seen.failures.push(format!("{ms} ms: {rest}"));
-                    seen.max_ms = seen.max_ms.max(ms.parse().unwrap_or(0));
-                }
-                _ => {}
+            let f: Vec<&str> = line.split(' ').collect();
+            let ["@@", _at, status, secs, pod, error] = f[..] else {
+                continue;
+            };
+            let ms = (secs.parse::<f64>().unwrap_or(0.0) * 1000.0) as u64;
+            seen.max_ms = seen.max_ms.max(ms);
+            if status == "200" {
+                // Pods by workload: `echo-…` counts as one.
+                let who = if pod.starts_with("echo-") {
+                    "pods"
+                } else {
+                    pod
+                };
+                *seen.by.entry(who.to_string()).or_default() += 1;
+            } else {
+                seen.failures
+                    .push(format!("{ms} ms: status {status} from {pod}: {error}"));
             }
         }
         eprintln!(

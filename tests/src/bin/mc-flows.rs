@@ -22,16 +22,12 @@
 //!   WireGuard message), prints how many opened (and how many were reset
 //!   before the connect returned), then waits until the other end has
 //!   closed every one that opened; exits 0 only then.
-//! - `mc-flows http-every --to IP:P [--header 'NAME: VALUE'] --every-ms 20`:
+//! - `mc-flows http-every --to HOST:P [--header 'NAME: VALUE'] --every-ms 20`:
 //!   starts a new connection with one `GET /` (`Connection: close`) every
 //!   20 ms, each on its own task so a slow answer does not delay the next,
 //!   until stdin closes; prints one line per request when it ends: `@@
 //!   <unix seconds> <status or 0> <seconds taken> <"pod" field or -> <error
 //!   or ->`.
-//!
-//! - `mc-flows callers --host NAME --port P [--header 'N: V']`: a new HTTP
-//!   connection every 20 ms (name resolved each time), one GET each, until
-//!   stdin closes; prints one line per request and a summary.
 //!
 //! Must never: talk to anything but the address it is given.
 
@@ -98,8 +94,10 @@ enum Cmd {
     /// One HTTP request on a new connection every EVERY_MS until stdin
     /// closes; a line per request.
     HttpEvery {
+        /// HOST:PORT, an address or a name (resolved for every request, as
+        /// a fresh client would).
         #[arg(long)]
-        to: SocketAddr,
+        to: String,
         /// `NAME: VALUE` to send with every request.
         #[arg(long)]
         header: Option<String>,
@@ -120,24 +118,6 @@ enum Cmd {
         /// Give up (and report what is missing) after this many seconds.
         #[arg(long, default_value_t = 120)]
         limit_secs: u64,
-    },
-    /// HTTP callers: a new connection to HOST:PORT every `--every-ms`
-    /// (the name resolved each time, as a fresh client would), one GET
-    /// each, until stdin closes.
-    Callers {
-        /// A name or an address.
-        #[arg(long)]
-        host: String,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 20)]
-        every_ms: u64,
-        /// `NAME: VALUE` sent with every request.
-        #[arg(long)]
-        header: Option<String>,
-        /// A request not answered within this many seconds failed.
-        #[arg(long, default_value_t = 3)]
-        timeout_secs: u64,
     },
 }
 
@@ -491,7 +471,7 @@ async fn idle_connections(
 
 /// See the module doc (`http-every`).
 async fn http_every(
-    to: SocketAddr,
+    to: String,
     header: Option<String>,
     every: Duration,
     limit: Duration,
@@ -518,10 +498,10 @@ async fn http_every(
             _ = &mut stdin_closed, if !stopping => stopping = true,
             _ = tick.tick(), if !stopping => {
                 running += 1;
-                let (request, done) = (request.clone(), done_tx.clone());
+                let (request, done, to) = (request.clone(), done_tx.clone(), to.clone());
                 tokio::spawn(async move {
                     let start = Instant::now();
-                    let outcome = tokio::time::timeout(limit, one_get(to, &request)).await;
+                    let outcome = tokio::time::timeout(limit, one_get(&to, &request)).await;
                     let took = start.elapsed().as_secs_f64();
                     let at = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -550,8 +530,14 @@ async fn http_every(
 }
 
 /// One request on a new connection: the status and the answer's `"pod"`.
-async fn one_get(to: SocketAddr, request: &[u8]) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(to).await.context("connect")?;
+async fn one_get(to: &str, request: &[u8]) -> Result<(u16, String)> {
+    let addr = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(to))
+        .await
+        .context("resolve: no answer within 2s")?
+        .context("resolve")?
+        .next()
+        .context("resolve: no address")?;
+    let mut s = TcpStream::connect(addr).await.context("connect")?;
     s.write_all(request).await.context("write")?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).await.context("read")?;
@@ -624,124 +610,5 @@ async fn main() -> Result<()> {
             let all = echo_clients(to, connections, bytes, Duration::from_secs(limit_secs)).await?;
             std::process::exit(if all { 0 } else { 1 });
         }
-        Cmd::Callers {
-            host,
-            port,
-            every_ms,
-            header,
-            timeout_secs,
-        } => {
-            callers(
-                host,
-                port,
-                Duration::from_millis(every_ms),
-                header,
-                Duration::from_secs(timeout_secs),
-            )
-            .await
-        }
     }
-}
-
-/// One request of [`callers`]: `Ok(pod)` (the `"pod"` of mc-echo's JSON
-/// answer, or `status-N` for another status), `Err(why)`.
-async fn call(host: &str, port: u16, header: Option<&str>) -> Result<String, String> {
-    let addr = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::lookup_host((host, port)),
-    )
-    .await
-    .map_err(|_| "resolve: no answer within 2s".to_string())?
-    .map_err(|e| format!("resolve: {e}"))?
-    .next()
-    .ok_or_else(|| "resolve: no address".to_string())?;
-    let mut conn = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}Connection: close\r\n\r\n");
-    conn.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut answer = Vec::new();
-    conn.read_to_end(&mut answer)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&answer);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("no HTTP answer ({} bytes)", answer.len()))?;
-    if status != 200 {
-        return Ok(format!("status-{status}"));
-    }
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let pod = serde_json::from_str::<serde_json::Value>(body.trim())
-        .ok()
-        .and_then(|v| v["pod"].as_str().map(str::to_owned))
-        .ok_or_else(|| "200 without an echo answer".to_string())?;
-    Ok(pod)
-}
-
-/// Runs [`call`] every `every` (each in its own task, so one slow request
-/// does not slow the rate) until stdin closes; prints `ok MS POD` or
-/// `fail MS WHY` per request in start order, then
-/// `summary ok=N fail=M max_ms=X`.
-async fn callers(
-    host: String,
-    port: u16,
-    every: Duration,
-    header: Option<String>,
-    timeout: Duration,
-) -> Result<()> {
-    use std::io::Write as _;
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        let _ = done_tx.send(());
-    });
-    let host = Arc::new(host);
-    let header = Arc::new(header);
-    let mut tasks = Vec::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = &mut done_rx => break,
-            _ = tick.tick() => {
-                let (host, header) = (host.clone(), header.clone());
-                tasks.push(tokio::spawn(async move {
-                    let start = Instant::now();
-                    let r = tokio::time::timeout(timeout, call(&host, port, header.as_deref()))
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs())));
-                    (start.elapsed(), r)
-                }));
-            }
-        }
-    }
-    let (mut ok, mut fail, mut max) = (0usize, 0usize, Duration::ZERO);
-    let mut out = std::io::stdout().lock();
-    for t in tasks {
-        let (took, r) = t.await.context("caller task")?;
-        max = max.max(took);
-        match r {
-            Ok(pod) => {
-                ok += 1;
-                writeln!(out, "ok {} {pod}", took.as_millis())?;
-            }
-            Err(why) => {
-                fail += 1;
-                writeln!(out, "fail {} {why}", took.as_millis())?;
-            }
-        }
-    }
-    writeln!(
-        out,
-        "summary ok={ok} fail={fail} max_ms={}",
-        max.as_millis()
-    )?;
-    Ok(())
 }
