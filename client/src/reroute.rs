@@ -318,7 +318,7 @@ fn print_list(list: &[Listed]) {
         return;
     }
     println!(
-        "{:<28} {:<7} {:<28} {:<6} {:<12} SINCE",
+        "{:<28} {:<7} {:<28} {:<9} {:<12} SINCE",
         "SERVICE", "PORT", "ROUTE", "PROTO", "LOCAL"
     );
     for l in list {
@@ -331,9 +331,13 @@ fn print_list(list: &[Listed]) {
             Some(p) => format!("127.0.0.1:{p}"),
             None => "-".into(),
         };
-        let proto = r.protocol.as_str();
+        // `auto+pods`: `--fallback pods`.
+        let proto = match r.fallback {
+            Fallback::Pods => format!("{}+pods", r.protocol.as_str()),
+            Fallback::Error => r.protocol.as_str().to_string(),
+        };
         println!(
-            "{:<28} {:<7} {:<28} {:<6} {:<12} {}",
+            "{:<28} {:<7} {:<28} {:<9} {:<12} {}",
             format!("{}/{}", r.namespace, r.service),
             r.port,
             route,
