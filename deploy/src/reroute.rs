@@ -345,7 +345,8 @@ fn owner(svc: &Service) -> Value {
 }
 
 /// Creates (or finds) the shadow Service — the original selector and ports
-/// — and returns its ClusterIP.
+/// — and returns its ClusterIP; a new one once callers can reach its pods
+/// through it.
 pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, DeployError> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
@@ -387,7 +388,11 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, D
     .map_err(|e| DeployError::new(format!("internal: shadow Service: {e}"), ""))?;
     let api: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
     let made = match api.create(&PostParams::default(), &body).await {
-        Ok(s) => s,
+        Ok(s) => {
+            // New: routable only once kube-proxy has its rules.
+            service::await_shadow(&cluster.client, &ns, &name).await;
+            s
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => api
             .get(&shadow)
             .await

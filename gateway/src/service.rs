@@ -490,6 +490,50 @@ pub async fn await_controller(
     }
 }
 
+/// Waits (at most [`CONTROLLER_WAIT`]) until the endpoint-slice
+/// controller lists for the shadow of `name` as many ready endpoints as
+/// for `name` itself (same selector), then [`KUBE_PROXY_LAG`]: a shadow
+/// made a moment ago is not routable before kube-proxy has its rules, and
+/// the gateway hands callers to it as soon as burrow's slice is in place.
+pub async fn await_shadow(client: &kube::Client, namespace: &str, name: &str) {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let ready = |svc: String| {
+        let slices = slices.clone();
+        async move {
+            let lp = ListParams::default().labels(&format!(
+                "{SERVICE_NAME_LABEL}={svc},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
+            ));
+            slices.list(&lp).await.ok().map(|l| {
+                (
+                    !l.items.is_empty(),
+                    l.items.iter().map(ready_endpoints).sum::<usize>(),
+                )
+            })
+        }
+    };
+    let want = ready(name.to_string()).await.map_or(0, |(_, n)| n);
+    let deadline = tokio::time::Instant::now() + CONTROLLER_WAIT;
+    loop {
+        if let Some((any, have)) = ready(shadow_name(name)).await
+            && any
+            && have >= want
+        {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                namespace,
+                service = name,
+                "the endpoint controller did not list the shadow's pods within {}s",
+                CONTROLLER_WAIT.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(KUBE_PROXY_LAG).await;
+}
+
 /// While `namespace/name` is rerouted (no selector, burrow's annotation),
 /// removes every other source of endpoints for it: EndpointSlices that are
 /// not burrow's (the endpoint-slice controller's, left behind or written
