@@ -427,12 +427,6 @@ async fn gateway_side(
         .expect_err("nobody listens there");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 
-    // No answer at all: the laptop's firewall drops the SYNs.
-    let err = patient("black hole", dialer.connect(laptop(BLACK_HOLE)))
-        .await
-        .expect_err("the SYNs are dropped");
-    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-
     // No such laptop.
     let err = patient(
         "no laptop",
@@ -527,4 +521,19 @@ async fn gateway_side(
         }
     }
     assert_eq!(ok, 100, "streams echoed intact");
+
+    // Last, as it marks the laptop down: no answer at all (its firewall
+    // drops the SYNs, and nothing else comes from it): after
+    // `LAPTOP_PATIENCE` of silence the gateway takes it for gone, and
+    // further dials fail at once until it is heard from again (fail-open:
+    // its callers go to the pods).
+    let err = patient("black hole", dialer.connect(laptop(BLACK_HOLE)))
+        .await
+        .expect_err("the SYNs are dropped");
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable, "{err}");
+
+    let err = patient("dial while down", dialer.connect(laptop(ECHO)))
+        .await
+        .expect_err("the laptop is down until heard from");
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable, "{err}");
 }
