@@ -40,4 +40,4 @@ cargo build --workspace --all-targets
 # known input fails fast, and the time-boxed runs do not share the two
 # cores with test clusters.
 bash scripts/fuzz-smoke.sh
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

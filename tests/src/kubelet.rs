@@ -3545,11 +3545,20 @@ mod e2e {
             let big = netns_exec(&caller_ns, "sh", &["-c", "curl -sS --max-time 20 http://web.default.svc.cluster.local/100m.bin | sha256sum"]).expect("big");
             let want = sums.lines().find(|l| l.ends_with("100m.bin")).and_then(|l| l.split_whitespace().next()).unwrap_or("?");
             assert!(big.starts_with(want), "{big} vs {want}");
-            let srv = netns_exec(&caller_ns, "dig", &["+short", "SRV", "_http._tcp.web.default.svc.cluster.local"]).expect("dig");
-            assert_eq!(srv.trim(), "0 100 80 web.default.svc.cluster.local.");
+            // Records follow the controllers (informer lag, then a DNS
+            // instance swap): wait for them, as a client retrying would.
+            let want_srv = "0 100 80 web.default.svc.cluster.local.";
+            wait_for("the SRV record", 10, || {
+                let srv = netns_exec(&caller_ns, "dig", &["+short", "SRV", "_http._tcp.web.default.svc.cluster.local"]).ok()?;
+                (srv.trim() == want_srv).then_some(())
+            })
+            .await;
             let dashed = caller_ip.replace('.', "-");
-            let a = netns_exec(&caller_ns, "dig", &["+short", &format!("{dashed}.default.pod.cluster.local")]).expect("dig");
-            assert_eq!(a.trim(), caller_ip);
+            wait_for("the pod's A record", 10, || {
+                let a = netns_exec(&caller_ns, "dig", &["+short", &format!("{dashed}.default.pod.cluster.local")]).ok()?;
+                (a.trim() == caller_ip).then_some(())
+            })
+            .await;
             let nx = netns_exec(&caller_ns, "dig", &["nope.default.svc.cluster.local"]).expect("dig");
             assert!(nx.contains("NXDOMAIN"), "{nx}");
             let tcp = netns_exec(&caller_ns, "dig", &["+tcp", "+short", "kubernetes.default.svc.cluster.local"]).expect("dig tcp");
