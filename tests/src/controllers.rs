@@ -30,7 +30,7 @@ const DEBOUNCE: Duration = Duration::from_millis(15);
 /// Kubernetes' generateName / pod-template-hash alphabet.
 const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
-fn rt_pods() -> &'static ResourceType {
+pub(crate) fn rt_pods() -> &'static ResourceType {
     must("core/v1/pods")
 }
 fn rt_deployments() -> &'static ResourceType {
@@ -47,17 +47,17 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
+pub(crate) fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
-fn meta_ns(v: &Value) -> &str {
+pub(crate) fn meta_ns(v: &Value) -> &str {
     s(v, "/metadata/namespace")
 }
-fn meta_name(v: &Value) -> &str {
+pub(crate) fn meta_name(v: &Value) -> &str {
     s(v, "/metadata/name")
 }
-fn meta_uid(v: &Value) -> &str {
+pub(crate) fn meta_uid(v: &Value) -> &str {
     s(v, "/metadata/uid")
 }
 
@@ -178,7 +178,7 @@ fn controller_owner_uid(obj: &Value) -> Option<&str> {
         .and_then(|r| r["uid"].as_str())
 }
 
-fn owner_ref(owner: &Value, api_version: &str, kind: &str) -> Value {
+pub(crate) fn owner_ref(owner: &Value, api_version: &str, kind: &str) -> Value {
     json!([{
         "apiVersion": api_version,
         "kind": kind,

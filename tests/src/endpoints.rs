@@ -31,7 +31,10 @@ use minicluster_apiserver::resources::must;
 use minicluster_apiserver::{ResourceType, Store};
 use serde_json::{Map, Value, json};
 
-use crate::controllers::{EpGroup, compute_endpoints, endpoints_subsets, slice_endpoints};
+use crate::controllers::{
+    EpGroup, compute_endpoints, endpoints_subsets, meta_name, meta_ns, owner_ref, rt_pods, s,
+    slice_endpoints,
+};
 use crate::ctx::ClusterCtx;
 use crate::informer::{self, Change, Controller, Informer, Lag, Op, Queue, SyncError};
 
@@ -55,9 +58,6 @@ pub const SLICE_CHANGE_MIN_SYNC_DELAY: Duration = Duration::from_secs(1);
 /// `--mirroring-max-endpoints-per-subset` default.
 const MIRROR_MAX_PER_SUBSET: usize = 1000;
 
-fn rt_pods() -> &'static ResourceType {
-    must("core/v1/pods")
-}
 fn rt_services() -> &'static ResourceType {
     must("core/v1/services")
 }
@@ -68,15 +68,6 @@ fn rt_slices() -> &'static ResourceType {
     must("discovery.k8s.io/v1/endpointslices")
 }
 
-fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
-    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
-}
-fn meta_ns(v: &Value) -> &str {
-    s(v, "/metadata/namespace")
-}
-fn meta_name(v: &Value) -> &str {
-    s(v, "/metadata/name")
-}
 fn meta_rv(v: &Value) -> u64 {
     s(v, "/metadata/resourceVersion").parse().unwrap_or(0)
 }
@@ -324,17 +315,6 @@ pub fn slice_labels(svc: &Value) -> Value {
     l.insert(SERVICE_NAME.into(), json!(meta_name(svc)));
     l.insert(MANAGED_BY.into(), json!(SLICE_CONTROLLER));
     Value::Object(l)
-}
-
-fn owner_ref(owner: &Value, api_version: &str, kind: &str) -> Value {
-    json!([{
-        "apiVersion": api_version,
-        "kind": kind,
-        "name": meta_name(owner),
-        "uid": s(owner, "/metadata/uid"),
-        "controller": true,
-        "blockOwnerDeletion": true,
-    }])
 }
 
 /// What the EndpointSlice controller writes for `svc` (with a selector):
