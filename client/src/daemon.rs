@@ -43,6 +43,11 @@ use crate::tun::{DEFAULT_IFNAME, Tun};
 const MTU: u16 = 1420;
 /// How long a direct UDP handshake may take before `auto` falls back.
 const UDP_HANDSHAKE: Duration = Duration::from_millis(1500);
+/// How long after the gateway pod turns ready its NodePort may still be
+/// missing on the nodes (the endpoint-slice controller, then kube-proxy's
+/// 1 s min-sync-period, each late under load): the UDP handshake window
+/// stretches to this much past readiness.
+const NODEPORT_SETTLE: Duration = Duration::from_secs(6);
 /// How long the probe through the tunnel may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the gateway pod.
@@ -1080,8 +1085,9 @@ async fn choose_transport(
     if req.transport != Transport::PortForward {
         match udp_endpoint(req, cluster, namespace).await {
             Ok(endpoint) => {
+                let window = udp_window(pod.ready_at, std::time::SystemTime::now());
                 step(tx, format!("trying UDP to {endpoint}"));
-                match udp_handshake(endpoint, key, gateway_key).await {
+                match udp_handshake(endpoint, key, gateway_key, window).await {
                     Ok(()) => {
                         return Ok(Chosen {
                             name: "udp",
@@ -1100,7 +1106,6 @@ async fn choose_transport(
         }
         step(tx, format!("{why_not_udp}; falling back to port-forward"));
     }
-    let _ = pod;
     let relay = relay_socket()?;
     let endpoint = relay.local_addr()?;
     let reason = if why_not_udp.is_empty() {
@@ -1151,12 +1156,26 @@ async fn udp_endpoint(
     Ok(SocketAddr::new(ip, port))
 }
 
+/// How long the UDP handshake may take: [`UDP_HANDSHAKE`], or up to
+/// [`NODEPORT_SETTLE`] past the moment a just-started gateway turned
+/// ready (a clock ahead of the API server's counts as "just now").
+fn udp_window(ready_at: Option<std::time::SystemTime>, now: std::time::SystemTime) -> Duration {
+    let Some(ready_at) = ready_at else {
+        return UDP_HANDSHAKE;
+    };
+    let age = now.duration_since(ready_at).unwrap_or(Duration::ZERO);
+    NODEPORT_SETTLE
+        .saturating_sub(age)
+        .clamp(UDP_HANDSHAKE, NODEPORT_SETTLE)
+}
+
 /// One WireGuard handshake with a throwaway session: does the gateway
-/// answer at `endpoint` within [`UDP_HANDSHAKE`]?
+/// answer at `endpoint` within `window`?
 async fn udp_handshake(
     endpoint: SocketAddr,
     key: &StaticSecret,
     gateway_key: PublicKey,
+    window: Duration,
 ) -> anyhow::Result<()> {
     use boringtun::noise::{Tunn, TunnResult};
     let sock = UdpSocket::bind(if endpoint.is_ipv4() {
@@ -1169,7 +1188,7 @@ async fn udp_handshake(
     let mut tunn = Tunn::new(key.clone(), gateway_key, None, None, 1, None);
     let mut out = vec![0u8; 2048];
     let mut inb = vec![0u8; 2048];
-    let deadline = Instant::now() + UDP_HANDSHAKE;
+    let deadline = Instant::now() + window;
     // A NodePort just created may refuse (ICMP unreachable) or drop the
     // first tries while kube-proxy catches up: resend every 250 ms within
     // the window.
@@ -1177,7 +1196,7 @@ async fn udp_handshake(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            anyhow::bail!("{last_error} within {UDP_HANDSHAKE:?}");
+            anyhow::bail!("{last_error} within {window:?}");
         }
         if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(&mut out, true)
             && let Err(e) = sock.send(d).await
@@ -1435,6 +1454,20 @@ async fn supervise(mut s: Supervisor) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_window_stretches_for_a_gateway_just_ready() {
+        let now = std::time::SystemTime::now();
+        assert_eq!(udp_window(None, now), UDP_HANDSHAKE);
+        assert_eq!(udp_window(Some(now), now), NODEPORT_SETTLE);
+        let two = now - Duration::from_secs(2);
+        assert_eq!(udp_window(Some(two), now), Duration::from_secs(4));
+        let old = now - Duration::from_secs(3600);
+        assert_eq!(udp_window(Some(old), now), UDP_HANDSHAKE);
+        // The API server's clock ahead of ours: "just now", never longer.
+        let ahead = now + Duration::from_secs(3600);
+        assert_eq!(udp_window(Some(ahead), now), NODEPORT_SETTLE);
+    }
 
     #[test]
     fn routes_include_dns_and_honour_exclude() {

@@ -378,6 +378,7 @@ impl Link {
                 ip: st.gateway_pod_ip,
                 version: st.gateway_version,
                 started: None,
+                ready_at: None,
             },
             tunnel,
         ))

@@ -116,6 +116,10 @@ pub struct GatewayPod {
     pub version: String,
     /// When the pod became ready, as the API reports it.
     pub started: Option<String>,
+    /// The same instant, for arithmetic (a NodePort to a pod ready only
+    /// a moment ago may not be programmed on the nodes yet).
+    #[serde(skip)]
+    pub ready_at: Option<std::time::SystemTime>,
 }
 
 /// The manifests' objects with namespace, image, version and metrics
@@ -449,6 +453,10 @@ fn ready_gateway(pod: &Pod, namespace: &str, version: &str) -> Option<GatewayPod
         ip: status.pod_ip.clone()?,
         version: version.to_string(),
         started: cond.last_transition_time.as_ref().map(|t| t.0.to_string()),
+        ready_at: cond
+            .last_transition_time
+            .as_ref()
+            .map(|t| std::time::SystemTime::from(t.0)),
     })
 }
 
