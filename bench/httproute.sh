@@ -10,7 +10,12 @@
 #   splice   wrk -> splice_or_502 (global mode: raw bytes) -> upstream
 #   header   wrk -> serve() with `x-burrow-route: bench` (matches the rule,
 #            goes to the "laptop" upstream) -> upstream
-#   fallback wrk -> serve() without the header (the "cluster" fallback)
+#   fallback wrk -> the pass-through without the header (the "cluster"
+#            fallback; byte for byte, passthrough.rs)
+#   full     wrk -> serve() alone without the header (the full proxy, as
+#            header mode carried every request before the pass-through)
+# header and fallback run as the gateway runs them: passthrough::serve,
+# which hands a connection to serve() at its first routed request.
 # The upstream is nginx (1 worker) when installed, else the bench binary's
 # own hyper server (UPSTREAM=hyper forces it). Rounds are interleaved so that
 # a change in machine load hits every path alike; the median round is shown.
@@ -93,12 +98,14 @@ pids+=($proxy_pid)
 line=$(wait_line "$tmp/proxy.out")
 header=$(echo "$line" | sed 's/.*header=\([^ ]*\).*/\1/')
 splice=$(echo "$line" | sed 's/.*splice=\([^ ]*\).*/\1/')
+full=$(echo "$line" | sed 's/.*full=\([^ ]*\).*/\1/')
 
 # Sanity: every path answers, and header mode really routes.
 curl -fsS "http://$upstream/" >/dev/null
 curl -fsS "http://$splice/" >/dev/null
 curl -fsS -H 'x-burrow-route: bench' "http://$header/" >/dev/null
 curl -fsS "http://$header/" >/dev/null
+curl -fsS "http://$full/" >/dev/null
 
 # CPU time (user + system, clock ticks) used so far by the proxy process.
 proxy_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
@@ -145,6 +152,7 @@ for round in $(seq "$ROUNDS"); do
     run splice "http://$splice/"
     run header "http://$header/" "x-burrow-route: bench"
     run fallback "http://$header/"
+    run full "http://$full/"
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -163,7 +171,7 @@ d, s = med["direct"], med["splice"]
 print()
 print("| path | req/s (median round) | p50 | p99 | req/s vs direct | req/s vs splice | p50 vs splice | p99 vs splice | proxy CPU per request (median) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for path in ["direct", "splice", "header", "fallback"]:
+for path in ["direct", "splice", "header", "fallback", "full"]:
     r, p50, p99, _ = med[path]
     cpu = statistics.median(x[3] for x in rows[path])
     cpu = "-" if path == "direct" else f"{cpu:.1f} µs"

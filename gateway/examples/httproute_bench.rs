@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! httproute_bench proxy --upstream 127.0.0.1:18480
-//!     prints `header=ADDR splice=ADDR` once both listen, serves until killed.
-//!     Header mode: `x-burrow-route: bench` goes to the upstream as a
-//!     "laptop"; everything else to the same upstream as the "cluster".
+//!     prints `header=ADDR splice=ADDR full=ADDR` once all listen, serves
+//!     until killed. Header mode (as the gateway runs it: the pass-through,
+//!     handing the full proxy what it does not carry): `x-burrow-route:
+//!     bench` goes to the upstream as a "laptop"; everything else to the
+//!     same upstream as the "cluster". `full` is the full proxy alone
+//!     (hyper for every request), for comparison.
 //! httproute_bench upstream
 //!     a hyper HTTP/1.1 server answering every request with a short body;
 //!     prints `upstream=ADDR` (for machines without nginx).
@@ -17,6 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use burrow_gateway::httproute::{self, BoxIo, Dial, DialFuture, Rule, Rules, Upstream};
+use burrow_gateway::passthrough;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response};
 use http_body_util::Full;
@@ -77,13 +81,16 @@ async fn proxy(upstream: SocketAddr) -> anyhow::Result<()> {
     let dial: Arc<dyn Dial> = Arc::new(TcpDial);
     let header = TcpListener::bind("127.0.0.1:0").await?;
     let splice = TcpListener::bind("127.0.0.1:0").await?;
+    let full = TcpListener::bind("127.0.0.1:0").await?;
     println!(
-        "header={} splice={}",
+        "header={} splice={} full={}",
         header.local_addr()?,
-        splice.local_addr()?
+        splice.local_addr()?,
+        full.local_addr()?
     );
     let r = tokio::try_join!(
-        header_mode(header, rules_rx, dial.clone()),
+        header_mode(header, rules_rx.clone(), dial.clone(), false),
+        header_mode(full, rules_rx, dial.clone(), true),
         splice_mode(splice, upstream, dial),
     );
     r.context("accepting connections")?;
@@ -94,13 +101,19 @@ async fn header_mode(
     listener: TcpListener,
     rules: watch::Receiver<Arc<Rules>>,
     dial: Arc<dyn Dial>,
+    full_proxy_only: bool,
 ) -> std::io::Result<()> {
     loop {
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
         let (rules, dial) = (rules.clone(), dial.clone());
         tokio::spawn(async move {
-            if let Err(e) = httproute::serve(Box::new(s), rules, dial).await {
+            let served = if full_proxy_only {
+                httproute::serve(Box::new(s), rules, dial).await
+            } else {
+                passthrough::serve(s, rules, dial).await
+            };
+            if let Err(e) = served {
                 tracing::debug!("{e}");
             }
         });

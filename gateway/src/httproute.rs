@@ -678,7 +678,7 @@ pub fn reset(conn: TcpStream) {
 }
 
 /// Answers every request on `conn` with 502 naming `to`, then closes.
-async fn serve_bad_gateway(conn: BoxIo, to: &Upstream) -> Result<(), Error> {
+pub(crate) async fn serve_bad_gateway(conn: BoxIo, to: &Upstream) -> Result<(), Error> {
     let service = service_fn(|req: Request<Incoming>| {
         let mut resp = bad_gateway_response(to);
         if req.version() != Version::HTTP_2 {
@@ -988,7 +988,7 @@ fn resend_copy(req: &Request<Incoming>) -> Option<Request<Body>> {
     Some(copy)
 }
 
-async fn dial_upstream(dial: &dyn Dial, to: &Upstream) -> io::Result<BoxIo> {
+pub(crate) async fn dial_upstream(dial: &dyn Dial, to: &Upstream) -> io::Result<BoxIo> {
     match tokio::time::timeout(DIAL_TIMEOUT, dial.dial(to)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -998,7 +998,7 @@ async fn dial_upstream(dial: &dyn Dial, to: &Upstream) -> io::Result<BoxIo> {
     }
 }
 
-fn warn_nothing_answered(to: &Upstream, why: &dyn fmt::Display) {
+pub(crate) fn warn_nothing_answered(to: &Upstream, why: &dyn fmt::Display) {
     tracing::warn!(upstream = %to, "502 Bad Gateway: nothing answered on {to}: {why}");
 }
 
@@ -1074,9 +1074,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The downstream connection with bytes already read from it put back in
 /// front.
-struct Replay {
+pub(crate) struct Replay {
     prefix: Bytes,
     inner: BoxIo,
+}
+
+impl Replay {
+    pub(crate) fn new(prefix: Bytes, inner: BoxIo) -> Self {
+        Self { prefix, inner }
+    }
 }
 
 impl AsyncRead for Replay {

@@ -50,6 +50,7 @@ pub mod framed;
 pub mod httproute;
 pub mod laptop;
 pub mod metrics;
+pub mod passthrough;
 pub mod reroute;
 pub mod service;
 pub mod udproute;

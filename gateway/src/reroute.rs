@@ -1323,7 +1323,7 @@ async fn handle(
                 .await
                 .map_err(|e| e.to_string())
         }
-        None if !routes.headers.is_empty() => httproute::serve(Box::new(conn), rules, dial)
+        None if !routes.headers.is_empty() => crate::passthrough::serve(conn, rules, dial)
             .await
             .map_err(|e| e.to_string()),
         None => {

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use burrow_gateway::api::{Fallback, Protocol};
 use burrow_gateway::httproute::{
-    self, BoxIo, Dial, DialFuture, Global, Rule, Rules, Upstream, serve, splice_or_502,
+    self, BoxIo, Dial, DialFuture, Global, Rule, Rules, Upstream, splice_or_502,
 };
+use burrow_gateway::passthrough;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
@@ -298,7 +299,9 @@ impl World {
     }
 }
 
-/// The proxy in header mode on a loopback listener.
+/// The proxy in header mode on a loopback listener, as the gateway runs
+/// it: the pass-through first, which hands the full proxy (`serve`) what it
+/// does not carry itself.
 async fn header_proxy(rules: Rules) -> (SocketAddr, watch::Sender<Arc<Rules>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let addr = listener.local_addr().expect("proxy address");
@@ -308,7 +311,7 @@ async fn header_proxy(rules: Rules) -> (SocketAddr, watch::Sender<Arc<Rules>>) {
         while let Ok((s, _)) = listener.accept().await {
             let (rx, dial) = (rx.clone(), dial.clone());
             tokio::spawn(async move {
-                let _ = serve(Box::new(s), rx, dial).await;
+                let _ = passthrough::serve(s, rx, dial).await;
             });
         }
     });
@@ -1019,7 +1022,7 @@ async fn garbage_gets_400_and_close_without_panic() {
             });
             let (s, _) = listener.accept().await.expect("accept");
             let (_tx, rx) = watch::channel(Arc::new(world.rules()));
-            let served = serve(Box::new(s), rx, Arc::new(TcpDial)).await;
+            let served = passthrough::serve(s, rx, Arc::new(TcpDial)).await;
             assert!(served.is_err(), "garbage was served as a request");
             let answer = client.await.expect("client task");
             let answer = String::from_utf8_lossy(&answer);
@@ -1042,7 +1045,7 @@ async fn garbage_gets_400_and_close_without_panic() {
         });
         let (s, _) = listener.accept().await.expect("accept");
         let (_tx, rx) = watch::channel(Arc::new(world.rules()));
-        let _ = serve(Box::new(s), rx, Arc::new(TcpDial)).await;
+        let _ = passthrough::serve(s, rx, Arc::new(TcpDial)).await;
         client.await.expect("client saw the connection close");
     })
     .await;
@@ -1474,7 +1477,7 @@ async fn an_unreachable_laptop_sends_callers_to_the_pods() {
                 while let Ok((s, _)) = listener.accept().await {
                     let (rx, dial) = (rx.clone(), dial.clone());
                     tokio::spawn(async move {
-                        let _ = serve(Box::new(s), rx, dial).await;
+                        let _ = passthrough::serve(s, rx, dial).await;
                     });
                 }
             });
@@ -1529,6 +1532,193 @@ async fn header_route_with_fallback_pods_sends_refused_requests_to_the_pods() {
         let s = h1_get(&mut client, "/who", Some("told")).await;
         assert_eq!(s.status, StatusCode::BAD_GATEWAY);
         assert_eq!(s.body, "burrow: nothing answered on laptop dave\n");
+    })
+    .await;
+}
+
+// ------------------------------------------------- the pass-through itself
+
+/// A scripted HTTP/1.1 upstream that answers each request with canned
+/// bytes chosen by its path (`{conn}` is the upstream connection's
+/// number, from 1): the pass-through must hand them on byte for byte.
+async fn scripted_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut conns = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns += 1;
+            let conn = conns;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let (len, method, path, body) = loop {
+                        let mut headers = [httparse::EMPTY_HEADER; 32];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(len)) = req.parse(&buf) {
+                            let body: usize = req
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= len + body {
+                                let method = req.method.unwrap_or("").to_string();
+                                let path = req.path.unwrap_or("").to_string();
+                                break (len, method, path, body);
+                            }
+                        }
+                        let mut more = [0u8; 4096];
+                        match s.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                    };
+                    let body_bytes = buf[len..len + body].to_vec();
+                    buf.drain(..len + body);
+                    let answer = scripted_answer(&path, conn, &body_bytes);
+                    let answer = if method == "HEAD" {
+                        let end = answer.find("\r\n\r\n").map_or(answer.len(), |i| i + 4);
+                        answer[..end].to_string()
+                    } else {
+                        answer
+                    };
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if path == "/close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn scripted_answer(path: &str, conn: usize, body: &[u8]) -> String {
+    match path {
+        "/len" => format!("HTTP/1.1 200 OK\r\nX-Conn: {conn}\r\nContent-Length: 5\r\n\r\nhello"),
+        "/chunked" => format!(
+            "HTTP/1.1 200 OK\r\nX-Conn: {conn}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5;ext=1\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: t\r\n\r\n"
+        ),
+        "/204" => format!("HTTP/1.1 204 No Content\r\nX-Conn: {conn}\r\n\r\n"),
+        "/continue" => format!(
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+             HTTP/1.1 200 OK\r\nX-Conn: {conn}\r\nContent-Length: 2\r\n\r\nok"
+        ),
+        "/echo" => format!(
+            "HTTP/1.1 200 OK\r\nX-Conn: {conn}\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            String::from_utf8_lossy(body)
+        ),
+        "/close" => format!("HTTP/1.1 200 OK\r\nX-Conn: {conn}\r\n\r\nuntil the end"),
+        _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+    }
+}
+
+/// Reads exactly `want.len()` bytes and compares them.
+async fn expect_bytes(s: &mut TcpStream, want: &str) {
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got).await.expect("the whole answer");
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_the_pods_pass_byte_for_byte_on_one_upstream_connection() {
+    within(async {
+        let world = World::new().await;
+        let mut rules = world.rules();
+        rules.fallback = Upstream::Cluster(scripted_upstream().await);
+        let (proxy, _rules) = header_proxy(rules).await;
+        let mut s = TcpStream::connect(proxy).await.expect("connect");
+        let req = |method: &str, path: &str| {
+            format!("{method} {path} HTTP/1.1\r\nHost: echo\r\nX-Mixed-Case: Kept\r\n\r\n")
+        };
+        // Every framing, each answer exactly as the pods sent it, on the
+        // pods' connection 1 throughout.
+        for path in ["/len", "/chunked", "/204", "/continue"] {
+            s.write_all(req("GET", path).as_bytes())
+                .await
+                .expect("send");
+            expect_bytes(&mut s, &scripted_answer(path, 1, b"")).await;
+        }
+        s.write_all(req("HEAD", "/len").as_bytes())
+            .await
+            .expect("send");
+        expect_bytes(
+            &mut s,
+            "HTTP/1.1 200 OK\r\nX-Conn: 1\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await;
+        // Pipelined: in order.
+        let two = format!("{}{}", req("GET", "/chunked"), req("GET", "/len"));
+        s.write_all(two.as_bytes()).await.expect("send");
+        let want = format!(
+            "{}{}",
+            scripted_answer("/chunked", 1, b""),
+            scripted_answer("/len", 1, b"")
+        );
+        expect_bytes(&mut s, &want).await;
+        // A body that arrives in pieces.
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello")
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(b" world").await.expect("send");
+        expect_bytes(&mut s, &scripted_answer("/echo", 1, b"hello world")).await;
+        // A routed request hands the connection to the full proxy, which
+        // goes on routing each request.
+        s.write_all(b"GET /who HTTP/1.1\r\nHost: x\r\nx-burrow-route: alice\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = vec![0u8; 4096];
+        let n = s.read(&mut answer).await.expect("answer");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.ends_with("alice"), "{answer}");
+        s.write_all(req("GET", "/len").as_bytes())
+            .await
+            .expect("send");
+        let n = s.read(&mut vec![0u8; 4096]).await.expect("answer");
+        assert!(n > 0);
+
+        // A response that ends when the pods close: so does the caller's
+        // connection. (The pods' connection 2 was the full proxy's.)
+        let mut s = TcpStream::connect(proxy).await.expect("connect");
+        s.write_all(req("GET", "/close").as_bytes())
+            .await
+            .expect("send");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("read to the end");
+        assert_eq!(
+            String::from_utf8_lossy(&all),
+            scripted_answer("/close", 3, b"")
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_cannot_be_dialled_get_the_callers_a_502_naming_them() {
+    within(async {
+        let world = World::new().await;
+        let mut rules = world.rules();
+        let dead = dead_addr().await;
+        rules.fallback = Upstream::Cluster(dead);
+        let (proxy, _rules) = header_proxy(rules).await;
+        let mut s = TcpStream::connect(proxy).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("read to the end");
+        let all = String::from_utf8_lossy(&all);
+        assert!(all.starts_with("HTTP/1.1 502"), "{all}");
+        assert!(
+            all.ends_with(&format!("burrow: nothing answered on {dead}\n")),
+            "{all}"
+        );
     })
     .await;
 }
