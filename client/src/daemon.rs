@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
+use burrow_api::{CONTROL_PORT, FRAMED_PORT, PeerInfo, RegisterRequest, Registration};
 use burrow_deploy::install::{self, GatewayPod, InstallOptions};
 use burrow_deploy::{Cluster, DeployError, Target, facts};
-use burrow_gateway::api::{CONTROL_PORT, FRAMED_PORT, PeerInfo, RegisterRequest, Registration};
 use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
 use ipnet::IpNet;
@@ -609,7 +609,7 @@ async fn register(
                 String::from_utf8_lossy(&answer)
             );
         }
-        let info: burrow_gateway::api::Info = serde_json::from_slice(&answer)
+        let info: burrow_api::Info = serde_json::from_slice(&answer)
             .context("the gateway's info answer is not understood")?;
         let gateway_key = parse_key(&info.public_key)?;
         let public_key = PublicKey::from(key);
@@ -617,7 +617,7 @@ async fn register(
             public_key: base64::engine::general_purpose::STANDARD.encode(public_key.as_bytes()),
             name: laptop_name(),
             previous_address: previous,
-            proof: burrow_gateway::api::proof::sign(key, &gateway_key, &info.registration_nonce),
+            proof: burrow_api::proof::sign(key, &gateway_key, &info.registration_nonce),
             nonce: info.registration_nonce,
         };
         let body = serde_json::to_vec(&req)?;

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_deploy::Cluster;
-use burrow_deploy::install::GatewayPod;
-use burrow_gateway::api::{
+use burrow_api::{
     Fallback, PortProtocol, Protocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped,
 };
+use burrow_deploy::Cluster;
+use burrow_deploy::install::GatewayPod;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -343,7 +343,7 @@ fn print_list(list: &[Listed]) {
             route,
             proto,
             local,
-            burrow_gateway::reroute::rfc3339(
+            humantime::format_rfc3339_seconds(
                 std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(r.since)
             )
         );
@@ -416,8 +416,8 @@ impl Link {
         // pods listed again (at most `CONTROLLER_WAIT`), then kube-proxy's
         // lag.
         let limit = if path == "/v1/reroutes/stop" {
-            burrow_gateway::service::CONTROLLER_WAIT
-                + burrow_gateway::service::KUBE_PROXY_LAG
+            burrow_deploy::service::CONTROLLER_WAIT
+                + burrow_deploy::service::KUBE_PROXY_LAG
                 + Duration::from_secs(10)
         } else {
             Duration::from_secs(5)
@@ -596,7 +596,7 @@ impl Reroutes {
                 Ok((code, body)) if code < 300 => {
                     // Tell (once) what someone else changed on a rerouted
                     // Service.
-                    let leases: burrow_gateway::api::Leases =
+                    let leases: burrow_api::Leases =
                         serde_json::from_slice(&body).unwrap_or_default();
                     if !leases.taken_over.is_empty() {
                         let mut active = self.active.lock().await;
@@ -739,7 +739,7 @@ impl Reroutes {
         for (ns, svc) in &mine {
             if released.contains(&(ns.clone(), svc.clone())) {
                 crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
-                if let burrow_gateway::service::Restored::KeptNewerSelector(sel) =
+                if let burrow_deploy::service::Restored::KeptNewerSelector(sel) =
                     burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?
                 {
                     notes.push(format!(
@@ -864,7 +864,7 @@ async fn establish(
     };
     if code >= 300 {
         drop(forwarder);
-        let message = serde_json::from_slice::<burrow_gateway::api::ApiError>(&answer)
+        let message = serde_json::from_slice::<burrow_api::ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
         // This laptop's record goes again (and the shadow made just now,

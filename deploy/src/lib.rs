@@ -15,6 +15,7 @@ pub mod facts;
 pub mod install;
 pub mod portforward;
 pub mod reroute;
+pub mod service;
 pub mod target;
 
 pub use error::DeployError;

@@ -2,15 +2,15 @@
 //! credentials (so their RBAC applies): find the Service and port, check
 //! the user may patch it, create the shadow Service, point the Service at
 //! the gateway, and restore it. What is changed and how it is recorded is
-//! in `burrow_gateway::service`, shared with the gateway, which restores
+//! in `burrow_api::record` and `crate::service`, shared with the gateway, which restores
 //! with its own credentials when a lease runs out.
 
 use std::net::IpAddr;
 
-use burrow_gateway::api::{PortProtocol, Protocol, ServicePort, names};
-use burrow_gateway::service::{
-    self, MANAGED_BY, REROUTE_OF, Restored, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, SLICE_MANAGER,
+use burrow_api::record::{
+    self, MANAGED_BY, REROUTE_OF, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, SLICE_MANAGER,
 };
+use burrow_api::{PortProtocol, Protocol, ServicePort, names};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::error::DeployError;
 use crate::install::{FIELD_MANAGER, GatewayPod};
+use crate::service::{self, Restored};
 use crate::target::Cluster;
 
 /// A Service port found by number or name.
@@ -40,7 +41,7 @@ impl Found {
             PortProtocol::Tcp if header => Ok(Protocol::Http),
             PortProtocol::Tcp => Ok(asked),
             PortProtocol::Udp if header => Err(DeployError::new(
-                burrow_gateway::api::header_udp_refusal(&ns, &name, self.port.port),
+                burrow_api::header_udp_refusal(&ns, &name, self.port.port),
                 "nothing was changed",
             )),
             PortProtocol::Udp if asked == Protocol::Http => Err(DeployError::new(
@@ -142,7 +143,7 @@ pub async fn find(
         ));
     }
     let (chosen, ports) = choose_port(&svc, namespace, name, port)?;
-    if service::saved(&svc).is_none() && spec.selector.as_ref().is_none_or(|s| s.is_empty()) {
+    if record::saved(&svc).is_none() && spec.selector.as_ref().is_none_or(|s| s.is_empty()) {
         return Err(DeployError::new(
             format!(
                 "Service {namespace}/{name} has no selector (its endpoints are managed by hand)"
@@ -240,7 +241,7 @@ pub fn check_names(namespace: &str, name: &str) -> Result<(), DeployError> {
 }
 
 /// Writes this laptop's reroute record on `svc` with the user's
-/// credentials (see `burrow_gateway::service`): the gateway acts on the
+/// credentials (see `crate::service`): the gateway acts on the
 /// Service for this laptop only while it carries it.
 pub async fn write_record(
     cluster: &Cluster,
@@ -254,10 +255,10 @@ pub async fn write_record(
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
     let mut current = svc.clone();
     for _attempt in 0..5 {
-        if service::record_of(&current, key).is_some() {
+        if record::record_of(&current, key).is_some() {
             return Ok(());
         }
-        let patch = service::record_patch(&current, key, laptop)
+        let patch = record::record_patch(&current, key, laptop)
             .map_err(|e| DeployError::new(format!("internal: record: {e}"), ""))?;
         let patch: kube_json_patch::Patch = serde_json::from_value(patch)
             .map_err(|e| DeployError::new(format!("internal: patch: {e}"), ""))?;
@@ -302,7 +303,7 @@ pub async fn remove_record(
         .get_opt(name)
         .await
         .map_err(|e| cluster.err(e, &format!("get Service {namespace}/{name}")))?;
-    if svc.as_ref().is_none_or(|s| service::saved(s).is_none()) {
+    if svc.as_ref().is_none_or(|s| record::saved(s).is_none()) {
         let uid = svc.and_then(|s| s.metadata.uid);
         service::remove_leftovers(&cluster.client, namespace, name, uid.as_deref())
             .await
@@ -350,8 +351,8 @@ fn owner(svc: &Service) -> Value {
 pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, DeployError> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
-    let shadow = service::shadow_name(&name);
-    let selector = match service::saved(svc) {
+    let shadow = record::shadow_name(&name);
+    let selector = match record::saved(svc) {
         Some((_, saved)) => saved.original_selector,
         None => svc
             .spec
@@ -422,7 +423,7 @@ pub async fn point_at_gateway(
 ) -> Result<(), DeployError> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
-    let slice_name = service::slice_name(&name);
+    let slice_name = record::slice_name(&name);
     let slice = json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -462,10 +463,10 @@ pub async fn point_at_gateway(
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
     let mut current = svc.clone();
     for _attempt in 0..3 {
-        if service::saved(&current).is_some() {
+        if record::saved(&current).is_some() {
             break;
         }
-        let (patch, _) = service::reroute_patch(&current, by).map_err(|why| {
+        let (patch, _) = record::reroute_patch(&current, by).map_err(|why| {
             DeployError::new(
                 format!("cannot reroute Service {ns}/{name}: {why}"),
                 "burrow reroutes Services that select pods",
@@ -548,7 +549,7 @@ const SETTLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(15
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Restores `namespace/name` with the user's credentials; idempotent and
-/// make-before-break (see `burrow_gateway::service::restore`).
+/// make-before-break (see `crate::service::restore`).
 pub async fn restore(
     cluster: &Cluster,
     namespace: &str,

@@ -1,11 +1,11 @@
 //! Bodies into the control API: `serde_json::from_slice` of every type in
-//! `burrow_gateway::api` (the request bodies the gateway takes, and the
+//! `burrow_api` (the request bodies the gateway takes, and the
 //! answers the client reads), then what the handlers do with a request
 //! before acting on it: `RerouteRequest::validate`, `StopRequest::
 //! validate`, the registration's nonce check and proof of possession
-//! (`api::proof`). The Kubernetes name checks (`api::names`) also get the
-//! raw text, as do the reroute annotations' records (`service::Record`,
-//! `service::Saved`), which anyone allowed to edit a Service can write.
+//! (`burrow_api::proof`). The Kubernetes name checks (`burrow_api::names`) also get the
+//! raw text, as do the reroute annotations' records (`record::Record`,
+//! `record::Saved`), which anyone allowed to edit a Service can write.
 //!
 //! Checked: what validates has names the API server would accept and that
 //! stay valid with burrow's suffixes; requests survive a serialisation
@@ -13,11 +13,11 @@
 #![no_main]
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_gateway::api::{
+use burrow_api::{
     self, ApiError, ClusterFacts, Info, PeerInfo, Protocol, RegisterRequest, Registration, Reroute,
     RerouteGrant, RerouteRequest, ServicePort, StopRequest, Stopped, names, proof,
 };
-use burrow_gateway::service;
+use burrow_api::record;
 use burrow_netstack::wgconf;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -80,7 +80,7 @@ fn reroute(req: &RerouteRequest) {
     if req.validate().is_ok() {
         names::check_namespace(&req.namespace).expect("namespace checked");
         names::check_rerouted_service(&req.service).expect("service checked");
-        assert!(!req.ports.is_empty() && req.ports.len() <= api::MAX_SERVICE_PORTS);
+        assert!(!req.ports.is_empty() && req.ports.len() <= burrow_api::MAX_SERVICE_PORTS);
         assert!(req.ports.iter().any(|p| p.port == req.port) && req.port != 0);
         assert_ne!(req.laptop_port, 0);
         if let Some((name, value)) = &req.header {
@@ -128,10 +128,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = parse::<Vec<Reroute>>(data);
     let _ = parse::<Stopped>(data);
     // The annotations burrow writes on a Service.
-    if let Some(r) = parse::<service::Record>(data) {
+    if let Some(r) = parse::<record::Record>(data) {
         round_trip(&r);
     }
-    let _ = parse::<service::Saved>(data);
+    let _ = parse::<record::Saved>(data);
 
     // The raw text through the name rules and the nonce check.
     if let Ok(s) = std::str::from_utf8(data) {

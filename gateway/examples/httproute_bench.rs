@@ -73,7 +73,7 @@ async fn proxy(upstream: SocketAddr) -> anyhow::Result<()> {
                 name: "bench".into(),
                 addr: upstream,
             },
-            fallback: burrow_gateway::api::Fallback::Error,
+            fallback: burrow_api::Fallback::Error,
         }],
         fallback: Upstream::Cluster(upstream),
     };

@@ -25,13 +25,13 @@ use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{
-    ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
-    StopRequest, proof,
-};
 use crate::datapath;
 use crate::laptop::ApiConn;
 use crate::reroute::{Laptop, Refused, Reroutes};
+use burrow_api::{
+    ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
+    StopRequest, proof,
+};
 
 /// The control server's way into the data path task.
 #[derive(Clone)]

@@ -371,7 +371,7 @@ pub struct Datapath {
     /// Flows whose cluster socket had an event.
     cluster_ready: Vec<FlowId>,
     /// Where connections to the gateway's own tunnel address and
-    /// [`crate::api::CONTROL_PORT`] go (the laptops' API, served by
+    /// [`burrow_api::CONTROL_PORT`] go (the laptops' API, served by
     /// [`crate::control`]); None refuses them.
     api: Option<mpsc::Sender<ApiConn>>,
     /// The framed port's refusals and timeouts (counted by its tasks).
@@ -858,7 +858,7 @@ impl Datapath {
             .and_then(|p| self.peers.get(p))
             .map(|p| *p.public_key().as_bytes());
         let permit = match (&self.api, key) {
-            (Some(api), Some(_)) if dst.port() == crate::api::CONTROL_PORT => {
+            (Some(api), Some(_)) if dst.port() == burrow_api::CONTROL_PORT => {
                 api.try_reserve().ok()
             }
             _ => None,

@@ -82,7 +82,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::api::{Fallback, Protocol};
+use burrow_api::{Fallback, Protocol};
 
 /// A byte stream to or from a peer.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

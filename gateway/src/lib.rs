@@ -40,7 +40,6 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
-pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -52,7 +51,6 @@ pub mod laptop;
 pub mod metrics;
 pub mod passthrough;
 pub mod reroute;
-pub mod service;
 pub mod udproute;
 
 pub use datapath::DatapathConfig;
@@ -156,7 +154,7 @@ pub struct ControlConfig {
     /// forgotten.
     pub expiry: std::time::Duration,
     /// What the gateway knows of the cluster (from its resolv.conf).
-    pub cluster: api::ClusterFacts,
+    pub cluster: burrow_api::ClusterFacts,
     /// The gateway's own access to the Kubernetes API (in-cluster
     /// credentials), to restore rerouted Services; None outside a cluster.
     pub kube: Option<kube::Client>,
@@ -168,7 +166,7 @@ impl Default for ControlConfig {
             tunnel_network: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(198, 19, 0, 0), 16)
                 .unwrap_or_default(),
             expiry: std::time::Duration::from_secs(180),
-            cluster: api::ClusterFacts::default(),
+            cluster: burrow_api::ClusterFacts::default(),
             kube: None,
         }
     }
@@ -234,7 +232,7 @@ pub async fn serve(
     let mut reroutes = None;
     let mut control_tasks = Vec::new();
     if !listeners.control.is_empty() {
-        let info = api::Info {
+        let info = burrow_api::Info {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_key: config::encode_key(datapath.public_key().as_bytes()),
             wireguard_port,

@@ -36,7 +36,7 @@ struct Cli {
     /// TCP port of the control API: registration on the pod's loopback
     /// address (reached only by port-forward), and the laptops' own calls
     /// on the gateway's tunnel address inside the tunnel; 0 turns both off.
-    #[arg(long, value_name = "PORT", default_value_t = burrow_gateway::api::CONTROL_PORT)]
+    #[arg(long, value_name = "PORT", default_value_t = burrow_api::CONTROL_PORT)]
     control_port: u16,
     /// Tunnel addresses for laptops registering at runtime are handed out
     /// from this IPv4 network; the first host is the gateway's own.

@@ -623,8 +623,8 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Fallback;
     use crate::httproute::Rule;
+    use burrow_api::Fallback;
     use http::{HeaderName, HeaderValue};
     use std::net::SocketAddr;
 

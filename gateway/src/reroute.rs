@@ -13,7 +13,7 @@
 //!   the port's routes ([`PortRoutes`]) on every change; and, when the last
 //!   route of a Service goes (stop, lease expiry, the laptop unregistering
 //!   or expiring), a restore of the Service with the gateway's own
-//!   credentials ([`crate::service::restore`]).
+//!   credentials ([`burrow_deploy::service::restore`]).
 //!
 //! Per accepted connection: a global route splices the bytes to the
 //! laptop's tunnel address (a laptop that refuses: the caller gets a reset
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::api::{
+use burrow_api::{
     self, Fallback, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
 };
 
@@ -90,8 +90,8 @@ impl Route {
         }
     }
 
-    fn describe(&self, ns: &str, svc: &str, port: u16) -> api::Reroute {
-        api::Reroute {
+    fn describe(&self, ns: &str, svc: &str, port: u16) -> burrow_api::Reroute {
+        burrow_api::Reroute {
             namespace: ns.to_string(),
             service: svc.to_string(),
             port,
@@ -213,32 +213,6 @@ impl Removed {
     }
 }
 
-/// `t` as `2024-01-31T12:00:00Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 /// The registry of reroutes (pure).
 #[derive(Debug, Default)]
 pub struct Table {
@@ -246,7 +220,7 @@ pub struct Table {
     /// Global routes taken over (`--force`) from a laptop, by its key:
     /// told to it when it renews, so it drops them instead of taking
     /// them back once the new holder leaves. Kept [`TAKEN_MEMORY`].
-    taken: BTreeMap<[u8; 32], Vec<(api::TakenOver, Instant)>>,
+    taken: BTreeMap<[u8; 32], Vec<(burrow_api::TakenOver, Instant)>>,
 }
 
 /// How long a laptop is told that a route was taken from it.
@@ -322,7 +296,7 @@ impl Table {
                             service: req.service.clone(),
                             port: req.port,
                             holder: g.laptop.name.clone(),
-                            since: rfc3339(g.since),
+                            since: humantime::format_rfc3339_seconds(g.since).to_string(),
                         };
                         self.prune();
                         return Err(refused);
@@ -336,7 +310,7 @@ impl Table {
                     });
                     from.truncate(64);
                     from.push((
-                        api::TakenOver {
+                        burrow_api::TakenOver {
                             namespace: req.namespace.clone(),
                             service: req.service.clone(),
                             port: req.port,
@@ -405,7 +379,7 @@ impl Table {
     }
 
     /// Stops a laptop's routes matching the request.
-    pub fn stop(&mut self, req: &api::StopRequest, key: [u8; 32]) -> Removed {
+    pub fn stop(&mut self, req: &burrow_api::StopRequest, key: [u8; 32]) -> Removed {
         self.remove_where(|(ns, svc), port, r| {
             r.laptop.key == key
                 && req.namespace.as_ref().is_none_or(|n| n == ns)
@@ -421,7 +395,7 @@ impl Table {
     }
 
     /// The global routes taken over from the laptop with `key` lately.
-    pub fn taken_from(&mut self, key: [u8; 32], now: Instant) -> Vec<api::TakenOver> {
+    pub fn taken_from(&mut self, key: [u8; 32], now: Instant) -> Vec<burrow_api::TakenOver> {
         self.taken.retain(|_, v| {
             v.retain(|(_, at)| now.saturating_duration_since(*at) < TAKEN_MEMORY);
             !v.is_empty()
@@ -479,7 +453,7 @@ impl Table {
     }
 
     /// The routes of the laptop with `key` (never anyone else's).
-    pub fn list_of(&self, key: [u8; 32]) -> Vec<api::Reroute> {
+    pub fn list_of(&self, key: [u8; 32]) -> Vec<burrow_api::Reroute> {
         self.routes_of(key)
             .map(|(k, port, r)| {
                 let mut d = r.describe(&k.0, &k.1, port);
@@ -684,7 +658,7 @@ impl Reroutes {
     }
 
     /// The reroutes of the laptop with `key`.
-    pub fn list_of(&self, key: [u8; 32]) -> Vec<api::Reroute> {
+    pub fn list_of(&self, key: [u8; 32]) -> Vec<burrow_api::Reroute> {
         self.table
             .lock()
             .map(|t| t.list_of(key))
@@ -718,18 +692,18 @@ impl Reroutes {
                 .await
                 .map_err(unavailable)?
                 .ok_or_else(|| Refused::Invalid(format!("Service {ns}/{name} does not exist")))?;
-            if crate::service::record_of(&svc, &laptop.key).is_none() {
+            if burrow_api::record::record_of(&svc, &laptop.key).is_none() {
                 return Err(Refused::NotYours(format!(
                     "Service {ns}/{name} carries no reroute record for this laptop: `burrow reroute` writes one with your own credentials before asking the gateway, so you need `patch` on services in namespace {ns}"
                 )));
             }
-            crate::service::shadow_ip(&client, &svc)
+            burrow_deploy::service::shadow_ip(&client, &svc)
                 .await
                 .map_err(unavailable)?
                 .ok_or_else(|| {
                     Refused::Invalid(format!(
                         "Service {ns}/{name} has no shadow Service of burrow's ({}): `burrow reroute` creates it with your credentials first",
-                        crate::service::shadow_name(name)
+                        burrow_api::record::shadow_name(name)
                     ))
                 })
         };
@@ -766,7 +740,7 @@ impl Reroutes {
                 // Undo: without listeners the route is useless.
                 if let Ok(mut t) = self.table.lock() {
                     t.stop(
-                        &api::StopRequest {
+                        &burrow_api::StopRequest {
                             namespace: Some(svc.0.clone()),
                             service: Some(svc.1.clone()),
                             port: Some(req.port),
@@ -903,7 +877,8 @@ impl Reroutes {
                 continue;
             }
             if let Some(client) = &self.kube
-                && let Err(e) = crate::service::remove_record(client, &svc.0, &svc.1, key).await
+                && let Err(e) =
+                    burrow_deploy::service::remove_record(client, &svc.0, &svc.1, key).await
             {
                 tracing::warn!(namespace = %svc.0, service = %svc.1, "removing a laptop's reroute record: {e}");
             }
@@ -990,11 +965,11 @@ impl Reroutes {
             {
                 return Some(None);
             }
-            match crate::service::restore(&client, &svc.0, &svc.1).await {
+            match burrow_deploy::service::restore(&client, &svc.0, &svc.1).await {
                 Ok(outcome) => {
                     tracing::info!(namespace = %svc.0, service = %svc.1, ?outcome, "Service restored");
                     Some(match outcome {
-                        crate::service::Restored::KeptNewerSelector(sel) => Some(format!(
+                        burrow_deploy::service::Restored::KeptNewerSelector(sel) => Some(format!(
                             "Service {}/{}: someone else had put its selector back ({sel}) while it was rerouted; that newer selector was left in place",
                             svc.0, svc.1
                         )),
@@ -1039,7 +1014,7 @@ impl Reroutes {
         if let Some(client) = &self.kube {
             // All at once: each waits for its pods to be listed again.
             futures::future::join_all(services.iter().map(|(ns, name)| async move {
-                match crate::service::restore(client, ns, name).await {
+                match burrow_deploy::service::restore(client, ns, name).await {
                     Ok(outcome) => {
                         tracing::info!(namespace = %ns, service = %name, ?outcome, "Service restored (gateway stopping)")
                     }
@@ -1056,7 +1031,7 @@ impl Reroutes {
     }
 
     /// Stops the routes of the laptop with `key` that `req` names.
-    pub async fn stop(self: &Arc<Self>, req: &api::StopRequest, key: [u8; 32]) -> Stopped {
+    pub async fn stop(self: &Arc<Self>, req: &burrow_api::StopRequest, key: [u8; 32]) -> Stopped {
         let removed = self
             .table
             .lock()
@@ -1079,12 +1054,12 @@ impl Reroutes {
 
     /// Renews the leases of the laptop with `key`: its reroutes and the
     /// ones taken over from it lately; None when it has neither.
-    pub fn renew(&self, key: [u8; 32]) -> Option<api::Leases> {
+    pub fn renew(&self, key: [u8; 32]) -> Option<burrow_api::Leases> {
         let mut t = self.table.lock().ok()?;
         let now = Instant::now();
         let renewed = t.renew(key, now);
         let taken_over = t.taken_from(key, now);
-        (renewed || !taken_over.is_empty()).then(|| api::Leases {
+        (renewed || !taken_over.is_empty()).then(|| burrow_api::Leases {
             reroutes: t.list_of(key),
             taken_over,
         })
@@ -1128,7 +1103,7 @@ enum Seen {
 /// Endpoints and the Service itself. Any other source of endpoints that
 /// appears (an in-flight controller sync writing late, a controller
 /// restart, the mirroring controller) is removed at once
-/// ([`crate::service::remove_strays`]); a selector put back or ports
+/// ([`burrow_deploy::service::remove_strays`]); a selector put back or ports
 /// changed by someone else (a GitOps self-heal, `kubectl edit`) are noted
 /// for `--list` and logged. Runs until aborted (the Service released).
 async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: ServiceKey) {
@@ -1140,8 +1115,10 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
     let (ns, name) = (svc.0.clone(), svc.1.clone());
     let slices = watcher(
         kube::Api::<EndpointSlice>::namespaced(client.clone(), &ns),
-        watcher::Config::default()
-            .labels(&format!("{}={name}", crate::service::SERVICE_NAME_LABEL)),
+        watcher::Config::default().labels(&format!(
+            "{}={name}",
+            burrow_api::record::SERVICE_NAME_LABEL
+        )),
     )
     .default_backoff()
     .filter_map(move |e| {
@@ -1150,8 +1127,8 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get(crate::service::SLICE_MANAGED_BY))
-                .is_some_and(|m| m == crate::service::SLICE_MANAGER);
+                .and_then(|l| l.get(burrow_api::record::SLICE_MANAGED_BY))
+                .is_some_and(|m| m == burrow_api::record::SLICE_MANAGER);
             (!ours).then_some(Seen::Stray)
         });
         std::future::ready(seen)
@@ -1183,7 +1160,7 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
     while let Some(event) = seen.next().await {
         let Some(me) = me.upgrade() else { return };
         match event {
-            Seen::Stray => match crate::service::remove_strays(&client, &ns, &name).await {
+            Seen::Stray => match burrow_deploy::service::remove_strays(&client, &ns, &name).await {
                 Ok(removed) if !removed.is_empty() => tracing::info!(
                     namespace = %ns, service = %name,
                     "removed what appeared beside burrow's EndpointSlice of the rerouted Service: {}",
@@ -1206,13 +1183,13 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
 /// burrow left: its selector put back, burrow's annotation gone, its
 /// ports changed.
 fn change_of(svc: &k8s_openapi::api::core::v1::Service, ports: &[ServicePort]) -> Option<String> {
-    if let Some(sel) = crate::service::newer_selector(svc) {
+    if let Some(sel) = burrow_api::record::newer_selector(svc) {
         return Some(format!(
             "someone else put the selector back ({}): callers reach the pods, not this reroute; `reroute --stop` will leave that selector in place",
-            crate::service::describe_selector(&sel)
+            burrow_api::record::describe_selector(&sel)
         ));
     }
-    if crate::service::saved(svc).is_none() {
+    if burrow_api::record::saved(svc).is_none() {
         return Some(
             "someone else removed burrow's reroute annotation from the Service".to_string(),
         );
@@ -1259,7 +1236,7 @@ fn change_of(svc: &k8s_openapi::api::core::v1::Service, ports: &[ServicePort]) -
 /// listeners are gone with it; the laptops re-establish their reroutes on
 /// this gateway).
 pub async fn restore_orphans(client: &kube::Client) {
-    match crate::service::restore_all(client).await {
+    match burrow_deploy::service::restore_all(client).await {
         Ok(done) => {
             for (ns, name, r) in done {
                 match r {
@@ -1614,7 +1591,7 @@ mod tests {
         ));
         // Stopping by number stops the laptop's routes of that number.
         let gone = t.stop(
-            &api::StopRequest {
+            &burrow_api::StopRequest {
                 namespace: Some("default".into()),
                 service: Some("dns".into()),
                 port: Some(53),
@@ -1660,12 +1637,5 @@ mod tests {
             (old.protocol, old.fallback),
             (Protocol::Auto, Fallback::Error)
         );
-    }
-
-    #[test]
-    fn dates_are_rfc3339() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(t), "2000-02-29T00:00:00Z");
     }
 }

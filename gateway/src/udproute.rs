@@ -18,7 +18,7 @@
 //! at most [`Limits::max_callers`] exist per port, and datagrams of further
 //! callers are dropped until some go (a flood of spoofed sources costs a
 //! bounded number of sockets and flows). Header routes are HTTP-only and
-//! never reach a UDP port (refused by `api::RerouteRequest::validate`).
+//! never reach a UDP port (refused by `burrow_api::RerouteRequest::validate`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -400,9 +400,9 @@ mod tests {
             shadow,
             global: global.map(|addr| Target {
                 addr,
-                protocol: crate::api::Protocol::Udp,
+                protocol: burrow_api::Protocol::Udp,
                 laptop: "gone".into(),
-                fallback: crate::api::Fallback::Error,
+                fallback: burrow_api::Fallback::Error,
             }),
             headers: Vec::new(),
         })

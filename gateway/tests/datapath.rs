@@ -1100,7 +1100,7 @@ async fn registration(gw: &Gateway, secret: [u8; 32], signer: [u8; 32], name: &s
         .expect("a nonce")
         .to_string();
     let gateway_key = PublicKey::from(&StaticSecret::from(GATEWAY_SECRET));
-    let proof = burrow_gateway::api::proof::sign(&StaticSecret::from(signer), &gateway_key, &nonce);
+    let proof = burrow_api::proof::sign(&StaticSecret::from(signer), &gateway_key, &nonce);
     let key = base64::engine::general_purpose::STANDARD
         .encode(PublicKey::from(&StaticSecret::from(secret)).as_bytes());
     serde_json::json!({"public_key": key, "name": name, "nonce": nonce, "proof": proof}).to_string()
@@ -1110,7 +1110,7 @@ async fn registration(gw: &Gateway, secret: [u8; 32], signer: [u8; 32], name: &s
 async fn tunnel_call(laptop: &mut Laptop, method: &str, path: &str) -> (u16, String) {
     let h = laptop.tcp_connect(SocketAddr::from((
         Ipv4Addr::new(198, 19, 0, 1),
-        burrow_gateway::api::CONTROL_PORT,
+        burrow_api::CONTROL_PORT,
     )));
     let req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
     let text = String::from_utf8(laptop.tcp_round_trip(h, req.as_bytes()).await).expect("utf-8");

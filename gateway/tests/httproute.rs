@@ -9,7 +9,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_gateway::api::{Fallback, Protocol};
+use burrow_api::{Fallback, Protocol};
 use burrow_gateway::httproute::{
     self, BoxIo, Dial, DialFuture, Global, Rule, Rules, Upstream, splice_or_502,
 };

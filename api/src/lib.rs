@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod names;
 pub mod proof;
+pub mod record;
 
 /// TCP port of the control API in the gateway pod.
 pub const CONTROL_PORT: u16 = 51822;
