@@ -16,8 +16,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
 use crate::Global;
-use crate::daemon::{self, ConnectRequest, Reply, Request, Status, Transport, socket_path};
+use crate::daemon;
 use crate::progress::Steps;
+use crate::protocol::{ConnectRequest, Reply, Request, Status, Transport, socket_path};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {

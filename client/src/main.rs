@@ -31,6 +31,7 @@ mod netlink;
 mod offload;
 mod plan;
 mod progress;
+mod protocol;
 mod reroute;
 mod state;
 mod tun;

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Mutex;
 
-use crate::daemon::Status;
+use crate::protocol::{Progress, Spec, Status, Stop, step};
 
 /// How often the daemon renews its leases (the gateway's expiry is 15 s).
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
@@ -89,30 +89,6 @@ enum ProtocolArg {
 enum FallbackArg {
     Error,
     Pods,
-}
-
-/// What the CLI asks the daemon to reroute.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Spec {
-    pub namespace: Option<String>,
-    pub service: String,
-    /// A number or a name.
-    pub port: String,
-    pub local_port: u16,
-    pub protocol: Protocol,
-    pub header: Option<(String, String)>,
-    pub force: bool,
-    /// Nothing listening locally: callers are told, or go to the pods.
-    #[serde(default)]
-    pub fallback: Fallback,
-}
-
-/// What `--stop` asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stop {
-    pub namespace: Option<String>,
-    /// None: every reroute.
-    pub service: Option<String>,
 }
 
 fn parse_port(text: &str) -> anyhow::Result<(String, Option<u16>)> {
@@ -186,7 +162,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         // The connection's cluster is the one rerouted; naming another is
         // refused before anything is done.
         let connected = match crate::connect::daemon_conn(global).await {
-            Ok(conn) => crate::connect::exchange(conn, &crate::daemon::Request::Status, false)
+            Ok(conn) => crate::connect::exchange(conn, &crate::protocol::Request::Status, false)
                 .await
                 .ok()
                 .filter(|st| st.connected),
@@ -213,7 +189,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         if args.list {
             let conn = crate::connect::daemon_conn(global).await?;
             let text =
-                crate::connect::exchange_message(conn, &crate::daemon::Request::RerouteList, false)
+                crate::connect::exchange_message(conn, &crate::protocol::Request::RerouteList, false)
                     .await?;
             let list: Vec<Listed> = serde_json::from_str(&text).context("the daemon's list")?;
             match args.output {
@@ -232,7 +208,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
             let conn = crate::connect::daemon_conn(global).await?;
             let text = crate::connect::exchange_message(
                 conn,
-                &crate::daemon::Request::RerouteStop(stop),
+                &crate::protocol::Request::RerouteStop(stop),
                 true,
             )
             .await?;
@@ -293,7 +269,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         crate::connect::connect_quietly(&args.cluster, global).await?;
         let conn = crate::connect::daemon_conn(global).await?;
         let text =
-            crate::connect::exchange_message(conn, &crate::daemon::Request::Reroute(spec), true)
+            crate::connect::exchange_message(conn, &crate::protocol::Request::Reroute(spec), true)
                 .await?;
         println!("{text}");
         Ok(())
@@ -518,7 +494,7 @@ impl Reroutes {
         self: &Arc<Self>,
         link: &Link,
         spec: Spec,
-        tx: &crate::daemon::Progress,
+        tx: &Progress,
     ) -> anyhow::Result<String> {
         let mut active = self.active.lock().await;
         let namespace = spec
@@ -674,7 +650,7 @@ impl Reroutes {
         &self,
         link: Option<&Link>,
         stop: &Stop,
-        tx: &crate::daemon::Progress,
+        tx: &Progress,
     ) -> anyhow::Result<String> {
         let mut active = self.active.lock().await;
         let Some(link) = link else {
@@ -715,7 +691,7 @@ impl Reroutes {
                     s.released
                 }
                 Ok((code, body)) => {
-                    crate::daemon::step(
+                    step(
                         tx,
                         format!(
                             "the gateway answered {code} to stopping: {}; restoring here",
@@ -725,7 +701,7 @@ impl Reroutes {
                     mine.clone()
                 }
                 Err(e) => {
-                    crate::daemon::step(
+                    step(
                         tx,
                         format!("the gateway did not answer ({e:#}); restoring here"),
                     );
@@ -738,7 +714,7 @@ impl Reroutes {
         let mut restored = Vec::new();
         for (ns, svc) in &mine {
             if released.contains(&(ns.clone(), svc.clone())) {
-                crate::daemon::step(tx, format!("restoring Service {ns}/{svc}"));
+                step(tx, format!("restoring Service {ns}/{svc}"));
                 if let burrow_deploy::service::Restored::KeptNewerSelector(sel) =
                     burrow_deploy::reroute::restore(&link.cluster, ns, svc).await?
                 {
@@ -792,13 +768,13 @@ async fn establish(
     spec: &Spec,
     namespace: &str,
     tunnel_port: u16,
-    tx: &crate::daemon::Progress,
+    tx: &Progress,
 ) -> anyhow::Result<(RerouteGrant, u16, Forwarder)> {
     let cluster = &link.cluster;
     let key = link.key()?;
     let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
     let protocol = found.protocol(spec.protocol, spec.header.is_some())?;
-    crate::daemon::step(
+    step(
         tx,
         format!(
             "checking you may patch Service {namespace}/{}",
@@ -806,12 +782,12 @@ async fn establish(
         ),
     );
     burrow_deploy::reroute::check_may_patch(cluster, &found.service).await?;
-    crate::daemon::step(
+    step(
         tx,
         "creating the shadow Service for traffic that stays in the cluster",
     );
     burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
-    crate::daemon::step(
+    step(
         tx,
         format!(
             "writing this laptop's reroute record on Service {namespace}/{}",
@@ -853,7 +829,7 @@ async fn establish(
         force: spec.force,
         fallback: spec.fallback,
     };
-    crate::daemon::step(tx, format!("asking the gateway {} to listen", gateway.name));
+    step(tx, format!("asking the gateway {} to listen", gateway.name));
     let body = serde_json::to_vec(&req)?;
     let (code, answer) = match link.call("POST", "/v1/reroutes", Some(&body)).await {
         Ok(a) => a,
@@ -873,7 +849,7 @@ async fn establish(
         anyhow::bail!("the gateway refused: {message}");
     }
     let grant: RerouteGrant = serde_json::from_slice(&answer).context("the gateway's answer")?;
-    crate::daemon::step(
+    step(
         tx,
         format!(
             "pointing Service {namespace}/{} at the gateway",

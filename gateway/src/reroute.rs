@@ -577,6 +577,9 @@ impl Target {
     }
 }
 
+/// How long a refused dial to the pods (the shadow Service) is retried.
+const SHADOW_SETTLE: Duration = Duration::from_secs(2);
+
 /// Laptops through the tunnel, the cluster with TCP.
 struct Dialer {
     laptop: LaptopConnect,
@@ -587,9 +590,25 @@ impl Dial for Dialer {
         match to.clone() {
             Upstream::Laptop { addr, .. } => (self.laptop)(addr),
             Upstream::Cluster(addr) => Box::pin(async move {
-                let s = TcpStream::connect(addr).await?;
-                let _ = s.set_nodelay(true);
-                Ok(Box::new(s) as BoxIo)
+                // A refusal is kube-proxy's answer for a Service with no
+                // endpoints programmed yet (a shadow just made, a rollout):
+                // tried again for a moment before the caller hears of it.
+                let deadline = Instant::now() + SHADOW_SETTLE;
+                loop {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            return Ok(Box::new(s) as BoxIo);
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::ConnectionRefused
+                                && Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }),
         }
     }
