@@ -5,16 +5,16 @@
 //! `disconnect` or a crash, or change the cluster with anything but the
 //! user's own credentials.
 //!
-//! Built so far: the low-level tunnel from a WireGuard configuration file.
-//!
-//! - [`up`]: `burrow up --wg-config FILE`, in the foreground or the
-//!   background; [`down`]: `burrow down`.
+//! - [`cli`]: one module per command family (`connect`/`status`/
+//!   `disconnect`/`install`, `reroute`, `up`, `down`): parse, hand to the
+//!   daemon or do it, print.
+//! - [`protocol`]: the CLI⇄daemon messages; [`daemon`]: the background
+//!   daemon (connect, transport, relay, supervisor; `daemon::reroute`).
 //! - [`plan`]: configuration → addresses, routes and peers (pure).
 //! - [`tun`]: the TUN device; [`netlink`]: links, addresses, routes and the
 //!   route overlap rule.
 //! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
 //! - [`state`]: the crash-safety state file and the cleanup of a stale one.
-//! - [`reroute`]: `burrow reroute` (CLI and the daemon's side).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -22,20 +22,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod connect;
+use cli::{connect, down, reroute, up};
+
+mod cli;
 mod daemon;
 mod datapath;
 mod dns;
-mod down;
 mod netlink;
 mod offload;
 mod plan;
 mod progress;
 mod protocol;
-mod reroute;
 mod state;
 mod tun;
-mod up;
 
 /// Make a Kubernetes cluster's network part of this machine.
 #[derive(Parser)]

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burrow_api::{Fallback, Protocol};
+use burrow_api::{Fallback, Protocol, Reroute};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -148,4 +148,16 @@ pub struct Stop {
     pub namespace: Option<String>,
     /// None: every reroute.
     pub service: Option<String>,
+}
+
+/// A reroute as `--list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub reroute: Reroute,
+    /// This machine's.
+    pub mine: bool,
+    /// For this machine's: the local port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_port: Option<u16>,
 }

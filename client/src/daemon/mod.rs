@@ -42,6 +42,8 @@ use crate::protocol::{
 use crate::state::{self, Paths, Previous, State};
 use crate::tun::{DEFAULT_IFNAME, Tun};
 
+pub mod reroute;
+
 /// The tunnel's MTU.
 const MTU: u16 = 1420;
 /// How long a direct UDP handshake may take before `auto` falls back.
@@ -79,17 +81,17 @@ struct Daemon {
     run_dir: PathBuf,
     session: Mutex<Option<Session>>,
     quit: tokio::sync::Notify,
-    reroutes: Arc<crate::reroute::Reroutes>,
+    reroutes: Arc<crate::daemon::reroute::Reroutes>,
 }
 
 impl Daemon {
     /// What `burrow reroute` needs of the connection, when connected.
-    async fn reroute_link(&self) -> Option<crate::reroute::Link> {
+    async fn reroute_link(&self) -> Option<crate::daemon::reroute::Link> {
         self.session
             .lock()
             .await
             .as_ref()
-            .map(|s| crate::reroute::Link {
+            .map(|s| crate::daemon::reroute::Link {
                 cluster: s.cluster.clone(),
                 public_key: s.public_key.clone(),
                 status: s.status.clone(),
