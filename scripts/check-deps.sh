@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The dependency rule of the workspace (ARCHITECTURE.md, "Code map"):
 #   client → {api, deploy, dns, netstack}, gateway → {api, deploy, netstack},
-#   deploy → api; nothing depends on burrow-gateway.
+#   deploy → api; nothing depends on burrow-gateway; inside the client,
+#   only main.rs and cli/ import the commands.
 # Checked on the normal (non-dev) dependency graph: the `burrow` binary
 # must not contain the gateway. (client's tests/laptop_dial.rs drives the
 # gateway's data path as a dev-dependency; that never reaches the binary.)
@@ -39,6 +40,13 @@ for pkg in burrow burrow-gateway burrow-deploy burrow-api burrow-dns burrow-nets
         fi
     done
 done
+# Inside the client, modules point one way: main → cli → {protocol, daemon,
+# …}; nothing but main.rs and cli/ imports a command module (the daemon
+# and the CLI share only `protocol`).
+if grep -rln 'crate::cli' client/src | grep -v '^client/src/main.rs$' | grep -v '^client/src/cli/' ; then
+    echo "check-deps: the files above import a command module (crate::cli); share types through protocol.rs" >&2
+    fail=1
+fi
 if [ "$fail" = 0 ]; then
     echo "check-deps: the dependency rule holds"
 fi
