@@ -13,7 +13,7 @@
 //! it changes, re-registers (same key, previous address) and reopens the
 //! transport.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,27 +22,31 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_api::{CONTROL_PORT, FRAMED_PORT, PeerInfo, RegisterRequest, Registration};
-use burrow_deploy::install::{self, GatewayPod, InstallOptions};
+use burrow_api::CONTROL_PORT;
+use burrow_deploy::install::{self, InstallOptions};
 use burrow_deploy::{Cluster, DeployError, Target, facts};
-use burrow_netstack::framing::{FrameDecoder, encode_frame};
 use burrow_netstack::wg::PeerConfig;
 use ipnet::IpNet;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt};
-use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::datapath::{Datapath, LinkStats, SharedStats, bind_udp};
 use crate::netlink::{Netlink, find_conflict};
 use crate::plan::subtract;
-use crate::protocol::{
-    ConnectRequest, Progress, Reply, Request, Status, Transport, socket_path, step,
-};
+use crate::protocol::{ConnectRequest, Progress, Reply, Request, Status, socket_path, step};
 use crate::state::{self, Paths, Previous, State};
 use crate::tun::{DEFAULT_IFNAME, Tun};
 
+mod gateway;
 pub mod reroute;
+mod supervisor;
+mod transport;
+
+use gateway::*;
+use supervisor::*;
+use transport::*;
 
 /// The tunnel's MTU.
 const MTU: u16 = 1420;
@@ -251,27 +255,6 @@ async fn status(d: &Daemon) -> Status {
     st
 }
 
-/// A call to the laptop's own API at the gateway's tunnel address, through
-/// the tunnel: the gateway knows the caller by its WireGuard peer.
-pub(crate) async fn tunnel_call(
-    gateway: IpAddr,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut conn = tokio::net::TcpStream::connect((gateway, CONTROL_PORT)).await?;
-    http(&mut conn, method, path, body).await
-}
-
-/// `GET /v1/peer` through the tunnel.
-async fn peer_info(gateway: IpAddr) -> anyhow::Result<PeerInfo> {
-    let (code, body) = tunnel_call(gateway, "GET", "/v1/peer", None).await?;
-    if code != 200 {
-        anyhow::bail!("HTTP {code}: {}", String::from_utf8_lossy(&body));
-    }
-    Ok(serde_json::from_slice(&body)?)
-}
-
 fn with_dns(mut st: Status, dns: Option<&crate::dns::Running>) -> Status {
     if let Some(d) = dns {
         st.dns = d.summary();
@@ -405,135 +388,6 @@ fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
         .context("cannot read /dev/urandom")
 }
 
-/// One HTTP/1.1 exchange over a byte stream; the answer has a
-/// Content-Length (or ends with the stream).
-pub(crate) async fn http<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    exchange(stream, method, path, body, true).await
-}
-
-/// One HTTP/1.1 exchange; with `close` false the stream stays usable for
-/// the next (the gateway always answers with a Content-Length).
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    close: bool,
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    let body = body.unwrap_or_default();
-    let connection = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: burrow-gateway\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.flush().await?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    let header_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            anyhow::bail!("the gateway closed the connection without answering");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("the gateway's answer is not HTTP")?;
-    let length = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())
-            .flatten()
-    });
-    let mut body = buf[header_end..].to_vec();
-    loop {
-        if length.is_some_and(|l| body.len() >= l) {
-            break;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    if let Some(l) = length {
-        body.truncate(l);
-    }
-    Ok((code, body))
-}
-
-/// Registers (or refreshes) this laptop through a fresh port-forward to
-/// the gateway pod's loopback-only registration port: a nonce, then the
-/// registration with the proof that this laptop holds its private key,
-/// both over the one port-forward.
-async fn register(
-    cluster: &Cluster,
-    pod: &GatewayPod,
-    key: &StaticSecret,
-    previous: Option<IpAddr>,
-) -> anyhow::Result<Registration> {
-    let work = async {
-        let mut fwd =
-            burrow_deploy::portforward::open(cluster, &pod.namespace, &pod.name, CONTROL_PORT)
-                .await?;
-        let (code, answer) = exchange(&mut fwd.stream, "GET", "/v1/info", None, false).await?;
-        if code >= 300 {
-            anyhow::bail!(
-                "the gateway refused to say who it is ({code}): {}",
-                String::from_utf8_lossy(&answer)
-            );
-        }
-        let info: burrow_api::Info = serde_json::from_slice(&answer)
-            .context("the gateway's info answer is not understood")?;
-        let gateway_key = parse_key(&info.public_key)?;
-        let public_key = PublicKey::from(key);
-        let req = RegisterRequest {
-            public_key: base64::engine::general_purpose::STANDARD.encode(public_key.as_bytes()),
-            name: laptop_name(),
-            previous_address: previous,
-            proof: burrow_api::proof::sign(key, &gateway_key, &info.registration_nonce),
-            nonce: info.registration_nonce,
-        };
-        let body = serde_json::to_vec(&req)?;
-        exchange(&mut fwd.stream, "POST", "/v1/peers", Some(&body), true).await
-    };
-    let (code, answer) = tokio::time::timeout(Duration::from_secs(15), work)
-        .await
-        .context("registering with the gateway took more than 15s")??;
-    if code >= 300 {
-        anyhow::bail!(
-            "the gateway refused the registration ({code}): {}",
-            String::from_utf8_lossy(&answer)
-        );
-    }
-    serde_json::from_slice(&answer).context("the gateway's registration answer is not understood")
-}
-
-fn laptop_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "laptop".into());
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "root".into());
-    format!("{user}@{host}")
-}
-
 /// The routes: Service and pod ranges plus `--include`, the DNS server if
 /// not already covered, less anything `--exclude` overlaps.
 pub fn plan_routes(
@@ -559,17 +413,6 @@ pub fn plan_routes(
         routes = routes.into_iter().flat_map(|r| subtract(r, *x)).collect();
     }
     routes
-}
-
-/// How the data path reaches the gateway.
-struct Chosen {
-    name: &'static str,
-    reason: String,
-    /// Where the data path sends WireGuard datagrams.
-    endpoint: SocketAddr,
-    /// For port-forward: the local relay's socket (the data path sends to
-    /// it).
-    relay: Option<UdpSocket>,
 }
 
 async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Result<Status> {
@@ -923,440 +766,9 @@ fn install_options(namespace: &str) -> InstallOptions {
     }
 }
 
-fn parse_key(b64: &str) -> anyhow::Result<PublicKey> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .context("the gateway's public key is not base64")?;
-    let arr = <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| anyhow::anyhow!("the gateway's public key is not 32 bytes"))?;
-    Ok(PublicKey::from(arr))
-}
-
-/// The laptop's own API through the tunnel (`GET /v1/peer`): proves the
-/// tunnel carries packets both ways and the gateway knows this laptop.
-async fn probe(gateway: IpAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PROBE_TIMEOUT;
-    loop {
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(2),
-            tunnel_call(gateway, "GET", "/v1/peer", None),
-        )
-        .await;
-        match attempt {
-            Ok(Ok((200, _))) => return Ok(()),
-            Ok(Ok((code, body))) if Instant::now() > deadline => {
-                anyhow::bail!(
-                    "probe: the gateway answered {code}: {}",
-                    String::from_utf8_lossy(&body)
-                );
-            }
-            Ok(Err(e)) if Instant::now() > deadline => {
-                return Err(anyhow::anyhow!("probe: {e}"));
-            }
-            Err(_) if Instant::now() > deadline => {
-                anyhow::bail!("probe: no answer in {}s", PROBE_TIMEOUT.as_secs())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-async fn choose_transport(
-    req: &ConnectRequest,
-    cluster: &Cluster,
-    namespace: &str,
-    pod: &GatewayPod,
-    key: &StaticSecret,
-    gateway_key: PublicKey,
-    tx: &Progress,
-) -> anyhow::Result<Chosen> {
-    let mut why_not_udp = String::new();
-    if req.transport != Transport::PortForward {
-        match udp_endpoint(req, cluster, namespace).await {
-            Ok(endpoint) => {
-                let window = udp_window(pod.ready_at, std::time::SystemTime::now());
-                step(tx, format!("trying UDP to {endpoint}"));
-                match udp_handshake(endpoint, key, gateway_key, window).await {
-                    Ok(()) => {
-                        return Ok(Chosen {
-                            name: "udp",
-                            reason: format!("the gateway answered a handshake at {endpoint}"),
-                            endpoint,
-                            relay: None,
-                        });
-                    }
-                    Err(e) => why_not_udp = format!("UDP to {endpoint}: {e:#}"),
-                }
-            }
-            Err(e) => why_not_udp = format!("no UDP endpoint: {e:#}"),
-        }
-        if req.transport == Transport::Udp {
-            anyhow::bail!("--transport udp: {why_not_udp}; try --transport port-forward");
-        }
-        step(tx, format!("{why_not_udp}; falling back to port-forward"));
-    }
-    let relay = relay_socket()?;
-    let endpoint = relay.local_addr()?;
-    let reason = if why_not_udp.is_empty() {
-        "asked for with --transport port-forward".to_owned()
-    } else {
-        why_not_udp
-    };
-    Ok(Chosen {
-        name: "port-forward",
-        reason,
-        endpoint,
-        relay: Some(relay),
-    })
-}
-
-/// The port-forward relay's loopback socket. The data path sends it runs
-/// of datagrams as one segmented message; this socket has no UDP_GRO, so
-/// the kernel splits them and charges each datagram the run's memory: a
-/// large receive buffer keeps a bulk upload from overflowing it.
-fn relay_socket() -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-    UdpSocket::from_std(socket.into())
-}
-
-async fn udp_endpoint(
-    req: &ConnectRequest,
-    cluster: &Cluster,
-    namespace: &str,
-) -> anyhow::Result<SocketAddr> {
-    if let Some(e) = &req.endpoint {
-        return tokio::net::lookup_host(e.as_str())
-            .await
-            .with_context(|| format!("cannot resolve --endpoint {e}"))?
-            .next()
-            .with_context(|| format!("--endpoint {e} has no address"));
-    }
-    let (wg, _) = install::node_ports(cluster, namespace).await?;
-    let port = wg.context("the gateway Service has no WireGuard NodePort")?;
-    let nodes = install::node_addresses(cluster).await?;
-    let ip = nodes
-        .first()
-        .copied()
-        .context("no node reports an address")?;
-    Ok(SocketAddr::new(ip, port))
-}
-
-/// How long the UDP handshake may take: [`UDP_HANDSHAKE`], or up to
-/// [`NODEPORT_SETTLE`] past the moment a just-started gateway turned
-/// ready (a clock ahead of the API server's counts as "just now").
-fn udp_window(ready_at: Option<std::time::SystemTime>, now: std::time::SystemTime) -> Duration {
-    let Some(ready_at) = ready_at else {
-        return UDP_HANDSHAKE;
-    };
-    let age = now.duration_since(ready_at).unwrap_or(Duration::ZERO);
-    NODEPORT_SETTLE
-        .saturating_sub(age)
-        .clamp(UDP_HANDSHAKE, NODEPORT_SETTLE)
-}
-
-/// One WireGuard handshake with a throwaway session: does the gateway
-/// answer at `endpoint` within `window`?
-async fn udp_handshake(
-    endpoint: SocketAddr,
-    key: &StaticSecret,
-    gateway_key: PublicKey,
-    window: Duration,
-) -> anyhow::Result<()> {
-    use boringtun::noise::{Tunn, TunnResult};
-    let sock = UdpSocket::bind(if endpoint.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })
-    .await?;
-    sock.connect(endpoint).await?;
-    let mut tunn = Tunn::new(key.clone(), gateway_key, None, None, 1, None);
-    let mut out = vec![0u8; 2048];
-    let mut inb = vec![0u8; 2048];
-    let deadline = Instant::now() + window;
-    // A NodePort just created may refuse (ICMP unreachable) or drop the
-    // first tries while kube-proxy catches up: resend every 250 ms within
-    // the window.
-    let mut last_error = String::from("no handshake answer");
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            anyhow::bail!("{last_error} within {window:?}");
-        }
-        if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(&mut out, true)
-            && let Err(e) = sock.send(d).await
-        {
-            last_error = e.to_string();
-        }
-        let wait = left.min(Duration::from_millis(250));
-        match tokio::time::timeout(wait, sock.recv(&mut inb)).await {
-            Err(_) => {}
-            Ok(Err(e)) => {
-                last_error = e.to_string();
-                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
-            }
-            Ok(Ok(n)) => match tunn.decapsulate(Some(endpoint.ip()), &inb[..n], &mut out) {
-                TunnResult::WriteToNetwork(_) | TunnResult::Done
-                    if tunn.time_since_last_handshake().is_some() =>
-                {
-                    return Ok(());
-                }
-                TunnResult::Err(e) => last_error = format!("handshake failed: {e:?}"),
-                _ => {}
-            },
-        }
-    }
-}
-
-/// The port-forward transport: a loopback UDP socket the data path sends
-/// WireGuard datagrams to, relayed length-framed over a port-forward
-/// stream to the gateway pod's framed port, and back. Reopens the stream
-/// when it breaks or the pod changes.
-struct Relay {
-    pod: tokio::sync::watch::Sender<GatewayPod>,
-}
-
-impl Relay {
-    fn start(
-        sock: UdpSocket,
-        cluster: Cluster,
-        pod: GatewayPod,
-        status: Arc<std::sync::Mutex<Status>>,
-        reset: Arc<std::sync::atomic::AtomicBool>,
-        stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Self {
-        let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
-        tokio::spawn(relay_loop(
-            Arc::new(sock),
-            cluster,
-            pod_rx,
-            status,
-            reset,
-            stop,
-        ));
-        Self { pod: pod_tx }
-    }
-}
-
-async fn relay_loop(
-    sock: Arc<UdpSocket>,
-    cluster: Cluster,
-    mut pod: tokio::sync::watch::Receiver<GatewayPod>,
-    status: Arc<std::sync::Mutex<Status>>,
-    reset: Arc<std::sync::atomic::AtomicBool>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-    // A stream that broke (not one closed for a pod change) is reopened
-    // and counted as a reconnect.
-    let mut broken: Option<String> = None;
-    loop {
-        let current = pod.borrow_and_update().clone();
-        let fwd = tokio::select! {
-            f = burrow_deploy::portforward::open(&cluster, &current.namespace, &current.name, FRAMED_PORT) => f,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let fwd = match fwd {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("port-forward to {}: {e}", current.name);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        };
-        tracing::info!(pod = %current.name, "port-forward transport open");
-        if let Some(reason) = broken.take() {
-            // A handshake right away on the new stream: an idle laptop
-            // would otherwise send nothing until its next keepalive, and
-            // the gateway closes a stream that carries no handshake soon.
-            reset.store(true, std::sync::atomic::Ordering::Release);
-            if let Ok(mut st) = status.lock() {
-                st.reconnects += 1;
-                st.last_reconnect_error =
-                    Some(format!("port-forward stream reopened after: {reason}"));
-            }
-        }
-        let (mut rd, mut wr) = tokio::io::split(fwd.stream);
-        let up = {
-            let sock = sock.clone();
-            let peer = peer.clone();
-            async move {
-                let mut buf = vec![0u8; 65536];
-                let mut framed = vec![0u8; 65536 + 2];
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await?;
-                    if let Ok(mut p) = peer.lock() {
-                        *p = Some(from);
-                    }
-                    let Ok(len) = encode_frame(&buf[..n], &mut framed) else {
-                        continue;
-                    };
-                    wr.write_all(&framed[..len]).await?;
-                }
-                #[allow(unreachable_code)]
-                std::io::Result::Ok(())
-            }
-        };
-        let down = {
-            let sock = sock.clone();
-            let peer = peer.clone();
-            async move {
-                let mut buf = vec![0u8; 65536];
-                let mut decoder = FrameDecoder::new();
-                loop {
-                    let n = rd.read(&mut buf).await?;
-                    if n == 0 {
-                        return std::io::Result::Ok(());
-                    }
-                    let mut input = &buf[..n];
-                    let to = peer.lock().ok().and_then(|p| *p);
-                    while let Some(frame) = decoder
-                        .decode(&mut input)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?
-                    {
-                        if let Some(to) = to {
-                            let _ = sock.send_to(frame, to).await;
-                        }
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            r = up => {
-                tracing::warn!("port-forward transport (send) ended: {r:?}");
-                broken = Some(stream_end(r));
-            }
-            r = down => {
-                tracing::warn!("port-forward transport (receive) ended: {r:?}");
-                broken = Some(stream_end(r));
-            }
-            _ = pod.changed() => tracing::info!("gateway pod changed: reopening the port-forward"),
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-fn stream_end(r: std::io::Result<()>) -> String {
-    match r {
-        Ok(()) => "the stream was closed by the other end".into(),
-        Err(e) => e.to_string(),
-    }
-}
-
-struct Supervisor {
-    cluster: Cluster,
-    namespace: String,
-    version: String,
-    key: StaticSecret,
-    address: IpAddr,
-    pod: GatewayPod,
-    relay: Option<Relay>,
-    reset: Arc<std::sync::atomic::AtomicBool>,
-    status: Arc<std::sync::Mutex<Status>>,
-    stop: tokio::sync::watch::Receiver<bool>,
-}
-
-/// Follows the gateway's pods with a watch; when the Ready pod is replaced,
-/// re-registers (same key, previous address) and points the transport at
-/// the new pod, retrying every half second until the new pod answers.
-/// Re-registers every [`HEARTBEAT`] too.
-async fn supervise(mut s: Supervisor) {
-    use futures::StreamExt as _;
-    let mut pods = Box::pin(install::watch_ready(&s.cluster, &s.namespace, &s.version));
-    let mut target = s.pod.clone();
-    let mut next_register = tokio::time::Instant::now() + HEARTBEAT;
-    loop {
-        tokio::select! {
-            event = pods.next() => match event {
-                Some(Ok(Some(pod))) => {
-                    if pod.name != target.name {
-                        tracing::info!(old = %s.pod.name, new = %pod.name, "gateway pod changed: re-registering");
-                        next_register = tokio::time::Instant::now();
-                    }
-                    target = pod;
-                }
-                // No Ready pod right now: a later event brings one.
-                Some(Ok(None)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!("{e}");
-                    if let Ok(mut st) = s.status.lock() {
-                        st.last_reconnect_error = Some(e.to_string());
-                    }
-                }
-                None => {
-                    pods = Box::pin(install::watch_ready(&s.cluster, &s.namespace, &s.version));
-                }
-            },
-            _ = tokio::time::sleep_until(next_register) => {}
-            _ = s.stop.wait_for(|v| *v) => return,
-        }
-        if tokio::time::Instant::now() < next_register {
-            continue;
-        }
-        let changed = target.name != s.pod.name;
-        match register(&s.cluster, &target, &s.key, Some(s.address)).await {
-            Ok(reg) => {
-                next_register = tokio::time::Instant::now() + HEARTBEAT;
-                if reg.address != s.address {
-                    tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");
-                }
-                if changed {
-                    if let Some(r) = &s.relay {
-                        let _ = r.pod.send(target.clone());
-                    }
-                    s.reset.store(true, std::sync::atomic::Ordering::Release);
-                    if let Ok(mut st) = s.status.lock() {
-                        st.reconnects += 1;
-                        st.gateway_pod = target.name.clone();
-                        st.gateway_pod_ip = target.ip.clone();
-                        st.last_reconnect_error = None;
-                    }
-                    s.pod = target.clone();
-                }
-            }
-            Err(e) => {
-                tracing::warn!("re-registering with {}: {e:#}", target.name);
-                if let Ok(mut st) = s.status.lock() {
-                    st.last_reconnect_error = Some(format!("{e:#}"));
-                }
-                let retry = if changed {
-                    Duration::from_millis(500)
-                } else {
-                    Duration::from_secs(5)
-                };
-                next_register = tokio::time::Instant::now() + retry;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn udp_window_stretches_for_a_gateway_just_ready() {
-        let now = std::time::SystemTime::now();
-        assert_eq!(udp_window(None, now), UDP_HANDSHAKE);
-        assert_eq!(udp_window(Some(now), now), NODEPORT_SETTLE);
-        let two = now - Duration::from_secs(2);
-        assert_eq!(udp_window(Some(two), now), Duration::from_secs(4));
-        let old = now - Duration::from_secs(3600);
-        assert_eq!(udp_window(Some(old), now), UDP_HANDSHAKE);
-        // The API server's clock ahead of ours: "just now", never longer.
-        let ahead = now + Duration::from_secs(3600);
-        assert_eq!(udp_window(Some(ahead), now), NODEPORT_SETTLE);
-    }
 
     #[test]
     fn routes_include_dns_and_honour_exclude() {

@@ -101,7 +101,7 @@ impl Link {
         };
         let (pod, _) = self.gateway()?;
         let gateway = self.gateway_address()?;
-        let work = crate::daemon::tunnel_call(gateway, method, path, body);
+        let work = super::gateway::tunnel_call(gateway, method, path, body);
         tokio::time::timeout(limit, work).await.with_context(|| {
             format!(
                 "the gateway {} did not answer {method} {path} in {}s",
