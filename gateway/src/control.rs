@@ -24,6 +24,7 @@ use burrow_netstack::wg::PeerConfig;
 use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::datapath;
 use crate::laptop::ApiConn;
@@ -381,6 +382,9 @@ pub async fn serve_tunnel(mut conns: mpsc::Receiver<ApiConn>, control: Shared) {
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(caller)),
         );
+        // The caller is the laptop owning this tunnel address: every log
+        // line of its calls says so.
+        let span = tracing::info_span!("laptop", address = %conn_from.ip());
         tokio::spawn(async move {
             let served = hyper::server::conn::http1::Builder::new()
                 .half_close(true)
@@ -395,7 +399,7 @@ pub async fn serve_tunnel(mut conns: mpsc::Receiver<ApiConn>, control: Shared) {
                 Ok(Ok(())) => {}
             }
             drop(slot);
-        });
+        }.instrument(span));
     }
 }
 

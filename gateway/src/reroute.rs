@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use burrow_api::{
     self, Fallback, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
@@ -819,6 +820,12 @@ impl Reroutes {
                 None => {
                     let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
                     let (tx, rx) = watch::channel(Arc::new(snapshot));
+                    // Every log line of this port's callers names it.
+                    let span = tracing::info_span!(
+                        "reroute",
+                        service = %format_args!("{}/{}", svc.0, svc.1),
+                        port = %format_args!("{}/{}", sp.port, sp.protocol)
+                    );
                     let (port, task) = match sp.protocol {
                         PortProtocol::Tcp => {
                             let listener =
@@ -829,7 +836,9 @@ impl Reroutes {
                             });
                             (
                                 port,
-                                tokio::spawn(accept_loop(listener, rx, rules_rx, dial)),
+                                tokio::spawn(
+                                    accept_loop(listener, rx, rules_rx, dial).instrument(span),
+                                ),
                             )
                         }
                         PortProtocol::Udp => {
@@ -837,12 +846,15 @@ impl Reroutes {
                             let port = socket.local_addr()?.port();
                             (
                                 port,
-                                tokio::spawn(crate::udproute::relay(
-                                    socket,
-                                    rx,
-                                    self.laptop_udp.clone(),
-                                    crate::udproute::Limits::default(),
-                                )),
+                                tokio::spawn(
+                                    crate::udproute::relay(
+                                        socket,
+                                        rx,
+                                        self.laptop_udp.clone(),
+                                        crate::udproute::Limits::default(),
+                                    )
+                                    .instrument(span),
+                                ),
                             )
                         }
                     };
@@ -1291,11 +1303,15 @@ async fn accept_loop(
         let snapshot = routes.borrow().clone();
         let rules = rules.clone();
         let dial = dial.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, &snapshot, rules, dial).await {
-                tracing::debug!(%peer, "rerouted connection: {e}");
+        let span = tracing::debug_span!("caller", %peer);
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle(conn, &snapshot, rules, dial).await {
+                    tracing::debug!("rerouted connection: {e}");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 

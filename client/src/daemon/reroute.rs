@@ -24,6 +24,7 @@ use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
 use crate::protocol::{Listed, Progress, Spec, Status, Stop, step};
 
@@ -464,6 +465,7 @@ impl Reroutes {
 
 /// The whole establishment of one reroute (see the module doc). Rolls back
 /// what it changed when a later step fails.
+#[tracing::instrument(skip_all, fields(service = %format_args!("{namespace}/{}", spec.service), port = %spec.port))]
 async fn establish(
     link: &Link,
     spec: &Spec,
@@ -602,7 +604,10 @@ async fn start_forwarder(
             .with_context(context)?;
             let port = listener.local_addr()?.port();
             link.open.open(port);
-            (tokio::spawn(forward(listener, local_port, gateway)), port)
+            (
+                tokio::spawn(forward(listener, local_port, gateway).in_current_span()),
+                port,
+            )
         }
         PortProtocol::Udp => {
             let socket = match UdpSocket::bind(SocketAddr::new(tunnel_ip, tunnel_port)).await {
@@ -613,12 +618,9 @@ async fn start_forwarder(
             .with_context(context)?;
             let port = socket.local_addr()?.port();
             link.open.open_udp(port);
-            let task = tokio::spawn(forward_udp(
-                socket,
-                local_port,
-                gateway,
-                UdpLimits::default(),
-            ));
+            let task = tokio::spawn(
+                forward_udp(socket, local_port, gateway, UdpLimits::default()).in_current_span(),
+            );
             (task, port)
         }
     };
