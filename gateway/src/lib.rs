@@ -45,11 +45,9 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod dialer;
 pub mod framed;
 pub mod httproute;
 pub mod laptop;
-pub mod metrics;
 pub mod passthrough;
 pub mod reroute;
 pub mod service;
@@ -230,7 +228,7 @@ pub async fn serve(
     ));
     let metrics = listeners
         .metrics
-        .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+        .map(|l| tokio::spawn(datapath::metrics::serve(l, control_tx.clone())));
     let mut reroutes = None;
     let mut control_tasks = Vec::new();
     if !listeners.control.is_empty() {
@@ -245,7 +243,7 @@ pub async fn serve(
             registration_nonce: String::new(),
         };
         let shared = std::sync::Arc::new(control::Control::new(
-            control::DatapathHandle {
+            datapath::DatapathHandle {
                 tx: control_tx.clone(),
             },
             config.control.tunnel_network,
