@@ -87,6 +87,13 @@ impl DatapathHandle {
         }
     }
 
+    /// The Prometheus exposition; None once the data path has stopped.
+    pub async fn metrics(&self) -> Option<String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Control::Metrics(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     /// Removes a peer; its flows are reset.
     pub(crate) async fn remove(&self, key: [u8; 32]) {
         let _ = self.tx.send(Control::RemovePeer(key)).await;

@@ -3,20 +3,23 @@
 //! The numbers live in the data path task (the single owner of the state);
 //! each scrape asks it for a rendering over a channel, so a scrape always
 //! sees current values and the hot path keeps plain counters, no atomics.
-//! The HTTP side is a few lines over a TCP listener: one request per
-//! connection, no keep-alive, nothing else served.
+//! The HTTP side is axum over a [`DatapathHandle`]: `GET /metrics`, one
+//! request per connection, nothing else served.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use burrow_netstack::flow::Limit;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpListener;
 
 use super::Datapath;
-use super::inbox::{Control, DialError};
+use super::inbox::{DatapathHandle, DialError};
 use super::output::Output;
 
 /// Counters the data path keeps beyond the peer table's own.
@@ -297,59 +300,50 @@ impl Exposition {
     }
 }
 
-/// Serve scrapes until the data path goes away.
-pub async fn serve(listener: TcpListener, control: mpsc::Sender<Control>) {
+/// Serve scrapes until the data path goes away: `GET /metrics` only, one
+/// request per connection, each connection closed after
+/// [`SCRAPE_LIFETIME`] at the latest.
+pub async fn serve(listener: TcpListener, datapath: DatapathHandle) {
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape).fallback(only_get))
+        .fallback(not_found)
+        .with_state(datapath.clone());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if control.is_closed() {
+        if datapath.tx.is_closed() {
             return;
         }
-        let control = control.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, control)).await;
+            let served = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(SCRAPE_LIFETIME, served).await;
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, control: mpsc::Sender<Control>) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > 16 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+/// How long one scrape's connection may stay open.
+const SCRAPE_LIFETIME: Duration = Duration::from_secs(10);
+
+async fn scrape(State(datapath): State<DatapathHandle>) -> Response {
+    match datapath.metrics().await {
+        Some(text) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, body) = if method != b"GET" {
-        ("405 Method Not Allowed", String::from("only GET\n"))
-    } else if path != b"/metrics" {
-        ("404 Not Found", String::from("metrics are at /metrics\n"))
-    } else {
-        let (tx, rx) = oneshot::channel();
-        if control.send(Control::Metrics(tx)).await.is_err() {
-            ("503 Service Unavailable", String::from("shutting down\n"))
-        } else {
-            match rx.await {
-                Ok(text) => ("200 OK", text),
-                Err(_) => ("503 Service Unavailable", String::from("shutting down\n")),
-            }
-        }
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+}
+
+async fn only_get() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, "only GET\n").into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "metrics are at /metrics\n").into_response()
 }
