@@ -168,6 +168,14 @@ impl Harness {
                     let _ = self.eng.udp_send(id, &reply, self.now);
                 }
             }
+            Ingress::EchoRequest { key, message } => {
+                let h = parsed.expect("an echo request came from a valid packet");
+                assert_eq!((key.laptop, key.remote), (h.src, h.dst));
+                assert!(message.len() <= h.total_len);
+                // The message as a "reply": not one, so nothing is built.
+                let reply = message.to_vec();
+                assert!(!self.eng.echo_reply(key, &reply));
+            }
             Ingress::Refused { laptop, .. } => {
                 let h = parsed.expect("a refused flow came from a valid packet");
                 assert_eq!(laptop, h.src);

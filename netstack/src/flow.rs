@@ -35,6 +35,10 @@
 //! an ephemeral port to the laptop's; the laptop's datagrams back arrive as
 //! that flow's), for rerouted UDP ports; their owner releases them.
 //!
+//! ICMP: an IPv4 echo request is reported as [`Ingress::EchoRequest`] (the
+//! driver forwards it, e.g. on an unprivileged ping socket) and the answer
+//! goes back with [`FlowEngine::echo_reply`]; any other ICMP is dropped.
+//!
 //! Each laptop (tunnel address: the peer table has already checked that a
 //! packet's source is its peer's) has caps on the flows it opens
 //! ([`LaptopLimits`]), kept with counters per address so a refusal costs a
@@ -59,12 +63,12 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, IpRepr, TcpControl,
-    TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpListenEndpoint, IpProtocol,
+    IpRepr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 use crate::slots::{Slot, Slots};
-use crate::wire::{self, PROTO_TCP, PROTO_UDP};
+use crate::wire::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 pub use smoltcp::socket::tcp::State as TcpState;
 
@@ -235,6 +239,9 @@ pub enum Ingress<'p> {
         dst: SocketAddr,
         payload: &'p [u8],
     },
+    /// An ICMP echo request from `key.laptop` to `key.remote`: `message`
+    /// is the ICMP header and data. Answer with [`FlowEngine::echo_reply`].
+    EchoRequest { key: IcmpKey, message: &'p [u8] },
     /// A new flow beyond one of its laptop's caps: a TCP SYN answered with
     /// RST (call `egress`) or dropped, a UDP datagram dropped. `first`:
     /// the first refusal by this cap since the laptop last held no flows
@@ -257,10 +264,18 @@ pub enum IngressDrop {
     /// Fragments are not reassembled: MSS clamping and the tunnel MTU keep
     /// TCP from fragmenting, and UDP fragments are rare enough to drop.
     Fragment,
-    /// Protocols other than TCP and UDP (ICMP is the driver's business).
+    /// Protocols other than TCP and UDP, and ICMP other than echo requests.
     UnsupportedProtocol(u8),
     /// Too many dials pending.
     TooManyPendingSyns,
+}
+
+/// An ICMP echo "flow": laptop, destination, the laptop's identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IcmpKey {
+    pub laptop: IpAddr,
+    pub remote: IpAddr,
+    pub ident: u16,
 }
 
 /// Errors of the flow API.
@@ -346,6 +361,19 @@ impl TxQueue {
             out(&buf);
             self.free.push(buf);
         }
+    }
+}
+
+/// The key of an ICMP echo request (checksum checked), if `message` is one.
+fn echo_request(src: IpAddr, dst: IpAddr, message: &[u8]) -> Option<IcmpKey> {
+    let icmp = Icmpv4Packet::new_checked(message).ok()?;
+    match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()? {
+        Icmpv4Repr::EchoRequest { ident, .. } => Some(IcmpKey {
+            laptop: src,
+            remote: dst,
+            ident,
+        }),
+        _ => None,
     }
 }
 
@@ -629,8 +657,56 @@ impl FlowEngine {
                     payload: datagram.payload(),
                 }
             }
+            PROTO_ICMP => match echo_request(ip.src, ip.dst, payload) {
+                Some(key) => Ingress::EchoRequest {
+                    key,
+                    message: payload,
+                },
+                None => Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP)),
+            },
             other => Ingress::Dropped(IngressDrop::UnsupportedProtocol(other)),
         }
+    }
+
+    /// Send an echo reply to the laptop of `key`, from `key.remote`, with
+    /// the laptop's identifier restored (a ping socket's kernel substitutes
+    /// its own): `message` is the ICMP reply as received, whose checksum is
+    /// not checked again. False when it is not an IPv4 echo reply.
+    pub fn echo_reply(&mut self, key: IcmpKey, message: &[u8]) -> bool {
+        let (IpAddr::V4(remote), IpAddr::V4(laptop)) = (key.remote, key.laptop) else {
+            return false;
+        };
+        let Ok(icmp) = Icmpv4Packet::new_checked(message) else {
+            return false;
+        };
+        let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) =
+            Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::ignored())
+        else {
+            return false;
+        };
+        let reply = Icmpv4Repr::EchoReply {
+            ident: key.ident,
+            seq_no,
+            data,
+        };
+        let ip = Ipv4Repr {
+            src_addr: remote,
+            dst_addr: laptop,
+            next_header: IpProtocol::Icmp,
+            payload_len: reply.buffer_len(),
+            hop_limit: HOP_LIMIT,
+        };
+        let caps = ChecksumCapabilities::default();
+        self.tx
+            .push_with(ip.buffer_len() + reply.buffer_len(), |buf| {
+                let mut packet = Ipv4Packet::new_unchecked(&mut *buf);
+                ip.emit(&mut packet, &caps);
+                reply.emit(
+                    &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
+                    &caps,
+                );
+            });
+        true
     }
 
     /// A SYN without ACK: a new flow unless its tuple is known. Returns
@@ -1498,6 +1574,85 @@ mod tests {
         assert_eq!(e.tcp_state(id), None);
     }
 
+    /// An IPv4 packet carrying the ICMP message `icmp`.
+    fn icmp_packet(src: Ipv4Addr, dst: Ipv4Addr, icmp: &Icmpv4Repr) -> Vec<u8> {
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        let mut packet = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut packet, &caps);
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
+            &caps,
+        );
+        buf
+    }
+
+    #[test]
+    fn icmp_echo_requests_are_reported_and_replies_built() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (laptop, pod) = (Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(10, 244, 0, 7));
+        let request = Icmpv4Repr::EchoRequest {
+            ident: 77,
+            seq_no: 3,
+            data: b"ping",
+        };
+        let packet = icmp_packet(laptop, pod, &request);
+        let key = IcmpKey {
+            laptop: IpAddr::V4(laptop),
+            remote: IpAddr::V4(pod),
+            ident: 77,
+        };
+        match e.ingress(&packet, t0) {
+            Ingress::EchoRequest { key: k, message } => {
+                assert_eq!(k, key);
+                assert_eq!(message, &packet[20..], "the ICMP message as sent");
+            }
+            other => panic!("expected EchoRequest, got {other:?}"),
+        }
+        // Anything else ICMP, or a bad checksum, is dropped.
+        let reply = Icmpv4Repr::EchoReply {
+            ident: 77,
+            seq_no: 3,
+            data: b"ping",
+        };
+        let unsolicited = icmp_packet(laptop, pod, &reply);
+        assert_eq!(
+            e.ingress(&unsolicited, t0),
+            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP))
+        );
+        let mut corrupt = packet.clone();
+        corrupt[20 + 8] ^= 1;
+        assert_eq!(
+            e.ingress(&corrupt, t0),
+            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP))
+        );
+
+        // The ping socket's reply carries the kernel's identifier; the
+        // laptop gets its own back, from the pod.
+        let mut from_kernel = vec![0u8; reply.buffer_len()];
+        Icmpv4Repr::EchoReply {
+            ident: 4242,
+            seq_no: 3,
+            data: b"ping",
+        }
+        .emit(
+            &mut Icmpv4Packet::new_unchecked(&mut from_kernel[..]),
+            &ChecksumCapabilities::default(),
+        );
+        assert!(e.echo_reply(key, &from_kernel));
+        let out = drain(&mut e, t0);
+        assert_eq!(out, vec![icmp_packet(pod, laptop, &reply)]);
+        assert!(!e.echo_reply(key, b"short"), "not an echo reply");
+    }
+
     /// Every segment the engine emits until `until`, stepping the fake
     /// clock by `step`.
     fn run_clock(e: &mut FlowEngine, from: Instant, until: Instant, step: Duration) -> Vec<Seg> {
@@ -1903,7 +2058,9 @@ mod tests {
             },
             Ingress::Handled => Ingress::Handled,
             Ingress::Dropped(d) => Ingress::Dropped(d),
-            Ingress::UdpDatagram { .. } => panic!("a SYN is not UDP"),
+            Ingress::UdpDatagram { .. } | Ingress::EchoRequest { .. } => {
+                panic!("a SYN is neither UDP nor ICMP")
+            }
         }
     }
 

@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burrow_netstack::flow::FlowId;
-use burrow_netstack::wire::{self, PROTO_ICMP};
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -18,7 +15,6 @@ use tokio::task::JoinHandle;
 use super::Datapath;
 use super::inbox::{DialError, FlowEvent, IcmpKey};
 use super::metrics::dial_index;
-use super::output::Output;
 use crate::laptop::LaptopDatagrams;
 
 pub(super) const ICMP_IDLE: Duration = Duration::from_secs(30);
@@ -112,12 +108,7 @@ impl Datapath {
     /// ICMP echo requests go out on an unprivileged ping socket, if the
     /// pod's `net.ipv4.ping_group_range` allows one; anything else ICMP is
     /// dropped.
-    pub(super) fn icmp_to_cluster(&mut self, out: &mut Output, packet: &[u8], now: Instant) {
-        let _ = out;
-        let Some((key, message)) = parse_echo_request(packet) else {
-            self.stats.drop_unsupported += 1;
-            return;
-        };
+    pub(super) fn icmp_to_cluster(&mut self, key: IcmpKey, message: &[u8], now: Instant) {
         if !self.icmp.contains_key(&key) {
             if self.icmp_permitted == Some(false) {
                 self.stats.drop_icmp_not_permitted += 1;
@@ -273,61 +264,6 @@ pub(super) fn ip_udp_header(ip: IpAddr) -> usize {
         IpAddr::V4(_) => 20 + 8,
         IpAddr::V6(_) => 40 + 8,
     }
-}
-
-/// An IPv4 ICMP echo request: its flow key and the ICMP message.
-pub(super) fn parse_echo_request(packet: &[u8]) -> Option<(IcmpKey, &[u8])> {
-    let ip = wire::parse_ip(packet).ok()?;
-    if ip.protocol != PROTO_ICMP {
-        return None;
-    }
-    let message = ip.payload(packet);
-    let icmp = Icmpv4Packet::new_checked(message).ok()?;
-    match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()? {
-        Icmpv4Repr::EchoRequest { ident, .. } => Some((
-            IcmpKey {
-                laptop: ip.src,
-                remote: ip.dst,
-                ident,
-            },
-            message,
-        )),
-        _ => None,
-    }
-}
-
-/// The IPv4 packet carrying an echo reply to the laptop, with the laptop's
-/// identifier restored (the kernel substitutes its own on ping sockets).
-pub(super) fn echo_reply_packet(key: IcmpKey, message: &[u8]) -> Option<Vec<u8>> {
-    let (IpAddr::V4(remote), IpAddr::V4(laptop)) = (key.remote, key.laptop) else {
-        return None;
-    };
-    let caps = ChecksumCapabilities::default();
-    // The kernel verified the checksum; do not insist.
-    let icmp = Icmpv4Packet::new_checked(message).ok()?;
-    let Icmpv4Repr::EchoReply { seq_no, data, .. } =
-        Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::ignored()).ok()?
-    else {
-        return None;
-    };
-    let reply = Icmpv4Repr::EchoReply {
-        ident: key.ident,
-        seq_no,
-        data,
-    };
-    let ip = Ipv4Repr {
-        src_addr: remote,
-        dst_addr: laptop,
-        next_header: IpProtocol::Icmp,
-        payload_len: reply.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; ip.buffer_len() + reply.buffer_len()];
-    let mut ip_packet = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.emit(&mut ip_packet, &caps);
-    let mut icmp_out = Icmpv4Packet::new_unchecked(ip_packet.payload_mut());
-    reply.emit(&mut icmp_out, &caps);
-    Some(buf)
 }
 
 pub(super) fn open_ping_socket(remote: IpAddr) -> io::Result<Arc<UdpSocket>> {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use boringtun::x25519::PublicKey;
 use burrow_netstack::flow::FlowId;
+pub use burrow_netstack::flow::IcmpKey;
 use burrow_netstack::wg::{PeerConfig, PeerError};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -175,14 +176,6 @@ pub enum FlowEvent {
     /// An echo reply from an ICMP flow (ICMP header and data, as the kernel
     /// delivers them on a ping socket).
     IcmpReply { key: IcmpKey, data: Vec<u8> },
-}
-
-/// An ICMP echo "flow": laptop, destination, the laptop's identifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IcmpKey {
-    pub laptop: std::net::IpAddr,
-    pub remote: std::net::IpAddr,
-    pub ident: u16,
 }
 
 /// Bytes (or the end of them) from the laptop, for a laptop stream.

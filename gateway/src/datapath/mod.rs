@@ -39,7 +39,6 @@ use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
     self, DATA_OVERHEAD, Decapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
 };
-use burrow_netstack::wire::PROTO_ICMP;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -47,7 +46,7 @@ use crate::cluster::{ClusterPoll, Dialer};
 use crate::config::short_key;
 use crate::framed::{self, FramedConn, FramedEvent};
 use crate::laptop::ApiConn;
-use datagram::{DatagramFlow, ICMP_IDLE, LaptopUdpEnd, echo_reply_packet};
+use datagram::{DatagramFlow, ICMP_IDLE, LaptopUdpEnd};
 use metrics::{Stats, limit_index};
 use output::Output;
 use tcp::{End, ORPHAN_LINGER, TcpFlow};
@@ -287,10 +286,10 @@ impl Datapath {
                     }
                 }
                 Some(ev) = events_rx.recv() => {
-                    self.on_flow_event(&mut out, ev);
+                    self.on_flow_event(ev);
                     for _ in 0..DRAIN_LIMIT {
                         let Ok(ev) = events_rx.try_recv() else { break };
-                        self.on_flow_event(&mut out, ev);
+                        self.on_flow_event(ev);
                     }
                 }
                 c = control_rx.recv(), if control_open => match c {
@@ -478,7 +477,7 @@ impl Datapath {
                 peer.is_some()
             }
             Decapsulated::Packet { packet, .. } => {
-                self.on_packet(out, packet, now);
+                self.on_packet(packet, now);
                 true
             }
             Decapsulated::Nothing => true,
@@ -501,7 +500,7 @@ impl Datapath {
     }
 
     /// One IP packet from a laptop, its source already checked.
-    fn on_packet(&mut self, out: &mut Output, packet: &[u8], now: Instant) {
+    fn on_packet(&mut self, packet: &[u8], now: Instant) {
         match self.flows.ingress(packet, now) {
             Ingress::Handled => {}
             Ingress::NewTcp { id, src, dst } => self.open_tcp(id, src, dst),
@@ -529,14 +528,12 @@ impl Datapath {
                     self.udp_to_cluster(id, new, dst, payload, now);
                 }
             }
+            Ingress::EchoRequest { key, message } => self.icmp_to_cluster(key, message, now),
             Ingress::Refused {
                 laptop,
                 limit,
                 first,
             } => self.refused(laptop, limit, first),
-            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP)) => {
-                self.icmp_to_cluster(out, packet, now)
-            }
             Ingress::Dropped(reason) => {
                 let s = &mut self.stats;
                 match reason {
@@ -571,7 +568,7 @@ impl Datapath {
         }
     }
 
-    fn on_flow_event(&mut self, out: &mut Output, ev: FlowEvent) {
+    fn on_flow_event(&mut self, ev: FlowEvent) {
         let now = Instant::now();
         match ev {
             FlowEvent::TcpData { id, data } => {
@@ -621,10 +618,9 @@ impl Datapath {
                     Err(_) => {}
                 }
             }
+            // Leaves with the next egress.
             FlowEvent::IcmpReply { key, data } => {
-                if let Some(packet) = echo_reply_packet(key, &data) {
-                    out.encapsulate(&mut self.peers, &packet, &mut self.stats);
-                }
+                self.flows.echo_reply(key, &data);
             }
         }
     }
