@@ -344,6 +344,7 @@ fuzz_target!(|data: &[u8]| {
         udp_idle_timeout: Duration::from_secs(60),
         max_pending_syns: usize::from(c >> 4) + 1,
         random_seed: 0,
+        orphan_linger: Duration::from_secs(60),
         per_laptop: limits,
     };
     let start = Instant::now();

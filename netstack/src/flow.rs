@@ -104,6 +104,10 @@ pub struct FlowConfig {
     pub per_laptop: LaptopLimits,
     /// Seed for smoltcp's initial sequence numbers; vary it per process.
     pub random_seed: u64,
+    /// A TCP flow whose driver-side end is gone (nobody reads it any more)
+    /// is reset after this long (see [`FlowEngine::tcp_orphaned`]), as a
+    /// kernel bounds an orphaned socket's FIN-WAIT-2 (`tcp_fin_timeout`).
+    pub orphan_linger: Duration,
 }
 
 impl Default for FlowConfig {
@@ -116,6 +120,7 @@ impl Default for FlowConfig {
             max_pending_syns: 4096,
             per_laptop: LaptopLimits::default(),
             random_seed: 0,
+            orphan_linger: Duration::from_secs(60),
         }
     }
 }
@@ -296,6 +301,18 @@ pub enum FlowError {
     NoFreePort(SocketAddr),
 }
 
+/// What [`FlowEngine::tcp_settle`] made of a TCP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Still open: keep servicing it.
+    Open,
+    /// Both sides finished cleanly: released (in TIME-WAIT, after the next
+    /// egress). Forget it.
+    Closed,
+    /// Reset by the laptop, or timed out: released. Reset the other end.
+    Reset,
+}
+
 /// Result of reading from a TCP flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcpRead {
@@ -325,6 +342,8 @@ struct TcpFlow {
     /// Opened by the laptop (`tuple.0`), so counted in its `LaptopFlows`;
     /// not for connections the gateway opened.
     counted: bool,
+    /// When the driver first reported its end gone ([`FlowEngine::tcp_orphaned`]).
+    orphaned_at: Option<Instant>,
 }
 
 struct UdpFlow {
@@ -518,6 +537,9 @@ pub struct FlowEngine {
     laptops: HashMap<IpAddr, LaptopFlows>,
     /// Accepted TCP flows that received segments since `take_active`.
     active: Vec<FlowId>,
+    /// Flows released at the end of the next `egress` (after their RST or
+    /// last ACK has gone out).
+    releasing: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
     next_port: u16,
     /// Socket buffer memory (see `slots`); outlives every socket in
@@ -567,6 +589,7 @@ impl FlowEngine {
             udp_by_id: HashMap::new(),
             laptops: HashMap::new(),
             active: Vec::new(),
+            releasing: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
             rx_slots: Slots::new(config.tcp_rx_buffer),
             tx_slots: Slots::new(config.tcp_tx_buffer),
@@ -893,6 +916,7 @@ impl FlowEngine {
                 tuple: (syn.src, syn.dst),
                 active: false,
                 counted: true,
+                orphaned_at: None,
             },
         );
         self.inject(&syn.packet, now);
@@ -999,6 +1023,7 @@ impl FlowEngine {
                 tuple: (remote, local),
                 active: false,
                 counted: false,
+                orphaned_at: None,
             },
         );
         self.tcp_by_tuple.insert((remote, local), id);
@@ -1211,8 +1236,60 @@ impl FlowEngine {
         Ok(())
     }
 
+    /// Apply the release rules to a TCP flow after the driver moved what it
+    /// could; `done`: both sides finished cleanly (the laptop's FIN was
+    /// passed on, and the other end's FIN is queued towards the laptop).
+    ///
+    /// - CLOSED, done: released now.
+    /// - TIME-WAIT, done: the laptop's FIN has just arrived and its ACK
+    ///   leaves with the next egress; released after it. No TIME-WAIT is
+    ///   kept (a retransmitted FIN then draws a RST). Released at once, the
+    ///   ACK was never sent and the laptop sat in LAST-ACK until a loss
+    ///   probe drew a RST.
+    /// - CLOSED (or LISTEN) otherwise: reset by the laptop, or timed out;
+    ///   released now. A RST answering the SYN-ACK (the laptop gave up
+    ///   connecting) sends smoltcp back to LISTEN rather than CLOSED; kept,
+    ///   such a flow would hold its other end open for good.
+    /// - anything else: open.
+    pub fn tcp_settle(&mut self, id: FlowId, done: bool) -> Settled {
+        match self.tcp_state(id) {
+            Some(TcpState::Closed) if done => {
+                self.release(id);
+                Settled::Closed
+            }
+            Some(TcpState::TimeWait) if done => {
+                self.releasing.push(id);
+                Settled::Closed
+            }
+            Some(TcpState::Closed | TcpState::Listen) => {
+                self.release(id);
+                Settled::Reset
+            }
+            _ => Settled::Open,
+        }
+    }
+
+    /// Reset a flow: RST with the next egress (if it has a socket; a
+    /// pending SYN has nothing to answer), then released.
+    pub fn tcp_reset(&mut self, id: FlowId) {
+        let _ = self.tcp_abort(id);
+        self.releasing.push(id);
+    }
+
+    /// The driver's end of an accepted flow is gone (nobody reads it any
+    /// more) as of `now` or earlier: true once that has lasted
+    /// [`FlowConfig::orphan_linger`]; then reset it ([`FlowEngine::tcp_reset`]).
+    pub fn tcp_orphaned(&mut self, id: FlowId, now: Instant) -> bool {
+        let linger = self.config.orphan_linger;
+        self.tcp.get_mut(&id).is_some_and(|flow| {
+            let since = *flow.orphaned_at.get_or_insert(now);
+            now.saturating_duration_since(since) >= linger
+        })
+    }
+
     /// Forget a flow and free its socket. Call once `tcp_state` is `Closed`
-    /// (or after `tcp_abort` and an `egress`, so the RST goes out first).
+    /// (or use `tcp_reset`/`tcp_settle`, which release after the egress
+    /// that carries the RST or last ACK).
     pub fn release(&mut self, id: FlowId) {
         if let Some(flow) = self.tcp.remove(&id) {
             drop(self.sockets.remove(flow.handle));
@@ -1350,6 +1427,11 @@ impl FlowEngine {
                 break;
             }
         }
+        let mut releasing = std::mem::take(&mut self.releasing);
+        for id in releasing.drain(..) {
+            self.release(id);
+        }
+        self.releasing = releasing;
     }
 
     /// How long until `egress` has timer work (retransmits, delayed ACKs,
@@ -1651,6 +1733,143 @@ mod tests {
         let out = drain(&mut e, t0);
         assert_eq!(out, vec![icmp_packet(pod, laptop, &reply)]);
         assert!(!e.echo_reply(key, b"short"), "not an echo reply");
+    }
+
+    /// A segment from the laptop on the flow of `new_flow`.
+    fn laptop_seg(control: TcpControl, seq: i32, ack: Option<Seq>) -> Vec<u8> {
+        let mut r = syn_repr(seq);
+        r.control = control;
+        r.ack_number = ack;
+        r.window_scale = None;
+        r.max_seg_size = None;
+        r.sack_permitted = false;
+        tcp_packet(LAPTOP, SERVICE, &r)
+    }
+
+    /// An accepted flow with the laptop's handshake complete; the
+    /// gateway's next sequence number.
+    fn established(e: &mut FlowEngine, now: Instant) -> (FlowId, Seq) {
+        let id = new_flow(e, now);
+        e.accept(id, now).expect("pending");
+        let synack = parse_tcp(&drain(e, now)[0]);
+        let ours = synack.seq + 1;
+        e.ingress(&laptop_seg(TcpControl::None, 1001, Some(ours)), now);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        (id, ours)
+    }
+
+    #[test]
+    fn time_wait_is_released_after_the_egress_that_acks_the_laptops_fin() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        assert_eq!(e.tcp_settle(id, false), Settled::Open);
+        // The cluster side closes first, then the laptop.
+        e.tcp_close(id).expect("open");
+        assert!(
+            drain(&mut e, t0)
+                .iter()
+                .any(|p| parse_tcp(p).control == TcpControl::Fin)
+        );
+        e.ingress(&laptop_seg(TcpControl::Fin, 1001, Some(ours + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
+        assert_eq!(
+            e.tcp_settle(id, false),
+            Settled::Open,
+            "only when both sides are done"
+        );
+        assert_eq!(e.tcp_settle(id, true), Settled::Closed);
+        assert!(e.tcp_state(id).is_some(), "kept until its ACK is out");
+        let out: Vec<Seg> = drain(&mut e, t0).iter().map(|p| parse_tcp(p)).collect();
+        assert!(
+            out.iter().any(|s| s.ack == Some(Seq(1002))),
+            "the laptop's FIN is acknowledged: {out:?}"
+        );
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_flow_closed_both_ways_is_released_at_once() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        // The laptop closes first; then the cluster side, whose FIN the
+        // laptop acknowledges.
+        e.ingress(&laptop_seg(TcpControl::Fin, 1001, Some(ours)), t0);
+        assert_eq!(e.tcp_recv(id, &mut []), Ok(TcpRead::Eof));
+        e.tcp_close(id).expect("open");
+        drain(&mut e, t0);
+        e.ingress(&laptop_seg(TcpControl::None, 1002, Some(ours + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Closed));
+        assert_eq!(e.tcp_settle(id, true), Settled::Closed);
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_reset_from_the_laptop_releases_the_flow() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        e.ingress(&laptop_seg(TcpControl::Rst, 1001, Some(ours)), t0);
+        assert_eq!(e.tcp_settle(id, false), Settled::Reset);
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_laptop_giving_up_mid_handshake_is_a_reset() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let id = new_flow(&mut e, t0);
+        e.accept(id, t0).expect("pending");
+        let synack = parse_tcp(&drain(&mut e, t0)[0]);
+        // RST answering the SYN-ACK: smoltcp goes back to LISTEN.
+        e.ingress(&laptop_seg(TcpControl::Rst, 1001, Some(synack.seq + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Listen));
+        assert_eq!(e.tcp_settle(id, false), Settled::Reset);
+        assert_eq!(e.tcp_state(id), None);
+    }
+
+    #[test]
+    fn tcp_reset_sends_rst_then_releases_accepted_and_pending_flows() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, _) = established(&mut e, t0);
+        e.tcp_reset(id);
+        let out: Vec<Seg> = drain(&mut e, t0).iter().map(|p| parse_tcp(p)).collect();
+        assert!(out.iter().any(|s| s.control == TcpControl::Rst), "{out:?}");
+        assert_eq!(e.tcp_state(id), None);
+        // A dial still pending: nothing to answer, counts given back.
+        let id = new_flow(&mut e, t0);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (1, 0));
+        e.tcp_reset(id);
+        assert!(drain(&mut e, t0).is_empty());
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn an_orphaned_flow_is_reset_after_the_linger() {
+        let t0 = Instant::now();
+        let linger = Duration::from_secs(60);
+        let config = FlowConfig {
+            orphan_linger: linger,
+            ..FlowConfig::default()
+        };
+        let mut e = FlowEngine::new(config, t0);
+        let (id, _) = established(&mut e, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(!e.tcp_orphaned(id, t1), "found orphaned now");
+        assert!(!e.tcp_orphaned(id, t1 + linger - Duration::from_millis(1)));
+        assert!(
+            e.tcp_orphaned(id, t1 + linger),
+            "from when it was first reported"
+        );
+        assert!(
+            !e.tcp_orphaned(FlowId(999), t1 + linger),
+            "unknown flows never"
+        );
     }
 
     /// Every segment the engine emits until `until`, stepping the fake

@@ -49,7 +49,7 @@ use crate::laptop::ApiConn;
 use datagram::{DatagramFlow, ICMP_IDLE, LaptopUdpEnd};
 use metrics::{Stats, limit_index};
 use output::Output;
-use tcp::{End, ORPHAN_LINGER, TcpFlow};
+use tcp::{End, TcpFlow};
 
 mod datagram;
 pub mod inbox;
@@ -122,7 +122,6 @@ pub struct Datapath {
     decap: Vec<u8>,
     timer_buf: Vec<u8>,
     active: Vec<FlowId>,
-    release_after_egress: Vec<FlowId>,
     /// Adds cluster sockets to the data path's epoll set (set by `run`).
     registry: Option<mio::Registry>,
     /// Opens and closes cluster sockets off the data path's thread (set
@@ -191,7 +190,6 @@ impl Datapath {
             decap: vec![0; framing_max() + MIN_BUFFER],
             timer_buf: vec![0; MIN_BUFFER.max(cfg.mtu + DATA_OVERHEAD)],
             active: Vec::new(),
-            release_after_egress: Vec::new(),
             registry: None,
             dialer: None,
             dialing: VecDeque::new(),
@@ -691,19 +689,19 @@ impl Datapath {
     fn sweep(&mut self, now: Instant) {
         let ids: Vec<FlowId> = self.flows.tcp_flows().collect();
         for id in ids {
-            let Some(flow) = self.tcp.get_mut(&id) else {
+            let Some(flow) = self.tcp.get(&id) else {
                 continue;
             };
+            // Nobody reads it any more (a dropped `LaptopStream`): reset
+            // once that has lasted the engine's orphan linger.
             if flow.accepted
                 && let End::Stream(stream) = &flow.end
                 && stream.to_cluster.is_closed()
+                && self.flows.tcp_orphaned(id, now)
             {
-                let since = *flow.orphaned_at.get_or_insert(now);
-                if now.saturating_duration_since(since) >= ORPHAN_LINGER {
-                    tracing::debug!(?id, laptop = %flow.src, "resetting a flow nobody reads");
-                    self.abort_tcp(id);
-                    continue;
-                }
+                tracing::debug!(?id, laptop = %flow.src, "resetting a flow nobody reads");
+                self.abort_tcp(id);
+                continue;
             }
             self.service_tcp(id);
         }
@@ -735,9 +733,6 @@ impl Datapath {
         flows.egress(now, &mut |packet: &[u8]| {
             out.encapsulate(peers, packet, stats);
         });
-        for id in self.release_after_egress.drain(..) {
-            self.flows.release(id);
-        }
     }
 }
 

@@ -9,9 +9,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use burrow_netstack::flow::{FlowId, TcpRead, TcpState};
+use burrow_netstack::flow::{FlowId, Settled, TcpRead, TcpState};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,10 +23,6 @@ use crate::cluster::{ClusterPoll, ClusterSocket, ReadOutcome, Readiness};
 use crate::framed::{self, ConnId, FramedConn};
 use crate::laptop::{ApiConn, LaptopStream};
 
-/// A TCP flow whose cluster-side end is gone (a dropped `LaptopStream`, a
-/// finished flow task) is reset if it has not closed after this long, as a
-/// kernel bounds an orphaned socket's FIN-WAIT-2 (`tcp_fin_timeout`).
-pub(super) const ORPHAN_LINGER: Duration = Duration::from_secs(60);
 /// A grant of send-buffer space smaller than this waits for more (fewer,
 /// larger reads from the cluster socket).
 pub(super) const MIN_GRANT: usize = 16 * 1024;
@@ -46,8 +42,6 @@ pub(super) struct TcpFlow {
     /// A connection the gateway is opening to the laptop, until the
     /// laptop answers.
     pub(super) connecting: Option<Connecting>,
-    /// When the sweep first found the cluster-side end gone.
-    pub(super) orphaned_at: Option<Instant>,
 }
 
 /// Where a TCP flow's bytes go beyond smoltcp.
@@ -128,7 +122,6 @@ impl Datapath {
                 laptop_eof: false,
                 cluster_eof: false,
                 connecting: None,
-                orphaned_at: None,
             },
         );
         self.dialing
@@ -179,7 +172,6 @@ impl Datapath {
                 laptop_eof: false,
                 cluster_eof: false,
                 connecting: None,
-                orphaned_at: None,
             },
         );
         permit.send(ApiConn {
@@ -302,9 +294,8 @@ impl Datapath {
 
     pub(super) fn abort_tcp(&mut self, id: FlowId) {
         if self.tcp.remove(&id).is_some() {
-            let _ = self.flows.tcp_abort(id);
             // The RST leaves with the next egress; then the socket goes.
-            self.release_after_egress.push(id);
+            self.flows.tcp_reset(id);
         }
     }
 
@@ -371,29 +362,17 @@ impl Datapath {
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
-        match state {
-            TcpState::Closed if flow.laptop_eof && flow.cluster_eof => {
+        // The release rules are the engine's (`FlowEngine::tcp_settle`).
+        let done = flow.laptop_eof && flow.cluster_eof;
+        match self.flows.tcp_settle(id, done) {
+            Settled::Open => {}
+            Settled::Closed => {
                 self.tcp.remove(&id);
-                self.flows.release(id);
             }
-            // The laptop's FIN has just arrived: its ACK leaves with the next
-            // egress, so release after that. (Released at once, the ACK was
-            // never sent: every laptop connection closed by the cluster side
-            // sat in LAST-ACK until a loss probe ~200 ms later drew a RST.)
-            TcpState::TimeWait if flow.laptop_eof && flow.cluster_eof => {
-                self.tcp.remove(&id);
-                self.release_after_egress.push(id);
-            }
-            // Reset by the laptop, or timed out. A RST answering our
-            // SYN-ACK (the laptop gave up connecting) sends smoltcp back to
-            // LISTEN rather than CLOSED; kept, such a flow held its cluster
-            // connection open for good.
-            TcpState::Closed | TcpState::Listen => {
+            Settled::Reset => {
                 tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
                 self.tcp.remove(&id);
-                self.flows.release(id);
             }
-            _ => {}
         }
     }
 
@@ -641,7 +620,6 @@ impl Datapath {
                     started: now,
                     deadline: now + self.cfg.dial_timeout,
                 }),
-                orphaned_at: None,
             },
         );
         self.laptop_streams.insert(id, None);
