@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
@@ -305,7 +306,8 @@ impl Exposition {
 /// [`SCRAPE_LIFETIME`] at the latest.
 pub async fn serve(listener: TcpListener, datapath: DatapathHandle) {
     let app = axum::Router::new()
-        .route("/metrics", get(scrape).fallback(only_get))
+        // axum answers HEAD with the GET handler unless told otherwise.
+        .route("/metrics", get(scrape).head(only_get).fallback(only_get))
         .fallback(not_found)
         .with_state(datapath.clone());
     loop {
@@ -344,6 +346,10 @@ async fn only_get() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, "only GET\n").into_response()
 }
 
-async fn not_found() -> Response {
+/// Any method but GET is refused first, whatever the path.
+async fn not_found(method: Method) -> Response {
+    if method != Method::GET {
+        return only_get().await;
+    }
     (StatusCode::NOT_FOUND, "metrics are at /metrics\n").into_response()
 }
