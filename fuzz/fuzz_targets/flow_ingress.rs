@@ -168,6 +168,14 @@ impl Harness {
                     let _ = self.eng.udp_send(id, &reply, self.now);
                 }
             }
+            Ingress::EchoRequest { key, message } => {
+                let h = parsed.expect("an echo request came from a valid packet");
+                assert_eq!((key.laptop, key.remote), (h.src, h.dst));
+                assert!(message.len() <= h.total_len);
+                // The message as a "reply": not one, so nothing is built.
+                let reply = message.to_vec();
+                assert!(!self.eng.echo_reply(key, &reply));
+            }
             Ingress::Refused { laptop, .. } => {
                 let h = parsed.expect("a refused flow came from a valid packet");
                 assert_eq!(laptop, h.src);
@@ -336,6 +344,7 @@ fuzz_target!(|data: &[u8]| {
         udp_idle_timeout: Duration::from_secs(60),
         max_pending_syns: usize::from(c >> 4) + 1,
         random_seed: 0,
+        orphan_linger: Duration::from_secs(60),
         per_laptop: limits,
     };
     let start = Instant::now();

@@ -27,7 +27,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::dialer::FlowEvent;
+use crate::datapath::FlowEvent;
 
 /// Events taken from the epoll set per call.
 const EVENTS: usize = 256;

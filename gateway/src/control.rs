@@ -1,4 +1,4 @@
-//! The control API servers (see [`crate::api`]): laptops register their
+//! The control API servers (see [`burrow_api`]): laptops register their
 //! WireGuard key on the loopback listener (through port-forward) and get a
 //! tunnel address and the cluster facts; every later call arrives through
 //! the tunnel, bound to the WireGuard peer it came from ([`Caller`]).
@@ -20,76 +20,18 @@ use axum::routing::{get, post};
 use axum::{Extension, Json};
 use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_netstack::wg::PeerConfig;
 use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::datapath;
+use crate::datapath::DatapathHandle;
 use crate::laptop::ApiConn;
 use crate::reroute::{Laptop, Refused, Reroutes};
 use burrow_api::{
     ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
     StopRequest, proof,
 };
-
-/// The control server's way into the data path task.
-#[derive(Clone)]
-pub struct DatapathHandle {
-    pub tx: mpsc::Sender<datapath::Control>,
-}
-
-impl DatapathHandle {
-    /// Opens TCP connections to registered laptops through the tunnel.
-    pub fn dialer(&self) -> crate::laptop::LaptopDialer {
-        crate::laptop::LaptopDialer::new(self.tx.clone())
-    }
-
-    /// Adds (or keeps) a peer with its one tunnel address.
-    async fn add(&self, key: [u8; 32], address: IpAddr) -> Result<(), String> {
-        let (reply, answer) = oneshot::channel();
-        let config = PeerConfig::host(PublicKey::from(key), address);
-        self.tx
-            .send(datapath::Control::AddPeer(config, reply))
-            .await
-            .map_err(|_| "the data path has stopped".to_string())?;
-        match answer.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the data path has stopped".to_string()),
-        }
-    }
-
-    /// Removes a peer; its flows are reset.
-    async fn remove(&self, key: [u8; 32]) {
-        let _ = self.tx.send(datapath::Control::RemovePeer(key)).await;
-    }
-
-    /// Open (TCP, UDP) flows of the laptop at `address`.
-    async fn flows_of(&self, address: IpAddr) -> Option<(usize, usize)> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(datapath::Control::FlowsOf(address, reply))
-            .await
-            .ok()?;
-        answer.await.ok()
-    }
-
-    /// Time since each peer's last handshake, by key.
-    async fn last_seen(&self) -> HashMap<[u8; 32], Duration> {
-        let (reply, answer) = oneshot::channel();
-        if self
-            .tx
-            .send(datapath::Control::LastHandshakes(reply))
-            .await
-            .is_err()
-        {
-            return HashMap::new();
-        }
-        answer.await.unwrap_or_default()
-    }
-}
 
 /// A registered laptop.
 #[derive(Debug, Clone)]

@@ -31,7 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::datapath::Control;
-use crate::dialer::{CHUNK, FlowEvent, TcpShared, ToCluster};
+use crate::datapath::inbox::CHUNK;
+use crate::datapath::{FlowEvent, TcpShared, ToCluster};
 
 /// Opens TCP connections to laptops through the tunnel. Cloneable; every
 /// clone talks to the same data path.

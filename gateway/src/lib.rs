@@ -11,15 +11,18 @@
 //! filesystem), forward packets between peers, or accept a packet whose
 //! source is not the sending peer's tunnel address.
 //!
-//! Built so far: the data path. [`serve`] runs it on [`Listeners`]:
+//! [`serve`] runs it all on [`Listeners`]:
 //!
 //! - [`datapath`]: the one task that owns the sans-IO state
-//!   (`burrow_netstack::wg::Peers` and `flow::FlowEngine`) and drives it;
+//!   (`burrow_netstack::wg::Peers` and `flow::FlowEngine`) and drives it,
+//!   one folder: its inbox (every message in or out), output sink, TCP and
+//!   UDP/ICMP flows, and metrics (Prometheus text at `GET /metrics`);
 //! - `burrow_netstack::udp_batch`: `recvmmsg`/`sendmmsg` for the WireGuard
 //!   UDP socket (shared with the client);
 //! - [`framed`]: WireGuard over length-framed TCP connections (the
 //!   port-forward transport);
-//! - [`dialer`]: per-flow tasks owning the real sockets into the cluster;
+//! - [`cluster`]: the TCP flows' sockets into the cluster, and the dialer
+//!   thread that opens and closes them;
 //! - [`httproute`]: the HTTP proxy that routes by header for personal
 //!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
 //!   mode's splice with its 502;
@@ -29,7 +32,6 @@
 //!   take a rerouted Service's connections, and the restores;
 //!   [`service`]: what a reroute changes in the Service and how it is
 //!   given back (shared with the client);
-//! - [`metrics`]: Prometheus text at `GET /metrics`;
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
 
@@ -44,11 +46,9 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod dialer;
 pub mod framed;
 pub mod httproute;
 pub mod laptop;
-pub mod metrics;
 pub mod passthrough;
 pub mod reroute;
 pub mod udproute;
@@ -226,9 +226,14 @@ pub async fn serve(
         framed_limits,
         datapath.framed_counters(),
     ));
-    let metrics = listeners
-        .metrics
-        .map(|l| tokio::spawn(metrics::serve(l, control_tx.clone())));
+    let metrics = listeners.metrics.map(|l| {
+        tokio::spawn(datapath::metrics::serve(
+            l,
+            datapath::DatapathHandle {
+                tx: control_tx.clone(),
+            },
+        ))
+    });
     let mut reroutes = None;
     let mut control_tasks = Vec::new();
     if !listeners.control.is_empty() {
@@ -243,7 +248,7 @@ pub async fn serve(
             registration_nonce: String::new(),
         };
         let shared = std::sync::Arc::new(control::Control::new(
-            control::DatapathHandle {
+            datapath::DatapathHandle {
                 tx: control_tx.clone(),
             },
             config.control.tunnel_network,

@@ -820,6 +820,13 @@ async fn metrics_endpoint_serves_only_metrics() {
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("read");
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    for request in ["HEAD /metrics HTTP/1.1\r\n\r\n", "POST /x HTTP/1.1\r\n\r\n"] {
+        let mut s = TcpStream::connect(gw.metrics).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.expect("read");
+        assert!(text.starts_with("HTTP/1.1 405"), "{request}: {text}");
+    }
     let m = gw.metrics().await;
     assert!(m.contains("# TYPE burrow_gateway_flows_open gauge"));
     assert_eq!(Gateway::metric(&m, "burrow_gateway_peers"), 2.0);

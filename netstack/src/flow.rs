@@ -35,6 +35,10 @@
 //! an ephemeral port to the laptop's; the laptop's datagrams back arrive as
 //! that flow's), for rerouted UDP ports; their owner releases them.
 //!
+//! ICMP: an IPv4 echo request is reported as [`Ingress::EchoRequest`] (the
+//! driver forwards it, e.g. on an unprivileged ping socket) and the answer
+//! goes back with [`FlowEngine::echo_reply`]; any other ICMP is dropped.
+//!
 //! Each laptop (tunnel address: the peer table has already checked that a
 //! packet's source is its peer's) has caps on the flows it opens
 //! ([`LaptopLimits`]), kept with counters per address so a refusal costs a
@@ -59,12 +63,12 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, IpRepr, TcpControl,
-    TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpListenEndpoint, IpProtocol,
+    IpRepr, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 use crate::slots::{Slot, Slots};
-use crate::wire::{self, PROTO_TCP, PROTO_UDP};
+use crate::wire::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 pub use smoltcp::socket::tcp::State as TcpState;
 
@@ -100,6 +104,10 @@ pub struct FlowConfig {
     pub per_laptop: LaptopLimits,
     /// Seed for smoltcp's initial sequence numbers; vary it per process.
     pub random_seed: u64,
+    /// A TCP flow whose driver-side end is gone (nobody reads it any more)
+    /// is reset after this long (see [`FlowEngine::tcp_orphaned`]), as a
+    /// kernel bounds an orphaned socket's FIN-WAIT-2 (`tcp_fin_timeout`).
+    pub orphan_linger: Duration,
 }
 
 impl Default for FlowConfig {
@@ -112,6 +120,7 @@ impl Default for FlowConfig {
             max_pending_syns: 4096,
             per_laptop: LaptopLimits::default(),
             random_seed: 0,
+            orphan_linger: Duration::from_secs(60),
         }
     }
 }
@@ -235,6 +244,9 @@ pub enum Ingress<'p> {
         dst: SocketAddr,
         payload: &'p [u8],
     },
+    /// An ICMP echo request from `key.laptop` to `key.remote`: `message`
+    /// is the ICMP header and data. Answer with [`FlowEngine::echo_reply`].
+    EchoRequest { key: IcmpKey, message: &'p [u8] },
     /// A new flow beyond one of its laptop's caps: a TCP SYN answered with
     /// RST (call `egress`) or dropped, a UDP datagram dropped. `first`:
     /// the first refusal by this cap since the laptop last held no flows
@@ -257,10 +269,18 @@ pub enum IngressDrop {
     /// Fragments are not reassembled: MSS clamping and the tunnel MTU keep
     /// TCP from fragmenting, and UDP fragments are rare enough to drop.
     Fragment,
-    /// Protocols other than TCP and UDP (ICMP is the driver's business).
+    /// Protocols other than TCP and UDP, and ICMP other than echo requests.
     UnsupportedProtocol(u8),
     /// Too many dials pending.
     TooManyPendingSyns,
+}
+
+/// An ICMP echo "flow": laptop, destination, the laptop's identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IcmpKey {
+    pub laptop: IpAddr,
+    pub remote: IpAddr,
+    pub ident: u16,
 }
 
 /// Errors of the flow API.
@@ -279,6 +299,18 @@ pub enum FlowError {
     /// Every ephemeral port towards this remote endpoint is in use.
     #[error("no free local port towards {0}")]
     NoFreePort(SocketAddr),
+}
+
+/// What [`FlowEngine::tcp_settle`] made of a TCP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Still open: keep servicing it.
+    Open,
+    /// Both sides finished cleanly: released (in TIME-WAIT, after the next
+    /// egress). Forget it.
+    Closed,
+    /// Reset by the laptop, or timed out: released. Reset the other end.
+    Reset,
 }
 
 /// Result of reading from a TCP flow.
@@ -310,6 +342,8 @@ struct TcpFlow {
     /// Opened by the laptop (`tuple.0`), so counted in its `LaptopFlows`;
     /// not for connections the gateway opened.
     counted: bool,
+    /// When the driver first reported its end gone ([`FlowEngine::tcp_orphaned`]).
+    orphaned_at: Option<Instant>,
 }
 
 struct UdpFlow {
@@ -346,6 +380,19 @@ impl TxQueue {
             out(&buf);
             self.free.push(buf);
         }
+    }
+}
+
+/// The key of an ICMP echo request (checksum checked), if `message` is one.
+fn echo_request(src: IpAddr, dst: IpAddr, message: &[u8]) -> Option<IcmpKey> {
+    let icmp = Icmpv4Packet::new_checked(message).ok()?;
+    match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()? {
+        Icmpv4Repr::EchoRequest { ident, .. } => Some(IcmpKey {
+            laptop: src,
+            remote: dst,
+            ident,
+        }),
+        _ => None,
     }
 }
 
@@ -490,6 +537,9 @@ pub struct FlowEngine {
     laptops: HashMap<IpAddr, LaptopFlows>,
     /// Accepted TCP flows that received segments since `take_active`.
     active: Vec<FlowId>,
+    /// Flows released at the end of the next `egress` (after their RST or
+    /// last ACK has gone out).
+    releasing: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
     next_port: u16,
     /// Socket buffer memory (see `slots`); outlives every socket in
@@ -539,6 +589,7 @@ impl FlowEngine {
             udp_by_id: HashMap::new(),
             laptops: HashMap::new(),
             active: Vec::new(),
+            releasing: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
             rx_slots: Slots::new(config.tcp_rx_buffer),
             tx_slots: Slots::new(config.tcp_tx_buffer),
@@ -629,8 +680,56 @@ impl FlowEngine {
                     payload: datagram.payload(),
                 }
             }
+            PROTO_ICMP => match echo_request(ip.src, ip.dst, payload) {
+                Some(key) => Ingress::EchoRequest {
+                    key,
+                    message: payload,
+                },
+                None => Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP)),
+            },
             other => Ingress::Dropped(IngressDrop::UnsupportedProtocol(other)),
         }
+    }
+
+    /// Send an echo reply to the laptop of `key`, from `key.remote`, with
+    /// the laptop's identifier restored (a ping socket's kernel substitutes
+    /// its own): `message` is the ICMP reply as received, whose checksum is
+    /// not checked again. False when it is not an IPv4 echo reply.
+    pub fn echo_reply(&mut self, key: IcmpKey, message: &[u8]) -> bool {
+        let (IpAddr::V4(remote), IpAddr::V4(laptop)) = (key.remote, key.laptop) else {
+            return false;
+        };
+        let Ok(icmp) = Icmpv4Packet::new_checked(message) else {
+            return false;
+        };
+        let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) =
+            Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::ignored())
+        else {
+            return false;
+        };
+        let reply = Icmpv4Repr::EchoReply {
+            ident: key.ident,
+            seq_no,
+            data,
+        };
+        let ip = Ipv4Repr {
+            src_addr: remote,
+            dst_addr: laptop,
+            next_header: IpProtocol::Icmp,
+            payload_len: reply.buffer_len(),
+            hop_limit: HOP_LIMIT,
+        };
+        let caps = ChecksumCapabilities::default();
+        self.tx
+            .push_with(ip.buffer_len() + reply.buffer_len(), |buf| {
+                let mut packet = Ipv4Packet::new_unchecked(&mut *buf);
+                ip.emit(&mut packet, &caps);
+                reply.emit(
+                    &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
+                    &caps,
+                );
+            });
+        true
     }
 
     /// A SYN without ACK: a new flow unless its tuple is known. Returns
@@ -817,6 +916,7 @@ impl FlowEngine {
                 tuple: (syn.src, syn.dst),
                 active: false,
                 counted: true,
+                orphaned_at: None,
             },
         );
         self.inject(&syn.packet, now);
@@ -923,6 +1023,7 @@ impl FlowEngine {
                 tuple: (remote, local),
                 active: false,
                 counted: false,
+                orphaned_at: None,
             },
         );
         self.tcp_by_tuple.insert((remote, local), id);
@@ -1135,8 +1236,60 @@ impl FlowEngine {
         Ok(())
     }
 
+    /// Apply the release rules to a TCP flow after the driver moved what it
+    /// could; `done`: both sides finished cleanly (the laptop's FIN was
+    /// passed on, and the other end's FIN is queued towards the laptop).
+    ///
+    /// - CLOSED, done: released now.
+    /// - TIME-WAIT, done: the laptop's FIN has just arrived and its ACK
+    ///   leaves with the next egress; released after it. No TIME-WAIT is
+    ///   kept (a retransmitted FIN then draws a RST). Released at once, the
+    ///   ACK was never sent and the laptop sat in LAST-ACK until a loss
+    ///   probe drew a RST.
+    /// - CLOSED (or LISTEN) otherwise: reset by the laptop, or timed out;
+    ///   released now. A RST answering the SYN-ACK (the laptop gave up
+    ///   connecting) sends smoltcp back to LISTEN rather than CLOSED; kept,
+    ///   such a flow would hold its other end open for good.
+    /// - anything else: open.
+    pub fn tcp_settle(&mut self, id: FlowId, done: bool) -> Settled {
+        match self.tcp_state(id) {
+            Some(TcpState::Closed) if done => {
+                self.release(id);
+                Settled::Closed
+            }
+            Some(TcpState::TimeWait) if done => {
+                self.releasing.push(id);
+                Settled::Closed
+            }
+            Some(TcpState::Closed | TcpState::Listen) => {
+                self.release(id);
+                Settled::Reset
+            }
+            _ => Settled::Open,
+        }
+    }
+
+    /// Reset a flow: RST with the next egress (if it has a socket; a
+    /// pending SYN has nothing to answer), then released.
+    pub fn tcp_reset(&mut self, id: FlowId) {
+        let _ = self.tcp_abort(id);
+        self.releasing.push(id);
+    }
+
+    /// The driver's end of an accepted flow is gone (nobody reads it any
+    /// more) as of `now` or earlier: true once that has lasted
+    /// [`FlowConfig::orphan_linger`]; then reset it ([`FlowEngine::tcp_reset`]).
+    pub fn tcp_orphaned(&mut self, id: FlowId, now: Instant) -> bool {
+        let linger = self.config.orphan_linger;
+        self.tcp.get_mut(&id).is_some_and(|flow| {
+            let since = *flow.orphaned_at.get_or_insert(now);
+            now.saturating_duration_since(since) >= linger
+        })
+    }
+
     /// Forget a flow and free its socket. Call once `tcp_state` is `Closed`
-    /// (or after `tcp_abort` and an `egress`, so the RST goes out first).
+    /// (or use `tcp_reset`/`tcp_settle`, which release after the egress
+    /// that carries the RST or last ACK).
     pub fn release(&mut self, id: FlowId) {
         if let Some(flow) = self.tcp.remove(&id) {
             drop(self.sockets.remove(flow.handle));
@@ -1274,6 +1427,11 @@ impl FlowEngine {
                 break;
             }
         }
+        let mut releasing = std::mem::take(&mut self.releasing);
+        for id in releasing.drain(..) {
+            self.release(id);
+        }
+        self.releasing = releasing;
     }
 
     /// How long until `egress` has timer work (retransmits, delayed ACKs,
@@ -1496,6 +1654,222 @@ mod tests {
         assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
         e.release(id);
         assert_eq!(e.tcp_state(id), None);
+    }
+
+    /// An IPv4 packet carrying the ICMP message `icmp`.
+    fn icmp_packet(src: Ipv4Addr, dst: Ipv4Addr, icmp: &Icmpv4Repr) -> Vec<u8> {
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        let mut packet = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut packet, &caps);
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
+            &caps,
+        );
+        buf
+    }
+
+    #[test]
+    fn icmp_echo_requests_are_reported_and_replies_built() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (laptop, pod) = (Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(10, 244, 0, 7));
+        let request = Icmpv4Repr::EchoRequest {
+            ident: 77,
+            seq_no: 3,
+            data: b"ping",
+        };
+        let packet = icmp_packet(laptop, pod, &request);
+        let key = IcmpKey {
+            laptop: IpAddr::V4(laptop),
+            remote: IpAddr::V4(pod),
+            ident: 77,
+        };
+        match e.ingress(&packet, t0) {
+            Ingress::EchoRequest { key: k, message } => {
+                assert_eq!(k, key);
+                assert_eq!(message, &packet[20..], "the ICMP message as sent");
+            }
+            other => panic!("expected EchoRequest, got {other:?}"),
+        }
+        // Anything else ICMP, or a bad checksum, is dropped.
+        let reply = Icmpv4Repr::EchoReply {
+            ident: 77,
+            seq_no: 3,
+            data: b"ping",
+        };
+        let unsolicited = icmp_packet(laptop, pod, &reply);
+        assert_eq!(
+            e.ingress(&unsolicited, t0),
+            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP))
+        );
+        let mut corrupt = packet.clone();
+        corrupt[20 + 8] ^= 1;
+        assert_eq!(
+            e.ingress(&corrupt, t0),
+            Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP))
+        );
+
+        // The ping socket's reply carries the kernel's identifier; the
+        // laptop gets its own back, from the pod.
+        let mut from_kernel = vec![0u8; reply.buffer_len()];
+        Icmpv4Repr::EchoReply {
+            ident: 4242,
+            seq_no: 3,
+            data: b"ping",
+        }
+        .emit(
+            &mut Icmpv4Packet::new_unchecked(&mut from_kernel[..]),
+            &ChecksumCapabilities::default(),
+        );
+        assert!(e.echo_reply(key, &from_kernel));
+        let out = drain(&mut e, t0);
+        assert_eq!(out, vec![icmp_packet(pod, laptop, &reply)]);
+        assert!(!e.echo_reply(key, b"short"), "not an echo reply");
+    }
+
+    /// A segment from the laptop on the flow of `new_flow`.
+    fn laptop_seg(control: TcpControl, seq: i32, ack: Option<Seq>) -> Vec<u8> {
+        let mut r = syn_repr(seq);
+        r.control = control;
+        r.ack_number = ack;
+        r.window_scale = None;
+        r.max_seg_size = None;
+        r.sack_permitted = false;
+        tcp_packet(LAPTOP, SERVICE, &r)
+    }
+
+    /// An accepted flow with the laptop's handshake complete; the
+    /// gateway's next sequence number.
+    fn established(e: &mut FlowEngine, now: Instant) -> (FlowId, Seq) {
+        let id = new_flow(e, now);
+        e.accept(id, now).expect("pending");
+        let synack = parse_tcp(&drain(e, now)[0]);
+        let ours = synack.seq + 1;
+        e.ingress(&laptop_seg(TcpControl::None, 1001, Some(ours)), now);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        (id, ours)
+    }
+
+    #[test]
+    fn time_wait_is_released_after_the_egress_that_acks_the_laptops_fin() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        assert_eq!(e.tcp_settle(id, false), Settled::Open);
+        // The cluster side closes first, then the laptop.
+        e.tcp_close(id).expect("open");
+        assert!(
+            drain(&mut e, t0)
+                .iter()
+                .any(|p| parse_tcp(p).control == TcpControl::Fin)
+        );
+        e.ingress(&laptop_seg(TcpControl::Fin, 1001, Some(ours + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::TimeWait));
+        assert_eq!(
+            e.tcp_settle(id, false),
+            Settled::Open,
+            "only when both sides are done"
+        );
+        assert_eq!(e.tcp_settle(id, true), Settled::Closed);
+        assert!(e.tcp_state(id).is_some(), "kept until its ACK is out");
+        let out: Vec<Seg> = drain(&mut e, t0).iter().map(|p| parse_tcp(p)).collect();
+        assert!(
+            out.iter().any(|s| s.ack == Some(Seq(1002))),
+            "the laptop's FIN is acknowledged: {out:?}"
+        );
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_flow_closed_both_ways_is_released_at_once() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        // The laptop closes first; then the cluster side, whose FIN the
+        // laptop acknowledges.
+        e.ingress(&laptop_seg(TcpControl::Fin, 1001, Some(ours)), t0);
+        assert_eq!(e.tcp_recv(id, &mut []), Ok(TcpRead::Eof));
+        e.tcp_close(id).expect("open");
+        drain(&mut e, t0);
+        e.ingress(&laptop_seg(TcpControl::None, 1002, Some(ours + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Closed));
+        assert_eq!(e.tcp_settle(id, true), Settled::Closed);
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_reset_from_the_laptop_releases_the_flow() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, ours) = established(&mut e, t0);
+        e.ingress(&laptop_seg(TcpControl::Rst, 1001, Some(ours)), t0);
+        assert_eq!(e.tcp_settle(id, false), Settled::Reset);
+        assert_eq!(e.tcp_state(id), None);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn a_laptop_giving_up_mid_handshake_is_a_reset() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let id = new_flow(&mut e, t0);
+        e.accept(id, t0).expect("pending");
+        let synack = parse_tcp(&drain(&mut e, t0)[0]);
+        // RST answering the SYN-ACK: smoltcp goes back to LISTEN.
+        e.ingress(&laptop_seg(TcpControl::Rst, 1001, Some(synack.seq + 1)), t0);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Listen));
+        assert_eq!(e.tcp_settle(id, false), Settled::Reset);
+        assert_eq!(e.tcp_state(id), None);
+    }
+
+    #[test]
+    fn tcp_reset_sends_rst_then_releases_accepted_and_pending_flows() {
+        let t0 = Instant::now();
+        let mut e = FlowEngine::new(FlowConfig::default(), t0);
+        let (id, _) = established(&mut e, t0);
+        e.tcp_reset(id);
+        let out: Vec<Seg> = drain(&mut e, t0).iter().map(|p| parse_tcp(p)).collect();
+        assert!(out.iter().any(|s| s.control == TcpControl::Rst), "{out:?}");
+        assert_eq!(e.tcp_state(id), None);
+        // A dial still pending: nothing to answer, counts given back.
+        let id = new_flow(&mut e, t0);
+        assert_eq!(e.flows_of(LAPTOP.ip()), (1, 0));
+        e.tcp_reset(id);
+        assert!(drain(&mut e, t0).is_empty());
+        assert_eq!(e.flows_of(LAPTOP.ip()), (0, 0));
+    }
+
+    #[test]
+    fn an_orphaned_flow_is_reset_after_the_linger() {
+        let t0 = Instant::now();
+        let linger = Duration::from_secs(60);
+        let config = FlowConfig {
+            orphan_linger: linger,
+            ..FlowConfig::default()
+        };
+        let mut e = FlowEngine::new(config, t0);
+        let (id, _) = established(&mut e, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(!e.tcp_orphaned(id, t1), "found orphaned now");
+        assert!(!e.tcp_orphaned(id, t1 + linger - Duration::from_millis(1)));
+        assert!(
+            e.tcp_orphaned(id, t1 + linger),
+            "from when it was first reported"
+        );
+        assert!(
+            !e.tcp_orphaned(FlowId(999), t1 + linger),
+            "unknown flows never"
+        );
     }
 
     /// Every segment the engine emits until `until`, stepping the fake
@@ -1903,7 +2277,9 @@ mod tests {
             },
             Ingress::Handled => Ingress::Handled,
             Ingress::Dropped(d) => Ingress::Dropped(d),
-            Ingress::UdpDatagram { .. } => panic!("a SYN is not UDP"),
+            Ingress::UdpDatagram { .. } | Ingress::EchoRequest { .. } => {
+                panic!("a SYN is neither UDP nor ICMP")
+            }
         }
     }
 

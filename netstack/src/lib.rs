@@ -30,6 +30,15 @@
 //! tokio UDP socket into buffers allocated once (the WireGuard socket of both
 //! the gateway and the laptop).
 //!
+//! Time: the core never reads a clock; `now` comes with every call that
+//! needs it ([`flow::FlowEngine`], [`wg::Peers::decapsulate`]). The one
+//! exception is inside boringtun, whose sessions keep their own clock for
+//! handshakes, rekeys and keepalives ([`wg::Peers::update_timers`]); the
+//! `mock-instant` feature swaps it for mock_instant's thread-local clock,
+//! which `tests/pair.rs` (the laptop's `Peers` ⇄ a lossy, reordering
+//! underlay ⇄ the gateway's `Peers` and `FlowEngine`, in virtual time)
+//! moves along with its own `now`.
+//!
 //! Data path on the gateway: datagram → [`wg::Peers::decapsulate`] →
 //! [`flow::FlowEngine::ingress`] → driver dials → flow bytes →
 //! [`flow::FlowEngine::egress`] → [`wg::Peers::encapsulate`] → datagram.

@@ -677,8 +677,9 @@ impl Peers {
     }
 
     /// Run boringtun's timers for every peer (call about every 250 ms) and
-    /// hand each datagram they produce (handshake retries, keepalives) to
-    /// `send`. `dst` must hold at least `MIN_BUFFER` bytes.
+    /// hand each datagram they produce (handshake retries, rekeys,
+    /// keepalives) to `send`. `dst` must hold at least `MIN_BUFFER` bytes.
+    /// boringtun reads its own clock here (see the crate doc on time).
     pub fn update_timers(
         &mut self,
         dst: &mut [u8],

@@ -1,7 +1,7 @@
-//! Tasks for the cluster side of UDP and ICMP flows, and what the data
-//! path and a [`crate::laptop::LaptopStream`] (a connection the gateway
-//! opened to a laptop) exchange. TCP flows the laptops open are serviced by
-//! the data path itself ([`crate::cluster`]).
+//! What the data path exchanges with the rest of the gateway: requests
+//! from other tasks ([`Control`], sent through a [`DatapathHandle`]), events
+//! from flow tasks, the dialer thread and laptop streams ([`FlowEvent`]),
+//! and what a laptop stream shares with it ([`ToCluster`], [`TcpShared`]).
 //!
 //! [`crate::laptop::LaptopStream`] backpressure, both ways:
 //! - towards the laptop: the stream sends only as much as the data path
@@ -12,13 +12,19 @@
 //!   smoltcp, whose window closes. When the stream frees a slot after the
 //!   data path found the queue full, it says so ([`FlowEvent::Writable`]).
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
+use boringtun::x25519::PublicKey;
 use burrow_netstack::flow::FlowId;
-use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc};
+pub use burrow_netstack::flow::IcmpKey;
+use burrow_netstack::wg::{PeerConfig, PeerError};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::laptop::{LaptopDatagrams, LaptopStream};
 
 /// Largest chunk moved between a laptop stream and the data path in one
 /// message.
@@ -26,6 +32,90 @@ pub const CHUNK: usize = 64 * 1024;
 /// Chunks queued towards one laptop stream before the data path stops
 /// reading from smoltcp.
 pub const TO_CLUSTER_QUEUE: usize = 4;
+
+/// Requests to the data path from other tasks.
+pub enum Control {
+    /// Render the Prometheus exposition.
+    Metrics(oneshot::Sender<String>),
+    /// Add a peer (a laptop registering at runtime). A peer with the same
+    /// key is replaced (its flows reset) when its address changed, and kept
+    /// as is otherwise.
+    AddPeer(PeerConfig, oneshot::Sender<Result<(), PeerError>>),
+    /// Remove the peer with this public key; its TCP flows are reset.
+    RemovePeer([u8; 32]),
+    /// Time since each peer's last handshake, by public key.
+    LastHandshakes(oneshot::Sender<HashMap<[u8; 32], Duration>>),
+    /// Open flows (TCP, UDP) of the laptop with this tunnel address.
+    FlowsOf(IpAddr, oneshot::Sender<(usize, usize)>),
+    /// Open a TCP connection to a laptop's tunnel address and port (see
+    /// [`crate::laptop::LaptopDialer`]).
+    DialLaptop {
+        to: SocketAddr,
+        reply: oneshot::Sender<io::Result<LaptopStream>>,
+    },
+    /// Open a UDP flow to a laptop's tunnel address and port (see
+    /// [`crate::laptop::LaptopDialer::open_udp`]).
+    OpenLaptopUdp {
+        to: SocketAddr,
+        reply: oneshot::Sender<io::Result<LaptopDatagrams>>,
+    },
+}
+
+/// The control server's way into the data path task.
+#[derive(Clone)]
+pub struct DatapathHandle {
+    pub tx: mpsc::Sender<Control>,
+}
+
+impl DatapathHandle {
+    /// Opens TCP connections to registered laptops through the tunnel.
+    pub fn dialer(&self) -> crate::laptop::LaptopDialer {
+        crate::laptop::LaptopDialer::new(self.tx.clone())
+    }
+
+    /// Adds (or keeps) a peer with its one tunnel address.
+    pub(crate) async fn add(&self, key: [u8; 32], address: IpAddr) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let config = PeerConfig::host(PublicKey::from(key), address);
+        self.tx
+            .send(Control::AddPeer(config, reply))
+            .await
+            .map_err(|_| "the data path has stopped".to_string())?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the data path has stopped".to_string()),
+        }
+    }
+
+    /// The Prometheus exposition; None once the data path has stopped.
+    pub async fn metrics(&self) -> Option<String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Control::Metrics(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Removes a peer; its flows are reset.
+    pub(crate) async fn remove(&self, key: [u8; 32]) {
+        let _ = self.tx.send(Control::RemovePeer(key)).await;
+    }
+
+    /// Open (TCP, UDP) flows of the laptop at `address`.
+    pub(crate) async fn flows_of(&self, address: IpAddr) -> Option<(usize, usize)> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Control::FlowsOf(address, reply)).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Time since each peer's last handshake, by key.
+    pub(crate) async fn last_seen(&self) -> HashMap<[u8; 32], Duration> {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Control::LastHandshakes(reply)).await.is_err() {
+            return HashMap::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+}
 
 /// Why a dial failed, as counted in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +178,6 @@ pub enum FlowEvent {
     IcmpReply { key: IcmpKey, data: Vec<u8> },
 }
 
-/// An ICMP echo "flow": laptop, destination, the laptop's identifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IcmpKey {
-    pub laptop: std::net::IpAddr,
-    pub remote: std::net::IpAddr,
-    pub ident: u16,
-}
-
 /// Bytes (or the end of them) from the laptop, for a laptop stream.
 #[derive(Debug)]
 pub enum ToCluster {
@@ -133,61 +215,5 @@ impl TcpShared {
     pub fn abort(&self) {
         self.reset.store(true, Ordering::Release);
         self.wake.notify_waiters();
-    }
-}
-
-/// Receive a UDP flow's replies and hand them to the data path.
-pub async fn udp_flow(
-    id: FlowId,
-    socket: Arc<UdpSocket>,
-    max_payload: usize,
-    events: mpsc::UnboundedSender<FlowEvent>,
-) {
-    // One more byte than fits, to recognise (and drop) datagrams too large
-    // for the tunnel instead of truncating them.
-    let mut buf = vec![0u8; max_payload + 1];
-    loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) if n <= max_payload => {
-                let data = buf[..n].to_vec();
-                if events.send(FlowEvent::UdpReply { id, data }).is_err() {
-                    return;
-                }
-            }
-            Ok(_) => tracing::debug!(?id, "UDP reply larger than the tunnel MTU dropped"),
-            // A connected UDP socket reports ICMP port unreachable as
-            // ECONNREFUSED on the next call; the flow stays usable.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => {
-                tracing::debug!(?id, error = %e, "UDP flow socket failed");
-                return;
-            }
-        }
-    }
-}
-
-/// Receive echo replies on a ping socket.
-pub async fn icmp_flow(
-    key: IcmpKey,
-    socket: Arc<UdpSocket>,
-    max_len: usize,
-    events: mpsc::UnboundedSender<FlowEvent>,
-) {
-    let mut buf = vec![0u8; max_len + 1];
-    loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) if n <= max_len => {
-                let data = buf[..n].to_vec();
-                if events.send(FlowEvent::IcmpReply { key, data }).is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => {
-                tracing::debug!(?key, error = %e, "ICMP socket failed");
-                return;
-            }
-        }
     }
 }
