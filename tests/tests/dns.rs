@@ -17,82 +17,17 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burrow_tests::cluster::Cluster;
 use common::*;
 
 struct Setup<'a> {
-    c: &'a Cluster,
-    burrow: PathBuf,
-    dir: tempfile::TempDir,
+    laptop: Laptop<'a>,
+    _dir: tempfile::TempDir,
     /// `/etc/netns/<laptop>/resolv.conf` on the host.
     resolv_conf: PathBuf,
     original: Vec<u8>,
 }
 
 impl Setup<'_> {
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn on(&self, args: &[&str]) -> Command {
-        self.c.exec("laptop", args)
-    }
-
-    fn burrow(&self, args: &[&str]) -> Command {
-        let run_dir = self.run_dir();
-        let mut all = vec![
-            self.burrow.to_str().expect("utf-8 path"),
-            "--run-dir",
-            run_dir.to_str().expect("utf-8 path"),
-        ];
-        all.extend_from_slice(args);
-        self.on(&all)
-    }
-
-    fn daemon_log(&self) -> String {
-        burrow_tests::cluster::tail(&self.run_dir().join("daemon.log"), 60)
-    }
-
-    fn connect(&self, extra: &[&str]) -> String {
-        let kc = self.c.kubeconfig().display().to_string();
-        let mut args = vec!["connect", "--kubeconfig", &kc];
-        args.extend_from_slice(extra);
-        let o = run(self.burrow(&args));
-        assert!(
-            o.status.success(),
-            "burrow connect {extra:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log()
-        );
-        stdout(&o)
-    }
-
-    fn disconnect(&self) -> String {
-        ok(self.burrow(&["disconnect"]))
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = ok(self.burrow(&["status", "-o", "json"]));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
-    }
-
-    /// Runs `args` in the laptop; stdout on success, else a panic with the
-    /// daemon's log.
-    fn laptop_ok(&self, args: &[&str]) -> String {
-        let o = run(self.on(args));
-        assert!(
-            o.status.success(),
-            "{args:?} in the laptop failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log()
-        );
-        stdout(&o)
-    }
-
     fn current(&self) -> Vec<u8> {
         std::fs::read(&self.resolv_conf).expect("read the laptop's resolv.conf")
     }
@@ -109,29 +44,17 @@ impl Setup<'_> {
 
     /// The daemon's pid in the laptop namespace.
     fn daemon_pid(&self) -> Option<String> {
-        let ns = self.c.netns("laptop").expect("netns");
-        let pids = ok({
-            let mut c = Command::new("ip");
-            c.args(["netns", "pids", &ns]);
-            c
-        });
-        pids.split_whitespace()
-            .find(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                cmdline.contains("burrow") && cmdline.contains(" daemon")
-            })
-            .map(str::to_owned)
+        self.laptop
+            .processes()
+            .into_iter()
+            .find(|(_, cmdline)| cmdline.contains("burrow") && cmdline.contains(" daemon"))
+            .map(|(pid, _)| pid)
     }
 }
 
 #[test]
 fn dns_acceptance() {
     let Some(c) = cluster("dn", 1) else { return };
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
     let netns = c.netns("laptop").expect("laptop netns");
     let resolv_conf = Path::new("/etc/netns").join(&netns).join("resolv.conf");
     let original = std::fs::read(&resolv_conf).expect("the laptop has its own resolv.conf");
@@ -148,10 +71,10 @@ fn dns_acceptance() {
         ok(c.exec("laptop", &["cat", "/etc/resolv.conf"])).as_bytes(),
         original.as_slice()
     );
+    let dir = tempfile::tempdir().expect("tempdir");
     let s = Setup {
-        c: &c,
-        burrow: bin_dir.join("burrow"),
-        dir: tempfile::tempdir().expect("tempdir"),
+        laptop: Laptop::new(&c, 1, dir.path().join("run")),
+        _dir: dir,
         resolv_conf,
         original,
     };
@@ -162,9 +85,9 @@ fn dns_acceptance() {
     let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 
     point("connect rewrites resolv.conf to the stub", &|| {
-        let out = s.connect(&[]);
+        let out = s.laptop.connect_ok(&[]);
         eprintln!("connect output:\n{out}");
-        let st = s.status_json();
+        let st = s.laptop.status_json();
         let dns = &st["dns_stub"];
         assert_eq!(dns["mode"], "resolv.conf", "{st}");
         let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
@@ -182,12 +105,14 @@ fn dns_acceptance() {
     });
 
     point("1a curl http://web", &|| {
-        let out = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
+        let out = s
+            .laptop
+            .ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
         assert!(out.contains("Welcome to nginx"), "{out}");
     });
 
     point("1b curl http://echo.default:8080", &|| {
-        let out = s.laptop_ok(&[
+        let out = s.laptop.ok(&[
             "curl",
             "-sS",
             "--max-time",
@@ -198,12 +123,14 @@ fn dns_acceptance() {
     });
 
     point("1c redis-cli -h redis.data ping", &|| {
-        let out = s.laptop_ok(&["redis-cli", "-h", "redis.data", "ping"]);
+        let out = s.laptop.ok(&["redis-cli", "-h", "redis.data", "ping"]);
         assert_eq!(out.trim(), "PONG");
     });
 
     point("1d getent hosts db-0.db.data.svc.cluster.local", &|| {
-        let out = s.laptop_ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
+        let out = s
+            .laptop
+            .ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
         assert!(out.starts_with(&format!("{db0_ip} ")), "{out}");
         // The same pod by its StatefulSet-style short name, the headless
         // Service, and the pod's own `a-b-c-d.ns.pod` name.
@@ -213,7 +140,7 @@ fn dns_acceptance() {
             format!("{}.data.pod.cluster.local", db0_ip.replace('.', "-")),
             format!("{}.data.pod", db0_ip.replace('.', "-")),
         ] {
-            let out = s.laptop_ok(&["getent", "hosts", &name]);
+            let out = s.laptop.ok(&["getent", "hosts", &name]);
             assert!(out.starts_with(&format!("{db0_ip} ")), "{name}: {out}");
         }
     });
@@ -221,7 +148,7 @@ fn dns_acceptance() {
     point(
         "1e dig SRV _http._tcp.echo.default.svc.cluster.local",
         &|| {
-            let out = s.laptop_ok(&[
+            let out = s.laptop.ok(&[
                 "dig",
                 "+short",
                 "SRV",
@@ -237,44 +164,50 @@ fn dns_acceptance() {
     point(
         "1f intranet.example and wiki from the corporate resolver",
         &|| {
-            let out = s.laptop_ok(&["getent", "hosts", "intranet.example"]);
+            let out = s.laptop.ok(&["getent", "hosts", "intranet.example"]);
             assert!(out.starts_with("192.168.240.80 "), "{out}");
             // A short corporate name through the laptop's own search list.
-            let out = s.laptop_ok(&["getent", "hosts", "wiki"]);
+            let out = s.laptop.ok(&["getent", "hosts", "wiki"]);
             assert!(out.starts_with("192.168.240.81 "), "{out}");
         },
     );
 
     point("1g nosuch.default is NXDOMAIN", &|| {
-        let out = s.laptop_ok(&["dig", "+tries=1", "+time=5", "nosuch.default"]);
+        let out = s
+            .laptop
+            .ok(&["dig", "+tries=1", "+time=5", "nosuch.default"]);
         assert!(out.contains("status: NXDOMAIN"), "{out}");
-        let o = run(s.on(&["getent", "hosts", "nosuch.default"]));
+        let o = run(s.laptop.on(&["getent", "hosts", "nosuch.default"]));
         assert_eq!(o.status.code(), Some(2), "getent: {}", stdout(&o));
     });
 
     point("AAAA of a cluster name is empty NOERROR; PTR; TCP", &|| {
-        let out = s.laptop_ok(&["dig", "AAAA", "web.default.svc.cluster.local"]);
+        let out = s
+            .laptop
+            .ok(&["dig", "AAAA", "web.default.svc.cluster.local"]);
         assert!(
             out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
             "{out}"
         );
-        let out = s.laptop_ok(&["dig", "+short", "-x", &web_ip]);
+        let out = s.laptop.ok(&["dig", "+short", "-x", &web_ip]);
         assert_eq!(out.trim(), "web.default.svc.cluster.local.", "PTR {web_ip}");
         // A pod IP: its name under the headless Service.
-        let out = s.laptop_ok(&["dig", "+short", "-x", &db0_ip]);
+        let out = s.laptop.ok(&["dig", "+short", "-x", &db0_ip]);
         assert_eq!(
             out.trim(),
             "db-0.db.data.svc.cluster.local.",
             "PTR {db0_ip}"
         );
-        let out = s.laptop_ok(&["dig", "+tcp", "+short", "web.default.svc.cluster.local"]);
+        let out = s
+            .laptop
+            .ok(&["dig", "+tcp", "+short", "web.default.svc.cluster.local"]);
         assert_eq!(out.trim(), web_ip, "over TCP");
-        let out = s.laptop_ok(&["getent", "hosts", "web"]);
+        let out = s.laptop.ok(&["getent", "hosts", "web"]);
         assert!(out.starts_with(&format!("{web_ip} ")), "{out}");
     });
 
     point("status shows the cache", &|| {
-        let st = s.status_json();
+        let st = s.laptop.status_json();
         let dns = &st["dns_stub"];
         assert!(dns["hits"].as_u64().unwrap_or(0) > 0, "{st}");
         assert!(dns["misses"].as_u64().unwrap_or(0) > 0, "{st}");
@@ -282,13 +215,13 @@ fn dns_acceptance() {
             dns["namespaces"].as_str().unwrap_or("").contains("data"),
             "{st}"
         );
-        let human = ok(s.burrow(&["status"]));
+        let human = ok(s.laptop.burrow(&["status"]));
         assert!(
             human.contains("DNS stub:") && human.contains("hits"),
             "{human}"
         );
         // Bound to the tunnel address only: not an open resolver.
-        let listening = ok(s.on(&["ss", "-Hlnu", "sport", "=", ":53"]));
+        let listening = ok(s.laptop.on(&["ss", "-Hlnu", "sport", "=", ":53"]));
         let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
         assert!(
             listening.contains(&format!("{tunnel}:53"))
@@ -299,18 +232,18 @@ fn dns_acceptance() {
     });
 
     point("2a disconnect restores resolv.conf byte for byte", &|| {
-        s.disconnect();
+        s.laptop.disconnect();
         s.assert_original("after disconnect");
-        let o = run(s.on(&["getent", "hosts", "web"]));
+        let o = run(s.laptop.on(&["getent", "hosts", "web"]));
         assert!(!o.status.success(), "web resolves after disconnect");
-        let out = s.laptop_ok(&["getent", "hosts", "intranet.example"]);
+        let out = s.laptop.ok(&["getent", "hosts", "intranet.example"]);
         assert!(out.starts_with("192.168.240.80 "), "{out}");
     });
 
     point(
         "2b kill -9, next connect and disconnect restore it",
         &|| {
-            s.connect(&[]);
+            s.laptop.connect_ok(&[]);
             assert_ne!(
                 s.current(),
                 s.original,
@@ -330,16 +263,18 @@ fn dns_acceptance() {
             // The killed daemon leaves its rewrite behind...
             assert_ne!(s.current(), s.original);
             // ...which the next start puts back before writing its own.
-            s.connect(&[]);
-            let out = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
+            s.laptop.connect_ok(&[]);
+            let out = s
+                .laptop
+                .ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
             assert!(out.contains("Welcome to nginx"), "{out}");
-            s.disconnect();
+            s.laptop.disconnect();
             s.assert_original("after kill -9, connect, disconnect");
         },
     );
 
     point("2c kill -9, then disconnect alone restores it", &|| {
-        s.connect(&[]);
+        s.laptop.connect_ok(&[]);
         let pid = s.daemon_pid().expect("the daemon's pid");
         ok({
             let mut k = Command::new("kill");
@@ -351,17 +286,17 @@ fn dns_acceptance() {
             "the daemon to die",
             || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
         );
-        let out = s.disconnect();
+        let out = s.laptop.disconnect();
         assert!(out.contains("restored"), "{out}");
         s.assert_original("after kill -9, disconnect");
     });
 
     point("--dns=off leaves resolv.conf alone", &|| {
-        s.connect(&["--dns", "off"]);
+        s.laptop.connect_ok(&["--dns", "off"]);
         s.assert_original("connected with --dns=off");
-        let st = s.status_json();
+        let st = s.laptop.status_json();
         assert_eq!(st["dns_stub"]["mode"], "off", "{st}");
-        let out = s.laptop_ok(&[
+        let out = s.laptop.ok(&[
             "curl",
             "-sS",
             "--max-time",
@@ -369,13 +304,13 @@ fn dns_acceptance() {
             &format!("http://{web_ip}/"),
         ]);
         assert!(out.contains("Welcome to nginx"), "{out}");
-        s.disconnect();
+        s.laptop.disconnect();
         s.assert_original("after --dns=off");
     });
 
     // Whatever failed above: never leave the laptop's file changed.
     if s.current() != s.original {
-        let _ = run(s.burrow(&["disconnect"]));
+        let _ = run(s.laptop.burrow(&["disconnect"]));
     }
     points.finish();
 }
