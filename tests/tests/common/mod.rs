@@ -10,10 +10,13 @@ use burrow_tests::cluster::{Cluster, ClusterOptions};
 
 pub mod laptop;
 pub mod laptops;
+pub mod shared;
 #[allow(unused_imports)]
 pub use laptop::{Laptop, bin_dir};
 #[allow(unused_imports)]
 pub use laptops::{Setup, assert_no_leftovers, pod_field, pods_in};
+#[allow(unused_imports)]
+pub use shared::{SharedCluster, shared_cluster, shared_cluster_alone};
 
 /// Brings a miniature cluster up for one test group, or returns None (with a
 /// message) when the end-to-end gate says to skip.
