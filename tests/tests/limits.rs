@@ -19,7 +19,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -29,44 +29,11 @@ use burrow_tests::ctx::NODE_UNDERLAY_IP;
 use burrow_tests::gateway;
 use common::*;
 
-/// The echo server of the `flows` workload (TCP and UDP).
-const FLOWS_PORT: u16 = 7000;
 /// What laptop 1 opens: more than the default caps of either kind.
 const TCP_CONNECTIONS: usize = 5000;
 const UDP_FLOWS: usize = 5000;
 /// Connections to the framed NodePort that never handshake.
 const IDLE_CONNECTIONS: usize = 2000;
-
-/// The `flows` workload: mc-flows' echo server in a pod.
-fn flows_yaml(mc_flows: &Path) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: flows
-  namespace: default
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: flows}}
-  template:
-    metadata:
-      labels: {{app: flows}}
-    spec:
-      containers:
-      - name: echo
-        image: debian:12
-        command: ["{bin}", "echo-server", "--port", "{FLOWS_PORT}"]
-        ports:
-        - containerPort: {FLOWS_PORT}
-        readinessProbe:
-          tcpSocket:
-            port: {FLOWS_PORT}
-          periodSeconds: 1
-"#,
-        bin = mc_flows.display()
-    )
-}
 
 struct Setup<'a> {
     c: &'a Cluster,

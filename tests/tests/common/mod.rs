@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::{Cluster, ClusterOptions};
 
+pub mod flows;
 pub mod laptop;
 pub mod laptops;
 pub mod shared;
+#[allow(unused_imports)]
+pub use flows::{FLOWS_PORT, flows_yaml};
 #[allow(unused_imports)]
 pub use laptop::{Laptop, bin_dir};
 #[allow(unused_imports)]
