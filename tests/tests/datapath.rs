@@ -168,22 +168,7 @@ fn datapath_acceptance() {
     };
     let web_pod = pod_of(&c, "default", "web");
     let caller_pod = pod_of(&c, "default", "caller");
-    let flows_pod = eventually(Duration::from_secs(60), "the flows pod Ready", || {
-        let o = run(kubectl(
-            &c,
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=flows",
-                "-o",
-                "jsonpath={.items[0].metadata.name} {.items[0].status.conditions[?(@.type==\"Ready\")].status}",
-            ],
-        ));
-        let out = stdout(&o);
-        let (name, ready) = out.trim().split_once(' ')?;
-        (ready == "True").then(|| name.to_string())
-    });
+    let (flows_pod, _) = flows_pod_ready(&c);
     let s = Setup {
         web_ip: svc_ip("default", "web"),
         web_pod_ip: pod_ip("default", &web_pod),

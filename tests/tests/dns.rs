@@ -25,7 +25,15 @@ use std::sync::{Mutex, OnceLock};
 use burrow_tests::cluster::Cluster;
 use common::*;
 
-const CLUSTER: &str = "dn";
+/// The binary's cluster, shared with the other points.
+fn dn() -> Option<SharedCluster> {
+    shared_cluster("dn", 1)
+}
+
+/// The binary's cluster, for points that change the laptop for the next.
+fn dn_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("dn", 1)
+}
 
 /// The laptop's resolv.conf (`/etc/netns/<laptop>/resolv.conf` on the host)
 /// and its content before burrow ran.
@@ -117,11 +125,9 @@ fn db0_ip(c: &Cluster) -> String {
 
 #[test]
 fn connect_rewrites_resolv_conf_to_the_stub() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
-    let rc = resolv_conf(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let rc = resolv_conf(c);
     let st = laptop.status_json();
     let dns = &st["dns_stub"];
     assert_eq!(dns["mode"], "resolv.conf", "{st}");
@@ -141,20 +147,16 @@ fn connect_rewrites_resolv_conf_to_the_stub() {
 
 #[test]
 fn curl_web() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
     assert!(out.contains("Welcome to nginx"), "{out}");
 }
 
 #[test]
 fn curl_echo_default() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&[
         "curl",
         "-sS",
@@ -167,21 +169,17 @@ fn curl_echo_default() {
 
 #[test]
 fn redis_data_ping() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&["redis-cli", "-h", "redis.data", "ping"]);
     assert_eq!(out.trim(), "PONG");
 }
 
 #[test]
 fn db_0_and_its_other_names() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
-    let db0_ip = db0_ip(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let db0_ip = db0_ip(c);
     let out = laptop.ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
     assert!(out.starts_with(&format!("{db0_ip} ")), "{out}");
     // The same pod by its StatefulSet-style short name, the headless
@@ -199,10 +197,8 @@ fn db_0_and_its_other_names() {
 
 #[test]
 fn srv_of_echo() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&[
         "dig",
         "+short",
@@ -217,10 +213,8 @@ fn srv_of_echo() {
 
 #[test]
 fn corporate_names_from_the_corporate_resolver() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&["getent", "hosts", "intranet.example"]);
     assert!(out.starts_with("192.168.240.80 "), "{out}");
     // A short corporate name through the laptop's own search list.
@@ -230,10 +224,8 @@ fn corporate_names_from_the_corporate_resolver() {
 
 #[test]
 fn nosuch_default_is_nxdomain() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     let out = laptop.ok(&["dig", "+tries=1", "+time=5", "nosuch.default"]);
     assert!(out.contains("status: NXDOMAIN"), "{out}");
     let o = run(laptop.on(&["getent", "hosts", "nosuch.default"]));
@@ -242,12 +234,10 @@ fn nosuch_default_is_nxdomain() {
 
 #[test]
 fn aaaa_empty_ptr_and_tcp() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
-    let web_ip = web_ip(&c);
-    let db0_ip = db0_ip(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let web_ip = web_ip(c);
+    let db0_ip = db0_ip(c);
     let out = laptop.ok(&["dig", "AAAA", "web.default.svc.cluster.local"]);
     assert!(
         out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
@@ -270,10 +260,8 @@ fn aaaa_empty_ptr_and_tcp() {
 
 #[test]
 fn status_shows_the_cache() {
-    let Some(c) = shared_cluster(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
     // A miss, then a hit, whatever ran before.
     for _ in 0..2 {
         laptop.ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
@@ -304,12 +292,10 @@ fn status_shows_the_cache() {
 
 #[test]
 fn disconnect_and_kill_restore_resolv_conf() {
-    let Some(c) = shared_cluster_alone(CLUSTER, 1) else {
-        return;
-    };
-    let laptop = connected(&c);
-    let rc = resolv_conf(&c);
-    let web_ip = web_ip(&c);
+    let Some(ref c) = dn_alone() else { return };
+    let laptop = connected(c);
+    let rc = resolv_conf(c);
+    let web_ip = web_ip(c);
     let mut points = Points::new("dns");
     let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 

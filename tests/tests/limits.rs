@@ -191,22 +191,7 @@ fn limits_acceptance() {
     let Some(c) = cluster("lm", 2) else { return };
     let mc_flows = PathBuf::from(env!("CARGO_BIN_EXE_mc-flows"));
     kubectl_apply(&c, &flows_yaml(&mc_flows));
-    let flows_ip = eventually(Duration::from_secs(60), "the flows pod Ready", || {
-        let o = run(kubectl(
-            &c,
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=flows",
-                "-o",
-                "jsonpath={.items[0].status.podIP} {.items[0].status.conditions[?(@.type==\"Ready\")].status}",
-            ],
-        ));
-        let out = stdout(&o);
-        let (ip, ready) = out.trim().split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    });
+    let (_, flows_ip) = flows_pod_ready(&c);
     let s = Setup {
         c: &c,
         mc_flows,

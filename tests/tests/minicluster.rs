@@ -51,12 +51,19 @@ spec:
 // deleted web or udp-echo pod until its replacement is ready) takes it
 // alone; every other point creates only objects of its own and removes them.
 
+/// The binary's cluster, shared with the other points.
+fn acc() -> Option<SharedCluster> {
+    shared_cluster("acc", 1)
+}
+
+/// The binary's cluster, for a point that changes it for a while.
+fn acc_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("acc", 1)
+}
+
 #[test]
 fn kubectl_reads_everything() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let out = ok(kubectl(
         c,
         &["get", "pods,svc,endpoints", "-A", "-o", "wide"],
@@ -97,10 +104,7 @@ fn ready_replicas(c: &Cluster, ns: &str, deploy: &str) -> String {
 
 #[test]
 fn kubectl_apply_patch_delete() {
-    let Some(shared) = shared_cluster_alone("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc_alone() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("extra.yaml");
     std::fs::write(&file, EXTRA_YAML).expect("write yaml");
@@ -235,10 +239,7 @@ fn kubectl_apply_patch_delete() {
 
 #[test]
 fn kubectl_errors_are_real_statuses() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let o = run(kubectl(
         c,
         &["get", "svc", "no-such-service", "-n", "default"],
@@ -256,10 +257,7 @@ fn kubectl_errors_are_real_statuses() {
 
 #[test]
 fn rbac_refuses_a_user_without_patch() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let mut cmd = std::process::Command::new("kubectl");
     cmd.arg("--kubeconfig").arg(c.limited_host_kubeconfig());
     let mut get = cmd;
@@ -294,10 +292,7 @@ fn rbac_refuses_a_user_without_patch() {
 
 #[test]
 fn traffic_from_a_pod() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     for url in [
         "http://web/",
         "http://web.default/",
@@ -384,10 +379,7 @@ fn traffic_from_a_pod() {
 
 #[test]
 fn laptop_reaches_only_the_underlay() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let web_ip = ok(kubectl(
         c,
         &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
@@ -422,10 +414,7 @@ fn laptop_reaches_only_the_underlay() {
 
 #[test]
 fn kube_rs_client() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     use futures::{StreamExt, TryStreamExt};
     use k8s_openapi::api::core::v1::{ConfigMap, Pod};
     use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
@@ -571,10 +560,7 @@ fn kube_rs_client() {
 
 #[test]
 fn kubectl_applies_a_list() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let list = r#"
 apiVersion: v1
 kind: List
@@ -641,10 +627,7 @@ spec:
 
 #[test]
 fn kubectl_logs() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     kubectl_apply(c, LOG_PODS);
     wait_pod_ready(c, "default", "logger");
     let all = logs_containing(c, &["logger"], "tick 3\n");
@@ -728,10 +711,7 @@ fn kubectl_logs() {
 
 #[test]
 fn pod_sysctls() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     // Non-root with no_new_privs: ping works only through an ICMP datagram
     // socket, which ping_group_range allows.
     let ping = "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_unprivileged_port_start; if ping -c 1 -W 2 10.244.0.1 >/dev/null 2>&1; then echo ping-ok; else echo ping-refused; fi; sleep infinity";
@@ -817,10 +797,7 @@ spec:
 
 #[test]
 fn volumes_leave_the_host_alone() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let name = c.name();
     let etc = format!("/etc/mc-{name}-cfg");
     let opt = format!("/opt/mc-{name}");
@@ -877,10 +854,7 @@ spec:
 
 #[test]
 fn fs_group_makes_secrets_readable() {
-    let Some(shared) = shared_cluster("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc() else { return };
     let yaml = r#"
 apiVersion: v1
 kind: Secret
@@ -920,10 +894,7 @@ spec:
 /// conntrack entry.
 #[test]
 fn udp_flows_follow_a_replaced_endpoint() {
-    let Some(shared) = shared_cluster_alone("acc", 1) else {
-        return;
-    };
-    let c: &Cluster = &shared;
+    let Some(ref c) = acc_alone() else { return };
     use std::net::UdpSocket;
     let cip = ok(kubectl(
         c,

@@ -2,6 +2,11 @@
 //! for the tests that load the data path.
 
 use std::path::Path;
+use std::time::Duration;
+
+use burrow_tests::cluster::Cluster;
+
+use super::*;
 
 /// The echo server's port (TCP and UDP).
 pub const FLOWS_PORT: u16 = 7000;
@@ -35,4 +40,25 @@ spec:
 "#,
         bin = mc_flows.display()
     )
+}
+
+/// The `flows` pod once Ready: its name and IP.
+pub fn flows_pod_ready(c: &Cluster) -> (String, String) {
+    eventually(Duration::from_secs(60), "the flows pod Ready", || {
+        let o = run(kubectl(
+            c,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=flows",
+                "-o",
+                "jsonpath={.items[0].metadata.name} {.items[0].status.podIP} {.items[0].status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+        ));
+        let out = stdout(&o);
+        let mut fields = out.split_whitespace();
+        let (name, ip, ready) = (fields.next()?, fields.next()?, fields.next()?);
+        (ready == "True").then(|| (name.to_string(), ip.to_string()))
+    })
 }

@@ -13,7 +13,7 @@ pub mod laptop;
 pub mod laptops;
 pub mod shared;
 #[allow(unused_imports)]
-pub use flows::{FLOWS_PORT, flows_yaml};
+pub use flows::{FLOWS_PORT, flows_pod_ready, flows_yaml};
 #[allow(unused_imports)]
 pub use laptop::{Laptop, bin_dir};
 #[allow(unused_imports)]

@@ -48,23 +48,29 @@ impl Deref for SharedCluster {
 /// first use; None (skip) when the end-to-end gate says so. Other tests may
 /// use it at the same time.
 pub fn shared_cluster(name: &str, laptops: usize) -> Option<SharedCluster> {
-    let cluster = started(name, laptops)?;
-    Some(SharedCluster {
-        cluster,
-        _shared: Some(TURNS.read().unwrap_or_else(|p| p.into_inner())),
-        _alone: None,
-    })
+    take(name, laptops, false)
 }
 
 /// As [`shared_cluster`], for a point that changes the cluster for a while:
 /// it waits until no other test uses the cluster, and none starts until it
 /// is done.
 pub fn shared_cluster_alone(name: &str, laptops: usize) -> Option<SharedCluster> {
+    take(name, laptops, true)
+}
+
+fn take(name: &str, laptops: usize, alone: bool) -> Option<SharedCluster> {
     let cluster = started(name, laptops)?;
+    // A point that panicked while holding its turn poisons the lock; the
+    // others still run.
+    let (shared, alone) = if alone {
+        (None, Some(TURNS.write().unwrap_or_else(|p| p.into_inner())))
+    } else {
+        (Some(TURNS.read().unwrap_or_else(|p| p.into_inner())), None)
+    };
     Some(SharedCluster {
         cluster,
-        _shared: None,
-        _alone: Some(TURNS.write().unwrap_or_else(|p| p.into_inner())),
+        _shared: shared,
+        _alone: alone,
     })
 }
 
@@ -111,34 +117,19 @@ fn started(name: &str, laptops: usize) -> Option<Arc<Cluster>> {
 /// A point run alone right after the start must not see that window (run
 /// one after another, the points before it used to hide it).
 fn settle(c: &Cluster) {
-    let checks: [&[&str]; 4] = [
-        &[
-            "curl",
-            "-sSf",
-            "--max-time",
-            "2",
-            "-o",
-            "/dev/null",
-            "http://web/",
-        ],
-        &[
-            "curl",
-            "-sSf",
-            "--max-time",
-            "2",
-            "-o",
-            "/dev/null",
-            "http://echo.default:8080/",
-        ],
-        &["redis-cli", "-h", "redis.data", "ping"],
-        &["getent", "hosts", "db-0.db.data.svc.cluster.local"],
+    let curl = |url| vec!["curl", "-sSf", "--max-time", "2", "-o", "/dev/null", url];
+    let checks = [
+        curl("http://web/"),
+        curl("http://echo.default:8080/"),
+        vec!["redis-cli", "-h", "redis.data", "ping"],
+        vec!["getent", "hosts", "db-0.db.data.svc.cluster.local"],
     ];
     for args in checks {
         super::eventually(
             std::time::Duration::from_secs(30),
             &format!("{args:?} from the caller pod after minicluster up"),
             || {
-                super::run(super::in_caller(c, args))
+                super::run(super::in_caller(c, &args))
                     .status
                     .success()
                     .then_some(())
