@@ -196,6 +196,22 @@ fn shipped_roles_acceptance() {
         (!name.is_empty()).then_some(name)
     });
     wait_pod_ready(&c, "team", &api_pod);
+    // A Ready pod is not yet a Service that answers: kube-proxy writes the
+    // rule up to a sync period later (the laptop's first curl was refused,
+    // exit 7, about one run in three).
+    eventually(
+        Duration::from_secs(30),
+        "team/api to answer its Service",
+        || {
+            run(in_caller(
+                &c,
+                &["curl", "-sf", "--max-time", "2", "http://api.team:8080/"],
+            ))
+            .status
+            .success()
+            .then_some(())
+        },
+    );
     let mut server = s.laptop.spawn(
         &[("POD_NAME", "laptop-dana"), ("PORT", "3000")],
         &[&bin.join("mc-echo").display().to_string()],
