@@ -549,27 +549,29 @@ pub fn gc_all() -> anyhow::Result<()> {
 }
 
 /// Whether we can create namespaces (root). Tests skip without it unless
-/// `BURROW_E2E=1`, which makes them fail instead.
+/// `BURROW_E2E=1`, which makes them fail instead ([`root_or_skip`]).
 pub fn have_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// The one gate of the end-to-end tests: true with root; without root,
+/// false (skip, saying so) or a panic when `BURROW_E2E=1` (CI) demands a run.
+pub fn root_or_skip(test: &str) -> bool {
+    if have_root() {
+        return true;
+    }
+    if std::env::var("BURROW_E2E").as_deref() == Ok("1") {
+        panic!("{test} needs root for network namespaces (BURROW_E2E=1 demands it)");
+    }
+    eprintln!(
+        "skipping {test}: end-to-end tests need root (set BURROW_E2E=1 to make this a failure)"
+    );
+    false
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// Returns false (skip) without root, panics without root when
-    /// `BURROW_E2E=1`.
-    pub(crate) fn root_or_skip(test: &str) -> bool {
-        if have_root() {
-            return true;
-        }
-        if std::env::var("BURROW_E2E").as_deref() == Ok("1") {
-            panic!("{test} needs root (BURROW_E2E=1 demands it)");
-        }
-        eprintln!("skipping {test}: needs root");
-        false
-    }
 
     pub(crate) fn test_ctx(tag: &str) -> ClusterCtx {
         let name = format!("t{}{tag}", std::process::id());

@@ -9,8 +9,6 @@
 mod common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::Cluster;
@@ -18,7 +16,6 @@ use common::*;
 
 struct Setup<'a> {
     c: &'a Cluster,
-    burrow: PathBuf,
     dir: tempfile::TempDir,
     web_ip: String,
     web_pod_ip: String,
@@ -27,90 +24,33 @@ struct Setup<'a> {
 }
 
 impl Setup<'_> {
-    fn laptop(&self, n: usize) -> String {
-        if n == 1 {
-            "laptop".into()
-        } else {
-            format!("laptop{n}")
-        }
-    }
-
-    fn run_dir(&self, n: usize) -> PathBuf {
-        self.dir.path().join(format!("run{n}"))
-    }
-
-    fn on(&self, n: usize, args: &[&str]) -> Command {
-        self.c.exec(&self.laptop(n), args)
-    }
-
-    /// `burrow --run-dir <laptop's> ARGS` in laptop `n`.
-    fn burrow(&self, n: usize, args: &[&str]) -> Command {
-        let run_dir = self.run_dir(n);
-        let mut all = vec![
-            self.burrow.to_str().expect("utf-8 path"),
-            "--run-dir",
-            run_dir.to_str().expect("utf-8 path"),
-        ];
-        all.extend_from_slice(args);
-        self.on(n, &all)
+    fn at(&self, n: usize) -> Laptop<'_> {
+        Laptop::new(self.c, n, self.dir.path().join(format!("run{n}")))
     }
 
     fn kubeconfig(&self) -> String {
         self.c.kubeconfig().display().to_string()
     }
 
-    fn connect(&self, n: usize, extra: &[&str]) -> std::process::Output {
-        let kc = self.kubeconfig();
-        let mut args = vec!["connect", "--kubeconfig", &kc];
-        args.extend_from_slice(extra);
-        run(self.burrow(n, &args))
-    }
-
-    fn connect_ok(&self, n: usize, extra: &[&str]) -> String {
-        let o = self.connect(n, extra);
-        assert!(
-            o.status.success(),
-            "burrow connect {extra:?} in laptop {n} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log(n)
-        );
-        stdout(&o)
-    }
-
-    fn daemon_log(&self, n: usize) -> String {
-        burrow_tests::cluster::tail(&self.run_dir(n).join("daemon.log"), 40)
-    }
-
-    fn disconnect(&self, n: usize) {
-        ok(self.burrow(n, &["disconnect"]));
-    }
-
-    fn status_json(&self, n: usize) -> serde_json::Value {
-        let out = ok(self.burrow(n, &["status", "-o", "json"]));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
-    }
-
     fn assert_traffic(&self, n: usize) {
         for ip in [&self.web_ip, &self.web_pod_ip] {
             let url = format!("http://{ip}/");
-            let o = run(self.on(n, &["curl", "-sS", "--max-time", "10", &url]));
+            let o = run(self.at(n).on(&["curl", "-sS", "--max-time", "10", &url]));
             assert!(
                 o.status.success() && stdout(&o).contains("Welcome to nginx"),
                 "curl {url} from laptop {n}: {} {}\ndaemon log:\n{}",
                 o.status,
                 stderr(&o),
-                self.daemon_log(n)
+                self.at(n).daemon_log()
             );
         }
-        let pong = ok(self.on(n, &["redis-cli", "-h", &self.redis_ip, "ping"]));
+        let pong = ok(self.at(n).on(&["redis-cli", "-h", &self.redis_ip, "ping"]));
         assert_eq!(pong.trim(), "PONG", "redis-cli ping");
         let script = format!(
             "echo burrow-udp | timeout 10 socat -T3 - UDP:{}:9000",
             self.udp_echo_ip
         );
-        let echoed = ok(self.on(n, &["sh", "-c", &script]));
+        let echoed = ok(self.at(n).on(&["sh", "-c", &script]));
         assert!(
             echoed.contains("burrow-udp"),
             "UDP echo answered {echoed:?}"
@@ -120,26 +60,18 @@ impl Setup<'_> {
     /// Nothing of burrow left in laptop `n`: no device, route, socket or
     /// daemon.
     fn assert_clean(&self, n: usize) {
-        let links = ok(self.on(n, &["ip", "-o", "link"]));
+        let links = ok(self.at(n).on(&["ip", "-o", "link"]));
         assert!(!links.contains("burrow0"), "device left: {links}");
-        let routes = ok(self.on(n, &["ip", "route"]));
+        let routes = ok(self.at(n).on(&["ip", "route"]));
         assert!(
             !routes.contains("burrow0") && !routes.contains("10.96.0.0/12"),
             "routes left: {routes}"
         );
         assert!(
-            !self.run_dir(n).join("daemon.sock").exists(),
+            !self.at(n).run_dir().join("daemon.sock").exists(),
             "daemon socket left"
         );
-        let ns = self.c.netns(&self.laptop(n)).expect("netns");
-        let pids = ok({
-            let mut c = Command::new("ip");
-            c.args(["netns", "pids", &ns]);
-            c
-        });
-        for pid in pids.split_whitespace() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        for (pid, cmdline) in self.at(n).processes() {
             assert!(
                 !(cmdline.contains("burrow") && cmdline.contains("daemon")),
                 "daemon still running: {pid} {cmdline}"
@@ -151,13 +83,8 @@ impl Setup<'_> {
 #[test]
 fn connect_acceptance() {
     let Some(c) = cluster("cn", 2) else { return };
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
     let s = Setup {
         c: &c,
-        burrow: bin_dir.join("burrow"),
         dir: tempfile::tempdir().expect("tempdir"),
         web_ip: jsonpath(&c, &["get", "svc", "web"], "{.spec.clusterIP}"),
         web_pod_ip: jsonpath(
@@ -180,7 +107,7 @@ fn connect_acceptance() {
         &|| {
             let limited = s.c.limited_kubeconfig().display().to_string();
             // A user who may not install, before anything is installed.
-            let o = run(s.burrow(1, &["connect", "--kubeconfig", &limited]));
+            let o = run(s.at(1).burrow(&["connect", "--kubeconfig", &limited]));
             let err = stderr(&o);
             assert!(!o.status.success(), "{}", stdout(&o));
             assert!(
@@ -193,12 +120,14 @@ fn connect_acceptance() {
             );
             s.assert_clean(1);
             assert!(
-                !s.run_dir(1).join("daemon.sock").exists(),
+                !s.at(1).run_dir().join("daemon.sock").exists(),
                 "a failed connect left its daemon running"
             );
             // A context the kubeconfig does not have.
             let kc = s.kubeconfig();
-            let o = run(s.burrow(1, &["connect", "--kubeconfig", &kc, "--context", "nope"]));
+            let o = run(s
+                .at(1)
+                .burrow(&["connect", "--kubeconfig", &kc, "--context", "nope"]));
             let err = stderr(&o);
             assert!(!o.status.success());
             assert!(
@@ -210,7 +139,7 @@ fn connect_acceptance() {
             let dead = s.dir.path().join("dead-kubeconfig");
             std::fs::write(&dead, text.replace(":6443", ":6555")).expect("write");
             let dead = dead.display().to_string();
-            let o = run(s.burrow(1, &["connect", "--kubeconfig", &dead]));
+            let o = run(s.at(1).burrow(&["connect", "--kubeconfig", &dead]));
             let err = stderr(&o);
             assert!(!o.status.success());
             assert!(
@@ -218,20 +147,17 @@ fn connect_acceptance() {
                 "{err}"
             );
             // Not root.
-            let bin = s.burrow.display().to_string();
-            let o = run(s.on(
-                1,
-                &[
-                    "setpriv",
-                    "--reuid",
-                    "65534",
-                    "--regid",
-                    "65534",
-                    "--clear-groups",
-                    &bin,
-                    "connect",
-                ],
-            ));
+            let bin = bin_dir().join("burrow").display().to_string();
+            let o = run(s.at(1).on(&[
+                "setpriv",
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                &bin,
+                "connect",
+            ]));
             let err = stderr(&o);
             assert!(!o.status.success());
             assert!(err.contains("root") && err.contains("sudo"), "{err}");
@@ -247,7 +173,7 @@ fn connect_acceptance() {
     );
 
     point("1 connect installs the gateway; traffic; status", &|| {
-        let out = s.connect_ok(1, &[]);
+        let out = s.at(1).connect_ok(&[]);
         eprintln!("connect output:\n{out}");
         assert!(out.contains("installing the gateway"), "{out}");
         // The gateway's NetworkPolicy came with it (stored, not enforced,
@@ -265,34 +191,35 @@ fn connect_acceptance() {
         );
         assert!(policy.contains("burrow-gateway"), "{policy}");
         s.assert_traffic(1);
-        let st = s.status_json(1);
+        let st = s.at(1).status_json();
         assert_eq!(st["connected"], true, "{st}");
         assert!(st["transport"].is_string(), "{st}");
         // 2a: the NodePort is reachable, so auto picks UDP.
         assert_eq!(st["transport"], "udp", "{st}");
-        let again = s.connect_ok(1, &[]);
+        let again = s.at(1).connect_ok(&[]);
         assert!(again.contains("already connected"), "{again}");
         // An open connection shows in status as a flow at the gateway.
         let mut sub = s
-            .on(1, &["redis-cli", "-h", &s.redis_ip, "subscribe", "burrow"])
+            .at(1)
+            .on(&["redis-cli", "-h", &s.redis_ip, "subscribe", "burrow"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-cli subscribe");
         let flows = eventually(Duration::from_secs(10), "a TCP flow in status", || {
-            let st = s.status_json(1);
+            let st = s.at(1).status_json();
             st["tcp_flows"].as_u64().filter(|n| *n >= 1)
         });
         let _ = sub.kill();
         let _ = sub.wait();
-        let human = ok(s.burrow(1, &["status"]));
+        let human = ok(s.at(1).burrow(&["status"]));
         assert!(human.contains("flows:") && human.contains("TCP"), "{human}");
         eprintln!("status showed {flows} TCP flow(s) with one connection open");
     });
 
     point("4a disconnect leaves nothing", &|| {
-        s.disconnect(1);
+        s.at(1).disconnect();
         s.assert_clean(1);
-        let st = s.status_json(1);
+        let st = s.at(1).status_json();
         assert_eq!(st["connected"], false, "{st}");
     });
 
@@ -316,20 +243,20 @@ fn connect_acceptance() {
                     patch,
                 ],
             ));
-            let out = s.connect_ok(1, &["--no-upgrade"]);
+            let out = s.at(1).connect_ok(&["--no-upgrade"]);
             assert!(out.contains("keeping it (--no-upgrade)"), "{out}");
-            assert_eq!(s.status_json(1)["gateway_version"], "0.0.9");
+            assert_eq!(s.at(1).status_json()["gateway_version"], "0.0.9");
             s.assert_traffic(1);
-            s.disconnect(1);
-            let out = s.connect_ok(1, &[]);
+            s.at(1).disconnect();
+            let out = s.at(1).connect_ok(&[]);
             assert!(
                 out.contains("upgrading the gateway from version 0.0.9 to"),
                 "{out}"
             );
-            let st = s.status_json(1);
+            let st = s.at(1).status_json();
             assert_ne!(st["gateway_version"], "0.0.9", "{st}");
             s.assert_traffic(1);
-            s.disconnect(1);
+            s.at(1).disconnect();
             s.assert_clean(1);
         },
     );
@@ -349,9 +276,9 @@ fn connect_acceptance() {
         ];
         ok(c.exec("node", &rule2));
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let out = s.connect_ok(1, &[]);
+            let out = s.at(1).connect_ok(&[]);
             eprintln!("connect output:\n{out}");
-            let st = s.status_json(1);
+            let st = s.at(1).status_json();
             assert_eq!(st["transport"], "port-forward", "{st}");
             assert!(
                 st["transport_reason"]
@@ -365,7 +292,7 @@ fn connect_acceptance() {
             // Break the port-forward stream (the API server connection is
             // reset) while the same gateway pod keeps running: the daemon
             // reopens it and says so in status.
-            let before = s.status_json(1)["reconnects"].as_u64().unwrap_or(0);
+            let before = s.at(1).status_json()["reconnects"].as_u64().unwrap_or(0);
             let reset = [
                 "iptables",
                 "-I",
@@ -379,24 +306,24 @@ fn connect_acceptance() {
                 "--reject-with",
                 "tcp-reset",
             ];
-            ok(s.on(1, &reset));
+            ok(s.at(1).on(&reset));
             // Traffic makes the relay write into the reset connection.
             let url = format!("http://{}/", s.web_ip);
-            let _ = run(s.on(1, &["curl", "-sS", "--max-time", "2", &url]));
+            let _ = run(s.at(1).on(&["curl", "-sS", "--max-time", "2", &url]));
             let mut undo = reset.to_vec();
             undo[1] = "-D";
-            ok(s.on(1, &undo));
+            ok(s.at(1).on(&undo));
             eventually(
                 Duration::from_secs(30),
                 "traffic after the stream reset",
                 || {
-                    run(s.on(1, &["curl", "-sS", "--max-time", "2", &url]))
+                    run(s.at(1).on(&["curl", "-sS", "--max-time", "2", &url]))
                         .status
                         .success()
                         .then_some(())
                 },
             );
-            let st = s.status_json(1);
+            let st = s.at(1).status_json();
             assert!(st["reconnects"].as_u64().unwrap_or(0) > before, "{st}");
             assert!(
                 st["last_reconnect_error"]
@@ -407,7 +334,7 @@ fn connect_acceptance() {
             );
             assert_eq!(st["transport"], "port-forward", "{st}");
             s.assert_traffic(1);
-            s.disconnect(1);
+            s.at(1).disconnect();
             s.assert_clean(1);
         }));
         let mut del = rule.to_vec();
@@ -435,64 +362,60 @@ fn connect_acceptance() {
             .map(|p| format!("{p}.0/24"))
             .expect("a free /24");
         // Another VPN's route: a veth pair stands in for its device.
-        ok(s.on(
-            1,
-            &[
-                "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1",
-            ],
-        ));
-        ok(s.on(1, &["ip", "link", "set", "other0", "up"]));
-        ok(s.on(1, &["ip", "link", "set", "other1", "up"]));
-        ok(s.on(1, &["ip", "route", "add", &other, "dev", "other0"]));
+        ok(s.at(1).on(&[
+            "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+        ]));
+        ok(s.at(1).on(&["ip", "link", "set", "other0", "up"]));
+        ok(s.at(1).on(&["ip", "link", "set", "other1", "up"]));
+        ok(s.at(1).on(&["ip", "route", "add", &other, "dev", "other0"]));
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let o = s.connect(1, &[]);
+            let o = s.at(1).connect(&[]);
             assert!(!o.status.success(), "connect must refuse: {}", stdout(&o));
             let err = stderr(&o);
             assert!(err.contains(&other) && err.contains("--exclude"), "{err}");
             s.assert_clean_device(1);
-            s.connect_ok(1, &["--exclude", &other]);
+            s.at(1).connect_ok(&["--exclude", &other]);
             s.assert_traffic(1);
-            let routes = ok(s.on(1, &["ip", "route"]));
+            let routes = ok(s.at(1).on(&["ip", "route"]));
             assert!(routes.contains(&format!("{other} dev other0")), "{routes}");
         }));
-        let _ = run(s.on(1, &["ip", "link", "del", "other0"]));
+        let _ = run(s.at(1).on(&["ip", "link", "del", "other0"]));
         if let Err(e) = result {
             std::panic::resume_unwind(e);
         }
     });
 
     point("6 two laptops", &|| {
-        if !s.run_dir(1).join("daemon.sock").exists() {
-            s.connect_ok(1, &[]);
+        if !s.at(1).run_dir().join("daemon.sock").exists() {
+            s.at(1).connect_ok(&[]);
         }
-        s.connect_ok(2, &[]);
+        s.at(2).connect_ok(&[]);
         s.assert_traffic(1);
         s.assert_traffic(2);
-        let a1 = s.status_json(1)["tunnel_address"]
+        let a1 = s.at(1).status_json()["tunnel_address"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let a2 = s.status_json(2)["tunnel_address"]
+        let a2 = s.at(2).status_json()["tunnel_address"]
             .as_str()
             .unwrap_or_default()
             .to_string();
         assert_ne!(a1, a2);
         // Route the other laptop's address into the tunnel: the gateway
         // must still not forward between peers.
-        let _ = run(s.on(
-            1,
-            &["ip", "route", "add", &format!("{a2}/32"), "dev", "burrow0"],
-        ));
-        let o = run(s.on(1, &["ping", "-c", "2", "-W", "2", &a2]));
+        let _ = run(s
+            .at(1)
+            .on(&["ip", "route", "add", &format!("{a2}/32"), "dev", "burrow0"]));
+        let o = run(s.at(1).on(&["ping", "-c", "2", "-W", "2", &a2]));
         assert!(!o.status.success(), "laptop 1 reached laptop 2 at {a2}");
-        let _ = run(s.on(1, &["ip", "route", "del", &format!("{a2}/32")]));
+        let _ = run(s.at(1).on(&["ip", "route", "del", &format!("{a2}/32")]));
     });
 
     point(
         "3 gateway pod replaced: traffic resumes without a command",
         &|| {
-            if !s.run_dir(1).join("daemon.sock").exists() {
-                s.connect_ok(1, &[]);
+            if !s.at(1).run_dir().join("daemon.sock").exists() {
+                s.at(1).connect_ok(&[]);
             }
             // A download loop running across the replacement.
             let script = format!(
@@ -500,7 +423,8 @@ fn connect_acceptance() {
                 s.web_ip
             );
             let mut download = s
-                .on(1, &["sh", "-c", &script])
+                .at(1)
+                .on(&["sh", "-c", &script])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("download loop");
@@ -537,7 +461,7 @@ fn connect_acceptance() {
                 Duration::from_secs(5),
                 "traffic through the new pod",
                 || {
-                    let o = run(s.on(1, &["curl", "-sS", "--max-time", "1", &url]));
+                    let o = run(s.at(1).on(&["curl", "-sS", "--max-time", "1", &url]));
                     o.status.success().then_some(())
                 },
             );
@@ -547,20 +471,20 @@ fn connect_acceptance() {
             );
             let _ = download.kill();
             let _ = download.wait();
-            let st = s.status_json(1);
+            let st = s.at(1).status_json();
             assert!(st["reconnects"].as_u64().unwrap_or(0) >= 1, "{st}");
         },
     );
 
     point("4b disconnect all, uninstall leaves no object", &|| {
         for n in [1, 2] {
-            if s.run_dir(n).join("daemon.sock").exists() {
-                s.disconnect(n);
+            if s.at(n).run_dir().join("daemon.sock").exists() {
+                s.at(n).disconnect();
             }
             s.assert_clean(n);
         }
         let kc = s.kubeconfig();
-        ok(s.burrow(1, &["uninstall", "--kubeconfig", &kc]));
+        ok(s.at(1).burrow(&["uninstall", "--kubeconfig", &kc]));
         let o = run(kubectl(&c, &["get", "namespace", "burrow-system"]));
         assert!(!o.status.success(), "namespace burrow-system still there");
         let o = ok(kubectl(
@@ -590,7 +514,7 @@ fn connect_acceptance() {
 impl Setup<'_> {
     /// No burrow device in laptop `n` (after a refusal).
     fn assert_clean_device(&self, n: usize) {
-        let links = ok(self.on(n, &["ip", "-o", "link"]));
+        let links = ok(self.at(n).on(&["ip", "-o", "link"]));
         assert!(!links.contains("burrow0"), "device left: {links}");
     }
 }

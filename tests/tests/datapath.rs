@@ -43,39 +43,6 @@ const PEERS: [Ipv4Addr; 3] = [LAPTOP1_IP, LAPTOP2_IP, WIREGUARD_GO_IP];
 const CLUSTER_CIDRS: [&str; 2] = ["10.96.0.0/12", "10.244.0.0/16"];
 /// An address in the pod network with no pod behind it.
 const NO_POD_IP: &str = "10.244.255.254";
-/// The echo server of the `flows` workload.
-const FLOWS_PORT: u16 = 7000;
-
-/// The `flows` workload: mc-flows' TCP echo server in a pod.
-fn flows_yaml(mc_flows: &Path) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: flows
-  namespace: default
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: flows}}
-  template:
-    metadata:
-      labels: {{app: flows}}
-    spec:
-      containers:
-      - name: echo
-        image: debian:12
-        command: ["{bin}", "echo-server", "--port", "{FLOWS_PORT}"]
-        ports:
-        - containerPort: {FLOWS_PORT}
-        readinessProbe:
-          tcpSocket:
-            port: {FLOWS_PORT}
-          periodSeconds: 1
-"#,
-        bin = mc_flows.display()
-    )
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LaptopSide {
@@ -201,22 +168,7 @@ fn datapath_acceptance() {
     };
     let web_pod = pod_of(&c, "default", "web");
     let caller_pod = pod_of(&c, "default", "caller");
-    let flows_pod = eventually(Duration::from_secs(60), "the flows pod Ready", || {
-        let o = run(kubectl(
-            &c,
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=flows",
-                "-o",
-                "jsonpath={.items[0].metadata.name} {.items[0].status.conditions[?(@.type==\"Ready\")].status}",
-            ],
-        ));
-        let out = stdout(&o);
-        let (name, ready) = out.trim().split_once(' ')?;
-        (ready == "True").then(|| name.to_string())
-    });
+    let (flows_pod, _) = flows_pod_ready(&c);
     let s = Setup {
         web_ip: svc_ip("default", "web"),
         web_pod_ip: pod_ip("default", &web_pod),

@@ -9,92 +9,46 @@
 //! `/etc/netns/<laptop>/resolv.conf`, bind-mounted over /etc/resolv.conf by
 //! `ip netns exec` (checked before burrow runs).
 //!
-//! Every point runs even when an earlier one failed; the failures are
-//! listed at the end.
+//! One cluster for the binary (common::shared) and one laptop connected on
+//! first use: each lookup is a test of its own (`cargo test --test dns
+//! srv_of_echo`). Disconnect, `kill -9` and `--dns=off` change the laptop
+//! for whoever comes next, so they stay together, in order, in one test
+//! that takes the cluster alone (its points all run even when an earlier
+//! one failed) and leaves the laptop disconnected.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 use burrow_tests::cluster::Cluster;
 use common::*;
 
-struct Setup<'a> {
-    c: &'a Cluster,
-    burrow: PathBuf,
-    dir: tempfile::TempDir,
-    /// `/etc/netns/<laptop>/resolv.conf` on the host.
-    resolv_conf: PathBuf,
+/// The binary's cluster, shared with the other points.
+fn dn() -> Option<SharedCluster> {
+    shared_cluster("dn", 1)
+}
+
+/// The binary's cluster, for points that change the laptop for the next.
+fn dn_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("dn", 1)
+}
+
+/// The laptop's resolv.conf (`/etc/netns/<laptop>/resolv.conf` on the host)
+/// and its content before burrow ran.
+struct ResolvConf {
+    path: PathBuf,
     original: Vec<u8>,
 }
 
-impl Setup<'_> {
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
+static RESOLV_CONF: OnceLock<ResolvConf> = OnceLock::new();
+/// One connect at a time.
+static CONNECTING: Mutex<()> = Mutex::new(());
 
-    fn on(&self, args: &[&str]) -> Command {
-        self.c.exec("laptop", args)
-    }
-
-    fn burrow(&self, args: &[&str]) -> Command {
-        let run_dir = self.run_dir();
-        let mut all = vec![
-            self.burrow.to_str().expect("utf-8 path"),
-            "--run-dir",
-            run_dir.to_str().expect("utf-8 path"),
-        ];
-        all.extend_from_slice(args);
-        self.on(&all)
-    }
-
-    fn daemon_log(&self) -> String {
-        burrow_tests::cluster::tail(&self.run_dir().join("daemon.log"), 60)
-    }
-
-    fn connect(&self, extra: &[&str]) -> String {
-        let kc = self.c.kubeconfig().display().to_string();
-        let mut args = vec!["connect", "--kubeconfig", &kc];
-        args.extend_from_slice(extra);
-        let o = run(self.burrow(&args));
-        assert!(
-            o.status.success(),
-            "burrow connect {extra:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log()
-        );
-        stdout(&o)
-    }
-
-    fn disconnect(&self) -> String {
-        ok(self.burrow(&["disconnect"]))
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = ok(self.burrow(&["status", "-o", "json"]));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
-    }
-
-    /// Runs `args` in the laptop; stdout on success, else a panic with the
-    /// daemon's log.
-    fn laptop_ok(&self, args: &[&str]) -> String {
-        let o = run(self.on(args));
-        assert!(
-            o.status.success(),
-            "{args:?} in the laptop failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log()
-        );
-        stdout(&o)
-    }
-
+impl ResolvConf {
     fn current(&self) -> Vec<u8> {
-        std::fs::read(&self.resolv_conf).expect("read the laptop's resolv.conf")
+        std::fs::read(&self.path).expect("read the laptop's resolv.conf")
     }
 
     fn assert_original(&self, when: &str) {
@@ -106,217 +60,264 @@ impl Setup<'_> {
             String::from_utf8_lossy(&self.original)
         );
     }
+}
 
-    /// The daemon's pid in the laptop namespace.
-    fn daemon_pid(&self) -> Option<String> {
-        let ns = self.c.netns("laptop").expect("netns");
-        let pids = ok({
-            let mut c = Command::new("ip");
-            c.args(["netns", "pids", &ns]);
-            c
-        });
-        pids.split_whitespace()
-            .find(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                cmdline.contains("burrow") && cmdline.contains(" daemon")
-            })
-            .map(str::to_owned)
+/// Laptop 1, its burrow's run dir in the cluster's state dir (gone with
+/// the cluster).
+fn laptop(c: &Cluster) -> Laptop<'_> {
+    Laptop::new(c, 1, c.state_dir().join("burrow-run-laptop"))
+}
+
+/// The laptop's resolv.conf, checked and read before burrow first runs.
+fn resolv_conf(c: &Cluster) -> &'static ResolvConf {
+    RESOLV_CONF.get_or_init(|| {
+        let netns = c.netns("laptop").expect("laptop netns");
+        let path = Path::new("/etc/netns").join(&netns).join("resolv.conf");
+        let original = std::fs::read(&path).expect("the laptop has its own resolv.conf");
+        // Safety first: inside the laptop, /etc/resolv.conf must be that
+        // file, bind-mounted (never the machine's own).
+        let mounted = ok(c.exec("laptop", &["cat", "/proc/self/mountinfo"]));
+        assert!(
+            mounted
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some("/etc/resolv.conf")),
+            "/etc/resolv.conf is not bind-mounted in the laptop namespace: refusing to run burrow's DNS there"
+        );
+        assert_eq!(
+            ok(c.exec("laptop", &["cat", "/etc/resolv.conf"])).as_bytes(),
+            original.as_slice()
+        );
+        ResolvConf { path, original }
+    })
+}
+
+/// The laptop connected with the defaults (connects when it is not).
+fn connected(c: &Cluster) -> Laptop<'_> {
+    resolv_conf(c);
+    let l = laptop(c);
+    let _one = CONNECTING.lock().unwrap_or_else(|p| p.into_inner());
+    let o = run(l.burrow(&["status", "-o", "json"]));
+    let up = o.status.success()
+        && serde_json::from_str::<serde_json::Value>(&stdout(&o))
+            .is_ok_and(|st| st["connected"] == true);
+    if !up {
+        let out = l.connect_ok(&[]);
+        eprintln!("connect output:\n{out}");
+    }
+    l
+}
+
+/// The daemon's pid in the laptop namespace.
+fn daemon_pid(l: &Laptop) -> Option<String> {
+    l.processes()
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("burrow") && cmdline.contains(" daemon"))
+        .map(|(pid, _)| pid)
+}
+
+fn web_ip(c: &Cluster) -> String {
+    jsonpath(c, &["get", "svc", "web"], "{.spec.clusterIP}")
+}
+
+fn db0_ip(c: &Cluster) -> String {
+    jsonpath(c, &["get", "pod", "-n", "data", "db-0"], "{.status.podIP}")
+}
+
+#[test]
+fn connect_rewrites_resolv_conf_to_the_stub() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let rc = resolv_conf(c);
+    let st = laptop.status_json();
+    let dns = &st["dns_stub"];
+    assert_eq!(dns["mode"], "resolv.conf", "{st}");
+    let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
+    assert_eq!(dns["stub"], format!("{tunnel}:53"), "{st}");
+    let now = String::from_utf8_lossy(&rc.current()).into_owned();
+    assert!(now.contains(&format!("nameserver {tunnel}\n")), "{now}");
+    assert!(
+        now.contains(
+            "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\n"
+        ),
+        "{now}"
+    );
+    // The corporate resolver is the stub's upstream.
+    assert_eq!(dns["upstreams"][0], "192.168.240.53:53", "{st}");
+}
+
+#[test]
+fn curl_web() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
+    assert!(out.contains("Welcome to nginx"), "{out}");
+}
+
+#[test]
+fn curl_echo_default() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://echo.default:8080/",
+    ]);
+    assert!(out.contains("echo-"), "the echo pod's answer: {out}");
+}
+
+#[test]
+fn redis_data_ping() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&["redis-cli", "-h", "redis.data", "ping"]);
+    assert_eq!(out.trim(), "PONG");
+}
+
+#[test]
+fn db_0_and_its_other_names() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let db0_ip = db0_ip(c);
+    let out = laptop.ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
+    assert!(out.starts_with(&format!("{db0_ip} ")), "{out}");
+    // The same pod by its StatefulSet-style short name, the headless
+    // Service, and the pod's own `a-b-c-d.ns.pod` name.
+    for name in [
+        "db-0.db.data".to_string(),
+        "db.data".to_string(),
+        format!("{}.data.pod.cluster.local", db0_ip.replace('.', "-")),
+        format!("{}.data.pod", db0_ip.replace('.', "-")),
+    ] {
+        let out = laptop.ok(&["getent", "hosts", &name]);
+        assert!(out.starts_with(&format!("{db0_ip} ")), "{name}: {out}");
     }
 }
 
 #[test]
-fn dns_acceptance() {
-    let Some(c) = cluster("dn", 1) else { return };
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let netns = c.netns("laptop").expect("laptop netns");
-    let resolv_conf = Path::new("/etc/netns").join(&netns).join("resolv.conf");
-    let original = std::fs::read(&resolv_conf).expect("the laptop has its own resolv.conf");
-    // Safety first: inside the laptop, /etc/resolv.conf must be that file,
-    // bind-mounted (never the machine's own).
-    let mounted = ok(c.exec("laptop", &["cat", "/proc/self/mountinfo"]));
+fn srv_of_echo() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&[
+        "dig",
+        "+short",
+        "SRV",
+        "_http._tcp.echo.default.svc.cluster.local",
+    ]);
     assert!(
-        mounted
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some("/etc/resolv.conf")),
-        "/etc/resolv.conf is not bind-mounted in the laptop namespace: refusing to run burrow's DNS there"
+        out.contains("8080 echo.default.svc.cluster.local."),
+        "SRV answer: {out:?}"
     );
-    assert_eq!(
-        ok(c.exec("laptop", &["cat", "/etc/resolv.conf"])).as_bytes(),
-        original.as_slice()
-    );
-    let s = Setup {
-        c: &c,
-        burrow: bin_dir.join("burrow"),
-        dir: tempfile::tempdir().expect("tempdir"),
-        resolv_conf,
-        original,
-    };
-    let web_ip = jsonpath(&c, &["get", "svc", "web"], "{.spec.clusterIP}");
-    let db0_ip = jsonpath(&c, &["get", "pod", "-n", "data", "db-0"], "{.status.podIP}");
+}
 
+#[test]
+fn corporate_names_from_the_corporate_resolver() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&["getent", "hosts", "intranet.example"]);
+    assert!(out.starts_with("192.168.240.80 "), "{out}");
+    // A short corporate name through the laptop's own search list.
+    let out = laptop.ok(&["getent", "hosts", "wiki"]);
+    assert!(out.starts_with("192.168.240.81 "), "{out}");
+}
+
+#[test]
+fn nosuch_default_is_nxdomain() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let out = laptop.ok(&["dig", "+tries=1", "+time=5", "nosuch.default"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    let o = run(laptop.on(&["getent", "hosts", "nosuch.default"]));
+    assert_eq!(o.status.code(), Some(2), "getent: {}", stdout(&o));
+}
+
+#[test]
+fn aaaa_empty_ptr_and_tcp() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    let web_ip = web_ip(c);
+    let db0_ip = db0_ip(c);
+    let out = laptop.ok(&["dig", "AAAA", "web.default.svc.cluster.local"]);
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    let out = laptop.ok(&["dig", "+short", "-x", &web_ip]);
+    assert_eq!(out.trim(), "web.default.svc.cluster.local.", "PTR {web_ip}");
+    // A pod IP: its name under the headless Service.
+    let out = laptop.ok(&["dig", "+short", "-x", &db0_ip]);
+    assert_eq!(
+        out.trim(),
+        "db-0.db.data.svc.cluster.local.",
+        "PTR {db0_ip}"
+    );
+    let out = laptop.ok(&["dig", "+tcp", "+short", "web.default.svc.cluster.local"]);
+    assert_eq!(out.trim(), web_ip, "over TCP");
+    let out = laptop.ok(&["getent", "hosts", "web"]);
+    assert!(out.starts_with(&format!("{web_ip} ")), "{out}");
+}
+
+#[test]
+fn status_shows_the_cache() {
+    let Some(ref c) = dn() else { return };
+    let laptop = connected(c);
+    // A miss, then a hit, whatever ran before.
+    for _ in 0..2 {
+        laptop.ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
+    }
+    let st = laptop.status_json();
+    let dns = &st["dns_stub"];
+    assert!(dns["hits"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(dns["misses"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(
+        dns["namespaces"].as_str().unwrap_or("").contains("data"),
+        "{st}"
+    );
+    let human = ok(laptop.burrow(&["status"]));
+    assert!(
+        human.contains("DNS stub:") && human.contains("hits"),
+        "{human}"
+    );
+    // Bound to the tunnel address only: not an open resolver.
+    let listening = ok(laptop.on(&["ss", "-Hlnu", "sport", "=", ":53"]));
+    let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
+    assert!(
+        listening.contains(&format!("{tunnel}:53"))
+            && !listening.contains("0.0.0.0:53")
+            && !listening.contains("*:53"),
+        "{listening}"
+    );
+}
+
+#[test]
+fn disconnect_and_kill_restore_resolv_conf() {
+    let Some(ref c) = dn_alone() else { return };
+    let laptop = connected(c);
+    let rc = resolv_conf(c);
+    let web_ip = web_ip(c);
     let mut points = Points::new("dns");
     let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
 
-    point("connect rewrites resolv.conf to the stub", &|| {
-        let out = s.connect(&[]);
-        eprintln!("connect output:\n{out}");
-        let st = s.status_json();
-        let dns = &st["dns_stub"];
-        assert_eq!(dns["mode"], "resolv.conf", "{st}");
-        let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
-        assert_eq!(dns["stub"], format!("{tunnel}:53"), "{st}");
-        let now = String::from_utf8_lossy(&s.current()).into_owned();
-        assert!(now.contains(&format!("nameserver {tunnel}\n")), "{now}");
-        assert!(
-            now.contains(
-                "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\n"
-            ),
-            "{now}"
-        );
-        // The corporate resolver is the stub's upstream.
-        assert_eq!(dns["upstreams"][0], "192.168.240.53:53", "{st}");
-    });
-
-    point("1a curl http://web", &|| {
-        let out = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
-        assert!(out.contains("Welcome to nginx"), "{out}");
-    });
-
-    point("1b curl http://echo.default:8080", &|| {
-        let out = s.laptop_ok(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "http://echo.default:8080/",
-        ]);
-        assert!(out.contains("echo-"), "the echo pod's answer: {out}");
-    });
-
-    point("1c redis-cli -h redis.data ping", &|| {
-        let out = s.laptop_ok(&["redis-cli", "-h", "redis.data", "ping"]);
-        assert_eq!(out.trim(), "PONG");
-    });
-
-    point("1d getent hosts db-0.db.data.svc.cluster.local", &|| {
-        let out = s.laptop_ok(&["getent", "hosts", "db-0.db.data.svc.cluster.local"]);
-        assert!(out.starts_with(&format!("{db0_ip} ")), "{out}");
-        // The same pod by its StatefulSet-style short name, the headless
-        // Service, and the pod's own `a-b-c-d.ns.pod` name.
-        for name in [
-            "db-0.db.data".to_string(),
-            "db.data".to_string(),
-            format!("{}.data.pod.cluster.local", db0_ip.replace('.', "-")),
-            format!("{}.data.pod", db0_ip.replace('.', "-")),
-        ] {
-            let out = s.laptop_ok(&["getent", "hosts", &name]);
-            assert!(out.starts_with(&format!("{db0_ip} ")), "{name}: {out}");
-        }
-    });
-
-    point(
-        "1e dig SRV _http._tcp.echo.default.svc.cluster.local",
-        &|| {
-            let out = s.laptop_ok(&[
-                "dig",
-                "+short",
-                "SRV",
-                "_http._tcp.echo.default.svc.cluster.local",
-            ]);
-            assert!(
-                out.contains("8080 echo.default.svc.cluster.local."),
-                "SRV answer: {out:?}"
-            );
-        },
-    );
-
-    point(
-        "1f intranet.example and wiki from the corporate resolver",
-        &|| {
-            let out = s.laptop_ok(&["getent", "hosts", "intranet.example"]);
-            assert!(out.starts_with("192.168.240.80 "), "{out}");
-            // A short corporate name through the laptop's own search list.
-            let out = s.laptop_ok(&["getent", "hosts", "wiki"]);
-            assert!(out.starts_with("192.168.240.81 "), "{out}");
-        },
-    );
-
-    point("1g nosuch.default is NXDOMAIN", &|| {
-        let out = s.laptop_ok(&["dig", "+tries=1", "+time=5", "nosuch.default"]);
-        assert!(out.contains("status: NXDOMAIN"), "{out}");
-        let o = run(s.on(&["getent", "hosts", "nosuch.default"]));
-        assert_eq!(o.status.code(), Some(2), "getent: {}", stdout(&o));
-    });
-
-    point("AAAA of a cluster name is empty NOERROR; PTR; TCP", &|| {
-        let out = s.laptop_ok(&["dig", "AAAA", "web.default.svc.cluster.local"]);
-        assert!(
-            out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
-            "{out}"
-        );
-        let out = s.laptop_ok(&["dig", "+short", "-x", &web_ip]);
-        assert_eq!(out.trim(), "web.default.svc.cluster.local.", "PTR {web_ip}");
-        // A pod IP: its name under the headless Service.
-        let out = s.laptop_ok(&["dig", "+short", "-x", &db0_ip]);
-        assert_eq!(
-            out.trim(),
-            "db-0.db.data.svc.cluster.local.",
-            "PTR {db0_ip}"
-        );
-        let out = s.laptop_ok(&["dig", "+tcp", "+short", "web.default.svc.cluster.local"]);
-        assert_eq!(out.trim(), web_ip, "over TCP");
-        let out = s.laptop_ok(&["getent", "hosts", "web"]);
-        assert!(out.starts_with(&format!("{web_ip} ")), "{out}");
-    });
-
-    point("status shows the cache", &|| {
-        let st = s.status_json();
-        let dns = &st["dns_stub"];
-        assert!(dns["hits"].as_u64().unwrap_or(0) > 0, "{st}");
-        assert!(dns["misses"].as_u64().unwrap_or(0) > 0, "{st}");
-        assert!(
-            dns["namespaces"].as_str().unwrap_or("").contains("data"),
-            "{st}"
-        );
-        let human = ok(s.burrow(&["status"]));
-        assert!(
-            human.contains("DNS stub:") && human.contains("hits"),
-            "{human}"
-        );
-        // Bound to the tunnel address only: not an open resolver.
-        let listening = ok(s.on(&["ss", "-Hlnu", "sport", "=", ":53"]));
-        let tunnel = st["tunnel_address"].as_str().unwrap_or_default();
-        assert!(
-            listening.contains(&format!("{tunnel}:53"))
-                && !listening.contains("0.0.0.0:53")
-                && !listening.contains("*:53"),
-            "{listening}"
-        );
-    });
-
     point("2a disconnect restores resolv.conf byte for byte", &|| {
-        s.disconnect();
-        s.assert_original("after disconnect");
-        let o = run(s.on(&["getent", "hosts", "web"]));
+        laptop.disconnect();
+        rc.assert_original("after disconnect");
+        let o = run(laptop.on(&["getent", "hosts", "web"]));
         assert!(!o.status.success(), "web resolves after disconnect");
-        let out = s.laptop_ok(&["getent", "hosts", "intranet.example"]);
+        let out = laptop.ok(&["getent", "hosts", "intranet.example"]);
         assert!(out.starts_with("192.168.240.80 "), "{out}");
     });
 
     point(
         "2b kill -9, next connect and disconnect restore it",
         &|| {
-            s.connect(&[]);
+            laptop.connect_ok(&[]);
             assert_ne!(
-                s.current(),
-                s.original,
+                rc.current(),
+                rc.original,
                 "connect did not rewrite resolv.conf"
             );
-            let pid = s.daemon_pid().expect("the daemon's pid");
+            let pid = daemon_pid(&laptop).expect("the daemon's pid");
             ok({
                 let mut k = Command::new("kill");
                 k.args(["-9", &pid]);
@@ -328,19 +329,19 @@ fn dns_acceptance() {
                 || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
             );
             // The killed daemon leaves its rewrite behind...
-            assert_ne!(s.current(), s.original);
+            assert_ne!(rc.current(), rc.original);
             // ...which the next start puts back before writing its own.
-            s.connect(&[]);
-            let out = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
+            laptop.connect_ok(&[]);
+            let out = laptop.ok(&["curl", "-sS", "--max-time", "10", "http://web/"]);
             assert!(out.contains("Welcome to nginx"), "{out}");
-            s.disconnect();
-            s.assert_original("after kill -9, connect, disconnect");
+            laptop.disconnect();
+            rc.assert_original("after kill -9, connect, disconnect");
         },
     );
 
     point("2c kill -9, then disconnect alone restores it", &|| {
-        s.connect(&[]);
-        let pid = s.daemon_pid().expect("the daemon's pid");
+        laptop.connect_ok(&[]);
+        let pid = daemon_pid(&laptop).expect("the daemon's pid");
         ok({
             let mut k = Command::new("kill");
             k.args(["-9", &pid]);
@@ -351,17 +352,17 @@ fn dns_acceptance() {
             "the daemon to die",
             || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
         );
-        let out = s.disconnect();
+        let out = laptop.disconnect();
         assert!(out.contains("restored"), "{out}");
-        s.assert_original("after kill -9, disconnect");
+        rc.assert_original("after kill -9, disconnect");
     });
 
     point("--dns=off leaves resolv.conf alone", &|| {
-        s.connect(&["--dns", "off"]);
-        s.assert_original("connected with --dns=off");
-        let st = s.status_json();
+        laptop.connect_ok(&["--dns", "off"]);
+        rc.assert_original("connected with --dns=off");
+        let st = laptop.status_json();
         assert_eq!(st["dns_stub"]["mode"], "off", "{st}");
-        let out = s.laptop_ok(&[
+        let out = laptop.ok(&[
             "curl",
             "-sS",
             "--max-time",
@@ -369,13 +370,13 @@ fn dns_acceptance() {
             &format!("http://{web_ip}/"),
         ]);
         assert!(out.contains("Welcome to nginx"), "{out}");
-        s.disconnect();
-        s.assert_original("after --dns=off");
+        laptop.disconnect();
+        rc.assert_original("after --dns=off");
     });
 
     // Whatever failed above: never leave the laptop's file changed.
-    if s.current() != s.original {
-        let _ = run(s.burrow(&["disconnect"]));
+    if rc.current() != rc.original {
+        let _ = run(laptop.burrow(&["disconnect"]));
     }
     points.finish();
 }

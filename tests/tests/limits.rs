@@ -19,7 +19,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -29,48 +29,14 @@ use burrow_tests::ctx::NODE_UNDERLAY_IP;
 use burrow_tests::gateway;
 use common::*;
 
-/// The echo server of the `flows` workload (TCP and UDP).
-const FLOWS_PORT: u16 = 7000;
 /// What laptop 1 opens: more than the default caps of either kind.
 const TCP_CONNECTIONS: usize = 5000;
 const UDP_FLOWS: usize = 5000;
 /// Connections to the framed NodePort that never handshake.
 const IDLE_CONNECTIONS: usize = 2000;
 
-/// The `flows` workload: mc-flows' echo server in a pod.
-fn flows_yaml(mc_flows: &Path) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: flows
-  namespace: default
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: flows}}
-  template:
-    metadata:
-      labels: {{app: flows}}
-    spec:
-      containers:
-      - name: echo
-        image: debian:12
-        command: ["{bin}", "echo-server", "--port", "{FLOWS_PORT}"]
-        ports:
-        - containerPort: {FLOWS_PORT}
-        readinessProbe:
-          tcpSocket:
-            port: {FLOWS_PORT}
-          periodSeconds: 1
-"#,
-        bin = mc_flows.display()
-    )
-}
-
 struct Setup<'a> {
     c: &'a Cluster,
-    burrow: PathBuf,
     mc_flows: PathBuf,
     dir: tempfile::TempDir,
     flows_ip: String,
@@ -152,70 +118,18 @@ fn numbers(line: &str, words: &[&str]) -> Vec<usize> {
 }
 
 impl Setup<'_> {
-    fn laptop(&self, n: usize) -> String {
-        if n == 1 {
-            "laptop".into()
-        } else {
-            format!("laptop{n}")
-        }
-    }
-
-    fn run_dir(&self, n: usize) -> PathBuf {
-        self.dir.path().join(format!("run{n}"))
-    }
-
-    fn on(&self, n: usize, args: &[&str]) -> Command {
-        self.c.exec(&self.laptop(n), args)
-    }
-
-    fn burrow(&self, n: usize, args: &[&str]) -> Command {
-        let run_dir = self.run_dir(n);
-        let mut all = vec![
-            self.burrow.to_str().expect("utf-8 path"),
-            "--run-dir",
-            run_dir.to_str().expect("utf-8 path"),
-        ];
-        all.extend_from_slice(args);
-        self.on(n, &all)
+    fn at(&self, n: usize) -> Laptop<'_> {
+        Laptop::new(self.c, n, self.dir.path().join(format!("run{n}")))
     }
 
     fn mc_flows(&self, n: usize, args: &[&str]) -> Command {
         let mut all = vec![self.mc_flows.to_str().expect("utf-8 path")];
         all.extend_from_slice(args);
-        self.on(n, &all)
-    }
-
-    fn daemon_log(&self, n: usize) -> String {
-        burrow_tests::cluster::tail(&self.run_dir(n).join("daemon.log"), 40)
-    }
-
-    fn connect(&self, n: usize, extra: &[&str]) -> String {
-        let kc = self.c.kubeconfig().display().to_string();
-        let mut args = vec!["connect", "--kubeconfig", &kc];
-        args.extend_from_slice(extra);
-        let o = run(self.burrow(n, &args));
-        assert!(
-            o.status.success(),
-            "burrow connect {extra:?} in laptop {n} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log(n)
-        );
-        stdout(&o)
-    }
-
-    fn connected(&self, n: usize) -> bool {
-        self.run_dir(n).join("daemon.sock").exists()
-    }
-
-    fn status_json(&self, n: usize) -> serde_json::Value {
-        let out = ok(self.burrow(n, &["status", "-o", "json"]));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
+        self.at(n).on(&all)
     }
 
     fn curl(&self, n: usize, url: &str) -> Output {
-        run(self.on(n, &["curl", "-sS", "--max-time", "10", url]))
+        run(self.at(n).on(&["curl", "-sS", "--max-time", "10", url]))
     }
 
     /// `curl http://web/` (a cluster name: DNS, then TCP) answers nginx's
@@ -227,20 +141,20 @@ impl Setup<'_> {
             "curl http://web/ from laptop {n}: {} {}\ndaemon log:\n{}",
             o.status,
             stderr(&o),
-            self.daemon_log(n)
+            self.at(n).daemon_log()
         );
     }
 
     /// `name` (asked for the first time in the test, so not from the
     /// stub's cache) resolves to `ip` in laptop `n`.
     fn assert_resolves(&self, n: usize, name: &str, ip: &str) {
-        let o = run(self.on(n, &["getent", "hosts", name]));
+        let o = run(self.at(n).on(&["getent", "hosts", name]));
         assert!(
             o.status.success() && stdout(&o).split_whitespace().next() == Some(ip),
             "getent hosts {name} in laptop {n}: {} {:?}, expected {ip}\ndaemon log:\n{}",
             o.status,
             stdout(&o),
-            self.daemon_log(n)
+            self.at(n).daemon_log()
         );
     }
 
@@ -275,31 +189,11 @@ impl Setup<'_> {
 #[test]
 fn limits_acceptance() {
     let Some(c) = cluster("lm", 2) else { return };
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
     let mc_flows = PathBuf::from(env!("CARGO_BIN_EXE_mc-flows"));
     kubectl_apply(&c, &flows_yaml(&mc_flows));
-    let flows_ip = eventually(Duration::from_secs(60), "the flows pod Ready", || {
-        let o = run(kubectl(
-            &c,
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=flows",
-                "-o",
-                "jsonpath={.items[0].status.podIP} {.items[0].status.conditions[?(@.type==\"Ready\")].status}",
-            ],
-        ));
-        let out = stdout(&o);
-        let (ip, ready) = out.trim().split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    });
+    let (_, flows_ip) = flows_pod_ready(&c);
     let s = Setup {
         c: &c,
-        burrow: bin_dir.join("burrow"),
         mc_flows,
         dir: tempfile::tempdir().expect("tempdir"),
         flows_ip,
@@ -317,8 +211,8 @@ fn limits_acceptance() {
     point(
         "4 one laptop past its caps; the other keeps working",
         &|| {
-            s.connect(1, &[]);
-            s.connect(2, &[]);
+            s.at(1).connect_ok(&[]);
+            s.at(2).connect_ok(&[]);
             s.assert_web(1);
             s.assert_web(2);
             let before = s.metrics();
@@ -368,7 +262,7 @@ fn limits_acceptance() {
             );
             // A new connection now is refused at once, as a user sees it.
             let url = format!("http://{}:{FLOWS_PORT}/", s.flows_ip);
-            let o = run(s.on(1, &["curl", "-v", "--max-time", "10", &url]));
+            let o = run(s.at(1).on(&["curl", "-v", "--max-time", "10", &url]));
             assert!(
                 o.status.code() == Some(7) && stderr(&o).contains("Connection refused"),
                 "curl {url} from laptop 1 at its cap: {} {}",
@@ -404,7 +298,7 @@ fn limits_acceptance() {
                 "echo limits | timeout 10 socat -T3 - UDP:{}:9000",
                 s.udp_echo_ip
             );
-            let echoed = ok(s.on(2, &["sh", "-c", &echo]));
+            let echoed = ok(s.at(2).on(&["sh", "-c", &echo]));
             assert!(echoed.contains("limits"), "UDP echo answered {echoed:?}");
 
             // Counted, without naming the laptop.
@@ -458,8 +352,8 @@ fn limits_acceptance() {
     point(
         "5 framed connections that never handshake are closed; a laptop connects meanwhile",
         &|| {
-            if s.connected(2) {
-                ok(s.burrow(2, &["disconnect"]));
+            if s.at(2).connected() {
+                ok(s.at(2).burrow(&["disconnect"]));
             }
             let node_port = jsonpath(
                 s.c,
@@ -485,9 +379,9 @@ fn limits_acceptance() {
             );
 
             // Meanwhile laptop 2 connects over the framed transport.
-            let out = s.connect(2, &["--transport", "port-forward"]);
+            let out = s.at(2).connect_ok(&["--transport", "port-forward"]);
             eprintln!("connect output:\n{out}");
-            let st = s.status_json(2);
+            let st = s.at(2).status_json();
             assert_eq!(st["transport"], "port-forward", "{st}");
             s.assert_web(2);
             s.assert_resolves(2, "udp-echo.default.svc.cluster.local", &s.udp_echo_ip);
@@ -524,15 +418,15 @@ fn limits_acceptance() {
             // Laptop 2's connection outlived the deadline: traffic without
             // a reconnect.
             s.assert_web(2);
-            let st = s.status_json(2);
+            let st = s.at(2).status_json();
             assert_eq!(st["transport"], "port-forward", "{st}");
             assert_eq!(st["reconnects"], 0, "{st}");
         },
     );
 
     for n in [1, 2] {
-        if s.connected(n) {
-            let _ = run(s.burrow(n, &["disconnect"]));
+        if s.at(n).connected() {
+            let _ = run(s.at(n).burrow(&["disconnect"]));
         }
     }
     points.finish();

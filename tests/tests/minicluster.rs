@@ -1,5 +1,7 @@
 //! Acceptance of the miniature cluster (issue 2): kubectl, kube-rs, traffic
-//! inside the cluster, and the laptop's isolation — one cluster for the group.
+//! inside the cluster, and the laptop's isolation — one test per point, one
+//! cluster for the binary (`cargo test --test minicluster traffic_from_a_pod`
+//! runs one point alone).
 
 mod common;
 
@@ -44,25 +46,24 @@ spec:
     targetPort: 80
 "#;
 
-#[test]
-fn miniature_cluster_acceptance() {
-    let Some(c) = cluster("acc", 1) else { return };
-    kubectl_reads_everything(&c);
-    kubectl_apply_patch_delete(&c);
-    kubectl_errors_are_real_statuses(&c);
-    rbac_refuses_a_user_without_patch(&c);
-    traffic_from_a_pod(&c);
-    laptop_reaches_only_the_underlay(&c);
-    kube_rs_client(&c);
-    kubectl_applies_a_list(&c);
-    kubectl_logs(&c);
-    pod_sysctls(&c);
-    volumes_leave_the_host_alone(&c);
-    fs_group_makes_secrets_readable(&c);
-    udp_flows_follow_a_replaced_endpoint(&c);
+// Each point is its own test over the binary's one cluster (common::shared),
+// in any order: a point that leaves the cluster changed for a while (a
+// deleted web or udp-echo pod until its replacement is ready) takes it
+// alone; every other point creates only objects of its own and removes them.
+
+/// The binary's cluster, shared with the other points.
+fn acc() -> Option<SharedCluster> {
+    shared_cluster("acc", 1)
 }
 
-fn kubectl_reads_everything(c: &Cluster) {
+/// The binary's cluster, for a point that changes it for a while.
+fn acc_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("acc", 1)
+}
+
+#[test]
+fn kubectl_reads_everything() {
+    let Some(ref c) = acc() else { return };
     let out = ok(kubectl(
         c,
         &["get", "pods,svc,endpoints", "-A", "-o", "wide"],
@@ -101,7 +102,9 @@ fn ready_replicas(c: &Cluster, ns: &str, deploy: &str) -> String {
     )))
 }
 
-fn kubectl_apply_patch_delete(c: &Cluster) {
+#[test]
+fn kubectl_apply_patch_delete() {
+    let Some(ref c) = acc_alone() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("extra.yaml");
     std::fs::write(&file, EXTRA_YAML).expect("write yaml");
@@ -234,7 +237,9 @@ fn kubectl_apply_patch_delete(c: &Cluster) {
     ok(kubectl(c, &["delete", "-f", &file]));
 }
 
-fn kubectl_errors_are_real_statuses(c: &Cluster) {
+#[test]
+fn kubectl_errors_are_real_statuses() {
+    let Some(ref c) = acc() else { return };
     let o = run(kubectl(
         c,
         &["get", "svc", "no-such-service", "-n", "default"],
@@ -250,7 +255,9 @@ fn kubectl_errors_are_real_statuses(c: &Cluster) {
     assert!(stderr(&o).contains("AlreadyExists"), "{}", stderr(&o));
 }
 
-fn rbac_refuses_a_user_without_patch(c: &Cluster) {
+#[test]
+fn rbac_refuses_a_user_without_patch() {
+    let Some(ref c) = acc() else { return };
     let mut cmd = std::process::Command::new("kubectl");
     cmd.arg("--kubeconfig").arg(c.limited_host_kubeconfig());
     let mut get = cmd;
@@ -283,7 +290,9 @@ fn rbac_refuses_a_user_without_patch(c: &Cluster) {
     assert_eq!(sel.trim(), "echo", "a refused patch changes nothing");
 }
 
-fn traffic_from_a_pod(c: &Cluster) {
+#[test]
+fn traffic_from_a_pod() {
+    let Some(ref c) = acc() else { return };
     for url in [
         "http://web/",
         "http://web.default/",
@@ -368,7 +377,9 @@ fn traffic_from_a_pod(c: &Cluster) {
     assert!(stdout(&nx).contains("NXDOMAIN"), "{}", stdout(&nx));
 }
 
-fn laptop_reaches_only_the_underlay(c: &Cluster) {
+#[test]
+fn laptop_reaches_only_the_underlay() {
+    let Some(ref c) = acc() else { return };
     let web_ip = ok(kubectl(
         c,
         &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
@@ -401,7 +412,9 @@ fn laptop_reaches_only_the_underlay(c: &Cluster) {
     );
 }
 
-fn kube_rs_client(c: &Cluster) {
+#[test]
+fn kube_rs_client() {
+    let Some(ref c) = acc() else { return };
     use futures::{StreamExt, TryStreamExt};
     use k8s_openapi::api::core::v1::{ConfigMap, Pod};
     use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
@@ -545,7 +558,9 @@ fn kube_rs_client(c: &Cluster) {
     });
 }
 
-fn kubectl_applies_a_list(c: &Cluster) {
+#[test]
+fn kubectl_applies_a_list() {
+    let Some(ref c) = acc() else { return };
     let list = r#"
 apiVersion: v1
 kind: List
@@ -610,7 +625,9 @@ spec:
     command: ["sh", "-c", "echo run-$(cat /proc/sys/kernel/random/uuid); sleep 1; exit 1"]
 "#;
 
-fn kubectl_logs(c: &Cluster) {
+#[test]
+fn kubectl_logs() {
+    let Some(ref c) = acc() else { return };
     kubectl_apply(c, LOG_PODS);
     wait_pod_ready(c, "default", "logger");
     let all = logs_containing(c, &["logger"], "tick 3\n");
@@ -692,7 +709,9 @@ fn kubectl_logs(c: &Cluster) {
     ok(kubectl(c, &["delete", "pod", "crasher", "--wait=false"]));
 }
 
-fn pod_sysctls(c: &Cluster) {
+#[test]
+fn pod_sysctls() {
+    let Some(ref c) = acc() else { return };
     // Non-root with no_new_privs: ping works only through an ICMP datagram
     // socket, which ping_group_range allows.
     let ping = "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_unprivileged_port_start; if ping -c 1 -W 2 10.244.0.1 >/dev/null 2>&1; then echo ping-ok; else echo ping-refused; fi; sleep infinity";
@@ -776,7 +795,9 @@ spec:
     ));
 }
 
-fn volumes_leave_the_host_alone(c: &Cluster) {
+#[test]
+fn volumes_leave_the_host_alone() {
+    let Some(ref c) = acc() else { return };
     let name = c.name();
     let etc = format!("/etc/mc-{name}-cfg");
     let opt = format!("/opt/mc-{name}");
@@ -831,7 +852,9 @@ spec:
     }
 }
 
-fn fs_group_makes_secrets_readable(c: &Cluster) {
+#[test]
+fn fs_group_makes_secrets_readable() {
+    let Some(ref c) = acc() else { return };
     let yaml = r#"
 apiVersion: v1
 kind: Secret
@@ -869,7 +892,9 @@ spec:
 /// A UDP client that keeps sending from one source port reaches the
 /// replacement of a deleted udp-echo pod: kube-proxy clears the stale
 /// conntrack entry.
-fn udp_flows_follow_a_replaced_endpoint(c: &Cluster) {
+#[test]
+fn udp_flows_follow_a_replaced_endpoint() {
+    let Some(ref c) = acc_alone() else { return };
     use std::net::UdpSocket;
     let cip = ok(kubectl(
         c,

@@ -12,8 +12,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use burrow_tests::cluster::Cluster;
@@ -84,38 +83,18 @@ const USER: &str = "dana";
 
 struct Setup<'a> {
     c: &'a Cluster,
-    burrow: PathBuf,
-    dir: tempfile::TempDir,
+    laptop: Laptop<'a>,
+    _dir: tempfile::TempDir,
     /// dana's kubeconfig (for laptops).
     dana: String,
 }
 
 impl Setup<'_> {
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn on(&self, args: &[&str]) -> Command {
-        self.c.exec("laptop", args)
-    }
-
-    /// `burrow --run-dir <laptop's> ARGS` in the laptop.
-    fn burrow(&self, args: &[&str]) -> Command {
-        let run_dir = self.run_dir();
-        let mut all = vec![
-            self.burrow.to_str().expect("utf-8 path"),
-            "--run-dir",
-            run_dir.to_str().expect("utf-8 path"),
-        ];
-        all.extend_from_slice(args);
-        self.on(&all)
-    }
-
     /// `burrow ARGS --kubeconfig <dana's>`.
     fn as_dana(&self, args: &[&str]) -> Command {
         let mut all = args.to_vec();
         all.extend_from_slice(&["--kubeconfig", &self.dana]);
-        self.burrow(&all)
+        self.laptop.burrow(&all)
     }
 
     /// `burrow ARGS --kubeconfig <admin's>`, asserting success; stdout.
@@ -123,11 +102,7 @@ impl Setup<'_> {
         let kc = self.c.kubeconfig().display().to_string();
         let mut all = args.to_vec();
         all.extend_from_slice(&["--kubeconfig", &kc]);
-        ok(self.burrow(&all))
-    }
-
-    fn daemon_log(&self) -> String {
-        burrow_tests::cluster::tail(&self.run_dir().join("daemon.log"), 40)
+        ok(self.laptop.burrow(&all))
     }
 
     /// Runs as dana; asserts success with the daemon's log on failure.
@@ -139,27 +114,9 @@ impl Setup<'_> {
             o.status,
             stdout(&o),
             stderr(&o),
-            self.daemon_log()
+            self.laptop.daemon_log()
         );
         format!("{}{}", stdout(&o), stderr(&o))
-    }
-
-    fn laptop_ok(&self, args: &[&str]) -> String {
-        let o = run(self.on(args));
-        assert!(
-            o.status.success(),
-            "{args:?} in the laptop failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            o.status,
-            stdout(&o),
-            stderr(&o),
-            self.daemon_log()
-        );
-        stdout(&o)
-    }
-
-    fn status(&self) -> Value {
-        let out = ok(self.burrow(&["status", "-o", "json"]));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status -o json: {e}: {out}"))
     }
 
     fn svc(&self, ns: &str, name: &str) -> Value {
@@ -205,33 +162,18 @@ impl Setup<'_> {
         let out = ok(kubectl(self.c, &args));
         assert!(out.contains("created"), "{line}: {out}");
     }
-
-    /// Starts `args` in the laptop in the background.
-    fn spawn(&self, env: &[(&str, &str)], args: &[&str]) -> Child {
-        let mut all = vec!["env".to_string()];
-        all.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
-        all.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        self.on(&refs)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn in laptop")
-    }
 }
 
 #[test]
 fn shipped_roles_acceptance() {
     let Some(c) = cluster("rb", 1) else { return };
-    let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
+    let bin = bin_dir();
     let dana = c.kubeconfig_for(USER, &[]).expect("dana's kubeconfig");
+    let dir = tempfile::tempdir().expect("tempdir");
     let s = Setup {
         c: &c,
-        burrow: bin.join("burrow"),
-        dir: tempfile::tempdir().expect("tempdir"),
+        laptop: Laptop::new(&c, 1, dir.path().join("run")),
+        _dir: dir,
         dana: dana.display().to_string(),
     };
 
@@ -254,15 +196,33 @@ fn shipped_roles_acceptance() {
         (!name.is_empty()).then_some(name)
     });
     wait_pod_ready(&c, "team", &api_pod);
-    let mut server = s.spawn(
+    // A Ready pod is not yet a Service that answers: kube-proxy writes the
+    // rule up to a sync period later (the laptop's first curl was refused,
+    // exit 7, about one run in three).
+    eventually(
+        Duration::from_secs(30),
+        "team/api to answer its Service",
+        || {
+            run(in_caller(
+                &c,
+                &["curl", "-sf", "--max-time", "2", "http://api.team:8080/"],
+            ))
+            .status
+            .success()
+            .then_some(())
+        },
+    );
+    let mut server = s.laptop.spawn(
         &[("POD_NAME", "laptop-dana"), ("PORT", "3000")],
         &[&bin.join("mc-echo").display().to_string()],
     );
     eventually(Duration::from_secs(10), "local echo server up", || {
-        run(s.on(&["curl", "-sf", "http://127.0.0.1:3000/healthz"]))
-            .status
-            .success()
-            .then_some(())
+        run(s
+            .laptop
+            .on(&["curl", "-sf", "http://127.0.0.1:3000/healthz"]))
+        .status
+        .success()
+        .then_some(())
     });
 
     // The admin installs and binds dana as the output says; dana has no
@@ -329,7 +289,7 @@ fn shipped_roles_acceptance() {
                 ["burrow-connect=dana", "burrow-reroute=dana"],
                 "{out}"
             );
-            let o = run(s.on(&[
+            let o = run(s.laptop.on(&[
                 "kubectl",
                 "--kubeconfig",
                 &s.dana,
@@ -353,7 +313,7 @@ fn shipped_roles_acceptance() {
         &|| {
             let out = s.dana_ok(&["connect", "-n", "team"]);
             eprintln!("connect as {USER}:\n{out}");
-            let st = s.status();
+            let st = s.laptop.status_json();
             assert_eq!(st["connected"], true, "{st}");
             assert_eq!(st["transport"], "port-forward", "{st}");
             let reason = st["transport_reason"].as_str().unwrap_or_default();
@@ -367,15 +327,17 @@ fn shipped_roles_acceptance() {
                 "{.items[0].status.podIP}",
             );
             let url = format!("http://{pod_ip}:8080/");
-            let body = s.laptop_ok(&["curl", "-sS", "--max-time", "10", &url]);
+            let body = s.laptop.ok(&["curl", "-sS", "--max-time", "10", &url]);
             assert!(body.contains(&api_pod), "{body}");
         },
     );
 
     point("Services by name in every namespace", &|| {
-        let body = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://api:8080/"]);
+        let body = s
+            .laptop
+            .ok(&["curl", "-sS", "--max-time", "10", "http://api:8080/"]);
         assert!(body.contains(&api_pod), "{body}");
-        let body = s.laptop_ok(&[
+        let body = s.laptop.ok(&[
             "curl",
             "-sS",
             "--max-time",
@@ -383,9 +345,11 @@ fn shipped_roles_acceptance() {
             "http://echo.default:8080/",
         ]);
         assert!(body.contains("\"pod\":\"echo-"), "{body}");
-        let body = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://web.default/"]);
+        let body = s
+            .laptop
+            .ok(&["curl", "-sS", "--max-time", "10", "http://web.default/"]);
         assert!(body.contains("Welcome to nginx"), "{body}");
-        let pong = s.laptop_ok(&["redis-cli", "-h", "redis.data", "ping"]);
+        let pong = s.laptop.ok(&["redis-cli", "-h", "redis.data", "ping"]);
         assert_eq!(pong.trim(), "PONG");
     });
 
@@ -426,7 +390,7 @@ fn shipped_roles_acceptance() {
                     .starts_with("echo-")
             );
             // Still connected, the reroute of team still possible.
-            assert_eq!(s.status()["connected"], true);
+            assert_eq!(s.laptop.status_json()["connected"], true);
         },
     );
 
@@ -434,11 +398,13 @@ fn shipped_roles_acceptance() {
         "the optional burrow-connect-cluster role: UDP to the NodePort",
         &|| {
             s.bind_as_printed(&printed, "--clusterrole=burrow-connect-cluster ");
-            ok(s.burrow(&["disconnect"]));
+            ok(s.laptop.burrow(&["disconnect"]));
             s.dana_ok(&["connect", "-n", "team"]);
-            let st = s.status();
+            let st = s.laptop.status_json();
             assert_eq!(st["transport"], "udp", "{st}");
-            let body = s.laptop_ok(&["curl", "-sS", "--max-time", "10", "http://api:8080/"]);
+            let body = s
+                .laptop
+                .ok(&["curl", "-sS", "--max-time", "10", "http://api:8080/"]);
             assert!(body.contains(&api_pod), "{body}");
         },
     );
@@ -446,7 +412,7 @@ fn shipped_roles_acceptance() {
     point(
         "uninstall removes the NetworkPolicy and the roles, names the bindings left",
         &|| {
-            let _ = run(s.burrow(&["disconnect"]));
+            let _ = run(s.laptop.burrow(&["disconnect"]));
             let out = s.as_admin(&["uninstall"]);
             assert!(
                 out.contains("kubectl -n team delete rolebinding burrow-reroute-dana"),

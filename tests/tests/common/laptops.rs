@@ -1,6 +1,6 @@
-//! Laptops in a miniature cluster for the end-to-end tests: `burrow` run in
-//! a laptop namespace with its own run dir, servers started there, the
-//! Services and pods as kubectl sees them.
+//! The laptops of a miniature cluster for the end-to-end tests ([`Laptop`]
+//! handles with a fresh run dir each), servers started there, the Services
+//! and pods as kubectl sees them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -8,6 +8,7 @@ use std::process::{Child, Command};
 use burrow_tests::cluster::Cluster;
 use serde_json::Value;
 
+use super::laptop::{Laptop, bin_dir};
 use super::*;
 
 pub struct Setup<'a> {
@@ -20,13 +21,9 @@ impl<'a> Setup<'a> {
     /// Laptops of `c`, with the test binaries' directory and a fresh run
     /// dir per laptop.
     pub fn new(c: &'a Cluster) -> Self {
-        let bin = Path::new(env!("CARGO_BIN_EXE_minicluster"))
-            .parent()
-            .expect("target dir")
-            .to_path_buf();
         Setup {
             c,
-            bin,
+            bin: bin_dir(),
             dir: tempfile::tempdir().expect("tempdir"),
         }
     }
@@ -53,12 +50,9 @@ impl<'a> Setup<'a> {
 }
 
 impl Setup<'_> {
-    pub fn laptop(&self, n: usize) -> String {
-        if n == 1 {
-            "laptop".into()
-        } else {
-            format!("laptop{n}")
-        }
+    /// Laptop `n`, with its run dir in this setup's temp dir.
+    pub fn at(&self, n: usize) -> Laptop<'_> {
+        Laptop::new(self.c, n, self.run_dir(n))
     }
 
     pub fn run_dir(&self, n: usize) -> PathBuf {
@@ -66,33 +60,20 @@ impl Setup<'_> {
     }
 
     pub fn on(&self, n: usize, args: &[&str]) -> Command {
-        self.c.exec(&self.laptop(n), args)
+        self.at(n).on(args)
     }
 
     /// `burrow --run-dir <laptop's> ARGS --kubeconfig K` in laptop `n`.
     pub fn burrow_with(&self, n: usize, kubeconfig: Option<&Path>, args: &[&str]) -> Command {
-        let run_dir = self.run_dir(n);
-        let burrow = self.bin.join("burrow");
-        let mut all = vec![
-            burrow.to_str().expect("utf-8 path").to_string(),
-            "--run-dir".into(),
-            run_dir.to_str().expect("utf-8 path").to_string(),
-        ];
-        all.extend(args.iter().map(|s| s.to_string()));
-        if let Some(k) = kubeconfig {
-            all.push("--kubeconfig".into());
-            all.push(k.display().to_string());
-        }
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        self.on(n, &refs)
+        self.at(n).burrow_with(kubeconfig, args)
     }
 
     pub fn burrow(&self, n: usize, args: &[&str]) -> Command {
-        self.burrow_with(n, None, args)
+        self.at(n).burrow(args)
     }
 
     pub fn daemon_log(&self, n: usize) -> String {
-        burrow_tests::cluster::tail(&self.run_dir(n).join("daemon.log"), 40)
+        self.at(n).daemon_log()
     }
 
     /// `burrow reroute ARGS` with the admin kubeconfig; asserts success.
@@ -191,15 +172,7 @@ impl Setup<'_> {
 
     /// Starts `args` in laptop `n` in the background.
     pub fn spawn(&self, n: usize, env: &[(&str, &str)], args: &[&str]) -> Child {
-        let mut all = vec!["env".to_string()];
-        all.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
-        all.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        self.on(n, &refs)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn in laptop")
+        self.at(n).spawn(env, args)
     }
 
     pub fn daemon_pid(&self, n: usize) -> i32 {

@@ -8,25 +8,23 @@ use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::{Cluster, ClusterOptions};
 
+pub mod flows;
+pub mod laptop;
 pub mod laptops;
+pub mod shared;
+#[allow(unused_imports)]
+pub use flows::{FLOWS_PORT, flows_pod_ready, flows_yaml};
+#[allow(unused_imports)]
+pub use laptop::{Laptop, bin_dir};
 #[allow(unused_imports)]
 pub use laptops::{Setup, assert_no_leftovers, pod_field, pods_in};
-
-/// Whether end-to-end tests must run (CI sets BURROW_E2E=1).
-pub fn e2e_required() -> bool {
-    std::env::var("BURROW_E2E").is_ok_and(|v| v == "1")
-}
+#[allow(unused_imports)]
+pub use shared::{SharedCluster, shared_cluster, shared_cluster_alone};
 
 /// Brings a miniature cluster up for one test group, or returns None (with a
-/// message) when not root and BURROW_E2E is not set.
+/// message) when the end-to-end gate says to skip.
 pub fn cluster(name: &str, laptops: usize) -> Option<Cluster> {
-    if !nix::unistd::Uid::effective().is_root() {
-        if e2e_required() {
-            panic!(
-                "BURROW_E2E=1 but not root: the end-to-end tests need root for network namespaces"
-            );
-        }
-        eprintln!("skipping: end-to-end tests need root (set BURROW_E2E=1 to make this a failure)");
+    if !burrow_tests::net::root_or_skip(name) {
         return None;
     }
     let opts = ClusterOptions {
