@@ -133,7 +133,12 @@ impl Datapath {
                         },
                     );
                 }
-                Err(e) => {
+                // Only the pod's ping permission turns ICMP echo off for
+                // everyone; what one packet asks for (an IPv6 echo, an
+                // address the kernel will not connect to) drops that
+                // packet alone, so no laptop can switch ping off for the
+                // others.
+                Err(e) if ping_refused(&e) => {
                     if self.icmp_permitted.is_none() {
                         tracing::warn!(error = %e,
                             "ICMP echo disabled: the pod may not open ping sockets \
@@ -141,6 +146,11 @@ impl Datapath {
                     }
                     self.icmp_permitted = Some(false);
                     self.stats.drop_icmp_not_permitted += 1;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, remote = %key.remote, "ICMP echo not forwarded");
+                    self.stats.drop_unsupported += 1;
                     return;
                 }
             }
@@ -266,6 +276,13 @@ pub(super) fn ip_udp_header(ip: IpAddr) -> usize {
     }
 }
 
+/// Whether opening a ping socket failed because the pod may not open one
+/// at all (`net.ipv4.ping_group_range`: EACCES; EPERM under some seccomp
+/// profiles), as opposed to something about this one echo.
+fn ping_refused(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied
+}
+
 pub(super) fn open_ping_socket(remote: IpAddr) -> io::Result<Arc<UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
     let IpAddr::V4(_) = remote else {
@@ -279,4 +296,25 @@ pub(super) fn open_ping_socket(remote: IpAddr) -> io::Result<Arc<UdpSocket>> {
     socket.connect(&SocketAddr::new(remote, 0).into())?;
     let std_socket: std::net::UdpSocket = socket.into();
     Ok(Arc::new(UdpSocket::from_std(std_socket)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one packet can cause (an IPv6 echo, which is not forwarded)
+    /// is not the pod's ping permission: it must not switch ICMP echo off
+    /// for every laptop.
+    #[test]
+    fn only_the_pods_permission_turns_ping_off() {
+        let v6 = open_ping_socket("fd00::1".parse().expect("literal")).map(drop);
+        let e = v6.expect_err("IPv6 echo is not forwarded");
+        assert!(!ping_refused(&e), "{e}");
+        assert!(ping_refused(&io::Error::from_raw_os_error(libc::EACCES)));
+        assert!(ping_refused(&io::Error::from_raw_os_error(libc::EPERM)));
+        assert!(!ping_refused(&io::Error::from_raw_os_error(libc::EINVAL)));
+        assert!(!ping_refused(&io::Error::from_raw_os_error(
+            libc::ENETUNREACH
+        )));
+    }
 }
