@@ -17,8 +17,8 @@
 //! the full proxy's behaviour: a request that matches a rule (to a laptop,
 //! with fail-open), HTTP/2, HTTP/1.0, `Upgrade`, `CONNECT`, `Expect`, a
 //! `Transfer-Encoding` (chunked upload) or an ambiguous `Content-Length`,
-//! `Connection` options other than `close`/`keep-alive`, a head it cannot
-//! parse or over [`MAX_HEAD`]. Those are rare, and what needs hyper's
+//! `Connection` options other than `close`/`keep-alive`, a body over
+//! [`MAX_BODY`], a head it cannot parse or over [`MAX_HEAD`]. Those are rare, and what needs hyper's
 //! strictness (and its `400`s) gets it: what the pass-through forwards as
 //! is has exactly one reading of where it ends, so it cannot smuggle a
 //! request past the routing.
@@ -44,6 +44,11 @@ use crate::httproute::{self, BoxIo, Dial, Error, Replay, Rules, Upstream};
 
 /// Longest request or response head read before giving up on it.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// Largest request body the pass-through carries; a longer upload goes to
+/// the full proxy, which streams both ways at once (the pass-through
+/// sends the whole request before it reads the answer, so a server that
+/// answers while it still reads a long upload could otherwise stall).
+pub const MAX_BODY: u64 = 64 * 1024;
 /// Most header lines in a head the pass-through parses.
 const MAX_HEADERS: usize = 100;
 /// Read buffer size, each direction.
@@ -274,9 +279,13 @@ fn parse_request(buf: &[u8], rules: &Rules) -> Parsed {
             }
         }
     }
+    let body = body.unwrap_or(0);
+    if body > MAX_BODY {
+        return Parsed::Hand;
+    }
     Parsed::Pass(RequestHead {
         len,
-        body: body.unwrap_or(0),
+        body,
         head_method: method == "HEAD",
         close,
         resendable: matches!(
@@ -684,6 +693,7 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: x-private\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
