@@ -680,6 +680,11 @@ impl FlowEngine {
                     payload: datagram.payload(),
                 }
             }
+            // ICMPv4 only inside IPv4: an IPv6 packet whose next header
+            // says 1 is not an echo request (ICMPv6 is 58).
+            PROTO_ICMP if !ip.src.is_ipv4() => {
+                Ingress::Dropped(IngressDrop::UnsupportedProtocol(PROTO_ICMP))
+            }
             PROTO_ICMP => match echo_request(ip.src, ip.dst, payload) {
                 Some(key) => Ingress::EchoRequest {
                     key,
@@ -1699,6 +1704,32 @@ mod tests {
             }
             other => panic!("expected EchoRequest, got {other:?}"),
         }
+        // The same message inside IPv6 with next header 1 is no echo
+        // request (it once switched ping off for the whole gateway).
+        let mut v6 = vec![0x60, 0, 0, 0];
+        v6.extend_from_slice(
+            &u16::try_from(packet.len() - 20)
+                .expect("small")
+                .to_be_bytes(),
+        );
+        v6.extend_from_slice(&[1, 64]);
+        v6.extend_from_slice(
+            &"fd00::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("literal")
+                .octets(),
+        );
+        v6.extend_from_slice(
+            &"fd00::7"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("literal")
+                .octets(),
+        );
+        v6.extend_from_slice(&packet[20..]);
+        assert!(
+            !matches!(e.ingress(&v6, t0), Ingress::EchoRequest { .. }),
+            "an IPv6 packet with next header 1 taken for an ICMPv4 echo"
+        );
         // Anything else ICMP, or a bad checksum, is dropped.
         let reply = Icmpv4Repr::EchoReply {
             ident: 77,
