@@ -391,7 +391,7 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, D
     let made = match api.create(&PostParams::default(), &body).await {
         Ok(s) => {
             // New: routable only once kube-proxy has its rules.
-            service::await_shadow(&cluster.client, &ns, &name).await;
+            service::await_shadow(&cluster.client, &ns, &name, s.metadata.uid.as_deref()).await;
             s
         }
         Err(kube::Error::Api(s)) if s.code == 409 => api

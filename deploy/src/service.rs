@@ -262,26 +262,50 @@ pub async fn await_controller(
 /// for `name` itself (same selector), then [`KUBE_PROXY_LAG`]: a shadow
 /// made a moment ago is not routable before kube-proxy has its rules, and
 /// the gateway hands callers to it as soon as burrow's slice is in place.
-pub async fn await_shadow(client: &kube::Client, namespace: &str, name: &str) {
+pub async fn await_shadow(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    shadow_uid: Option<&str>,
+) {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
-    let ready = |svc: String| {
+    // Slices of `svc` made by the endpoint-slice controller; with `owner`,
+    // only those of that very Service object: a shadow deleted a moment ago
+    // (a reroute stopped and started again) leaves slices with the same
+    // name label until the controller or the garbage collector removes
+    // them, and they say nothing about the new shadow's ClusterIP.
+    let ready = |svc: String, owner: Option<String>| {
         let slices = slices.clone();
         async move {
             let lp = ListParams::default().labels(&format!(
                 "{SERVICE_NAME_LABEL}={svc},{SLICE_MANAGED_BY}={SLICE_CONTROLLER}"
             ));
             slices.list(&lp).await.ok().map(|l| {
+                let mine: Vec<&EndpointSlice> = l
+                    .items
+                    .iter()
+                    .filter(|s| {
+                        owner.as_deref().is_none_or(|uid| {
+                            s.metadata
+                                .owner_references
+                                .iter()
+                                .flatten()
+                                .any(|o| o.uid == uid)
+                        })
+                    })
+                    .collect();
                 (
-                    !l.items.is_empty(),
-                    l.items.iter().map(ready_endpoints).sum::<usize>(),
+                    !mine.is_empty(),
+                    mine.iter().map(|s| ready_endpoints(s)).sum::<usize>(),
                 )
             })
         }
     };
-    let want = ready(name.to_string()).await.map_or(0, |(_, n)| n);
+    let want = ready(name.to_string(), None).await.map_or(0, |(_, n)| n);
+    let owner = shadow_uid.map(str::to_string);
     let deadline = tokio::time::Instant::now() + CONTROLLER_WAIT;
     loop {
-        if let Some((any, have)) = ready(shadow_name(name)).await
+        if let Some((any, have)) = ready(shadow_name(name), owner.clone()).await
             && any
             && have >= want
         {
