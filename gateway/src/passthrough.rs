@@ -65,9 +65,15 @@ pub async fn serve(
     let mut resp = BytesMut::with_capacity(BUF);
     let mut kept: Option<(Upstream, BoxIo)> = None;
     loop {
-        // A whole request head, and what to do with it.
+        // A whole request head, and what to do with it. Parsed on the
+        // first bytes (what is not HTTP is told at once), then only once
+        // the head's blank line may have come: a caller dripping a head
+        // byte by byte costs a few parses, not one per byte.
+        let mut scanned: usize = 0;
         let head = loop {
-            if !buf.is_empty() {
+            let from = scanned.saturating_sub(3);
+            scanned = buf.len();
+            if !buf.is_empty() && (from == 0 || ends_a_head(&buf[from..])) {
                 let parsed = {
                     let rules = rules.borrow();
                     parse_request(&buf, &rules)
@@ -172,6 +178,12 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Whether `bytes` hold the blank line that ends a head (`\n\n`, or
+/// `\n\r\n`).
+fn ends_a_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// `first` (a request already taken out of `rest`) put back in front.
@@ -715,6 +727,15 @@ mod tests {
             .collect();
         let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert_eq!(parse_request(req.as_bytes(), &rules()), Parsed::Hand);
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line() {
+        assert!(ends_a_head(b"x: y\r\n\r\n"));
+        assert!(ends_a_head(b"\n\n"));
+        assert!(ends_a_head(b"\n\r\n"));
+        assert!(!ends_a_head(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!ends_a_head(b"\r\n\r"));
     }
 
     fn get() -> RequestHead {
