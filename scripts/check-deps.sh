@@ -9,15 +9,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
+# Every crate's normal dependency tree, once (a failing `cargo tree` must
+# fail the check, never pass it vacuously).
+tree() {
+    cargo tree --offline -q -p "$1" -e normal --prefix none "${@:2}" || {
+        echo "check-deps: cargo tree -p $1 failed" >&2
+        exit 2
+    }
+}
 for pkg in burrow burrow-deploy burrow-api burrow-dns burrow-netstack; do
-    if cargo tree --offline -q -p "$pkg" -e normal --prefix none 2>/dev/null | grep -q '^burrow-gateway '; then
+    deps=$(tree "$pkg")
+    if grep -q '^burrow-gateway ' <<<"$deps"; then
         echo "check-deps: $pkg depends on burrow-gateway (see: cargo tree -p $pkg -i burrow-gateway -e normal)" >&2
         fail=1
     fi
 done
 # The small shared crate stays small: no Kubernetes client, no runtime.
+api_deps=$(tree burrow-api)
 for heavy in kube tokio hyper axum; do
-    if cargo tree --offline -q -p burrow-api -e normal --prefix none 2>/dev/null | grep -q "^$heavy "; then
+    if grep -q "^$heavy " <<<"$api_deps"; then
         echo "check-deps: burrow-api depends on $heavy; it holds wire types and pure functions only" >&2
         fail=1
     fi
@@ -32,7 +42,8 @@ allowed() {
     esac
 }
 for pkg in burrow burrow-gateway burrow-deploy burrow-api burrow-dns burrow-netstack; do
-    direct=$(cargo tree --offline -q -p "$pkg" -e normal --depth 1 --prefix none 2>/dev/null | awk 'NR > 1 && $1 ~ /^burrow-/ {print $1}' | sort -u)
+    direct_tree=$(tree "$pkg" --depth 1)
+    direct=$(awk 'NR > 1 && $1 ~ /^burrow-/ {print $1}' <<<"$direct_tree" | sort -u)
     for dep in $direct; do
         if ! [[ " $(allowed "$pkg") " == *" $dep "* ]]; then
             echo "check-deps: $pkg depends on $dep, which the rule does not allow" >&2

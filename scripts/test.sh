@@ -34,9 +34,9 @@ else
     echo "note: clippy is not installed; skipping lints" >&2
 fi
 
+cargo build --workspace --all-targets
 # The crates' dependency rule (nothing depends on the gateway).
 bash scripts/check-deps.sh
-cargo build --workspace --all-targets
 # Every fuzz target briefly over its committed corpus (about a minute of
 # fuzzing after its own build): before the long test run, so a crash on a
 # known input fails fast, and the time-boxed runs do not share the two
