@@ -35,7 +35,9 @@ use crate::sandbox::{Plan, PlanMount, RunAs};
 ///
 /// With --reroute, the workload's Service port comes to CMD's local port
 /// while CMD runs (every request, or with --header only those carrying
-/// it), and is restored when CMD ends, however it ends.
+/// it), and is restored when CMD ends, however it ends. While nothing
+/// listens on the local port (CMD starting or stopping), callers reach the
+/// cluster's pods.
 ///
 /// Examples:
 ///   sudo burrow run deploy/api -n shop -- ./api
@@ -392,7 +394,9 @@ async fn prepare(
             },
             header: header.clone(),
             force: false,
-            fallback: Fallback::Error,
+            // Before the command listens and after it stops, callers reach
+            // the pods, not an error.
+            fallback: Fallback::Pods,
         };
         let result = match daemon_conn(global).await {
             Ok(conn) => exchange_message(conn, &Request::Reroute(spec), true).await,
