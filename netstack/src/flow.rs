@@ -375,6 +375,22 @@ impl TxQueue {
         r
     }
 
+    /// The packet pushed last, in fragments of at most `mtu` bytes when it
+    /// is larger (datagrams to laptops beyond the tunnel MTU: the laptop's
+    /// kernel reassembles them).
+    fn fragment_last(&mut self, mtu: usize, id: u32) {
+        if self.queued.back().is_none_or(|b| b.len() <= mtu) {
+            return;
+        }
+        let Some(whole) = self.queued.pop_back() else {
+            return;
+        };
+        let mut pieces = Vec::new();
+        crate::reassembly::fragment(&whole, mtu, id, &mut |f| pieces.push(f.to_vec()));
+        self.queued.extend(pieces);
+        self.free.push(whole);
+    }
+
     fn drain(&mut self, out: &mut dyn FnMut(&[u8])) {
         while let Some(buf) = self.queued.pop_front() {
             out(&buf);
@@ -542,6 +558,8 @@ pub struct FlowEngine {
     releasing: Vec<FlowId>,
     /// Where the search for a free ephemeral port starts next.
     next_port: u16,
+    /// Identification of the next datagram sent in fragments.
+    next_frag_id: u32,
     /// Socket buffer memory (see `slots`); outlives every socket in
     /// `sockets` (see `Drop`).
     rx_slots: Slots,
@@ -591,6 +609,7 @@ impl FlowEngine {
             active: Vec::new(),
             releasing: Vec::new(),
             next_port: *EPHEMERAL_PORTS.start(),
+            next_frag_id: 1,
             rx_slots: Slots::new(config.tcp_rx_buffer),
             tx_slots: Slots::new(config.tcp_tx_buffer),
             config,
@@ -734,6 +753,7 @@ impl FlowEngine {
                     &caps,
                 );
             });
+        self.fragment_queued();
         true
     }
 
@@ -1375,7 +1395,12 @@ impl FlowEngine {
         let udp_len = smoltcp::wire::UDP_HEADER_LEN + payload.len();
         let (src_ip, dst_ip) = (IpAddress::from(remote.ip()), IpAddress::from(laptop.ip()));
         let ip_repr = IpRepr::new(src_ip, dst_ip, IpProtocol::Udp, udp_len, HOP_LIMIT);
-        if ip_repr.buffer_len() > self.config.mtu || udp_len > usize::from(u16::MAX) {
+        let limit = match ip_repr {
+            // IPv4's total length; IPv6's payload length.
+            IpRepr::Ipv4(_) => ip_repr.buffer_len(),
+            IpRepr::Ipv6(_) => udp_len,
+        };
+        if limit > usize::from(u16::MAX) {
             return Err(FlowError::TooLarge(payload.len()));
         }
         let checksums = ChecksumCapabilities::default();
@@ -1391,7 +1416,15 @@ impl FlowEngine {
                 &checksums,
             );
         });
+        self.fragment_queued();
         Ok(())
+    }
+
+    /// Fragments the packet just queued when it exceeds the MTU.
+    fn fragment_queued(&mut self) {
+        let id = self.next_frag_id;
+        self.next_frag_id = self.next_frag_id.wrapping_add(1).max(1);
+        self.tx.fragment_last(self.config.mtu, id);
     }
 
     /// Expire UDP flows idle for `udp_idle_timeout`, reporting each. Call
@@ -2114,9 +2147,34 @@ mod tests {
             panic!("new flow after expiry")
         };
         assert_ne!(fresh, id);
+        // Larger than the MTU: sent in fragments; larger than IP allows:
+        // refused.
+        let mut sent = Vec::new();
+        e.egress(t0, &mut |p| sent.push(p.to_vec()));
+        assert_eq!(e.udp_send(fresh, &[7; 3000], t0), Ok(()));
+        sent.clear();
+        e.egress(t0, &mut |p| sent.push(p.to_vec()));
         assert_eq!(
-            e.udp_send(fresh, &[0; 1500], t0),
-            Err(FlowError::TooLarge(1500))
+            sent.len(),
+            3,
+            "{:?}",
+            sent.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(sent.iter().all(|p| p.len() <= FlowConfig::default().mtu));
+        let mut r = crate::reassembly::Reassembler::default();
+        let whole: Vec<_> = sent
+            .iter()
+            .filter_map(|p| match r.push(&wire::parse_ip(p).expect("ip"), p, t0) {
+                crate::reassembly::Reassembled::Complete(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(whole.len(), 1);
+        let ip = wire::parse_ip(&whole[0]).expect("ip");
+        assert_eq!(ip.payload(&whole[0]).len(), 8 + 3000);
+        assert_eq!(
+            e.udp_send(fresh, &[0; 65_600], t0),
+            Err(FlowError::TooLarge(65_600))
         );
     }
 

@@ -47,6 +47,7 @@
 
 pub mod flow;
 pub mod framing;
+pub mod reassembly;
 mod slots;
 pub mod udp_batch;
 pub mod wg;

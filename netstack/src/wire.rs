@@ -79,6 +79,14 @@ pub struct IpHeader {
     /// fragment (`first_fragment`) carries the transport header.
     pub fragment: bool,
     pub first_fragment: bool,
+    /// For a fragment: its datagram's identification (IPv4's 16 bits, IPv6's
+    /// 32), its offset in the datagram's fragmentable part (bytes), whether
+    /// more follow, and where its data starts in the packet (after the IPv4
+    /// header, or after the IPv6 fragment header).
+    pub frag_id: u32,
+    pub frag_offset: usize,
+    pub more_fragments: bool,
+    pub frag_data_offset: usize,
 }
 
 impl IpHeader {
@@ -143,6 +151,10 @@ fn parse_ipv4(p: &[u8]) -> Result<IpHeader, PacketError> {
         total_len: total,
         fragment: more_fragments || offset != 0,
         first_fragment: offset == 0,
+        frag_id: u32::from(be16(p, 4)),
+        frag_offset: usize::from(offset) * 8,
+        more_fragments,
+        frag_data_offset: header,
     })
 }
 
@@ -161,6 +173,7 @@ fn parse_ipv6(p: &[u8]) -> Result<IpHeader, PacketError> {
     let mut at = IPV6_HEADER;
     let mut fragment = false;
     let mut first_fragment = true;
+    let (mut frag_id, mut frag_offset, mut more_fragments, mut frag_data_offset) = (0, 0, false, 0);
     loop {
         match next {
             0 | 43 | 60 => {
@@ -178,8 +191,17 @@ fn parse_ipv6(p: &[u8]) -> Result<IpHeader, PacketError> {
                 let frag = be16(p, at + 2);
                 fragment = true;
                 first_fragment = frag >> 3 == 0;
+                frag_offset = usize::from(frag >> 3) * 8;
+                more_fragments = frag & 1 != 0;
+                frag_id = u32::from_be_bytes([p[at + 4], p[at + 5], p[at + 6], p[at + 7]]);
                 next = p[at];
                 at += 8;
+                frag_data_offset = at;
+                // The rest (the fragmentable part) is only whole once
+                // reassembled; its first header is `next`.
+                if !first_fragment {
+                    break;
+                }
             }
             _ => break,
         }
@@ -196,6 +218,10 @@ fn parse_ipv6(p: &[u8]) -> Result<IpHeader, PacketError> {
         total_len: total,
         fragment,
         first_fragment,
+        frag_id,
+        frag_offset,
+        more_fragments,
+        frag_data_offset,
     })
 }
 

@@ -91,7 +91,9 @@ impl Datapath {
         socket.connect(dst)?;
         socket.set_nonblocking(true)?;
         let socket = Arc::new(UdpSocket::from_std(socket)?);
-        let max_payload = self.cfg.mtu.saturating_sub(ip_udp_header(dst.ip()));
+        // Anything IP can carry: replies beyond the tunnel MTU reach the
+        // laptop in fragments.
+        let max_payload = usize::from(u16::MAX) - ip_udp_header(dst.ip());
         let task = tokio::spawn(udp_flow(
             id,
             socket.clone(),
@@ -121,7 +123,8 @@ impl Datapath {
                     let task = tokio::spawn(icmp_flow(
                         key,
                         socket.clone(),
-                        self.cfg.mtu,
+                        // An ICMP message in one IPv4 packet, fragmented.
+                        usize::from(u16::MAX) - 20,
                         self.events_tx.clone(),
                     ));
                     self.icmp.insert(
@@ -206,6 +209,33 @@ impl Datapath {
     }
 }
 
+thread_local! {
+    /// Where datagrams from the cluster land before they are copied out:
+    /// one per thread, not one per flow (a flow's task would otherwise
+    /// hold 64 KiB for as long as it lives).
+    static RECV_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 1 << 16]);
+}
+
+/// One datagram of at most `max` bytes from `socket`, once readable: Ok(None)
+/// for one larger than that (dropped, not truncated).
+async fn recv_datagram(socket: &UdpSocket, max: usize) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        socket.readable().await?;
+        let got = RECV_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            // One more byte than fits, to recognise what is too large.
+            let len = (max + 1).min(b.len());
+            socket
+                .try_recv(&mut b[..len])
+                .map(|n| (n <= max).then(|| b[..n].to_vec()))
+        });
+        match got {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Receive a UDP flow's replies and hand them to the data path.
 async fn udp_flow(
     id: FlowId,
@@ -213,18 +243,14 @@ async fn udp_flow(
     max_payload: usize,
     events: mpsc::UnboundedSender<FlowEvent>,
 ) {
-    // One more byte than fits, to recognise (and drop) datagrams too large
-    // for the tunnel instead of truncating them.
-    let mut buf = vec![0u8; max_payload + 1];
     loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) if n <= max_payload => {
-                let data = buf[..n].to_vec();
+        match recv_datagram(&socket, max_payload).await {
+            Ok(Some(data)) => {
                 if events.send(FlowEvent::UdpReply { id, data }).is_err() {
                     return;
                 }
             }
-            Ok(_) => tracing::debug!(?id, "UDP reply larger than the tunnel MTU dropped"),
+            Ok(None) => tracing::debug!(?id, "UDP reply larger than IP carries dropped"),
             // A connected UDP socket reports ICMP port unreachable as
             // ECONNREFUSED on the next call; the flow stays usable.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
@@ -243,16 +269,14 @@ async fn icmp_flow(
     max_len: usize,
     events: mpsc::UnboundedSender<FlowEvent>,
 ) {
-    let mut buf = vec![0u8; max_len + 1];
     loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) if n <= max_len => {
-                let data = buf[..n].to_vec();
+        match recv_datagram(&socket, max_len).await {
+            Ok(Some(data)) => {
                 if events.send(FlowEvent::IcmpReply { key, data }).is_err() {
                     return;
                 }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
                 tracing::debug!(?key, error = %e, "ICMP socket failed");

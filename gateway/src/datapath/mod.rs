@@ -35,6 +35,7 @@ use boringtun::x25519::StaticSecret;
 use burrow_netstack::flow::{
     FlowConfig, FlowEngine, FlowError, FlowId, Ingress, IngressDrop, LaptopLimits, Limit,
 };
+use burrow_netstack::reassembly::{self, Reassembled, Reassembler};
 use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
     self, DATA_OVERHEAD, Decapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
@@ -150,6 +151,9 @@ pub struct Datapath {
     /// Laptops found not answering, by tunnel address, and since when:
     /// dials to them fail at once until they are heard from again.
     down: HashMap<IpAddr, Instant>,
+    /// Fragments of laptops' datagrams larger than the tunnel MTU, until
+    /// whole (bounded per laptop).
+    reassembly: Reassembler,
 }
 
 impl Datapath {
@@ -200,6 +204,7 @@ impl Datapath {
             laptop_udp_queued: Arc::default(),
             laptop_streams: HashMap::new(),
             down: HashMap::new(),
+            reassembly: Reassembler::new(reassembly::Limits::default()),
             cfg,
         })
     }
@@ -497,8 +502,23 @@ impl Datapath {
         accepted
     }
 
-    /// One IP packet from a laptop, its source already checked.
+    /// One IP packet from a laptop, its source already checked: a fragment
+    /// waits for the rest of its datagram.
     fn on_packet(&mut self, packet: &[u8], now: Instant) {
+        let ip = match burrow_netstack::wire::parse_ip(packet) {
+            Ok(ip) if ip.fragment => ip,
+            // Whole, or malformed (the engine says which).
+            _ => return self.on_whole_packet(packet, now),
+        };
+        match self.reassembly.push(&ip, packet, now) {
+            Reassembled::Whole => self.on_whole_packet(packet, now),
+            Reassembled::Held => {}
+            Reassembled::Complete(whole) => self.on_whole_packet(&whole, now),
+            Reassembled::Dropped(_) => self.stats.drop_fragment += 1,
+        }
+    }
+
+    fn on_whole_packet(&mut self, packet: &[u8], now: Instant) {
         match self.flows.ingress(packet, now) {
             Ingress::Handled => {}
             Ingress::NewTcp { id, src, dst } => self.open_tcp(id, src, dst),
@@ -721,6 +741,7 @@ impl Datapath {
         });
         self.icmp
             .retain(|_, f| now.saturating_duration_since(f.last_active) < ICMP_IDLE);
+        self.reassembly.expire(now);
     }
 
     fn egress(&mut self, out: &mut Output, now: Instant) {

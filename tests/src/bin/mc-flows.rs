@@ -17,6 +17,10 @@
 //! - `mc-flows udp-flows --to IP:P --flows N`: N UDP sockets (N flows),
 //!   each sending a datagram to a UDP echo, resent for a few rounds while
 //!   unanswered; prints how many were answered.
+//! - `mc-flows udp-sizes --to HOST:P --sizes 1400,8000,65000`: one
+//!   datagram of each size (random bytes) to a UDP echo, resent up to three
+//!   times while unanswered; exits 0 only when each came back whole and
+//!   unchanged (a line per size either way).
 //! - `mc-flows idle-connections --to IP:P --connections N`: opens N
 //!   connections that each send one frame of junk (never a valid
 //!   WireGuard message), prints how many opened (and how many were reset
@@ -77,6 +81,14 @@ enum Cmd {
         /// Rounds of resending to the unanswered, 2 s apart.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// One datagram of each size to a UDP echo; each must come back whole.
+    UdpSizes {
+        /// HOST:PORT (a name is resolved once).
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
     },
     /// Open connections that never make a valid handshake; wait until the
     /// other end closed them all.
@@ -360,6 +372,47 @@ async fn hold(to: SocketAddr, n: usize, parallel: usize, timeout: Duration) -> R
     Ok(())
 }
 
+async fn udp_sizes(to: &str, sizes: &[usize]) -> Result<()> {
+    let addr = tokio::net::lookup_host(to)
+        .await
+        .with_context(|| format!("resolving {to}"))?
+        .next()
+        .with_context(|| format!("{to}: no address"))?;
+    let mut failed = Vec::new();
+    for &size in sizes {
+        let s = UdpSocket::bind(("0.0.0.0", 0))
+            .await
+            .context("UDP socket")?;
+        s.connect(addr).await.context("UDP connect")?;
+        let sent: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+        let mut buf = vec![0u8; 70_000];
+        let mut outcome = "no answer".to_string();
+        for _ in 0..3 {
+            s.send(&sent)
+                .await
+                .with_context(|| format!("sending {size} bytes"))?;
+            match tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf)).await {
+                Ok(Ok(n)) if buf[..n] == sent[..] => {
+                    outcome = "ok".into();
+                    break;
+                }
+                Ok(Ok(n)) => outcome = format!("came back as {n} different bytes"),
+                Ok(Err(e)) => outcome = format!("error {e}"),
+                Err(_) => {}
+            }
+        }
+        println!("{size} {outcome}");
+        if outcome != "ok" {
+            failed.push(size);
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "datagrams of {failed:?} bytes did not come back whole"
+    );
+    Ok(())
+}
+
 async fn udp_flows(to: SocketAddr, n: usize, rounds: usize) -> Result<()> {
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
@@ -589,6 +642,7 @@ async fn main() -> Result<()> {
             .await
         }
         Cmd::UdpFlows { to, flows, rounds } => udp_flows(to, flows, rounds).await,
+        Cmd::UdpSizes { to, sizes } => udp_sizes(&to, &sizes).await,
         Cmd::IdleConnections {
             to,
             connections,

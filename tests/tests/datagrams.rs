@@ -1,0 +1,79 @@
+//! Datagrams of any size through the tunnel (issue 17, acceptance point 1),
+//! with the real `burrow` and `burrow-gateway` in a miniature cluster:
+//! 1,400-, 8,000- and 65,000-byte UDP datagrams (and the largest IPv4
+//! carries) from a laptop to `udp-echo` come back whole — the laptop's
+//! kernel fragments them at the tunnel MTU, the gateway reassembles them,
+//! and fragments the echoes for the laptop's kernel to reassemble — over
+//! the UDP transport (laptop 1) and over the port-forward transport
+//! (laptop 2); a large ping too.
+
+mod common;
+
+use std::sync::Mutex;
+
+use burrow_tests::cluster::Cluster;
+use common::*;
+
+/// The sizes acceptance names, the tunnel MTU's edge, and IPv4's largest.
+const SIZES: &str = "1392,1393,1400,8000,65000,65507";
+
+/// One connect at a time (the first installs the gateway).
+static CONNECTING: Mutex<()> = Mutex::new(());
+
+fn dg() -> Option<SharedCluster> {
+    shared_cluster("dg", 2)
+}
+
+/// Laptop `n` connected with `transport` (connects when it is not).
+fn connected<'a>(c: &'a Cluster, n: usize, transport: &str) -> Laptop<'a> {
+    let l = Laptop::new(c, n, c.state_dir().join(format!("burrow-run-dg{n}")));
+    let _one = CONNECTING.lock().unwrap_or_else(|p| p.into_inner());
+    if !l.connected() {
+        l.connect_ok(&["--transport", transport]);
+    }
+    let st = l.status_json();
+    assert_eq!(st["transport"], transport, "{st}");
+    l
+}
+
+fn round_trips(l: &Laptop) {
+    let mc_flows = bin_dir().join("mc-flows");
+    let out = run(l.on(&[
+        mc_flows.to_str().expect("utf-8 path"),
+        "udp-sizes",
+        "--to",
+        "udp-echo.default.svc.cluster.local:9000",
+        "--sizes",
+        SIZES,
+    ]));
+    assert!(
+        out.status.success(),
+        "datagrams through laptop {} did not all come back:\n{}{}\ndaemon log:\n{}",
+        l.n,
+        stdout(&out),
+        stderr(&out),
+        l.daemon_log()
+    );
+    // A ping larger than the MTU (the echo request reassembled, the reply
+    // fragmented) to the node's pod-network address.
+    let ping = run(l.on(&["ping", "-c", "1", "-W", "5", "-s", "8000", "10.244.0.1"]));
+    assert!(
+        ping.status.success(),
+        "an 8,000-byte ping through laptop {}: {}{}",
+        l.n,
+        stdout(&ping),
+        stderr(&ping)
+    );
+}
+
+#[test]
+fn large_datagrams_over_the_udp_transport() {
+    let Some(ref c) = dg() else { return };
+    round_trips(&connected(c, 1, "udp"));
+}
+
+#[test]
+fn large_datagrams_over_the_port_forward_transport() {
+    let Some(ref c) = dg() else { return };
+    round_trips(&connected(c, 2, "port-forward"));
+}
