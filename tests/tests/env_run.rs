@@ -102,10 +102,10 @@ fn env_json(c: &Cluster, args: &[&str]) -> (BTreeMap<String, String>, String) {
     (map, stderr(&o))
 }
 
-/// Applies the objects (JSON documents, one YAML stream).
+/// Applies the objects (a stream of JSON documents, as kubectl reads it).
 fn apply(c: &Cluster, objs: &[Value]) {
     let docs: Vec<String> = objs.iter().map(Value::to_string).collect();
-    kubectl_apply(c, &docs.join("\n---\n"));
+    kubectl_apply(c, &docs.join("\n"));
 }
 
 fn namespace(name: &str) -> Value {
@@ -1304,8 +1304,10 @@ fn run_reroute_reaches_cmd_and_restores() {
 // ---------------------------------------------------------------------------
 // 6. errors
 
-/// Runs `cmd` expecting a failure: one line on stderr starting `burrow: `
-/// that contains every `needle`; the line.
+/// Runs `cmd` expecting a failure: stderr is burrow's own messages only
+/// (lines starting `burrow: `, or indented continuations such as a hint),
+/// the last `burrow: ` line and what follows it (the error and what to do)
+/// contain every `needle`; that text.
 fn expect_error(what: &str, cmd: Command, needles: &[&str]) -> String {
     let o = run(cmd);
     let err = stderr(&o);
@@ -1314,18 +1316,26 @@ fn expect_error(what: &str, cmd: Command, needles: &[&str]) -> String {
         "{what} must fail; stdout: {}\nstderr: {err}",
         stdout(&o)
     );
-    let line = err.trim_end();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(
-        line.starts_with("burrow: ") && line.lines().count() == 1,
-        "{what}: the error must be one line starting `burrow: `, got:\n{err}"
+        !lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.starts_with("burrow: ") || l.starts_with(' ')),
+        "{what}: stderr must be burrow's messages (`burrow: ...`), got:\n{err}"
     );
+    let last = lines
+        .iter()
+        .rposition(|l| l.starts_with("burrow: "))
+        .unwrap_or_else(|| panic!("{what}: no `burrow: ` line in:\n{err}"));
+    let message = lines[last..].join("\n");
     for n in needles {
         assert!(
-            line.contains(n),
-            "{what}: the error must mention {n:?}: {line}"
+            message.contains(n),
+            "{what}: the error must mention {n:?}:\n{message}"
         );
     }
-    line.to_string()
+    message
 }
 
 #[test]
