@@ -522,6 +522,66 @@ fn env_without_service_links_and_of_a_pod_with_a_hostname() {
     assert_same_env("bare name of a pod", &got, &want);
 }
 
+#[test]
+fn env_of_a_statefulset_and_a_daemonset() {
+    let Some(c) = er() else { return };
+    let ns = "er-apps";
+    let container = json!({"name": "c", "image": "busybox", "command": ["sleep", "infinity"],
+    "env": [
+        {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "INDEX", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}},
+        {"name": "GREETING", "value": "hi $(DB_SERVICE_HOST)"}
+    ]});
+    let template = |app: &str| json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [container.clone()]}});
+    apply(
+        &c,
+        &[
+            namespace(ns),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": ns},
+                "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]}}),
+            service(
+                ns,
+                "front",
+                json!({"app": "agent"}),
+                json!([{"port": 80, "targetPort": 80}]),
+            ),
+        ],
+    );
+    apply(
+        &c,
+        &[
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": ns},
+                "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": template("db")}}),
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent", "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": template("agent")}}),
+        ],
+    );
+    ready_pod(&c, ns, "db");
+    let want = real_env(&c, ns, "db-0", "c");
+    assert_eq!(want["HOSTNAME"], "db-0");
+    assert_eq!(want["INDEX"], "0");
+    assert!(want.contains_key("FRONT_SERVICE_HOST"));
+    for sel in ["statefulset/db", "sts/db", "statefulsets/db"] {
+        let (got, err) = env_json(&c, &[sel, "-n", ns]);
+        assert_same_env(sel, &got, &want);
+        assert!(
+            err.contains("db-0"),
+            "{sel}: the pod is named on stderr: {err}"
+        );
+    }
+    let pod = ready_pod(&c, ns, "agent");
+    let name = pod["metadata"]["name"].as_str().expect("name").to_string();
+    let want = real_env(&c, ns, &name, "c");
+    for sel in ["daemonset/agent", "ds/agent", "daemonsets/agent"] {
+        let (got, err) = env_json(&c, &[sel, "-n", ns]);
+        assert_same_env(sel, &got, &want);
+        assert!(
+            err.contains(&name),
+            "{sel}: the pod is named on stderr: {err}"
+        );
+    }
+}
+
 /// Values a shell or an env file gets wrong when quoted carelessly.
 fn nasty_values() -> Value {
     json!({

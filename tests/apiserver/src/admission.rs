@@ -358,7 +358,10 @@ fn finalize(
     default_object(rt, &mut next);
     match rt.key().as_str() {
         "core/v1/services" => allocate_service(rt, name, &mut next, Some(cur), ips, ports)?,
-        "apps/v1/deployments" | "apps/v1/replicasets"
+        "apps/v1/deployments"
+        | "apps/v1/replicasets"
+        | "apps/v1/statefulsets"
+        | "apps/v1/daemonsets"
             if !cur["spec"]["selector"].is_null()
                 && next["spec"]["selector"] != cur["spec"]["selector"] =>
         {
@@ -682,6 +685,43 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
                 default_pod_spec(&mut spec["template"]["spec"]);
             }
         }
+        "apps/v1/statefulsets" => {
+            if !obj["spec"].is_object() {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            set_default(spec, "replicas", json!(1));
+            set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
+        "apps/v1/daemonsets" => {
+            if !obj["spec"].is_object() {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
         "apps/v1/replicasets" => {
             if !obj["spec"].is_object() {
                 obj["spec"] = json!({});
@@ -955,7 +995,10 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                 errs.push("spec.externalName: Required value".to_string());
             }
         }
-        "apps/v1/deployments" | "apps/v1/replicasets" => {
+        "apps/v1/deployments"
+        | "apps/v1/replicasets"
+        | "apps/v1/statefulsets"
+        | "apps/v1/daemonsets" => {
             let spec = &obj["spec"];
             let sel = &spec["selector"];
             if !sel.is_object()
@@ -1006,7 +1049,8 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
 fn known_top_level(rt: &ResourceType) -> Option<&'static [&'static str]> {
     const COMMON: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
     Some(match rt.kind {
-        "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Namespace" | "Node" => COMMON,
+        "Pod" | "Service" | "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet"
+        | "Namespace" | "Node" => COMMON,
         "NetworkPolicy" => &["apiVersion", "kind", "metadata", "spec"],
         "ConfigMap" => &[
             "apiVersion",

@@ -30,7 +30,7 @@ use super::spawn::{
     security_context, supplementary_groups,
 };
 use super::sysctls::{admit_sysctls, pod_namespaces};
-use super::volumes::{safe_rel, set_tree_perms, set_volume_ownership, volume_files, write_files};
+use super::volumes::{safe_rel, set_tree_perms, set_volume_ownership, volume_files, write_atomic};
 use super::{PODS, now, pod_dir, pod_netns_name};
 
 #[derive(Debug, Clone)]
@@ -172,7 +172,7 @@ impl PodRun {
                     if dir.exists() {
                         let _ = fs::remove_dir_all(&dir);
                     }
-                    write_files(&dir, &files).map_err(|e| format!("{e:#}"))?;
+                    write_atomic(&dir, &files).map_err(|e| format!("{e:#}"))?;
                     if let Some(g) = fs_group {
                         set_volume_ownership(&dir, g, true)
                             .map_err(|e| format!("applying fsGroup {g}: {e}"))?;
@@ -439,7 +439,7 @@ impl PodRun {
             let sa = self.pod["spec"]["serviceAccountName"]
                 .as_str()
                 .unwrap_or("default");
-            write_files(
+            write_atomic(
                 &run_dir.join("secrets/kubernetes.io/serviceaccount"),
                 &[
                     (

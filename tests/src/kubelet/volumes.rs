@@ -174,6 +174,38 @@ pub(super) fn write_files(dir: &Path, files: &[VolumeFile]) -> anyhow::Result<()
     Ok(())
 }
 
+/// Writes a volume's files as the kubelet's `AtomicWriter` lays them out:
+/// the files in a timestamped directory `..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN`,
+/// a symlink `..data` to it, and for each top-level name a symlink
+/// `name → ..data/name` (what `ls -la` shows in a real pod; `stat -L`
+/// and reads see the files).
+pub(super) fn write_atomic(dir: &Path, files: &[VolumeFile]) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .trim_end_matches('Z')
+        .replace(['-', 'T', ':'], "_");
+    let ts_name = format!("..{stamp}.{:09}", now.subsec_nanos());
+    let ts = dir.join(&ts_name);
+    write_files(&ts, files)?;
+    fs::set_permissions(&ts, fs::Permissions::from_mode(0o755))?;
+    std::os::unix::fs::symlink(&ts_name, dir.join("..data"))?;
+    let mut tops: Vec<String> = Vec::new();
+    for (rel, _, _) in files {
+        if let Some(first) = Path::new(rel).components().next() {
+            let first = first.as_os_str().to_string_lossy().into_owned();
+            if !tops.contains(&first) {
+                std::os::unix::fs::symlink(format!("..data/{first}"), dir.join(&first))?;
+                tops.push(first);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The kubelet's `SetVolumeOwnership` for `fsGroup`: every file and
 /// directory of the volume gets group `fs_group` and group read (and write,
 /// unless the volume is read-only, as Secret, ConfigMap, downward API and
@@ -303,6 +335,46 @@ mod tests {
                 .is_empty()
         );
         assert!(files(json!({"name": "x", "configMap": {"name": "cfg", "optional": true, "items": [{"key": "NOPE", "path": "n"}]}})).is_empty());
+    }
+
+    #[test]
+    fn atomic_writer_layout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = dir.path().join("v");
+        write_atomic(
+            &vol,
+            &[
+                ("a".into(), b"A".to_vec(), 0o400),
+                ("sub/dir/b".into(), b"B".to_vec(), 0o644),
+                ("sub/c".into(), b"C".to_vec(), 0o600),
+            ],
+        )
+        .expect("write");
+        let link = |p: &str| fs::read_link(vol.join(p)).expect("symlink");
+        assert_eq!(link("a"), Path::new("..data/a"));
+        assert_eq!(link("sub"), Path::new("..data/sub"));
+        let data = link("..data");
+        let name = data.to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("..20") && name.len() == "..2026_12_06_13_40_00.123456789".len(),
+            "{name}"
+        );
+        assert_eq!(fs::read(vol.join("sub/dir/b")).expect("read"), b"B");
+        let mode = |p: &str| {
+            fs::metadata(vol.join(p))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("a"), mode("sub/c")), (0o400, 0o600));
+        let mut names: Vec<String> = fs::read_dir(&vol)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [name.as_str(), "..data", "a", "sub"]);
     }
 
     #[test]
