@@ -783,7 +783,8 @@ fn reconcile_statefulset(store: &Store, sts: &Value, all_pods: &[Value]) -> Resu
         let pod_name = format!("{name}-{i}");
         match owned.get(&pod_name) {
             Some(p) if pod_active(p) => {
-                if !parallel && !(pod_phase(p) == "Running" && pod_ready(p)) {
+                let up = pod_phase(p) == "Running" && pod_ready(p);
+                if !up && !parallel {
                     break;
                 }
                 continue;

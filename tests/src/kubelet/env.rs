@@ -284,10 +284,9 @@ pub(super) fn resource_field_ref(
     if field == "limits"
         && value.is_zero()
         && matches!(name, "cpu" | "memory" | "ephemeral-storage")
+        && let Some(a) = src.node_allocatable.get(name).and_then(quantity_of)
     {
-        if let Some(a) = src.node_allocatable.get(name).and_then(quantity_of) {
-            value = a;
-        }
+        value = a;
     }
     Ok(quantity::with_divisor(value, divisor))
 }

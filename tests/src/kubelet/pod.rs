@@ -128,10 +128,10 @@ impl PodRun {
     fn link_services(&self) -> Vec<Value> {
         let rt = must("core/v1/services");
         let mut services = self.store.list(rt, Some(&self.ns)).0;
-        if self.ns != "default" {
-            if let Ok(k) = self.store.get(rt, "default", "kubernetes") {
-                services.push(k);
-            }
+        if self.ns != "default"
+            && let Ok(k) = self.store.get(rt, "default", "kubernetes")
+        {
+            services.push(k);
         }
         services
     }
