@@ -857,6 +857,83 @@ fn run_sees_the_volumes_and_leaves_nothing() {
     );
 }
 
+#[test]
+fn env_files_dir_writes_the_volumes_there() {
+    let Some(c) = er() else { return };
+    let ns = "er-files";
+    let secret_value = unique("er-files-secret");
+    apply(
+        &c,
+        &volume_objects(ns, "vols", &secret_value, json!(["sleep", "infinity"])),
+    );
+    let pod = ready_pod(&c, ns, "vols");
+    let name = pod["metadata"]["name"].as_str().expect("name").to_string();
+    let dir = scratch();
+    let files = dir.path().join("files");
+    let files_arg = files.display().to_string();
+    let o = run(env_cmd(
+        &c,
+        &[
+            "deploy/vols",
+            "-n",
+            ns,
+            "--files-dir",
+            &files_arg,
+            "-o",
+            "json",
+        ],
+    ));
+    let out = ok_out("burrow env --files-dir", &o);
+    let _: BTreeMap<String, String> =
+        serde_json::from_str(&out).expect("stdout is still the JSON object");
+    let err = stderr(&o);
+    for mount in [
+        "/etc/er-vol/conf",
+        "/etc/er-vol/creds",
+        "/etc/er-vol/info",
+        "/etc/er-vol/proj",
+    ] {
+        let at = files.join(mount.trim_start_matches('/'));
+        assert!(
+            err.contains(mount) && err.contains(&at.display().to_string()),
+            "stderr must name {mount} and where it was written ({}): {err}",
+            at.display()
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let file = |rel: &str| {
+        let p = files.join(rel);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        (text, mode)
+    };
+    assert_eq!(
+        file("etc/er-vol/conf/sub/dir/app.conf").0,
+        "key=value\nother = 2\n"
+    );
+    assert_eq!(
+        file("etc/er-vol/creds/password"),
+        (secret_value.clone(), 0o600)
+    );
+    assert_eq!(file("etc/er-vol/info/name").0, name);
+    assert_eq!(file("etc/er-vol/proj/namespace").0, ns);
+    assert_eq!(file("etc/er-vol/proj/pw").0, secret_value);
+    assert_no_mount_paths(&c, "after env --files-dir");
+    // A subPath mount is that one file of the volume, as in the pod.
+    let single = files.join("etc/er-vol/single.conf");
+    assert!(
+        single.is_file(),
+        "{} (a subPath mount of sub/dir/app.conf) must be the file, not {}",
+        single.display(),
+        if single.is_dir() {
+            "a directory"
+        } else {
+            "missing"
+        }
+    );
+    assert_eq!(file("etc/er-vol/single.conf").0, "key=value\nother = 2\n");
+}
+
 // ---------------------------------------------------------------------------
 // 3. a short name is a Service of the workload's namespace
 
