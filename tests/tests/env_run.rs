@@ -420,6 +420,9 @@ fn env_objects() -> Vec<Value> {
                 "name": "only", "image": "busybox", "command": ["sleep", "infinity"],
                 "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "$(REDIS_MAIN_SERVICE_HOST)"}]}]}),
         ),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fqdn", "namespace": ns, "labels": {"app": "fqdn"}},
+            "spec": {"hostname": "web-1", "subdomain": "grp", "setHostnameAsFQDN": true, "containers": [{
+                "name": "c", "image": "busybox", "command": ["sleep", "infinity"]}]}}),
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "named", "namespace": ns, "labels": {"app": "named"}},
             "spec": {"hostname": "custom-host", "containers": [{
                 "name": "c", "image": "busybox", "command": ["sleep", "infinity"],
@@ -520,6 +523,17 @@ fn env_without_service_links_and_of_a_pod_with_a_hostname() {
     assert!(err.contains("named"), "{err}");
     let (got, _) = env_json(&c, &["named", "-n", ENV_NS]);
     assert_same_env("bare name of a pod", &got, &want);
+}
+
+#[test]
+fn env_of_a_pod_with_set_hostname_as_fqdn() {
+    let Some(c) = er() else { return };
+    env_setup(&c);
+    wait_pod_ready(&c, ENV_NS, "fqdn");
+    let want = real_env(&c, ENV_NS, "fqdn", "c");
+    assert_eq!(want["HOSTNAME"], "web-1.grp.er-env.svc.cluster.local");
+    let (got, _) = env_json(&c, &["pod/fqdn", "-n", ENV_NS]);
+    assert_same_env("setHostnameAsFQDN", &got, &want);
 }
 
 #[test]

@@ -175,6 +175,20 @@ pub fn pod_hostname(pod: &Value) -> String {
     name[..63].trim_end_matches(['-', '.']).to_string()
 }
 
+/// The hostname the pod's containers get (UTS and `HOSTNAME`): the pod's
+/// hostname, or with `setHostnameAsFQDN` and a subdomain its FQDN
+/// `<hostname>.<subdomain>.<ns>.svc.cluster.local`, as the kubelet gives
+/// the sandbox.
+pub fn container_hostname(pod: &Value) -> String {
+    let h = pod_hostname(pod);
+    let sub = pod["spec"]["subdomain"].as_str().unwrap_or("");
+    if pod["spec"]["setHostnameAsFQDN"].as_bool() == Some(true) && !sub.is_empty() {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("");
+        return format!("{h}.{sub}.{ns}.svc.{}", crate::ctx::CLUSTER_DOMAIN);
+    }
+    h
+}
+
 /// `fieldpath.ExtractFieldPathAsString`: the `metadata.*` paths a
 /// downward API volume may use (also the fallback of env field refs).
 pub(super) fn metadata_field(pod: &Value, path: &str) -> Result<String, String> {
@@ -467,7 +481,7 @@ pub fn resolve_env(
         }
     }
     let mut env = BTreeMap::new();
-    env.insert("HOSTNAME".to_string(), pod_hostname(pod));
+    env.insert("HOSTNAME".to_string(), container_hostname(pod));
     env.extend(services);
     env.extend(tmp);
     Ok(env)
@@ -695,6 +709,14 @@ pub(super) mod tests {
         assert_eq!(env["B_MEM"], "4096");
         // HOSTNAME comes from the runtime, not the kubelet: no expansion.
         assert_eq!(env["HOSTNAME_SEEN"], "$(HOSTNAME)");
+        let mut fqdn = pod.clone();
+        fqdn["spec"]["subdomain"] = json!("db");
+        assert_eq!(container_hostname(&fqdn), "db-main");
+        fqdn["spec"]["setHostnameAsFQDN"] = json!(true);
+        assert_eq!(
+            container_hostname(&fqdn),
+            "db-main.db.default.svc.cluster.local"
+        );
         let long = "a".repeat(62) + "-bcd";
         assert_eq!(
             pod_hostname(&json!({"metadata": {"name": long}})),

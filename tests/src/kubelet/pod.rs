@@ -22,7 +22,7 @@ use crate::ctx::{ClusterCtx, NODE_UNDERLAY_IP};
 use crate::images::{self, ImageInput, ImagePaths};
 use crate::net;
 
-use super::env::{EnvSources, expand, pod_hostname, resolve_env};
+use super::env::{EnvSources, container_hostname, expand, pod_hostname, resolve_env};
 use super::logs::copy_logs;
 use super::probes::{Probe, probe_of, tcp_ports};
 use super::spawn::{
@@ -548,7 +548,7 @@ impl PodRun {
         Ok(ChildSetup {
             netns,
             ipc,
-            hostname: CString::new(pod_hostname(&self.pod)).context("pod hostname")?,
+            hostname: CString::new(container_hostname(&self.pod)).context("pod hostname")?,
             new_root: new_root.map(|(_, nr)| nr),
             binds,
             readonly_root,
