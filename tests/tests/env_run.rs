@@ -690,6 +690,7 @@ const VOLUME_FILES: &[&str] = &[
     "/etc/er-vol/single.conf",
     "/etc/er-vol/creds/password",
     "/etc/er-vol/info/labels",
+    "/etc/er-vol/info/annotations",
     "/etc/er-vol/info/name",
     "/etc/er-vol/proj/other.txt",
     "/etc/er-vol/proj/pw",
@@ -728,13 +729,15 @@ fn volume_objects(ns: &str, app: &str, secret_value: &str, command: Value) -> Ve
         deployment(
             ns,
             app,
-            json!({"labels": {"tier": "files"}}),
+            json!({"labels": {"tier": "files"},
+                "annotations": {"note": "say \"hi\"\n\tünï ✓ \\", "a": "1"}}),
             json!({
                 "volumes": [
                     {"name": "conf", "configMap": {"name": "files", "items": [{"key": "app.conf", "path": "sub/dir/app.conf"}]}},
                     {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400}},
                     {"name": "info", "downwardAPI": {"items": [
                         {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
                         {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
                     {"name": "proj", "projected": {"defaultMode": 0o444, "sources": [
                         {"configMap": {"name": "files", "items": [{"key": "other.txt", "path": "other.txt"}]}},
@@ -856,6 +859,7 @@ fn run_sees_the_volumes_and_leaves_nothing() {
         "644 root /etc/er-vol/single.conf\nkey=value",
         &format!("400 root /etc/er-vol/creds/password\n{secret_value}\n"),
         "644 root /etc/er-vol/info/labels\napp=\"vols\"",
+        "644 root /etc/er-vol/info/annotations\na=\"1\"\nnote=\"say \\\"hi\\\"\\n\\tünï ✓ \\\\\"\n",
         &format!("644 root /etc/er-vol/info/name\n{name}\n"),
         "444 root /etc/er-vol/proj/other.txt\nother file\n",
         &format!("440 root /etc/er-vol/proj/pw\n{secret_value}\n"),
@@ -946,6 +950,41 @@ fn env_files_dir_writes_the_volumes_there() {
         }
     );
     assert_eq!(file("etc/er-vol/single.conf").0, "key=value\nother = 2\n");
+}
+
+#[test]
+fn run_files_follow_the_pods_fs_group() {
+    let Some(c) = er() else { return };
+    let ns = "er-fsgroup";
+    let secret_value = unique("er-fsgroup-secret");
+    let script = volume_script().replace("'%a %U %n'", "'%a %n'");
+    let mut objs = volume_objects(
+        ns,
+        "grouped",
+        &secret_value,
+        json!(["sh", "-c", format!("{script}; exec sleep infinity")]),
+    );
+    objs[3]["spec"]["template"]["spec"]["securityContext"] = json!({"fsGroup": 2000});
+    apply(&c, &objs);
+    let pod = ready_pod(&c, ns, "grouped");
+    let name = pod["metadata"]["name"].as_str().expect("name").to_string();
+    let cluster_view = files_section(&logs_containing(&c, &[&name, "-n", ns], "END-FILES"));
+    assert!(
+        cluster_view.contains("440 /etc/er-vol/creds/password"),
+        "fsGroup adds group read: {cluster_view}"
+    );
+    let _l = connected(&c, 1, "default");
+    let o = run(run_cmd(
+        &c,
+        1,
+        &["deploy/grouped", "-n", ns],
+        &["sh", "-c", &script],
+    ));
+    let out = files_section(&ok_out("burrow run (fsGroup)", &o));
+    assert_eq!(
+        out, cluster_view,
+        "with fsGroup, CMD sees other modes or contents than the pod:\n--- run:\n{out}\n--- pod:\n{cluster_view}"
+    );
 }
 
 // ---------------------------------------------------------------------------
