@@ -431,6 +431,7 @@ fn become_user(u: &RunAs) -> anyhow::Result<()> {
 /// `burrow sandbox-exec`: never returns on success (the command replaces
 /// this process); an error is printed and exits 126/127 like a shell.
 pub fn exec_from_fd() -> std::process::ExitCode {
+    let mut plan_program = None;
     let result = (|| -> anyhow::Result<std::io::Error> {
         // SAFETY: fd 3 is the plan's pipe, given by `burrow run`.
         let mut pipe = unsafe { fs::File::from_raw_fd(PLAN_FD) };
@@ -446,13 +447,19 @@ pub fn exec_from_fd() -> std::process::ExitCode {
             become_user(u)?;
         }
         let (program, args) = plan.argv.split_first().context("no command")?;
+        plan_program = Some(program.clone());
         let mut cmd = std::process::Command::new(program);
         cmd.args(args).env_clear().envs(plan.env.iter().cloned());
         Ok(cmd.exec())
     })();
     match result {
         Ok(exec_err) => {
-            eprintln!("burrow: cannot run the command: {exec_err}");
+            let program = plan_program.unwrap_or_default();
+            if exec_err.kind() == std::io::ErrorKind::NotFound {
+                eprintln!("burrow: {program}: command not found (in the PATH it was given)");
+            } else {
+                eprintln!("burrow: cannot run {program}: {exec_err}");
+            }
             let code = if exec_err.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {

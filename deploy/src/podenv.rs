@@ -486,15 +486,23 @@ impl Inputs<'_> {
     }
 }
 
-/// Turns a problem into a left-out entry when lenient, else fails.
+/// Turns a problem into a left-out entry when it may be (a value only the
+/// node knows; with `--allow-missing-pod-fields`, one only a pod knows),
+/// else fails.
 fn tolerate(p: Problem, lenient: Leniency, left: &mut Vec<Left>) -> Result<(), Problem> {
     match &p {
-        Problem::NeedsPod { what, .. } | Problem::NeedsNode { what, .. }
-            if lenient.allow_missing_pod_fields =>
-        {
+        // The node is often not readable (`view` cannot): said, not fatal.
+        Problem::NeedsNode { what, resource } => {
             left.push(Left {
                 what: what.clone(),
-                why: p.to_string(),
+                why: format!("the node's allocatable {resource} (the container sets no limit)"),
+            });
+            Ok(())
+        }
+        Problem::NeedsPod { what, field } if lenient.allow_missing_pod_fields => {
+            left.push(Left {
+                what: what.clone(),
+                why: format!("needs a running pod ({field})"),
             });
             Ok(())
         }
@@ -842,6 +850,14 @@ pub fn mounts(
             .map(|()| None);
         } else if let Some(s) = &vol.secret {
             secret = true;
+            let name = s.secret_name.as_deref().unwrap_or_default();
+            if inputs.source("Secret", name) == &Source::Skipped {
+                left.push(Left {
+                    what: what.clone(),
+                    why: format!("Secret {name} not read (--skip-secrets)"),
+                });
+                continue;
+            }
             let mode = s.default_mode.map(|m| m as u32).unwrap_or(0o644);
             result = keyed_files(
                 inputs,

@@ -184,10 +184,9 @@ fn problem_error(p: Problem, w: &Workload) -> anyhow::Error {
         ),
         Problem::NeedsPod { what, field } => (
             format!(
-                "{what} needs a running pod ({field}), and {}: {}",
-                w.display(),
+                "{what} needs a running pod ({field}), and {}",
                 if w.no_pod.is_empty() {
-                    "none was found".to_string()
+                    format!("{} has none", w.display())
                 } else {
                     w.no_pod.clone()
                 }
@@ -250,13 +249,8 @@ pub async fn resolve(sel: &Selection, connected: Option<&Status>) -> anyhow::Res
     let lenient = Leniency {
         allow_missing_pod_fields: sel.allow_missing_pod_fields,
     };
-    let env = podenv::environment(&inputs, &container, lenient).map_err(|p| {
-        let mut e = problem_error(p, &w);
-        if !sources.node_note.is_empty() {
-            e = e.context(sources.node_note.clone());
-        }
-        e
-    })?;
+    let env =
+        podenv::environment(&inputs, &container, lenient).map_err(|p| problem_error(p, &w))?;
     let mut vars = env.vars;
     if w.pod.is_some() {
         let hostname = w
@@ -272,6 +266,14 @@ pub async fn resolve(sel: &Selection, connected: Option<&Status>) -> anyhow::Res
         podenv::mounts(&inputs, &container, &vars, lenient).map_err(|p| problem_error(p, &w))?;
     let mut left_out = env.left_out;
     left_out.append(&mut left);
+    if !sources.node_note.is_empty() {
+        for l in left_out
+            .iter_mut()
+            .filter(|l| l.why.contains("allocatable"))
+        {
+            l.why = format!("{}: {}", l.why, sources.node_note);
+        }
+    }
     drop(inputs);
     Ok(Resolved {
         cluster,

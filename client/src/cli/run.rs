@@ -30,12 +30,14 @@ use crate::sandbox::{Plan, PlanMount, RunAs};
 /// mountPaths (visible to CMD alone, in memory, gone when it ends), and
 /// cluster names resolving as in the workload's pods (a short name is a
 /// Service of the workload's namespace). It runs as the user who invoked
-/// sudo. Connects first when needed. CMD's exit code is run's; Ctrl-C and
-/// SIGTERM reach CMD.
+/// sudo. Connects first when needed. CMD's exit code is run's (128+N when
+/// signal N ended it); Ctrl-C and signals sent to run reach CMD once.
 ///
 /// With --reroute, the workload's Service port comes to CMD's local port
 /// while CMD runs (every request, or with --header only those carrying
-/// it), and is restored when CMD ends, however it ends.
+/// it), and is restored when CMD ends, however it ends. While nothing
+/// listens on the local port (CMD starting or stopping), callers reach the
+/// cluster's pods.
 ///
 /// Examples:
 ///   sudo burrow run deploy/api -n shop -- ./api
@@ -68,18 +70,33 @@ pub struct RunArgs {
 /// The running command's pid, for the signal handler.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // A terminal's Ctrl-C (si_code SI_KERNEL) reached the command already:
-    // it shares run's process group. Anything sent to run alone is passed
-    // on.
-    // SAFETY: the kernel hands a valid siginfo to an SA_SIGINFO handler.
-    let from_terminal = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
+extern "C" fn forward(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // The command has a process group of its own (and the terminal while
+    // it runs): whatever reaches run reaches it once, passed on here.
     let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 && !from_terminal {
+    if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe {
             libc::kill(pid, sig);
         }
+    }
+}
+
+/// Whether run holds the terminal's foreground (a shell started it in the
+/// foreground): then the command takes it, so that Ctrl-C and Ctrl-\\
+/// reach the command alone, as when a shell starts it.
+fn holds_terminal() -> bool {
+    // SAFETY: plain terminal queries on fd 0.
+    unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+fn take_terminal_back() {
+    // SAFETY: terminal ioctl on fd 0, SIGTTOU ignored around it so a
+    // background run is not stopped.
+    unsafe {
+        let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+        libc::tcsetpgrp(0, libc::getpgrp());
+        libc::signal(libc::SIGTTOU, old);
     }
 }
 
@@ -377,7 +394,9 @@ async fn prepare(
             },
             header: header.clone(),
             force: false,
-            fallback: Fallback::Error,
+            // Before the command listens and after it stops, callers reach
+            // the pods, not an error.
+            fallback: Fallback::Pods,
         };
         let result = match daemon_conn(global).await {
             Ok(conn) => exchange_message(conn, &Request::Reroute(spec), true).await,
@@ -400,16 +419,27 @@ async fn prepare(
     Ok((r, resolv, held))
 }
 
-fn spawn(plan: &Plan) -> anyhow::Result<std::process::Child> {
+fn spawn(plan: &Plan, terminal: bool) -> anyhow::Result<std::process::Child> {
     let (read, write): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     let exe = std::env::current_exe().context("finding the burrow binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("sandbox-exec");
     let raw = read.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe; nothing allocates.
+    // SAFETY: setpgid, dup2 and fcntl are async-signal-safe; nothing
+    // allocates.
     unsafe {
         cmd.pre_exec(move || {
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if terminal {
+                // Taken before exec, so the command never reads the
+                // terminal from the background (SIGTTIN would stop it).
+                libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+                libc::tcsetpgrp(0, libc::getpid());
+                libc::signal(libc::SIGTTOU, libc::SIG_DFL);
+            }
             if raw == crate::sandbox::PLAN_FD {
                 if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -482,14 +512,25 @@ pub fn run(args: RunArgs, global: &crate::Global) -> anyhow::Result<ExitCode> {
             resolv_conf: resolv.clone(),
             staging: staging.clone(),
         };
-        let spawned = spawn(&plan);
+        let terminal = holds_terminal();
+        let spawned = spawn(&plan, terminal);
         drop(plan);
         let status = match spawned {
             Ok(mut child) => {
-                CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
+                let pid = i32::try_from(child.id()).unwrap_or(0);
+                // Also here (as shells do), so the group exists when a
+                // signal is passed on, whichever side ran first.
+                // SAFETY: setpgid on our own child.
+                unsafe {
+                    libc::setpgid(pid, pid);
+                }
+                CHILD.store(pid, Ordering::SeqCst);
                 forward_signals()?;
                 let st = child.wait().context("waiting for the command");
                 CHILD.store(0, Ordering::SeqCst);
+                if terminal {
+                    take_terminal_back();
+                }
                 st
             }
             Err(e) => Err(e),
