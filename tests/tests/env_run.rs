@@ -1026,6 +1026,19 @@ fn run_resolves_short_names_in_the_workloads_namespace() {
     ready_pod(&c, "er-dns", "whoami");
     ready_pod(&c, "er-other", "whoami");
     ready_pod(&c, "er-dns", "app");
+    // kube-proxy follows a new Service within its sync period: wait until
+    // a pod reaches it.
+    for ns in ["er-dns", "er-other"] {
+        let url = format!("http://whoami.{ns}:8080/");
+        eventually(
+            Duration::from_secs(30),
+            &format!("{url} from the caller pod"),
+            || {
+                let o = run(in_caller(&c, &["curl", "-sS", "--max-time", "5", &url]));
+                (echo_pod_of(&stdout(&o)) == Some(format!("whoami-of-{ns}"))).then_some(())
+            },
+        );
+    }
     // Laptop 2 is connected to another namespace, where `whoami` is
     // another Service.
     let l2 = connected(&c, 2, "er-other");
