@@ -394,6 +394,8 @@ async fn run(
     controller!("scheduler", controllers::scheduler);
     controller!("deployments", controllers::deployments);
     controller!("replicasets", controllers::replicasets);
+    controller!("statefulsets", controllers::statefulsets);
+    controller!("daemonsets", controllers::daemonsets);
     controller!("endpoints", endpoints::endpoints_controller);
     controller!("endpointslices", endpoints::slice_controller);
     controller!("endpointslicemirroring", endpoints::mirroring_controller);

@@ -696,6 +696,274 @@ fn reconcile_replicaset(store: &Store, rs: &Value, all_pods: &[Value]) -> Result
     Ok(())
 }
 
+// ------------------------------------------------- statefulsets, daemonsets
+
+fn rt_statefulsets() -> &'static ResourceType {
+    must("apps/v1/statefulsets")
+}
+fn rt_daemonsets() -> &'static ResourceType {
+    must("apps/v1/daemonsets")
+}
+
+/// A pod of a workload's template: the template's labels (plus `labels`)
+/// and annotations, owned by `owner`.
+fn pod_from_template(owner: &Value, kind: &str, meta: Value, labels: Value, spec: Value) -> Value {
+    let tpl = &owner["spec"]["template"];
+    let mut meta = meta;
+    meta["namespace"] = json!(meta_ns(owner));
+    meta["ownerReferences"] = owner_ref(owner, "apps/v1", kind);
+    let mut all = tpl["metadata"]["labels"].clone();
+    if !all.is_object() {
+        all = json!({});
+    }
+    for (k, v) in labels.as_object().into_iter().flatten() {
+        all[k] = v.clone();
+    }
+    meta["labels"] = all;
+    if tpl["metadata"]["annotations"].is_object() {
+        meta["annotations"] = tpl["metadata"]["annotations"].clone();
+    }
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+}
+
+fn write_status(
+    store: &Store,
+    rt: &'static ResourceType,
+    obj: &Value,
+    status: Value,
+) -> Result<()> {
+    if obj["status"] != status {
+        ignore_not_found(store.update_with(rt, meta_ns(obj), meta_name(obj), |o| {
+            o["status"] = status;
+            Ok(())
+        }))?;
+    }
+    Ok(())
+}
+
+/// StatefulSets → Pods `<name>-0..N-1`, as the StatefulSet controller
+/// makes them: hostname = pod name, subdomain = `serviceName`, labels
+/// `statefulset.kubernetes.io/pod-name`, `apps.kubernetes.io/pod-index`
+/// and `controller-revision-hash`; `OrderedReady` (the default) creates
+/// pod i only once pods 0..i are running and ready, `Parallel` at once;
+/// scaling down deletes from the highest ordinal. Rolling updates are not
+/// done (a changed template applies to pods created later).
+pub async fn statefulsets(store: Arc<Store>, _ctx: ClusterCtx) -> Result<()> {
+    control_loop(
+        store,
+        "statefulsets",
+        |ev| is(ev, &["apps/v1/statefulsets", "core/v1/pods"]),
+        |store| {
+            let (all, _) = store.list(rt_statefulsets(), None);
+            let (pods, _) = store.list(rt_pods(), None);
+            for sts in &all {
+                if let Err(e) = reconcile_statefulset(store, sts, &pods) {
+                    tracing::warn!("statefulset {}/{}: {e:#}", meta_ns(sts), meta_name(sts));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
+fn reconcile_statefulset(store: &Store, sts: &Value, all_pods: &[Value]) -> Result<()> {
+    let ns = meta_ns(sts);
+    let name = meta_name(sts);
+    let uid = meta_uid(sts);
+    let replicas = replicas_of(sts).max(0);
+    let parallel = sts["spec"]["podManagementPolicy"] == "Parallel";
+    let revision = format!("{name}-{}", pod_template_hash(&sts["spec"]["template"]));
+    let owned: BTreeMap<String, &Value> = all_pods
+        .iter()
+        .filter(|p| meta_ns(p) == ns && controller_owner_uid(p) == Some(uid))
+        .map(|p| (meta_name(p).to_string(), p))
+        .collect();
+    for i in 0..replicas {
+        let pod_name = format!("{name}-{i}");
+        match owned.get(&pod_name) {
+            Some(p) if pod_active(p) => {
+                let up = pod_phase(p) == "Running" && pod_ready(p);
+                if !up && !parallel {
+                    break;
+                }
+                continue;
+            }
+            Some(p) => {
+                // Failed or succeeded: replaced, as the controller does.
+                if p["metadata"]["deletionTimestamp"].is_null() {
+                    ignore_not_found(store.delete(rt_pods(), ns, &pod_name))?;
+                }
+                break;
+            }
+            None => {}
+        }
+        if all_pods
+            .iter()
+            .any(|p| meta_ns(p) == ns && meta_name(p) == pod_name)
+        {
+            break; // a pod of that name not ours (or still going)
+        }
+        let mut spec = sts["spec"]["template"]["spec"].clone();
+        spec["hostname"] = json!(pod_name);
+        if let Some(svc) = sts["spec"]["serviceName"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+        {
+            spec["subdomain"] = json!(svc);
+        }
+        let pod = pod_from_template(
+            sts,
+            "StatefulSet",
+            json!({"name": pod_name}),
+            json!({
+                "statefulset.kubernetes.io/pod-name": pod_name,
+                "apps.kubernetes.io/pod-index": i.to_string(),
+                "controller-revision-hash": revision,
+            }),
+            spec,
+        );
+        if let Some(p) = create(store, rt_pods(), ns, pod)? {
+            tracing::info!("statefulset {ns}/{name}: created pod {}", meta_name(&p));
+        }
+        if !parallel {
+            break;
+        }
+    }
+    // Scale down: the highest ordinal first, one at a time unless Parallel.
+    let mut extra: Vec<(i64, &str)> = owned
+        .keys()
+        .filter_map(|n| {
+            let i: i64 = n.strip_prefix(&format!("{name}-"))?.parse().ok()?;
+            (i >= replicas).then_some((i, n.as_str()))
+        })
+        .collect();
+    extra.sort_by(|a, b| b.cmp(a));
+    for (_, victim) in extra.iter().take(if parallel { usize::MAX } else { 1 }) {
+        if owned[*victim]["metadata"]["deletionTimestamp"].is_null() {
+            tracing::info!("statefulset {ns}/{name}: deleting pod {victim}");
+            ignore_not_found(store.delete(rt_pods(), ns, victim))?;
+        }
+    }
+    let (pods_now, _) = store.list(rt_pods(), Some(ns));
+    let active: Vec<&Value> = pods_now
+        .iter()
+        .filter(|p| controller_owner_uid(p) == Some(uid) && pod_active(p))
+        .collect();
+    let ready = active.iter().filter(|p| pod_ready(p)).count();
+    let mut status = json!({
+        "observedGeneration": sts["metadata"]["generation"].as_i64().unwrap_or(1),
+        "replicas": active.len(),
+        "readyReplicas": ready,
+        "currentReplicas": active.len(),
+        "updatedReplicas": active.len(),
+        "availableReplicas": ready,
+        "currentRevision": revision,
+        "updateRevision": revision,
+        "collisionCount": 0,
+    });
+    strip_zero(
+        &mut status,
+        &["readyReplicas", "currentReplicas", "updatedReplicas"],
+    );
+    write_status(store, rt_statefulsets(), sts, status)
+}
+
+/// DaemonSets → one pod on the node, as the DaemonSet controller makes it:
+/// `<name>-xxxxx`, bound to the node by a required node affinity on
+/// `metadata.name`, with the controller's tolerations and labels
+/// `controller-revision-hash` and `pod-template-generation`; a failed pod
+/// is replaced.
+pub async fn daemonsets(store: Arc<Store>, _ctx: ClusterCtx) -> Result<()> {
+    control_loop(
+        store,
+        "daemonsets",
+        |ev| is(ev, &["apps/v1/daemonsets", "core/v1/pods"]),
+        |store| {
+            let (all, _) = store.list(rt_daemonsets(), None);
+            let (pods, _) = store.list(rt_pods(), None);
+            for ds in &all {
+                if let Err(e) = reconcile_daemonset(store, ds, &pods) {
+                    tracing::warn!("daemonset {}/{}: {e:#}", meta_ns(ds), meta_name(ds));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
+fn reconcile_daemonset(store: &Store, ds: &Value, all_pods: &[Value]) -> Result<()> {
+    let ns = meta_ns(ds);
+    let name = meta_name(ds);
+    let uid = meta_uid(ds);
+    let generation = ds["metadata"]["generation"].as_i64().unwrap_or(1);
+    let revision = pod_template_hash(&ds["spec"]["template"]);
+    let owned: Vec<&Value> = all_pods
+        .iter()
+        .filter(|p| meta_ns(p) == ns && controller_owner_uid(p) == Some(uid))
+        .collect();
+    for p in owned.iter().filter(|p| !pod_active(p)) {
+        if p["metadata"]["deletionTimestamp"].is_null() {
+            ignore_not_found(store.delete(rt_pods(), ns, meta_name(p)))?;
+        }
+    }
+    if !owned.iter().any(|p| pod_active(p)) {
+        let mut spec = ds["spec"]["template"]["spec"].clone();
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = json!({
+            "nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": [NODE_NAME]}]}]
+        });
+        let mut tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
+        for (key, effect) in [
+            ("node.kubernetes.io/not-ready", "NoExecute"),
+            ("node.kubernetes.io/unreachable", "NoExecute"),
+            ("node.kubernetes.io/disk-pressure", "NoSchedule"),
+            ("node.kubernetes.io/memory-pressure", "NoSchedule"),
+            ("node.kubernetes.io/pid-pressure", "NoSchedule"),
+            ("node.kubernetes.io/unschedulable", "NoSchedule"),
+        ] {
+            if !tolerations.iter().any(|t| t["key"] == key) {
+                tolerations.push(json!({"key": key, "operator": "Exists", "effect": effect}));
+            }
+        }
+        spec["tolerations"] = json!(tolerations);
+        let pod = pod_from_template(
+            ds,
+            "DaemonSet",
+            json!({"generateName": format!("{name}-")}),
+            json!({
+                "controller-revision-hash": revision,
+                "pod-template-generation": generation.to_string(),
+            }),
+            spec,
+        );
+        if let Some(p) = create(store, rt_pods(), ns, pod)? {
+            tracing::info!("daemonset {ns}/{name}: created pod {}", meta_name(&p));
+        }
+    }
+    let (pods_now, _) = store.list(rt_pods(), Some(ns));
+    let active: Vec<&Value> = pods_now
+        .iter()
+        .filter(|p| controller_owner_uid(p) == Some(uid) && pod_active(p))
+        .collect();
+    let ready = active.iter().filter(|p| pod_ready(p)).count();
+    let mut status = json!({
+        "currentNumberScheduled": active.len().min(1),
+        "desiredNumberScheduled": 1,
+        "numberMisscheduled": 0,
+        "numberReady": ready.min(1),
+        "numberAvailable": ready.min(1),
+        "updatedNumberScheduled": active.len().min(1),
+        "observedGeneration": generation,
+    });
+    if ready == 0 {
+        status["numberUnavailable"] = json!(1);
+    }
+    strip_zero(&mut status, &["numberAvailable", "updatedNumberScheduled"]);
+    write_status(store, rt_daemonsets(), ds, status)
+}
+
 // ---------------------------------------------------------------- endpoints
 
 /// One endpoint port: name (may be empty), port, protocol, appProtocol.
@@ -1007,6 +1275,83 @@ mod tests {
             "status": {"phase": "Running", "podIP": ip,
                        "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
         })
+    }
+
+    #[test]
+    fn statefulset_pods_are_ordered_and_daemonset_pods_bound() {
+        use minicluster_apiserver::admission;
+        let store = Store::new();
+        admission::create(
+            &store,
+            rt_namespaces(),
+            "",
+            json!({"metadata": {"name": "default"}}),
+        )
+        .expect("namespace");
+        let tpl = json!({"metadata": {"labels": {"app": "db"}, "annotations": {"a": "1"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let sts = admission::create(&store, rt_statefulsets(), "default", json!({
+            "metadata": {"name": "db"},
+            "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": tpl}}))
+        .expect("sts");
+        assert_eq!(sts["spec"]["podManagementPolicy"], "OrderedReady");
+        let pods = |store: &Store| store.list(rt_pods(), Some("default")).0;
+        reconcile_statefulset(&store, &sts, &pods(&store)).expect("reconcile");
+        let now = pods(&store);
+        assert_eq!(now.len(), 1, "OrderedReady: one pod until it is ready");
+        let p0 = &now[0];
+        assert_eq!(meta_name(p0), "db-0");
+        assert_eq!(p0["spec"]["hostname"], "db-0");
+        assert_eq!(p0["spec"]["subdomain"], "db");
+        assert_eq!(
+            p0["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"],
+            "db-0"
+        );
+        assert_eq!(
+            p0["metadata"]["labels"]["apps.kubernetes.io/pod-index"],
+            "0"
+        );
+        assert_eq!(p0["metadata"]["labels"]["app"], "db");
+        assert_eq!(p0["metadata"]["annotations"]["a"], "1");
+        assert_eq!(p0["metadata"]["ownerReferences"][0]["kind"], "StatefulSet");
+        store
+            .update_with(rt_pods(), "default", "db-0", |p| {
+                p["status"] = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+                Ok(())
+            })
+            .expect("ready");
+        reconcile_statefulset(&store, &sts, &pods(&store)).expect("reconcile");
+        let names: Vec<String> = pods(&store)
+            .iter()
+            .map(|p| meta_name(p).to_string())
+            .collect();
+        assert_eq!(names, ["db-0", "db-1"]);
+
+        let ds = admission::create(&store, rt_daemonsets(), "default", json!({
+            "metadata": {"name": "agent"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                "template": {"metadata": {"labels": {"app": "agent"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}))
+        .expect("ds");
+        reconcile_daemonset(&store, &ds, &pods(&store)).expect("reconcile");
+        reconcile_daemonset(&store, &ds, &pods(&store)).expect("reconcile again");
+        let agents: Vec<Value> = pods(&store)
+            .into_iter()
+            .filter(|p| p["metadata"]["labels"]["app"] == "agent")
+            .collect();
+        assert_eq!(agents.len(), 1, "one pod per node");
+        let a = &agents[0];
+        assert!(meta_name(a).starts_with("agent-"));
+        assert_eq!(a["metadata"]["labels"]["pod-template-generation"], "1");
+        assert_eq!(
+            a["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0],
+            NODE_NAME
+        );
+        assert!(
+            a["spec"]["tolerations"]
+                .as_array()
+                .is_some_and(|t| t.len() == 6)
+        );
     }
 
     #[test]

@@ -358,7 +358,10 @@ fn finalize(
     default_object(rt, &mut next);
     match rt.key().as_str() {
         "core/v1/services" => allocate_service(rt, name, &mut next, Some(cur), ips, ports)?,
-        "apps/v1/deployments" | "apps/v1/replicasets"
+        "apps/v1/deployments"
+        | "apps/v1/replicasets"
+        | "apps/v1/statefulsets"
+        | "apps/v1/daemonsets"
             if !cur["spec"]["selector"].is_null()
                 && next["spec"]["selector"] != cur["spec"]["selector"] =>
         {
@@ -613,11 +616,13 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
                 obj["spec"] = json!({});
             }
             default_pod_spec(&mut obj["spec"]);
+            default_pod_requests(&mut obj["spec"]);
             if !obj["status"].is_object() {
                 obj["status"] = json!({});
             }
             set_default(&mut obj["status"], "phase", json!("Pending"));
-            set_default(&mut obj["status"], "qosClass", json!("BestEffort"));
+            let qos = pod_qos_class(&obj["spec"]);
+            set_default(&mut obj["status"], "qosClass", json!(qos));
         }
         "core/v1/services" => {
             if !obj["spec"].is_object() {
@@ -680,6 +685,43 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
                 default_pod_spec(&mut spec["template"]["spec"]);
             }
         }
+        "apps/v1/statefulsets" => {
+            if !obj["spec"].is_object() {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            set_default(spec, "replicas", json!(1));
+            set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
+        "apps/v1/daemonsets" => {
+            if !obj["spec"].is_object() {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
         "apps/v1/replicasets" => {
             if !obj["spec"].is_object() {
                 obj["spec"] = json!({});
@@ -703,9 +745,117 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
                 obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
             }
         }
-        "core/v1/secrets" => set_default(obj, "type", json!("Opaque")),
+        "core/v1/secrets" => {
+            set_default(obj, "type", json!("Opaque"));
+            merge_string_data(obj);
+        }
         "networking.k8s.io/v1/networkpolicies" => crate::networkpolicy::default(obj),
         _ => {}
+    }
+}
+
+/// Resource quantities as the real API server stores them: always strings,
+/// in canonical form (a YAML `cpu: 1` or `cpu: 0.5` arrives as a JSON
+/// number; kube-rs and kubectl only ever see strings).
+fn canonical_quantities(resources: &mut Value) {
+    for field in ["limits", "requests"] {
+        let Some(list) = resources.get_mut(field).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for (_, v) in list.iter_mut() {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => continue,
+            };
+            if let Some(c) = crate::quantity::canonical(&text) {
+                *v = json!(c);
+            }
+        }
+    }
+}
+
+/// `SetDefaults_Pod`: a container (or init container) with limits but no
+/// request for a resource gets request = limit, per resource. On Pods
+/// only, never on pod templates (Deployments, ReplicaSets), as the real
+/// defaulter does.
+fn default_pod_requests(spec: &mut Value) {
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            let Some(limits) = c["resources"]["limits"].as_object().cloned() else {
+                continue;
+            };
+            if !c["resources"]["requests"].is_object() {
+                c["resources"]["requests"] = json!({});
+            }
+            let requests = &mut c["resources"]["requests"];
+            for (k, v) in limits {
+                if requests.get(&k).is_none() {
+                    requests[k] = v;
+                }
+            }
+        }
+    }
+}
+
+/// The pod's QoS class as `qos.GetPodQOS` computes it (cpu and memory of
+/// containers and init containers; zero quantities ignored).
+pub fn pod_qos_class(spec: &Value) -> &'static str {
+    use crate::quantity::Quantity;
+    use std::collections::BTreeMap;
+    let mut requests: BTreeMap<&str, i128> = BTreeMap::new();
+    let mut limits: BTreeMap<&str, i128> = BTreeMap::new();
+    let mut guaranteed = true;
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            for (field, sums) in [("requests", &mut requests), ("limits", &mut limits)] {
+                let mut found = Vec::new();
+                for res in ["cpu", "memory"] {
+                    let q = c["resources"][field][res]
+                        .as_str()
+                        .map(str::to_string)
+                        .or_else(|| c["resources"][field][res].as_i64().map(|n| n.to_string()))
+                        .and_then(|s| Quantity::parse(&s));
+                    if let Some(q) = q.filter(|q| q.nanos() > 0) {
+                        *sums.entry(res).or_insert(0) += q.nanos();
+                        found.push(res);
+                    }
+                }
+                if field == "limits" && found.len() < 2 {
+                    guaranteed = false;
+                }
+            }
+        }
+    }
+    if requests.is_empty() && limits.is_empty() {
+        return "BestEffort";
+    }
+    if guaranteed
+        && requests.len() == limits.len()
+        && requests.iter().all(|(k, v)| limits.get(k) == Some(v))
+    {
+        return "Guaranteed";
+    }
+    "Burstable"
+}
+
+/// A Secret's `stringData` is merged into `data` (base64) and never
+/// stored, as the real API server's conversion does.
+fn merge_string_data(obj: &mut Value) {
+    use base64::Engine;
+    let Some(sd) = obj.as_object_mut().and_then(|o| o.remove("stringData")) else {
+        return;
+    };
+    let Some(sd) = sd.as_object() else { return };
+    if sd.is_empty() {
+        return;
+    }
+    if !obj["data"].is_object() {
+        obj["data"] = json!({});
+    }
+    for (k, v) in sd {
+        let s = v.as_str().unwrap_or("");
+        obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(s));
     }
 }
 
@@ -741,6 +891,7 @@ fn default_pod_spec(spec: &mut Value) {
                 set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
                 set_default(c, "terminationMessagePolicy", json!("File"));
                 set_default(c, "resources", json!({}));
+                canonical_quantities(&mut c["resources"]);
                 if let Some(ports) = c["ports"].as_array_mut() {
                     for p in ports {
                         set_default(p, "protocol", json!("TCP"));
@@ -844,7 +995,10 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                 errs.push("spec.externalName: Required value".to_string());
             }
         }
-        "apps/v1/deployments" | "apps/v1/replicasets" => {
+        "apps/v1/deployments"
+        | "apps/v1/replicasets"
+        | "apps/v1/statefulsets"
+        | "apps/v1/daemonsets" => {
             let spec = &obj["spec"];
             let sel = &spec["selector"];
             if !sel.is_object()
@@ -895,7 +1049,8 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
 fn known_top_level(rt: &ResourceType) -> Option<&'static [&'static str]> {
     const COMMON: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
     Some(match rt.kind {
-        "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Namespace" | "Node" => COMMON,
+        "Pod" | "Service" | "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet"
+        | "Namespace" | "Node" => COMMON,
         "NetworkPolicy" => &["apiVersion", "kind", "metadata", "spec"],
         "ConfigMap" => &[
             "apiVersion",
@@ -1087,5 +1242,78 @@ mod tests {
         )
         .expect_err("containers");
         assert_eq!(err.code, 422);
+    }
+
+    #[test]
+    fn pod_requests_default_to_limits_on_pods_only() {
+        let s = store();
+        let spec = json!({"containers": [
+            {"name": "a", "image": "i:1", "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}}},
+            {"name": "b", "image": "i:1", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "250m"}}},
+            {"name": "c", "image": "i:1"},
+            {"name": "d", "image": "i:1", "resources": {"limits": {"cpu": 1, "memory": "1024Mi"}, "requests": {"cpu": 0.5}}}
+        ]});
+        let pod = create(
+            &s,
+            must("core/v1/pods"),
+            "default",
+            json!({"metadata": {"name": "r"}, "spec": spec.clone()}),
+        )
+        .expect("pod");
+        let c = &pod["spec"]["containers"];
+        assert_eq!(
+            c[0]["resources"]["requests"],
+            json!({"cpu": "500m", "memory": "64Mi"})
+        );
+        assert_eq!(
+            c[1]["resources"]["requests"],
+            json!({"cpu": "250m", "memory": "1Gi"})
+        );
+        assert_eq!(c[2]["resources"], json!({}));
+        assert_eq!(
+            c[3]["resources"],
+            json!({"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m", "memory": "1Gi"}})
+        );
+        assert_eq!(pod["status"]["qosClass"], "Burstable");
+        let d = create(
+            &s,
+            must("apps/v1/deployments"),
+            "default",
+            json!({"metadata": {"name": "rd"}, "spec": {
+            "selector": {"matchLabels": {"app": "rd"}},
+            "template": {"metadata": {"labels": {"app": "rd"}}, "spec": spec}}}),
+        )
+        .expect("deployment");
+        assert!(d["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"].is_null());
+
+        let g = create(&s, must("core/v1/pods"), "default", json!({"metadata": {"name": "g"}, "spec": {"containers": [
+            {"name": "a", "image": "i:1", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "1000m"}}}]}}))
+        .expect("pod");
+        assert_eq!(g["status"]["qosClass"], "Guaranteed");
+        let b = create(
+            &s,
+            must("core/v1/pods"),
+            "default",
+            json!({"metadata": {"name": "b"}, "spec": {"containers": [
+            {"name": "a", "image": "i:1"}]}}),
+        )
+        .expect("pod");
+        assert_eq!(b["status"]["qosClass"], "BestEffort");
+    }
+
+    #[test]
+    fn secret_string_data_is_merged_into_data() {
+        let s = store();
+        let sec = create(
+            &s,
+            must("core/v1/secrets"),
+            "default",
+            json!({"metadata": {"name": "s"},
+            "data": {"a": "YQ==", "b": "Yg=="}, "stringData": {"b": "B", "c": "x y"}}),
+        )
+        .expect("secret");
+        assert!(sec.get("stringData").is_none());
+        assert_eq!(sec["data"], json!({"a": "YQ==", "b": "Qg==", "c": "eCB5"}));
+        assert_eq!(sec["type"], "Opaque");
     }
 }

@@ -25,6 +25,7 @@ pub mod patch;
 pub mod pki;
 pub mod portforward;
 pub mod protobuf;
+pub mod quantity;
 pub mod resources;
 pub mod selectors;
 pub mod server;

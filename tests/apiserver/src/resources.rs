@@ -89,6 +89,8 @@ pub static RESOURCES: &[ResourceType] = &[
     rt("", "v1", "events", "event", "Event", true, &["ev"], &[]),
     rt("apps", "v1", "deployments", "deployment", "Deployment", true, &["deploy"], &["status", "scale"]),
     rt("apps", "v1", "replicasets", "replicaset", "ReplicaSet", true, &["rs"], &["status", "scale"]),
+    rt("apps", "v1", "statefulsets", "statefulset", "StatefulSet", true, &["sts"], &["status", "scale"]),
+    rt("apps", "v1", "daemonsets", "daemonset", "DaemonSet", true, &["ds"], &["status"]),
     rt("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", true, &[], &[]),
     rt("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", true, &[], &[]),
     rt("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding", true, &[], &[]),

@@ -22,7 +22,7 @@ use crate::ctx::{ClusterCtx, NODE_UNDERLAY_IP};
 use crate::images::{self, ImageInput, ImagePaths};
 use crate::net;
 
-use super::env::{EnvSources, expand, resolve_env};
+use super::env::{EnvSources, container_hostname, expand, pod_hostname, resolve_env};
 use super::logs::copy_logs;
 use super::probes::{Probe, probe_of, tcp_ports};
 use super::spawn::{
@@ -30,7 +30,7 @@ use super::spawn::{
     security_context, supplementary_groups,
 };
 use super::sysctls::{admit_sysctls, pod_namespaces};
-use super::volumes::{safe_rel, set_tree_perms, set_volume_ownership, volume_files, write_files};
+use super::volumes::{safe_rel, set_tree_perms, set_volume_ownership, volume_files, write_atomic};
 use super::{PODS, now, pod_dir, pod_netns_name};
 
 #[derive(Debug, Clone)]
@@ -114,6 +114,28 @@ impl PodRun {
         }
     }
 
+    /// The Node's `status.allocatable` (what an unset limit means to the
+    /// downward API).
+    fn node_allocatable(&self) -> Value {
+        self.store
+            .get(must("core/v1/nodes"), "", crate::ctx::NODE_NAME)
+            .map(|n| n["status"]["allocatable"].clone())
+            .unwrap_or_else(|_| json!({}))
+    }
+
+    /// The Services service links are made of: the pod's namespace's and
+    /// `default/kubernetes`.
+    fn link_services(&self) -> Vec<Value> {
+        let rt = must("core/v1/services");
+        let mut services = self.store.list(rt, Some(&self.ns)).0;
+        if self.ns != "default"
+            && let Ok(k) = self.store.get(rt, "default", "kubernetes")
+        {
+            services.push(k);
+        }
+        services
+    }
+
     fn restart_policy(&self) -> &str {
         self.pod["spec"]["restartPolicy"]
             .as_str()
@@ -122,12 +144,15 @@ impl PodRun {
 
     fn prepare_volumes(&mut self) -> Result<(), String> {
         let services: Vec<Value> = Vec::new();
+        let alloc = self.node_allocatable();
         let lookup = self.lookup();
+        let (pod_ips, host_ips) = ([self.ip], [NODE_UNDERLAY_IP]);
         let src = EnvSources {
             pod: &self.pod,
-            pod_ip: Some(self.ip),
-            host_ip: NODE_UNDERLAY_IP,
+            pod_ips: &pod_ips,
+            host_ips: &host_ips,
             services: &services,
+            node_allocatable: &alloc,
             lookup: &lookup,
         };
         let sa = self.pod["spec"]["serviceAccountName"]
@@ -142,12 +167,12 @@ impl PodRun {
         for vol in self.pod["spec"]["volumes"].as_array().into_iter().flatten() {
             let name = vol["name"].as_str().unwrap_or("").to_string();
             let dir = self.dir.join("volumes").join(&name);
-            match volume_files(vol, &src, &token, &self.ctx.ca_pem)? {
+            match volume_files(vol, &src, &token, &self.ctx.ca_pem, fs_group)? {
                 Some(files) => {
                     if dir.exists() {
                         let _ = fs::remove_dir_all(&dir);
                     }
-                    write_files(&dir, &files).map_err(|e| format!("{e:#}"))?;
+                    write_atomic(&dir, &files).map_err(|e| format!("{e:#}"))?;
                     if let Some(g) = fs_group {
                         set_volume_ownership(&dir, g, true)
                             .map_err(|e| format!("applying fsGroup {g}: {e}"))?;
@@ -184,14 +209,17 @@ impl PodRun {
         let c = self.ctrs[idx].spec.clone();
         let cname = self.ctrs[idx].name.clone();
         let config_err = |m: String| ("CreateContainerConfigError".to_string(), m);
-        let services = self.store.list(must("core/v1/services"), Some(&self.ns)).0;
+        let services = self.link_services();
+        let alloc = self.node_allocatable();
         let env = {
             let lookup = self.lookup();
+            let (pod_ips, host_ips) = ([self.ip], [NODE_UNDERLAY_IP]);
             let src = EnvSources {
                 pod: &self.pod,
-                pod_ip: Some(self.ip),
-                host_ip: NODE_UNDERLAY_IP,
+                pod_ips: &pod_ips,
+                host_ips: &host_ips,
                 services: &services,
+                node_allocatable: &alloc,
                 lookup: &lookup,
             };
             resolve_env(&c, &src).map_err(config_err)?
@@ -353,13 +381,15 @@ impl PodRun {
         // /etc/resolv.conf and /etc/hosts.
         let resolv = net::etc_netns_dir(&self.netns).join("resolv.conf");
         let hosts = self.dir.join("hosts");
-        let mut host_names = vec![self.name.clone()];
-        if let (Some(h), Some(sub)) = (
-            self.pod["spec"]["hostname"].as_str(),
-            self.pod["spec"]["subdomain"].as_str(),
-        ) {
+        // As the kubelet's managed hosts file: the pod's hostname, with its
+        // FQDN first when it has a subdomain.
+        let h = pod_hostname(&self.pod);
+        let mut host_names = vec![h.clone()];
+        if let Some(sub) = self.pod["spec"]["subdomain"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+        {
             host_names.insert(0, format!("{h}.{sub}.{}.svc.cluster.local", self.ns));
-            host_names.push(h.to_string());
         }
         fs::write(
             &hosts,
@@ -409,7 +439,7 @@ impl PodRun {
             let sa = self.pod["spec"]["serviceAccountName"]
                 .as_str()
                 .unwrap_or("default");
-            write_files(
+            write_atomic(
                 &run_dir.join("secrets/kubernetes.io/serviceaccount"),
                 &[
                     (
@@ -518,7 +548,7 @@ impl PodRun {
         Ok(ChildSetup {
             netns,
             ipc,
-            hostname: CString::new(self.name.as_bytes()).context("pod name")?,
+            hostname: CString::new(container_hostname(&self.pod)).context("pod hostname")?,
             new_root: new_root.map(|(_, nr)| nr),
             binds,
             readonly_root,
@@ -703,7 +733,7 @@ impl PodRun {
             "podIPs": [{"ip": self.ip.to_string()}],
             "startTime": self.start_time,
             "containerStatuses": statuses,
-            "qosClass": "BestEffort",
+            "qosClass": minicluster_apiserver::admission::pod_qos_class(&self.pod["spec"]),
         });
         if let Some(e) = &self.volume_error {
             status["message"] = json!(e);

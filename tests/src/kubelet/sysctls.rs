@@ -137,7 +137,7 @@ pub(super) fn reject_pod(store: &Store, pod: &Value, reason: &str, message: &str
         "phase": "Failed",
         "reason": reason,
         "message": format!("Pod was rejected: {message}"),
-        "qosClass": "BestEffort",
+        "qosClass": minicluster_apiserver::admission::pod_qos_class(&pod["spec"]),
         "startTime": now(),
     });
     let rt = pod_rt();
