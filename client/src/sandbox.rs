@@ -99,6 +99,65 @@ impl PlanMount {
     }
 }
 
+/// What a mount shows at its mountPath: with a `subPath`, one file or a
+/// directory of the volume (missing: an empty directory, as the kubelet
+/// makes it).
+pub enum Shown {
+    File(Vec<u8>, u32),
+    Dir(PlanMount),
+}
+
+impl PlanMount {
+    pub fn sub_mount(self) -> Shown {
+        let (Some(sub), Some(files)) = (&self.sub_path, &self.files) else {
+            return Shown::Dir(self);
+        };
+        if let Some((_, data, mode)) = files.iter().find(|(p, _, _)| p == sub) {
+            return Shown::File(data.clone(), *mode);
+        }
+        let prefix = format!("{sub}/");
+        let inner = files
+            .iter()
+            .filter_map(|(p, d, m)| Some((p.strip_prefix(&prefix)?.to_string(), d.clone(), *m)))
+            .collect();
+        Shown::Dir(PlanMount {
+            sub_path: None,
+            files: Some(inner),
+            ..self
+        })
+    }
+}
+
+/// Writes a whole-volume view at `dir` (`--files-dir`: Secret files 0600).
+pub fn write_dir_at(dir: &Path, m: &PlanMount, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
+    write_files(dir, m, owner, true)
+}
+
+/// Writes one file of a volume at `path` (`--files-dir`: Secret files
+/// 0600).
+pub fn write_file_at(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    secret: bool,
+    owner: Option<(u32, u32)>,
+) -> anyhow::Result<()> {
+    let parent = path.parent().context("a file needs a directory")?;
+    let name = path
+        .file_name()
+        .context("a file needs a name")?
+        .to_string_lossy()
+        .into_owned();
+    let one = PlanMount {
+        target: String::new(),
+        sub_path: None,
+        read_only: true,
+        secret,
+        files: Some(vec![(name, data.to_vec(), mode)]),
+    };
+    write_files(parent, &one, owner, true)
+}
+
 /// An absolute path without `.`, `..` or empty parts (`/a/b`).
 pub fn clean_abs(p: &str) -> Option<String> {
     if !p.starts_with('/') {
@@ -113,17 +172,8 @@ pub fn clean_abs(p: &str) -> Option<String> {
 
 /// Writes a volume's files under `dir` (made), owned by `owner`; with
 /// `private`, Secret files are 0600 whatever the pod's mode (a directory
-/// on a shared filesystem, `--files-dir`).
-pub fn write_volume(
-    dir: &Path,
-    m: &Mount,
-    owner: Option<(u32, u32)>,
-    private: bool,
-) -> anyhow::Result<()> {
-    let pm = PlanMount::from_mount(m)?;
-    write_files(dir, &pm, owner, private)
-}
-
+/// on a shared filesystem, `--files-dir`). A file already there (an
+/// earlier `--files-dir`) is replaced.
 fn write_files(
     dir: &Path,
     m: &PlanMount,
@@ -165,6 +215,12 @@ fn write_files(
                     *mode & 0o777
                 };
                 // Created with no access, then filled, then given its mode.
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("replacing {}", path.display()));
+                    }
+                    _ => {}
+                }
                 let mut f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)

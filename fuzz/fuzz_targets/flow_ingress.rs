@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use burrow_fuzz::{Reader, fix_ip_header, fix_transport_checksum, tcp_checksum_ok, tcp_tuple};
 use burrow_netstack::flow::{FlowConfig, FlowEngine, FlowId, Ingress, LaptopLimits, TcpRead};
+use burrow_netstack::reassembly::{self, Reassembled, Reassembler};
 use burrow_netstack::wire;
 use libfuzzer_sys::fuzz_target;
 
@@ -48,7 +49,15 @@ struct Harness {
     limits: LaptopLimits,
     /// Laptop addresses that opened flows (the first few).
     laptops: Vec<IpAddr>,
+    reasm: Reassembler,
 }
+
+/// Small caps, so that inputs reach them.
+const REASSEMBLY: reassembly::Limits = reassembly::Limits {
+    per_source: 8192,
+    total: 16384,
+    timeout: Duration::from_secs(5),
+};
 
 fn be32(p: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]])
@@ -136,6 +145,22 @@ impl Harness {
         }
         if flags & 0x02 != 0 {
             fix_transport_checksum(&mut p);
+        }
+        // Fragments go through reassembly first, as in the gateway.
+        if let Ok(h) = wire::parse_ip(&p)
+            && h.fragment
+        {
+            let whole = self.reasm.push(&h, &p, self.now);
+            assert!(self.reasm.held_by(h.src) <= REASSEMBLY.per_source);
+            match whole {
+                Reassembled::Complete(w) => {
+                    let back = wire::parse_ip(&w).expect("a reassembled packet parses");
+                    assert!(!back.fragment && back.total_len == w.len());
+                    p = w;
+                }
+                Reassembled::Whole => unreachable!("a fragment is never whole"),
+                Reassembled::Held | Reassembled::Dropped(_) => return,
+            }
         }
         let parsed = wire::parse_ip(&p);
         match self.eng.ingress(&p, self.now) {
@@ -301,6 +326,7 @@ impl Harness {
         let e = &mut self.eng;
         match r.u8() % 5 {
             0 => {
+                self.reasm.expire(self.now);
                 let mut expired = Vec::new();
                 e.expire(self.now, |id| expired.push(id));
             }
@@ -357,6 +383,7 @@ fuzz_target!(|data: &[u8]| {
         flows: Vec::new(),
         limits,
         laptops: Vec::new(),
+        reasm: Reassembler::new(REASSEMBLY),
     };
     let mut ops = 0;
     while !r.is_empty() && ops < MAX_OPS {

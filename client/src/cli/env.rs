@@ -253,14 +253,12 @@ pub async fn resolve(sel: &Selection, connected: Option<&Status>) -> anyhow::Res
         podenv::environment(&inputs, &container, lenient).map_err(|p| problem_error(p, &w))?;
     let mut vars = env.vars;
     if w.pod.is_some() {
-        let hostname = w
-            .spec
-            .hostname
-            .clone()
-            .filter(|h| !h.is_empty())
-            .or_else(|| w.meta.name.clone())
-            .unwrap_or_default();
-        vars.entry("HOSTNAME".into()).or_insert(hostname);
+        let domain = connected
+            .map(|st| st.cluster_domain.trim_end_matches('.'))
+            .filter(|d| !d.is_empty())
+            .unwrap_or("cluster.local");
+        vars.entry("HOSTNAME".into())
+            .or_insert_with(|| pod_hostname(&w, domain));
     }
     let (mounts, mut left) =
         podenv::mounts(&inputs, &container, &vars, lenient).map_err(|p| problem_error(p, &w))?;
@@ -283,6 +281,31 @@ pub async fn resolve(sel: &Selection, connected: Option<&Status>) -> anyhow::Res
         mounts,
         left_out,
     })
+}
+
+/// The pod's hostname as the kubelet gives it to the sandbox (the
+/// runtime's HOSTNAME): `spec.hostname` or the pod's name, cut to 63
+/// characters without a trailing `-` or `.`; with `setHostnameAsFQDN` and a
+/// subdomain, the fully qualified name.
+fn pod_hostname(w: &Workload, cluster_domain: &str) -> String {
+    let name = w
+        .spec
+        .hostname
+        .clone()
+        .filter(|h| !h.is_empty())
+        .or_else(|| w.meta.name.clone())
+        .unwrap_or_default();
+    let short: String = if name.len() > 63 {
+        name[..63].trim_end_matches(['-', '.']).to_string()
+    } else {
+        name
+    };
+    match w.spec.subdomain.as_deref().filter(|s| !s.is_empty()) {
+        Some(sub) if w.spec.set_hostname_as_fqdn == Some(true) => {
+            format!("{short}.{sub}.{}.svc.{cluster_domain}", w.namespace)
+        }
+        _ => short,
+    }
 }
 
 /// Says on stderr which pod was read and what was left out.
@@ -367,8 +390,15 @@ pub fn write_files_dir(dir: &Path, mounts: &[Mount]) -> anyhow::Result<Vec<(Stri
         let rel = crate::sandbox::clean_abs(&format!("/{rel}"))
             .with_context(|| format!("mountPath {:?} is not a clean path", m.mount_path))?;
         let target = dir.join(rel.trim_start_matches('/'));
-        crate::sandbox::write_volume(&target, m, owner, true)
-            .with_context(|| format!("writing {}", target.display()))?;
+        // A subPath mount shows one file or directory of the volume.
+        let shown = crate::sandbox::PlanMount::from_mount(m)?.sub_mount();
+        match shown {
+            crate::sandbox::Shown::File(data, mode) => {
+                crate::sandbox::write_file_at(&target, &data, mode, m.secret, owner)
+            }
+            crate::sandbox::Shown::Dir(pm) => crate::sandbox::write_dir_at(&target, &pm, owner),
+        }
+        .with_context(|| format!("writing {}", target.display()))?;
         written.push((m.mount_path.clone(), target));
     }
     Ok(written)
