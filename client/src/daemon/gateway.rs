@@ -6,9 +6,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use base64::Engine as _;
-use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_api::{CONTROL_PORT, PeerInfo, RegisterRequest, Registration};
+use boringtun::x25519::StaticSecret;
+use burrow_api::{CONTROL_PORT, PeerInfo, RegisterRequest, Registration, WgKey};
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
 
@@ -132,13 +131,15 @@ pub(super) async fn register(
         }
         let info: burrow_api::Info = serde_json::from_slice(&answer)
             .context("the gateway's info answer is not understood")?;
-        let gateway_key = parse_key(&info.public_key)?;
-        let public_key = PublicKey::from(key);
         let req = RegisterRequest {
-            public_key: base64::engine::general_purpose::STANDARD.encode(public_key.as_bytes()),
+            public_key: WgKey::public_of(key),
             name: laptop_name(),
             previous_address: previous,
-            proof: burrow_api::proof::sign(key, &gateway_key, &info.registration_nonce),
+            proof: burrow_api::proof::sign(
+                key,
+                &info.public_key.public_key(),
+                &info.registration_nonce,
+            ),
             nonce: info.registration_nonce,
         };
         let body = serde_json::to_vec(&req)?;
@@ -164,15 +165,6 @@ pub(super) fn laptop_name() -> String {
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "root".into());
     format!("{user}@{host}")
-}
-
-pub(super) fn parse_key(b64: &str) -> anyhow::Result<PublicKey> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .context("the gateway's public key is not base64")?;
-    let arr = <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| anyhow::anyhow!("the gateway's public key is not 32 bytes"))?;
-    Ok(PublicKey::from(arr))
 }
 
 /// The laptop's own API through the tunnel (`GET /v1/peer`): proves the

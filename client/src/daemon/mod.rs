@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use base64::Engine as _;
-use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_api::CONTROL_PORT;
+use boringtun::x25519::StaticSecret;
+use burrow_api::{CONTROL_PORT, WgKey};
 use burrow_deploy::install::{self, InstallOptions};
 use burrow_deploy::{Cluster, DeployError, Target, facts};
 use burrow_netstack::wg::PeerConfig;
@@ -69,7 +68,7 @@ struct Session {
     status: Arc<std::sync::Mutex<Status>>,
     stats: SharedStats,
     cluster: Cluster,
-    public_key: String,
+    public_key: WgKey,
     /// Stops the data path and the supervisor.
     stop: tokio::sync::watch::Sender<bool>,
     datapath: tokio::task::JoinHandle<()>,
@@ -97,7 +96,7 @@ impl Daemon {
             .as_ref()
             .map(|s| crate::daemon::reroute::Link {
                 cluster: s.cluster.clone(),
-                public_key: s.public_key.clone(),
+                public_key: s.public_key,
                 status: s.status.clone(),
                 open: s.inbound.clone(),
             })
@@ -360,14 +359,13 @@ async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<
 fn load_key(run_dir: &Path) -> anyhow::Result<StaticSecret> {
     let path = run_dir.join("key");
     if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text.trim())
-        && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
+        && let Ok(key) = text.parse::<WgKey>()
     {
-        return Ok(StaticSecret::from(arr));
+        return Ok(key.secret());
     }
     let mut arr = [0u8; 32];
     getrandom(&mut arr)?;
-    let text = base64::engine::general_purpose::STANDARD.encode(arr);
+    let text = WgKey::from(arr).to_string();
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
@@ -510,11 +508,10 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let ranges = facts::ranges(&cluster).await?;
 
     let key = load_key(&d.run_dir)?;
-    let public_key =
-        base64::engine::general_purpose::STANDARD.encode(PublicKey::from(&key).as_bytes());
+    let public_key = WgKey::public_of(&key);
     step(tx, "registering with the gateway");
     let reg = register(&cluster, &pod, &key, None).await?;
-    let gateway_key = parse_key(&reg.info.public_key)?;
+    let gateway_key = reg.info.public_key.public_key();
 
     let mut routes = plan_routes(
         &ranges.service,

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_api::{PortProtocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped};
+use burrow_api::{
+    PortProtocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped, WgKey,
+};
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -35,7 +37,7 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Link {
     pub cluster: Cluster,
-    pub public_key: String,
+    pub public_key: WgKey,
     pub status: Arc<std::sync::Mutex<Status>>,
     /// The laptop's inbound filter: forwarder ports are opened here.
     pub open: Arc<crate::datapath::InboundPorts>,
@@ -71,16 +73,6 @@ impl Link {
             .gateway_address
             .parse()
             .context("no gateway tunnel address yet")
-    }
-
-    /// This laptop's public key.
-    fn key(&self) -> anyhow::Result<[u8; 32]> {
-        use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&self.public_key)
-            .context("this laptop's public key is not base64")?;
-        <[u8; 32]>::try_from(bytes.as_slice())
-            .map_err(|_| anyhow::anyhow!("this laptop's public key is not 32 bytes"))
     }
 
     /// A call to the laptop's own API at the gateway, through the tunnel.
@@ -412,7 +404,7 @@ impl Reroutes {
             };
         // Only Services this laptop rerouted itself are restored here,
         // whatever the gateway's answer lists.
-        let key = link.key()?;
+        let key = link.public_key;
         let mut restored = Vec::new();
         for (ns, svc) in &mine {
             if released.contains(&(ns.clone(), svc.clone())) {
@@ -474,7 +466,7 @@ async fn establish(
     tx: &Progress,
 ) -> anyhow::Result<(RerouteGrant, u16, Forwarder)> {
     let cluster = &link.cluster;
-    let key = link.key()?;
+    let key = link.public_key;
     let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
     let protocol = found.protocol(spec.protocol, spec.header.is_some())?;
     step(
