@@ -26,15 +26,10 @@ use cli::{connect, down, reroute, up};
 
 mod cli;
 mod daemon;
-mod datapath;
 mod dns;
-mod netlink;
-mod offload;
-mod plan;
 mod progress;
 mod protocol;
-mod state;
-mod tun;
+mod tunnel;
 
 /// Make a Kubernetes cluster's network part of this machine.
 #[derive(Parser)]

@@ -31,12 +31,13 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, mpsc};
 
-use crate::datapath::{Datapath, LinkStats, SharedStats, bind_udp};
-use crate::netlink::{Netlink, find_conflict};
-use crate::plan::subtract;
 use crate::protocol::{ConnectRequest, Progress, Reply, Request, Status, socket_path, step};
-use crate::state::{self, Paths, Previous, State};
-use crate::tun::{DEFAULT_IFNAME, Tun};
+use crate::tunnel::datapath::{Datapath, InboundPorts, LinkStats, SharedStats, bind_udp};
+use crate::tunnel::netlink::Netlink;
+use crate::tunnel::plan::subtract;
+use crate::tunnel::state::{self, Paths, Previous};
+use crate::tunnel::tun::DEFAULT_IFNAME;
+use crate::tunnel::{Device, Layout, Refusal, check_free};
 
 mod gateway;
 pub mod reroute;
@@ -73,11 +74,10 @@ struct Session {
     stop: tokio::sync::watch::Sender<bool>,
     datapath: tokio::task::JoinHandle<()>,
     supervisor: tokio::task::JoinHandle<()>,
-    state: State,
-    paths: Paths,
+    device: Device,
     dns: Option<crate::dns::Running>,
     /// Which tunnel ports the cluster may connect to (the forwarders').
-    inbound: Arc<crate::datapath::InboundPorts>,
+    inbound: Arc<InboundPorts>,
 }
 
 struct Daemon {
@@ -339,20 +339,8 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
     s.supervisor.abort();
     let _ = s.datapath.await;
     let nl = Netlink::connect()?;
-    teardown(&nl, &s.state, &s.paths).await?;
+    s.device.tear_down(&nl).await?;
     Ok(Status::default())
-}
-
-async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<()> {
-    if let Some(index) = state.ifindex {
-        for net in &state.routes {
-            nl.del_route(index, *net).await?;
-        }
-        if nl.link_name(index).await?.as_deref() == Some(state.ifname.as_str()) {
-            nl.del_link(index).await?;
-        }
-    }
-    state::remove(paths)
 }
 
 /// The laptop's WireGuard key: `<run dir>/key` (0600), made once.
@@ -527,18 +515,16 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         routes.push(gateway_host);
     }
     let name = DEFAULT_IFNAME;
-    if nl.link_index(name).await?.is_some() {
-        anyhow::bail!(
+    match check_free(&nl, name, &routes).await? {
+        None => {}
+        Some(Refusal::NameInUse) => anyhow::bail!(
             "device {name} already exists (a `burrow up` running?); stop it with `sudo burrow down`"
-        );
-    }
-    let existing = nl.routes().await?;
-    if let Some((ours, theirs)) = find_conflict(&routes, &existing, None) {
-        anyhow::bail!(
+        ),
+        Some(Refusal::Overlap { ours, theirs }) => anyhow::bail!(
             "refusing to route {ours} into the cluster: it overlaps the existing route `{theirs}`; \
              leave it out with `--exclude {}` (or remove that route)",
             theirs.dst
-        );
+        ),
     }
 
     step(tx, "opening the tunnel");
@@ -549,27 +535,19 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     );
 
     let paths = Paths::new(&d.run_dir, name);
-    paths.ensure_dir()?;
-    let mut st = State::for_this_process(name, routes.clone(), d.run_dir.join("key"))?;
-    st.create(&paths)?;
     let stats: SharedStats = Arc::default();
     let reset: Arc<std::sync::atomic::AtomicBool> = Arc::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let inbound = Arc::new(crate::datapath::InboundPorts::new(reg.gateway_address));
+    let inbound = Arc::new(InboundPorts::new(reg.gateway_address));
+    let layout = Layout {
+        name,
+        mtu: MTU,
+        addresses: &[IpNet::from(reg.address)],
+        routes: &routes,
+        config: d.run_dir.join("key"),
+    };
+    let (mut device, tun) = Device::bring_up(&nl, &paths, layout).await?;
     let setup = async {
-        let tun = Tun::create(name)?;
-        let index = nl
-            .link_index(name)
-            .await?
-            .with_context(|| format!("device {name} vanished right after it was created"))?;
-        st.ifindex = Some(index);
-        st.update(&paths)?;
-        nl.set_up(index, name, MTU).await?;
-        nl.add_address(index, name, IpNet::from(reg.address))
-            .await?;
-        for net in &routes {
-            nl.add_route(index, name, *net).await?;
-        }
         let udp = bind_udp(0).context("cannot bind a UDP port")?;
         let peer = PeerConfig {
             public_key: gateway_key,
@@ -589,7 +567,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     let dp = match setup {
         Ok(dp) => dp,
         Err(e) => {
-            let _ = teardown(&nl, &st, &paths).await;
+            let _ = device.tear_down(&nl).await;
             return Err(e);
         }
     };
@@ -627,7 +605,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
     if let Err(e) = probe(reg.gateway_address).await {
         let _ = stop_tx.send(true);
         let _ = datapath.await;
-        let _ = teardown(&nl, &st, &paths).await;
+        let _ = device.tear_down(&nl).await;
         return Err(e.context(format!(
             "the tunnel ({} transport) came up but nothing answered through it",
             chosen.name
@@ -653,12 +631,11 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         Err(e) => {
             let _ = stop_tx.send(true);
             let _ = datapath.await;
-            let _ = teardown(&nl, &st, &paths).await;
+            let _ = device.tear_down(&nl).await;
             return Err(e.context("the tunnel is up but DNS is not (or connect with --dns=off)"));
         }
     };
-    st.ready = true;
-    st.update(&paths)?;
+    device.set_ready()?;
 
     let filled = Status {
         connected: true,
@@ -719,8 +696,7 @@ async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Resu
         stop: stop_tx,
         datapath,
         supervisor,
-        state: st,
-        paths,
+        device,
         dns: Some(dns),
         inbound,
     });

@@ -29,6 +29,7 @@ use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use crate::protocol::{Listed, Progress, Spec, Status, Stop, step};
+use crate::tunnel::datapath::InboundPorts;
 
 /// How often the daemon renews its leases (the gateway's expiry is 15 s).
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
@@ -40,7 +41,7 @@ pub struct Link {
     pub public_key: WgKey,
     pub status: Arc<std::sync::Mutex<Status>>,
     /// The laptop's inbound filter: forwarder ports are opened here.
-    pub open: Arc<crate::datapath::InboundPorts>,
+    pub open: Arc<InboundPorts>,
 }
 
 impl Link {
@@ -123,7 +124,7 @@ pub struct Forwarder {
     task: tokio::task::JoinHandle<()>,
     port: u16,
     transport: PortProtocol,
-    open: Arc<crate::datapath::InboundPorts>,
+    open: Arc<InboundPorts>,
 }
 
 impl Drop for Forwarder {
