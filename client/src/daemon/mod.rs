@@ -25,6 +25,7 @@ use burrow_api::{CONTROL_PORT, WgKey};
 use burrow_deploy::install::{self, InstallOptions};
 use burrow_deploy::{Cluster, DeployError, Target, facts};
 use burrow_netstack::wg::PeerConfig;
+use hyper::StatusCode;
 use ipnet::IpNet;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt};
@@ -241,7 +242,7 @@ async fn status(d: &Daemon) -> Status {
         }
     };
     if let Ok(gateway) = st.gateway_address.parse::<IpAddr>() {
-        match tokio::time::timeout(Duration::from_secs(1), peer_info(gateway)).await {
+        match tokio::time::timeout(Duration::from_secs(1), TunnelApi { gateway }.peer()).await {
             Ok(Ok(info)) => {
                 // Less the flow this very query is open on.
                 st.tcp_flows = Some(info.tcp_flows.saturating_sub(1));
@@ -299,24 +300,28 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
         .ok()
         .and_then(|st| st.gateway_address.parse::<IpAddr>().ok());
     let unregistered = match gateway {
-        Some(gw) => tokio::time::timeout(
-            Duration::from_secs(5),
-            tunnel_call(gw, "DELETE", "/v1/peer", None),
-        )
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5s"))),
-        None => Err(anyhow::anyhow!("no gateway tunnel address")),
+        Some(gateway) => {
+            tokio::time::timeout(Duration::from_secs(5), TunnelApi { gateway }.unregister())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5s").into()))
+        }
+        None => Err(anyhow::anyhow!("no gateway tunnel address").into()),
     };
     match unregistered {
-        Ok((code, _)) if code < 300 || code == 404 => {}
-        Ok((code, body)) => step(
+        // Not known (any more): nothing to forget.
+        Ok(())
+        | Err(GatewayError::Refused {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => {}
+        Err(GatewayError::Refused { status, message }) => step(
             tx,
             format!(
-                "the gateway answered {code} to unregistering: {}",
-                String::from_utf8_lossy(&body)
+                "the gateway answered {} to unregistering: {message}",
+                status.as_u16()
             ),
         ),
-        Err(e) => step(
+        Err(GatewayError::Failed(e)) => step(
             tx,
             format!(
                 "could not unregister (the gateway forgets the laptop after its expiry): {e:#}"
