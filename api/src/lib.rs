@@ -40,6 +40,7 @@ mod key;
 pub mod names;
 pub mod proof;
 pub mod record;
+pub mod resolv;
 
 pub use key::{KeyError, WgKey};
 

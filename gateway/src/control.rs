@@ -29,8 +29,8 @@ use crate::datapath::DatapathHandle;
 use crate::laptop::ApiConn;
 use crate::reroute::{Laptop, Refused, Reroutes};
 use burrow_api::{
-    ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
-    StopRequest, WgKey, proof,
+    ApiError, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest, StopRequest, WgKey,
+    proof,
 };
 
 /// A registered laptop.
@@ -195,37 +195,6 @@ impl RateLimit {
             false
         }
     }
-}
-
-/// Cluster facts from a pod's resolv.conf.
-pub fn facts_from_resolv_conf(text: &str, pod_ip: Option<IpAddr>) -> ClusterFacts {
-    let mut facts = ClusterFacts {
-        pod_ip,
-        ..Default::default()
-    };
-    for line in text.lines() {
-        let line = line.split(['#', ';']).next().unwrap_or_default();
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some("nameserver") => {
-                if let Some(ip) = words.next().and_then(|w| w.parse().ok()) {
-                    facts.dns_servers.push(ip);
-                }
-            }
-            Some("search") | Some("domain") => {
-                facts.search = words.map(|w| w.trim_end_matches('.').to_string()).collect();
-            }
-            Some("options") => facts.options.extend(words.map(str::to_string)),
-            _ => {}
-        }
-    }
-    // `<ns>.svc.<domain> svc.<domain> <domain>`: the domain follows "svc.".
-    facts.domain = facts
-        .search
-        .iter()
-        .find_map(|s| s.strip_prefix("svc.").map(str::to_string))
-        .unwrap_or_else(|| "cluster.local".to_string());
-    facts
 }
 
 /// Most registrations per second of keys the gateway does not know yet,
@@ -675,19 +644,5 @@ mod tests {
         assert!(a.expired(later, Duration::from_secs(30), &seen).is_empty());
         seen.insert(k, Duration::from_secs(45));
         assert_eq!(a.expired(later, Duration::from_secs(30), &seen), vec![k]);
-    }
-
-    #[test]
-    fn resolv_conf_gives_domain_dns_and_search() {
-        let text = "# generated\nsearch burrow-system.svc.corp.internal svc.corp.internal corp.internal\nnameserver 10.96.0.10\noptions ndots:5 timeout:1\n";
-        let f = facts_from_resolv_conf(text, None);
-        assert_eq!(f.domain, "corp.internal");
-        assert_eq!(
-            f.dns_servers,
-            vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]
-        );
-        assert_eq!(f.search.len(), 3);
-        assert_eq!(f.options, vec!["ndots:5", "timeout:1"]);
-        assert_eq!(facts_from_resolv_conf("", None).domain, "cluster.local");
     }
 }
