@@ -3,7 +3,9 @@
 # request from one pod to another Service by name, connects the laptop
 # namespace with `burrow connect` and reaches a Service from it, reroutes the
 # echo Service to a server on the laptop (a pod's curl reaches the laptop),
-# gives it back with --stop, and tears it all down.
+# gives it back with --stop, prints echo's environment (`burrow env`), runs a
+# local echo as the workload with its traffic (`burrow run --reroute`), and
+# tears it all down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +74,26 @@ lap target/debug/burrow reroute --stop echo
 $MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://echo.default:8080/hello
 echo
 kill "$LOCAL_ECHO" 2>/dev/null || true
+
+step "burrow env deploy/echo: the environment echo's pods get (ConfigMap, Secret, pod fields; service links left out here)"
+lap target/debug/burrow env deploy/echo --kubeconfig "$KUBECONFIG_LAPTOP" | grep -v -e '_PORT' -e '_SERVICE_'
+
+step "burrow run deploy/echo --reroute 8080 -- mc-echo: a local build as echo, with its environment and its traffic"
+lap target/debug/burrow run deploy/echo --kubeconfig "$KUBECONFIG_LAPTOP" --reroute 8080 -- \
+  sh -c 'echo "local echo sees GREETING=$GREETING"; POD_NAME=burrow-run-on-the-laptop exec target/debug/mc-echo' &
+RUN_PID=$!
+for _ in $(seq 100); do
+  $MC exec --name demo "pod/default/$CALLER" -- curl -sf --max-time 2 http://echo.default:8080/hello 2>/dev/null | grep -q burrow-run-on-the-laptop && break
+  sleep 0.2
+done
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+echo
+
+step "the command ends (SIGTERM to burrow run): echo is given back"
+pkill -TERM -f "^target/debug/burrow run deploy/echo" || true
+wait "$RUN_PID" 2>/dev/null || true
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 --retry 5 --retry-connrefused --retry-delay 1 http://echo.default:8080/hello
+echo
 
 step "burrow disconnect, burrow uninstall"
 lap target/debug/burrow disconnect

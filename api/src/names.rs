@@ -32,6 +32,13 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// An RFC 1123 subdomain (dot-separated RFC 1123 labels, at most 253):
+/// the shape of most object names (Deployments, Pods, ConfigMaps,
+/// Secrets).
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
 /// An RFC 1035 label (an RFC 1123 label starting with a letter): the shape
 /// of a Service name.
 pub fn is_dns1035_label(s: &str) -> bool {
@@ -127,6 +134,14 @@ pub fn slice_name(service: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subdomains() {
+        assert!(is_dns1123_subdomain("api-1.v2"));
+        for bad in ["", "a..b", ".a", "a/b", "A", "a#", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn hostile_names_are_refused() {

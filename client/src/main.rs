@@ -15,6 +15,8 @@
 //!   route overlap rule.
 //! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
 //! - [`state`]: the crash-safety state file and the cleanup of a stale one.
+//! - [`sandbox`]: `burrow run`'s private view (mount namespace, volumes at
+//!   their mountPaths, resolv.conf) and the exec of its command.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -22,13 +24,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use cli::{connect, down, reroute, up};
+use cli::{connect, down, env, reroute, run, up};
 
 mod cli;
 mod daemon;
 mod dns;
 mod progress;
 mod protocol;
+mod sandbox;
 mod tunnel;
 
 /// Make a Kubernetes cluster's network part of this machine.
@@ -88,6 +91,11 @@ enum Command {
     Install(connect::InstallArgs),
     Uninstall(connect::UninstallArgs),
     Reroute(reroute::RerouteArgs),
+    Env(env::EnvArgs),
+    Run(run::RunArgs),
+    /// Internal: `burrow run`'s command starter (reads its plan from fd 3).
+    #[command(hide = true)]
+    SandboxExec,
 }
 
 fn init_logging(global: &Global) {
@@ -120,6 +128,10 @@ pub fn require_root(command: &str, why: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Single-threaded until it execs the command: before anything else.
+    if matches!(cli.command, Command::SandboxExec) {
+        return sandbox::exec_from_fd();
+    }
     init_logging(&cli.global);
     let result = match cli.command {
         Command::Up(args) => up::run(args, &cli.global),
@@ -131,6 +143,12 @@ fn main() -> ExitCode {
         Command::Install(args) => connect::run_install(args),
         Command::Uninstall(args) => connect::run_uninstall(args),
         Command::Reroute(args) => reroute::run(args, &cli.global),
+        Command::Env(args) => env::run(args, &cli.global),
+        Command::Run(args) => match run::run(args, &cli.global) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::SandboxExec => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,8 @@
 //! Owns installing / upgrading / uninstalling the gateway (ServiceAccount,
 //! RBAC, Deployment, Service), discovering cluster facts (service CIDR, pod
 //! CIDRs, cluster domain, DNS IP), the port-forward transport to the gateway,
-//! Service patches for reroutes and their restore, and env extraction. The
+//! Service patches for reroutes and their restore, and a workload's
+//! environment and files (`workload` reads, `podenv` computes). The
 //! plain manifests live in `deploy/manifests/`, the gateway image build in
 //! `deploy/Dockerfile`.
 //!
@@ -13,10 +14,12 @@
 pub mod error;
 pub mod facts;
 pub mod install;
+pub mod podenv;
 pub mod portforward;
 pub mod reroute;
 pub mod service;
 pub mod target;
+pub mod workload;
 
 pub use error::DeployError;
 pub use target::{Cluster, Target};

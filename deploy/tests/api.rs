@@ -288,3 +288,122 @@ async fn a_developer_with_the_shipped_roles_learns_what_connect_needs() -> anyho
         .await?;
     Ok(())
 }
+
+/// `burrow env`'s reads: the workload, its (missing) pod, what it refers
+/// to, each missing or refused source kept for the environment to name.
+#[tokio::test]
+async fn a_workloads_sources_are_read_with_the_users_rights() -> anyhow::Result<()> {
+    use burrow_deploy::podenv::Source;
+    use burrow_deploy::workload::{self, Kind, ReadOptions, WorkloadRef};
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use serde_json::json;
+    let dir = tempfile::tempdir()?;
+    let server = LocalServer::start(dir.path()).await?;
+    let admin = target(&server.kubeconfig).resolve().await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.client.clone(), "default");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "api"},
+                "spec": {"selector": {"matchLabels": {"app": "api"}},
+                    "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{
+                        "name": "api", "image": "x",
+                        "resources": {"limits": {"memory": "64Mi"}},
+                        "envFrom": [{"configMapRef": {"name": "cfg"}}, {"secretRef": {"name": "sec"}}],
+                        "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "gone", "key": "k"}}}]
+                    }]}}}
+            }))?,
+        )
+        .await?;
+    let cms: Api<ConfigMap> = Api::namespaced(admin.client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"K": "v"}}))?,
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(admin.client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "sec"}, "stringData": {"S": "x"}}),
+            )?,
+        )
+        .await?;
+
+    let wref: WorkloadRef = "api".parse().map_err(anyhow::Error::msg)?;
+    let w = workload::find(&admin, "default", &wref).await?;
+    assert_eq!(w.kind, Kind::Deployment);
+    assert!(w.pod.is_none());
+    assert_eq!(w.no_pod, "deploy/api has no pods");
+    // Defaulted as a pod would be: requests from limits.
+    let c = w.container(None)?.clone();
+    let requests = c.resources.as_ref().and_then(|r| r.requests.clone());
+    assert_eq!(
+        requests.and_then(|r| r.get("memory").cloned()).map(|q| q.0),
+        Some("64Mi".into())
+    );
+    let src = workload::read_sources(&admin, &w, &c, ReadOptions::default()).await?;
+    assert!(matches!(
+        src.configmaps.get("cfg"),
+        Some(Source::Found { .. })
+    ));
+    assert_eq!(src.configmaps.get("gone"), Some(&Source::Missing));
+    assert!(
+        matches!(src.secrets.get("sec"), Some(Source::Found { data, .. }) if data.get("S").map(Vec::as_slice) == Some(b"x".as_slice()))
+    );
+    assert_eq!(
+        src.master.as_ref().and_then(|s| s.metadata.name.as_deref()),
+        Some("kubernetes")
+    );
+
+    // A user who may read everything but Secrets (what `view` gives).
+    let viewer = server.kubeconfig_for("viewer", &[])?;
+    let rbac = |kind: &str, body: serde_json::Value| {
+        let api: Api<kube::api::DynamicObject> = Api::all_with(
+            admin.client.clone(),
+            &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+                "rbac.authorization.k8s.io",
+                "v1",
+                kind,
+            )),
+        );
+        async move {
+            api.create(&PostParams::default(), &serde_json::from_value(body)?)
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }
+    };
+    rbac(
+        "ClusterRole",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "no-secrets"},
+            "rules": [{"apiGroups": ["", "apps"], "resources": ["configmaps", "services", "pods", "deployments"], "verbs": ["get", "list"]}]}),
+    )
+    .await?;
+    rbac(
+        "ClusterRoleBinding",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "viewer"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "no-secrets"},
+            "subjects": [{"kind": "User", "name": "viewer"}]}),
+    )
+    .await?;
+    let viewer = target(&viewer).resolve().await?;
+    let w = workload::find(&viewer, "default", &wref).await?;
+    let src = workload::read_sources(&viewer, &w, &c, ReadOptions::default()).await?;
+    assert_eq!(src.secrets.get("sec"), Some(&Source::Forbidden));
+    let src = workload::read_sources(&viewer, &w, &c, ReadOptions { skip_secrets: true }).await?;
+    assert_eq!(src.secrets.get("sec"), Some(&Source::Skipped));
+
+    let missing = workload::find(
+        &admin,
+        "default",
+        &"pod/nope".parse().map_err(anyhow::Error::msg)?,
+    )
+    .await
+    .expect_err("no such pod");
+    assert_eq!(missing.reason, "Pod nope not found in namespace default");
+    Ok(())
+}

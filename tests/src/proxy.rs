@@ -275,8 +275,8 @@ pub fn udp_endpoints(
 
 /// The `conntrack` invocations (arguments) that clear UDP state made stale
 /// by going from `old` to `new` endpoints, as kube-proxy's cleanup does:
-/// flows DNAT'd to an endpoint that was removed (by ClusterIP and by
-/// NodePort), and flows to a Service port that had no endpoints before
+/// flows DNAT'd to an endpoint (IP and port) that was removed (by ClusterIP
+/// and by NodePort), and flows to a Service port that had no endpoints before
 /// (they were rejected and must not stick to that).
 pub fn conntrack_cleanup(
     old: &BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>,
@@ -291,8 +291,11 @@ pub fn conntrack_cleanup(
     let none = BTreeSet::new();
     for (svc, was) in old {
         let now = new.get(svc).unwrap_or(&none);
-        for (ip, _) in was.difference(now) {
-            let ip = ip.to_string();
+        // By endpoint IP and port, as kube-proxy's conntrack reconciler
+        // does: an endpoint that moved to another port of the same IP
+        // (the cluster DNS's rolling replacement) keeps its new flows.
+        for (ip, port) in was.difference(now) {
+            let (ip, port) = (ip.to_string(), port.to_string());
             push(vec![
                 "-D".into(),
                 "-p".into(),
@@ -301,6 +304,8 @@ pub fn conntrack_cleanup(
                 svc.cluster_ip.to_string(),
                 "--dst-nat".into(),
                 ip.clone(),
+                "--reply-port-src".into(),
+                port.clone(),
             ]);
             if let Some(np) = svc.node_port {
                 push(vec![
@@ -311,6 +316,8 @@ pub fn conntrack_cleanup(
                     np.to_string(),
                     "--dst-nat".into(),
                     ip,
+                    "--reply-port-src".into(),
+                    port,
                 ]);
             }
         }
@@ -637,7 +644,9 @@ mod tests {
                     "--orig-dst",
                     "10.96.0.31",
                     "--dst-nat",
-                    "10.244.0.5"
+                    "10.244.0.5",
+                    "--reply-port-src",
+                    "9000"
                 ]),
                 s(&[
                     "-D",
@@ -646,7 +655,9 @@ mod tests {
                     "--orig-port-dst",
                     "30900",
                     "--dst-nat",
-                    "10.244.0.5"
+                    "10.244.0.5",
+                    "--reply-port-src",
+                    "9000"
                 ]),
             ]
         );
@@ -674,6 +685,26 @@ mod tests {
         );
         // Straight from one endpoint to another: the old one's flows.
         assert_eq!(conntrack_cleanup(&after, &replaced).len(), 2);
+        // The same IP on another port (a rolling replacement): only the
+        // old port's flows go.
+        let moved = udp_endpoints(
+            &services,
+            &slice_with(&["10.244.0.6"])
+                .into_iter()
+                .map(|mut sl| {
+                    sl["ports"][0]["port"] = json!(9001);
+                    sl
+                })
+                .collect::<Vec<_>>(),
+        );
+        let cleared = conntrack_cleanup(&after, &moved);
+        assert_eq!(cleared.len(), 2, "{cleared:?}");
+        assert!(
+            cleared
+                .iter()
+                .all(|a| a.ends_with(&s(&["--reply-port-src", "9000"]))),
+            "{cleared:?}"
+        );
         assert_eq!(conntrack_cleanup(&UdpState::new(), &replaced).len(), 2);
     }
 

@@ -3,5 +3,7 @@
 
 pub mod connect;
 pub mod down;
+pub mod env;
 pub mod reroute;
+pub mod run;
 pub mod up;

@@ -68,7 +68,7 @@ enum FallbackArg {
     Pods,
 }
 
-fn parse_port(text: &str) -> anyhow::Result<(String, Option<u16>)> {
+pub(crate) fn parse_port(text: &str) -> anyhow::Result<(String, Option<u16>)> {
     match text.rsplit_once(':') {
         Some((svc, local)) => {
             let local = local

@@ -531,9 +531,21 @@ async fn http_every(
 
 /// One request on a new connection: the status and the answer's `"pod"`.
 async fn one_get(to: &str, request: &[u8]) -> Result<(u16, String)> {
-    let addr = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(to))
-        .await
-        .context("resolve: no answer within 2s")?
+    // The callers run in a pod and resolve through the cluster's DNS, not
+    // burrow: a query lost there (a UDP datagram) is asked again after a
+    // second, as a resolver with `options timeout:1` would, rather than
+    // after glibc's default 5 s.
+    let mut found = None;
+    for _ in 0..3 {
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(to)).await
+        {
+            found = Some(r);
+            break;
+        }
+    }
+    let addr = found
+        .context("resolve: no answer within 3 tries of 1s")?
         .context("resolve")?
         .next()
         .context("resolve: no address")?;
