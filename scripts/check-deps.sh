@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The dependency rule of the workspace (ARCHITECTURE.md, "Code map"):
 #   client → {api, deploy, dns, netstack}, gateway → {api, deploy, netstack},
-#   deploy → api; nothing depends on burrow-gateway; inside the client,
+#   deploy → api, dns → api; nothing depends on burrow-gateway; inside the client,
 #   only main.rs and cli/ import the commands.
 # Checked on the normal (non-dev) dependency graph: the `burrow` binary
 # must not contain the gateway. (client's tests/laptop_dial.rs drives the
@@ -38,6 +38,7 @@ allowed() {
         burrow) echo "burrow-api burrow-deploy burrow-dns burrow-netstack" ;;
         burrow-gateway) echo "burrow-api burrow-deploy burrow-netstack" ;;
         burrow-deploy) echo "burrow-api" ;;
+        burrow-dns) echo "burrow-api" ;;
         *) echo "" ;;
     esac
 }

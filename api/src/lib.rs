@@ -36,9 +36,13 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+mod key;
 pub mod names;
 pub mod proof;
 pub mod record;
+pub mod resolv;
+
+pub use key::{KeyError, WgKey};
 
 /// TCP port of the control API in the gateway pod.
 pub const CONTROL_PORT: u16 = 51822;
@@ -53,8 +57,8 @@ pub const METRICS_PORT: u16 = 9090;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Info {
     pub version: String,
-    /// The gateway's WireGuard public key, base64.
-    pub public_key: String,
+    /// The gateway's WireGuard public key.
+    pub public_key: WgKey,
     pub wireguard_port: u16,
     pub framed_port: u16,
     pub mtu: u16,
@@ -88,8 +92,8 @@ pub struct ClusterFacts {
 /// Register (or refresh) a laptop.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegisterRequest {
-    /// The laptop's WireGuard public key, base64.
-    pub public_key: String,
+    /// The laptop's WireGuard public key.
+    pub public_key: WgKey,
     /// A human name for the laptop (hostname and user), shown to others.
     pub name: String,
     /// The tunnel address the laptop had before, to keep it across

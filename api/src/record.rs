@@ -22,12 +22,11 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::Service;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::names;
+use crate::{WgKey, names};
 
 /// The annotation holding the original selector ([`Saved`], JSON).
 pub const ANNOTATION: &str = "burrow.dev/reroute";
@@ -74,41 +73,41 @@ pub fn slice_name(service: &str) -> String {
 /// A laptop's reroute record on a Service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
-    /// The laptop's WireGuard public key, base64.
-    pub key: String,
+    /// The laptop's WireGuard public key.
+    pub key: WgKey,
     /// Who (user and host), for people reading the object.
     pub laptop: String,
 }
 
 /// The id of a key in its record's annotation name: 20 hex digits.
-pub fn record_id(key: &[u8; 32]) -> String {
-    key[..10].iter().map(|b| format!("{b:02x}")).collect()
+pub fn record_id(key: &WgKey) -> String {
+    key.as_bytes()[..10]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The annotation holding `key`'s record.
-pub fn record_annotation(key: &[u8; 32]) -> String {
+pub fn record_annotation(key: &WgKey) -> String {
     format!("{RECORD_PREFIX}{}", record_id(key))
 }
 
 /// `key`'s record on `svc`, if there is one naming exactly that key.
-pub fn record_of(svc: &Service, key: &[u8; 32]) -> Option<Record> {
+pub fn record_of(svc: &Service, key: &WgKey) -> Option<Record> {
     let text = svc
         .metadata
         .annotations
         .as_ref()?
         .get(&record_annotation(key))?;
     let record: Record = serde_json::from_str(text).ok()?;
-    let named = base64::engine::general_purpose::STANDARD
-        .decode(&record.key)
-        .ok()?;
-    (named.as_slice() == key.as_slice()).then_some(record)
+    (record.key == *key).then_some(record)
 }
 
 /// The JSON patch that writes `key`'s record on `svc` (guarded by the
 /// resourceVersion read, so a concurrent change makes it fail, not vanish).
-pub fn record_patch(svc: &Service, key: &[u8; 32], laptop: &str) -> Result<Value, String> {
+pub fn record_patch(svc: &Service, key: &WgKey, laptop: &str) -> Result<Value, String> {
     let record = Record {
-        key: base64::engine::general_purpose::STANDARD.encode(key),
+        key: *key,
         laptop: laptop.to_string(),
     };
     let text = serde_json::to_string(&record).map_err(|e| e.to_string())?;
@@ -155,7 +154,7 @@ pub fn remove_annotation_ops(svc: &Service, keys: &[(String, String)]) -> Vec<Va
 }
 
 /// The JSON patch that removes `key`'s record from `svc`, if it has one.
-pub fn remove_record_patch(svc: &Service, key: &[u8; 32]) -> Option<Value> {
+pub fn remove_record_patch(svc: &Service, key: &WgKey) -> Option<Value> {
     let name = record_annotation(key);
     let value = svc.metadata.annotations.as_ref()?.get(&name)?.clone();
     Some(Value::Array(remove_annotation_ops(svc, &[(name, value)])))
@@ -336,7 +335,7 @@ mod tests {
     fn records_come_and_go_and_restore_removes_them_all() {
         for annotations in [None, Some(json!({"team": "a"}))] {
             let before = svc(annotations);
-            let (k1, k2) = ([1u8; 32], [2u8; 32]);
+            let (k1, k2) = (WgKey::from([1u8; 32]), WgKey::from([2u8; 32]));
             let with1 = apply(
                 &before,
                 record_patch(&before, &k1, "alice@a").expect("record"),
@@ -352,7 +351,7 @@ mod tests {
                 a.insert(
                     record_annotation(&k2),
                     serde_json::to_string(&Record {
-                        key: base64::engine::general_purpose::STANDARD.encode(k1),
+                        key: k1,
                         laptop: "x".into(),
                     })
                     .expect("json"),

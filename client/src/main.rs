@@ -28,16 +28,11 @@ use cli::{connect, down, env, reroute, run, up};
 
 mod cli;
 mod daemon;
-mod datapath;
 mod dns;
-mod netlink;
-mod offload;
-mod plan;
 mod progress;
 mod protocol;
 mod sandbox;
-mod state;
-mod tun;
+mod tunnel;
 
 /// Make a Kubernetes cluster's network part of this machine.
 #[derive(Parser)]

@@ -12,14 +12,12 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
 };
-use rand::RngCore as _;
 use serde::Deserialize as _;
 use serde_json::Value;
 
@@ -354,11 +352,9 @@ async fn ensure_key_secret(cluster: &Cluster, namespace: &str) -> Result<(), Dep
     if existing.is_some() {
         return Ok(());
     }
-    let mut key = [0u8; 32];
-    rand::rng().fill_bytes(&mut key);
+    let key = burrow_api::WgKey::from(rand::random::<[u8; 32]>());
     let conf = format!(
-        "# burrow-gateway's WireGuard key; laptops register at runtime.\n[Interface]\nPrivateKey = {}\n",
-        base64::engine::general_purpose::STANDARD.encode(key)
+        "# burrow-gateway's WireGuard key; laptops register at runtime.\n[Interface]\nPrivateKey = {key}\n"
     );
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",

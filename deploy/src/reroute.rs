@@ -246,7 +246,7 @@ pub fn check_names(namespace: &str, name: &str) -> Result<(), DeployError> {
 pub async fn write_record(
     cluster: &Cluster,
     svc: &Service,
-    key: &[u8; 32],
+    key: &burrow_api::WgKey,
     laptop: &str,
 ) -> Result<(), DeployError> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
@@ -291,7 +291,7 @@ pub async fn remove_record(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
-    key: &[u8; 32],
+    key: &burrow_api::WgKey,
 ) -> Result<(), DeployError> {
     check_names(namespace, name)?;
     let doing = format!("remove this laptop's reroute record from Service {namespace}/{name}");

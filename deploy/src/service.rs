@@ -405,7 +405,7 @@ pub async fn remove_record(
     client: &kube::Client,
     namespace: &str,
     name: &str,
-    key: &[u8; 32],
+    key: &burrow_api::WgKey,
 ) -> Result<(), kube::Error> {
     check_names(namespace, name)?;
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);

@@ -9,7 +9,7 @@
 //! burrow wrote: a file another program rewrote since is left alone.
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,56 +26,8 @@ const RESOLVED_SOCKET: &str = "/run/systemd/resolve/io.systemd.Resolve";
 const BACKUP: &str = "resolv.conf.orig";
 const RECORD: &str = "resolv.conf.burrow.json";
 
-/// The parts of a resolv.conf the stub needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResolvConf {
-    pub nameservers: Vec<IpAddr>,
-    pub search: Vec<String>,
-    pub options: Vec<String>,
-}
-
-impl ResolvConf {
-    /// Parses resolv.conf text as glibc does (last `search`/`domain` wins;
-    /// `#` and `;` comments).
-    pub fn parse(text: &str) -> Self {
-        let mut rc = Self::default();
-        for line in text.lines() {
-            let line = line.split(['#', ';']).next().unwrap_or("");
-            let mut words = line.split_whitespace();
-            match words.next() {
-                Some("nameserver") => {
-                    if let Some(ip) = words.next().and_then(|w| {
-                        // `fe80::1%eth0`: the scope is dropped.
-                        w.split('%').next().and_then(|a| a.parse().ok())
-                    }) {
-                        rc.nameservers.push(ip);
-                    }
-                }
-                Some("search") | Some("domain") => {
-                    rc.search = words.map(|w| w.trim_end_matches('.').to_owned()).collect();
-                }
-                Some("options") => rc.options.extend(words.map(str::to_owned)),
-                _ => {}
-            }
-        }
-        rc
-    }
-
-    /// The servers as socket addresses (port 53); glibc's default
-    /// (127.0.0.1) when there are none.
-    pub fn upstreams(&self, except: IpAddr) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
-            .nameservers
-            .iter()
-            .filter(|ip| **ip != except)
-            .map(|ip| SocketAddr::new(*ip, 53))
-            .collect();
-        if self.nameservers.is_empty() {
-            v.push(SocketAddr::from(([127, 0, 0, 1], 53)));
-        }
-        v
-    }
-}
+/// The laptop's resolv.conf, parsed as the gateway parses its pod's.
+pub use burrow_api::resolv::ResolvConf;
 
 /// The search list a pod in `namespace` has, then the laptop's own.
 pub fn search_list(namespace: &str, domain: &str, original: &[String]) -> Vec<String> {
@@ -407,6 +359,7 @@ fn resolvectl(args: &[&str]) -> Result<(), SystemError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     const ORIGINAL: &str = "# corporate\nnameserver 192.168.240.53\nnameserver fe80::1%eth0\n\
                             search corp.example\noptions edns0 rotate\n";

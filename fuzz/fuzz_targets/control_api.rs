@@ -12,13 +12,12 @@
 //! round trip; a freshly made nonce checks.
 #![no_main]
 
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::StaticSecret;
 use burrow_api::{
     self, ApiError, ClusterFacts, Info, PeerInfo, Protocol, RegisterRequest, Registration, Reroute,
     RerouteGrant, RerouteRequest, ServicePort, StopRequest, Stopped, names, proof,
 };
 use burrow_api::record;
-use burrow_netstack::wgconf;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -69,10 +68,8 @@ fn check_name_rules(s: &str) {
 fn register(req: &RegisterRequest, gateway: &StaticSecret) {
     round_trip(req);
     let _ = proof::check_nonce(&NONCE_KEY, &req.nonce, NOW);
-    if let Ok(key) = wgconf::decode_key(&req.public_key) {
-        // Whatever the body says, only the key's holder could have signed.
-        let _ = proof::verify(gateway, &PublicKey::from(key), &req.nonce, &req.proof);
-    }
+    // Whatever the body says, only the key's holder could have signed.
+    let _ = proof::verify(gateway, &req.public_key.public_key(), &req.nonce, &req.proof);
 }
 
 fn reroute(req: &RerouteRequest) {

@@ -13,13 +13,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json};
-use base64::Engine as _;
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::StaticSecret;
 use ipnet::Ipv4Net;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,8 +29,8 @@ use crate::datapath::DatapathHandle;
 use crate::laptop::ApiConn;
 use crate::reroute::{Laptop, Refused, Reroutes};
 use burrow_api::{
-    ApiError, ClusterFacts, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest,
-    StopRequest, proof,
+    ApiError, Info, PeerInfo, RegisterRequest, Registration, RerouteRequest, StopRequest, WgKey,
+    proof,
 };
 
 /// A registered laptop.
@@ -48,8 +48,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct Allocator {
     network: Ipv4Net,
-    by_key: HashMap<[u8; 32], Entry>,
-    by_address: HashMap<Ipv4Addr, [u8; 32]>,
+    by_key: HashMap<WgKey, Entry>,
+    by_address: HashMap<Ipv4Addr, WgKey>,
 }
 
 impl Allocator {
@@ -67,7 +67,7 @@ impl Allocator {
         Ipv4Addr::from(base + 1)
     }
 
-    fn in_use(&self, addr: Ipv4Addr, except: &[u8; 32]) -> bool {
+    fn in_use(&self, addr: Ipv4Addr, except: &WgKey) -> bool {
         addr == self.gateway_address() || self.by_address.get(&addr).is_some_and(|k| k != except)
     }
 
@@ -76,7 +76,7 @@ impl Allocator {
     /// when the network is full.
     pub fn assign(
         &mut self,
-        key: [u8; 32],
+        key: WgKey,
         name: &str,
         previous: Option<Ipv4Addr>,
         now: Instant,
@@ -98,7 +98,8 @@ impl Allocator {
             v >= base + 2 && v < base + hosts
         };
         let derived = {
-            let seed = u32::from_le_bytes([key[0], key[1], key[2], key[3]]);
+            let k = key.as_bytes();
+            let seed = u32::from_le_bytes([k[0], k[1], k[2], k[3]]);
             Ipv4Addr::from(base + 2 + seed % usable)
         };
         let start = match previous {
@@ -122,15 +123,15 @@ impl Allocator {
     }
 
     /// The laptop's name and address, if registered.
-    pub fn get(&self, key: &[u8; 32]) -> Option<(String, Ipv4Addr)> {
+    pub fn get(&self, key: &WgKey) -> Option<(String, Ipv4Addr)> {
         self.by_key.get(key).map(|e| (e.name.clone(), e.address))
     }
 
-    pub fn contains(&self, key: &[u8; 32]) -> bool {
+    pub fn contains(&self, key: &WgKey) -> bool {
         self.by_key.contains_key(key)
     }
 
-    pub fn remove(&mut self, key: &[u8; 32]) -> Option<Ipv4Addr> {
+    pub fn remove(&mut self, key: &WgKey) -> Option<Ipv4Addr> {
         let e = self.by_key.remove(key)?;
         self.by_address.remove(&e.address);
         Some(e.address)
@@ -149,8 +150,8 @@ impl Allocator {
         &self,
         now: Instant,
         expiry: Duration,
-        last_seen: &HashMap<[u8; 32], Duration>,
-    ) -> Vec<[u8; 32]> {
+        last_seen: &HashMap<WgKey, Duration>,
+    ) -> Vec<WgKey> {
         self.by_key
             .iter()
             .filter(|(k, e)| {
@@ -194,37 +195,6 @@ impl RateLimit {
             false
         }
     }
-}
-
-/// Cluster facts from a pod's resolv.conf.
-pub fn facts_from_resolv_conf(text: &str, pod_ip: Option<IpAddr>) -> ClusterFacts {
-    let mut facts = ClusterFacts {
-        pod_ip,
-        ..Default::default()
-    };
-    for line in text.lines() {
-        let line = line.split(['#', ';']).next().unwrap_or_default();
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some("nameserver") => {
-                if let Some(ip) = words.next().and_then(|w| w.parse().ok()) {
-                    facts.dns_servers.push(ip);
-                }
-            }
-            Some("search") | Some("domain") => {
-                facts.search = words.map(|w| w.trim_end_matches('.').to_string()).collect();
-            }
-            Some("options") => facts.options.extend(words.map(str::to_string)),
-            _ => {}
-        }
-    }
-    // `<ns>.svc.<domain> svc.<domain> <domain>`: the domain follows "svc.".
-    facts.domain = facts
-        .search
-        .iter()
-        .find_map(|s| s.strip_prefix("svc.").map(str::to_string))
-        .unwrap_or_else(|| "cluster.local".to_string());
-    facts
 }
 
 /// Most registrations per second of keys the gateway does not know yet,
@@ -295,7 +265,7 @@ pub async fn serve_registration(listener: TcpListener, control: Shared) -> std::
 /// The laptop a tunnel API request came from (see [`crate::laptop::ApiConn`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
-    pub key: [u8; 32],
+    pub key: WgKey,
     pub address: IpAddr,
 }
 
@@ -363,16 +333,11 @@ pub async fn reap(control: Shared) {
             Err(_) => return,
         };
         for k in gone {
-            tracing::info!(peer = %short(&k), "laptop expired: no registration or handshake");
+            tracing::info!(peer = %k.short(), "laptop expired: no registration or handshake");
             control.peers.remove(k).await;
             control.reroutes.forget(k).await;
         }
     }
-}
-
-fn short(key: &[u8; 32]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
-    b64.chars().take(8).collect()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -383,16 +348,6 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         }),
     )
         .into_response()
-}
-
-fn decode_key(text: &str) -> Result<[u8; 32], String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text))
-        .map_err(|e| format!("public key is not base64: {e}"))?;
-    bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| format!("public key must be 32 bytes, not {}", b.len()))
 }
 
 fn unix_now() -> u64 {
@@ -430,18 +385,24 @@ async fn info(State(c): State<Shared>) -> Response {
     Json(info).into_response()
 }
 
-async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> Response {
+/// A body that is not a registration (a malformed key included) is a 400
+/// with an [`ApiError`] saying why.
+async fn register(
+    State(c): State<Shared>,
+    req: Result<Json<RegisterRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match req {
+        Ok(req) => req,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     if !allowed(&c.requests) {
         return too_many();
     }
-    let key = match decode_key(&req.public_key) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    let key = req.public_key;
     if let Err(e) = proof::check_nonce(&c.nonce_key, &req.nonce, unix_now()) {
         return error(StatusCode::UNAUTHORIZED, e);
     }
-    if !proof::verify(&c.secret, &PublicKey::from(key), &req.nonce, &req.proof) {
+    if !proof::verify(&c.secret, &key.public_key(), &req.nonce, &req.proof) {
         return error(
             StatusCode::UNAUTHORIZED,
             "the registration does not prove possession of the key's private half",
@@ -487,7 +448,7 @@ async fn register(State(c): State<Shared>, Json(req): Json<RegisterRequest>) -> 
         return error(StatusCode::INTERNAL_SERVER_ERROR, e);
     }
     if fresh {
-        tracing::info!(peer = %short(&key), name = %name, address = %address, "laptop registered");
+        tracing::info!(peer = %key.short(), name = %name, address = %address, "laptop registered");
     }
     Json(Registration {
         address: IpAddr::V4(address),
@@ -545,7 +506,7 @@ async fn unregister(State(c): State<Shared>, Extension(caller): Extension<Caller
     let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
     c.reroutes.forget(key).await;
     if removed.is_some() {
-        tracing::info!(peer = %short(&key), "laptop unregistered");
+        tracing::info!(peer = %key.short(), "laptop unregistered");
     }
     // Last, once this answer is on its way: the connection it leaves on
     // runs through the peer. Not when the laptop registered again since.
@@ -637,41 +598,45 @@ mod tests {
         // A different key whose derived slot is the same as k1's.
         let mut k2 = k1;
         k2[31] = 9;
-        let a1 = a.assign(k1, "alice", None, now).expect("a1");
-        let a2 = a.assign(k2, "bob", None, now).expect("a2");
+        let a1 = a.assign(WgKey::from(k1), "alice", None, now).expect("a1");
+        let a2 = a.assign(WgKey::from(k2), "bob", None, now).expect("a2");
         assert_ne!(a1, a2);
         assert_eq!(
-            a.assign(k1, "alice", None, now),
+            a.assign(WgKey::from(k1), "alice", None, now),
             Some(a1),
             "same key, same address"
         );
         // A fresh allocator (gateway restart) derives the same address.
         let mut b = Allocator::new(net());
-        assert_eq!(b.assign(k1, "alice", None, now), Some(a1));
+        assert_eq!(b.assign(WgKey::from(k1), "alice", None, now), Some(a1));
         // The previous address wins when free.
         let mut c = Allocator::new(net());
         let prev = Ipv4Addr::new(198, 19, 0, 77);
-        assert_eq!(c.assign(k2, "bob", Some(prev), now), Some(prev));
+        assert_eq!(
+            c.assign(WgKey::from(k2), "bob", Some(prev), now),
+            Some(prev)
+        );
         // Never the gateway's, network or broadcast address.
         for i in 0..=255u8 {
             let mut k = [0u8; 32];
             k[0] = i;
             k[5] = 1;
-            if let Some(x) = c.assign(k, "x", Some(Ipv4Addr::new(198, 19, 0, 1)), now) {
+            if let Some(x) = c.assign(WgKey::from(k), "x", Some(Ipv4Addr::new(198, 19, 0, 1)), now)
+            {
                 assert!(x.octets()[3] >= 2 && x.octets()[3] <= 254, "{x}");
             }
         }
         assert_eq!(c.len(), 253, "every usable host handed out once");
         let mut k = [7u8; 32];
         k[9] = 3;
-        assert_eq!(c.assign(k, "late", None, now), None, "full");
+        assert_eq!(c.assign(WgKey::from(k), "late", None, now), None, "full");
     }
 
     #[test]
     fn expiry_needs_both_silence_and_no_handshake() {
         let t0 = Instant::now();
         let mut a = Allocator::new(net());
-        let k = [3u8; 32];
+        let k = WgKey::from([3u8; 32]);
         a.assign(k, "x", None, t0);
         let later = t0 + Duration::from_secs(60);
         let mut seen = HashMap::new();
@@ -679,30 +644,5 @@ mod tests {
         assert!(a.expired(later, Duration::from_secs(30), &seen).is_empty());
         seen.insert(k, Duration::from_secs(45));
         assert_eq!(a.expired(later, Duration::from_secs(30), &seen), vec![k]);
-    }
-
-    #[test]
-    fn resolv_conf_gives_domain_dns_and_search() {
-        let text = "# generated\nsearch burrow-system.svc.corp.internal svc.corp.internal corp.internal\nnameserver 10.96.0.10\noptions ndots:5 timeout:1\n";
-        let f = facts_from_resolv_conf(text, None);
-        assert_eq!(f.domain, "corp.internal");
-        assert_eq!(
-            f.dns_servers,
-            vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]
-        );
-        assert_eq!(f.search.len(), 3);
-        assert_eq!(f.options, vec!["ndots:5", "timeout:1"]);
-        assert_eq!(facts_from_resolv_conf("", None).domain, "cluster.local");
-    }
-
-    #[test]
-    fn keys_decode_in_both_alphabets() {
-        let k = [0xfbu8; 32];
-        let std = base64::engine::general_purpose::STANDARD.encode(k);
-        let url = base64::engine::general_purpose::URL_SAFE.encode(k);
-        assert_ne!(std, url);
-        assert_eq!(decode_key(&std), Ok(k));
-        assert_eq!(decode_key(&url), Ok(k));
-        assert!(decode_key("AAAA").is_err());
     }
 }

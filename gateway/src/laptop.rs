@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
+use burrow_api::WgKey;
 use burrow_netstack::flow::FlowId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -204,7 +205,7 @@ pub struct ApiConn {
     pub stream: LaptopStream,
     /// The public key of the WireGuard peer that owns the source address:
     /// the caller's identity, authenticated by the tunnel.
-    pub key: [u8; 32],
+    pub key: WgKey,
     pub from: SocketAddr,
 }
 

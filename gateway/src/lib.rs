@@ -211,7 +211,7 @@ pub async fn serve(
         datapath::Datapath::new(config.wg.private_key, config.wg.peers, datapath_config)
             .context("invalid peer list")?;
     tracing::info!(
-        public_key = %config::encode_key(datapath.public_key().as_bytes()),
+        public_key = %datapath.public_key(),
         peers = peer_count,
         wireguard = %listeners.wireguard.local_addr()?,
         framed = %listeners.framed.local_addr()?,
@@ -239,7 +239,7 @@ pub async fn serve(
     if !listeners.control.is_empty() {
         let info = burrow_api::Info {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            public_key: config::encode_key(datapath.public_key().as_bytes()),
+            public_key: datapath.public_key(),
             wireguard_port,
             framed_port,
             mtu: u16::try_from(mtu).unwrap_or(u16::MAX),

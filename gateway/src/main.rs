@@ -308,7 +308,7 @@ fn main() -> anyhow::Result<()> {
             control: ControlConfig {
                 tunnel_network: cli.tunnel_network,
                 expiry: cli.peer_expiry,
-                cluster: burrow_gateway::control::facts_from_resolv_conf(&resolv, pod_ip),
+                cluster: burrow_api::ClusterFacts::from_resolv_conf(&resolv, pod_ip),
                 kube,
             },
         };

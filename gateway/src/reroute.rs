@@ -34,6 +34,7 @@ use tracing::Instrument as _;
 
 use burrow_api::{
     self, Fallback, PortProtocol, Protocol, RerouteGrant, RerouteRequest, ServicePort, Stopped,
+    WgKey,
 };
 
 /// How long a lease lasts without renewal. Laptops renew every 5 s; 12 s
@@ -60,7 +61,7 @@ pub type PortKey = (u16, PortProtocol);
 /// A laptop as the registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Laptop {
-    pub key: [u8; 32],
+    pub key: WgKey,
     pub name: String,
     pub address: IpAddr,
 }
@@ -221,7 +222,7 @@ pub struct Table {
     /// Global routes taken over (`--force`) from a laptop, by its key:
     /// told to it when it renews, so it drops them instead of taking
     /// them back once the new holder leaves. Kept [`TAKEN_MEMORY`].
-    taken: BTreeMap<[u8; 32], Vec<(burrow_api::TakenOver, Instant)>>,
+    taken: BTreeMap<WgKey, Vec<(burrow_api::TakenOver, Instant)>>,
 }
 
 /// How long a laptop is told that a route was taken from it.
@@ -380,7 +381,7 @@ impl Table {
     }
 
     /// Stops a laptop's routes matching the request.
-    pub fn stop(&mut self, req: &burrow_api::StopRequest, key: [u8; 32]) -> Removed {
+    pub fn stop(&mut self, req: &burrow_api::StopRequest, key: WgKey) -> Removed {
         self.remove_where(|(ns, svc), port, r| {
             r.laptop.key == key
                 && req.namespace.as_ref().is_none_or(|n| n == ns)
@@ -390,13 +391,13 @@ impl Table {
     }
 
     /// Stops every route of a laptop (it unregistered or expired).
-    pub fn forget(&mut self, key: [u8; 32]) -> Removed {
+    pub fn forget(&mut self, key: WgKey) -> Removed {
         self.taken.remove(&key);
         self.remove_where(|_, _, r| r.laptop.key == key)
     }
 
     /// The global routes taken over from the laptop with `key` lately.
-    pub fn taken_from(&mut self, key: [u8; 32], now: Instant) -> Vec<burrow_api::TakenOver> {
+    pub fn taken_from(&mut self, key: WgKey, now: Instant) -> Vec<burrow_api::TakenOver> {
         self.taken.retain(|_, v| {
             v.retain(|(_, at)| now.saturating_duration_since(*at) < TAKEN_MEMORY);
             !v.is_empty()
@@ -408,7 +409,7 @@ impl Table {
     }
 
     /// Every route of the laptop with `key`.
-    fn routes_of(&self, key: [u8; 32]) -> impl Iterator<Item = (&ServiceKey, u16, &Route)> {
+    fn routes_of(&self, key: WgKey) -> impl Iterator<Item = (&ServiceKey, u16, &Route)> {
         self.services.iter().flat_map(move |(k, s)| {
             s.routes.iter().flat_map(move |((port, _), p)| {
                 p.global
@@ -421,19 +422,19 @@ impl Table {
     }
 
     /// How many Services the laptop with `key` reroutes.
-    fn services_of(&self, key: [u8; 32]) -> usize {
+    fn services_of(&self, key: WgKey) -> usize {
         let mut seen: Vec<&ServiceKey> = self.routes_of(key).map(|(k, _, _)| k).collect();
         seen.dedup();
         seen.len()
     }
 
     /// Whether the laptop with `key` has a route on `svc`.
-    pub fn reroutes(&self, key: [u8; 32], svc: &ServiceKey) -> bool {
+    pub fn reroutes(&self, key: WgKey, svc: &ServiceKey) -> bool {
         self.routes_of(key).any(|(k, _, _)| k == svc)
     }
 
     /// Renews a laptop's leases; false when it has none.
-    pub fn renew(&mut self, key: [u8; 32], now: Instant) -> bool {
+    pub fn renew(&mut self, key: WgKey, now: Instant) -> bool {
         let mut any = false;
         for s in self.services.values_mut() {
             for p in s.routes.values_mut() {
@@ -454,7 +455,7 @@ impl Table {
     }
 
     /// The routes of the laptop with `key` (never anyone else's).
-    pub fn list_of(&self, key: [u8; 32]) -> Vec<burrow_api::Reroute> {
+    pub fn list_of(&self, key: WgKey) -> Vec<burrow_api::Reroute> {
         self.routes_of(key)
             .map(|(k, port, r)| {
                 let mut d = r.describe(&k.0, &k.1, port);
@@ -678,7 +679,7 @@ impl Reroutes {
     }
 
     /// The reroutes of the laptop with `key`.
-    pub fn list_of(&self, key: [u8; 32]) -> Vec<burrow_api::Reroute> {
+    pub fn list_of(&self, key: WgKey) -> Vec<burrow_api::Reroute> {
         self.table
             .lock()
             .map(|t| t.list_of(key))
@@ -881,7 +882,7 @@ impl Reroutes {
     /// Services and restore them, and take the records of laptops that no
     /// longer reroute a Service off it.
     async fn settle(self: &Arc<Self>, removed: &Removed) -> Vec<String> {
-        let mut touched: Vec<(ServiceKey, [u8; 32])> = removed
+        let mut touched: Vec<(ServiceKey, WgKey)> = removed
             .routes
             .iter()
             .map(|(k, _, r)| (k.clone(), r.laptop.key))
@@ -1062,7 +1063,7 @@ impl Reroutes {
     }
 
     /// Stops the routes of the laptop with `key` that `req` names.
-    pub async fn stop(self: &Arc<Self>, req: &burrow_api::StopRequest, key: [u8; 32]) -> Stopped {
+    pub async fn stop(self: &Arc<Self>, req: &burrow_api::StopRequest, key: WgKey) -> Stopped {
         let removed = self
             .table
             .lock()
@@ -1074,7 +1075,7 @@ impl Reroutes {
         stopped
     }
 
-    pub async fn forget(self: &Arc<Self>, key: [u8; 32]) {
+    pub async fn forget(self: &Arc<Self>, key: WgKey) {
         let removed = self
             .table
             .lock()
@@ -1085,7 +1086,7 @@ impl Reroutes {
 
     /// Renews the leases of the laptop with `key`: its reroutes and the
     /// ones taken over from it lately; None when it has neither.
-    pub fn renew(&self, key: [u8; 32]) -> Option<burrow_api::Leases> {
+    pub fn renew(&self, key: WgKey) -> Option<burrow_api::Leases> {
         let mut t = self.table.lock().ok()?;
         let now = Instant::now();
         let renewed = t.renew(key, now);
@@ -1357,7 +1358,7 @@ mod tests {
 
     fn laptop(n: u8) -> Laptop {
         Laptop {
-            key: [n; 32],
+            key: WgKey::from([n; 32]),
             name: format!("laptop{n}"),
             address: IpAddr::from([198, 19, 0, n]),
         }
@@ -1457,10 +1458,10 @@ mod tests {
         let snap = t.snapshot(&key(), 8080).expect("snapshot");
         assert_eq!(snap.headers.len(), 2);
         assert_eq!(snap.headers[0].name, "x-burrow-route");
-        let s = t.forget([2; 32]);
+        let s = t.forget(WgKey::from([2; 32]));
         assert_eq!(s.routes.len(), 1);
         assert!(s.released.is_empty());
-        let s = t.forget([3; 32]);
+        let s = t.forget(WgKey::from([3; 32]));
         assert_eq!(s.released, vec![key()]);
         assert!(t.snapshot(&key(), 8080).is_none());
     }
@@ -1486,8 +1487,8 @@ mod tests {
         )
         .expect("add");
         let later = start + Duration::from_secs(10);
-        assert!(t.renew([2; 32], later));
-        assert!(!t.renew([9; 32], later));
+        assert!(t.renew(WgKey::from([2; 32]), later));
+        assert!(!t.renew(WgKey::from([9; 32]), later));
         let s = t.expire(start + Duration::from_secs(20), LEASE);
         assert_eq!(s.routes.len(), 1);
         assert_eq!(s.routes[0].2.laptop.name, "laptop3");
@@ -1519,7 +1520,7 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(t.list_of([2; 32]).is_empty());
+        assert!(t.list_of(WgKey::from([2; 32])).is_empty());
         for i in 0..MAX_SERVICES_PER_LAPTOP {
             let mut r = req(None, false);
             r.service = format!("svc{i}");
@@ -1539,7 +1540,11 @@ mod tests {
         r.service = "svc0".into();
         t.add(&r, laptop(2), SHADOW, now, SystemTime::now())
             .expect("renewal");
-        assert_eq!(t.list_of([3; 32]).len(), 1, "each laptop lists its own");
+        assert_eq!(
+            t.list_of(WgKey::from([3; 32])).len(),
+            1,
+            "each laptop lists its own"
+        );
     }
 
     /// A Service with TCP and UDP port 53 (as DNS has).
@@ -1592,7 +1597,7 @@ mod tests {
             SystemTime::now(),
         )
         .expect("tcp by another laptop");
-        let listed = t.list_of([2; 32]);
+        let listed = t.list_of(WgKey::from([2; 32]));
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].protocol, Protocol::Udp);
         // A header reroute of the UDP port: HTTP-only, says so.
@@ -1631,7 +1636,7 @@ mod tests {
                 service: Some("dns".into()),
                 port: Some(53),
             },
-            [2; 32],
+            WgKey::from([2; 32]),
         );
         assert_eq!(
             gone.routes.len(),
@@ -1662,7 +1667,7 @@ mod tests {
         let h = &snap.headers[0].target;
         assert_eq!((h.protocol, h.fallback), (Protocol::Http, Fallback::Pods));
         assert_eq!(snap.rules().rules[0].fallback, Fallback::Pods);
-        assert_eq!(t.list_of([2; 32])[0].fallback, Fallback::Pods);
+        assert_eq!(t.list_of(WgKey::from([2; 32]))[0].fallback, Fallback::Pods);
         // Missing on the wire: auto, error.
         let old: RerouteRequest = serde_json::from_str(
             r#"{"namespace":"default","service":"echo","ports":[{"name":"","port":8080}],"port":8080,"laptop_port":3000}"#,

@@ -239,7 +239,7 @@ pub fn run_disconnect(_args: DisconnectArgs, global: &Global) -> anyhow::Result<
             }
             Err(_) => {
                 let _ = std::fs::remove_file(&sock);
-                let nl = crate::netlink::Netlink::connect()?;
+                let nl = crate::tunnel::netlink::Netlink::connect()?;
                 match daemon::cleanup_stale(&nl, &global.run_dir).await? {
                     Some(note) => println!("{note}"),
                     None => println!("not connected"),

@@ -13,9 +13,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::Global;
-use crate::netlink::Netlink;
-use crate::state::{self, Paths, Previous, State};
-use crate::tun::{DEFAULT_IFNAME, parse_ifname};
+use crate::tunnel::netlink::Netlink;
+use crate::tunnel::state::{self, Paths, Previous, State};
+use crate::tunnel::tun::{DEFAULT_IFNAME, parse_ifname};
 
 /// How long a `burrow up` gets to clean up after SIGTERM.
 const TERM_TIMEOUT: Duration = Duration::from_secs(10);

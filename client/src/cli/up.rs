@@ -21,11 +21,12 @@ use burrow_netstack::wgconf::{self, Endpoint, WgConf};
 use clap::Args;
 
 use crate::Global;
-use crate::datapath::{Datapath, bind_udp};
-use crate::netlink::{Netlink, find_conflict};
-use crate::plan::Plan;
-use crate::state::{self, Paths, Previous, State};
-use crate::tun::{DEFAULT_IFNAME, Tun, TunError, parse_ifname};
+use crate::tunnel::datapath::{Datapath, bind_udp};
+use crate::tunnel::netlink::Netlink;
+use crate::tunnel::plan::Plan;
+use crate::tunnel::state::{self, Paths, Previous};
+use crate::tunnel::tun::{DEFAULT_IFNAME, TunError, parse_ifname};
+use crate::tunnel::{Device, Layout, Refusal, check_free};
 
 /// How long `up -d` waits for the background tunnel to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,16 +170,14 @@ async fn foreground(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     // Refusals first: nothing is changed yet.
-    if nl.link_index(name).await?.is_some() {
-        return Err(TunError::NameInUse(name.to_owned()).into());
-    }
-    let existing = nl.routes().await?;
-    if let Some((ours, theirs)) = find_conflict(&plan.routes, &existing, None) {
-        anyhow::bail!(
+    match check_free(nl, name, &plan.routes).await? {
+        None => {}
+        Some(Refusal::NameInUse) => return Err(TunError::NameInUse(name.to_owned()).into()),
+        Some(Refusal::Overlap { ours, theirs }) => anyhow::bail!(
             "refusing to add route {ours} dev {name}: it overlaps the existing route `{theirs}`; \
              remove that route, or leave {ours} out of AllowedIPs in {}",
             conf.file.display()
-        );
+        ),
     }
     let udp = bind_udp(plan.listen_port.unwrap_or(0)).with_context(|| match plan.listen_port {
         Some(p) => format!(
@@ -188,30 +187,17 @@ async fn foreground(
         None => "cannot bind a UDP port".to_owned(),
     })?;
     let config_path = std::fs::canonicalize(&conf.file).unwrap_or_else(|_| conf.file.clone());
-    let mut state = State::for_this_process(name, plan.routes.clone(), config_path)?;
-    state.create(paths)?;
+    let layout = Layout {
+        name,
+        mtu: plan.mtu,
+        addresses: &plan.addresses,
+        routes: &plan.routes,
+        config: config_path,
+    };
+    let (mut device, tun) = Device::bring_up(nl, paths, layout).await?;
 
     let result = async {
-        let tun = Tun::create(name)?;
-        let index = nl
-            .link_index(name)
-            .await?
-            .with_context(|| format!("device {name} vanished right after it was created"))?;
-        state.ifindex = Some(index);
-        state.update(paths)?;
-        nl.set_up(index, name, plan.mtu).await?;
-        for net in &plan.addresses {
-            nl.add_address(index, name, *net).await?;
-        }
-        for net in &plan.routes {
-            if let Err(e) = nl.add_route(index, name, *net).await {
-                // The kernel's own route for an address like 10.8.0.2/24
-                // is already what we want.
-                if !nl.has_route(index, *net).await? {
-                    return Err(e);
-                }
-            }
-        }
+        let index = device.index();
         let udp_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let datapath = Datapath::new(
             conf.interface.private_key.clone(),
@@ -221,8 +207,7 @@ async fn foreground(
             plan.mtu,
         )
         .with_context(|| format!("invalid peers in {}", conf.file.display()))?;
-        state.ready = true;
-        state.update(paths)?;
+        device.set_ready()?;
         tracing::info!(
             device = name,
             addresses = %join(&plan.addresses),
@@ -251,7 +236,7 @@ async fn foreground(
     .await;
     // The device is closed by now (dropped with the data path), which takes
     // its routes with it; teardown makes sure and removes the state file.
-    let cleanup = teardown(nl, &state, paths).await;
+    let cleanup = device.tear_down(nl).await;
     match (result, cleanup) {
         (Ok(()), Ok(())) => {
             tracing::info!(
@@ -284,19 +269,6 @@ async fn device_deleted(nl: &Netlink, index: u32, name: &str) {
             return;
         }
     }
-}
-
-/// Remove what this process added (what is still there) and the state file.
-async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<()> {
-    if let Some(index) = state.ifindex {
-        for net in &state.routes {
-            nl.del_route(index, *net).await?;
-        }
-        if nl.link_name(index).await?.as_deref() == Some(state.ifname.as_str()) {
-            nl.del_link(index).await?;
-        }
-    }
-    state::remove(paths)
 }
 
 /// SIGINT, SIGTERM or SIGHUP, installed before any change so that none of

@@ -4,46 +4,44 @@
 //! with newline-delimited JSON: one [`Request`] line, then [`Reply`] lines
 //! (progress steps, then one `done` or `error`).
 //!
-//! Connect: kubeconfig → API server → find / install / upgrade the gateway →
-//! wait for its pod → learn the ranges → register the laptop's key over a
-//! port-forward to the control port → TUN device and routes (refusing an
-//! overlap with a route that is not ours) → data path over UDP to a NodePort
-//! or over a port-forward (WireGuard datagrams length-framed) → probe
-//! through the tunnel. A supervisor then watches the gateway pod and, when
-//! it changes, re-registers (same key, previous address) and reopens the
-//! transport.
+//! Connect (`connect.rs`, one function per step): kubeconfig → API server →
+//! find / install / upgrade the gateway → wait for its pod → learn the
+//! ranges → register the laptop's key over a port-forward to the control
+//! port → TUN device and routes (refusing an overlap with a route that is
+//! not ours) → data path over UDP to a NodePort or over a port-forward
+//! (WireGuard datagrams length-framed) → probe through the tunnel. A
+//! supervisor then watches the gateway pod and, when it changes,
+//! re-registers (same key, previous address) and reopens the transport.
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use base64::Engine as _;
-use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_api::CONTROL_PORT;
-use burrow_deploy::install::{self, InstallOptions};
-use burrow_deploy::{Cluster, DeployError, Target, facts};
-use burrow_netstack::wg::PeerConfig;
-use ipnet::IpNet;
+use burrow_api::WgKey;
+use burrow_deploy::Cluster;
+use hyper::StatusCode;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, mpsc};
 
-use crate::datapath::{Datapath, LinkStats, SharedStats, bind_udp};
-use crate::netlink::{Netlink, find_conflict};
-use crate::plan::subtract;
-use crate::protocol::{ConnectRequest, Progress, Reply, Request, Status, socket_path, step};
-use crate::state::{self, Paths, Previous, State};
-use crate::tun::{DEFAULT_IFNAME, Tun};
+use crate::protocol::{Progress, Reply, Request, Status, socket_path, step};
+use crate::tunnel::Device;
+use crate::tunnel::datapath::{InboundPorts, LinkStats, SharedStats};
+use crate::tunnel::netlink::Netlink;
+use crate::tunnel::state::{self, Paths, Previous};
+use crate::tunnel::tun::DEFAULT_IFNAME;
 
+mod connect;
 mod gateway;
 pub mod reroute;
 mod supervisor;
 mod transport;
 
+use connect::connect;
 use gateway::*;
 use supervisor::*;
 use transport::*;
@@ -69,16 +67,15 @@ struct Session {
     status: Arc<std::sync::Mutex<Status>>,
     stats: SharedStats,
     cluster: Cluster,
-    public_key: String,
+    public_key: WgKey,
     /// Stops the data path and the supervisor.
     stop: tokio::sync::watch::Sender<bool>,
     datapath: tokio::task::JoinHandle<()>,
     supervisor: tokio::task::JoinHandle<()>,
-    state: State,
-    paths: Paths,
+    device: Device,
     dns: Option<crate::dns::Running>,
     /// Which tunnel ports the cluster may connect to (the forwarders').
-    inbound: Arc<crate::datapath::InboundPorts>,
+    inbound: Arc<InboundPorts>,
 }
 
 struct Daemon {
@@ -97,7 +94,7 @@ impl Daemon {
             .as_ref()
             .map(|s| crate::daemon::reroute::Link {
                 cluster: s.cluster.clone(),
-                public_key: s.public_key.clone(),
+                public_key: s.public_key,
                 status: s.status.clone(),
                 open: s.inbound.clone(),
             })
@@ -242,7 +239,7 @@ async fn status(d: &Daemon) -> Status {
         }
     };
     if let Ok(gateway) = st.gateway_address.parse::<IpAddr>() {
-        match tokio::time::timeout(Duration::from_secs(1), peer_info(gateway)).await {
+        match tokio::time::timeout(Duration::from_secs(1), TunnelApi { gateway }.peer()).await {
             Ok(Ok(info)) => {
                 // Less the flow this very query is open on.
                 st.tcp_flows = Some(info.tcp_flows.saturating_sub(1));
@@ -300,24 +297,28 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
         .ok()
         .and_then(|st| st.gateway_address.parse::<IpAddr>().ok());
     let unregistered = match gateway {
-        Some(gw) => tokio::time::timeout(
-            Duration::from_secs(5),
-            tunnel_call(gw, "DELETE", "/v1/peer", None),
-        )
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5s"))),
-        None => Err(anyhow::anyhow!("no gateway tunnel address")),
+        Some(gateway) => {
+            tokio::time::timeout(Duration::from_secs(5), TunnelApi { gateway }.unregister())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5s").into()))
+        }
+        None => Err(anyhow::anyhow!("no gateway tunnel address").into()),
     };
     match unregistered {
-        Ok((code, _)) if code < 300 || code == 404 => {}
-        Ok((code, body)) => step(
+        // Not known (any more): nothing to forget.
+        Ok(())
+        | Err(GatewayError::Refused {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => {}
+        Err(GatewayError::Refused { status, message }) => step(
             tx,
             format!(
-                "the gateway answered {code} to unregistering: {}",
-                String::from_utf8_lossy(&body)
+                "the gateway answered {} to unregistering: {message}",
+                status.as_u16()
             ),
         ),
-        Err(e) => step(
+        Err(GatewayError::Failed(e)) => step(
             tx,
             format!(
                 "could not unregister (the gateway forgets the laptop after its expiry): {e:#}"
@@ -340,466 +341,13 @@ async fn disconnect(d: &Daemon, tx: &Progress) -> anyhow::Result<Status> {
     s.supervisor.abort();
     let _ = s.datapath.await;
     let nl = Netlink::connect()?;
-    teardown(&nl, &s.state, &s.paths).await?;
+    s.device.tear_down(&nl).await?;
     Ok(Status::default())
-}
-
-async fn teardown(nl: &Netlink, state: &State, paths: &Paths) -> anyhow::Result<()> {
-    if let Some(index) = state.ifindex {
-        for net in &state.routes {
-            nl.del_route(index, *net).await?;
-        }
-        if nl.link_name(index).await?.as_deref() == Some(state.ifname.as_str()) {
-            nl.del_link(index).await?;
-        }
-    }
-    state::remove(paths)
-}
-
-/// The laptop's WireGuard key: `<run dir>/key` (0600), made once.
-fn load_key(run_dir: &Path) -> anyhow::Result<StaticSecret> {
-    let path = run_dir.join("key");
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text.trim())
-        && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
-    {
-        return Ok(StaticSecret::from(arr));
-    }
-    let mut arr = [0u8; 32];
-    getrandom(&mut arr)?;
-    let text = base64::engine::general_purpose::STANDARD.encode(arr);
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(StaticSecret::from(arr))
-}
-
-fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
-    use std::io::Read as _;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .context("cannot read /dev/urandom")
-}
-
-/// The routes: Service and pod ranges plus `--include`, the DNS server if
-/// not already covered, less anything `--exclude` overlaps.
-pub fn plan_routes(
-    service: &[IpNet],
-    pods: &[IpNet],
-    dns: &[IpAddr],
-    include: &[IpNet],
-    exclude: &[IpNet],
-) -> Vec<IpNet> {
-    let mut routes: Vec<IpNet> = Vec::new();
-    for net in service.iter().chain(pods).chain(include) {
-        let net = net.trunc();
-        if !routes.contains(&net) {
-            routes.push(net);
-        }
-    }
-    for ip in dns {
-        if !routes.iter().any(|r| r.contains(ip)) {
-            routes.push(IpNet::from(*ip));
-        }
-    }
-    for x in exclude {
-        routes = routes.into_iter().flat_map(|r| subtract(r, *x)).collect();
-    }
-    routes
-}
-
-async fn connect(d: &Daemon, req: ConnectRequest, tx: &Progress) -> anyhow::Result<Status> {
-    let mut session = d.session.lock().await;
-    if let Some(s) = &*session {
-        let st = snapshot(&s.status, &s.stats);
-        step(
-            tx,
-            format!(
-                "already connected to {} (context {}, {} transport, tunnel address {})",
-                st.server, st.context, st.transport, st.tunnel_address
-            ),
-        );
-        return Ok(st);
-    }
-    let started = Instant::now();
-    let nl = Netlink::connect()?;
-    if let Some(note) = cleanup_stale(&nl, &d.run_dir).await? {
-        step(tx, note);
-    }
-
-    step(tx, "resolving the kubeconfig");
-    let target = Target {
-        kubeconfig: req.kubeconfig.clone(),
-        kubeconfig_list: req.kubeconfig_list.clone(),
-        context: req.context.clone(),
-        namespace: req.namespace.clone(),
-    };
-    let cluster = target.resolve().await?;
-    step(
-        tx,
-        format!(
-            "reaching the API server {} (context {})",
-            cluster.server, cluster.context
-        ),
-    );
-    let version = cluster.check_reachable().await?;
-    tracing::debug!(%version, "API server reachable");
-
-    let gns = req.gateway_namespace.clone();
-    step(tx, format!("finding the gateway in {gns}"));
-    let progress = |s: &str| step(tx, s);
-    match install::find(&cluster, &gns).await? {
-        None if req.no_install => anyhow::bail!(
-            "the gateway is not installed in {gns} and --no-install was given; \
-             install it with `burrow install` (or drop --no-install)"
-        ),
-        None => {
-            step(
-                tx,
-                format!("installing the gateway {} in {gns}", install::VERSION),
-            );
-            install::apply(&cluster, &install_options(&gns), &progress)
-                .await
-                .map_err(|e| install_refused(e, "install", &gns))?;
-        }
-        Some(found) if found.version != install::VERSION => {
-            if req.no_upgrade {
-                step(
-                    tx,
-                    format!(
-                        "the gateway is version {}, this burrow is {}: keeping it (--no-upgrade)",
-                        found.version,
-                        install::VERSION
-                    ),
-                );
-            } else {
-                step(
-                    tx,
-                    format!(
-                        "upgrading the gateway from version {} to {} (keep it with --no-upgrade)",
-                        found.version,
-                        install::VERSION
-                    ),
-                );
-                install::apply(&cluster, &install_options(&gns), &progress)
-                    .await
-                    .map_err(|e| install_refused(e, "upgrade", &gns))?;
-            }
-        }
-        Some(found) => step(tx, format!("found the gateway {} in {gns}", found.version)),
-    }
-    let want_version = match install::find(&cluster, &gns).await? {
-        Some(f) => f.version,
-        None => install::VERSION.to_owned(),
-    };
-    step(tx, "waiting for the gateway pod");
-    let pod = install::wait_ready(&cluster, &gns, &want_version, READY_TIMEOUT, &progress).await?;
-    step(
-        tx,
-        format!("gateway pod {} is ready ({})", pod.name, pod.ip),
-    );
-
-    step(tx, "learning the cluster's ranges");
-    let ranges = facts::ranges(&cluster).await?;
-
-    let key = load_key(&d.run_dir)?;
-    let public_key =
-        base64::engine::general_purpose::STANDARD.encode(PublicKey::from(&key).as_bytes());
-    step(tx, "registering with the gateway");
-    let reg = register(&cluster, &pod, &key, None).await?;
-    let gateway_key = parse_key(&reg.info.public_key)?;
-
-    let mut routes = plan_routes(
-        &ranges.service,
-        &ranges.pods,
-        &reg.info.cluster.dns_servers,
-        &req.include,
-        &req.exclude,
-    );
-    // Rerouted connections come from the gateway's tunnel address: the
-    // answers must go back into the tunnel.
-    let gateway_host = IpNet::from(reg.gateway_address);
-    if !routes.iter().any(|r| r.contains(&reg.gateway_address)) {
-        routes.push(gateway_host);
-    }
-    let name = DEFAULT_IFNAME;
-    if nl.link_index(name).await?.is_some() {
-        anyhow::bail!(
-            "device {name} already exists (a `burrow up` running?); stop it with `sudo burrow down`"
-        );
-    }
-    let existing = nl.routes().await?;
-    if let Some((ours, theirs)) = find_conflict(&routes, &existing, None) {
-        anyhow::bail!(
-            "refusing to route {ours} into the cluster: it overlaps the existing route `{theirs}`; \
-             leave it out with `--exclude {}` (or remove that route)",
-            theirs.dst
-        );
-    }
-
-    step(tx, "opening the tunnel");
-    let chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
-    step(
-        tx,
-        format!("transport: {} ({})", chosen.name, chosen.reason),
-    );
-
-    let paths = Paths::new(&d.run_dir, name);
-    paths.ensure_dir()?;
-    let mut st = State::for_this_process(name, routes.clone(), d.run_dir.join("key"))?;
-    st.create(&paths)?;
-    let stats: SharedStats = Arc::default();
-    let reset: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let inbound = Arc::new(crate::datapath::InboundPorts::new(reg.gateway_address));
-    let setup = async {
-        let tun = Tun::create(name)?;
-        let index = nl
-            .link_index(name)
-            .await?
-            .with_context(|| format!("device {name} vanished right after it was created"))?;
-        st.ifindex = Some(index);
-        st.update(&paths)?;
-        nl.set_up(index, name, MTU).await?;
-        nl.add_address(index, name, IpNet::from(reg.address))
-            .await?;
-        for net in &routes {
-            nl.add_route(index, name, *net).await?;
-        }
-        let udp = bind_udp(0).context("cannot bind a UDP port")?;
-        let peer = PeerConfig {
-            public_key: gateway_key,
-            allowed_ips: routes.clone(),
-            endpoint: Some(chosen.endpoint),
-            preshared_key: None,
-            persistent_keepalive: Some(25),
-        };
-        let dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
-            .context("invalid gateway peer")?
-            .with_stats(stats.clone())
-            .with_reset(reset.clone())
-            .with_inbound_filter(inbound.clone());
-        anyhow::Ok(dp)
-    }
-    .await;
-    let dp = match setup {
-        Ok(dp) => dp,
-        Err(e) => {
-            let _ = teardown(&nl, &st, &paths).await;
-            return Err(e);
-        }
-    };
-    let mut stop_dp = stop_rx.clone();
-    let datapath = tokio::spawn(async move {
-        let stop = async move {
-            let _ = stop_dp.wait_for(|s| *s).await;
-        };
-        match dp.run(stop).await {
-            Ok(c) => tracing::info!(counters = ?c, "data path stopped"),
-            Err(e) => tracing::error!("data path failed: {e}"),
-        }
-    });
-    let relay_stop = stop_rx.clone();
-    // Filled in once connected; the relay counts reopened streams into it.
-    let status: Arc<std::sync::Mutex<Status>> = Arc::default();
-    let relay = chosen.relay.map(|sock| {
-        Relay::start(
-            sock,
-            cluster.clone(),
-            pod.clone(),
-            status.clone(),
-            reset.clone(),
-            relay_stop,
-        )
-    });
-
-    step(
-        tx,
-        format!(
-            "probing the gateway at {}:{CONTROL_PORT} through the tunnel",
-            reg.gateway_address
-        ),
-    );
-    if let Err(e) = probe(reg.gateway_address).await {
-        let _ = stop_tx.send(true);
-        let _ = datapath.await;
-        let _ = teardown(&nl, &st, &paths).await;
-        return Err(e.context(format!(
-            "the tunnel ({} transport) came up but nothing answered through it",
-            chosen.name
-        )));
-    }
-    let dns = match crate::dns::start(crate::dns::Setup {
-        setting: req.dns,
-        run_dir: &d.run_dir,
-        ifname: name,
-        address: reg.address,
-        namespace: &cluster.namespace,
-        domain: &reg.info.cluster.domain,
-        cluster_dns: &reg.info.cluster.dns_servers,
-        networks: &routes,
-        cluster: &cluster,
-    })
-    .await
-    {
-        Ok(dns) => {
-            step(tx, format!("DNS: {}", dns.summary()));
-            dns
-        }
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            let _ = datapath.await;
-            let _ = teardown(&nl, &st, &paths).await;
-            return Err(e.context("the tunnel is up but DNS is not (or connect with --dns=off)"));
-        }
-    };
-    st.ready = true;
-    st.update(&paths)?;
-
-    let filled = Status {
-        connected: true,
-        kubeconfig: req
-            .kubeconfig
-            .clone()
-            .map(|k| vec![k])
-            .unwrap_or_else(|| req.kubeconfig_list.clone()),
-        context: cluster.context.clone(),
-        server: cluster.server.clone(),
-        namespace: cluster.namespace.clone(),
-        gateway_namespace: gns.clone(),
-        gateway_version: pod.version.clone(),
-        gateway_pod: pod.name.clone(),
-        gateway_pod_ip: pod.ip.clone(),
-        transport: chosen.name.to_owned(),
-        transport_reason: chosen.reason.clone(),
-        endpoint: chosen.endpoint.to_string(),
-        device: name.to_owned(),
-        tunnel_address: reg.address.to_string(),
-        gateway_address: reg.gateway_address.to_string(),
-        routes: routes.iter().map(ToString::to_string).collect(),
-        cluster_domain: reg.info.cluster.domain.clone(),
-        dns_servers: reg
-            .info
-            .cluster
-            .dns_servers
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        ..Default::default()
-    };
-    if let Ok(mut st) = status.lock() {
-        let reconnects = st.reconnects;
-        let error = st.last_reconnect_error.take();
-        *st = filled;
-        st.reconnects = reconnects;
-        st.last_reconnect_error = error;
-    }
-    let supervisor = tokio::spawn(supervise(Supervisor {
-        cluster: cluster.clone(),
-        namespace: gns.clone(),
-        version: want_version,
-        key: key.clone(),
-        address: reg.address,
-        pod,
-        relay,
-        reset,
-        status: status.clone(),
-        stop: stop_rx,
-    }));
-    let done = with_dns(snapshot(&status, &stats), Some(&dns));
-    *session = Some(Session {
-        status,
-        stats,
-        cluster,
-        public_key,
-        stop: stop_tx,
-        datapath,
-        supervisor,
-        state: st,
-        paths,
-        dns: Some(dns),
-        inbound,
-    });
-    step(
-        tx,
-        format!(
-            "connected in {:.1}s: tunnel address {}, {} transport",
-            started.elapsed().as_secs_f64(),
-            done.tunnel_address,
-            done.transport
-        ),
-    );
-    Ok(done)
-}
-
-/// A 403 while installing or upgrading: say who can fix it and how to go
-/// on without it.
-fn install_refused(e: DeployError, what: &str, gns: &str) -> DeployError {
-    if !e.is_forbidden() {
-        return e;
-    }
-    let also = if what == "upgrade" {
-        " or keep the installed gateway with `burrow connect --no-upgrade`"
-    } else {
-        ""
-    };
-    DeployError {
-        hint: format!(
-            "your user may not {what} the gateway: ask a cluster admin to run `burrow install` once \
-             (it creates {gns} and the gateway), then connect again{also}"
-        ),
-        ..e
-    }
-}
-
-fn install_options(namespace: &str) -> InstallOptions {
-    InstallOptions {
-        namespace: namespace.to_owned(),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_include_dns_and_honour_exclude() {
-        let svc: IpNet = "10.96.0.0/12".parse().expect("literal");
-        let pods: IpNet = "10.244.0.0/16".parse().expect("literal");
-        let dns: IpAddr = "10.96.0.10".parse().expect("literal");
-        let other_dns: IpAddr = "172.20.0.10".parse().expect("literal");
-        let r = plan_routes(&[svc], &[pods], &[dns, other_dns], &[], &[]);
-        assert_eq!(
-            r,
-            vec![svc, pods, "172.20.0.10/32".parse().expect("literal")]
-        );
-        let r = plan_routes(
-            &[svc],
-            &[pods],
-            &[dns],
-            &["10.0.0.0/24".parse().expect("literal")],
-            &[svc],
-        );
-        assert_eq!(r, vec![pods, "10.0.0.0/24".parse().expect("literal")]);
-        // A hole in the Service range: the rest stays routed.
-        let hole: IpNet = "10.100.0.0/16".parse().expect("literal");
-        let r = plan_routes(&[svc], &[], &[dns], &[], &[hole]);
-        assert!(!r.iter().any(|n| n.contains(&hole) || hole.contains(n)));
-        assert!(r.iter().any(|n| n.contains(&dns)));
-        assert!(
-            r.iter()
-                .any(|n| n.contains(&"10.111.0.1".parse::<IpAddr>().expect("literal")))
-        );
-        assert_eq!(r.len(), 4);
-    }
 
     #[test]
     fn protocol_lines_round_trip() {

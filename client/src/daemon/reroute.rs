@@ -19,26 +19,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_api::{PortProtocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped};
+use burrow_api::{
+    Leases, PortProtocol, Reroute, RerouteGrant, RerouteRequest, StopRequest, Stopped, WgKey,
+};
 use burrow_deploy::Cluster;
 use burrow_deploy::install::GatewayPod;
+use hyper::StatusCode;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use crate::protocol::{Listed, Progress, Spec, Status, Stop, step};
+use crate::tunnel::datapath::InboundPorts;
+
+use super::gateway::{GatewayError, TunnelApi};
 
 /// How often the daemon renews its leases (the gateway's expiry is 15 s).
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a call to the gateway may take (but a stop).
+const CALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the daemon needs of its connection.
 #[derive(Clone)]
 pub struct Link {
     pub cluster: Cluster,
-    pub public_key: String,
+    pub public_key: WgKey,
     pub status: Arc<std::sync::Mutex<Status>>,
     /// The laptop's inbound filter: forwarder ports are opened here.
-    pub open: Arc<crate::datapath::InboundPorts>,
+    pub open: Arc<InboundPorts>,
 }
 
 impl Link {
@@ -73,43 +81,62 @@ impl Link {
             .context("no gateway tunnel address yet")
     }
 
-    /// This laptop's public key.
-    fn key(&self) -> anyhow::Result<[u8; 32]> {
-        use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&self.public_key)
-            .context("this laptop's public key is not base64")?;
-        <[u8; 32]>::try_from(bytes.as_slice())
-            .map_err(|_| anyhow::anyhow!("this laptop's public key is not 32 bytes"))
+    /// The laptop's own API at the gateway, through the tunnel.
+    fn api(&self) -> Result<TunnelApi, GatewayError> {
+        Ok(TunnelApi {
+            gateway: self.gateway_address()?,
+        })
     }
 
-    /// A call to the laptop's own API at the gateway, through the tunnel.
-    async fn call(
+    /// `work` (`what`, a call to the gateway), given `limit` to answer.
+    async fn within<T>(
         &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
-        // A stop waits for the gateway's make-before-break restore: the
-        // pods listed again (at most `CONTROLLER_WAIT`), then kube-proxy's
-        // lag.
-        let limit = if path == "/v1/reroutes/stop" {
-            burrow_deploy::service::CONTROLLER_WAIT
-                + burrow_deploy::service::KUBE_PROXY_LAG
-                + Duration::from_secs(10)
-        } else {
-            Duration::from_secs(5)
-        };
+        what: &str,
+        limit: Duration,
+        work: impl Future<Output = Result<T, GatewayError>>,
+    ) -> Result<T, GatewayError> {
         let (pod, _) = self.gateway()?;
-        let gateway = self.gateway_address()?;
-        let work = super::gateway::tunnel_call(gateway, method, path, body);
-        tokio::time::timeout(limit, work).await.with_context(|| {
-            format!(
-                "the gateway {} did not answer {method} {path} in {}s",
+        tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the gateway {} did not answer {what} in {}s",
                 pod.name,
                 limit.as_secs()
             )
-        })?
+            .into())
+        })
+    }
+
+    /// This laptop's reroutes, as the gateway knows them.
+    async fn reroutes(&self) -> Result<Vec<Reroute>, GatewayError> {
+        let api = self.api()?;
+        self.within("GET /v1/reroutes", CALL_LIMIT, api.reroutes())
+            .await
+    }
+
+    /// Asks the gateway for a route.
+    async fn request(&self, req: &RerouteRequest) -> Result<RerouteGrant, GatewayError> {
+        let api = self.api()?;
+        self.within("POST /v1/reroutes", CALL_LIMIT, api.reroute(req))
+            .await
+    }
+
+    /// Stops routes at the gateway. This waits for the gateway's
+    /// make-before-break restore: the pods listed again (at most
+    /// `CONTROLLER_WAIT`), then kube-proxy's lag.
+    async fn stop_at_gateway(&self, req: &StopRequest) -> Result<Stopped, GatewayError> {
+        let limit = burrow_deploy::service::CONTROLLER_WAIT
+            + burrow_deploy::service::KUBE_PROXY_LAG
+            + Duration::from_secs(10);
+        let api = self.api()?;
+        self.within("POST /v1/reroutes/stop", limit, api.stop(req))
+            .await
+    }
+
+    /// Renews this laptop's leases.
+    async fn renew(&self) -> Result<Leases, GatewayError> {
+        let api = self.api()?;
+        self.within("POST /v1/leases", CALL_LIMIT, api.renew())
+            .await
     }
 }
 
@@ -131,7 +158,7 @@ pub struct Forwarder {
     task: tokio::task::JoinHandle<()>,
     port: u16,
     transport: PortProtocol,
-    open: Arc<crate::datapath::InboundPorts>,
+    open: Arc<InboundPorts>,
 }
 
 impl Drop for Forwarder {
@@ -159,15 +186,8 @@ impl Reroutes {
         let Some(link) = link else {
             return Ok("[]".into());
         };
-        let (code, body) = link.call("GET", "/v1/reroutes", None).await?;
-        if code >= 300 {
-            anyhow::bail!(
-                "the gateway answered {code}: {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
         // The gateway lists this laptop's own reroutes only.
-        let all: Vec<Reroute> = serde_json::from_slice(&body).context("the gateway's list")?;
+        let all = link.reroutes().await?;
         let active = self.active.lock().await;
         let listed: Vec<Listed> = all
             .into_iter()
@@ -270,12 +290,10 @@ impl Reroutes {
             if self.active.lock().await.is_empty() {
                 continue;
             }
-            match link.call("POST", "/v1/leases", None).await {
-                Ok((code, body)) if code < 300 => {
+            match link.renew().await {
+                Ok(leases) => {
                     // Tell (once) what someone else changed on a rerouted
                     // Service.
-                    let leases: burrow_api::Leases =
-                        serde_json::from_slice(&body).unwrap_or_default();
                     if !leases.taken_over.is_empty() {
                         let mut active = self.active.lock().await;
                         active.retain(|a| {
@@ -305,16 +323,15 @@ impl Reroutes {
                         }
                     }
                 }
-                Ok((404, _)) => {
+                Err(GatewayError::Refused {
+                    status: StatusCode::NOT_FOUND,
+                    ..
+                }) => {
                     tracing::info!(
                         "the gateway does not know this laptop's reroutes (new gateway pod, or the lease ran out): establishing them again"
                     );
                     self.reestablish(&link).await;
                 }
-                Ok((code, body)) => tracing::warn!(
-                    "renewing reroute leases: {code} {}",
-                    String::from_utf8_lossy(&body)
-                ),
                 Err(e) => tracing::warn!("renewing reroute leases: {e:#}"),
             }
         }
@@ -332,7 +349,11 @@ impl Reroutes {
                     tracing::info!(namespace = %a.namespace, service = %a.service, port = a.port, "reroute established again");
                 }
                 // `--force` from another laptop: give up, do not fight.
-                Err(e) if format!("{e:#}").contains("already rerouted to laptop") => {
+                Err(e)
+                    if e.downcast_ref::<GatewayError>()
+                        .and_then(GatewayError::status)
+                        == Some(StatusCode::CONFLICT) =>
+                {
                     tracing::warn!(namespace = %a.namespace, service = %a.service, "the reroute was taken over by another laptop: {e:#}");
                     taken.push(i);
                 }
@@ -382,37 +403,33 @@ impl Reroutes {
             })
             .map(|a| (a.namespace.clone(), a.service.clone()))
             .collect();
-        let body = serde_json::to_vec(&req)?;
         let mut notes = Vec::new();
-        let released: Vec<(String, String)> =
-            match link.call("POST", "/v1/reroutes/stop", Some(&body)).await {
-                Ok((code, body)) if code < 300 => {
-                    let s: Stopped =
-                        serde_json::from_slice(&body).context("the gateway's stop answer")?;
-                    notes = s.notes;
-                    s.released
-                }
-                Ok((code, body)) => {
-                    step(
-                        tx,
-                        format!(
-                            "the gateway answered {code} to stopping: {}; restoring here",
-                            String::from_utf8_lossy(&body)
-                        ),
-                    );
-                    mine.clone()
-                }
-                Err(e) => {
-                    step(
-                        tx,
-                        format!("the gateway did not answer ({e:#}); restoring here"),
-                    );
-                    mine.clone()
-                }
-            };
+        let released: Vec<(String, String)> = match link.stop_at_gateway(&req).await {
+            Ok(s) => {
+                notes = s.notes;
+                s.released
+            }
+            Err(GatewayError::Refused { status, message }) => {
+                step(
+                    tx,
+                    format!(
+                        "the gateway answered {} to stopping: {message}; restoring here",
+                        status.as_u16()
+                    ),
+                );
+                mine.clone()
+            }
+            Err(GatewayError::Failed(e)) => {
+                step(
+                    tx,
+                    format!("the gateway did not answer ({e:#}); restoring here"),
+                );
+                mine.clone()
+            }
+        };
         // Only Services this laptop rerouted itself are restored here,
         // whatever the gateway's answer lists.
-        let key = link.key()?;
+        let key = link.public_key;
         let mut restored = Vec::new();
         for (ns, svc) in &mine {
             if released.contains(&(ns.clone(), svc.clone())) {
@@ -474,7 +491,7 @@ async fn establish(
     tx: &Progress,
 ) -> anyhow::Result<(RerouteGrant, u16, Forwarder)> {
     let cluster = &link.cluster;
-    let key = link.key()?;
+    let key = link.public_key;
     let found = burrow_deploy::reroute::find(cluster, namespace, &spec.service, &spec.port).await?;
     let protocol = found.protocol(spec.protocol, spec.header.is_some())?;
     step(
@@ -533,25 +550,17 @@ async fn establish(
         fallback: spec.fallback,
     };
     step(tx, format!("asking the gateway {} to listen", gateway.name));
-    let body = serde_json::to_vec(&req)?;
-    let (code, answer) = match link.call("POST", "/v1/reroutes", Some(&body)).await {
-        Ok(a) => a,
+    let grant = match link.request(&req).await {
+        Ok(grant) => grant,
         Err(e) => {
+            drop(forwarder);
+            // This laptop's record goes again (and the shadow made just
+            // now, when nobody reroutes the Service).
             undo().await;
-            return Err(e);
+            // A refusal keeps its status (409: another laptop holds it).
+            return Err(e.into());
         }
     };
-    if code >= 300 {
-        drop(forwarder);
-        let message = serde_json::from_slice::<burrow_api::ApiError>(&answer)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
-        // This laptop's record goes again (and the shadow made just now,
-        // when nobody reroutes the Service).
-        undo().await;
-        anyhow::bail!("the gateway refused: {message}");
-    }
-    let grant: RerouteGrant = serde_json::from_slice(&answer).context("the gateway's answer")?;
     step(
         tx,
         format!(
@@ -569,12 +578,12 @@ async fn establish(
     .await
     {
         drop(forwarder);
-        let stop = serde_json::to_vec(&StopRequest {
+        let stop = StopRequest {
             namespace: Some(namespace.to_owned()),
             service: Some(spec.service.clone()),
             port: Some(found.port.port),
-        })?;
-        let _ = link.call("POST", "/v1/reroutes/stop", Some(&stop)).await;
+        };
+        let _ = link.stop_at_gateway(&stop).await;
         let _ = burrow_deploy::reroute::restore(cluster, namespace, &spec.service).await;
         return Err(e.into());
     }

@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use boringtun::x25519::PublicKey;
+use burrow_api::WgKey;
 use burrow_netstack::flow::FlowId;
 pub use burrow_netstack::flow::IcmpKey;
 use burrow_netstack::wg::{PeerConfig, PeerError};
@@ -42,9 +42,9 @@ pub enum Control {
     /// as is otherwise.
     AddPeer(PeerConfig, oneshot::Sender<Result<(), PeerError>>),
     /// Remove the peer with this public key; its TCP flows are reset.
-    RemovePeer([u8; 32]),
+    RemovePeer(WgKey),
     /// Time since each peer's last handshake, by public key.
-    LastHandshakes(oneshot::Sender<HashMap<[u8; 32], Duration>>),
+    LastHandshakes(oneshot::Sender<HashMap<WgKey, Duration>>),
     /// Open flows (TCP, UDP) of the laptop with this tunnel address.
     FlowsOf(IpAddr, oneshot::Sender<(usize, usize)>),
     /// Open a TCP connection to a laptop's tunnel address and port (see
@@ -74,9 +74,9 @@ impl DatapathHandle {
     }
 
     /// Adds (or keeps) a peer with its one tunnel address.
-    pub(crate) async fn add(&self, key: [u8; 32], address: IpAddr) -> Result<(), String> {
+    pub(crate) async fn add(&self, key: WgKey, address: IpAddr) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        let config = PeerConfig::host(PublicKey::from(key), address);
+        let config = PeerConfig::host(key.public_key(), address);
         self.tx
             .send(Control::AddPeer(config, reply))
             .await
@@ -96,7 +96,7 @@ impl DatapathHandle {
     }
 
     /// Removes a peer; its flows are reset.
-    pub(crate) async fn remove(&self, key: [u8; 32]) {
+    pub(crate) async fn remove(&self, key: WgKey) {
         let _ = self.tx.send(Control::RemovePeer(key)).await;
     }
 
@@ -108,7 +108,7 @@ impl DatapathHandle {
     }
 
     /// Time since each peer's last handshake, by key.
-    pub(crate) async fn last_seen(&self) -> HashMap<[u8; 32], Duration> {
+    pub(crate) async fn last_seen(&self) -> HashMap<WgKey, Duration> {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Control::LastHandshakes(reply)).await.is_err() {
             return HashMap::new();

@@ -32,6 +32,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
+use burrow_api::WgKey;
 use burrow_netstack::flow::{
     FlowConfig, FlowEngine, FlowError, FlowId, Ingress, IngressDrop, LaptopLimits, Limit,
 };
@@ -215,8 +216,8 @@ impl Datapath {
         self.api = Some(tx);
     }
 
-    pub fn public_key(&self) -> &boringtun::x25519::PublicKey {
-        self.peers.public_key()
+    pub fn public_key(&self) -> WgKey {
+        WgKey::from(self.peers.public_key())
     }
 
     /// Where the framed port's tasks count refusals and timeouts (rendered
@@ -644,7 +645,7 @@ impl Datapath {
     }
 
     fn add_peer(&mut self, config: PeerConfig) -> Result<(), PeerError> {
-        let key = *config.public_key.as_bytes();
+        let key = WgKey::from(config.public_key);
         if let Some(id) = self.peers.find_by_key(&config.public_key) {
             let same = self
                 .peers
@@ -658,9 +659,8 @@ impl Datapath {
         self.peers.add(config).map(|_| ())
     }
 
-    fn remove_peer(&mut self, key: &[u8; 32]) {
-        let public = boringtun::x25519::PublicKey::from(*key);
-        let Some(id) = self.peers.find_by_key(&public) else {
+    fn remove_peer(&mut self, key: &WgKey) {
+        let Some(id) = self.peers.find_by_key(&key.public_key()) else {
             return;
         };
         let Some(peer) = self.peers.remove(id) else {
@@ -692,14 +692,14 @@ impl Datapath {
         });
     }
 
-    fn last_handshakes(&self, now: Instant) -> HashMap<[u8; 32], Duration> {
+    fn last_handshakes(&self, now: Instant) -> HashMap<WgKey, Duration> {
         self.peers
             .ids()
             .filter_map(|id| self.peers.get(id))
             .filter_map(|p| {
                 let at = p.last_handshake()?;
                 Some((
-                    *p.public_key().as_bytes(),
+                    WgKey::from(p.public_key()),
                     now.saturating_duration_since(at),
                 ))
             })

@@ -138,7 +138,7 @@ impl Datapath {
             .peers
             .route(src.ip())
             .and_then(|p| self.peers.get(p))
-            .map(|p| *p.public_key().as_bytes());
+            .map(|p| burrow_api::WgKey::from(p.public_key()));
         let permit = match (&self.api, key) {
             (Some(api), Some(_)) if dst.port() == burrow_api::CONTROL_PORT => {
                 api.try_reserve().ok()

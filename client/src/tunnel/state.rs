@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::netlink::Netlink;
+use crate::tunnel::netlink::Netlink;
 
 /// Where the files of one tunnel live.
 #[derive(Debug, Clone)]

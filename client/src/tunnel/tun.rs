@@ -9,7 +9,7 @@
 //! ready in one wake-up ([`Tun::try_recv`]) and write without waiting.
 //!
 //! Offloads: the device is opened with `IFF_VNET_HDR`, so every read and
-//! write carries a `virtio_net_hdr` ([`crate::offload`]), and asks for
+//! write carries a `virtio_net_hdr` ([`crate::tunnel::offload`]), and asks for
 //! checksum + TSO offload (`TUNSETOFFLOAD`), so a read can be a TCP segment
 //! of up to 64 KiB that the data path splits. When the kernel refuses the
 //! offload, reads are single packets with an empty header (logged).

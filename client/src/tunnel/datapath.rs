@@ -22,8 +22,8 @@ use burrow_netstack::wg::{
 use burrow_netstack::wgconf::short_key;
 use tokio::net::UdpSocket;
 
-use crate::offload::{self, Coalescer};
-use crate::tun::Tun;
+use crate::tunnel::offload::{self, Coalescer};
+use crate::tunnel::tun::Tun;
 
 /// How often boringtun's timers run (handshake retries, keepalives, rekey).
 pub const TIMER_TICK: Duration = Duration::from_millis(100);
