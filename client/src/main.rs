@@ -6,15 +6,14 @@
 //! user's own credentials.
 //!
 //! - [`cli`]: one module per command family (`connect`/`status`/
-//!   `disconnect`/`install`, `reroute`, `up`, `down`): parse, hand to the
-//!   daemon or do it, print.
+//!   `disconnect`/`install`, `reroute`, `up`, `down`, `env`, `run`):
+//!   parse, hand to the daemon or do it, print.
 //! - [`protocol`]: the CLI⇄daemon messages; [`daemon`]: the background
 //!   daemon (connect, transport, relay, supervisor; `daemon::reroute`).
-//! - [`plan`]: configuration → addresses, routes and peers (pure).
-//! - [`tun`]: the TUN device; [`netlink`]: links, addresses, routes and the
-//!   route overlap rule.
-//! - [`datapath`]: TUN ⇄ WireGuard ⇄ UDP, one task.
-//! - [`state`]: the crash-safety state file and the cleanup of a stale one.
+//! - [`tunnel`]: the device's bring-up and teardown shared by `up` and the
+//!   daemon, and its parts: `plan` (configuration → addresses, routes and
+//!   peers, pure), `tun`, `netlink`, `offload`, `datapath` (TUN ⇄
+//!   WireGuard ⇄ UDP, one task), `state` (the crash-safety state file).
 //! - [`sandbox`]: `burrow run`'s private view (mount namespace, volumes at
 //!   their mountPaths, resolv.conf) and the exec of its command.
 

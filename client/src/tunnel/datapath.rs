@@ -112,8 +112,10 @@ impl Output {
 /// are TCP fragments (a SYN's flags split off its ports). UDP from the
 /// gateway's tunnel address reaches only burrow's UDP reroute forwarders
 /// (the gateway sends nothing else from it), UDP to those forwarders comes
-/// only from it, and UDP fragments from it are dropped (the gateway never
-/// fragments). Everything else passes: answers to the laptop's own
+/// only from it; a UDP datagram in fragments (the gateway fragments what
+/// exceeds the tunnel MTU) is judged by its first fragment, which carries
+/// the ports (the kernel cannot reassemble the rest without it). Everything
+/// else passes: answers to the laptop's own
 /// connections, UDP replies to the laptop's own flows (the gateway relays
 /// a cluster datagram only to the laptop's flow that it answers) and ICMP.
 /// Lock-free: bitmaps of ports, read per SYN or datagram.
@@ -181,14 +183,9 @@ impl InboundPorts {
         Self::is_set(&self.bits, port)
     }
 
-    /// Whether a UDP datagram from `src` to `port` (None: a fragment, no
-    /// ports) may pass.
-    fn admits_udp(&self, src: IpAddr, port: Option<u16>) -> bool {
-        let from_gateway = src == self.gateway;
-        match port {
-            None => !from_gateway,
-            Some(port) => from_gateway == Self::is_set(&self.udp_bits, port),
-        }
+    /// Whether a UDP datagram from `src` to `port` may pass.
+    fn admits_udp(&self, src: IpAddr, port: u16) -> bool {
+        (src == self.gateway) == Self::is_set(&self.udp_bits, port)
     }
 
     /// Connection attempts refused so far.
@@ -202,17 +199,18 @@ impl InboundPorts {
             return true; // the kernel drops what does not parse
         };
         if ip.protocol == burrow_netstack::wire::PROTO_UDP {
-            let port = if ip.fragment {
-                None
-            } else {
-                ip.payload(packet)
-                    .get(2..4)
-                    .map(|p| u16::from_be_bytes([p[0], p[1]]))
-            };
+            // A later fragment: its first one was judged.
+            if !ip.first_fragment {
+                return true;
+            }
+            let port = ip
+                .payload(packet)
+                .get(2..4)
+                .map(|p| u16::from_be_bytes([p[0], p[1]]));
             let admitted = match port {
                 // A datagram too short for its ports: the kernel drops it.
-                None if !ip.fragment => true,
-                port => self.admits_udp(ip.src, port),
+                None => true,
+                Some(port) => self.admits_udp(ip.src, port),
             };
             if !admitted {
                 self.refused
@@ -715,9 +713,12 @@ mod tests {
         assert!(!f.admits(&tcp(GW, 40000, 41234, SYN, 0)));
         // Replies to the laptop's own UDP flows (DNS, …) pass.
         assert!(f.admits(&udp([10, 96, 0, 10], 53, 50123, 0)));
-        // Fragments from the gateway are dropped (it never fragments);
-        // others pass as before.
-        assert!(!f.admits(&udp(GW, 50000, 41234, 0x2000)));
+        // A datagram in fragments is judged by its first (the ports):
+        // from the gateway to a forwarder passes, to anything else not;
+        // later fragments pass (the kernel cannot use them alone).
+        assert!(f.admits(&udp(GW, 50000, 41234, 0x2000)));
+        assert!(!f.admits(&udp(GW, 50000, 5353, 0x2000)));
+        assert!(f.admits(&udp(GW, 50000, 5353, 0x0010)));
         assert!(f.admits(&udp([10, 96, 0, 10], 53, 50123, 0x2000)));
         f.close_udp(41234);
         assert!(!f.admits(&udp(GW, 50000, 41234, 0)));
