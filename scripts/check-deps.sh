@@ -2,7 +2,8 @@
 # The dependency rule of the workspace (ARCHITECTURE.md, "Code map"):
 #   client → {api, deploy, dns, netstack}, gateway → {api, deploy, netstack},
 #   deploy → api, dns → api; nothing depends on burrow-gateway; inside the client,
-#   only main.rs and cli/ import the commands.
+#   only main.rs and cli/ import the commands, and the modules below them
+#   form layers (tunnel ← daemon, dns ← protocol ← daemon).
 # Checked on the normal (non-dev) dependency graph: the `burrow` binary
 # must not contain the gateway. (client's tests/laptop_dial.rs drives the
 # gateway's data path as a dev-dependency; that never reaches the binary.)
@@ -59,6 +60,28 @@ if grep -rln 'crate::cli' client/src | grep -v '^client/src/main.rs$' | grep -v 
     echo "check-deps: the files above import a command module (crate::cli); share types through protocol.rs" >&2
     fail=1
 fi
+# The layers below the commands (no cycles): what each module may import
+# of the client's others.
+#   tunnel ← daemon;  dns ← protocol ← daemon;  sandbox, progress: alone.
+client_allowed() {
+    case "$1" in
+        tunnel) echo "tunnel" ;;
+        dns | progress | sandbox) echo "" ;;
+        protocol) echo "dns" ;;
+        daemon) echo "daemon dns protocol tunnel" ;;
+    esac
+}
+for m in tunnel dns progress sandbox protocol daemon; do
+    files=$(ls -d "client/src/$m" "client/src/$m.rs" 2>/dev/null || true)
+    [ -n "$files" ] || { echo "check-deps: client module $m not found" >&2; fail=1; continue; }
+    used=$(grep -rhoE 'crate::[a-z_]+' $files | sed 's/crate:://' | sort -u || true)
+    for u in $used; do
+        if [ "$u" != "$m" ] && ! [[ " $(client_allowed "$m") " == *" $u "* ]]; then
+            echo "check-deps: client module $m imports crate::$u, which its layer does not allow" >&2
+            fail=1
+        fi
+    done
+done
 if [ "$fail" = 0 ]; then
     echo "check-deps: the dependency rule holds"
 fi
