@@ -21,7 +21,7 @@
 //!    mirroring it plus the new entry), then a tmpfs there holding the
 //!    files (or, for a `subPath`, a bind from the store), read-only.
 //! 4. resolv.conf bound over `/etc/resolv.conf`; user, groups, working
-//!    directory; exec.
+//!    directory; the signals `run` passes on back to their defaults; exec.
 //!
 //! Secret material is only ever in the pipe, this process's memory and the
 //! namespace's tmpfs mounts, which go away with the command's last
@@ -475,6 +475,24 @@ fn build(plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command starts with the signals `run` passes on handled by default
+/// and none blocked: an ignored SIGINT survives exec (a shell's `cmd &`
+/// leaves SIGINT and SIGQUIT ignored), and `run` could not pass Ctrl-C on.
+fn default_signals() -> anyhow::Result<()> {
+    use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal, sigprocmask};
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+    ] {
+        // SAFETY: the default disposition; no handler runs.
+        unsafe { signal(s, SigHandler::SigDfl) }.with_context(|| format!("resetting {s}"))?;
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).context("signal mask")?;
+    Ok(())
+}
+
 fn become_user(u: &RunAs) -> anyhow::Result<()> {
     use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
     let groups: Vec<Gid> = u.groups.iter().map(|g| Gid::from_raw(*g)).collect();
@@ -502,6 +520,7 @@ pub fn exec_from_fd() -> std::process::ExitCode {
         if let Some(u) = &plan.user {
             become_user(u)?;
         }
+        default_signals()?;
         let (program, args) = plan.argv.split_first().context("no command")?;
         plan_program = Some(program.clone());
         let mut cmd = std::process::Command::new(program);

@@ -70,12 +70,40 @@ pub struct RunArgs {
 /// The running command's pid, for the signal handler.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
+/// A signal that came before the command's pid was known.
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn forward(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // The command has a process group of its own (and the terminal while
     // it runs): whatever reaches run reaches it once, passed on here.
     let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+        return;
+    }
+    // Not started yet: kept for `started`; taken here if it started
+    // meanwhile (whoever swaps it out sends it, once).
+    PENDING.store(sig, Ordering::SeqCst);
+    let pid = CHILD.load(Ordering::SeqCst);
+    let sig = PENDING.swap(0, Ordering::SeqCst);
+    if pid > 0 && sig != 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// The command runs as `pid`: signals from now on go to it, and one that
+/// came while it was starting is passed on now.
+fn started(pid: i32) {
+    CHILD.store(pid, Ordering::SeqCst);
+    let sig = PENDING.swap(0, Ordering::SeqCst);
+    if sig != 0 {
+        // SAFETY: kill(2) on our own child.
         unsafe {
             libc::kill(pid, sig);
         }
@@ -513,6 +541,10 @@ pub fn run(args: RunArgs, global: &crate::Global) -> anyhow::Result<ExitCode> {
             staging: staging.clone(),
         };
         let terminal = holds_terminal();
+        // Handled before the command exists, so that a signal sent as soon
+        // as it runs is never lost (nor, when run was started with SIGINT
+        // ignored, dropped).
+        forward_signals()?;
         let spawned = spawn(&plan, terminal);
         drop(plan);
         let status = match spawned {
@@ -524,8 +556,7 @@ pub fn run(args: RunArgs, global: &crate::Global) -> anyhow::Result<ExitCode> {
                 unsafe {
                     libc::setpgid(pid, pid);
                 }
-                CHILD.store(pid, Ordering::SeqCst);
-                forward_signals()?;
+                started(pid);
                 let st = child.wait().context("waiting for the command");
                 CHILD.store(0, Ordering::SeqCst);
                 if terminal {
