@@ -26,11 +26,14 @@ kubectl --kubeconfig "$KUBECONFIG_HOST" get pods,svc -A -o wide
 
 CALLER=$(kubectl --kubeconfig "$KUBECONFIG_HOST" get pods -n default -l app=caller -o jsonpath='{.items[0].metadata.name}')
 step "from pod $CALLER: curl http://echo.default:8080/hello (a Service by name, through cluster DNS and kube-proxy)"
-$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 http://echo.default:8080/hello
+# Right after `up`, kube-proxy may not have programmed the newest ready
+# endpoints yet (as on a real cluster): a refused connection is tried again.
+RETRY=(--retry 10 --retry-connrefused --retry-delay 1)
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 "${RETRY[@]}" http://echo.default:8080/hello
 echo
 
 step "from pod $CALLER: curl -I http://web"
-$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 -I http://web
+$MC exec --name demo "pod/default/$CALLER" -- curl -sS --max-time 5 "${RETRY[@]}" -I http://web
 
 step "from the laptop namespace the cluster is out of reach until burrow connects"
 if $MC exec --name demo laptop -- curl -sS --max-time 2 http://10.96.0.1 >/dev/null 2>&1; then
