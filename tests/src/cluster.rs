@@ -423,17 +423,28 @@ async fn run(
     let applied = apply_yaml(&store, &text).with_context(|| format!("applying {source}"))?;
     tracing::info!("applied {} objects from {source}", applied.len());
 
-    // Wait for the workloads (and watch the controllers meanwhile).
+    // Wait for the workloads (and watch the controllers meanwhile), then
+    // for kube-proxy to serve them (a real cluster's Services answer a
+    // moment after the pods are ready; `up` says ready once they do), then
+    // DNS.
     let mut last = String::new();
     let mut dns_ok = false;
+    let mut proxy_since: Option<Instant> = None;
     loop {
         if let Some(done) = tasks.try_join_next() {
             return Err(task_failure(done));
         }
         let (ready, total) = workloads_ready(&store);
         let waiting = ready < total || (total == 0 && !nothing_to_wait_for(&applied));
+        let proxy_waiting = !waiting && {
+            let since = *proxy_since.get_or_insert_with(Instant::now);
+            // Bounded: rules that keep changing do not hold `up` forever.
+            !proxy::in_sync(&store, &ctx.state_dir) && since.elapsed() < Duration::from_secs(10)
+        };
         let step = if waiting {
             format!("workloads {ready}/{total} ready")
+        } else if proxy_waiting {
+            "kube-proxy".to_string()
         } else if !dns_ok {
             "DNS".to_string()
         } else {

@@ -373,6 +373,15 @@ pub fn apply(node_netns: &str, text: &str) -> anyhow::Result<()> {
 type UdpState = BTreeMap<UdpPort, BTreeSet<(Ipv4Addr, u16)>>;
 
 /// The rule text and the UDP endpoints it sends to.
+/// The rules kube-proxy last put in force, in the cluster's state dir.
+pub const SYNCED_RULES: &str = "kube-proxy.rules";
+
+/// Whether kube-proxy's rules in force are the ones the store asks for now.
+pub fn in_sync(store: &Store, state_dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(state_dir.join(SYNCED_RULES))
+        .is_ok_and(|applied| applied == current_rules(store).0)
+}
+
 fn current_rules(store: &Store) -> (String, UdpState) {
     let (services, _) = store.list(must("core/v1/services"), None);
     let (slices, _) = store.list(must("discovery.k8s.io/v1/endpointslices"), None);
@@ -459,6 +468,14 @@ pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
             match tokio::task::spawn_blocking(move || apply(&n, &t)).await {
                 Ok(Ok(())) => {
                     last = text.clone();
+                    // What is in force, for `minicluster up` to wait on.
+                    let synced = ctx.state_dir.join(SYNCED_RULES);
+                    let tmp = ctx.state_dir.join(".kube-proxy-rules.tmp");
+                    if let Err(e) =
+                        std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &synced))
+                    {
+                        tracing::debug!("kube-proxy: recording its rules: {e}");
+                    }
                     // After the new rules are in: no new flow can pick the
                     // old endpoints any more.
                     let cleanup = conntrack_cleanup(&last_udp, &udp);
