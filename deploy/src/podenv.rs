@@ -484,7 +484,43 @@ impl Inputs<'_> {
         };
         map.get(name).unwrap_or(&MISSING)
     }
+
+    /// A ConfigMap's or Secret's (`data`, `binaryData`) for `what`; None
+    /// when it may be left out (optional and missing; not read, which is
+    /// said in `left`); a missing non-optional one or a refused read fails.
+    fn read(
+        &self,
+        kind: &'static str,
+        name: &str,
+        optional: bool,
+        what: &str,
+        left: &mut Vec<Left>,
+    ) -> Result<Option<(&Data, &Data)>, Problem> {
+        match self.source(kind, name) {
+            Source::Found { data, binary } => Ok(Some((data, binary))),
+            Source::Missing if optional => Ok(None),
+            Source::Missing => Err(Problem::Missing {
+                kind,
+                name: name.to_string(),
+                key: None,
+            }),
+            Source::Forbidden => Err(Problem::Forbidden {
+                kind,
+                name: name.to_string(),
+            }),
+            Source::Skipped => {
+                left.push(Left {
+                    what: what.to_string(),
+                    why: format!("{kind} {name} not read (--skip-secrets)"),
+                });
+                Ok(None)
+            }
+        }
+    }
 }
+
+/// A ConfigMap's or Secret's keys and values.
+type Data = BTreeMap<String, Vec<u8>>;
 
 /// Turns a problem into a left-out entry when it may be (a value only the
 /// node knows; with `--allow-missing-pod-fields`, one only a pod knows),
@@ -534,33 +570,14 @@ pub fn environment(
         } else {
             continue;
         };
-        match inputs.source(kind, name) {
-            Source::Found { data, .. } => {
-                for (k, v) in data {
-                    let k = format!("{prefix}{k}");
-                    if is_env_name(&k) {
-                        tmp.insert(k, lossy(v));
-                    }
+        let what = format!("envFrom {kind} {name}");
+        if let Some((data, _)) = inputs.read(kind, name, optional, &what, &mut left)? {
+            for (k, v) in data {
+                let k = format!("{prefix}{k}");
+                if is_env_name(&k) {
+                    tmp.insert(k, lossy(v));
                 }
             }
-            Source::Missing if optional => {}
-            Source::Missing => {
-                return Err(Problem::Missing {
-                    kind,
-                    name: name.to_string(),
-                    key: None,
-                });
-            }
-            Source::Forbidden => {
-                return Err(Problem::Forbidden {
-                    kind,
-                    name: name.to_string(),
-                });
-            }
-            Source::Skipped => left.push(Left {
-                what: format!("envFrom {kind} {name}"),
-                why: "--skip-secrets".into(),
-            }),
         }
     }
     for e in container.env.iter().flatten() {
@@ -572,10 +589,12 @@ pub fn environment(
                 Some(expand(raw, &lookup))
             }
             Some(vf) => {
-                let keyed = |kind: &'static str, name: &str, key: &str, optional: bool| match inputs
-                    .source(kind, name)
-                {
-                    Source::Found { data, .. } => match data.get(key) {
+                let mut keyed = |kind: &'static str, name: &str, key: &str, optional: bool| {
+                    let Some((data, _)) = inputs.read(kind, name, optional, &what, &mut left)?
+                    else {
+                        return Ok(None);
+                    };
+                    match data.get(key) {
                         Some(v) => Ok(Some(lossy(v))),
                         None if optional => Ok(None),
                         None => Err(Problem::Missing {
@@ -583,21 +602,7 @@ pub fn environment(
                             name: name.to_string(),
                             key: Some(key.to_string()),
                         }),
-                    },
-                    Source::Missing if optional => Ok(None),
-                    Source::Missing => Err(Problem::Missing {
-                        kind,
-                        name: name.to_string(),
-                        key: None,
-                    }),
-                    Source::Forbidden => Err(Problem::Forbidden {
-                        kind,
-                        name: name.to_string(),
-                    }),
-                    Source::Skipped => Err(Problem::Unsupported {
-                        what: what.clone(),
-                        why: format!("{kind} {name} not read (--skip-secrets)"),
-                    }),
+                    }
                 };
                 let got = if let Some(r) = &vf.config_map_key_ref {
                     keyed("ConfigMap", &r.name, &r.key, r.optional == Some(true))
@@ -612,13 +617,6 @@ pub fn environment(
                 };
                 match got {
                     Ok(v) => v,
-                    Err(Problem::Unsupported { what, why }) if why.contains("--skip-secrets") => {
-                        left.push(Left {
-                            what,
-                            why: "--skip-secrets".into(),
-                        });
-                        None
-                    }
                     Err(p) => {
                         tolerate(p, lenient, &mut left)?;
                         None
@@ -703,29 +701,8 @@ fn keyed_files(
         optional,
         mode,
     } = r;
-    let (data, binary) = match inputs.source(kind, name) {
-        Source::Found { data, binary } => (data, binary),
-        Source::Missing if optional => return Ok(()),
-        Source::Missing => {
-            return Err(Problem::Missing {
-                kind,
-                name: name.to_string(),
-                key: None,
-            });
-        }
-        Source::Forbidden => {
-            return Err(Problem::Forbidden {
-                kind,
-                name: name.to_string(),
-            });
-        }
-        Source::Skipped => {
-            left.push(Left {
-                what: what.to_string(),
-                why: format!("{kind} {name} not read (--skip-secrets)"),
-            });
-            return Ok(());
-        }
+    let Some((data, binary)) = inputs.read(kind, name, optional, what, left)? else {
+        return Ok(());
     };
     let get = |k: &str| data.get(k).or_else(|| binary.get(k));
     match items {

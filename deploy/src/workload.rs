@@ -521,6 +521,9 @@ pub async fn read_sources(
     if podenv::needs_node(&w.spec, container) {
         match w.spec.node_name.as_deref().filter(|_| w.pod.is_some()) {
             None => out.node_note = "no running pod, so no node".into(),
+            Some(node) if !names::is_dns1123_subdomain(node) => {
+                out.node_note = format!("the pod's node {node:?} is not a Kubernetes name");
+            }
             Some(node) => {
                 let api: Api<Node> = Api::all(cluster.client.clone());
                 match api.get_opt(node).await {

@@ -138,13 +138,7 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
     rt.block_on(async {
         // The connection's cluster is the one rerouted; naming another is
         // refused before anything is done.
-        let connected = match crate::cli::connect::daemon_conn(global).await {
-            Ok(conn) => crate::cli::connect::exchange(conn, &crate::protocol::Request::Status, false)
-                .await
-                .ok()
-                .filter(|st| st.connected),
-            Err(_) => None,
-        };
+        let connected = crate::cli::env::connection(global).await;
         let explicit = args.cluster.kubeconfig.is_some() || args.cluster.context.is_some();
         if let Some(st) = &connected
             && explicit
@@ -197,24 +191,9 @@ pub fn run(args: RerouteArgs, global: &crate::Global) -> anyhow::Result<()> {
         // before anything starts: the Service, the port, the permission.
         // Given no kubeconfig, the one `connect` used (and its context and
         // namespace), as the daemon will.
-        let mut target = args.cluster.target();
-        let env_kubeconfig = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
-        if target.kubeconfig.is_none()
-            && !env_kubeconfig
-            && let Some(st) = &connected
-        {
-            match st.kubeconfig.as_slice() {
-                [] => {}
-                [one] => target.kubeconfig = Some(one.clone()),
-                many => target.kubeconfig_list = many.to_vec(),
-            }
-            if target.context.is_none() && !st.context.is_empty() {
-                target.context = Some(st.context.clone());
-            }
-            if target.namespace.is_none() && !st.namespace.is_empty() {
-                target.namespace = Some(st.namespace.clone());
-                spec.namespace = Some(st.namespace.clone());
-            }
+        let target = crate::cli::env::target_with_connection(&args.cluster, connected.as_ref());
+        if spec.namespace.is_none() {
+            spec.namespace = target.namespace.clone();
         }
         let cluster = target.resolve().await?;
         let namespace = spec

@@ -503,23 +503,22 @@ impl Datapath {
         accepted
     }
 
-    /// One IP packet from a laptop, its source already checked: a fragment
-    /// waits for the rest of its datagram.
-    fn on_packet(&mut self, packet: &[u8], now: Instant) {
-        let ip = match burrow_netstack::wire::parse_ip(packet) {
-            Ok(ip) if ip.fragment => ip,
-            // Whole, or malformed (the engine says which).
-            _ => return self.on_whole_packet(packet, now),
+    /// A fragment (the engine takes whole packets only): held until its
+    /// datagram is complete, which then goes in as one packet.
+    fn on_fragment(&mut self, packet: &[u8], now: Instant) {
+        let Ok(ip) = burrow_netstack::wire::parse_ip(packet) else {
+            self.stats.drop_malformed += 1;
+            return;
         };
         match self.reassembly.push(&ip, packet, now) {
-            Reassembled::Whole => self.on_whole_packet(packet, now),
             Reassembled::Held => {}
-            Reassembled::Complete(whole) => self.on_whole_packet(&whole, now),
-            Reassembled::Dropped(_) => self.stats.drop_fragment += 1,
+            Reassembled::Complete(whole) => self.on_packet(&whole, now),
+            Reassembled::Whole | Reassembled::Dropped(_) => self.stats.drop_fragment += 1,
         }
     }
 
-    fn on_whole_packet(&mut self, packet: &[u8], now: Instant) {
+    /// One IP packet from a laptop, its source already checked.
+    fn on_packet(&mut self, packet: &[u8], now: Instant) {
         match self.flows.ingress(packet, now) {
             Ingress::Handled => {}
             Ingress::NewTcp { id, src, dst } => self.open_tcp(id, src, dst),
@@ -557,7 +556,7 @@ impl Datapath {
                 let s = &mut self.stats;
                 match reason {
                     IngressDrop::Malformed(_) | IngressDrop::BadTransport => s.drop_malformed += 1,
-                    IngressDrop::Fragment => s.drop_fragment += 1,
+                    IngressDrop::Fragment => self.on_fragment(packet, now),
                     IngressDrop::UnsupportedProtocol(_) => s.drop_unsupported += 1,
                     IngressDrop::TooManyPendingSyns => s.drop_pending_syns += 1,
                 }
