@@ -90,6 +90,12 @@ pub struct ConnectArgs {
     /// Reach the gateway's WireGuard UDP port at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<String>,
+    /// With the port-forward transport, open N streams through the API
+    /// server and spread connections over them (one slow download does not
+    /// hold up the others).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    port_forward_streams: u8,
     /// Route this range into the cluster too.
     #[arg(long, value_name = "CIDR")]
     include: Vec<IpNet>,
@@ -175,6 +181,7 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
         gateway_namespace: args.cluster.gateway_namespace.clone(),
         transport: args.transport,
         endpoint: args.endpoint,
+        streams: Some(usize::from(args.port_forward_streams)),
         include: args.include,
         exclude: args.exclude,
         no_install: args.no_install,
@@ -421,6 +428,7 @@ pub(crate) async fn connect_quietly(cluster: &ClusterArgs, global: &Global) -> a
         gateway_namespace: cluster.gateway_namespace.clone(),
         transport: Transport::Auto,
         endpoint: None,
+        streams: None,
         include: Vec::new(),
         exclude: Vec::new(),
         no_install: false,
