@@ -69,12 +69,17 @@ for _ in $(seq 120); do
 done
 [ -n "$IP" ] || { echo "the flows pod never became Ready" >&2; exit 1; }
 lap "$BIN/burrow" connect --kubeconfig "$KC" --transport "$TRANSPORT" >/dev/null
-DAEMON=$(pgrep -f "burrow daemon --run-dir $RUN_DIR" | head -1)
-GATEWAY=$(for ns in $(ip netns list | awk "/^mc-$NAME-p-/ {print \$1}"); do
-    for p in $(ip netns pids "$ns"); do
-        grep -q burrow-gateway "/proc/$p/cmdline" 2>/dev/null && echo "$p"
+DAEMON=$(pgrep -f "burrow daemon --run-dir $RUN_DIR" || true)
+DAEMON=${DAEMON%%$'\n'*}
+gateway_pid() { # the gateway's process, in one of this cluster's pod namespaces
+    local ns p
+    for ns in $(ip netns list | awk "/^mc-$NAME-p-/ {print \$1}"); do
+        for p in $(ip netns pids "$ns"); do
+            if grep -q burrow-gateway "/proc/$p/cmdline" 2>/dev/null; then echo "$p"; return; fi
+        done
     done
-done | head -1)
+}
+GATEWAY=$(gateway_pid)
 [ -n "$DAEMON" ] && [ -n "$GATEWAY" ] || { echo "daemon or gateway process not found" >&2; exit 1; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -848,7 +848,10 @@ async fn soak(
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while tokio::time::Instant::now() < end {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(end) => break,
+            }
             let r = async {
                 if conn.is_none() {
                     conn = Some(TcpStream::connect(to).await.context("connect")?);
