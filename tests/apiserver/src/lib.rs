@@ -29,6 +29,7 @@ pub mod quantity;
 pub mod resources;
 pub mod selectors;
 pub mod server;
+pub mod spdy;
 pub mod store;
 pub mod table;
 
