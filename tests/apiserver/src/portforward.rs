@@ -786,3 +786,242 @@ async fn forward_pair(
     s.remove(&error_id);
     s.remove(&data_id);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spdy::{FrameDecoder, FrameEncoder, RST_CANCEL};
+    use std::net::Ipv4Addr;
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+    /// A SPDY client on one end of a pipe whose other end is a session
+    /// forwarding to this machine's loopback.
+    struct Client {
+        rx: FramedRead<ReadHalf<DuplexStream>, FrameDecoder>,
+        tx: FramedWrite<WriteHalf<DuplexStream>, FrameEncoder>,
+    }
+
+    impl Client {
+        fn start() -> Self {
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let dialer: Dialer =
+                Arc::new(|t: PodTarget| Box::pin(tokio::net::TcpStream::connect((t.ip, t.port))));
+            tokio::spawn(spdy_session(
+                far,
+                Pod {
+                    full_name: "web-1_default".to_string(),
+                    uid: "u".to_string(),
+                    ip: Ipv4Addr::LOCALHOST.into(),
+                    dialer,
+                },
+            ));
+            let (r, w) = tokio::io::split(near);
+            Client {
+                rx: FramedRead::new(r, FrameDecoder::new()),
+                tx: FramedWrite::new(w, FrameEncoder::new()),
+            }
+        }
+
+        async fn send(&mut self, f: Frame) {
+            self.tx.send(f).await.expect("send");
+        }
+
+        async fn open(&mut self, id: u32, kind: &str, port: u16, request: &str) {
+            let headers = vec![
+                ("streamtype".to_string(), kind.to_string()),
+                ("port".to_string(), port.to_string()),
+                ("requestid".to_string(), request.to_string()),
+            ];
+            self.send(Frame::SynStream {
+                stream_id: id,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                headers,
+            })
+            .await;
+        }
+
+        async fn next(&mut self) -> Frame {
+            tokio::time::timeout(Duration::from_secs(10), self.rx.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .expect("a valid frame")
+        }
+
+        async fn expect_reply(&mut self, id: u32) {
+            match self.next().await {
+                Frame::SynReply { stream_id, .. } if stream_id == id => {}
+                f => panic!("want SYN_REPLY {id}, got {f:?}"),
+            }
+        }
+    }
+
+    fn fin(stream_id: u32) -> Frame {
+        Frame::Data {
+            stream_id,
+            flags: FLAG_FIN,
+            data: Bytes::new(),
+        }
+    }
+
+    /// A port nothing listens on.
+    async fn refused_port() -> u16 {
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn refused_then_good_connection_on_one_session() {
+        let mut c = Client::start();
+
+        // Nothing listens: the message on the error stream, then FIN on
+        // the error stream, then on the data stream.
+        let bad = refused_port().await;
+        c.open(1, "error", bad, "0").await;
+        c.expect_reply(1).await;
+        c.send(fin(1)).await;
+        c.open(3, "data", bad, "0").await;
+        c.expect_reply(3).await;
+        match c.next().await {
+            Frame::Data {
+                stream_id: 1,
+                flags: 0,
+                data,
+            } => {
+                let msg = String::from_utf8_lossy(&data).into_owned();
+                assert!(
+                    msg.starts_with(&format!(
+                        "error forwarding port {bad} to pod web-1_default, uid : "
+                    )) && msg.ends_with("connect: connection refused"),
+                    "{msg}"
+                );
+            }
+            f => panic!("want the error message, got {f:?}"),
+        }
+        assert_eq!(c.next().await, fin(1));
+        assert_eq!(c.next().await, fin(3));
+
+        // PINGs are answered.
+        c.send(Frame::Ping { id: 1 }).await;
+        assert_eq!(c.next().await, Frame::Ping { id: 1 });
+
+        // A stream without a port is refused, as the kubelet does.
+        c.send(Frame::SynStream {
+            stream_id: 5,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            headers: vec![("streamtype".to_string(), "data".to_string())],
+        })
+        .await;
+        assert_eq!(
+            c.next().await,
+            Frame::RstStream {
+                stream_id: 5,
+                status: RST_CANCEL
+            }
+        );
+
+        // The same session then forwards a good connection, byte-exact.
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let good = l.local_addr().expect("addr").port();
+        let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let served = blob.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut req = Vec::new();
+            s.read_to_end(&mut req).await.expect("read request");
+            assert_eq!(req, b"hello pod");
+            s.write_all(&served).await.expect("write");
+        });
+        c.open(7, "error", good, "1").await;
+        c.expect_reply(7).await;
+        c.send(fin(7)).await;
+        c.open(9, "data", good, "1").await;
+        c.expect_reply(9).await;
+        c.send(Frame::Data {
+            stream_id: 9,
+            flags: 0,
+            data: Bytes::from_static(b"hello "),
+        })
+        .await;
+        c.send(Frame::Data {
+            stream_id: 9,
+            flags: FLAG_FIN,
+            data: Bytes::from_static(b"pod"),
+        })
+        .await;
+        let mut got = Vec::new();
+        let mut error_closed = false;
+        loop {
+            match c.next().await {
+                Frame::Data {
+                    stream_id: 9,
+                    flags,
+                    data,
+                } => {
+                    got.extend_from_slice(&data);
+                    if flags & FLAG_FIN != 0 {
+                        break;
+                    }
+                }
+                f if f == fin(7) => error_closed = true,
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        assert_eq!(got.len(), blob.len());
+        assert!(got == blob, "bytes differ");
+        if !error_closed {
+            assert_eq!(c.next().await, fin(7), "error stream closed, empty");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_stops_the_copy() {
+        let mut c = Client::start();
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            // Writes until the session drops the connection.
+            let chunk = vec![0u8; 16 * 1024];
+            while s.write_all(&chunk).await.is_ok() {}
+            let _ = closed_tx.send(());
+        });
+        c.open(1, "error", port, "0").await;
+        c.expect_reply(1).await;
+        c.open(3, "data", port, "0").await;
+        c.expect_reply(3).await;
+        // Some data flows, then the client resets the data stream.
+        match c.next().await {
+            Frame::Data { stream_id: 3, .. } => {}
+            f => panic!("want data, got {f:?}"),
+        }
+        c.send(Frame::RstStream {
+            stream_id: 3,
+            status: RST_CANCEL,
+        })
+        .await;
+        // Drain until the error stream's FIN: the pod connection is closed.
+        loop {
+            match c.next().await {
+                Frame::Data { stream_id: 3, .. } => {}
+                f if f == fin(1) => break,
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("pod connection closed in time")
+            .expect("closed");
+    }
+}
