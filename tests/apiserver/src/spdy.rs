@@ -621,7 +621,7 @@ mod tests {
     #[test]
     fn first_header_block_names_the_dictionary() {
         let mut c = HeaderCompressor::new();
-        let block = c.compress(&h(&[("streamtype", "error")])).unwrap();
+        let block = c.compress(&h(&[("streamtype", "error")])).expect("ok");
         // zlib header with FDICT, then the dictionary's Adler-32: what
         // every SPDY/3 peer's first header block starts with.
         assert_eq!(block[0], 0x78, "deflate, 32 KiB window");
@@ -643,15 +643,15 @@ mod tests {
         ];
         let mut sizes = Vec::new();
         for b in &blocks {
-            let z = c.compress(b).unwrap();
+            let z = c.compress(b).expect("ok");
             sizes.push(z.len());
-            assert_eq!(&d.decompress(&z).unwrap(), b);
+            assert_eq!(&d.decompress(&z).expect("ok"), b);
         }
         // The second block reuses the first one's text.
         assert!(sizes[1] < sizes[0], "{sizes:?}");
         assert_eq!(header(&blocks[4], "x-multi"), Some("a"));
         // A fresh inflater cannot read a block from the middle of a stream.
-        let z = c.compress(&blocks[0]).unwrap();
+        let z = c.compress(&blocks[0]).expect("ok");
         assert!(HeaderDecompressor::new().decompress(&z).is_err());
     }
 
@@ -707,14 +707,14 @@ mod tests {
         let mut dec = FrameDecoder::new();
         let mut wire = BytesMut::new();
         for f in frames.clone() {
-            enc.encode(f, &mut wire).unwrap();
+            enc.encode(f, &mut wire).expect("ok");
         }
         // Fed a byte at a time, the decoder waits for whole frames.
         let mut got = Vec::new();
         let mut buf = BytesMut::new();
         for b in wire.iter() {
             buf.put_u8(*b);
-            while let Some(f) = dec.decode(&mut buf).unwrap() {
+            while let Some(f) = dec.decode(&mut buf).expect("ok") {
                 got.push(f);
             }
         }
@@ -733,10 +733,10 @@ mod tests {
             },
             &mut w,
         )
-        .unwrap();
+        .expect("ok");
         assert_eq!(&w[..], &[0, 0, 0, 3, 1, 0, 0, 2, b'a', b'b']);
         w.clear();
-        enc.encode(Frame::Ping { id: 7 }, &mut w).unwrap();
+        enc.encode(Frame::Ping { id: 7 }, &mut w).expect("ok");
         assert_eq!(&w[..], &[0x80, 3, 0, 6, 0, 0, 0, 4, 0, 0, 0, 7]);
         w.clear();
         enc.encode(
@@ -746,7 +746,7 @@ mod tests {
             },
             &mut w,
         )
-        .unwrap();
+        .expect("ok");
         assert_eq!(&w[..], &[0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 3]);
     }
 
@@ -765,7 +765,7 @@ mod tests {
         // An unknown control type is skipped, not fatal.
         let mut b = BytesMut::from(&[0x80, 3, 0, 0x0a, 0, 0, 0, 1, 9][..]);
         assert_eq!(
-            FrameDecoder::new().decode(&mut b).unwrap(),
+            FrameDecoder::new().decode(&mut b).expect("ok"),
             Some(Frame::Unknown { kind: 10, flags: 0 })
         );
     }
