@@ -188,7 +188,7 @@ fn reroute_handoff_acceptance() {
             assert_eq!(s.echo_pod(&[]), "laptop-alice");
             // A kubeconfig naming another API server is refused, naming both.
             let text = std::fs::read_to_string(&kc).expect("kubeconfig");
-            let other = s.dir.path().join("other-cluster.yaml");
+            let other = s.dir.join("other-cluster.yaml");
             let changed = text
                 .lines()
                 .map(|l| {
