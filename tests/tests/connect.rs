@@ -578,6 +578,14 @@ fn gateway_pod_replaced_traffic_resumes_without_a_command() {
     let _ = download.wait();
     let st = s.at(1).status_json();
     assert!(st["reconnects"].as_u64().unwrap_or(0) >= 1, "{st}");
+    // As found for the next point: one gateway pod, the old one gone.
+    eventually(Duration::from_secs(60), "the old gateway pod gone", || {
+        let o = run(kubectl(
+            c,
+            &["get", "pods", "-n", "burrow-system", "-o", "name"],
+        ));
+        (o.status.success() && !stdout(&o).contains(&old)).then_some(())
+    });
 }
 
 /// 4b disconnect all, uninstall leaves no object
