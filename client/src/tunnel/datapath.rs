@@ -70,8 +70,9 @@ pub struct LinkStats {
 /// [`LinkStats`], shared.
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
 
-/// The UDP socket and the output batch, or the framed links.
-struct Output {
+/// Where encrypted datagrams go: the UDP socket (its output batch), or the
+/// framed links.
+struct Wire {
     udp: UdpSocket,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are sent as
     /// v4-mapped addresses.
@@ -86,7 +87,7 @@ struct Output {
     link_tx: Vec<Instant>,
 }
 
-impl Output {
+impl Wire {
     fn wire_addr(&self, to: SocketAddr) -> SocketAddr {
         match to {
             SocketAddr::V4(a) if self.v6 => {
@@ -332,7 +333,7 @@ impl InboundPorts {
 pub struct Datapath {
     peers: Peers,
     tun: Tun,
-    out: Output,
+    out: Wire,
     recv: RecvBatch,
     tun_buf: Vec<u8>,
     /// One segment split off a TSO read.
@@ -384,7 +385,7 @@ impl Datapath {
         Ok(Self {
             peers: table,
             tun,
-            out: Output {
+            out: Wire {
                 udp,
                 v6,
                 batch: SendBatch::new(slot),
@@ -738,7 +739,7 @@ impl Datapath {
 }
 
 /// Encrypt one IP packet into the next slot of the send batch.
-fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet: &[u8]) {
+fn encrypt(peers: &mut Peers, out: &mut Wire, counters: &mut Counters, packet: &[u8]) {
     if out.batch.is_full() {
         out.flush(counters);
     }
@@ -779,7 +780,7 @@ fn on_datagram(
     tun: &Tun,
     inbound: Option<&InboundPorts>,
     gro: &mut Option<Coalescer>,
-    out: &mut Output,
+    out: &mut Wire,
     buf: &mut [u8],
     counters: &mut Counters,
     from: SocketAddr,

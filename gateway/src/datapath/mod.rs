@@ -50,7 +50,7 @@ use crate::framed::{self, FramedConn, FramedEvent};
 use crate::laptop::ApiConn;
 use datagram::{DatagramFlow, ICMP_IDLE, LaptopUdpEnd};
 use metrics::{Stats, limit_index};
-use output::Output;
+use output::Sink;
 use tcp::{End, TcpFlow};
 
 mod datagram;
@@ -250,7 +250,7 @@ impl Datapath {
             }
         };
         let slot = self.cfg.mtu + DATA_OVERHEAD + 64;
-        let mut out = Output {
+        let mut out = Sink {
             udp,
             batch: SendBatch::new(slot.max(MIN_BUFFER)),
             conns: HashMap::new(),
@@ -358,7 +358,7 @@ impl Datapath {
 
     /// Receive and process batches of UDP datagrams until none are queued
     /// (bounded, so other inputs get their turn).
-    fn drain_udp(&mut self, out: &mut Output, recv: &mut RecvBatch) {
+    fn drain_udp(&mut self, out: &mut Sink, recv: &mut RecvBatch) {
         let now = Instant::now();
         for _ in 0..4 {
             match recv.recv(&out.udp) {
@@ -396,7 +396,7 @@ impl Datapath {
         }
     }
 
-    fn on_framed(&mut self, out: &mut Output, ev: FramedEvent) {
+    fn on_framed(&mut self, out: &mut Sink, ev: FramedEvent) {
         match ev {
             FramedEvent::Opened {
                 id,
@@ -475,7 +475,7 @@ impl Datapath {
     /// unverified sender or a drop.
     fn on_datagram(
         &mut self,
-        out: &mut Output,
+        out: &mut Sink,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
@@ -487,7 +487,7 @@ impl Datapath {
     /// the datagram says (data, a keepalive, a handshake).
     fn accept(
         &mut self,
-        out: &mut Output,
+        out: &mut Sink,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
@@ -769,7 +769,7 @@ impl Datapath {
         self.reassembly.expire(now);
     }
 
-    fn egress(&mut self, out: &mut Output, now: Instant) {
+    fn egress(&mut self, out: &mut Sink, now: Instant) {
         let Self {
             flows,
             peers,

@@ -27,7 +27,7 @@ pub(super) const STREAM_SILENCE: Duration = Duration::from_secs(12);
 
 /// Where encrypted datagrams go: the UDP socket (batched) or a framed
 /// connection's output buffer.
-pub(super) struct Output {
+pub(super) struct Sink {
     pub(super) udp: UdpSocket,
     pub(super) batch: SendBatch,
     pub(super) conns: HashMap<ConnId, FramedConn>,
@@ -39,7 +39,7 @@ pub(super) struct Output {
     pub(super) streams: HashMap<PeerId, Vec<ConnId>>,
 }
 
-impl Output {
+impl Sink {
     /// Send a datagram that already sits in some buffer, for `peer` when it
     /// is known: a framed endpoint that has closed is replaced by one of
     /// the peer's other streams.
@@ -86,7 +86,7 @@ impl Output {
         if self.batch.is_full() {
             self.flush_udp(stats);
         }
-        let Output {
+        let Sink {
             batch,
             conns,
             dirty,
@@ -280,7 +280,7 @@ mod tests {
             .add(PeerConfig::host(key, IpAddr::V4(LAPTOP)))
             .expect("peer");
         let id = peers.find_by_key(&key).expect("added");
-        let mut out = Output {
+        let mut out = Sink {
             udp: UdpSocket::bind("127.0.0.1:0").await.expect("bind"),
             batch: SendBatch::new(2048),
             conns: HashMap::new(),
@@ -292,8 +292,8 @@ mod tests {
             out.conns.insert(c, conn());
             out.bind(c, id, &peers, now);
         }
-        let pick = |out: &Output, port: u16, reply: bool, at: Instant| {
-            Output::stream_for(
+        let pick = |out: &Sink, port: u16, reply: bool, at: Instant| {
+            Sink::stream_for(
                 &out.conns,
                 &out.streams,
                 &peers,
