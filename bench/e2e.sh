@@ -80,7 +80,7 @@
 #      NS_LAP=e2e-lap NS_GW=e2e-gw NS_POD=e2e-pod
 #      DELAY_MS=0 LOSS=0: impair the underlay each direction: DELAY_MS=25 LOSS=1 is a
 #             50 ms RTT (tc netem on lap0 and gw0; needs sch_netem) with 1 % loss each
-#             way (iptables statistic on lap0), e.g.
+#             way (iptables statistic, PREROUTING of lap and gw), e.g.
 #             LOSS=3 MEASURES="tcp1 wrk-c1" bash bench/e2e.sh direct burrow burrow_framed wggo
 # Needs: Debian 12 packages (installed with apt-get -y if missing), onetun
 # (cargo install onetun --locked, if cargo exists and onetun is missing),
@@ -1118,10 +1118,12 @@ if [ "${DELAY_MS:-0}" != 0 ]; then
     { echo "DELAY_MS needs tc netem (sch_netem), which this kernel does not have" >&2; exit 1; }
 fi
 if [ "${LOSS:-0}" != 0 ]; then
-  # random loss on the laptop's underlay (lap0), each direction (iptables statistic)
+  # random loss on the underlay, each direction, where a packet arrives (iptables
+  # statistic in PREROUTING of lap and gw: a drop in OUTPUT would fail the sender's
+  # send with EPERM instead of losing the packet on the way)
   p=$(awk -v l="$LOSS" 'BEGIN {printf "%.4f", l / 100}')
-  inns "$NS_LAP" iptables -A OUTPUT -o lap0 -m statistic --mode random --probability "$p" -j DROP
-  inns "$NS_LAP" iptables -A INPUT -i lap0 -m statistic --mode random --probability "$p" -j DROP
+  inns "$NS_LAP" iptables -t mangle -A PREROUTING -i lap0 -m statistic --mode random --probability "$p" -j DROP
+  inns "$NS_GW" iptables -t mangle -A PREROUTING -i gw0 -m statistic --mode random --probability "$p" -j DROP
 fi
 if [ "${DELAY_MS:-0}" != 0 ] || [ "${LOSS:-0}" != 0 ]; then
   echo "underlay impaired: ${DELAY_MS:-0} ms delay and ${LOSS:-0} % loss each direction" >>"$NOTES"

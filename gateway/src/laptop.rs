@@ -31,7 +31,7 @@ use burrow_netstack::flow::FlowId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::datapath::Control;
+use crate::datapath::Command;
 use crate::datapath::inbox::CHUNK;
 use crate::datapath::{FlowEvent, TcpShared, ToCluster};
 
@@ -39,13 +39,13 @@ use crate::datapath::{FlowEvent, TcpShared, ToCluster};
 /// clone talks to the same data path.
 #[derive(Clone)]
 pub struct LaptopDialer {
-    tx: mpsc::Sender<Control>,
+    tx: mpsc::Sender<Command>,
 }
 
 impl LaptopDialer {
     /// A dialer for the data path that reads `tx`'s receiver (the
     /// `control_rx` of `Datapath::run`).
-    pub fn new(tx: mpsc::Sender<Control>) -> Self {
+    pub fn new(tx: mpsc::Sender<Command>) -> Self {
         Self { tx }
     }
 
@@ -65,7 +65,7 @@ impl LaptopDialer {
         let stopped = || io::Error::other("the gateway's data path has stopped");
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Control::DialLaptop { to, reply })
+            .send(Command::DialLaptop { to, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -81,7 +81,7 @@ impl LaptopDialer {
         let stopped = || io::Error::other("the gateway's data path has stopped");
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Control::OpenLaptopUdp { to, reply })
+            .send(Command::OpenLaptopUdp { to, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?

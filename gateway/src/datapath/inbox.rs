@@ -1,5 +1,5 @@
 //! What the data path exchanges with the rest of the gateway: requests
-//! from other tasks ([`Control`], sent through a [`DatapathHandle`]), events
+//! from other tasks ([`Command`], sent through a [`DatapathHandle`]), events
 //! from flow tasks, the dialer thread and laptop streams ([`FlowEvent`]),
 //! and what a laptop stream shares with it ([`ToCluster`], [`TcpShared`]).
 //!
@@ -34,7 +34,7 @@ pub const CHUNK: usize = 64 * 1024;
 pub const TO_CLUSTER_QUEUE: usize = 4;
 
 /// Requests to the data path from other tasks.
-pub enum Control {
+pub enum Command {
     /// Render the Prometheus exposition.
     Metrics(oneshot::Sender<String>),
     /// Add a peer (a laptop registering at runtime). A peer with the same
@@ -64,7 +64,7 @@ pub enum Control {
 /// The control server's way into the data path task.
 #[derive(Clone)]
 pub struct DatapathHandle {
-    pub tx: mpsc::Sender<Control>,
+    pub tx: mpsc::Sender<Command>,
 }
 
 impl DatapathHandle {
@@ -78,7 +78,7 @@ impl DatapathHandle {
         let (reply, answer) = oneshot::channel();
         let config = PeerConfig::host(key.public_key(), address);
         self.tx
-            .send(Control::AddPeer(config, reply))
+            .send(Command::AddPeer(config, reply))
             .await
             .map_err(|_| "the data path has stopped".to_string())?;
         match answer.await {
@@ -91,26 +91,26 @@ impl DatapathHandle {
     /// The Prometheus exposition; None once the data path has stopped.
     pub async fn metrics(&self) -> Option<String> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Control::Metrics(reply)).await.ok()?;
+        self.tx.send(Command::Metrics(reply)).await.ok()?;
         answer.await.ok()
     }
 
     /// Removes a peer; its flows are reset.
     pub(crate) async fn remove(&self, key: WgKey) {
-        let _ = self.tx.send(Control::RemovePeer(key)).await;
+        let _ = self.tx.send(Command::RemovePeer(key)).await;
     }
 
     /// Open (TCP, UDP) flows of the laptop at `address`.
     pub(crate) async fn flows_of(&self, address: IpAddr) -> Option<(usize, usize)> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Control::FlowsOf(address, reply)).await.ok()?;
+        self.tx.send(Command::FlowsOf(address, reply)).await.ok()?;
         answer.await.ok()
     }
 
     /// Time since each peer's last handshake, by key.
     pub(crate) async fn last_seen(&self) -> HashMap<WgKey, Duration> {
         let (reply, answer) = oneshot::channel();
-        if self.tx.send(Control::LastHandshakes(reply)).await.is_err() {
+        if self.tx.send(Command::LastHandshakes(reply)).await.is_err() {
             return HashMap::new();
         }
         answer.await.unwrap_or_default()

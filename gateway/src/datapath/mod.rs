@@ -13,7 +13,7 @@
 //!
 //! The folder, by concern:
 //! - [`inbox`]: every message the data path takes or hands out
-//!   ([`Control`], [`FlowEvent`], [`ToCluster`], [`TcpShared`],
+//!   ([`Command`], [`FlowEvent`], [`ToCluster`], [`TcpShared`],
 //!   [`DatapathHandle`]);
 //! - this module: the loop, WireGuard datagrams in, peers, the sweep;
 //! - `output`: the sink encrypted datagrams leave by (batched UDP,
@@ -60,7 +60,7 @@ pub mod metrics;
 mod output;
 mod tcp;
 
-pub use inbox::{Control, DatapathHandle, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
+pub use inbox::{Command, DatapathHandle, DialError, FlowEvent, IcmpKey, TcpShared, ToCluster};
 
 /// boringtun's timers want a call about every 250 ms.
 const WG_TIMER_TICK: Duration = Duration::from_millis(250);
@@ -80,7 +80,7 @@ pub struct DatapathConfig {
     pub udp_idle_timeout: Duration,
     pub tcp_buffer: usize,
     /// The gateway's own tunnel address: the source of connections it
-    /// opens to laptops ([`Control::DialLaptop`]). `serve` fills it in
+    /// opens to laptops ([`Command::DialLaptop`]). `serve` fills it in
     /// from the control API's tunnel network.
     pub tunnel_address: Option<IpAddr>,
     /// Caps on the flows one laptop opens.
@@ -231,7 +231,7 @@ impl Datapath {
         mut self,
         udp: UdpSocket,
         mut framed_rx: mpsc::Receiver<FramedEvent>,
-        mut control_rx: mpsc::Receiver<Control>,
+        mut control_rx: mpsc::Receiver<Command>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -298,23 +298,23 @@ impl Datapath {
                     }
                 }
                 c = control_rx.recv(), if control_open => match c {
-                    Some(Control::Metrics(reply)) => {
+                    Some(Command::Metrics(reply)) => {
                         let _ = reply.send(self.render_metrics(&out));
                     }
-                    Some(Control::AddPeer(config, reply)) => {
+                    Some(Command::AddPeer(config, reply)) => {
                         let _ = reply.send(self.add_peer(config));
                     }
-                    Some(Control::RemovePeer(key)) => self.remove_peer(&key),
-                    Some(Control::LastHandshakes(reply)) => {
+                    Some(Command::RemovePeer(key)) => self.remove_peer(&key),
+                    Some(Command::LastHandshakes(reply)) => {
                         let _ = reply.send(self.last_handshakes(Instant::now()));
                     }
-                    Some(Control::FlowsOf(laptop, reply)) => {
+                    Some(Command::FlowsOf(laptop, reply)) => {
                         let _ = reply.send(self.flows.flows_of(laptop));
                     }
-                    Some(Control::DialLaptop { to, reply }) => {
+                    Some(Command::DialLaptop { to, reply }) => {
                         self.dial_laptop(to, reply, &out.conns, Instant::now());
                     }
-                    Some(Control::OpenLaptopUdp { to, reply }) => {
+                    Some(Command::OpenLaptopUdp { to, reply }) => {
                         let _ = reply.send(self.open_laptop_udp(to, Instant::now()));
                     }
                     None => control_open = false,

@@ -64,7 +64,7 @@ pub(super) struct StreamEnd {
     pub(super) granted: usize,
 }
 
-/// The waiting half of [`Control::DialLaptop`].
+/// The waiting half of [`Command::DialLaptop`].
 pub(super) struct Connecting {
     pub(super) reply: oneshot::Sender<io::Result<LaptopStream>>,
     /// The stream's end of the queue towards it.
