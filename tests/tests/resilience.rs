@@ -62,12 +62,15 @@ fn connected<'a>(c: &'a Cluster, n: usize, transport: &str, extra: &[&str]) -> L
     l
 }
 
-/// What must not change across a sleep: the tunnel address, routes, DNS.
-fn identity(st: &Value) -> (Value, Value, Value, Value) {
+/// What must not change across a sleep: the tunnel address, routes, DNS
+/// (its mode and stub; not its cache counters).
+fn identity(st: &Value) -> (Value, Value, String, Value) {
+    let dns = st["dns"].as_str().unwrap_or_default();
+    let dns = dns.split(" (cache").next().unwrap_or_default().to_string();
     (
         st["tunnel_address"].clone(),
         st["routes"].clone(),
-        st["dns"].clone(),
+        dns,
         st["dns_servers"].clone(),
     )
 }
@@ -131,10 +134,7 @@ impl LongConnection {
 
     fn assert_alive(&self) {
         let text = self.text();
-        assert!(
-            !text.contains("!!"),
-            "the long connection failed:\n{text}"
-        );
+        assert!(!text.contains("!!"), "the long connection failed:\n{text}");
     }
 
     /// Waits (at most `limit`) until `more` answers came after `since`'s
@@ -158,9 +158,17 @@ impl Drop for LongConnection {
 
 /// Whether `curl http://web/` answers from the laptop (2 s at most).
 fn web_answers(l: &Laptop) -> bool {
-    run(l.on(&["curl", "-sSf", "--max-time", "2", "-o", "/dev/null", "http://web/"]))
-        .status
-        .success()
+    run(l.on(&[
+        "curl",
+        "-sSf",
+        "--max-time",
+        "2",
+        "-o",
+        "/dev/null",
+        "http://web/",
+    ]))
+    .status
+    .success()
 }
 
 /// How long after `since` a `curl http://web/` first answered: the start
@@ -201,7 +209,11 @@ fn assert_back(l: &Laptop, long: &LongConnection, since: Instant, before: &Value
         l.n,
         l.daemon_log()
     );
-    assert_eq!(identity(&st), identity(before), "{what}: the laptop's tunnel address, routes or DNS changed");
+    assert_eq!(
+        identity(&st),
+        identity(before),
+        "{what}: the laptop's tunnel address, routes or DNS changed"
+    );
     long.assert_alive();
 }
 
@@ -315,12 +327,36 @@ fn cut_api_connections(l: &Laptop) -> usize {
         .collect();
     let rule = |op: &str, port: &str| {
         l.ok(&[
-            "iptables", "-w", op, "OUTPUT", "-p", "tcp", "--sport", port, "--dport", "6443", "-j",
-            "REJECT", "--reject-with", "tcp-reset",
+            "iptables",
+            "-w",
+            op,
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--sport",
+            port,
+            "--dport",
+            "6443",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
         ]);
         l.ok(&[
-            "iptables", "-w", op, "INPUT", "-p", "tcp", "--dport", port, "--sport", "6443", "-j",
-            "REJECT", "--reject-with", "tcp-reset",
+            "iptables",
+            "-w",
+            op,
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "--sport",
+            "6443",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
         ]);
     };
     for p in &ports {
@@ -449,7 +485,9 @@ fn port_forward_cut_leaves_udp_transport_alone() {
     // Answers go on every second: three more within a few seconds of the
     // cut, on the same connection.
     let took = long.answers_after(cut, 3, Duration::from_secs(10));
-    eprintln!("UDP transport, API connections cut ({n}): the long connection went on ({took:.1?} for 3 answers)");
+    eprintln!(
+        "UDP transport, API connections cut ({n}): the long connection went on ({took:.1?} for 3 answers)"
+    );
     assert!(web_answers(&l));
 }
 
@@ -517,9 +555,10 @@ fn install_with_short_grace(c: &Cluster) {
             let pods: Value = serde_json::from_str(&out).ok()?;
             let items = pods["items"].as_array()?;
             let ready = |p: &Value| {
-                p["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                p["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
             };
             (items.len() == 1
                 && items[0]["spec"]["containers"][0]["args"]
@@ -546,8 +585,15 @@ fn sleep_longer_than_the_grace() {
     let woke = Instant::now();
     let back = back_after(&l, woke, Duration::from_secs(60));
     let st = l.status_json();
-    eprintln!("{what}: curl http://web answered {back:.1?} after SIGCONT; events: {}", st["events"]);
-    assert!(back <= BACK_WITHIN, "{what}: back {back:?} after:\n{st}\n{}", l.daemon_log());
+    eprintln!(
+        "{what}: curl http://web answered {back:.1?} after SIGCONT; events: {}",
+        st["events"]
+    );
+    assert!(
+        back <= BACK_WITHIN,
+        "{what}: back {back:?} after:\n{st}\n{}",
+        l.daemon_log()
+    );
     assert!(
         st["events"].to_string().contains("had forgotten"),
         "{what}: status does not say the gateway had forgotten the laptop: {st}"
@@ -576,7 +622,75 @@ fn api_server_restart_over_port_forward() {
         st["reconnects"],
         st["last_reconnect_error"]
     );
-    assert!(back <= BACK_WITHIN, "{what}: back {back:?} after:\n{st}\n{}", l.daemon_log());
+    assert!(
+        back <= BACK_WITHIN,
+        "{what}: back {back:?} after:\n{st}\n{}",
+        l.daemon_log()
+    );
+    assert!(
+        st["reconnects"].as_u64().unwrap_or(0) > before["reconnects"].as_u64().unwrap_or(0),
+        "{what}: status does not say the transport reconnected: {st}"
+    );
+    assert_eq!(identity(&st), identity(&before));
+    download_is_right(&l, what);
+}
+
+/// The name of the gateway's Ready pod in the second cluster, if one is.
+fn ready_gateway(c: &Cluster) -> Option<String> {
+    let out = stdout(&run(kubectl(
+        c,
+        &["-n", "burrow-system", "get", "pods", "-o", "json"],
+    )));
+    let pods: Value = serde_json::from_str(&out).ok()?;
+    pods["items"].as_array()?.iter().find_map(|p| {
+        let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        let deleting = !p["metadata"]["deletionTimestamp"].is_null();
+        (ready && !deleting).then(|| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+    })
+}
+
+#[test]
+fn gateway_pod_deleted_over_port_forward() {
+    let Some(guard) = second() else { return };
+    let c = guard.as_ref().expect("second cluster");
+    let l = connected(c, 2, "port-forward", &[]);
+    let what = "gateway pod deleted during a download";
+    let before = l.status_json();
+    let old = ready_gateway(c).expect("a ready gateway pod");
+    let (download, file) = start_download(&l, "during.bin", "10M");
+    std::thread::sleep(Duration::from_secs(3));
+    ok(kubectl(
+        c,
+        &["-n", "burrow-system", "delete", "pod", &old, "--wait=false"],
+    ));
+    let new = eventually(Duration::from_secs(60), "a new gateway pod ready", || {
+        ready_gateway(c).filter(|p| *p != old)
+    });
+    let ready = Instant::now();
+    let back = back_after(&l, ready, Duration::from_secs(60));
+    let st = l.status_json();
+    eprintln!(
+        "{what}: {old} → {new}; curl http://web answered {back:.1?} after the new pod was ready; the download going on {}; events: {}",
+        outcome(download, &file),
+        st["events"]
+    );
+    assert!(
+        back <= BACK_WITHIN,
+        "{what}: back {back:?} after:\n{st}\n{}",
+        l.daemon_log()
+    );
+    assert!(
+        st["events"].to_string().contains("replaced by"),
+        "{what}: status does not say the gateway pod changed: {st}"
+    );
     assert_eq!(identity(&st), identity(&before));
     download_is_right(&l, what);
 }

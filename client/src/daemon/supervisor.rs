@@ -120,7 +120,11 @@ pub(super) async fn supervise(mut s: Supervisor) {
                             "gateway pod {} replaced by {}: registered again{}",
                             s.pod.name,
                             target.name,
-                            if reg.known == Some(true) { "" } else { " (the new pod did not know this laptop)" }
+                            if reg.known == Some(true) {
+                                ""
+                            } else {
+                                " (the new pod did not know this laptop)"
+                            }
                         ));
                         st.gateway_pod = target.name.clone();
                         st.gateway_pod_ip = target.ip.clone();

@@ -58,7 +58,11 @@ impl std::fmt::Display for Change {
             }
             Change::Moved { from, to } => write!(f, "network changed: address {from} → {to}"),
             Change::Woke { after } => {
-                write!(f, "woke up: the daemon did not run for {}s", after.as_secs())
+                write!(
+                    f,
+                    "woke up: the daemon did not run for {}s",
+                    after.as_secs()
+                )
             }
         }
     }
