@@ -30,11 +30,14 @@ else
 fi
 if cargo clippy --version >/dev/null 2>&1; then
     cargo clippy --workspace --all-targets -- -D warnings
+    # `--all-targets` leaves out test targets with `test = false`.
+    cargo clippy -p burrow-tests --test resilience -- -D warnings
 else
     echo "note: clippy is not installed; skipping lints" >&2
 fi
 
 cargo build --workspace --all-targets
+cargo build -p burrow-tests --test resilience
 # The crates' dependency rule (nothing depends on the gateway).
 bash scripts/check-deps.sh
 # Every fuzz target briefly over its committed corpus (about a minute of

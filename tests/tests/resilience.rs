@@ -4,9 +4,12 @@
 //! Each point has a laptop of its own in one shared cluster, so the long
 //! waits (4 minutes of a stopped daemon or a link down) run at the same
 //! time: run this binary with `--test-threads` of at least the number of
-//! tests (`scripts/test.sh` gives it 12). The points that change the
-//! cluster itself (a gateway with a short grace, an API server restart)
-//! share a second, small cluster, one after the other.
+//! tests (`scripts/test.sh` gives it 12; the file is `test = false`, out
+//! of the plain `cargo test`). The points that change the cluster itself
+//! (a gateway with a short grace, an API server restart, the gateway pod
+//! deleted) share a second, small cluster, one after the other. The whole
+//! file takes about 6 minutes (a 4-minute wait, up to 2 more for a
+//! laptop's TCP to retransmit).
 //!
 //! A "long connection" is `mc-flows line-echo` to the `db` pod (socat and
 //! `cat`: no idle timeout of its own, unlike nginx's 75 s keep-alive): a

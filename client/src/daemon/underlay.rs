@@ -86,8 +86,10 @@ impl Underlay {
     }
 
     /// One look: the source address the kernel picks now, the monotonic
-    /// and the wall clock. What changed, if anything (a wake-up first: a
-    /// sleep often changes the network too, and recovery covers both).
+    /// and the wall clock. What changed, if anything: a move, a return or
+    /// a loss before a wake-up (a sleep often changes the network too, and
+    /// recovery from either covers both); a wake-up with no network is
+    /// nothing yet.
     pub(super) fn observe(
         &mut self,
         source: Option<IpAddr>,
@@ -245,7 +247,7 @@ mod tests {
         assert_eq!(
             u.observe(ip("192.168.240.2"), t1, w1),
             Some(Change::Woke {
-                after: Duration::from_secs(3599)
+                after: Duration::from_secs(3600)
             })
         );
         // Woke on another network: a wake-up (recovery covers the move).
