@@ -316,9 +316,14 @@ fn new_address_over_port_forward() {
 // ------------------------------------------------------------ stream cut
 
 /// Resets every TCP connection the laptop has open to the API server, both
-/// ways (iptables REJECT with tcp-reset on their ports), for a moment:
-/// the port-forward streams, watches and pooled connections break; new
-/// ones are not touched.
+/// ways, and keeps them refused for a moment (iptables REJECT with
+/// tcp-reset on their ports): the port-forward streams, watches and pooled
+/// connections break; new ones are not touched. The REJECT's own resets
+/// were not taken by either end here (a bulk stream's both ends stayed
+/// established, their RSTs presumably failing RFC 5961's exact-sequence
+/// check), so the laptop's sockets are also destroyed (`ss -K`: the local
+/// end aborts, the API server gets a RST), which is what a middlebox's
+/// reset does to a connection.
 fn cut_api_connections(l: &Laptop) -> usize {
     let out = l.ok(&["ss", "-Htn", "state", "established", "( dport = :6443 )"]);
     let ports: Vec<String> = out
@@ -364,6 +369,18 @@ fn cut_api_connections(l: &Laptop) -> usize {
     };
     for p in &ports {
         rule("-I", p);
+    }
+    for p in &ports {
+        // It may say "Invalid argument" for a socket gone meanwhile.
+        let _ = run(l.on(&[
+            "ss",
+            "-K",
+            "dst",
+            "192.168.240.1",
+            "sport",
+            "=",
+            &format!(":{p}"),
+        ]));
     }
     // Long enough for a segment each way (the streams carry a download).
     std::thread::sleep(Duration::from_secs(2));

@@ -163,9 +163,13 @@ fn on_change(s: &Supervisor, change: &underlay::Change) {
         return;
     }
     if let Some(r) = &s.relay {
-        // The same pod again: the relay reopens its stream (and restarts
-        // the session on it).
+        // The same pod again: the relay reopens its stream; the session
+        // restarts so that a handshake goes out on the new stream at once
+        // (one sent on the old one is lost, and would be resent only after
+        // boringtun's 5 s; the relay's socket keeps it until the new
+        // stream takes it).
         let _ = r.pod.send(s.pod.clone());
+        s.reset.store(true, std::sync::atomic::Ordering::Release);
     } else if !matches!(change, underlay::Change::Woke { .. }) {
         // A woken session keeps what it queued meanwhile (the laptop's
         // retransmissions) and handshakes by itself if it expired; a new
