@@ -36,6 +36,10 @@
 #   onetun    onetun (boringtun + smoltcp) in lap, local ports 15201/18080/10007
 #             forwarded over WireGuard to the wireguard-go peer in gw, then to pod
 #   sshuttle_nlc  same as sshuttle, with --no-latency-control (not by default)
+#   burrow_framed same as burrow, over B_STREAMS (4) TCP connections to the
+#             gateway's framed port (`burrow up --framed-streams`): the framed
+#             transport a port-forward carries, without the API server (not by
+#             default; TCP in TCP shows under loss)
 # (default: direct burrow wggo sshuttle onetun; name some to run only those)
 #
 # Measures (each REPS times, the median is reported), as peers.sh:
@@ -74,6 +78,10 @@
 #      QUIET_CORES=0.3 QUIET_WAIT=120: before each measure wait (at most QUIET_WAIT s)
 #      until other processes use at most QUIET_CORES cores; the load seen is reported
 #      NS_LAP=e2e-lap NS_GW=e2e-gw NS_POD=e2e-pod
+#      DELAY_MS=0 LOSS=0: impair the underlay each direction: DELAY_MS=25 LOSS=1 is a
+#             50 ms RTT (tc netem on lap0 and gw0; needs sch_netem) with 1 % loss each
+#             way (iptables statistic on lap0), e.g.
+#             LOSS=3 MEASURES="tcp1 wrk-c1" bash bench/e2e.sh direct burrow burrow_framed wggo
 # Needs: Debian 12 packages (installed with apt-get -y if missing), onetun
 # (cargo install onetun --locked, if cargo exists and onetun is missing),
 # setpriv (util-linux), and release builds of burrow and burrow-gateway.
@@ -475,7 +483,7 @@ def report(raw, notes, out, meta):
             return '-' if a == b == '-' else f'{a} ({b})'
         return num(p, key, fmt)
     nflows = os.environ.get('FLOWS', '10000')
-    order = [p for p in ['direct', 'burrow', 'wggo', 'sshuttle', 'sshuttle_nlc', 'onetun'] if p in rows]
+    order = [p for p in ['direct', 'burrow', 'burrow_framed', 'wggo', 'sshuttle', 'sshuttle_nlc', 'onetun'] if p in rows]
     order += [p for p in rows if p not in order]
     L = []
     L.append('# burrow data path vs peers (bench/e2e.sh)\n')
@@ -828,7 +836,7 @@ MTU = 1420
 
 [Peer]
 PublicKey = $(cat "$WORK/bgw.pub")
-Endpoint = $GW_LAP_IP:$B_WG_PORT
+Endpoint = $GW_LAP_IP:${B_ENDPOINT_PORT:-$B_WG_PORT}
 AllowedIPs = 10.244.0.0/16
 PersistentKeepalive = 25
 EOF
@@ -843,8 +851,9 @@ EOF
   wait_for 10 listening "$NS_GW" "$B_METRICS_PORT" || { tail -5 "$WORK/burrow-gw.log" >&2; return 1; }
   echo "burrow-gateway runs as $(awk '/^Uid:/{printf "uid %s", $2} /^CapEff:/{printf ", CapEff %s", $2} /^CapBnd:/{printf ", CapBnd %s", $2} /^NoNewPrivs:/{printf ", NoNewPrivs %s", $2}' "/proc/$B_GW_PID/status"), fd limit $(awk '/open files/{print $4}' "/proc/$B_GW_PID/limits")" >>"$NOTES"
   mkdir -p "$B_RUN"
+  # shellcheck disable=SC2086
   inns "$NS_LAP" "$BURROW" up --wg-config "$WORK/burrow-lap.conf" --name "$B_IF" --background \
-    --run-dir "$B_RUN" >>"$WORK/burrow.log" 2>&1 || { tail -5 "$WORK/burrow.log" "$B_RUN/up-$B_IF.log" >&2; return 1; }
+    --run-dir "$B_RUN" ${B_UP_ARGS:-} >>"$WORK/burrow.log" 2>&1 || { tail -5 "$WORK/burrow.log" "$B_RUN/up-$B_IF.log" >&2; return 1; }
   B_CLI_PID=$("$PY" -c "import json; print(json.load(open('$B_RUN/up-$B_IF.json'))['pid'])") || return 1
   T_HOST=$POD_IP T_IPERF=5201 T_HTTP=80 T_ECHO=7
   TUN_ROOTS="$B_GW_PID $B_CLI_PID"
@@ -853,6 +862,11 @@ EOF
   wait_for 15 tcp_open "$NS_LAP" "$POD_IP" 7 || return 1
   sleep 2; rec_mem burrow idle
 }
+# burrow_framed: the same, over B_STREAMS (4) TCP connections to the gateway's framed
+# port (what the port-forward transport reaches, without the API server): TCP in TCP
+setup_burrow_framed() { B_ENDPOINT_PORT=$B_FRAMED_PORT B_UP_ARGS="--framed-streams ${B_STREAMS:-4}" setup_burrow; }
+post_burrow_framed() { rec_mem burrow_framed after; }
+teardown_burrow_framed() { teardown_burrow; }
 b_metrics() { inns "$NS_GW" curl -s --max-time 5 "http://127.0.0.1:$B_METRICS_PORT/metrics"; }
 post_burrow() {
   rec_mem burrow after
@@ -1071,8 +1085,8 @@ measure_path() {
   log "== $p: teardown"
   "teardown_$p"
   local lf
-  case $p in wggo) lf=wg-lap ;; sshuttle*) lf=sshuttle ;; burrow) lf=burrow-gw ;; *) lf=$p ;; esac
-  for lf in $lf $([ "$p" = burrow ] && echo burrow); do
+  case $p in wggo) lf=wg-lap ;; sshuttle*) lf=sshuttle ;; burrow*) lf=burrow-gw ;; *) lf=$p ;; esac
+  for lf in $lf $(case $p in burrow*) echo burrow ;; esac); do
     if [ -s "$WORK/$lf.log" ] && grep -qiE "error|panic" "$WORK/$lf.log"; then
       echo "$p: $lf log has $(grep -ciE "error|panic" "$WORK/$lf.log") error lines, most common: $(grep -iE "error|panic" "$WORK/$lf.log" | sed -E 's/^ *[0-9TZ:.-]+ +//; s/[0-9]+/N/g' | sort | uniq -c | sort -rn | head -2 | cut -c1-160 | tr -s ' \n' ' ')" >>"$NOTES"
     fi
@@ -1086,7 +1100,7 @@ write_report() {  # write_report [remark]
   local meta
   meta="Date: $(date -u '+%Y-%m-%d %H:%M UTC'). Machine: nproc=$(nproc), kernel $(uname -r), $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'), $(free -g | awk '/Mem:/{print $2}') GiB RAM.
 Versions: $(iperf3 --version | head -1 | awk '{print $1, $2}'), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $(nginx -v 2>&1 | sed 's/.*: //'), wireguard-go $(wireguard-go --version | head -1 | awk '{print $2}'), sshuttle $(sshuttle --version), $(ssh -V 2>&1 | cut -d, -f1)${ONETUN:+, onetun $("$ONETUN" --version 2>/dev/null | awk '{print $2}')}, $("$BURROW" --version 2>/dev/null) and $("$BURROW_GW" --version 2>/dev/null) from $BURROW_BIN_DIR.
-Run took $(( (SECONDS - T0) / 60 )) min; DUR=${DUR}s per measure, REPS=$REPS, FLOWS=$FLOWS. Produced by bench/e2e.sh (paths: $PATHS).${1:+ $1}"
+Run took $(( (SECONDS - T0) / 60 )) min; DUR=${DUR}s per measure, REPS=$REPS, FLOWS=$FLOWS, underlay delay ${DELAY_MS:-0} ms and loss ${LOSS:-0} % each way. Produced by bench/e2e.sh (paths: $PATHS).${1:+ $1}"
   REPS=$REPS FLOWS=$FLOWS H report "$RAW" "$NOTES" "$RESULTS" "$meta"
   cp "$RAW" "${RESULTS%.md}-raw.tsv" 2>/dev/null || true
 }
@@ -1096,6 +1110,22 @@ need_pkgs
 case " $PATHS " in *" onetun "*) need_onetun ;; esac
 case " $PATHS " in *" burrow "*) need_burrow || { echo "burrow binaries missing in $BURROW_BIN_DIR" >&2; exit 1; } ;; esac
 build_topology
+if [ "${DELAY_MS:-0}" != 0 ]; then
+  # a delay each way on the underlay: needs sch_netem (some VM kernels, this one
+  # included, lack it; a netfilter-queue delay line measured wrong, so none is faked)
+  inns "$NS_LAP" tc qdisc add dev lap0 root netem delay "${DELAY_MS}ms" &&
+    inns "$NS_GW" tc qdisc add dev gw0 root netem delay "${DELAY_MS}ms" ||
+    { echo "DELAY_MS needs tc netem (sch_netem), which this kernel does not have" >&2; exit 1; }
+fi
+if [ "${LOSS:-0}" != 0 ]; then
+  # random loss on the laptop's underlay (lap0), each direction (iptables statistic)
+  p=$(awk -v l="$LOSS" 'BEGIN {printf "%.4f", l / 100}')
+  inns "$NS_LAP" iptables -A OUTPUT -o lap0 -m statistic --mode random --probability "$p" -j DROP
+  inns "$NS_LAP" iptables -A INPUT -i lap0 -m statistic --mode random --probability "$p" -j DROP
+fi
+if [ "${DELAY_MS:-0}" != 0 ] || [ "${LOSS:-0}" != 0 ]; then
+  echo "underlay impaired: ${DELAY_MS:-0} ms delay and ${LOSS:-0} % loss each direction" >>"$NOTES"
+fi
 start_pod_services
 start_gw_wireguard
 if [ "${HOLD:-0}" = 1 ]; then   # debugging/profiling aid: keep the topology (and one path) up

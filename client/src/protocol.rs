@@ -38,6 +38,9 @@ pub struct ConnectRequest {
     pub gateway_namespace: String,
     pub transport: Transport,
     pub endpoint: Option<String>,
+    /// Port-forward streams to open (None: the default).
+    #[serde(default)]
+    pub streams: Option<usize>,
     pub include: Vec<IpNet>,
     pub exclude: Vec<IpNet>,
     pub no_install: bool,

@@ -143,7 +143,7 @@ impl World {
                 assert_eq!(self.gw.route(h.src), Some(peer), "source routes to sender");
                 assert_eq!(self.gw.route(h.dst), None, "no peer-to-peer");
             }
-            Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+            Decapsulated::Nothing | Decapsulated::Keepalive { .. } | Decapsulated::Dropped(_) => {}
         }
     }
 

@@ -2,11 +2,15 @@
 //! length-framed WireGuard datagrams ([`burrow_netstack::framing`]), the
 //! form WireGuard takes through a Kubernetes port-forward.
 //!
-//! A laptop may open several connections; each is its own underlay
-//! "endpoint" to the peer table, so replies follow WireGuard's roaming rule
-//! and go back on the connection the peer authenticated on most recently.
-//! Connections are named by synthetic addresses in `100::/64` (RFC 6666,
-//! discard-only), which no UDP datagram can legitimately come from.
+//! A laptop opens several connections (its streams, 4 by default); each is
+//! its own underlay "endpoint" to the peer table. A connection becomes one
+//! of the peer's streams once its session accepted a datagram there; the
+//! data path sends each flow's packets on one of them by the flow's hash
+//! (`datapath::output`), and what belongs to no flow (handshake answers,
+//! keepalives) follows WireGuard's roaming rule: the connection the peer
+//! was last heard on. Connections are named by synthetic addresses in
+//! `100::/64` (RFC 6666, discard-only), which no UDP datagram can
+//! legitimately come from.
 //!
 //! Per connection a reader task passes raw stream chunks to the data path
 //! (decoding happens there, without copying whole frames), and a writer task
@@ -50,8 +54,8 @@ pub type ConnId = u64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Connections open at once from loopback (port-forwards), and again
-    /// from everywhere else. A laptop uses one (a second briefly while its
-    /// port-forward is reopened).
+    /// from everywhere else. A laptop uses one per stream (4 by default,
+    /// at most 16), a few more briefly while it reopens them.
     pub max_connections: usize,
     /// Connections open at once from one source address other than
     /// loopback.
@@ -291,6 +295,11 @@ pub struct FramedConn {
     pub remote: SocketAddr,
     pub out: Arc<FramedOut>,
     pub decoder: framing::FrameDecoder,
+    /// The peer whose datagrams were last accepted here (its slot and its
+    /// key: a slot can be reused by another peer).
+    pub peer: Option<(burrow_netstack::wg::PeerId, boringtun::x25519::PublicKey)>,
+    /// When a datagram was last accepted here.
+    pub heard: Option<Instant>,
 }
 
 impl FramedConn {
@@ -299,6 +308,8 @@ impl FramedConn {
             remote,
             out,
             decoder: framing::FrameDecoder::with_max_frame(max_frame),
+            peer: None,
+            heard: None,
         }
     }
 }

@@ -864,7 +864,7 @@ async fn udp_echo_once(laptop: &mut Laptop, h: SocketHandle, remote: IpEndpoint,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_follow_the_most_recent_framed_connection() {
+async fn replies_move_off_a_framed_connection_that_closed() {
     let gw = Gateway::start().await;
     let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let server_addr = server.local_addr().expect("addr");
@@ -878,17 +878,31 @@ async fn replies_follow_the_most_recent_framed_connection() {
     let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::framed(gw.framed).await);
     let h = laptop_udp_socket(&mut laptop, 5353);
     udp_echo_once(&mut laptop, h, remote, b"first connection").await;
-    // A second connection from the same peer: the first stays open but the
-    // laptop now only listens on the second, so a reply on the first would
-    // be lost and the round trip would time out.
+    // A second connection from the same peer (its first datagram makes it
+    // one of the peer's streams), then the first closes: every reply, the
+    // flow's included, must come on the second (the laptop listens only
+    // there now, so a reply on the first would be lost and the round trip
+    // would time out).
     let second = Transport::framed(gw.framed).await;
-    let _first = std::mem::replace(&mut laptop.transport, second);
+    let first = std::mem::replace(&mut laptop.transport, second);
     udp_echo_once(&mut laptop, h, remote, b"second connection").await;
     let m = gw.metrics().await;
     assert_eq!(
         Gateway::metric(&m, "burrow_gateway_framed_connections"),
         2.0
     );
+    drop(first);
+    let start = Instant::now();
+    while Gateway::metric(&gw.metrics().await, "burrow_gateway_framed_connections") != 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the first connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..8u8 {
+        udp_echo_once(&mut laptop, h, remote, &[b'x', i]).await;
+    }
     gw.stop().await;
 }
 

@@ -188,8 +188,12 @@ pub enum DropReason {
 /// Result of [`Peers::decapsulate`] and [`Peers::flush_queued`].
 #[derive(Debug)]
 pub enum Decapsulated<'b> {
-    /// Nothing to do (e.g. a keepalive).
+    /// Nothing to do.
     Nothing,
+    /// A keepalive of `peer`'s live session: authenticated, nothing to do.
+    Keepalive {
+        peer: PeerId,
+    },
     /// Send `datagram` to `to`. `peer` is `None` for a cookie reply to an
     /// unauthenticated sender. After a send caused by a peer's datagram, call
     /// [`Peers::flush_queued`] until it returns `Nothing`: packets queued
@@ -556,6 +560,7 @@ impl Peers {
                         peer.endpoint = Some(from);
                     }
                     peer.last_received = Some(now);
+                    return Decapsulated::Keepalive { peer: id };
                 }
                 return Decapsulated::Nothing;
             }
@@ -806,7 +811,7 @@ mod tests {
                     assert_eq!(peer, w.a);
                     delivered = Some(packet.to_vec());
                 }
-                Decapsulated::Nothing => {}
+                Decapsulated::Nothing | Decapsulated::Keepalive { .. } => {}
                 Decapsulated::Dropped(r) => return Err(format!("{r:?}")),
             }
         }
@@ -1030,7 +1035,7 @@ mod tests {
                     }
                 }
                 Decapsulated::Packet { packet, .. } => delivered.push(packet.to_vec()),
-                Decapsulated::Nothing => {}
+                Decapsulated::Nothing | Decapsulated::Keepalive { .. } => {}
                 Decapsulated::Dropped(r) => panic!("dropped: {r:?}"),
             }
         }

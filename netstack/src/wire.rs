@@ -225,6 +225,51 @@ fn parse_ipv6(p: &[u8]) -> Result<IpHeader, PacketError> {
     })
 }
 
+/// A hash of the flow `packet` belongs to, the same for both directions
+/// (source and destination swapped give the same value): addresses,
+/// protocol and, for TCP and UDP that is not a fragment, ports. Used to keep
+/// each flow on one of several transport streams, in order. Not keyed: it
+/// spreads load, it defends nothing. Unparsable packets hash to 0.
+pub fn flow_hash(packet: &[u8]) -> u64 {
+    let Ok(h) = parse_ip(packet) else {
+        return 0;
+    };
+    let ports = if (h.protocol == PROTO_TCP || h.protocol == PROTO_UDP) && !h.fragment {
+        let p = h.payload(packet);
+        match (p.get(0..2), p.get(2..4)) {
+            (Some(s), Some(d)) => {
+                let (s, d) = (
+                    u16::from_be_bytes([s[0], s[1]]),
+                    u16::from_be_bytes([d[0], d[1]]),
+                );
+                (u64::from(s.min(d)) << 16) | u64::from(s.max(d))
+            }
+            _ => 0,
+        }
+    } else {
+        0
+    };
+    let fold = |ip: IpAddr| -> u64 {
+        match ip {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => {
+                let v = u128::from(a);
+                (v as u64) ^ ((v >> 64) as u64)
+            }
+        }
+    };
+    let (a, b) = (fold(h.src), fold(h.dst));
+    // FNV-1a over the ordered pair, the ports and the protocol.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in [a.min(b), a.max(b), ports, u64::from(h.protocol)] {
+        for byte in word.to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
 /// The largest TCP MSS that fits in one packet of `mtu` bytes, assuming no IP
 /// or TCP options beyond the fixed headers (what Linux and smoltcp assume too).
 pub fn mss_for_mtu(mtu: u16, version: IpVersion) -> u16 {
@@ -510,6 +555,30 @@ pub(crate) mod tests {
         // Option length running past the header is an error, not a panic.
         let mut r = tcp4_packet(TCP_FLAG_SYN, &[3, 9, 0, 0], &[]);
         assert_eq!(clamp_tcp_mss(&mut r, 1000), Err(PacketError::BadTcpHeader));
+    }
+
+    #[test]
+    fn flow_hash_is_the_same_both_ways_and_differs_by_port() {
+        let there = tcp4_packet(0x10, &[], b"x");
+        // The reply: addresses and ports swapped.
+        let mut back = there.clone();
+        back[12..16].copy_from_slice(&there[16..20]);
+        back[16..20].copy_from_slice(&there[12..16]);
+        back[20..22].copy_from_slice(&there[22..24]);
+        back[22..24].copy_from_slice(&there[20..22]);
+        assert_eq!(flow_hash(&there), flow_hash(&back));
+        let mut other = there.clone();
+        other[20..22].copy_from_slice(&40001u16.to_be_bytes());
+        assert_ne!(flow_hash(&there), flow_hash(&other));
+        // A fragment hashes by addresses only: all fragments of a datagram
+        // (only the first has ports) go the same way.
+        let mut first = there.clone();
+        first[6] = 0x20;
+        let mut later = there.clone();
+        later[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+        later[20..24].copy_from_slice(&[9, 9, 9, 9]);
+        assert_eq!(flow_hash(&first), flow_hash(&later));
+        assert_eq!(flow_hash(&[0x45, 0]), 0);
     }
 
     #[test]

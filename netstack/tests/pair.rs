@@ -371,7 +371,7 @@ impl World {
                 }
             }
             Decapsulated::Packet { packet: p, .. } => packet = Some(p.to_vec()),
-            Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+            Decapsulated::Nothing | Decapsulated::Keepalive { .. } | Decapsulated::Dropped(_) => {}
         }
         for r in replies {
             self.send(!d.to_gateway, r);

@@ -1,11 +1,20 @@
 //! `minicluster down` and `gc` leave nothing behind: no namespace, process,
 //! veth, iptables rule or file. Runs alone in its own test binary (cargo runs
 //! test binaries one after another), because `gc` removes every cluster.
+//!
+//! Two tests, each with its own cluster (`cargo test --test cleanup gc`):
+//! - `down_leaves_nothing_behind`
+//! - `gc_removes_what_a_killed_daemon_left`
+//!
+//! Both compare the machine's namespaces, links and iptables with what
+//! they were before their cluster, and `gc` removes every cluster: they
+//! take turns (a lock), whatever `--test-threads` says.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 
 use common::*;
 
@@ -72,8 +81,12 @@ fn host_iptables() -> String {
         .join("\n")
 }
 
+/// One test at a time.
+static TURN: Mutex<()> = Mutex::new(());
+
 #[test]
-fn down_and_gc_leave_nothing_behind() {
+fn down_leaves_nothing_behind() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let before = (netns_list(), host_links(), host_iptables());
     let Some(c) = cluster("gc", 2) else { return };
     let name = c.name().to_string();
@@ -104,8 +117,13 @@ fn down_and_gc_leave_nothing_behind() {
                 .unwrap_or(true),
         "/etc/netns entries left"
     );
+}
 
-    // A cluster whose daemon was killed leaves debris that gc removes.
+/// A cluster whose daemon was killed leaves debris that gc removes.
+#[test]
+fn gc_removes_what_a_killed_daemon_left() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let before = netns_list();
     let Some(c2) = cluster("gd", 1) else { return };
     let name2 = c2.name().to_string();
     let dir2 = format!("/run/minicluster/{name2}");
@@ -117,7 +135,7 @@ fn down_and_gc_leave_nothing_behind() {
     gc.arg("gc");
     let o = run(gc);
     assert!(o.status.success(), "gc: {}", stderr(&o));
-    assert_eq!(netns_list(), before.0, "namespaces left after gc");
+    assert_eq!(netns_list(), before, "namespaces left after gc");
     assert!(
         processes_of(&dir2).is_empty(),
         "processes left after gc: {:?}",

@@ -10,8 +10,20 @@
 //! wireguard-go instead, which tells a gateway bug from a client bug; the
 //! client-only points (5b, 6) are then skipped.
 //!
-//! Every point runs even when an earlier one failed; the failures are
-//! listed at the end.
+//! One cluster and one gateway for the binary (common::shared), set up by
+//! the first test; each acceptance point is a test of its own (`cargo test
+//! --test datapath thousand`):
+//! - `the_laptop_reaches_the_cluster` (1)
+//! - `failures_look_like_failures` (2)
+//! - `a_thousand_parallel_flows` (3)
+//! - `the_gateway_isolates` (4)
+//! - `a_wireguard_go_laptop_reaches_the_gateway` (5a)
+//! - `burrow_up_to_a_wireguard_go_peer` (5b)
+//! - `burrow_leaves_nothing_behind` (6)
+//!
+//! Every point brings laptop 1's tunnel up (4 also laptop 2's) under the
+//! same interface name and routes, and takes it down when done, so each
+//! takes the cluster alone.
 
 mod common;
 
@@ -20,7 +32,7 @@ use std::net::Ipv4Addr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use burrow_tests::cluster::Cluster;
@@ -50,10 +62,28 @@ enum LaptopSide {
     WireguardGo,
 }
 
-/// Everything the points share.
-struct Setup {
-    c: Cluster,
+/// What every point uses: set up once (the gateway deployed, the `flows`
+/// workload applied, the addresses read).
+struct Fixture {
     gw: Gateway,
+    side: LaptopSide,
+    burrow: PathBuf,
+    mc_flows: PathBuf,
+    web_ip: String,
+    web_pod_ip: String,
+    redis_ip: String,
+    udp_echo_ip: String,
+    caller_pod: String,
+    caller_ip: String,
+    flows_ip: String,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+/// Everything the points share.
+struct Setup<'a> {
+    c: &'a Cluster,
+    gw: &'static Gateway,
     side: LaptopSide,
     burrow: PathBuf,
     mc_flows: PathBuf,
@@ -68,56 +98,12 @@ struct Setup {
     flows_ip: String,
 }
 
-/// One acceptance point of the issue.
-struct Point {
-    name: &'static str,
-    run: fn(&Setup),
-    /// Tests the client itself: skipped when the laptop side is
-    /// wireguard-go.
-    needs_burrow: bool,
+/// The binary's cluster: every point brings laptop 1 up and down.
+fn dp_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("dp", 2)
 }
 
-const POINTS: &[Point] = &[
-    Point {
-        name: "1 the laptop reaches the cluster",
-        run: reaches_the_cluster,
-        needs_burrow: false,
-    },
-    Point {
-        name: "2 failures look like failures",
-        run: failures_look_like_failures,
-        needs_burrow: false,
-    },
-    Point {
-        name: "3 a thousand parallel flows",
-        run: thousand_parallel_flows,
-        needs_burrow: false,
-    },
-    Point {
-        name: "4 the gateway isolates",
-        run: gateway_isolates,
-        needs_burrow: false,
-    },
-    Point {
-        name: "5a wireguard-go laptop to the gateway",
-        run: wireguard_go_laptop,
-        needs_burrow: false,
-    },
-    Point {
-        name: "5b burrow up to a wireguard-go peer",
-        run: burrow_to_wireguard_go,
-        needs_burrow: true,
-    },
-    Point {
-        name: "6 burrow leaves nothing behind",
-        run: burrow_leaves_nothing_behind,
-        needs_burrow: true,
-    },
-];
-
-#[test]
-fn datapath_acceptance() {
-    let Some(c) = cluster("dp", 2) else { return };
+fn fixture(c: &Cluster) -> Fixture {
     let side = match std::env::var("BURROW_E2E_LAPTOP").as_deref() {
         Ok("wireguard-go") => LaptopSide::WireguardGo,
         Ok("burrow") | Err(_) => LaptopSide::Burrow,
@@ -131,7 +117,7 @@ fn datapath_acceptance() {
     if side == LaptopSide::Burrow {
         burrow_has_up(&burrow);
     }
-    let gw = gateway::deploy(&c, &PEERS).expect("deploying the gateway");
+    let gw = gateway::deploy(c, &PEERS).expect("deploying the gateway");
     eprintln!(
         "datapath: gateway {} at {} (pod IP {}), laptop side: {side:?}",
         gw.pod,
@@ -139,11 +125,11 @@ fn datapath_acceptance() {
         gw.pod_ip
     );
     let mc_flows = PathBuf::from(env!("CARGO_BIN_EXE_mc-flows"));
-    let mut apply = kubectl(&c, &["apply", "-f", "-"]);
+    let mut apply = kubectl(c, &["apply", "-f", "-"]);
     apply.stdin(Stdio::piped());
     feed_and_check(apply, &flows_yaml(&mc_flows));
 
-    let jsonpath = |args: &[&str]| ok(kubectl(&c, args)).trim().to_string();
+    let jsonpath = |args: &[&str]| ok(kubectl(c, args)).trim().to_string();
     let svc_ip = |ns: &str, name: &str| {
         jsonpath(&[
             "get",
@@ -166,10 +152,10 @@ fn datapath_acceptance() {
             "jsonpath={.status.podIP}",
         ])
     };
-    let web_pod = pod_of(&c, "default", "web");
-    let caller_pod = pod_of(&c, "default", "caller");
-    let (flows_pod, _) = flows_pod_ready(&c);
-    let s = Setup {
+    let web_pod = pod_of(c, "default", "web");
+    let caller_pod = pod_of(c, "default", "caller");
+    let (flows_pod, _) = flows_pod_ready(c);
+    Fixture {
         web_ip: svc_ip("default", "web"),
         web_pod_ip: pod_ip("default", &web_pod),
         redis_ip: svc_ip("data", "redis"),
@@ -177,42 +163,108 @@ fn datapath_acceptance() {
         caller_ip: pod_ip("default", &caller_pod),
         caller_pod,
         flows_ip: pod_ip("default", &flows_pod),
-        dir: c.state_dir().join("datapath"),
-        c,
         gw,
         side,
         burrow,
         mc_flows,
-    };
+    }
+}
 
-    let mut failed = Vec::new();
-    for &Point {
-        name,
-        run,
-        needs_burrow,
-    } in POINTS
-    {
-        if needs_burrow && s.side != LaptopSide::Burrow {
-            eprintln!("datapath: {name}: skipped (needs burrow up)");
-            continue;
-        }
-        let start = Instant::now();
-        eprintln!("datapath: {name} ...");
-        match catch_unwind(AssertUnwindSafe(|| run(&s))) {
-            Ok(()) => eprintln!("datapath: {name}: ok ({:.1?})", start.elapsed()),
-            Err(_) => {
-                eprintln!(
-                    "datapath: {name}: FAILED ({:.1?}); gateway log:\n{}",
-                    start.elapsed(),
-                    s.gw.log_tail(15)
-                );
-                failed.push(name);
-            }
+/// Runs point `run` on the binary's cluster, alone; `needs_burrow`: it
+/// tests the client itself (skipped when the laptop side is wireguard-go).
+fn point(name: &str, run: fn(&Setup), needs_burrow: bool) {
+    let Some(ref c) = dp_alone() else { return };
+    let f = FIXTURE.get_or_init(|| fixture(c));
+    let s = Setup {
+        c,
+        gw: &f.gw,
+        side: f.side,
+        burrow: f.burrow.clone(),
+        mc_flows: f.mc_flows.clone(),
+        dir: c.state_dir().join("datapath"),
+        web_ip: f.web_ip.clone(),
+        web_pod_ip: f.web_pod_ip.clone(),
+        redis_ip: f.redis_ip.clone(),
+        udp_echo_ip: f.udp_echo_ip.clone(),
+        caller_pod: f.caller_pod.clone(),
+        caller_ip: f.caller_ip.clone(),
+        flows_ip: f.flows_ip.clone(),
+    };
+    if needs_burrow && s.side != LaptopSide::Burrow {
+        eprintln!("datapath: {name}: skipped (needs burrow up)");
+        return;
+    }
+    let start = Instant::now();
+    eprintln!("datapath: {name} ...");
+    match catch_unwind(AssertUnwindSafe(|| run(&s))) {
+        Ok(()) => eprintln!("datapath: {name}: ok ({:.1?})", start.elapsed()),
+        Err(e) => {
+            eprintln!(
+                "datapath: {name}: FAILED ({:.1?}); gateway log:\n{}",
+                start.elapsed(),
+                s.gw.log_tail(15)
+            );
+            std::panic::resume_unwind(e);
         }
     }
-    assert!(
-        failed.is_empty(),
-        "failed points (messages above): {failed:?}"
+}
+
+#[test]
+fn the_laptop_reaches_the_cluster() {
+    point(
+        "1 the laptop reaches the cluster",
+        reaches_the_cluster,
+        false,
+    );
+}
+
+#[test]
+fn failures_look_like_failures() {
+    point(
+        "2 failures look like failures",
+        failures_look_like_failures_,
+        false,
+    );
+}
+
+#[test]
+fn a_thousand_parallel_flows() {
+    point(
+        "3 a thousand parallel flows",
+        thousand_parallel_flows,
+        false,
+    );
+}
+
+#[test]
+fn the_gateway_isolates() {
+    point("4 the gateway isolates", gateway_isolates, false);
+}
+
+#[test]
+fn a_wireguard_go_laptop_reaches_the_gateway() {
+    point(
+        "5a wireguard-go laptop to the gateway",
+        wireguard_go_laptop,
+        false,
+    );
+}
+
+#[test]
+fn burrow_up_to_a_wireguard_go_peer() {
+    point(
+        "5b burrow up to a wireguard-go peer",
+        burrow_to_wireguard_go,
+        true,
+    );
+}
+
+#[test]
+fn burrow_leaves_nothing_behind() {
+    point(
+        "6 burrow leaves nothing behind",
+        burrow_leaves_nothing_behind_,
+        true,
     );
 }
 
@@ -423,7 +475,7 @@ impl Laptop {
     }
 }
 
-impl Setup {
+impl Setup<'_> {
     /// `laptop` (1 or 2) as a [`Cluster::exec`] target.
     fn laptop(&self, laptop: usize) -> String {
         if laptop == 1 {
@@ -517,24 +569,16 @@ impl Setup {
 
     /// TCP flows the gateway holds now, read from the caller pod.
     fn tcp_flows_open(&self) -> f64 {
-        let text = gateway::scrape(
-            &self.c,
-            &format!("pod/default/{}", self.caller_pod),
-            &self.gw,
-        )
-        .expect("scraping the gateway's metrics");
+        let text = gateway::scrape(self.c, &format!("pod/default/{}", self.caller_pod), self.gw)
+            .expect("scraping the gateway's metrics");
         gateway::sample(&text, "burrow_gateway_flows_open", "proto=\"tcp\"")
             .unwrap_or_else(|| panic!("no open-flows sample:\n{text}"))
     }
 
     /// A gateway drop counter, read from the caller pod.
     fn dropped(&self, reason: &str) -> f64 {
-        let text = gateway::scrape(
-            &self.c,
-            &format!("pod/default/{}", self.caller_pod),
-            &self.gw,
-        )
-        .expect("scraping the gateway's metrics");
+        let text = gateway::scrape(self.c, &format!("pod/default/{}", self.caller_pod), self.gw)
+            .expect("scraping the gateway's metrics");
         gateway::sample(
             &text,
             "burrow_gateway_packets_dropped_total",
@@ -624,7 +668,7 @@ fn reaches_the_cluster(s: &Setup) {
     let sum = ok(sha);
     assert_eq!(
         sum.split_whitespace().next(),
-        Some(expected_sha256(&s.c, "100m.bin").as_str()),
+        Some(expected_sha256(s.c, "100m.bin").as_str()),
         "sha256 of {url} through the tunnel"
     );
 
@@ -655,7 +699,7 @@ fn reaches_the_cluster(s: &Setup) {
 
 /// 2: refused is refused, no pod is a timeout, and a close travels both
 /// ways.
-fn failures_look_like_failures(s: &Setup) {
+fn failures_look_like_failures_(s: &Setup) {
     let _tunnel = s.tunnel(1, &[]);
     let url = format!("http://{}:81/", s.web_pod_ip);
     let o = s.curl(1, &["-v", "--connect-timeout", "5", &url]);
@@ -690,7 +734,7 @@ fn failures_look_like_failures(s: &Setup) {
             s.c.exec(&caller, &["socat", &listen, "STDIO"]),
             &format!("{case}: server socat in the caller pod"),
         );
-        wait_listening(&s.c, &caller, port);
+        wait_listening(s.c, &caller, port);
         let connect = format!("TCP:{}:{port}", s.caller_ip);
         let mut client = Interactive::spawn(
             s.on(1, &["socat", "STDIO", &connect]),
@@ -767,7 +811,7 @@ fn thousand_parallel_flows(s: &Setup) {
 /// 4: no privileges, no peer to peer, no forged sources.
 fn gateway_isolates(s: &Setup) {
     // The process: non-root, no capabilities.
-    let pid = gateway::process_id(&s.c, &s.gw).expect("the gateway's process");
+    let pid = gateway::process_id(s.c, s.gw).expect("the gateway's process");
     let exe = gateway::process_exe(pid).expect("its executable");
     assert_eq!(
         exe.file_name().and_then(|n| n.to_str()),
@@ -800,7 +844,7 @@ fn gateway_isolates(s: &Setup) {
         s.on(1, &["socat", &listen, "EXEC:echo reached laptop 1"]),
         "a server on laptop 1's tunnel address",
     );
-    wait_listening(&s.c, &s.laptop(1), 7200);
+    wait_listening(s.c, &s.laptop(1), 7200);
     let two = s.tunnel(2, &["100.64.0.0/24"]);
     s.assert_web(2, &s.web_pod_ip);
     let before = s.dropped("peer_to_peer");
@@ -961,7 +1005,7 @@ fn assert_clean(s: &Setup, after: &str) {
 
 /// 6: SIGTERM, SIGINT, SIGKILL then `burrow up`, SIGKILL then `burrow
 /// down`, and `--background` with `burrow down`.
-fn burrow_leaves_nothing_behind(s: &Setup) {
+fn burrow_leaves_nothing_behind_(s: &Setup) {
     assert_clean(s, "the earlier points");
     let config = s.config(LAPTOP1_IP, &[]);
     let ifname = s.ifname("bw1");

@@ -953,3 +953,218 @@ fn udp_flows_follow_a_replaced_endpoint() {
     let new = pod_of(c, "default", "udp-echo");
     assert_ne!(new, old);
 }
+
+/// A running `kubectl port-forward TARGET :REMOTE...` (kubectl picks the
+/// local ports); killed on drop.
+struct KubectlPortForward {
+    child: std::process::Child,
+    /// Local port per remote port, in the order asked.
+    ports: Vec<u16>,
+    stderr: std::path::PathBuf,
+}
+
+impl KubectlPortForward {
+    /// Starts it; `websockets: false` makes kubectl use plain SPDY
+    /// (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`), else kubectl 1.31+ asks
+    /// for SPDY tunneled in a WebSocket first.
+    fn start(c: &Cluster, target: &str, remote: &[u16], websockets: bool, tag: &str) -> Self {
+        use std::io::BufRead;
+        let stderr = std::env::temp_dir().join(format!(
+            "burrow-pf-{}-{tag}-{websockets}.log",
+            std::process::id()
+        ));
+        let mut cmd = kubectl(c, &["port-forward", "-v=4", target]);
+        for r in remote {
+            cmd.arg(format!(":{r}"));
+        }
+        cmd.env(
+            "KUBECTL_PORT_FORWARD_WEBSOCKETS",
+            if websockets { "true" } else { "false" },
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let mut child = cmd.spawn().expect("kubectl port-forward");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // "Forwarding from 127.0.0.1:LOCAL -> REMOTE"; keep draining.
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:")
+                    && let Some((l, r)) = rest.split_once(" -> ")
+                    && let (Ok(l), Ok(r)) = (l.parse::<u16>(), r.trim().parse::<u16>())
+                {
+                    let _ = tx.send((r, l));
+                }
+            }
+        });
+        let mut ports = Vec::new();
+        for want in remote {
+            let (r, l) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| {
+                    let _ = child.kill();
+                    panic!(
+                        "kubectl port-forward {target} did not start:\n{}",
+                        std::fs::read_to_string(&stderr).unwrap_or_default()
+                    )
+                });
+            assert_eq!(r, *want, "ports are announced in order");
+            ports.push(l);
+        }
+        KubectlPortForward {
+            child,
+            ports,
+            stderr,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for KubectlPortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// The sha256 of `path` fetched over HTTP from 127.0.0.1:`port`.
+fn sha256_over(port: u16, path: &str) -> std::process::Output {
+    let mut sh = std::process::Command::new("bash");
+    sh.args([
+        "-c",
+        &format!(
+            "set -o pipefail; curl -sSf --max-time 120 http://127.0.0.1:{port}{path} | sha256sum"
+        ),
+    ]);
+    run(sh)
+}
+
+/// The sha256 the web root lists for `file`.
+fn listed_sha256(c: &Cluster, file: &str) -> String {
+    let sums = std::fs::read_to_string(c.state_dir().join("www/SHA256SUMS"))
+        .expect("the web root's SHA256SUMS");
+    sums.lines()
+        .find_map(|l| {
+            let (sum, name) = l.split_once("  ")?;
+            (name == file).then(|| sum.to_string())
+        })
+        .unwrap_or_else(|| panic!("{file} not in SHA256SUMS:\n{sums}"))
+}
+
+#[test]
+fn kubectl_port_forward() {
+    let Some(ref c) = acc() else { return };
+    let want = listed_sha256(c, "100m.bin");
+    let web = pod_of(c, "default", "web");
+    let pod = format!("pod/{web}");
+    for websockets in [true, false] {
+        let mode = if websockets {
+            "SPDY tunneled in a WebSocket"
+        } else {
+            "plain SPDY"
+        };
+
+        // 100 MiB from a pod, byte-exact.
+        let pf = KubectlPortForward::start(c, &pod, &[80], websockets, "pod");
+        let o = sha256_over(pf.ports[0], "/100m.bin");
+        assert!(
+            o.status.success() && stdout(&o).split_whitespace().next() == Some(want.as_str()),
+            "{mode}: 100m.bin through kubectl port-forward {pod}: {}{}\n{}",
+            stdout(&o),
+            stderr(&o),
+            pf.log()
+        );
+        // kubectl took the path asked for (no fallback).
+        assert_eq!(
+            pf.log().contains("negotiated protocol: portforward.k8s.io"),
+            websockets,
+            "{mode}: kubectl's log:\n{}",
+            pf.log()
+        );
+        drop(pf);
+
+        // Four at once through one port-forward to a Service.
+        let pf = KubectlPortForward::start(c, "svc/web", &[80], websockets, "svc");
+        let port = pf.ports[0];
+        let downloads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(move || sha256_over(port, "/100m.bin")))
+            .collect();
+        for d in downloads {
+            let o = d.join().expect("download thread");
+            assert!(
+                o.status.success() && stdout(&o).split_whitespace().next() == Some(want.as_str()),
+                "{mode}: concurrent 100m.bin through svc/web: {}{}\n{}",
+                stdout(&o),
+                stderr(&o),
+                pf.log()
+            );
+        }
+        // ... and the port-forward still serves the next one.
+        let o = sha256_over(port, "/1k.bin");
+        assert_eq!(
+            stdout(&o).split_whitespace().next(),
+            Some(listed_sha256(c, "1k.bin").as_str()),
+            "{mode}: after the concurrent ones: {}",
+            stderr(&o)
+        );
+        drop(pf);
+
+        // A port nothing listens on in the pod: the kubelet's message
+        // travels on the error stream and kubectl prints it. (kubectl
+        // 1.32 then closes its connection and exits, "lost connection to
+        // pod", as it does against a real cluster; the server side keeps
+        // a session serving after an error, see the apiserver's
+        // portforward tests.)
+        let mut pf = KubectlPortForward::start(c, &pod, &[81, 80], websockets, "refused");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", pf.ports[0])).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(buf.is_empty(), "{mode}: bytes from a refused port: {buf:?}");
+        let log = eventually(
+            Duration::from_secs(20),
+            "kubectl to print the error",
+            || {
+                let log = pf.log();
+                log.contains("error forwarding port 81 to pod")
+                    .then_some(log)
+            },
+        );
+        assert!(
+            log.contains(&format!(
+                "an error occurred forwarding {} -> 81: error forwarding port 81 to pod {web}_default, uid : ",
+                pf.ports[0]
+            )) && log.contains("dial tcp4 127.0.0.1:81: connect: connection refused"),
+            "{mode}: kubectl's report:\n{log}"
+        );
+        let status = eventually(Duration::from_secs(20), "kubectl to stop", || {
+            pf.child.try_wait().expect("try_wait")
+        });
+        assert!(
+            !status.success() && pf.log().contains("lost connection to pod"),
+            "{mode}: kubectl {status}:\n{}",
+            pf.log()
+        );
+        drop(pf);
+
+        // A following good connection (a new port-forward, as a user
+        // would start) works.
+        let pf = KubectlPortForward::start(c, &pod, &[80], websockets, "after");
+        let o = sha256_over(pf.ports[0], "/1k.bin");
+        assert_eq!(
+            stdout(&o).split_whitespace().next(),
+            Some(listed_sha256(c, "1k.bin").as_str()),
+            "{mode}: after the refused port: {}\n{}",
+            stderr(&o),
+            pf.log()
+        );
+    }
+}

@@ -9,14 +9,29 @@
 //! Callers are two loops in the `caller` pod, one with the routing header
 //! and one without, each opening a new connection every 20 ms and timing
 //! every request itself.
+//!
+//! One cluster for the binary (common::shared); each acceptance point is a
+//! test of its own (`cargo test --test reroute_failopen fallback_pods`):
+//! - `kill_9_during_a_header_reroute_no_failed_request` (3a)
+//! - `kill_9_during_a_global_reroute_no_failed_request` (3b)
+//! - `nothing_listening_default_protocol_502_naming_the_laptop_bytes_a_reset` (4a)
+//! - `nothing_listening_fallback_pods_the_pods_answer` (4b)
+//!
+//! Each reroutes `echo` (and 3a/3b kill the daemon), so each takes the
+//! cluster alone and leaves `echo` as it was before the binary's first
+//! reroute (`reroute` connects the laptop when it is not). The laptop's
+//! server is started by the first point and runs until the cluster goes.
 
 mod common;
 
 use std::io::Read;
 use std::process::{Child, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use burrow_tests::cluster::Cluster;
 use common::*;
+use serde_json::Value;
 
 /// The most a request may take while its laptop dies (acceptance 3).
 const ANSWER_WITHIN: f64 = 3.0;
@@ -151,188 +166,198 @@ fn assert_pods_answered(name: &str, samples: &[Sample], from: f64, to: f64) {
     );
 }
 
-#[test]
-fn reroute_fails_open() {
-    let Some(c) = cluster("fo", 1) else { return };
-    let s = Setup::new(&c);
-    let mut server = s.echo_server(1, "laptop-alice", 3000);
-    let echo_before = s.svc("default", "echo");
+/// The binary's cluster; every point reroutes `echo`.
+fn fo_alone() -> Option<SharedCluster> {
+    shared_cluster_alone("fo", 1)
+}
+
+/// `echo` before any reroute.
+static ECHO_BEFORE: OnceLock<Value> = OnceLock::new();
+/// The laptop's server (running until the cluster goes).
+static SERVER: Mutex<Option<Child>> = Mutex::new(None);
+
+/// The laptop (run dir in the cluster's state dir) with its server up,
+/// `echo` before any reroute, and `echo`'s ClusterIP.
+fn setup(c: &Cluster) -> (Setup<'_>, &'static Value, String) {
+    let s = Setup::shared(c, "reroute-failopen");
+    let mut server = SERVER.lock().unwrap_or_else(|p| p.into_inner());
+    if server.is_none() {
+        *server = Some(s.echo_server(1, "laptop-alice", 3000));
+    }
+    drop(server);
+    let echo_before = ECHO_BEFORE.get_or_init(|| s.svc("default", "echo"));
     // The ClusterIP: the miniature cluster's DNS reloads while a reroute
     // changes the Service (issue 14 point 9 is another part's).
     let ip = jsonpath(
-        &c,
+        c,
         &["get", "svc", "echo", "-n", "default"],
         "{.spec.clusterIP}",
     );
+    (s, echo_before, ip)
+}
+
+/// kill -9 of the daemon while `args` reroute echo; `routed` is the
+/// header the laptop's requests carry (None: global).
+fn kill_during(args: &[&str], routed: Option<&str>) {
+    let Some(ref c) = fo_alone() else { return };
+    let (s, echo_before, ip) = setup(c);
     let url = format!("http://{ip}:8080/");
     let to = format!("{ip}:8080");
 
-    let mut points = Points::new("reroute_failopen");
-    let mut point = |name: &str, f: &dyn Fn()| points.point(name, f);
-
-    // kill -9 of the daemon while `args` reroute echo; `header` is the
-    // header the laptop's requests carry (None: global).
-    let kill_during = |args: &[&str], routed: Option<&str>| {
-        s.reroute(1, args);
-        let with = routed.map(|h| vec!["-H", h]).unwrap_or_default();
-        eventually(Duration::from_secs(10), "the laptop answers", || {
-            let o = run(in_caller(
-                &c,
-                &[&["curl", "-s", "--max-time", "3"][..], &with, &[&url]].concat(),
-            ));
-            (o.status.success() && stdout(&o).contains("laptop-alice")).then_some(())
-        });
-        let header = Stream::start(&s, "with-header", &to, Some("x-burrow-route: me"));
-        let plain = Stream::start(&s, "without-header", &to, None);
-        std::thread::sleep(Duration::from_secs(2));
-        let pid = s.daemon_pid(1);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill -9 the daemon");
-        let killed = unix_now();
-        let t = Instant::now();
-        // A bound for a hang, not a speed assertion: the lease is 12 s.
-        eventually(
-            Duration::from_secs(40),
-            "the Service restored after the lease",
-            || (!s.selector("default", "echo").is_null()).then_some(()),
-        );
-        let restored = unix_now();
-        eprintln!("restore seen {:?} after kill -9", t.elapsed());
-        std::thread::sleep(Duration::from_secs(2));
-        let header = header.finish();
-        let plain = plain.finish();
-        // Both streams judged before either fails the point.
-        let results = [
-            std::panic::catch_unwind(|| {
-                assert_all_answered("with header", &header, killed, restored)
-            }),
-            std::panic::catch_unwind(|| {
-                assert_all_answered("without header", &plain, killed, restored)
-            }),
-        ];
-        for r in results {
-            if let Err(e) = r {
-                std::panic::resume_unwind(e);
-            }
+    s.reroute(1, args);
+    let with = routed.map(|h| vec!["-H", h]).unwrap_or_default();
+    eventually(Duration::from_secs(10), "the laptop answers", || {
+        let o = run(in_caller(
+            c,
+            &[&["curl", "-s", "--max-time", "3"][..], &with, &[&url]].concat(),
+        ));
+        (o.status.success() && stdout(&o).contains("laptop-alice")).then_some(())
+    });
+    let header = Stream::start(&s, "with-header", &to, Some("x-burrow-route: me"));
+    let plain = Stream::start(&s, "without-header", &to, None);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = s.daemon_pid(1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the daemon");
+    let killed = unix_now();
+    let t = Instant::now();
+    // A bound for a hang, not a speed assertion: the lease is 12 s.
+    eventually(
+        Duration::from_secs(40),
+        "the Service restored after the lease",
+        || (!s.selector("default", "echo").is_null()).then_some(()),
+    );
+    let restored = unix_now();
+    eprintln!("restore seen {:?} after kill -9", t.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    let header = header.finish();
+    let plain = plain.finish();
+    // Both streams judged before either fails the point.
+    let results = [
+        std::panic::catch_unwind(|| assert_all_answered("with header", &header, killed, restored)),
+        std::panic::catch_unwind(|| {
+            assert_all_answered("without header", &plain, killed, restored)
+        }),
+    ];
+    for r in results {
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
         }
-        // Fail-open: the pods answer from 2 s after the kill on (the
-        // laptop-bound requests among them).
-        let laptops = if routed.is_some() { &header } else { &plain };
-        assert!(
-            laptops
-                .iter()
-                .any(|s| s.at < killed && s.pod == "laptop-alice"),
-            "the laptop answered nothing before the kill"
-        );
-        assert_pods_answered("fail-open", laptops, killed + 2.0, restored);
-        s.assert_restored("default", "echo", &echo_before);
-        // The next command cleans the dead daemon's leftovers.
-        ok(s.burrow(1, &["disconnect"]));
-    };
-
-    point(
-        "3a kill -9 during a header reroute: no failed request",
-        &|| {
-            kill_during(
-                &[
-                    "echo",
-                    "--port",
-                    "8080:3000",
-                    "--header",
-                    "x-burrow-route=me",
-                ],
-                Some("x-burrow-route: me"),
-            );
-        },
+    }
+    // Fail-open: the pods answer from 2 s after the kill on (the
+    // laptop-bound requests among them).
+    let laptops = if routed.is_some() { &header } else { &plain };
+    assert!(
+        laptops
+            .iter()
+            .any(|s| s.at < killed && s.pod == "laptop-alice"),
+        "the laptop answered nothing before the kill"
     );
+    assert_pods_answered("fail-open", laptops, killed + 2.0, restored);
+    s.assert_restored("default", "echo", echo_before);
+    // The next command cleans the dead daemon's leftovers.
+    ok(s.burrow(1, &["disconnect"]));
+}
 
-    point(
-        "3b kill -9 during a global reroute: no failed request",
-        &|| {
-            kill_during(&["echo", "--port", "8080:3000"], None);
-        },
+/// 3a kill -9 during a header reroute: no failed request
+#[test]
+fn kill_9_during_a_header_reroute_no_failed_request() {
+    kill_during(
+        &[
+            "echo",
+            "--port",
+            "8080:3000",
+            "--header",
+            "x-burrow-route=me",
+        ],
+        Some("x-burrow-route: me"),
     );
+}
 
-    point(
-        "4a nothing listening, default protocol: HTTP gets 502 naming the laptop, bytes a reset",
-        &|| {
-            s.reroute(1, &["echo", "--port", "8080:3999"]);
-            let o = run(in_caller(
-                &c,
-                &[
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "10",
-                    "-w",
-                    "\n%{http_code}",
-                    &url,
-                ],
-            ));
-            let out = stdout(&o);
-            assert!(
-                out.trim_end().ends_with("502") && out.contains("nothing answered on laptop"),
-                "{out}"
-            );
-            // Not HTTP: reset, no answer.
-            let script = format!("exec 3<>/dev/tcp/{ip}/8080; printf 'hello\\r\\n' >&3; cat <&3");
-            let o = run(in_caller(&c, &["timeout", "10", "bash", "-c", &script]));
-            assert!(!o.status.success() && stdout(&o).is_empty(), "{o:?}");
-            // HTTP/2 prior knowledge: 502 too.
-            let o = run(in_caller(
-                &c,
-                &[
-                    "curl",
-                    "-s",
-                    "--http2-prior-knowledge",
-                    "--max-time",
-                    "10",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    &url,
-                ],
-            ));
-            assert_eq!(stdout(&o).trim(), "502", "{o:?}");
-            s.stop(1, "echo", "default");
-        },
+/// 3b kill -9 during a global reroute: no failed request
+#[test]
+fn kill_9_during_a_global_reroute_no_failed_request() {
+    kill_during(&["echo", "--port", "8080:3000"], None);
+}
+
+/// 4a nothing listening, default protocol: HTTP gets 502 naming the laptop, bytes a reset
+#[test]
+fn nothing_listening_default_protocol_502_naming_the_laptop_bytes_a_reset() {
+    let Some(ref c) = fo_alone() else { return };
+    let (s, _, ip) = setup(c);
+    let url = format!("http://{ip}:8080/");
+    s.reroute(1, &["echo", "--port", "8080:3999"]);
+    let o = run(in_caller(
+        c,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    ));
+    let out = stdout(&o);
+    assert!(
+        out.trim_end().ends_with("502") && out.contains("nothing answered on laptop"),
+        "{out}"
     );
+    // Not HTTP: reset, no answer.
+    let script = format!("exec 3<>/dev/tcp/{ip}/8080; printf 'hello\\r\\n' >&3; cat <&3");
+    let o = run(in_caller(c, &["timeout", "10", "bash", "-c", &script]));
+    assert!(!o.status.success() && stdout(&o).is_empty(), "{o:?}");
+    // HTTP/2 prior knowledge: 502 too.
+    let o = run(in_caller(
+        c,
+        &[
+            "curl",
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
+    ));
+    assert_eq!(stdout(&o).trim(), "502", "{o:?}");
+    s.stop(1, "echo", "default");
+}
 
-    point(
-        "4b nothing listening, --fallback pods: the pods answer",
-        &|| {
-            s.reroute(1, &["echo", "--port", "8080:3999", "--fallback", "pods"]);
-            for _ in 0..5 {
-                let body = s.curl_in_caller(&[&url]);
-                assert!(pod_field(&body).starts_with("echo-"), "{body}");
-            }
-            // A header route likewise.
-            s.stop(1, "echo", "default");
-            s.reroute(
-                1,
-                &[
-                    "echo",
-                    "--port",
-                    "8080:3999",
-                    "--header",
-                    "x-burrow-route=me",
-                    "--fallback",
-                    "pods",
-                ],
-            );
-            let body = s.curl_in_caller(&["-H", "x-burrow-route: me", &url]);
-            assert!(pod_field(&body).starts_with("echo-"), "{body}");
-            s.stop(1, "echo", "default");
-            s.assert_restored("default", "echo", &echo_before);
-        },
+/// 4b nothing listening, --fallback pods: the pods answer
+#[test]
+fn nothing_listening_fallback_pods_the_pods_answer() {
+    let Some(ref c) = fo_alone() else { return };
+    let (s, echo_before, ip) = setup(c);
+    let url = format!("http://{ip}:8080/");
+    s.reroute(1, &["echo", "--port", "8080:3999", "--fallback", "pods"]);
+    for _ in 0..5 {
+        let body = s.curl_in_caller(&[&url]);
+        assert!(pod_field(&body).starts_with("echo-"), "{body}");
+    }
+    // A header route likewise.
+    s.stop(1, "echo", "default");
+    s.reroute(
+        1,
+        &[
+            "echo",
+            "--port",
+            "8080:3999",
+            "--header",
+            "x-burrow-route=me",
+            "--fallback",
+            "pods",
+        ],
     );
-
-    let _ = run(s.burrow(1, &["disconnect"]));
-    let _ = server.kill();
-    let _ = server.wait();
-    points.finish();
+    let body = s.curl_in_caller(&["-H", "x-burrow-route: me", &url]);
+    assert!(pod_field(&body).starts_with("echo-"), "{body}");
+    s.stop(1, "echo", "default");
+    s.assert_restored("default", "echo", echo_before);
 }

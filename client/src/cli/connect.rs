@@ -90,6 +90,12 @@ pub struct ConnectArgs {
     /// Reach the gateway's WireGuard UDP port at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<String>,
+    /// With the port-forward transport, open N streams through the API
+    /// server and spread connections over them (one slow download does not
+    /// hold up the others).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    port_forward_streams: u8,
     /// Route this range into the cluster too.
     #[arg(long, value_name = "CIDR")]
     include: Vec<IpNet>,
@@ -175,6 +181,7 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
         gateway_namespace: args.cluster.gateway_namespace.clone(),
         transport: args.transport,
         endpoint: args.endpoint,
+        streams: Some(usize::from(args.port_forward_streams)),
         include: args.include,
         exclude: args.exclude,
         no_install: args.no_install,
@@ -182,18 +189,12 @@ pub fn run_connect(args: ConnectArgs, global: &Global) -> anyhow::Result<()> {
         dns: args.dns,
     };
     runtime()?.block_on(async {
-        let started = !socket_path(&global.run_dir).exists();
-        let conn = ensure_daemon(global).await?;
+        let (conn, started) = ensure_daemon(global).await?;
         let status = match exchange(conn, &Request::Connect(req), args.output == Output::Text).await
         {
             Ok(status) => status,
             Err(e) => {
-                // A daemon started for this connect has nothing to do now:
-                // stop it, so a failed connect leaves nothing running.
-                if started && let Ok(conn) = UnixStream::connect(socket_path(&global.run_dir)).await
-                {
-                    let _ = exchange(conn, &Request::Disconnect, false).await;
-                }
+                stop_started(global, started).await;
                 return Err(e);
             }
         };
@@ -340,10 +341,12 @@ pub fn run_uninstall(args: UninstallArgs) -> anyhow::Result<()> {
 
 /// Connect to the daemon, starting it (detached, log in the run dir) if
 /// none answers.
-async fn ensure_daemon(global: &Global) -> anyhow::Result<UnixStream> {
+async fn ensure_daemon(
+    global: &Global,
+) -> anyhow::Result<(UnixStream, Option<std::process::Child>)> {
     let sock = socket_path(&global.run_dir);
     if let Ok(c) = UnixStream::connect(&sock).await {
-        return Ok(c);
+        return Ok((c, None));
     }
     std::fs::create_dir_all(&global.run_dir)
         .with_context(|| format!("cannot create {}", global.run_dir.display()))?;
@@ -380,7 +383,7 @@ async fn ensure_daemon(global: &Global) -> anyhow::Result<UnixStream> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(c) = UnixStream::connect(&sock).await {
-            return Ok(c);
+            return Ok((c, Some(child)));
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(
@@ -421,16 +424,39 @@ pub(crate) async fn connect_quietly(cluster: &ClusterArgs, global: &Global) -> a
         gateway_namespace: cluster.gateway_namespace.clone(),
         transport: Transport::Auto,
         endpoint: None,
+        streams: None,
         include: Vec::new(),
         exclude: Vec::new(),
         no_install: false,
         no_upgrade: false,
         dns: crate::dns::DnsSetting::Auto,
     };
-    let conn = ensure_daemon(global).await?;
-    exchange(conn, &Request::Connect(req), false)
-        .await
-        .map(drop)
+    let (conn, started) = ensure_daemon(global).await?;
+    if let Err(e) = exchange(conn, &Request::Connect(req), false).await {
+        stop_started(global, started).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// A connect failed: the daemon started for it (if this connect started
+/// one) has nothing to do. Stop it and wait until it has exited (killed
+/// after 5 s), so a failed connect leaves nothing running.
+async fn stop_started(global: &Global, started: Option<std::process::Child>) {
+    let Some(mut child) = started else { return };
+    if let Ok(conn) = UnixStream::connect(socket_path(&global.run_dir)).await {
+        let _ = exchange(conn, &Request::Disconnect, false).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!("the daemon started for this connect did not stop; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Send one request; print progress (when `show`) until done; the done

@@ -22,6 +22,7 @@ use clap::Args;
 
 use crate::Global;
 use crate::tunnel::datapath::{Datapath, bind_udp};
+use crate::tunnel::links::{LinkEvent, Links, link_addr};
 use crate::tunnel::netlink::Netlink;
 use crate::tunnel::plan::Plan;
 use crate::tunnel::state::{self, Paths, Previous};
@@ -87,14 +88,26 @@ pub struct UpArgs {
     /// `burrow down`.
     #[arg(short = 'd', long)]
     background: bool,
+    /// Reach the peer's Endpoint over N TCP connections carrying
+    /// length-framed WireGuard datagrams (burrow-gateway's framed port,
+    /// what a port-forward reaches) instead of UDP; one peer only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    framed_streams: Option<u8>,
 }
 
 pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     crate::require_root("up", "it creates a TUN device and routes")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // Framed streams are pumped by tasks of their own: give them a thread.
+    let runtime = match args.framed_streams {
+        Some(_) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(up(args, global))
 }
 
@@ -112,7 +125,82 @@ async fn up(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     for note in &plan.notes {
         tracing::warn!("{note}");
     }
-    foreground(&nl, conf, plan, &paths, &args.name, shutdown).await
+    let framed = match args.framed_streams {
+        None => None,
+        Some(n) => {
+            let [peer] = plan.peers.as_slice() else {
+                anyhow::bail!("--framed-streams takes a configuration with exactly one [Peer]");
+            };
+            let to = peer.endpoint.with_context(|| {
+                format!(
+                    "--framed-streams: the [Peer] in {} has no Endpoint",
+                    conf.file.display()
+                )
+            })?;
+            Some((to, usize::from(n)))
+        }
+    };
+    foreground(&nl, conf, plan, &paths, &args.name, shutdown, framed).await
+}
+
+/// `--framed-streams`: `n` TCP connections to `to` feeding the data path's
+/// links, each reopened (after 1 s) when it breaks.
+fn start_framed(
+    to: SocketAddr,
+    n: usize,
+) -> (
+    std::sync::Arc<Links>,
+    tokio::sync::mpsc::Receiver<LinkEvent>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let links = std::sync::Arc::new(Links::new(n, &[]));
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    for i in 0..links.count() {
+        let (links, tx) = (links.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = match tokio::net::TcpStream::connect(to).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(stream = i, "framed connection to {to}: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (mut rd, mut wr) = stream.into_split();
+                links.set_live(i, true);
+                if tx.send(LinkEvent::Opened(i)).await.is_err() {
+                    return;
+                }
+                let up = async {
+                    loop {
+                        let batch = links.take(i).await;
+                        wr.write_all(&batch).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    std::io::Result::Ok(())
+                };
+                let down = async {
+                    loop {
+                        let mut buf = bytes::BytesMut::with_capacity(64 << 10);
+                        if rd.read_buf(&mut buf).await? == 0 {
+                            return std::io::Result::Ok(());
+                        }
+                        if tx.send(LinkEvent::Data(i, buf.freeze())).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                };
+                let r = tokio::select! { r = up => r, r = down => r };
+                tracing::warn!(stream = i, "framed connection ended: {r:?}");
+                links.set_live(i, false);
+                let _ = tx.send(LinkEvent::Closed(i)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    (links, rx)
 }
 
 /// Resolve every peer's `Endpoint` (names through the system resolver).
@@ -168,7 +256,9 @@ async fn foreground(
     paths: &Paths,
     name: &str,
     shutdown: Shutdown,
+    framed: Option<(SocketAddr, usize)>,
 ) -> anyhow::Result<()> {
+    let mut plan = plan;
     // Refusals first: nothing is changed yet.
     match check_free(nl, name, &plan.routes).await? {
         None => {}
@@ -199,7 +289,12 @@ async fn foreground(
     let result = async {
         let index = device.index();
         let udp_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let datapath = Datapath::new(
+        if framed.is_some()
+            && let Some(peer) = plan.peers.first_mut()
+        {
+            peer.endpoint = Some(link_addr(0));
+        }
+        let mut datapath = Datapath::new(
             conf.interface.private_key.clone(),
             plan.peers,
             tun,
@@ -207,6 +302,10 @@ async fn foreground(
             plan.mtu,
         )
         .with_context(|| format!("invalid peers in {}", conf.file.display()))?;
+        if let Some((to, n)) = framed {
+            let (links, events) = start_framed(to, n);
+            datapath = datapath.with_links(links, events);
+        }
         device.set_ready()?;
         tracing::info!(
             device = name,
@@ -320,8 +419,11 @@ async fn start_background(args: &UpArgs, global: &Global, paths: &Paths) -> anyh
         .arg("--wg-config")
         .arg(&config)
         .arg("--name")
-        .arg(&args.name)
-        .arg("--run-dir")
+        .arg(&args.name);
+    if let Some(n) = args.framed_streams {
+        cmd.arg("--framed-streams").arg(n.to_string());
+    }
+    cmd.arg("--run-dir")
         .arg(&run_dir)
         .arg("--log-format")
         .arg(global.log_format.as_arg());

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::protocol::{ConnectRequest, Progress, Status, step};
 use crate::tunnel::datapath::{Datapath, InboundPorts, SharedStats, bind_udp};
+use crate::tunnel::links::{LinkEvent, Links};
 use crate::tunnel::netlink::Netlink;
 use crate::tunnel::plan::subtract;
 use crate::tunnel::state::Paths;
@@ -69,24 +70,40 @@ pub(super) async fn connect(
     refuse_conflicts(&nl, &routes).await?;
 
     step(tx, "opening the tunnel");
-    let mut chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
+    let chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
     step(
         tx,
         format!("transport: {} ({})", chosen.name, chosen.reason),
     );
-    let mut tunnel = Tunnel::start(&nl, &d.run_dir, &reg, &routes, &key, chosen.endpoint).await?;
-    // Filled in once connected; the relay counts reopened streams into it.
+    // The port-forward streams report to the data path on this channel.
+    let (link_events, link_rx) = tokio::sync::mpsc::channel(LINK_EVENTS);
+    let links = chosen.links.clone().map(|l| (l, link_rx));
+    let mut tunnel =
+        Tunnel::start(&nl, &d.run_dir, &reg, &routes, &key, chosen.endpoint, links).await?;
+    // Filled in once connected; the streams count reopens into it.
     let status: Arc<std::sync::Mutex<Status>> = Arc::default();
-    let relay = chosen.relay.take().map(|sock| {
-        Relay::start(
-            sock,
+    let relay = chosen.links.clone().map(|links| {
+        PortForward::start(
+            links,
+            link_events,
             cluster.clone(),
             pod.clone(),
             status.clone(),
-            tunnel.reset.clone(),
             tunnel.stop.subscribe(),
         )
     });
+    if let Some(links) = &chosen.links {
+        // Probing before a stream is open would lose the first packets
+        // (and wait for their retransmission).
+        let open = tokio::time::timeout(PORT_FORWARD_OPEN, links.wait_live()).await;
+        if open.is_err() {
+            tunnel.abandon(&nl).await;
+            anyhow::bail!(
+                "no port-forward stream to the gateway pod {} opened within {PORT_FORWARD_OPEN:?} (see the daemon log)",
+                pod.name
+            );
+        }
+    }
 
     step(
         tx,
@@ -305,6 +322,13 @@ async fn refuse_conflicts(nl: &Netlink, routes: &[IpNet]) -> anyhow::Result<()> 
     }
 }
 
+/// How long connect waits for the first port-forward stream.
+const PORT_FORWARD_OPEN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Events from the port-forward streams waiting for the data path (each
+/// at most one WebSocket message); a full channel holds the streams back.
+const LINK_EVENTS: usize = 256;
+
 /// The device and the data path, running.
 struct Tunnel {
     device: Device,
@@ -326,6 +350,7 @@ impl Tunnel {
         routes: &[IpNet],
         key: &StaticSecret,
         endpoint: SocketAddr,
+        links: Option<(Arc<Links>, tokio::sync::mpsc::Receiver<LinkEvent>)>,
     ) -> anyhow::Result<Self> {
         let layout = Layout {
             name: DEFAULT_IFNAME,
@@ -348,11 +373,14 @@ impl Tunnel {
                 preshared_key: None,
                 persistent_keepalive: Some(25),
             };
-            let dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
+            let mut dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
                 .context("invalid gateway peer")?
                 .with_stats(stats.clone())
                 .with_reset(reset.clone())
                 .with_inbound_filter(inbound.clone());
+            if let Some((links, events)) = links {
+                dp = dp.with_links(links, events);
+            }
             anyhow::Ok(dp)
         }
         .await;
@@ -417,7 +445,15 @@ fn connected_status(
         gateway_pod_ip: pod.ip.clone(),
         transport: chosen.name.to_owned(),
         transport_reason: chosen.reason.clone(),
-        endpoint: chosen.endpoint.to_string(),
+        endpoint: match &chosen.links {
+            Some(links) => format!(
+                "pod/{}:{} through the API server ({} streams)",
+                pod.name,
+                burrow_api::FRAMED_PORT,
+                links.count()
+            ),
+            None => chosen.endpoint.to_string(),
+        },
         device: DEFAULT_IFNAME.to_owned(),
         tunnel_address: reg.address.to_string(),
         gateway_address: reg.gateway_address.to_string(),

@@ -22,7 +22,7 @@ pub(super) struct Supervisor {
     pub(super) key: StaticSecret,
     pub(super) address: IpAddr,
     pub(super) pod: GatewayPod,
-    pub(super) relay: Option<Relay>,
+    pub(super) relay: Option<PortForward>,
     pub(super) reset: Arc<std::sync::atomic::AtomicBool>,
     pub(super) status: Arc<std::sync::Mutex<Status>>,
     pub(super) stop: tokio::sync::watch::Receiver<bool>,

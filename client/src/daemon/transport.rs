@@ -1,7 +1,7 @@
 //! How the data path reaches the gateway: UDP to its NodePort when a
 //! WireGuard handshake answers there (`auto`, `udp`), else WireGuard
-//! datagrams length-framed over a port-forward stream, relayed by a
-//! loopback socket (`Relay`).
+//! datagrams length-framed over several port-forward streams the data path
+//! writes to itself ([`PortForward`], the data path's [`Links`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +12,11 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use burrow_api::FRAMED_PORT;
 use burrow_deploy::Cluster;
 use burrow_deploy::install::{self, GatewayPod};
-use burrow_netstack::framing::{FrameDecoder, encode_frame};
-
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
+use burrow_deploy::portforward::{DATA_CHANNEL, Received};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::tunnel::links::{LinkEvent, Links, link_addr};
 
 use super::*;
 use crate::protocol::{ConnectRequest, Progress, Status, Transport, step};
@@ -24,11 +25,11 @@ use crate::protocol::{ConnectRequest, Progress, Status, Transport, step};
 pub(super) struct Chosen {
     pub(super) name: &'static str,
     pub(super) reason: String,
-    /// Where the data path sends WireGuard datagrams.
+    /// Where the data path sends WireGuard datagrams (for port-forward,
+    /// the synthetic address of its first link).
     pub(super) endpoint: SocketAddr,
-    /// For port-forward: the local relay's socket (the data path sends to
-    /// it).
-    pub(super) relay: Option<UdpSocket>,
+    /// For port-forward: the data path's links, one per stream.
+    pub(super) links: Option<Arc<Links>>,
 }
 
 pub(super) async fn choose_transport(
@@ -52,7 +53,7 @@ pub(super) async fn choose_transport(
                             name: "udp",
                             reason: format!("the gateway answered a handshake at {endpoint}"),
                             endpoint,
-                            relay: None,
+                            links: None,
                         });
                     }
                     Err(e) => why_not_udp = format!("UDP to {endpoint}: {e:#}"),
@@ -65,8 +66,7 @@ pub(super) async fn choose_transport(
         }
         step(tx, format!("{why_not_udp}; falling back to port-forward"));
     }
-    let relay = relay_socket()?;
-    let endpoint = relay.local_addr()?;
+    let streams = req.streams.unwrap_or(DEFAULT_STREAMS);
     let reason = if why_not_udp.is_empty() {
         "asked for with --transport port-forward".to_owned()
     } else {
@@ -75,23 +75,14 @@ pub(super) async fn choose_transport(
     Ok(Chosen {
         name: "port-forward",
         reason,
-        endpoint,
-        relay: Some(relay),
+        endpoint: link_addr(0),
+        links: Some(Arc::new(Links::new(streams, &[DATA_CHANNEL]))),
     })
 }
 
-/// The port-forward relay's loopback socket. The data path sends it runs
-/// of datagrams as one segmented message; this socket has no UDP_GRO, so
-/// the kernel splits them and charges each datagram the run's memory: a
-/// large receive buffer keeps a bulk upload from overflowing it.
-pub(super) fn relay_socket() -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-    UdpSocket::from_std(socket.into())
-}
+/// Port-forward streams a connection opens unless `--port-forward-streams`
+/// says otherwise.
+pub const DEFAULT_STREAMS: usize = 4;
 
 pub(super) async fn udp_endpoint(
     req: &ConnectRequest,
@@ -185,137 +176,154 @@ pub(super) async fn udp_handshake(
     }
 }
 
-/// The port-forward transport: a loopback UDP socket the data path sends
-/// WireGuard datagrams to, relayed length-framed over a port-forward
-/// stream to the gateway pod's framed port, and back. Reopens the stream
-/// when it breaks or the pod changes.
-pub(super) struct Relay {
+/// The port-forward transport: `n` port-forward streams to the gateway
+/// pod's framed port, spoken directly by the data path through its
+/// [`Links`] (one task per stream moves whole batches between the link and
+/// the WebSocket). Each stream is reopened on its own when it breaks, and
+/// all of them when the pod changes.
+pub(super) struct PortForward {
     pub(super) pod: tokio::sync::watch::Sender<GatewayPod>,
 }
 
-impl Relay {
+impl PortForward {
     pub(super) fn start(
-        sock: UdpSocket,
+        links: Arc<Links>,
+        events: mpsc::Sender<LinkEvent>,
         cluster: Cluster,
         pod: GatewayPod,
         status: Arc<std::sync::Mutex<Status>>,
-        reset: Arc<std::sync::atomic::AtomicBool>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
-        tokio::spawn(relay_loop(
-            Arc::new(sock),
-            cluster,
-            pod_rx,
-            status,
-            reset,
-            stop,
-        ));
+        let counted: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        for i in 0..links.count() {
+            tokio::spawn(stream_loop(Stream {
+                i,
+                links: links.clone(),
+                events: events.clone(),
+                cluster: cluster.clone(),
+                pod: pod_rx.clone(),
+                status: status.clone(),
+                counted: counted.clone(),
+                stop: stop.clone(),
+            }));
+        }
         Self { pod: pod_tx }
     }
 }
 
-pub(super) async fn relay_loop(
-    sock: Arc<UdpSocket>,
+struct Stream {
+    i: usize,
+    links: Arc<Links>,
+    events: mpsc::Sender<LinkEvent>,
     cluster: Cluster,
-    mut pod: tokio::sync::watch::Receiver<GatewayPod>,
+    pod: tokio::sync::watch::Receiver<GatewayPod>,
     status: Arc<std::sync::Mutex<Status>>,
-    reset: Arc<std::sync::atomic::AtomicBool>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let peer: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    /// When a reopen was last counted as a reconnect: the streams that
+    /// break together (the API server restarted) count once.
+    counted: Arc<std::sync::Mutex<Option<Instant>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Reopens within this long of the last one counted are the same event.
+const SAME_RECONNECT: Duration = Duration::from_secs(5);
+
+async fn stream_loop(mut s: Stream) {
     // A stream that broke (not one closed for a pod change) is reopened
     // and counted as a reconnect.
     let mut broken: Option<String> = None;
+    let i = s.i;
     loop {
-        let current = pod.borrow_and_update().clone();
-        let fwd = tokio::select! {
-            f = burrow_deploy::portforward::open(&cluster, &current.namespace, &current.name, FRAMED_PORT) => f,
-            _ = stop.wait_for(|s| *s) => return,
+        let current = s.pod.borrow_and_update().clone();
+        let opened = tokio::select! {
+            f = burrow_deploy::portforward::open_channel(&s.cluster, &current.namespace, &current.name, FRAMED_PORT) => f,
+            _ = s.stop.wait_for(|s| *s) => return,
         };
-        let fwd = match fwd {
-            Ok(f) => f,
+        let (mut tx, mut rx) = match opened {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!("port-forward to {}: {e}", current.name);
+                tracing::warn!(stream = i, "port-forward to {}: {e}", current.name);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = s.stop.wait_for(|s| *s) => return,
                 }
             }
         };
-        tracing::info!(pod = %current.name, "port-forward transport open");
-        if let Some(reason) = broken.take() {
-            // A handshake right away on the new stream: an idle laptop
-            // would otherwise send nothing until its next keepalive, and
-            // the gateway closes a stream that carries no handshake soon.
-            reset.store(true, std::sync::atomic::Ordering::Release);
-            if let Ok(mut st) = status.lock() {
-                st.reconnects += 1;
-                st.last_reconnect_error =
-                    Some(format!("port-forward stream reopened after: {reason}"));
-            }
+        tracing::info!(pod = %current.name, stream = i, "port-forward stream open");
+        s.links.set_live(i, true);
+        if s.events.send(LinkEvent::Opened(i)).await.is_err() {
+            return;
         }
-        let (mut rd, mut wr) = tokio::io::split(fwd.stream);
-        let up = {
-            let sock = sock.clone();
-            let peer = peer.clone();
-            async move {
-                let mut buf = vec![0u8; 65536];
-                let mut framed = vec![0u8; 65536 + 2];
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await?;
-                    if let Ok(mut p) = peer.lock() {
-                        *p = Some(from);
-                    }
-                    let Ok(len) = encode_frame(&buf[..n], &mut framed) else {
-                        continue;
-                    };
-                    wr.write_all(&framed[..len]).await?;
-                }
-                #[allow(unreachable_code)]
-                std::io::Result::Ok(())
+        if let Some(reason) = broken.take() {
+            count_reconnect(&s, &reason);
+        }
+        let up = async {
+            loop {
+                let batch = s.links.take(i).await;
+                tx.send(batch).await?;
             }
+            #[allow(unreachable_code)]
+            std::io::Result::Ok(())
         };
-        let down = {
-            let sock = sock.clone();
-            let peer = peer.clone();
-            async move {
-                let mut buf = vec![0u8; 65536];
-                let mut decoder = FrameDecoder::new();
-                loop {
-                    let n = rd.read(&mut buf).await?;
-                    if n == 0 {
-                        return std::io::Result::Ok(());
-                    }
-                    let mut input = &buf[..n];
-                    let to = peer.lock().ok().and_then(|p| *p);
-                    while let Some(frame) = decoder
-                        .decode(&mut input)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?
-                    {
-                        if let Some(to) = to {
-                            let _ = sock.send_to(frame, to).await;
+        let down = async {
+            loop {
+                match rx.recv().await {
+                    Received::Data(bytes) => {
+                        if s.events.send(LinkEvent::Data(i, bytes)).await.is_err() {
+                            return Ok(());
                         }
                     }
+                    Received::End(None) => return Ok(()),
+                    Received::End(Some(e)) => return Err(std::io::Error::other(e)),
                 }
             }
         };
-        tokio::select! {
+        let mut pod_changed = s.pod.clone();
+        let mut stop = s.stop.clone();
+        let stopped = tokio::select! {
             r = up => {
-                tracing::warn!("port-forward transport (send) ended: {r:?}");
+                tracing::warn!(stream = i, "port-forward stream (send) ended: {r:?}");
                 broken = Some(stream_end(r));
+                false
             }
             r = down => {
-                tracing::warn!("port-forward transport (receive) ended: {r:?}");
+                tracing::warn!(stream = i, "port-forward stream (receive) ended: {r:?}");
                 broken = Some(stream_end(r));
+                false
             }
-            _ = pod.changed() => tracing::info!("gateway pod changed: reopening the port-forward"),
-            _ = stop.wait_for(|s| *s) => return,
+            _ = pod_changed.changed() => {
+                tracing::info!(stream = i, "gateway pod changed: reopening the port-forward");
+                false
+            }
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        s.links.set_live(i, false);
+        if stopped {
+            tx.close().await;
+            return;
         }
+        let _ = s.events.send(LinkEvent::Closed(i)).await;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = s.stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+fn count_reconnect(s: &Stream, reason: &str) {
+    let now = Instant::now();
+    let fresh = s.counted.lock().is_ok_and(|mut last| {
+        let fresh = last.is_none_or(|t| now.saturating_duration_since(t) > SAME_RECONNECT);
+        if fresh {
+            *last = Some(now);
+        }
+        fresh
+    });
+    if let Ok(mut st) = s.status.lock() {
+        if fresh {
+            st.reconnects += 1;
+        }
+        st.last_reconnect_error = Some(format!("port-forward stream reopened after: {reason}"));
     }
 }
 

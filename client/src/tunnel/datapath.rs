@@ -1,5 +1,6 @@
-//! The laptop's data path: TUN ⇄ WireGuard ([`Peers`]) ⇄ UDP, one task
-//! that owns the peer table and every buffer.
+//! The laptop's data path: TUN ⇄ WireGuard ([`Peers`]) ⇄ UDP or the
+//! framed transport's [`Links`], one task that owns the peer table and
+//! every buffer.
 //!
 //! Per wake-up it takes everything ready on the input that woke it (up to a
 //! batch of TUN packets, or of datagrams via `recvmmsg`), encrypts TUN
@@ -22,11 +23,17 @@ use burrow_netstack::wg::{
 use burrow_netstack::wgconf::short_key;
 use tokio::net::UdpSocket;
 
+use crate::tunnel::links::{LinkEvent, Links, addr_link, link_addr};
 use crate::tunnel::offload::{self, Coalescer};
 use crate::tunnel::tun::Tun;
 
 /// How often boringtun's timers run (handshake retries, keepalives, rekey).
 pub const TIMER_TICK: Duration = Duration::from_millis(100);
+/// A framed link that carried nothing for this long gets a keepalive of
+/// its own: boringtun's keepalive goes on one link only, and the gateway
+/// sends a laptop's flows only on streams it heard from in the last 12 s
+/// (and closes a stream silent for two minutes).
+const LINK_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Receive slot per datagram: above any sane tunnel MTU plus WireGuard
 /// overhead; larger datagrams are dropped as truncated.
 const RECV_SLOT: usize = 4096;
@@ -63,16 +70,24 @@ pub struct LinkStats {
 /// [`LinkStats`], shared.
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
 
-/// The UDP socket and the output batch.
-struct Output {
+/// Where encrypted datagrams go: the UDP socket (its output batch), or the
+/// framed links.
+struct Wire {
     udp: UdpSocket,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are sent as
     /// v4-mapped addresses.
     v6: bool,
     batch: SendBatch,
+    /// The framed transport: datagrams go on these links instead of the
+    /// UDP socket (the batch's slots are then only scratch space).
+    links: Option<std::sync::Arc<Links>>,
+    /// Links written to since the last flush (bit per link).
+    dirty: u32,
+    /// When a datagram last went on each link (keepalives per link).
+    link_tx: Vec<Instant>,
 }
 
-impl Output {
+impl Wire {
     fn wire_addr(&self, to: SocketAddr) -> SocketAddr {
         match to {
             SocketAddr::V4(a) if self.v6 => {
@@ -84,6 +99,15 @@ impl Output {
 
     /// Queue a datagram that sits in some other buffer.
     fn send(&mut self, to: SocketAddr, datagram: &[u8], counters: &mut Counters) {
+        if let Some(links) = &self.links {
+            // Not a flow's packet: the link the gateway last spoke on, or
+            // any that is up.
+            let link = addr_link(to)
+                .filter(|&i| links.is_live(i))
+                .or_else(|| links.pick(0));
+            self.push_link(link, datagram, counters);
+            return;
+        }
         if self.batch.is_full() {
             self.flush(counters);
         }
@@ -97,11 +121,73 @@ impl Output {
         counters.udp_tx += 1;
     }
 
+    /// Append a datagram to link `link` (None: no link is up).
+    fn push_link(&mut self, link: Option<usize>, datagram: &[u8], counters: &mut Counters) {
+        let Self {
+            links,
+            dirty,
+            link_tx,
+            ..
+        } = self;
+        push_to(links.as_deref(), dirty, link_tx, link, datagram, counters);
+    }
+
+    /// Append the datagram encrypted into the batch's next slot (`len`
+    /// bytes) to link `link`.
+    fn push_slot(&mut self, link: Option<usize>, len: usize, counters: &mut Counters) {
+        let Self {
+            links,
+            dirty,
+            link_tx,
+            batch,
+            ..
+        } = self;
+        let datagram = batch.slot().get(..len).unwrap_or_default();
+        push_to(links.as_deref(), dirty, link_tx, link, datagram, counters);
+    }
+
     fn flush(&mut self, counters: &mut Counters) {
         if !self.batch.is_empty() {
             counters.dropped += self.batch.flush(&self.udp) as u64;
         }
+        if let Some(links) = &self.links {
+            while self.dirty != 0 {
+                let i = self.dirty.trailing_zeros() as usize;
+                self.dirty &= !(1 << i);
+                links.flush(i);
+            }
+        }
     }
+}
+
+fn push_to(
+    links: Option<&Links>,
+    dirty: &mut u32,
+    link_tx: &mut [Instant],
+    link: Option<usize>,
+    datagram: &[u8],
+    counters: &mut Counters,
+) {
+    let (Some(links), Some(i)) = (links, link) else {
+        counters.dropped += 1;
+        return;
+    };
+    if links.push(i, datagram) {
+        counters.udp_tx += 1;
+        *dirty |= 1 << i;
+        if let Some(t) = link_tx.get_mut(i) {
+            *t = Instant::now();
+        }
+    } else {
+        counters.dropped += 1;
+    }
+}
+
+/// The framed transport's inbound side: events from the links' streams
+/// and a frame decoder per link.
+struct FramedIn {
+    events: tokio::sync::mpsc::Receiver<LinkEvent>,
+    decoders: Vec<burrow_netstack::framing::FrameDecoder>,
 }
 
 /// The laptop's inbound filter for `burrow connect`: the cluster may open
@@ -247,7 +333,7 @@ impl InboundPorts {
 pub struct Datapath {
     peers: Peers,
     tun: Tun,
-    out: Output,
+    out: Wire,
     recv: RecvBatch,
     tun_buf: Vec<u8>,
     /// One segment split off a TSO read.
@@ -269,6 +355,8 @@ pub struct Datapath {
     /// `burrow connect`'s inbound filter (None: everything passes, as in
     /// `burrow up`).
     inbound: Option<std::sync::Arc<InboundPorts>>,
+    /// The framed transport, when the gateway is reached through it.
+    framed: Option<FramedIn>,
 }
 
 impl Datapath {
@@ -297,10 +385,13 @@ impl Datapath {
         Ok(Self {
             peers: table,
             tun,
-            out: Output {
+            out: Wire {
                 udp,
                 v6,
                 batch: SendBatch::new(slot),
+                links: None,
+                dirty: 0,
+                link_tx: Vec::new(),
             },
             recv,
             tun_buf: vec![0; TUN_READ],
@@ -314,7 +405,28 @@ impl Datapath {
             reset: None,
             configs,
             inbound: None,
+            framed: None,
         })
+    }
+
+    /// Reach the gateway over `links` (the framed transport) instead of
+    /// the UDP socket; their streams report on `events`. The peer's
+    /// endpoint should be [`link_addr`]`(0)`.
+    pub fn with_links(
+        mut self,
+        links: std::sync::Arc<Links>,
+        events: tokio::sync::mpsc::Receiver<LinkEvent>,
+    ) -> Self {
+        let n = links.count();
+        self.out.link_tx = vec![Instant::now(); n];
+        self.out.links = Some(links);
+        self.framed = Some(FramedIn {
+            events,
+            decoders: (0..n)
+                .map(|_| burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT))
+                .collect(),
+        });
+        self
     }
 
     /// Admit connections from the tunnel only as `ports` says.
@@ -366,6 +478,21 @@ impl Datapath {
                     } else {
                         self.drain_udp();
                     }
+                }
+                Some(ev) = async {
+                    match &mut self.framed {
+                        Some(f) => f.events.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.on_link_event(ev);
+                    for _ in 0..BATCH {
+                        let Some(Ok(ev)) = self.framed.as_mut().map(|f| f.events.try_recv()) else {
+                            break;
+                        };
+                        self.on_link_event(ev);
+                    }
+                    self.flush_gro();
                 }
                 _ = tokio::time::sleep_until(next_timers.into()) => {}
             }
@@ -443,9 +570,92 @@ impl Datapath {
                 break;
             }
         }
+        self.flush_gro();
+    }
+
+    fn flush_gro(&mut self) {
         if let Some(gro) = &mut self.gro {
             let (tun, counters) = (&self.tun, &mut self.counters);
             gro.flush(&mut |h: &[u8], p: &[u8], n: usize| write_tun(tun, counters, h, p, n));
+        }
+    }
+
+    /// What a framed link's stream did.
+    fn on_link_event(&mut self, ev: LinkEvent) {
+        let Some(framed) = &mut self.framed else {
+            return;
+        };
+        match ev {
+            LinkEvent::Opened(i) => {
+                if let Some(d) = framed.decoders.get_mut(i) {
+                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                }
+                self.keepalive_on(i);
+            }
+            LinkEvent::Closed(i) => {
+                // What it held of a frame is lost with the stream.
+                if let Some(d) = framed.decoders.get_mut(i) {
+                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                }
+            }
+            LinkEvent::Data(i, chunk) => {
+                let Some(decoder) = framed.decoders.get_mut(i) else {
+                    return;
+                };
+                let now = Instant::now();
+                let from = link_addr(i);
+                let mut input = &chunk[..];
+                loop {
+                    match decoder.decode(&mut input) {
+                        Ok(Some(datagram)) => {
+                            self.counters.udp_rx += 1;
+                            on_datagram(
+                                &mut self.peers,
+                                &self.tun,
+                                self.inbound.as_deref(),
+                                &mut self.gro,
+                                &mut self.out,
+                                &mut self.decap_buf,
+                                &mut self.counters,
+                                from,
+                                datagram,
+                                now,
+                            );
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            // Out of step: nothing more on this stream can
+                            // be read; the gateway's side closes it too.
+                            tracing::warn!(link = i, error = %e, "framed link out of step");
+                            self.counters.dropped += 1;
+                            *decoder =
+                                burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send the first peer a datagram on link `i` (a keepalive of the live
+    /// session, else a handshake initiation): it makes the gateway count
+    /// the link as this laptop's, and keeps it from closing it as idle.
+    fn keepalive_on(&mut self, i: usize) {
+        let Some(&(id, _)) = self.handshakes.first() else {
+            return;
+        };
+        let Self {
+            peers,
+            out,
+            timer_buf,
+            counters,
+            ..
+        } = self;
+        if let Encapsulated::Send { datagram, .. } = peers.encapsulate_to(id, &[], timer_buf) {
+            let len = datagram.len();
+            let datagram = &timer_buf[..len];
+            out.push_link(Some(i), datagram, counters);
         }
     }
 
@@ -465,11 +675,27 @@ impl Datapath {
             ..
         } = self;
         peers.update_timers(timer_buf, |_, to, d| out.send(to, d, counters));
+        // Every link carries something at least every LINK_KEEPALIVE.
+        if let Some(links) = self.out.links.clone() {
+            let now = Instant::now();
+            for i in 0..links.count() {
+                let quiet = self
+                    .out
+                    .link_tx
+                    .get(i)
+                    .is_some_and(|t| now.saturating_duration_since(*t) >= LINK_KEEPALIVE);
+                if quiet && links.is_live(i) {
+                    self.keepalive_on(i);
+                }
+            }
+        }
+        let mut handshake = false;
         for (id, seen) in &mut self.handshakes {
             let Some(peer) = self.peers.get(*id) else {
                 continue;
             };
             if peer.last_handshake() != *seen {
+                handshake = true;
                 let first = seen.is_none();
                 *seen = peer.last_handshake();
                 let key = short_key(peer.public_key());
@@ -480,6 +706,15 @@ impl Datapath {
                 } else {
                     tracing::debug!(peer = %key, ?endpoint, "handshake completed");
                 }
+            }
+        }
+        // A new session: each link carries one of its datagrams at once,
+        // so the gateway counts every link among this laptop's streams
+        // (links that opened while the handshake was under way sent
+        // nothing of their own).
+        if handshake && let Some(links) = self.out.links.clone() {
+            for i in (0..links.count()).filter(|&i| links.is_live(i)) {
+                self.keepalive_on(i);
             }
         }
     }
@@ -504,7 +739,7 @@ impl Datapath {
 }
 
 /// Encrypt one IP packet into the next slot of the send batch.
-fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet: &[u8]) {
+fn encrypt(peers: &mut Peers, out: &mut Wire, counters: &mut Counters, packet: &[u8]) {
     if out.batch.is_full() {
         out.flush(counters);
     }
@@ -522,11 +757,19 @@ fn encrypt(peers: &mut Peers, out: &mut Output, counters: &mut Counters, packet:
         // Queued inside the session until the handshake completes.
         Encapsulated::Nothing => None,
     };
-    if let Some((to, len)) = queued {
-        let to = out.wire_addr(to);
-        out.batch.commit(len, to);
-        counters.udp_tx += 1;
+    let Some((to, len)) = queued else { return };
+    if out.links.is_some() {
+        // The slot was scratch: the datagram goes on its flow's link.
+        let link = out
+            .links
+            .as_ref()
+            .and_then(|l| l.pick(burrow_netstack::wire::flow_hash(packet)));
+        out.push_slot(link, len, counters);
+        return;
     }
+    let to = out.wire_addr(to);
+    out.batch.commit(len, to);
+    counters.udp_tx += 1;
 }
 
 /// One datagram from the underlay. A free function over the fields it
@@ -537,7 +780,7 @@ fn on_datagram(
     tun: &Tun,
     inbound: Option<&InboundPorts>,
     gro: &mut Option<Coalescer>,
-    out: &mut Output,
+    out: &mut Wire,
     buf: &mut [u8],
     counters: &mut Counters,
     from: SocketAddr,
@@ -565,7 +808,7 @@ fn on_datagram(
                 None => write(&[0; offload::VNET_HDR_LEN], packet, 1),
             }
         }
-        Decapsulated::Nothing => {}
+        Decapsulated::Nothing | Decapsulated::Keepalive { .. } => {}
         Decapsulated::Dropped(reason) => {
             counters.dropped += 1;
             match reason {

@@ -1,6 +1,7 @@
 //! The laptop's end of the tunnel, shared by `burrow up` and the daemon:
 //! the TUN device ([`tun`]), links, addresses and routes ([`netlink`]),
-//! the data path ([`datapath`], with the TUN offloads of [`offload`]), the
+//! the data path ([`datapath`], with the TUN offloads of [`offload`] and the
+//! framed transport's [`links`]), the
 //! crash-safety state file ([`state`]) and, for `up`, the plan from a
 //! WireGuard configuration ([`plan`]).
 //!
@@ -16,6 +17,7 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 
 pub mod datapath;
+pub mod links;
 pub mod netlink;
 pub mod offload;
 pub mod plan;

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 
 use super::Datapath;
 use super::inbox::{DatapathHandle, DialError};
-use super::output::Output;
+use super::output::Sink;
 
 /// Counters the data path keeps beyond the peer table's own.
 #[derive(Default)]
@@ -55,7 +55,7 @@ pub(super) struct Stats {
 }
 
 impl Datapath {
-    pub(super) fn render_metrics(&self, out: &Output) -> String {
+    pub(super) fn render_metrics(&self, out: &Sink) -> String {
         let s = &self.stats;
         let c = self.peers.counters();
         let accepted = self.tcp.values().filter(|f| f.accepted).count();

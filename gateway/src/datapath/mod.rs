@@ -39,7 +39,7 @@ use burrow_netstack::flow::{
 use burrow_netstack::reassembly::{self, Reassembled, Reassembler};
 use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
-    self, DATA_OVERHEAD, Decapsulated, MIN_BUFFER, PeerConfig, PeerError, Peers,
+    self, DATA_OVERHEAD, Decapsulated, MIN_BUFFER, PeerConfig, PeerError, PeerId, Peers,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -50,7 +50,7 @@ use crate::framed::{self, FramedConn, FramedEvent};
 use crate::laptop::ApiConn;
 use datagram::{DatagramFlow, ICMP_IDLE, LaptopUdpEnd};
 use metrics::{Stats, limit_index};
-use output::Output;
+use output::Sink;
 use tcp::{End, TcpFlow};
 
 mod datagram;
@@ -250,11 +250,12 @@ impl Datapath {
             }
         };
         let slot = self.cfg.mtu + DATA_OVERHEAD + 64;
-        let mut out = Output {
+        let mut out = Sink {
             udp,
             batch: SendBatch::new(slot.max(MIN_BUFFER)),
             conns: HashMap::new(),
             dirty: Vec::new(),
+            streams: HashMap::new(),
         };
         let mut recv = RecvBatch::for_socket(&out.udp, RECV_SLOT);
         let start = Instant::now();
@@ -330,7 +331,7 @@ impl Datapath {
                     stats,
                     ..
                 } = &mut self;
-                peers.update_timers(timer_buf, |_, to, d| out.send(to, d, stats));
+                peers.update_timers(timer_buf, |peer, to, d| out.send(Some(peer), to, d, stats));
                 next_timers = now + WG_TIMER_TICK;
                 self.check_laptops(now);
             }
@@ -357,7 +358,7 @@ impl Datapath {
 
     /// Receive and process batches of UDP datagrams until none are queued
     /// (bounded, so other inputs get their turn).
-    fn drain_udp(&mut self, out: &mut Output, recv: &mut RecvBatch) {
+    fn drain_udp(&mut self, out: &mut Sink, recv: &mut RecvBatch) {
         let now = Instant::now();
         for _ in 0..4 {
             match recv.recv(&out.udp) {
@@ -395,7 +396,7 @@ impl Datapath {
         }
     }
 
-    fn on_framed(&mut self, out: &mut Output, ev: FramedEvent) {
+    fn on_framed(&mut self, out: &mut Sink, ev: FramedEvent) {
         match ev {
             FramedEvent::Opened {
                 id,
@@ -407,8 +408,14 @@ impl Datapath {
                     .insert(id, FramedConn::new(remote, conn_out, framing_max()));
             }
             FramedEvent::Closed { id } => {
+                let mut left = None;
                 if let Some(c) = out.conns.remove(&id) {
                     c.out.close();
+                    left = out.unbind(&c, id);
+                }
+                if left.is_some_and(|n| n > 0) {
+                    // The laptop's other streams carry its flows on.
+                    return;
                 }
                 // A laptop whose transport this was cannot be reached until
                 // it reconnects (its next datagram moves its endpoint).
@@ -432,10 +439,16 @@ impl Datapath {
                 let from = framed::conn_addr(id);
                 let now = Instant::now();
                 let mut authenticated = false;
+                let mut owner = None;
                 let result = framed::decode_chunk(&mut decoder, &chunk, |frame| {
                     self.stats.framed_rx += 1;
-                    authenticated |= self.on_datagram(out, from, frame, now);
+                    let (accepted, peer) = self.accept(out, from, frame, now);
+                    authenticated |= accepted;
+                    owner = peer.or(owner);
                 });
+                if let Some(peer) = owner {
+                    out.bind(id, peer, &self.peers, now);
+                }
                 match (result, out.conns.get_mut(&id)) {
                     (Ok(()), Some(conn)) => {
                         conn.decoder = decoder;
@@ -462,29 +475,42 @@ impl Datapath {
     /// unverified sender or a drop.
     fn on_datagram(
         &mut self,
-        out: &mut Output,
+        out: &mut Sink,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
     ) -> bool {
+        self.accept(out, from, datagram, now).0
+    }
+
+    /// [`Self::on_datagram`], also naming the peer that accepted it when
+    /// the datagram says (data, a keepalive, a handshake).
+    fn accept(
+        &mut self,
+        out: &mut Sink,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) -> (bool, Option<PeerId>) {
         let mut buf = std::mem::take(&mut self.decap);
         let accepted = match self.peers.decapsulate(from, datagram, &mut buf, now) {
             Decapsulated::Send { peer, to, datagram } => {
-                out.send(to, datagram, &mut self.stats);
+                out.send(peer, to, datagram, &mut self.stats);
                 if let Some(peer) = peer {
                     while let Decapsulated::Send { to, datagram, .. } =
                         self.peers.flush_queued(peer, &mut buf)
                     {
-                        out.send(to, datagram, &mut self.stats);
+                        out.send(Some(peer), to, datagram, &mut self.stats);
                     }
                 }
-                peer.is_some()
+                (peer.is_some(), peer)
             }
-            Decapsulated::Packet { packet, .. } => {
+            Decapsulated::Packet { packet, peer } => {
                 self.on_packet(packet, now);
-                true
+                (true, Some(peer))
             }
-            Decapsulated::Nothing => true,
+            Decapsulated::Keepalive { peer } => (true, Some(peer)),
+            Decapsulated::Nothing => (true, None),
             Decapsulated::Dropped(reason) => {
                 match reason {
                     wg::DropReason::ForgedSource { peer, src } => {
@@ -496,7 +522,7 @@ impl Datapath {
                     }
                     other => tracing::trace!(%from, reason = ?other, "dropped datagram"),
                 }
-                false
+                (false, None)
             }
         };
         self.decap = buf;
@@ -743,7 +769,7 @@ impl Datapath {
         self.reassembly.expire(now);
     }
 
-    fn egress(&mut self, out: &mut Output, now: Instant) {
+    fn egress(&mut self, out: &mut Sink, now: Instant) {
         let Self {
             flows,
             peers,
@@ -751,7 +777,7 @@ impl Datapath {
             ..
         } = self;
         flows.egress(now, &mut |packet: &[u8]| {
-            out.encapsulate(peers, packet, stats);
+            out.encapsulate(peers, packet, now, stats);
         });
     }
 }

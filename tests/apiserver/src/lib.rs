@@ -6,7 +6,8 @@
 //! resource table (`resources`: new kinds are data), and the REST layer that
 //! kubectl and kube-rs talk to over HTTPS (discovery, list/get/watch, create,
 //! replace, patch in all four types, delete, Status errors, selectors,
-//! authentication, RBAC, `pods/portforward` over WebSocket, `pods/log`
+//! authentication, RBAC, `pods/portforward` (WebSocket v4, SPDY/3.1 plain
+//! and tunneled in a WebSocket), `pods/log`
 //! streamed from the node's log source).
 //!
 //! Must never: run workloads or touch the network beyond its own listeners
@@ -29,6 +30,7 @@ pub mod quantity;
 pub mod resources;
 pub mod selectors;
 pub mod server;
+pub mod spdy;
 pub mod store;
 pub mod table;
 

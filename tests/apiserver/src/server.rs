@@ -731,11 +731,9 @@ async fn resource_request(
             Ok(json_response(StatusCode::OK, &body))
         }
         "create" if sub == Some("portforward") => {
-            if !portforward::is_websocket(&req) {
-                return Err(ApiError::bad_request(
-                    "Upgrade request required: only WebSocket port forwarding (v4.channel.k8s.io) is supported",
-                ));
-            }
+            let Some(mode) = portforward::mode(&req) else {
+                return Err(ApiError::bad_request("Upgrade request required"));
+            };
             let pod = store.get(rt, ns, name)?;
             let uid = pod["metadata"]["uid"]
                 .as_str()
@@ -747,6 +745,18 @@ async fn resource_request(
                 .ok_or_else(|| {
                     ApiError::bad_request(format!("pod {name} does not have a host assigned"))
                 })?;
+            if mode != portforward::Mode::WebSocket {
+                // SPDY names the port on each stream.
+                return portforward::handle_spdy(
+                    req,
+                    mode,
+                    name,
+                    ns,
+                    uid,
+                    ip,
+                    state.dialer.clone(),
+                );
+            }
             let mut ports = Vec::new();
             for p in q.all("ports").iter().chain(q.all("port")) {
                 for part in p.split(',').filter(|s| !s.trim().is_empty()) {

@@ -37,6 +37,22 @@
 //!   awaited (however long) before the next: a line `@@ <unix seconds>
 //!   <number> <seconds taken>` per answer; `!! <error>` and exit 1 when
 //!   the connection fails. Runs until killed.
+//! - `mc-flows pf-get --kubeconfig K --pod NS/NAME --port 80 --path /x
+//!   --parallel N`: N plain port-forwards (kube-rs, WebSocket through the
+//!   API server, as the laptop's kubeconfig says) to the pod's port, one
+//!   `GET PATH` on each at once; prints the bytes of body received and
+//!   MB/s over the wall time (`@@ <bytes> <MB/s>`): the path burrow's
+//!   port-forward transport rides on, without burrow (benchmarks).
+//! - `mc-flows soak --to IP:P --bulk 10 --rr 60 --idle 30 --duration-secs
+//!   3600`: that many flows to an echo server at once for the duration:
+//!   bulk flows send 4 MiB of their own pattern and read it back (verified)
+//!   over and over on new connections, request/response flows exchange 64
+//!   bytes every 100 ms on one connection, idle flows hold one connection
+//!   and exchange a byte every 30 s. Every `--report-secs` and at the end a
+//!   line `@@ <seconds> sent=<bytes> received=<bytes> in_flight=<bytes>
+//!   errors=<n> exchanges=<n>` (received counts only bytes that came back
+//!   as sent); error lines say what failed. Exits 0 only when nothing was
+//!   lost or wrong.
 //!
 //! Must never: talk to anything but the address it is given.
 
@@ -59,6 +75,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// GET a path through plain port-forwards to a pod (benchmarks).
+    PfGet {
+        #[arg(long)]
+        kubeconfig: std::path::PathBuf,
+        /// NAMESPACE/NAME of the pod.
+        #[arg(long)]
+        pod: String,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
     /// Echo every TCP connection on 0.0.0.0:PORT.
     EchoServer {
         #[arg(long, env = "PORT")]
@@ -144,6 +174,24 @@ enum Cmd {
         /// Give up (and report what is missing) after this many seconds.
         #[arg(long, default_value_t = 120)]
         limit_secs: u64,
+    },
+    /// Mixed flows to an echo server for a while (the soak benchmark).
+    Soak {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Flows that send and verify bulk data, over and over.
+        #[arg(long, default_value_t = 10)]
+        bulk: usize,
+        /// Flows that exchange a 64-byte request and answer every 100 ms.
+        #[arg(long, default_value_t = 60)]
+        rr: usize,
+        /// Flows that stay open and exchange one byte every 30 s.
+        #[arg(long, default_value_t = 30)]
+        idle: usize,
+        #[arg(long, default_value_t = 3600)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 60)]
+        report_secs: u64,
     },
 }
 
@@ -667,11 +715,268 @@ async fn one_get(to: &str, request: &[u8]) -> Result<(u16, String)> {
     Ok((status, pod))
 }
 
+async fn pf_get(
+    kubeconfig: &std::path::Path,
+    pod: &str,
+    port: u16,
+    path: &str,
+    parallel: usize,
+) -> Result<()> {
+    let (ns, name) = pod.split_once('/').context("--pod NAMESPACE/NAME")?;
+    let config = kube::config::Kubeconfig::read_from(kubeconfig).context("kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+        .await
+        .context("kubeconfig")?;
+    let client = kube::Client::try_from(config).context("client")?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+    let mut forwards = Vec::new();
+    for _ in 0..parallel {
+        let mut pf = pods
+            .portforward(name, &[port])
+            .await
+            .context("port-forward")?;
+        let stream = pf.take_stream(port).context("no stream")?;
+        forwards.push((pf, stream));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (pf, mut stream) in forwards {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: pf\r\nConnection: close\r\n\r\n");
+        tasks.push(tokio::spawn(async move {
+            let _pf = pf;
+            stream.write_all(request.as_bytes()).await?;
+            let mut buf = vec![0u8; 256 << 10];
+            let mut total = 0usize;
+            let mut head = Vec::new();
+            let mut body_at = None;
+            let mut length = None;
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                total += n;
+                if body_at.is_none() {
+                    head.extend_from_slice(&buf[..n.min(4096)]);
+                    body_at = head
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|p| p + 4);
+                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    length = text
+                        .split("content-length:")
+                        .nth(1)
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|v| v.parse::<usize>().ok());
+                }
+                if let (Some(at), Some(len)) = (body_at, length)
+                    && total >= at + len
+                {
+                    break;
+                }
+            }
+            anyhow::Ok(total - body_at.unwrap_or(total))
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await.context("task")??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("@@ {bytes} {:.1}", bytes as f64 / secs / 1e6);
+    Ok(())
+}
+
+/// The soak's shared counters.
+#[derive(Default)]
+struct SoakCounts {
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    exchanges: std::sync::atomic::AtomicU64,
+}
+
+impl SoakCounts {
+    fn add(c: &std::sync::atomic::AtomicU64, n: usize) {
+        c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn error(&self, what: &str, e: impl std::fmt::Display) {
+        Self::add(&self.errors, 1);
+        println!("error: {what}: {e}");
+    }
+    fn line(&self, at: Duration) {
+        let (sent, received) = (Self::get(&self.sent), Self::get(&self.received));
+        println!(
+            "@@ {} sent={sent} received={received} in_flight={} errors={} exchanges={}",
+            at.as_secs(),
+            sent.saturating_sub(received),
+            Self::get(&self.errors),
+            Self::get(&self.exchanges)
+        );
+    }
+}
+
+/// Byte `i` of flow `flow`'s pattern.
+fn soak_pattern(flow: usize, i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ flow.wrapping_mul(131)) as u8
+}
+
+async fn soak(
+    to: SocketAddr,
+    [bulk, rr, idle]: [usize; 3],
+    duration: Duration,
+    report: Duration,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    let counts = Arc::new(SoakCounts::default());
+    let start = Instant::now();
+    let end = tokio::time::Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for f in 0..bulk {
+        let c = counts.clone();
+        tasks.spawn(async move {
+            const BULK: usize = 4 << 20;
+            let data: Vec<u8> = (0..BULK).map(|i| soak_pattern(f, i)).collect();
+            while tokio::time::Instant::now() < end {
+                let r = async {
+                    let s = TcpStream::connect(to).await.context("connect")?;
+                    let (mut rd, mut wr) = s.into_split();
+                    let data = &data;
+                    let c2 = c.clone();
+                    let write = async move {
+                        for chunk in data.chunks(64 << 10) {
+                            wr.write_all(chunk).await.context("write")?;
+                            SoakCounts::add(&c2.sent, chunk.len());
+                        }
+                        wr.shutdown().await.context("shutdown")?;
+                        anyhow::Ok(())
+                    };
+                    let read = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        let mut at = 0;
+                        loop {
+                            let n = rd.read(&mut buf).await.context("read")?;
+                            if n == 0 {
+                                break;
+                            }
+                            if buf[..n] != data[at..(at + n).min(BULK)] {
+                                anyhow::bail!("bulk flow {f}: bytes {at}..{} differ", at + n);
+                            }
+                            at += n;
+                            SoakCounts::add(&c.received, n);
+                        }
+                        anyhow::ensure!(
+                            at == BULK,
+                            "bulk flow {f}: {at} of {BULK} bytes came back"
+                        );
+                        anyhow::Ok(())
+                    };
+                    tokio::try_join!(write, read)?;
+                    anyhow::Ok(())
+                }
+                .await;
+                match r {
+                    Ok(()) => SoakCounts::add(&c.exchanges, 1),
+                    Err(e) => {
+                        c.error("bulk", format!("{e:#}"));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+    let steady = |f: usize, every: Duration, len: usize, c: Arc<SoakCounts>| async move {
+        let mut conn: Option<TcpStream> = None;
+        let mut round = 0usize;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while tokio::time::Instant::now() < end {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(end) => break,
+            }
+            let r = async {
+                if conn.is_none() {
+                    conn = Some(TcpStream::connect(to).await.context("connect")?);
+                }
+                let Some(s) = conn.as_mut() else {
+                    unreachable!()
+                };
+                let msg: Vec<u8> = (0..len).map(|i| soak_pattern(f, round * len + i)).collect();
+                s.write_all(&msg).await.context("write")?;
+                SoakCounts::add(&c.sent, len);
+                let mut back = vec![0u8; len];
+                tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut back))
+                    .await
+                    .context("no answer in 30 s")?
+                    .context("read")?;
+                anyhow::ensure!(back == msg, "flow {f}: answer differs");
+                SoakCounts::add(&c.received, len);
+                anyhow::Ok(())
+            }
+            .await;
+            round += 1;
+            match r {
+                Ok(()) => SoakCounts::add(&c.exchanges, 1),
+                Err(e) => {
+                    conn = None;
+                    c.error("request/response", format!("{e:#}"));
+                }
+            }
+        }
+    };
+    for f in 0..rr {
+        tasks.spawn(steady(
+            bulk + f,
+            Duration::from_millis(100),
+            64,
+            counts.clone(),
+        ));
+    }
+    for f in 0..idle {
+        tasks.spawn(steady(
+            bulk + rr + f,
+            Duration::from_secs(30),
+            1,
+            counts.clone(),
+        ));
+    }
+    let reporter = {
+        let c = counts.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(report);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                c.line(start.elapsed());
+            }
+        })
+    };
+    while tasks.join_next().await.is_some() {}
+    reporter.abort();
+    counts.line(start.elapsed());
+    let (sent, received) = (
+        counts.sent.load(Ordering::Relaxed),
+        counts.received.load(Ordering::Relaxed),
+    );
+    counts.errors.load(Ordering::Relaxed) == 0 && sent == received
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     raise_nofile();
     match cli.command {
+        Cmd::PfGet {
+            kubeconfig,
+            pod,
+            port,
+            path,
+            parallel,
+        } => pf_get(&kubeconfig, &pod, port, &path, parallel).await,
         Cmd::EchoServer { port } => echo_server(port).await,
         Cmd::Hold {
             to,
@@ -719,6 +1024,23 @@ async fn main() -> Result<()> {
                 Duration::from_secs(limit_secs),
             )
             .await
+        }
+        Cmd::Soak {
+            to,
+            bulk,
+            rr,
+            idle,
+            duration_secs,
+            report_secs,
+        } => {
+            let clean = soak(
+                to,
+                [bulk, rr, idle],
+                Duration::from_secs(duration_secs),
+                Duration::from_secs(report_secs),
+            )
+            .await;
+            std::process::exit(if clean { 0 } else { 1 });
         }
         Cmd::EchoClients {
             to,

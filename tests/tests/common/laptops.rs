@@ -14,17 +14,35 @@ use super::*;
 pub struct Setup<'a> {
     pub c: &'a Cluster,
     pub bin: PathBuf,
-    pub dir: tempfile::TempDir,
+    /// Where the laptops' run dirs are.
+    pub dir: PathBuf,
+    /// The temp dir `dir` is, when it is one (removed on drop).
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl<'a> Setup<'a> {
     /// Laptops of `c`, with the test binaries' directory and a fresh run
     /// dir per laptop.
     pub fn new(c: &'a Cluster) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
         Setup {
             c,
             bin: bin_dir(),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        }
+    }
+
+    /// Laptops of a shared cluster whose run dirs outlive one test: in
+    /// `<state dir>/<name>` (gone with the cluster).
+    pub fn shared(c: &'a Cluster, name: &str) -> Self {
+        let dir = c.state_dir().join(name);
+        std::fs::create_dir_all(&dir).expect("the laptops' run dirs");
+        Setup {
+            c,
+            bin: bin_dir(),
+            dir,
+            _tmp: None,
         }
     }
 
@@ -56,7 +74,7 @@ impl Setup<'_> {
     }
 
     pub fn run_dir(&self, n: usize) -> PathBuf {
-        self.dir.path().join(format!("run{n}"))
+        self.dir.join(format!("run{n}"))
     }
 
     pub fn on(&self, n: usize, args: &[&str]) -> Command {
