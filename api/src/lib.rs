@@ -115,8 +115,14 @@ pub struct Registration {
     pub gateway_address: IpAddr,
     pub info: Info,
     /// Seconds without a handshake or registration after which the gateway
-    /// forgets the laptop.
+    /// forgets the laptop (its grace: `burrow-gateway --peer-grace`).
     pub expiry_secs: u64,
+    /// Whether the gateway knew the key before this call (a refresh):
+    /// false on a first registration, and on one after the gateway forgot
+    /// the laptop (silent past its grace, or a new gateway process). None
+    /// from gateways that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<bool>,
 }
 
 /// `GET /v1/peer`: the calling laptop as the gateway sees it.

@@ -78,6 +78,29 @@ pub enum Reply {
     },
 }
 
+/// How many [`Status::events`] are kept.
+pub const MAX_EVENTS: usize = 10;
+
+impl Status {
+    /// Notes `what` happened now (UTC time of day in front).
+    pub fn event(&mut self, what: impl std::fmt::Display) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            % 86_400;
+        if self.events.len() >= MAX_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(format!(
+            "{:02}:{:02}:{:02} {what}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        ));
+    }
+}
+
 /// What `burrow status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Status {
@@ -107,6 +130,11 @@ pub struct Status {
     pub udp_flows: Option<usize>,
     pub reconnects: u64,
     pub last_reconnect_error: Option<String>,
+    /// What happened to the connection since it was made, oldest first
+    /// (the last [`MAX_EVENTS`]): sleeps, network changes, the gateway
+    /// having forgotten the laptop, each with the UTC time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
     /// Connection attempts from the tunnel to ports burrow does not
     /// forward, dropped by the laptop's inbound filter.
     #[serde(default)]

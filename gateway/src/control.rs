@@ -455,6 +455,7 @@ async fn register(
         gateway_address: IpAddr::V4(gateway_address),
         info: c.info.clone(),
         expiry_secs: c.expiry.as_secs(),
+        known: Some(!fresh),
     })
     .into_response()
 }

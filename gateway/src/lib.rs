@@ -145,13 +145,18 @@ pub struct GatewayConfig {
     pub control: ControlConfig,
 }
 
+/// How long a silent laptop (no registration, no handshake) keeps its
+/// peer, address and flows: longer than a lid closed over lunch.
+pub const DEFAULT_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How the control API hands out addresses and what it tells laptops.
 #[derive(Clone)]
 pub struct ControlConfig {
     /// Tunnel addresses come from here; the first host is the gateway's.
     pub tunnel_network: ipnet::Ipv4Net,
-    /// A laptop neither re-registering nor handshaking for this long is
-    /// forgotten.
+    /// The grace of a silent laptop: one neither re-registering nor
+    /// handshaking for this long (asleep, offline) is forgotten, its flows
+    /// reset. Reroute leases are separate and short (fail-open).
     pub expiry: std::time::Duration,
     /// What the gateway knows of the cluster (from its resolv.conf).
     pub cluster: burrow_api::ClusterFacts,
@@ -165,7 +170,7 @@ impl Default for ControlConfig {
         Self {
             tunnel_network: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(198, 19, 0, 0), 16)
                 .unwrap_or_default(),
-            expiry: std::time::Duration::from_secs(180),
+            expiry: DEFAULT_PEER_GRACE,
             cluster: burrow_api::ClusterFacts::default(),
             kube: None,
         }

@@ -42,10 +42,15 @@ struct Cli {
     /// from this IPv4 network; the first host is the gateway's own.
     #[arg(long, value_name = "CIDR", default_value = "198.19.0.0/16")]
     tunnel_network: ipnet::Ipv4Net,
-    /// Forget a laptop that neither re-registers nor handshakes for this
-    /// long.
-    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = humantime_duration)]
-    peer_expiry: Duration,
+    /// Grace of a silent laptop: one that neither re-registers nor
+    /// handshakes (suspended, offline, roaming) keeps its tunnel address
+    /// and its open TCP flows this long, so its connections resume when it
+    /// is back; then it is forgotten and its flows reset (it registers
+    /// again by itself). Reroute leases do not wait for it: they lapse
+    /// after 12 s and callers go to the pods (fail-open).
+    #[arg(long, alias = "peer-expiry", value_name = "DURATION", default_value = "600s",
+          value_parser = humantime_duration)]
+    peer_grace: Duration,
     /// The resolv.conf the cluster facts (DNS server, cluster domain,
     /// search list) are read from, as any pod reads them.
     #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
@@ -307,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             },
             control: ControlConfig {
                 tunnel_network: cli.tunnel_network,
-                expiry: cli.peer_expiry,
+                expiry: cli.peer_grace,
                 cluster: burrow_api::ClusterFacts::from_resolv_conf(&resolv, pod_ip),
                 kube,
             },

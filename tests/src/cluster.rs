@@ -244,6 +244,7 @@ pub async fn serve(opts: ClusterOptions) -> Result<()> {
     std::fs::write(state.join("pid"), std::process::id().to_string())
         .context("writing the pid file")?;
     init_logging(&state)?;
+    let _ = STATE_DIR.set(state.clone());
     tracing::info!(
         "minicluster {} starting (pid {})",
         opts.name,
@@ -371,7 +372,7 @@ async fn run(
     let store = Arc::new(Store::new());
     bootstrap(&store).context("creating the cluster's own objects")?;
 
-    let config = server::ServerConfig {
+    let first_config = server::ServerConfig {
         store: store.clone(),
         auth: authn.clone(),
         tls_cert_pem: pki.server_cert_pem.clone(),
@@ -381,7 +382,33 @@ async fn run(
         dialer: pod_dialer(ctx.name.clone()),
         logs: Some(kubelet::log_source(store.clone(), ctx.clone())),
     };
-    tasks.spawn(async move { ("apiserver", server::serve(config).await) });
+    let make_config = {
+        let (store, authn) = (store.clone(), authn.clone());
+        let (cert, key, ca) = (
+            pki.server_cert_pem.clone(),
+            pki.server_key_pem.clone(),
+            pki.ca_pem.clone(),
+        );
+        let (ctx, node_netns) = (ctx.clone(), ctx.node_netns());
+        move || -> Result<server::ServerConfig> {
+            let node_listener = net::in_netns(&node_netns, move || {
+                std::net::TcpListener::bind(SocketAddr::from((NODE_UNDERLAY_IP, API_PORT)))
+            })??;
+            let host_listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, host_port))?;
+            Ok(server::ServerConfig {
+                store: store.clone(),
+                auth: authn.clone(),
+                tls_cert_pem: cert.clone(),
+                tls_key_pem: key.clone(),
+                ca_pem: ca.clone(),
+                listeners: vec![node_listener, host_listener],
+                dialer: pod_dialer(ctx.name.clone()),
+                logs: Some(kubelet::log_source(store.clone(), ctx.clone())),
+            })
+        }
+    };
+    let first = ApiServer::start(first_config)?;
+    tasks.spawn(async move { ("apiserver", api_server_loop(first, make_config).await) });
 
     macro_rules! controller {
         ($name:literal, $f:path) => {{
@@ -484,6 +511,110 @@ async fn run(
         None => bail!("no controllers running"),
     }
 }
+
+/// The API server on a runtime of its own, so that stopping it is what a
+/// real API server's restart is to its clients: every connection (watches,
+/// port-forward streams) ends at once and the port refuses until it is
+/// back. The store (etcd) and the controllers stay.
+struct ApiServer {
+    /// Always Some but in `Drop`.
+    runtime: Option<tokio::runtime::Runtime>,
+    done: tokio::sync::oneshot::Receiver<Result<()>>,
+}
+
+impl ApiServer {
+    fn start(config: server::ServerConfig) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("apiserver")
+            .enable_all()
+            .build()
+            .context("the API server's runtime")?;
+        let (tx, done) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            let _ = tx.send(server::serve(config).await);
+        });
+        Ok(Self {
+            runtime: Some(runtime),
+            done,
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    /// Every task of the API server ends (connections close); never
+    /// waits (a runtime may not block inside another).
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// What `minicluster apiserver stop|start` asks of the daemon: SIGUSR1
+/// stops the API server, SIGUSR2 starts it again (same address, port,
+/// certificates and store). `apiserver-state` in the state dir says which
+/// it is in (`serving`, `stopped`) once done.
+async fn api_server_loop(
+    first: ApiServer,
+    make_config: impl Fn() -> Result<server::ServerConfig> + Send,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut stop_sig = signal(SignalKind::user_defined1())?;
+    let mut start_sig = signal(SignalKind::user_defined2())?;
+    let mut running = Some(first);
+    let state = |s: &str| {
+        if let Some(dir) = STATE_DIR.get() {
+            let _ = write_atomic(&dir.join("apiserver-state"), s.as_bytes());
+        }
+    };
+    state("serving");
+    loop {
+        let failed = async {
+            match running.as_mut() {
+                Some(a) => (&mut a.done).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = failed => {
+                return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => bail!("the API server's task ended"),
+                };
+            }
+            _ = stop_sig.recv() => {
+                if let Some(a) = running.take() {
+                    tracing::info!("API server: stopping (SIGUSR1)");
+                    drop(a);
+                }
+                state("stopped");
+            }
+            _ = start_sig.recv() => {
+                if running.is_none() {
+                    tracing::info!("API server: starting again (SIGUSR2)");
+                    // The old listeners close as their runtime winds down:
+                    // a bind may find the port still taken for a moment.
+                    let mut config = make_config();
+                    for _ in 0..50 {
+                        if config.is_ok() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        config = make_config();
+                    }
+                    running = Some(ApiServer::start(config.context("binding the API server's ports again")?)?);
+                }
+                state("serving");
+            }
+        }
+    }
+}
+
+/// The state dir of the cluster this daemon runs (for the API server's
+/// state file).
+static STATE_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn task_failure(done: Result<(&'static str, Result<()>), tokio::task::JoinError>) -> anyhow::Error {
     let e = match done {
@@ -943,6 +1074,25 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Takes laptop `target`'s underlay link down or up
+    /// ([`net::set_laptop_link`]).
+    pub fn set_laptop_link(&self, target: &str, up: bool) -> Result<()> {
+        net::set_laptop_link(&self.netns(target)?, up)
+    }
+
+    /// Moves laptop `target` to underlay address `address`
+    /// ([`net::set_laptop_address`]).
+    pub fn set_laptop_address(&self, target: &str, address: Ipv4Addr) -> Result<()> {
+        net::set_laptop_address(&self.netns(target)?, address)
+    }
+
+    /// Stops (`serving` false) or starts the API server and returns once
+    /// it is done: stopped, every connection closed and the port refusing;
+    /// or serving again.
+    pub fn set_api_server(&self, serving: bool) -> Result<()> {
+        set_api_server(&self.name, serving)
+    }
+
     /// The network namespace of `laptop`, `laptop2`..., `node` or
     /// `pod/NAMESPACE/POD`.
     pub fn netns(&self, target: &str) -> Result<String> {
@@ -1041,6 +1191,32 @@ pub fn stop_pid(pid: i32, patience: Duration) {
 
 /// Removes every leftover of every cluster: daemons (from their pid files),
 /// namespaces, veths, rules, processes (`net::gc_all`) and state dirs.
+/// Stops or starts cluster `name`'s API server (see [`Cluster::set_api_server`]).
+pub fn set_api_server(name: &str, serving: bool) -> Result<()> {
+    let dir = state_dir(name);
+    let pid = daemon_pid(&dir).with_context(|| format!("cluster {name} is not running"))?;
+    let want = if serving { "serving" } else { "stopped" };
+    let file = dir.join("apiserver-state");
+    let _ = std::fs::remove_file(&file);
+    let sig = if serving {
+        nix::sys::signal::Signal::SIGUSR2
+    } else {
+        nix::sys::signal::Signal::SIGUSR1
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .with_context(|| format!("signalling the cluster daemon {pid}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if std::fs::read_to_string(&file).is_ok_and(|s| s == want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the API server of {name} did not turn {want} within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn gc() -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(STATE_ROOT) {
         for e in entries.flatten() {

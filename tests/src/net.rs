@@ -203,6 +203,29 @@ pub fn create_node(ctx: &ClusterCtx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes the underlay link of laptop namespace `netns` down (`up` false:
+/// as a laptop whose Wi-Fi goes away: its address stays, its routes go,
+/// sends fail with "network unreachable") or back up (the routes return).
+pub fn set_laptop_link(netns: &str, up: bool) -> anyhow::Result<()> {
+    let state = if up { "up" } else { "down" };
+    ip_batch(netns, &[format!("link set eth0 {state}")])
+}
+
+/// Gives laptop namespace `netns` the underlay address `address` instead
+/// of the one it has (a new DHCP lease, another network): the old address
+/// and its routes go, as on a real laptop. Connections bound to the old
+/// address are left as they are (the kernel does not reset them).
+pub fn set_laptop_address(netns: &str, address: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    let ul_len = UNDERLAY_CIDR.split('/').nth(1).unwrap_or("24");
+    ip_batch(
+        netns,
+        &[
+            "addr flush dev eth0".to_string(),
+            format!("addr add {address}/{ul_len} dev eth0"),
+        ],
+    )
+}
+
 /// Creates laptop `index` (1-based): a namespace whose only link is a veth on
 /// the node's underlay bridge, address 192.168.240.(1+index)/24, no default
 /// route, and the corporate resolver in its resolv.conf. Returns its name.

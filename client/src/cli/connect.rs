@@ -572,4 +572,8 @@ fn print_status(s: &Status) {
     if let Some(e) = &s.last_reconnect_error {
         println!("  last error:     {e}");
     }
+    for (i, e) in s.events.iter().enumerate() {
+        let label = if i == 0 { "events:" } else { "" };
+        println!("  {label:<15} {e}");
+    }
 }

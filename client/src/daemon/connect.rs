@@ -151,6 +151,10 @@ pub(super) async fn connect(
         st.reconnects = reconnects;
         st.last_reconnect_error = error;
     }
+    let underlay_to = match &relay {
+        None => Some(chosen.endpoint),
+        Some(_) => underlay::api_server_address(&cluster.server).await,
+    };
     let supervisor = tokio::spawn(supervise(Supervisor {
         cluster: cluster.clone(),
         namespace: gns,
@@ -162,6 +166,7 @@ pub(super) async fn connect(
         reset: tunnel.reset.clone(),
         status: status.clone(),
         stop: tunnel.stop.subscribe(),
+        underlay_to,
     }));
     let done = with_dns(snapshot(&status, &tunnel.stats), Some(&dns));
     *session = Some(Session {

@@ -40,6 +40,7 @@ mod gateway;
 pub mod reroute;
 mod supervisor;
 mod transport;
+mod underlay;
 
 use connect::connect;
 use gateway::*;

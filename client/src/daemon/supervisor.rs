@@ -1,7 +1,9 @@
 //! The connection's supervisor: follows the gateway's pods, re-registers
-//! on a new pod and every heartbeat, and points the transport at it.
+//! on a new pod and every heartbeat, and points the transport at it; and
+//! brings the tunnel back at once when the laptop wakes up or its network
+//! changes ([`underlay`]), saying so in `status`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +11,7 @@ use boringtun::x25519::StaticSecret;
 use burrow_deploy::Cluster;
 use burrow_deploy::install::{self, GatewayPod};
 
+use super::underlay::{self, Underlay};
 use super::*;
 use crate::protocol::Status;
 
@@ -23,6 +26,9 @@ pub(super) struct Supervisor {
     pub(super) reset: Arc<std::sync::atomic::AtomicBool>,
     pub(super) status: Arc<std::sync::Mutex<Status>>,
     pub(super) stop: tokio::sync::watch::Receiver<bool>,
+    /// Where the tunnel's traffic leaves the laptop for (the UDP endpoint,
+    /// or the API server for port-forward): watched for network changes.
+    pub(super) underlay_to: Option<SocketAddr>,
 }
 
 /// Follows the gateway's pods with a watch; when the Ready pod is replaced,
@@ -34,8 +40,19 @@ pub(super) async fn supervise(mut s: Supervisor) {
     let mut pods = Box::pin(install::watch_ready(&s.cluster, &s.namespace, &s.version));
     let mut target = s.pod.clone();
     let mut next_register = tokio::time::Instant::now() + HEARTBEAT;
+    let mut look = tokio::time::interval(underlay::TICK);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut net = Underlay::new(
+        s.underlay_to.and_then(underlay::source_towards),
+        std::time::Instant::now(),
+    );
     loop {
+        let mut change = None;
         tokio::select! {
+            _ = look.tick() => {
+                let source = s.underlay_to.and_then(underlay::source_towards);
+                change = net.observe(source, std::time::Instant::now(), std::time::SystemTime::now());
+            }
             event = pods.next() => match event {
                 Some(Ok(Some(pod))) => {
                     if pod.name != target.name {
@@ -59,6 +76,12 @@ pub(super) async fn supervise(mut s: Supervisor) {
             _ = tokio::time::sleep_until(next_register) => {}
             _ = s.stop.wait_for(|v| *v) => return,
         }
+        if let Some(change) = change {
+            on_change(&s, &change);
+            if change.needs_recovery() {
+                next_register = tokio::time::Instant::now();
+            }
+        }
         if tokio::time::Instant::now() < next_register {
             continue;
         }
@@ -69,6 +92,23 @@ pub(super) async fn supervise(mut s: Supervisor) {
                 if reg.address != s.address {
                     tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");
                 }
+                if !changed && reg.known == Some(false) {
+                    // The same pod forgot this laptop: silent past its grace
+                    // (asleep, offline). Its flows are gone; the peer is
+                    // back now, so handshake at once rather than at the
+                    // next retry of the old session.
+                    let what = format!(
+                        "the gateway had forgotten this laptop (silent longer than its {}s grace; its connections were reset): registered again as {}",
+                        reg.expiry_secs, reg.address
+                    );
+                    tracing::warn!("{what}");
+                    s.reset.store(true, std::sync::atomic::Ordering::Release);
+                    if let Ok(mut st) = s.status.lock() {
+                        st.reconnects += 1;
+                        st.last_reconnect_error = None;
+                        st.event(what);
+                    }
+                }
                 if changed {
                     if let Some(r) = &s.relay {
                         let _ = r.pod.send(target.clone());
@@ -76,6 +116,16 @@ pub(super) async fn supervise(mut s: Supervisor) {
                     s.reset.store(true, std::sync::atomic::Ordering::Release);
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
+                        st.event(format!(
+                            "gateway pod {} replaced by {}: registered again{}",
+                            s.pod.name,
+                            target.name,
+                            if reg.known == Some(true) {
+                                ""
+                            } else {
+                                " (the new pod did not know this laptop)"
+                            }
+                        ));
                         st.gateway_pod = target.name.clone();
                         st.gateway_pod_ip = target.ip.clone();
                         st.last_reconnect_error = None;
@@ -96,5 +146,34 @@ pub(super) async fn supervise(mut s: Supervisor) {
                 next_register = tokio::time::Instant::now() + retry;
             }
         }
+    }
+}
+
+/// A wake-up or network change: said in `status`; unless the network just
+/// went away, the transport is brought back now — a new port-forward
+/// stream (the old one may be dead without either end knowing), and for a
+/// new address a WireGuard handshake from it (the gateway roams to it) —
+/// and the caller re-registers at once.
+fn on_change(s: &Supervisor, change: &underlay::Change) {
+    tracing::info!("{change}");
+    if let Ok(mut st) = s.status.lock() {
+        st.event(change);
+    }
+    if !change.needs_recovery() {
+        return;
+    }
+    if let Some(r) = &s.relay {
+        // The same pod again: the relay reopens its stream; the session
+        // restarts so that a handshake goes out on the new stream at once
+        // (one sent on the old one is lost, and would be resent only after
+        // boringtun's 5 s; the relay's socket keeps it until the new
+        // stream takes it).
+        let _ = r.pod.send(s.pod.clone());
+        s.reset.store(true, std::sync::atomic::Ordering::Release);
+    } else if !matches!(change, underlay::Change::Woke { .. }) {
+        // A woken session keeps what it queued meanwhile (the laptop's
+        // retransmissions) and handshakes by itself if it expired; a new
+        // path handshakes now.
+        s.reset.store(true, std::sync::atomic::Ordering::Release);
     }
 }

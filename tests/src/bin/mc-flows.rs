@@ -32,6 +32,11 @@
 //!   until stdin closes; prints one line per request when it ends: `@@
 //!   <unix seconds> <status or 0> <seconds taken> <"pod" field or -> <error
 //!   or ->`.
+//! - `mc-flows line-echo --to HOST:P --every-ms 1000`: one connection to
+//!   a line echo (the `db` pod's `cat`), a numbered line every second, each
+//!   awaited (however long) before the next: a line `@@ <unix seconds>
+//!   <number> <seconds taken>` per answer; `!! <error>` and exit 1 when
+//!   the connection fails. Runs until killed.
 //! - `mc-flows pf-get --kubeconfig K --pod NS/NAME --port 80 --path /x
 //!   --parallel N`: N plain port-forwards (kube-rs, WebSocket through the
 //!   API server, as the laptop's kubeconfig says) to the pod's port, one
@@ -132,6 +137,15 @@ enum Cmd {
         /// Give up waiting for the closes after this many seconds.
         #[arg(long, default_value_t = 120)]
         limit_secs: u64,
+    },
+    /// One connection to a line echo, a numbered line every EVERY_MS, each
+    /// awaited; a line per answer, until killed or the connection fails.
+    LineEcho {
+        /// HOST:PORT (a name is resolved once).
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
     },
     /// One HTTP request on a new connection every EVERY_MS until stdin
     /// closes; a line per request.
@@ -630,6 +644,38 @@ async fn http_every(
     }
 }
 
+/// See the module doc (`line-echo`).
+async fn line_echo(to: &str, every: Duration) -> Result<()> {
+    let addr = tokio::net::lookup_host(to)
+        .await
+        .context("resolve")?
+        .next()
+        .context("resolve: no address")?;
+    let s = TcpStream::connect(addr).await.context("connect")?;
+    let (rd, mut wr) = s.into_split();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
+    println!("@@ connected {addr}");
+    for n in 1u64.. {
+        let start = Instant::now();
+        wr.write_all(format!("{n}\n").as_bytes())
+            .await
+            .with_context(|| format!("write {n}"))?;
+        let line = lines
+            .next_line()
+            .await
+            .with_context(|| format!("read {n}"))?
+            .with_context(|| format!("read {n}: the other end closed"))?;
+        anyhow::ensure!(line == n.to_string(), "sent {n}, got back {line:?}");
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        println!("@@ {at:.3} {n} {:.3}", start.elapsed().as_secs_f64());
+        tokio::time::sleep(every.saturating_sub(start.elapsed())).await;
+    }
+    Ok(())
+}
+
 /// One request on a new connection: the status and the answer's `"pod"`.
 async fn one_get(to: &str, request: &[u8]) -> Result<(u16, String)> {
     // The callers run in a pod and resolve through the cluster's DNS, not
@@ -948,6 +994,13 @@ async fn main() -> Result<()> {
         }
         Cmd::UdpFlows { to, flows, rounds } => udp_flows(to, flows, rounds).await,
         Cmd::UdpSizes { to, sizes } => udp_sizes(&to, &sizes).await,
+        Cmd::LineEcho { to, every_ms } => {
+            if let Err(e) = line_echo(&to, Duration::from_millis(every_ms)).await {
+                println!("!! {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::IdleConnections {
             to,
             connections,

@@ -39,6 +39,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum LaptopAction {
+    /// Take the underlay link down.
+    LinkDown,
+    /// Bring it back up.
+    LinkUp,
+    /// Replace its underlay address (e.g. 192.168.240.130).
+    Address { address: std::net::Ipv4Addr },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Bring a cluster up in the background; return when every workload pod
     /// is Running and Ready and cluster DNS answers. The last line on stdout
@@ -89,6 +99,30 @@ enum Cmd {
         )]
         command: Vec<String>,
     },
+    /// Change a laptop's underlay as real life does: its link goes down
+    /// (`link-down`: Wi-Fi gone, lid closed) or comes back (`link-up`), or
+    /// it gets another address (`address IP`: a new network or DHCP lease;
+    /// the old one and its routes go).
+    Laptop {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        /// laptop, laptop2, ...
+        target: String,
+        #[command(subcommand)]
+        action: LaptopAction,
+    },
+    /// Stop, start or restart the API server as a real one restarts: every
+    /// connection (watches, port-forwards) ends, the port refuses until it
+    /// is back; the stored objects, controllers and pods stay.
+    Apiserver {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        #[arg(value_parser = ["stop", "start", "restart"])]
+        action: String,
+        /// For `restart`: how long it stays down.
+        #[arg(long, default_value_t = 2, value_name = "SECONDS")]
+        down_for: u64,
+    },
     /// Take a cluster down: stop its daemon and remove its namespaces,
     /// processes and files. Succeeds if it is not up.
     Down {
@@ -113,6 +147,36 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Laptop {
+            name,
+            target,
+            action,
+        } => cluster::target_netns(&name, &target).and_then(|ns| {
+            if !ns.contains("-laptop") {
+                bail!("{target} is not a laptop");
+            }
+            match action {
+                LaptopAction::LinkDown => burrow_tests::net::set_laptop_link(&ns, false),
+                LaptopAction::LinkUp => burrow_tests::net::set_laptop_link(&ns, true),
+                LaptopAction::Address { address } => {
+                    burrow_tests::net::set_laptop_address(&ns, address)
+                }
+            }
+            .map(|()| ExitCode::SUCCESS)
+        }),
+        Cmd::Apiserver {
+            name,
+            action,
+            down_for,
+        } => match action.as_str() {
+            "stop" => cluster::set_api_server(&name, false),
+            "start" => cluster::set_api_server(&name, true),
+            _ => cluster::set_api_server(&name, false).and_then(|()| {
+                std::thread::sleep(Duration::from_secs(down_for));
+                cluster::set_api_server(&name, true)
+            }),
+        }
+        .map(|()| ExitCode::SUCCESS),
         Cmd::Up {
             name,
             workloads,
