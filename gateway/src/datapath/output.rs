@@ -24,6 +24,9 @@ use crate::framed::{self, ConnId, FramedConn};
 /// A laptop's stream not heard from for this long carries none of its
 /// flows (the laptop sends on each of its streams at least every 5 s).
 pub(super) const STREAM_SILENCE: Duration = Duration::from_secs(12);
+/// When a laptop opens a new stream, its streams silent for this long are
+/// taken off its list (see [`Sink::bind`]).
+const LEFT_BEHIND: Duration = Duration::from_secs(1);
 
 /// Where encrypted datagrams go: the UDP socket (batched) or a framed
 /// connection's output buffer.
@@ -160,13 +163,31 @@ impl Sink {
             return;
         };
         c.heard = Some(now);
-        if c.peer == Some((peer, key)) {
+        if c.peer == Some((peer, key)) && self.streams.get(&peer).is_some_and(|l| l.contains(&conn))
+        {
             return;
         }
-        if let Some((old, _)) = c.peer.replace((peer, key)) {
+        let before = c.peer.replace((peer, key));
+        if let Some((old, _)) = before
+            && old != peer
+        {
             self.unlist(old, conn);
         }
+        let conns = &self.conns;
         let list = self.streams.entry(peer).or_default();
+        if before != Some((peer, key)) {
+            // A new stream of this peer: its streams silent for a moment
+            // are ones it left behind (its address changed, it woke up and
+            // opened new ones) that the far end has not closed yet; flows
+            // hashed onto them would go nowhere. A live but idle one is
+            // listed again (without this) at its next keepalive (5 s).
+            list.retain(|c| {
+                conns
+                    .get(c)
+                    .and_then(|c| c.heard)
+                    .is_some_and(|t| now.saturating_duration_since(t) < LEFT_BEHIND)
+            });
+        }
         if !list.contains(&conn) {
             list.push(conn);
         }
@@ -323,8 +344,19 @@ mod tests {
                 assert!(c == 1 || c == 3);
             }
         }
+        // A new stream (the laptop moved) takes its silent streams off the
+        // list at once; one of them heard again comes back, and only it.
+        let moved = now + Duration::from_secs(2);
+        out.conns.insert(4, conn());
+        out.bind(1, id, &peers, moved);
+        out.bind(4, id, &peers, moved);
+        assert_eq!(out.streams.get(&id), Some(&vec![1, 4]), "3 was left behind");
+        out.bind(3, id, &peers, moved + Duration::from_secs(3));
+        assert_eq!(out.streams.get(&id), Some(&vec![1, 4, 3]), "3 spoke again");
+        out.streams.insert(id, vec![1, 3]);
+        out.conns.remove(&4);
         // Streams silent for too long carry nothing: the endpoint (3) does.
-        let later = now + STREAM_SILENCE + Duration::from_secs(1);
+        let later = moved + Duration::from_secs(3) + STREAM_SILENCE + Duration::from_secs(1);
         assert!((40000..40064).all(|p| pick(&out, p, true, later) == 3));
         // A stream bound to a peer slot since reused by another key is not
         // this peer's.
