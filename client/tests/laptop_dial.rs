@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use burrow_gateway::datapath::{Control, Datapath, DatapathConfig};
+use burrow_gateway::datapath::{Command as DatapathCommand, Datapath, DatapathConfig};
 use burrow_gateway::laptop::{LaptopDialer, LaptopStream};
 use burrow_netstack::wg::PeerConfig;
 use burrow_netstack::wgconf::encode_key;
@@ -384,13 +384,13 @@ fn the_gateway_connects_to_a_laptop_through_the_tunnel() {
 }
 
 /// Until the laptop completed a WireGuard handshake with the gateway.
-async fn wait_for_handshake(control: &tokio::sync::mpsc::Sender<Control>, laptop_ns: &str) {
+async fn wait_for_handshake(control: &tokio::sync::mpsc::Sender<DatapathCommand>, laptop_ns: &str) {
     let deadline = Instant::now() + PATIENCE;
     poke_gateway(laptop_ns);
     loop {
         let (reply, answer) = tokio::sync::oneshot::channel();
         control
-            .send(Control::LastHandshakes(reply))
+            .send(DatapathCommand::LastHandshakes(reply))
             .await
             .expect("data path");
         if !answer.await.expect("answer").is_empty() {
