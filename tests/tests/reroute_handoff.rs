@@ -415,4 +415,26 @@ fn someone_else_puts_the_selector_back_list_says_so_stop_leaves_it() {
             &original.to_string(),
         ],
     ));
+    // The points that follow count every failed request from the first
+    // one: wait until echo's pods are served again (the endpoint
+    // controller and kube-proxy follow the selector back), five answers in
+    // a row.
+    eventually(Duration::from_secs(20), "echo served again", || {
+        (0..5)
+            .all(|_| {
+                run(in_caller(
+                    c,
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "2",
+                        "http://echo.default:8080/",
+                    ],
+                ))
+                .status
+                .success()
+            })
+            .then_some(())
+    });
 }
