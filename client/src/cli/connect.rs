@@ -230,11 +230,17 @@ pub fn run_disconnect(_args: DisconnectArgs, global: &Global) -> anyhow::Result<
         let sock = socket_path(&global.run_dir);
         match UnixStream::connect(&sock).await {
             Ok(conn) => {
+                // Who answers on the socket: the daemon, whose end this
+                // command waits for.
+                let daemon = conn.peer_cred().ok().and_then(|c| c.pid());
                 exchange(conn, &Request::Disconnect, true).await?;
-                // The daemon exits after answering: wait for its socket to go.
+                // The daemon exits after answering: wait for its socket to
+                // go, and for the process itself.
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while sock.exists() && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                while (sock.exists() || daemon.is_some_and(process_alive))
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 println!("disconnected");
             }
@@ -442,6 +448,18 @@ pub(crate) async fn connect_quietly(cluster: &ClusterArgs, global: &Global) -> a
 /// A connect failed: the daemon started for it (if this connect started
 /// one) has nothing to do. Stop it and wait until it has exited (killed
 /// after 5 s), so a failed connect leaves nothing running.
+/// Whether process `pid` still runs (a zombie has finished).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 async fn stop_started(global: &Global, started: Option<std::process::Child>) {
     let Some(mut child) = started else { return };
     if let Ok(conn) = UnixStream::connect(socket_path(&global.run_dir)).await {
