@@ -681,6 +681,33 @@ impl Peers {
         }
     }
 
+    /// A handshake initiation to `id` now, even if one is under way (that
+    /// one's answer is then refused: only the newest initiation counts).
+    /// The session, and what it queued, stay: the new keys take over when
+    /// the answer arrives. For a path that just came back (a new address,
+    /// a new stream, a new gateway pod): boringtun itself resends only
+    /// after 5 s.
+    pub fn handshake_now<'b>(&mut self, id: PeerId, dst: &'b mut [u8]) -> Encapsulated<'b> {
+        if dst.len() < MIN_BUFFER {
+            return self.drop_encap(DropReason::BufferTooSmall { needed: MIN_BUFFER });
+        }
+        let Some(peer) = self.get_mut(id) else {
+            return self.drop_encap(DropReason::UnknownPeer);
+        };
+        let Some(to) = peer.endpoint else {
+            return self.drop_encap(DropReason::NoEndpoint(id));
+        };
+        match peer.tunn.format_handshake_initiation(dst, true) {
+            TunnResult::WriteToNetwork(datagram) => Encapsulated::Send {
+                peer: id,
+                to,
+                datagram,
+            },
+            TunnResult::Err(e) => self.drop_encap(DropReason::WireGuard(e)),
+            _ => Encapsulated::Nothing,
+        }
+    }
+
     /// Run boringtun's timers for every peer (call about every 250 ms) and
     /// hand each datagram they produce (handshake retries, rekeys,
     /// keepalives) to `send`. `dst` must hold at least `MIN_BUFFER` bytes.
@@ -1122,6 +1149,53 @@ mod tests {
         assert!(matches!(
             w.laptop.encapsulate(&stray, &mut [0u8; 256]),
             Encapsulated::Dropped(DropReason::UnknownDestination(_))
+        ));
+    }
+
+    #[test]
+    fn handshake_now_after_a_lost_initiation_keeps_what_was_queued() {
+        let mut w = laptop_world();
+        let gw = &mut w.wide;
+        let packet = ipv4(LAPTOP_A, [10, 1, 2, 3], b"queued while the path was gone");
+        let mut buf = vec![0u8; 2048];
+        // The first initiation is lost on the way (a dead stream, a pod
+        // that is gone); the packet waits in the session's queue.
+        assert!(matches!(
+            w.laptop.encapsulate(&packet, &mut buf),
+            Encapsulated::Send { .. }
+        ));
+        // Without a forced initiation nothing goes out before boringtun's
+        // retry: the handshake is under way.
+        assert!(matches!(
+            w.laptop.encapsulate(&packet, &mut buf),
+            Encapsulated::Nothing
+        ));
+        let Encapsulated::Send { to, datagram, peer } = w.laptop.handshake_now(gw.2, &mut buf)
+        else {
+            panic!("expected a forced initiation");
+        };
+        assert_eq!((to, peer), (gw.1, gw.2));
+        let first = datagram.to_vec();
+        let (_, at_gateway) = pump((&mut w.laptop, addr(LAPTOP_AT)), (&mut gw.0, gw.1), first);
+        // Both packets queued meanwhile arrive once the answer is in.
+        assert_eq!(at_gateway, vec![packet.clone(), packet.clone()]);
+
+        // With a live session, a forced handshake replaces its keys and
+        // traffic goes on.
+        let Encapsulated::Send { datagram, .. } = w.laptop.handshake_now(gw.2, &mut buf) else {
+            panic!("expected an initiation");
+        };
+        let first = datagram.to_vec();
+        let _ = pump((&mut w.laptop, addr(LAPTOP_AT)), (&mut gw.0, gw.1), first);
+        let Encapsulated::Send { datagram, .. } = w.laptop.encapsulate(&packet, &mut buf) else {
+            panic!("expected data");
+        };
+        let first = datagram.to_vec();
+        let (_, at_gateway) = pump((&mut w.laptop, addr(LAPTOP_AT)), (&mut gw.0, gw.1), first);
+        assert_eq!(at_gateway, vec![packet]);
+        assert!(matches!(
+            w.laptop.handshake_now(PeerId(99), &mut buf),
+            Encapsulated::Dropped(DropReason::UnknownPeer)
         ));
     }
 

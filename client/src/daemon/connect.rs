@@ -9,7 +9,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -24,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::protocol::{ConnectRequest, Progress, Status, step};
-use crate::tunnel::datapath::{Datapath, InboundPorts, SharedStats, bind_udp};
+use crate::tunnel::datapath::{Datapath, InboundPorts, Sessions, SharedStats, bind_udp};
 use crate::tunnel::links::{LinkEvent, Links};
 use crate::tunnel::netlink::Netlink;
 use crate::tunnel::plan::subtract;
@@ -163,7 +162,7 @@ pub(super) async fn connect(
         address: reg.address,
         pod,
         relay,
-        reset: tunnel.reset.clone(),
+        sessions: tunnel.sessions.clone(),
         status: status.clone(),
         stop: tunnel.stop.subscribe(),
         underlay_to,
@@ -336,7 +335,7 @@ struct Tunnel {
     /// Stops the data path (and, subscribed, the relay and supervisor).
     stop: watch::Sender<bool>,
     stats: SharedStats,
-    reset: Arc<AtomicBool>,
+    sessions: Arc<Sessions>,
     inbound: Arc<InboundPorts>,
 }
 
@@ -362,7 +361,7 @@ impl Tunnel {
         let paths = Paths::new(run_dir, DEFAULT_IFNAME);
         let (device, tun) = Device::bring_up(nl, &paths, layout).await?;
         let stats: SharedStats = Arc::default();
-        let reset: Arc<AtomicBool> = Arc::default();
+        let sessions: Arc<Sessions> = Arc::default();
         let inbound = Arc::new(InboundPorts::new(reg.gateway_address));
         let setup = async {
             let udp = bind_udp(0).context("cannot bind a UDP port")?;
@@ -376,7 +375,7 @@ impl Tunnel {
             let mut dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
                 .context("invalid gateway peer")?
                 .with_stats(stats.clone())
-                .with_reset(reset.clone())
+                .with_sessions(sessions.clone())
                 .with_inbound_filter(inbound.clone());
             if let Some((links, events)) = links {
                 dp = dp.with_links(links, events);
@@ -406,7 +405,7 @@ impl Tunnel {
             datapath,
             stop,
             stats,
-            reset,
+            sessions,
             inbound,
         })
     }

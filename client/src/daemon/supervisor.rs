@@ -14,6 +14,7 @@ use burrow_deploy::install::{self, GatewayPod};
 use super::underlay::{self, Underlay};
 use super::*;
 use crate::protocol::Status;
+use crate::tunnel::datapath::Sessions;
 
 pub(super) struct Supervisor {
     pub(super) cluster: Cluster,
@@ -23,7 +24,7 @@ pub(super) struct Supervisor {
     pub(super) address: IpAddr,
     pub(super) pod: GatewayPod,
     pub(super) relay: Option<PortForward>,
-    pub(super) reset: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) sessions: Arc<Sessions>,
     pub(super) status: Arc<std::sync::Mutex<Status>>,
     pub(super) stop: tokio::sync::watch::Receiver<bool>,
     /// Where the tunnel's traffic leaves the laptop for (the UDP endpoint,
@@ -102,7 +103,7 @@ pub(super) async fn supervise(mut s: Supervisor) {
                         reg.expiry_secs, reg.address
                     );
                     tracing::warn!("{what}");
-                    s.reset.store(true, std::sync::atomic::Ordering::Release);
+                    s.sessions.restart();
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
                         st.last_reconnect_error = None;
@@ -113,7 +114,7 @@ pub(super) async fn supervise(mut s: Supervisor) {
                     if let Some(r) = &s.relay {
                         let _ = r.pod.send(target.clone());
                     }
-                    s.reset.store(true, std::sync::atomic::Ordering::Release);
+                    s.sessions.restart();
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
                         st.event(format!(
@@ -150,10 +151,11 @@ pub(super) async fn supervise(mut s: Supervisor) {
 }
 
 /// A wake-up or network change: said in `status`; unless the network just
-/// went away, the transport is brought back now — a new port-forward
-/// stream (the old one may be dead without either end knowing), and for a
-/// new address a WireGuard handshake from it (the gateway roams to it) —
-/// and the caller re-registers at once.
+/// went away, the transport is brought back now — new port-forward
+/// streams (the old ones may be dead without either end knowing), and a
+/// WireGuard handshake at once (from a new address the gateway roams to
+/// it; after a sleep the session may have expired) keeping the session and
+/// what it queued meanwhile — and the caller re-registers at once.
 fn on_change(s: &Supervisor, change: &underlay::Change) {
     tracing::info!("{change}");
     if let Ok(mut st) = s.status.lock() {
@@ -163,17 +165,9 @@ fn on_change(s: &Supervisor, change: &underlay::Change) {
         return;
     }
     if let Some(r) = &s.relay {
-        // The same pod again: the relay reopens its stream; the session
-        // restarts so that a handshake goes out on the new stream at once
-        // (one sent on the old one is lost, and would be resent only after
-        // boringtun's 5 s; the relay's socket keeps it until the new
-        // stream takes it).
+        // The same pod again: the streams are reopened; the handshake goes
+        // on the first one up.
         let _ = r.pod.send(s.pod.clone());
-        s.reset.store(true, std::sync::atomic::Ordering::Release);
-    } else if !matches!(change, underlay::Change::Woke { .. }) {
-        // A woken session keeps what it queued meanwhile (the laptop's
-        // retransmissions) and handshakes by itself if it expired; a new
-        // path handshakes now.
-        s.reset.store(true, std::sync::atomic::Ordering::Release);
     }
+    s.sessions.handshake_now();
 }

@@ -41,6 +41,16 @@ const RECV_SLOT: usize = 4096;
 /// packet or a TSO segment of up to 64 KiB.
 const TUN_READ: usize = offload::VNET_HDR_LEN + 65536;
 
+/// After [`Sessions::restart`] or [`Sessions::handshake_now`]: a handshake
+/// initiation goes out at once and again every `URGENT_EVERY`, up to
+/// `URGENT_TRIES` of them (then boringtun's own 5 s retries), until one is
+/// answered. A path that comes back (a new gateway pod behind a NodePort
+/// that kube-proxy has not switched yet, a stream still opening) is used
+/// within a second. Each forced initiation supersedes the last, so the wait
+/// stays above any sane round trip to the gateway.
+const URGENT_EVERY: Duration = Duration::from_secs(1);
+const URGENT_TRIES: usize = 10;
+
 /// Socket buffer size asked for on the UDP socket (capped by the kernel at
 /// `net.core.{r,w}mem_max`).
 const UDP_SOCKET_BUFFER: usize = 4 << 20;
@@ -69,6 +79,47 @@ pub struct LinkStats {
 
 /// [`LinkStats`], shared.
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
+
+/// What the daemon asks of the data path's sessions; read every
+/// [`TIMER_TICK`].
+#[derive(Debug, Default)]
+pub struct Sessions(std::sync::atomic::AtomicU8);
+
+const ASK_HANDSHAKE: u8 = 1;
+const ASK_RESTART: u8 = 2;
+
+impl Sessions {
+    /// The path changed (a new address, new port-forward streams, a
+    /// wake-up): handshake now, keeping the session and what it queued.
+    pub fn handshake_now(&self) {
+        self.0
+            .fetch_or(ASK_HANDSHAKE, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The other end lost the session (a new gateway pod, a gateway that
+    /// forgot this laptop): start afresh — what the old session queued
+    /// was for keys nobody holds — and handshake now.
+    pub fn restart(&self) {
+        self.0.fetch_or(
+            ASK_HANDSHAKE | ASK_RESTART,
+            std::sync::atomic::Ordering::AcqRel,
+        );
+    }
+
+    fn take(&self) -> u8 {
+        self.0.swap(0, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+/// Handshakes forced since `since`, until one completes.
+#[derive(Debug, Clone, Copy)]
+struct Urgent {
+    since: Instant,
+    /// When the last forced initiation went out (None: not yet, e.g. no
+    /// framed link was up).
+    sent: Option<Instant>,
+    tries: usize,
+}
 
 /// Where encrypted datagrams go: the UDP socket (its output batch), or the
 /// framed links.
@@ -347,10 +398,10 @@ pub struct Datapath {
     /// Last handshake seen per peer, to log new ones.
     handshakes: Vec<(PeerId, Option<Instant>)>,
     stats: Option<SharedStats>,
-    /// Set by the owner to restart every session (the peer's gateway was
-    /// replaced): the peers are re-added fresh, so the next packet starts a
-    /// handshake at once instead of after boringtun's timeouts.
-    reset: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// What the owner asks of the sessions (see [`Sessions`]).
+    asks: Option<std::sync::Arc<Sessions>>,
+    /// Handshakes being forced after such an ask.
+    urgent: Option<Urgent>,
     configs: Vec<PeerConfig>,
     /// `burrow connect`'s inbound filter (None: everything passes, as in
     /// `burrow up`).
@@ -402,7 +453,8 @@ impl Datapath {
             counters: Counters::default(),
             handshakes,
             stats: None,
-            reset: None,
+            asks: None,
+            urgent: None,
             configs,
             inbound: None,
             framed: None,
@@ -435,9 +487,9 @@ impl Datapath {
         self
     }
 
-    /// Restart the sessions whenever `flag` is found set (then clear it).
-    pub fn with_reset(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.reset = Some(flag);
+    /// Follow what `asks` asks of the sessions.
+    pub fn with_sessions(mut self, asks: std::sync::Arc<Sessions>) -> Self {
+        self.asks = Some(asks);
         self
     }
 
@@ -590,7 +642,13 @@ impl Datapath {
                 if let Some(d) = framed.decoders.get_mut(i) {
                     *d = burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
                 }
-                self.keepalive_on(i);
+                if self.urgent.is_some() {
+                    // A path just came back and a handshake is wanted: on
+                    // this link, now, rather than at the next retry.
+                    self.force_handshake(Some(i), Instant::now());
+                } else {
+                    self.keepalive_on(i);
+                }
             }
             LinkEvent::Closed(i) => {
                 // What it held of a frame is lost with the stream.
@@ -659,14 +717,80 @@ impl Datapath {
         }
     }
 
-    fn timers(&mut self) {
-        if self
-            .reset
-            .as_ref()
-            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::AcqRel))
+    /// A handshake initiation to the first peer now, on link `link` (None:
+    /// where its endpoint says).
+    fn force_handshake(&mut self, link: Option<usize>, now: Instant) {
+        let Some(&(id, _)) = self.handshakes.first() else {
+            return;
+        };
+        if link.is_none()
+            && let Some(links) = &self.out.links
+            && links.pick(0).is_none()
         {
+            return; // no stream up yet: the next one to open gets it
+        }
+        let Self {
+            peers,
+            out,
+            timer_buf,
+            counters,
+            urgent,
+            ..
+        } = self;
+        if let Encapsulated::Send { to, datagram, .. } = peers.handshake_now(id, timer_buf) {
+            let len = datagram.len();
+            let datagram = &timer_buf[..len];
+            let before = counters.udp_tx;
+            match link {
+                Some(i) => out.push_link(Some(i), datagram, counters),
+                None => out.send(to, datagram, counters),
+            }
+            // Counted as sent only if it went somewhere (a framed link
+            // may be down): otherwise the next tick tries again.
+            if counters.udp_tx > before
+                && let Some(u) = urgent
+            {
+                u.sent = Some(now);
+                u.tries += 1;
+            }
+        }
+    }
+
+    /// Asks from the owner, and the forced handshakes that follow them.
+    fn urgent_handshakes(&mut self, now: Instant) {
+        let asked = self.asks.as_ref().map_or(0, |a| a.take());
+        if asked & ASK_RESTART != 0 {
             self.reset_sessions();
         }
+        if asked != 0 {
+            self.urgent = Some(Urgent {
+                since: now,
+                sent: None,
+                tries: 0,
+            });
+        }
+        let Some(u) = self.urgent else {
+            return;
+        };
+        let answered = self
+            .handshakes
+            .first()
+            .and_then(|&(id, _)| self.peers.get(id))
+            .and_then(|p| p.last_handshake())
+            .is_some_and(|t| t >= u.since);
+        let due = u
+            .sent
+            .is_none_or(|sent| now.saturating_duration_since(sent) >= URGENT_EVERY);
+        if answered || (due && u.tries >= URGENT_TRIES) {
+            // Answered, or boringtun's own retries take over.
+            self.urgent = None;
+        } else if due {
+            self.force_handshake(None, now);
+        }
+    }
+
+    fn timers(&mut self) {
+        self.urgent_handshakes(Instant::now());
         let Self {
             peers,
             out,
