@@ -66,7 +66,7 @@ pub struct Listeners {
     pub wireguard: UdpSocket,
     pub framed: TcpListener,
     pub metrics: Option<TcpListener>,
-    /// Registration of laptops (see [`api`]): loopback only, so that only
+    /// Registration of laptops (see [`burrow_api`]): loopback only, so that only
     /// a port-forward reaches it.
     pub control: Vec<TcpListener>,
 }

@@ -76,8 +76,8 @@ pub struct Lag {
 pub const LAG_SCALE_ENV: &str = "MINICLUSTER_LAG_SCALE";
 
 impl Lag {
-    /// What a healthy small real cluster shows (see ARCHITECTURE.md, the
-    /// miniature cluster): watch delivery 5–60 ms, 0–80 ms between a sync's
+    /// What a healthy small real cluster shows (see the module doc, "The
+    /// lag, real and stand-in"): watch delivery 5–60 ms, 0–80 ms between a sync's
     /// read and its writes, kube-proxy min-sync-period 1 s (its default).
     pub const REAL: Lag = Lag {
         informer: (Duration::from_millis(5), Duration::from_millis(60)),
