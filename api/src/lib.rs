@@ -1,3 +1,15 @@
+//! burrow-api: what the laptop and the gateway share, as data and pure
+//! functions: the control API's wire types (this module), [`WgKey`] (a
+//! WireGuard key, base64 only in JSON, files and logs), [`names`]
+//! (Kubernetes name checks before anything reaches a URL, burrow's derived
+//! names), [`proof`] (the registration proof), [`record`] (what a reroute
+//! writes on a user's Service, and the patches that undo it) and
+//! [`resolv`] (resolv.conf, for the gateway's cluster facts and the
+//! laptop's DNS upstreams).
+//!
+//! Must never: do I/O, or depend on a Kubernetes client, an async runtime
+//! or an HTTP stack (`scripts/check-deps.sh` checks it).
+//!
 //! The gateway's control API, shared with the client: JSON over HTTP/1.1
 //! on [`CONTROL_PORT`], served in two places that differ in who can reach
 //! them, and so in what they trust:

@@ -1,9 +1,12 @@
 //! `burrow`: the laptop side of burrow — CLI, background daemon, TUN device,
 //! routes, DNS configuration, reroute forwarders, `env`/`run`.
 //!
-//! Must never: leave a device, route or resolver change behind after
-//! `disconnect` or a crash, or change the cluster with anything but the
-//! user's own credentials.
+//! Must never: leave a device, route, state file or resolver change behind
+//! after `disconnect`/SIGTERM, or after a crash once the next
+//! `up`/`down`/`connect`/`disconnect` ran; touch a device or route it did
+//! not create; accept a connection from the tunnel but on a reroute
+//! forwarder's port; or change the cluster with anything but the user's
+//! own credentials.
 //!
 //! - [`cli`]: one module per command family (`connect`/`status`/
 //!   `disconnect`/`install`, `reroute`, `up`, `down`, `env`, `run`):
@@ -14,6 +17,8 @@
 //!   daemon, and its parts: `plan` (configuration → addresses, routes and
 //!   peers, pure), `tun`, `netlink`, `offload`, `datapath` (TUN ⇄
 //!   WireGuard ⇄ UDP, one task), `state` (the crash-safety state file).
+//! - [`dns`]: the daemon's DNS (burrow-dns's stub, the system resolver,
+//!   undone on disconnect); [`progress`]: progress lines for long commands.
 //! - [`sandbox`]: `burrow run`'s private view (mount namespace, volumes at
 //!   their mountPaths, resolv.conf) and the exec of its command.
 

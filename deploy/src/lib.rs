@@ -1,9 +1,12 @@
-//! burrow-deploy: everything that talks to the Kubernetes API.
+//! burrow-deploy: everything that talks to the Kubernetes API (the only
+//! crate that does; the client and the gateway call it).
 //!
 //! Owns installing / upgrading / uninstalling the gateway (ServiceAccount,
 //! RBAC, Deployment, Service), discovering cluster facts (service CIDR, pod
 //! CIDRs, cluster domain, DNS IP), the port-forward transport to the gateway,
-//! Service patches for reroutes and their restore, and a workload's
+//! Service patches for reroutes and their restore (`service`: every call
+//! on a rerouted Service, shared by client and gateway; what is written is
+//! `burrow_api::record`), and a workload's
 //! environment and files (`workload` reads, `podenv` computes). The
 //! plain manifests live in `deploy/manifests/`, the gateway image build in
 //! `deploy/Dockerfile`.

@@ -56,7 +56,9 @@ pub async fn open(
 }
 
 /// A port-forward spoken directly: the `v4.channel.k8s.io` WebSocket to one
-/// pod port, without kube-rs's forwarder task in between. Each message
+/// pod port, without kube-rs's forwarder task in between (its 4 KiB reads
+/// and one loop for both directions capped the framed transport's
+/// throughput). Each message
 /// carries its channel in its first byte; data for the port on channel 0,
 /// the kubelet's error report on channel 1; each channel first carries the
 /// port number (2 bytes, little-endian), which is checked and not

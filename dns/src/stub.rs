@@ -3,6 +3,17 @@
 //! reach, and all of a cache hit) and an asynchronous [`Stub::resolve`] for
 //! misses (single-flight per name and type), plus the UDP and TCP servers
 //! that drive them.
+//!
+//! `step`: responses and runts are dropped (two DNS speakers cannot be made
+//! to bounce packets); REFUSED for sources other than loopback and the
+//! stub's own addresses, non-IN classes, ANY and zone transfers; FORMERR
+//! for what does not parse or has other than one question; NOTIMP for other
+//! opcodes. A UDP query byte-identical to an earlier hit but for its ID
+//! gets that hit's encoded answer with the ID patched in (exact until the
+//! TTLs would tick down a second): no parsing, no encoding. `resolve`
+//! renames records from the name asked of cluster DNS to the client's
+//! spelling; UDP answers truncate (TC) beyond 512 bytes or the client's
+//! EDNS size (capped at [`crate::upstream::EDNS_PAYLOAD`]); TCP answers whole.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -7,6 +7,10 @@
 //! crash at any point leaves either the original or a backup that restores
 //! it. Restore puts the original back only while the file is still the one
 //! burrow wrote: a file another program rewrote since is left alone.
+//!
+//! Not built: macOS. There the stub would be the same; the integration
+//! would be a file per routed domain in `/etc/resolver/` (`nameserver
+//! <stub>`), removed on disconnect and on the next start after a crash.
 
 use std::io::Write as _;
 use std::net::IpAddr;

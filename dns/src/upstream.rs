@@ -2,6 +2,10 @@
 //! again over TCP when the answer comes back truncated. Each attempt uses
 //! a fresh socket (random source port) and a random ID, and only an answer
 //! to the very question counts.
+//!
+//! Hand-written on hickory-proto rather than hickory-resolver: the stub
+//! forwards whole answers (rcode, SOA, SRV targets, CNAME chains), which a
+//! resolver API reshapes, and keeps its own cache.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -6,7 +6,20 @@
 //! The server owns the registry — who is registered, since when, with which
 //! address — and tells the data path to add or remove WireGuard peers.
 //! Addresses are stable: derived from the laptop's key, so the same laptop
-//! gets the same address after a gateway restart, unless taken.
+//! gets the same address after a gateway restart, unless taken (then its
+//! previous one if free; [`Allocator`] maps both ways).
+//!
+//! Registration (axum) listens only where `Listeners::bind_control` lets
+//! it: the pod's loopback. The laptops' own calls never reach a socket:
+//! the data path accepts connections to the gateway's tunnel address and
+//! the control port itself (`Datapath::serve_api`, at the SYN) and hands
+//! each over as a `LaptopStream` with the key of the WireGuard peer that
+//! owns its source; [`serve_tunnel`] runs hyper on them with that
+//! [`Caller`] as an extension. Anything else to the tunnel address is
+//! refused (RST). A laptop silent past its grace (`--peer-grace`) is
+//! forgotten by [`reap`]; its next registration answers `known: false`,
+//! which is how the laptop learns it. The server reaches the peer table
+//! only through the data path's channel.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};

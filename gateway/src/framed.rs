@@ -64,9 +64,9 @@ pub struct Limits {
     /// datagram (a valid handshake initiation, or data of a live session)
     /// within this long is closed.
     pub handshake_timeout: Duration,
-    /// A connection that delivered no byte for this long is closed. burrow
-    /// sends a keepalive every 25 s, so only a dead stream or a client
-    /// without keepalives meets it.
+    /// A connection that delivered no byte for this long is closed. A
+    /// burrow laptop sends on each of its streams at least every 5 s, so
+    /// only a dead stream or a client without keepalives meets it.
     pub idle_timeout: Duration,
 }
 

@@ -5,8 +5,8 @@
 //! gateway's own tunnel address to the laptop's (`FlowEngine::connect`); the
 //! laptop's kernel answers on its TUN device like for any other peer. The
 //! resulting [`LaptopStream`] is the flow's cluster-side end, in place of the
-//! socket a [`crate::dialer`] task owns for flows laptops open, and it uses
-//! the same backpressure:
+//! cluster socket the data path owns for flows laptops open
+//! ([`crate::cluster`]), and it uses the same backpressure:
 //! - gateway → laptop: `poll_write` takes only as many bytes as the data path
 //!   granted ([`TcpShared::credit`], free space in the flow's smoltcp send
 //!   buffer);
@@ -14,9 +14,16 @@
 //!   stream's bounded queue has room; a reader that stops reading closes
 //!   the laptop's TCP window.
 //!
-//! Get a dialer from [`crate::control::DatapathHandle::dialer`] (the control
-//! server's handle) or [`LaptopDialer::new`] with the data path's control
-//! channel.
+//! Dropping a stream closes it like a kernel socket (FIN, or RST with
+//! unread data); a flow whose stream is gone is reset after the engine's
+//! `orphan_linger` at the latest. UDP flows to a laptop (rerouted UDP
+//! ports) are [`LaptopDatagrams`] ([`LaptopDialer::open_udp`]). The laptop
+//! must route the gateway's tunnel address into its TUN device (the
+//! daemon does).
+//!
+//! Get a dialer from [`crate::datapath::DatapathHandle::dialer`] (the
+//! control server's handle) or [`LaptopDialer::new`] with the data path's
+//! control channel.
 
 use std::future::Future;
 use std::io;
@@ -157,7 +164,8 @@ impl LaptopDatagrams {
 impl LaptopUdpSender {
     /// Queues one datagram for the laptop; false when it was dropped (the
     /// data path has too many queued, or stopped). Datagrams larger than
-    /// the tunnel's MTU allows are dropped by the data path.
+    /// the tunnel MTU leave in IP fragments (`FlowEngine::udp_send`); only
+    /// one larger than an IP packet carries is dropped.
     pub fn send(&self, datagram: &[u8]) -> bool {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
             self.queued.fetch_sub(1, Ordering::AcqRel);

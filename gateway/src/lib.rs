@@ -1,37 +1,38 @@
 //! burrow-gateway: the in-cluster side.
 //!
-//! Owns the WireGuard endpoint with many peers, the flow dialer (real sockets
-//! into the cluster), the control API (peer registration, cluster facts,
-//! heartbeats, reroute listeners), HTTP header routing for personal
-//! reroutes, the lease reaper that restores rerouted Services when a laptop
-//! disappears, and metrics. The control API types (`api`) are shared with the
-//! client.
+//! Owns the WireGuard endpoint with many peers, the TCP/UDP/ICMP flows into
+//! the cluster (real sockets), the control API servers (registration,
+//! the laptops' own calls; the wire types are `burrow_api`'s), the
+//! reroute listeners with header routing, the leases that give rerouted
+//! Services back when a laptop disappears, and metrics. Kubernetes calls
+//! (restores) are `burrow_deploy::service`'s.
 //!
 //! Must never: need privileges (no root, no capabilities, read-only root
-//! filesystem), forward packets between peers, or accept a packet whose
-//! source is not the sending peer's tunnel address.
+//! filesystem), forward packets between peers, accept a packet whose
+//! source is not the sending peer's tunnel address, let anything but the
+//! data path task touch the peer table or the flow engine, or create a
+//! reroute (it only restores).
 //!
 //! [`serve`] runs it all on [`Listeners`]:
 //!
 //! - [`datapath`]: the one task that owns the sans-IO state
 //!   (`burrow_netstack::wg::Peers` and `flow::FlowEngine`) and drives it,
 //!   one folder: its inbox (every message in or out), output sink, TCP and
-//!   UDP/ICMP flows, and metrics (Prometheus text at `GET /metrics`);
-//! - `burrow_netstack::udp_batch`: `recvmmsg`/`sendmmsg` for the WireGuard
-//!   UDP socket (shared with the client);
-//! - [`framed`]: WireGuard over length-framed TCP connections (the
-//!   port-forward transport);
+//!   UDP/ICMP flows, liveness of laptops, and metrics (Prometheus text at
+//!   `GET /metrics`);
 //! - [`cluster`]: the TCP flows' sockets into the cluster, and the dialer
 //!   thread that opens and closes them;
-//! - [`httproute`]: the HTTP proxy that routes by header for personal
-//!   reroutes (HTTP/1.1 per request, HTTP/2 per stream), and the global
-//!   mode's splice with its 502;
-//! - [`laptop`]: TCP connections the gateway opens to laptops through the
-//!   tunnel ([`laptop::LaptopDialer`]);
+//! - [`framed`]: WireGuard over length-framed TCP connections (the
+//!   port-forward transport), with its connection limits;
+//! - [`control`]: the control API servers and the tunnel address
+//!   allocator;
+//! - [`laptop`]: TCP connections and UDP flows the gateway opens to
+//!   laptops through the tunnel ([`laptop::LaptopDialer`]);
 //! - [`reroute`]: the reroute table (leases, holders), the listeners that
-//!   take a rerouted Service's connections, and the restores;
-//!   [`service`]: what a reroute changes in the Service and how it is
-//!   given back (shared with the client);
+//!   take a rerouted Service's connections, the guard and the restores;
+//!   [`udproute`] for UDP ports; [`passthrough`] (header routes, requests
+//!   for no laptop, byte for byte) and [`httproute`] (the full HTTP proxy
+//!   that routes by header, and the global mode with its fail-open);
 //! - [`config`]: the WireGuard configuration file (the shared
 //!   `burrow_netstack::wgconf` syntax, one host address per laptop).
 
@@ -65,7 +66,7 @@ pub struct Listeners {
     pub wireguard: UdpSocket,
     pub framed: TcpListener,
     pub metrics: Option<TcpListener>,
-    /// Registration of laptops (see [`api`]): loopback only, so that only
+    /// Registration of laptops (see [`burrow_api`]): loopback only, so that only
     /// a port-forward reaches it.
     pub control: Vec<TcpListener>,
 }

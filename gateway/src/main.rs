@@ -1,4 +1,15 @@
-//! `burrow-gateway`: the in-cluster end of burrow's tunnel.
+//! `burrow-gateway`: the in-cluster end of burrow's tunnel (the library,
+//! `burrow_gateway`, is all of it; this is flags, logging and start-up).
+//!
+//! Threads: the data path's runtime (current-thread by default, shared
+//! with flow tasks, streams, the control API and metrics; see
+//! `--worker-threads`) and the dialer thread of [`burrow_gateway::cluster`].
+//! Start-up order: raise the soft open-files limit to the hard one (every
+//! flow holds a socket) and warn if one laptop's caps do not fit; in a
+//! pod, restore what a previous gateway left rerouted
+//! (`reroute::restore_orphans`) before any port is bound, so before
+//! readiness; then serve. On SIGTERM the Services this gateway holds are
+//! restored before it exits.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;

@@ -31,6 +31,18 @@
 //! `502`. A response whose end cannot be told (a malformed head or chunk)
 //! is passed on as is until the pods close, then the caller's connection
 //! closes too.
+//!
+//! Why no further (figures in BENCHMARKS.md, "the tax on teammates"): per
+//! request the pass-through's user space costs a few µs; what remains is
+//! the kernel's work for the two extra TCP legs (caller → gateway, gateway
+//! → pod), which about doubles the machine's CPU per request. On a machine
+//! the load saturates any proxy on the path — hyper, a raw splice, more
+//! threads — stays near half the direct requests/s, so the 0.7× goal is
+//! out of reach for an in-path proxy. Meeting it takes the gateway off the
+//! path of requests that match no rule: delegating the header match to a
+//! mesh the cluster already runs (an Istio VirtualService, a Gateway API
+//! HTTPRoute on a Service parent). Not built: the miniature cluster has no
+//! mesh.
 
 use std::io;
 use std::sync::Arc;

@@ -33,10 +33,15 @@
 //!
 //! Like boringtun this is sans-IO: the caller owns every buffer and the
 //! methods return what to do next. Time: boringtun 0.7 reads its own
-//! monotonic clock inside `Tunn` (handshake, rekey and keepalive timers)
-//! unless built with its `mock-instant` feature, so those timers cannot be
-//! driven by a fake clock; the `now` passed here only stamps our own
-//! bookkeeping (last handshake, last packet) used for metrics and tests.
+//! monotonic clock inside `Tunn` (handshake, rekey and keepalive timers);
+//! only this crate's `mock-instant` feature (boringtun's, for
+//! `tests/pair.rs`) puts those timers on a fake clock. The `now` passed
+//! here stamps our own bookkeeping (last handshake, last packet) used for
+//! metrics and tests.
+//!
+//! Roaming never moves a peer's endpoint to an address the tunnel itself
+//! routes (e.g. a NodePort reply that escaped its NAT with a cluster
+//! source): datagrams to it would go into the tunnel, a loop.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -10,7 +10,10 @@
 //! a change of them is a rolling replacement, as a CoreDNS rollout is: a new
 //! instance on the next port ([`FIRST_PORT`]…), once it answers the
 //! kube-dns Endpoints name its port (mirrored to a slice, then kube-proxy),
-//! and the old one keeps answering until [`retire_after`] later.
+//! and the old one keeps answering until [`retire_after`] later. (Killing
+//! and restarting one instance left milliseconds with nothing on port 53:
+//! a query lost there while its AAAA twin got NODATA is glibc's "No
+//! address associated with hostname", a CI failure once.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -21,6 +21,30 @@
 //! Must never: touch an object another manager owns (a slice with another
 //! managed-by, an Endpoints of a Service without selector), or write from
 //! anything but its own cache.
+//!
+//! # As a real cluster makes them
+//!
+//! Read from kubernetes/kubernetes (`pkg/controller/endpoint/
+//! endpoints_controller.go`, `pkg/controller/endpointslice/
+//! endpointslice_controller.go` with `staging/src/k8s.io/endpointslice`,
+//! `pkg/controller/endpointslicemirroring/{endpointslicemirroring_controller,
+//! reconciler,utils}.go`, `pkg/proxy/endpointslicecache.go`); the stand-in
+//! does the same unless said otherwise.
+//!
+//! | | endpoints controller | EndpointSlice controller | mirroring controller |
+//! |---|---|---|---|
+//! | acts for | Services with a selector | Services with a selector | Services **without** selector that have an `Endpoints` |
+//! | objects | `Endpoints` named like the Service, no ownerReferences; labels = the Service's + `endpoints.kubernetes.io/managed-by: endpoint-controller` (v1.33+) + `service.kubernetes.io/headless` if no ClusterIP; **never** `skip-mirror` | `<svc>-xxxxx` (generateName), owner = the Service (controller, blockOwnerDeletion); labels = the Service's minus reserved + `kubernetes.io/service-name`, `endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io`, headless label; ports always named (`""`); one empty slice when there is no endpoint | `<endpoints>-xxxxx`, owner = the **Endpoints**; labels = the Endpoints' (so also `endpoints.kubernetes.io/managed-by: endpoint-controller`) with `service-name` = its name, `managed-by: endpointslicemirroring-controller.k8s.io`; annotations copied but `last-change-trigger-time` and `last-applied-configuration`; one slice per subset port set, `ready: true/false` from addresses/notReadyAddresses, no serving/terminating; invalid IPs and beyond 1000 per subset skipped |
+//! | selector removed | `if Selector == nil { return nil }`: the Endpoints stays as it was | same: its slices stay as they were | (queued when selector nil-ness changes) mirrors the leftover Endpoints at once → a second set of slices with the pods' addresses |
+//! | selector put back | updates the Endpoints (labels rewritten from the Service: a `skip-mirror` someone added is gone) | updates its own slices (same names) | deletes its mirrored slices |
+//! | Service deleted | deletes the Endpoints by name (whoever made it); at start-up also every Endpoints without a Service (not leader-election ones) | nothing; the garbage collector deletes the slices (owner) | deletes its mirrored slices |
+//! | others | — | a change or deletion of one of its slices by someone else → resync 1 s later (`endpointSliceChangeMinSyncDelay`), recreating a deleted slice while the selector holds | never mirrors an Endpoints labelled `endpointslice.kubernetes.io/skip-mirror: "true"` or annotated `control-plane.alpha.kubernetes.io/leader`, and deletes what it mirrored when that label appears; an Endpoints deletion deletes its slices; a mirrored slice deleted by someone else is recreated at once |
+//!
+//! The API server keeps `default/kubernetes` itself: an Endpoints labelled
+//! `skip-mirror: "true"` and a slice `kubernetes` with only the service-name
+//! label (bootstrap does the same). `kube-system/kube-dns` here is a
+//! selectorless Service whose Endpoints the DNS keeps, so its slice is a
+//! mirrored one (on a real cluster CoreDNS pods sit behind a selector).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -10,6 +10,39 @@
 //!
 //! Must never: deliver one resource's events out of order, run two syncs at
 //! once, or retry without back-off.
+//!
+//! # The lag, real and stand-in
+//!
+//! Real: every controller reads an informer cache that trails the
+//! API server by the watch latency (ms to 100s of ms; per resource in order,
+//! across resources in any order), queues keys (`--endpoint-updates-batch-
+//! period`, `--endpointslice-updates-batch-period`, `--mirroring-endpointslice-
+//! updates-batch-period` all default 0: Service, pod and Endpoints events are
+//! handled at once; slice events: EndpointSlice controller ≥ 1 s, mirroring
+//! 0), runs one sync per key at a time (5 workers each), and writes what it
+//! computed from that cache with client-side throttling (`--kube-api-qps` 20,
+//! burst 30). A sync in flight when a change lands still writes from the old
+//! state; a write from a stale cache fails (Update with the cached
+//! resourceVersion → 409; the slice trackers' `StaleSlices` and the endpoints
+//! controller's `staleEndpointsTracker` refuse to sync) and is retried with
+//! back-off: endpoints controller 5 ms·2ⁿ, EndpointSlice and mirroring 1 s·2ⁿ
+//! (15 retries). kube-proxy: `--iptables-min-sync-period` 1 s.
+//!
+//! The stand-in ([`Lag::REAL`], scaled by `MINICLUSTER_LAG_SCALE`, 0
+//! turns it off): each controller's cache gets every event 5–60 ms late
+//! (uniform, per resource in order), a sync's writes leave 0–80 ms after it
+//! read its cache, so **a write can land up to 140 ms after the change that
+//! made it obsolete** ([`Lag::max_stale`]); the queue delays, the 1 s slice
+//! resync, the trackers, the 409s and the back-offs are the real ones; one
+//! worker per controller. kube-proxy: the informer lag, then the sync runner
+//! (1 s, burst 2). Chosen so a test sees every ordering a healthy real
+//! cluster produces (late writes, slices before or after the Service change,
+//! 1 s resyncs) while a quiet cluster settles in well under 2 s.
+//!
+//! Differences: no client-side throttling (a real write can be seconds late
+//! under load), one worker, no topology hints, no `last-change-trigger-time`,
+//! one slice per port set (no 100-endpoint split), the garbage collector's
+//! cascade is immediate.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -43,8 +76,8 @@ pub struct Lag {
 pub const LAG_SCALE_ENV: &str = "MINICLUSTER_LAG_SCALE";
 
 impl Lag {
-    /// What a healthy small real cluster shows (see ARCHITECTURE.md, the
-    /// miniature cluster): watch delivery 5–60 ms, 0–80 ms between a sync's
+    /// What a healthy small real cluster shows (see the module doc, "The
+    /// lag, real and stand-in"): watch delivery 5–60 ms, 0–80 ms between a sync's
     /// read and its writes, kube-proxy min-sync-period 1 s (its default).
     pub const REAL: Lag = Lag {
         informer: (Duration::from_millis(5), Duration::from_millis(60)),

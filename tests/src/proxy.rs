@@ -4,7 +4,8 @@
 //! EndpointSlice controller, the mirroring controller, anyone), ready ones
 //! with random spread — serving terminating ones when none is ready — as
 //! `pkg/proxy/endpointslicecache.go` does; a slice port without a name is
-//! ignored, as there. Endpoints objects are never read (kube-proxy has
+//! ignored, as there (so an unnamed Service port must be written
+//! `"name": ""`). Endpoints objects are never read (kube-proxy has
 //! proxied from EndpointSlices only since v1.22). Services without
 //! endpoints → REJECT. Rewritten atomically (`iptables-restore --noflush`)
 //! when the rule text changed, as the real one's `--iptables-min-sync-period`
@@ -14,7 +15,10 @@
 //! conntrack entries that would keep a flow on a removed endpoint (or on a
 //! Service's earlier lack of one) are deleted, as kube-proxy does
 //! (`conntrack -D` in the node namespace): a UDP client that keeps sending
-//! reaches the new endpoints.
+//! reaches the new endpoints. The rules in force are recorded in the state
+//! dir ([`SYNCED_RULES`]); `minicluster up` says ready only once they are
+//! what the store asks for ([`in_sync`]), so a Service answers as soon as
+//! `up` returns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;

@@ -327,7 +327,8 @@ fn kill_9_of_the_daemon_the_lease_runs_out_and_the_service_is_restored() {
     )
     .expect("kill -9 the daemon");
     let killed = Instant::now();
-    // A bound for a hang, not a performance assertion: the lease is 15 s.
+    // A bound for a hang, not a performance assertion: the lease is 12 s
+    // (the gateway's `reroute::LEASE`), plus the reaper tick and the restore.
     eventually(
         Duration::from_secs(30),
         "selector restored after the lease",

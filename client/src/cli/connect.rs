@@ -1,6 +1,11 @@
 //! The CLI side of `connect`, `status`, `disconnect`, `daemon`, `install`
 //! and `uninstall`: starts the daemon when needed, sends it one request
 //! over its socket and prints the replies as they arrive.
+//!
+//! The daemon is `burrow daemon` detached (`setsid`, log
+//! `<run dir>/daemon.log`) unless one answers on the socket; the request
+//! carries the CLI's resolved kubeconfig path (the daemon's environment
+//! differs). A connect that fails stops the daemon it started.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;

@@ -1,7 +1,13 @@
 //! `burrow reroute`, the command: parses what the user asks, hands it to
 //! the daemon (`protocol::Request::Reroute`, `RerouteStop`, `RerouteList`)
 //! and prints what comes back. The work is the daemon's
-//! (`daemon::reroute`).
+//! (`daemon::reroute`). Before anything starts, with the user's own
+//! credentials (`burrow_deploy::reroute`): the kubeconfig names the
+//! connection's API server, the cluster serves `discovery.k8s.io/v1`, the
+//! Service and port exist (errors list what does), the transport fits the
+//! route (a header reroute is HTTP, so never a UDP port), the user may
+//! patch the Service (a dry run; a 403 names what to ask for); and a
+//! warning when Argo CD or Flux owns the Service.
 
 use std::time::Duration;
 

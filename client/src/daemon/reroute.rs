@@ -2,7 +2,7 @@
 //!
 //! The daemon, for one reroute: find the Service and port (user's
 //! credentials) → check the user may patch it (dry run) → shadow Service →
-//! a forwarder on the tunnel address (kernel socket, ephemeral port) that
+//! this laptop's reroute record on the Service → a forwarder on the tunnel address (kernel socket, ephemeral port) that
 //! hands each connection to 127.0.0.1:LOCALPORT (for a UDP port: each
 //! source's datagrams to 127.0.0.1:LOCALPORT from a socket of its own, the
 //! replies back) → ask the gateway for the

@@ -13,7 +13,8 @@
 //! checksum + TSO offload (`TUNSETOFFLOAD`), so a read can be a TCP segment
 //! of up to 64 KiB that the data path splits. When the kernel refuses the
 //! offload, reads are single packets with an empty header (logged).
-//! Writes carry a zero header (no GRO yet).
+//! Writes carry a zero header for a plain packet, or a GSO header for a run
+//! of one flow's segments that [`crate::tunnel::offload::Coalescer`] joined.
 
 use std::io;
 use std::os::fd::AsRawFd;

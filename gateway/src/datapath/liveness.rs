@@ -1,6 +1,11 @@
 //! Laptops that stop answering (issue 14, fail-open): a connection the
 //! gateway opened to a laptop waiting [`LAPTOP_PATIENCE`] with nothing
-//! heard from the laptop since marks it down.
+//! heard from the laptop since marks it down (checked on every WireGuard
+//! timer tick); so does the close of the framed connection that was its
+//! endpoint, when it was the laptop's last stream (`mod.rs`). What "down"
+//! means is [`LAPTOP_PATIENCE`]'s doc; the transition is logged once.
+//! Passive silence alone could not be judged this fast: a laptop's
+//! keepalive is 25 s, its lease renewal 5 s.
 
 use std::io;
 use std::net::IpAddr;

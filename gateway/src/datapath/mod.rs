@@ -78,6 +78,9 @@ pub struct DatapathConfig {
     pub mtu: usize,
     pub dial_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// Each TCP flow's smoltcp receive and send buffer. Buffer memory is
+    /// not bounded across flows yet, only by the per-laptop caps: a laptop
+    /// at its TCP cap with every flow stalled holds 2 × this per flow.
     pub tcp_buffer: usize,
     /// The gateway's own tunnel address: the source of connections it
     /// opens to laptops ([`Command::DialLaptop`]). `serve` fills it in

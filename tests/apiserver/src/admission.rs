@@ -1,6 +1,12 @@
 //! Defaulting, validation and allocation (Service ClusterIPs and
 //! nodePorts) in front of the store, as the real API server's registry
 //! strategies do. Used by the REST layer and directly by the controllers.
+//!
+//! As the real one: a Pod's container with a limit but no request gets
+//! request = limit (`SetDefaults_Pod`, on Pods only, never on a template);
+//! resource quantities are stored canonical (`cpu: 0.5` → `"500m"`); a
+//! Pod's `status.qosClass` is computed; a Secret's `stringData` is merged
+//! into `data` and never stored.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

@@ -1,7 +1,16 @@
 //! Authentication (client certificates: CN = user, O = groups; bearer
 //! tokens issued for service accounts) and RBAC authorization evaluated
 //! against the Role/ClusterRole/RoleBinding/ClusterRoleBinding objects in the
-//! store, as the real API server does.
+//! store, as the real API server does: `system:masters` bypasses it;
+//! ClusterRoles bound by RoleBindings grant only in that namespace and never
+//! cluster-scoped kinds; API groups and subresources (`pods/portforward`,
+//! `services/status`) are resources of their own; `resourceNames` match
+//! only named requests (a list or watch pinned by
+//! `fieldSelector=metadata.name=`); a server-side apply or update that
+//! creates needs `create` too; a WebSocket `pods/portforward` (or exec,
+//! attach; tunneled SPDY included) needs `get` and `create` as in
+//! Kubernetes 1.35, the strictest, so a role that works here works on older
+//! servers; a SPDY one (a POST) `create`. RBAC objects are validated.
 
 use std::collections::HashMap;
 use std::sync::RwLock;

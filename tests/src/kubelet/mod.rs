@@ -20,6 +20,9 @@
 //! `spawn` (what a container's process does between fork and exec, its own
 //! root), `probes`, `pod` (one pod's run: starts, restarts, status), `logs`
 //! (CRI logs and `pods/log`); the loop over the node's pods is here.
+//!
+//! Not done: init containers (ignored), volume updates after a ConfigMap
+//! or Secret changes.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
