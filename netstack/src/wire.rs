@@ -344,6 +344,95 @@ pub fn clamp_tcp_mss(packet: &mut [u8], max_mss: u16) -> Result<bool, PacketErro
     Ok(false)
 }
 
+/// The most of the offending packet an ICMP error quotes: IPv4 quotes its
+/// header and 8 bytes (ports and TCP sequence number, what the receiving
+/// stack matches on); IPv6 as much as keeps the error within the minimum
+/// MTU of 1280.
+const ICMPV6_QUOTE_MAX: usize = 1280 - IPV6_HEADER - 8;
+
+/// A "destination host unreachable" ICMP error answering `packet` (ICMPv4
+/// type 3 code 1, ICMPv6 type 1 code 3), written into `out`, from the
+/// packet's destination back to its source. Only TCP is answered (and only
+/// a first fragment or whole packet): the laptop's TCP then gives up a SYN at
+/// once, and for an established connection reverts its retransmission
+/// backoff (RFC 6069, as Linux does), so it resumes within a second of the
+/// path returning instead of after minutes of doubled timeouts. Returns the
+/// reply's length, or None (not TCP, malformed, `out` too small).
+pub fn host_unreachable(packet: &[u8], out: &mut [u8]) -> Option<usize> {
+    let ip = parse_ip(packet).ok()?;
+    if ip.protocol != PROTO_TCP || !ip.first_fragment {
+        return None;
+    }
+    match (ip.version, ip.src, ip.dst) {
+        (IpVersion::V4, IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let quote = packet.get(..(ip.payload_offset + 8).min(ip.total_len))?;
+            let len = IPV4_MIN_HEADER + 8 + quote.len();
+            let out = out.get_mut(..len)?;
+            out.fill(0);
+            out[0] = 0x45;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            out[8] = 64;
+            out[9] = PROTO_ICMP;
+            out[12..16].copy_from_slice(&dst.octets());
+            out[16..20].copy_from_slice(&src.octets());
+            let header_sum = !fold(sum(&out[..IPV4_MIN_HEADER]));
+            out[10..12].copy_from_slice(&header_sum.to_be_bytes());
+            let icmp = &mut out[IPV4_MIN_HEADER..];
+            icmp[0] = 3; // destination unreachable
+            icmp[1] = 1; // host unreachable
+            icmp[8..].copy_from_slice(quote);
+            let icmp_sum = !fold(sum(icmp));
+            icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
+            Some(len)
+        }
+        (IpVersion::V6, IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let quote = packet.get(..ip.total_len.min(ICMPV6_QUOTE_MAX))?;
+            let icmp_len = 8 + quote.len();
+            let len = IPV6_HEADER + icmp_len;
+            let out = out.get_mut(..len)?;
+            out.fill(0);
+            out[0] = 0x60;
+            out[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
+            out[6] = PROTO_ICMPV6;
+            out[7] = 64;
+            out[8..24].copy_from_slice(&dst.octets());
+            out[24..40].copy_from_slice(&src.octets());
+            let icmp = &mut out[IPV6_HEADER..];
+            icmp[0] = 1; // destination unreachable
+            icmp[1] = 3; // address unreachable
+            icmp[8..].copy_from_slice(quote);
+            // Pseudo-header: source, destination, length, next header.
+            let pseudo =
+                sum(&dst.octets()) + sum(&src.octets()) + icmp_len as u32 + u32::from(PROTO_ICMPV6);
+            let icmp_sum = !fold(pseudo + sum(icmp));
+            icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
+            Some(len)
+        }
+        _ => None,
+    }
+}
+
+/// Ones'-complement sum of `bytes` as 16-bit big-endian words (an odd last
+/// byte padded with zero), not yet folded.
+fn sum(bytes: &[u8]) -> u32 {
+    let mut chunks = bytes.chunks_exact(2);
+    let mut total: u32 = chunks
+        .by_ref()
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .fold(0u32, |a, w| a.wrapping_add(w));
+    if let [last] = chunks.remainder() {
+        total = total.wrapping_add(u32::from(*last) << 8);
+    }
+    total
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 /// Incremental Internet checksum update when one 16-bit word changes from
 /// `old` to `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
 fn checksum_adjust(checksum: u16, old: u16, new: u16) -> u16 {
@@ -579,6 +668,60 @@ pub(crate) mod tests {
         later[20..24].copy_from_slice(&[9, 9, 9, 9]);
         assert_eq!(flow_hash(&first), flow_hash(&later));
         assert_eq!(flow_hash(&[0x45, 0]), 0);
+    }
+
+    #[test]
+    fn host_unreachable_answers_tcp_with_valid_checksums() {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{
+            Icmpv4Message, Icmpv4Packet, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
+            Ipv4Packet, Ipv6Packet,
+        };
+        let segment = tcp4_packet(0x18, &[], b"a request that waits");
+        let mut out = [0u8; 1500];
+        let n = host_unreachable(&segment, &mut out).expect("an answer");
+        let ip = Ipv4Packet::new_checked(&out[..n]).expect("IPv4");
+        assert!(ip.verify_checksum());
+        assert_eq!(ip.src_addr().octets(), [10, 96, 0, 1]);
+        assert_eq!(ip.dst_addr().octets(), [10, 0, 0, 2]);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).expect("ICMP");
+        assert!(icmp.verify_checksum());
+        assert_eq!(
+            (icmp.msg_type(), icmp.msg_code()),
+            (Icmpv4Message::DstUnreachable, 1)
+        );
+        // The header and the ports and sequence number the stack matches
+        // on, as RFC 792 asks.
+        assert_eq!(icmp.data(), &segment[..28]);
+
+        // IPv6: the quote is the whole (small) packet.
+        let mut v6 = vec![0u8; 40 + 20];
+        v6[0] = 0x60;
+        v6[4..6].copy_from_slice(&20u16.to_be_bytes());
+        v6[6] = PROTO_TCP;
+        v6[7] = 64;
+        v6[8..24].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().expect("v6").octets());
+        v6[24..40].copy_from_slice(&"fd00:96::1".parse::<Ipv6Addr>().expect("v6").octets());
+        v6[40 + 12] = 5 << 4;
+        let n = host_unreachable(&v6, &mut out).expect("an answer");
+        let ip = Ipv6Packet::new_checked(&out[..n]).expect("IPv6");
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        assert_eq!(src, "fd00:96::1".parse::<Ipv6Addr>().expect("v6"));
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).expect("ICMPv6");
+        assert!(icmp.verify_checksum(&src, &dst));
+        match Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default()) {
+            Ok(Icmpv6Repr::DstUnreachable { reason, .. }) => {
+                assert_eq!(reason, Icmpv6DstUnreachable::AddrUnreachable);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Not TCP, not whole, not room enough: no answer.
+        let mut udp = segment.clone();
+        udp[9] = PROTO_UDP;
+        assert_eq!(host_unreachable(&udp, &mut out), None);
+        assert_eq!(host_unreachable(&segment, &mut out[..40]), None);
+        assert_eq!(host_unreachable(&segment[..10], &mut out), None);
     }
 
     #[test]

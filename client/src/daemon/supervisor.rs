@@ -150,8 +150,9 @@ pub(super) async fn supervise(mut s: Supervisor) {
     }
 }
 
-/// A wake-up or network change: said in `status`; unless the network just
-/// went away, the transport is brought back now — new port-forward
+/// A wake-up or network change: said in `status`; while the network is
+/// gone the data path answers TCP "host unreachable"; once back, the
+/// transport is brought back now — new port-forward
 /// streams (the old ones may be dead without either end knowing), and a
 /// WireGuard handshake at once (from a new address the gateway roams to
 /// it; after a sleep the session may have expired) keeping the session and
@@ -161,6 +162,9 @@ fn on_change(s: &Supervisor, change: &underlay::Change) {
     if let Ok(mut st) = s.status.lock() {
         st.event(change);
     }
+    // Lost: TCP into the tunnel is answered "host unreachable" until the
+    // network is back (see `Sessions::set_offline`).
+    s.sessions.set_offline(!change.needs_recovery());
     if !change.needs_recovery() {
         return;
     }

@@ -80,10 +80,10 @@ pub struct LinkStats {
 /// [`LinkStats`], shared.
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
 
-/// What the daemon asks of the data path's sessions; read every
-/// [`TIMER_TICK`].
+/// What the daemon asks of the data path's sessions (read every
+/// [`TIMER_TICK`]), and whether the laptop is offline.
 #[derive(Debug, Default)]
-pub struct Sessions(std::sync::atomic::AtomicU8);
+pub struct Sessions(std::sync::atomic::AtomicU8, std::sync::atomic::AtomicBool);
 
 const ASK_HANDSHAKE: u8 = 1;
 const ASK_RESTART: u8 = 2;
@@ -109,7 +109,25 @@ impl Sessions {
     fn take(&self) -> u8 {
         self.0.swap(0, std::sync::atomic::Ordering::AcqRel)
     }
+
+    /// The laptop has no route to the gateway (link down) or has one
+    /// again. While offline, TCP segments into the tunnel are answered with
+    /// "host unreachable" instead of being sent nowhere: the laptop's TCP
+    /// keeps retransmitting every second or so (RFC 6069 undoes its
+    /// backoff) rather than backing off for minutes, so connections resume
+    /// as soon as the network is back, and new ones fail at once.
+    pub fn set_offline(&self, offline: bool) {
+        self.1.store(offline, std::sync::atomic::Ordering::Release);
+    }
+
+    fn offline(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
+
+/// At most this many "host unreachable" answers per [`TIMER_TICK`] while
+/// offline (the rest of the segments are dropped, as they would be).
+const UNREACHABLE_PER_TICK: u32 = 64;
 
 /// Handshakes forced since `since`, until one completes.
 #[derive(Debug, Clone, Copy)]
@@ -402,6 +420,8 @@ pub struct Datapath {
     asks: Option<std::sync::Arc<Sessions>>,
     /// Handshakes being forced after such an ask.
     urgent: Option<Urgent>,
+    /// "Host unreachable" answers left in this tick while offline.
+    unreachable_budget: u32,
     configs: Vec<PeerConfig>,
     /// `burrow connect`'s inbound filter (None: everything passes, as in
     /// `burrow up`).
@@ -455,6 +475,7 @@ impl Datapath {
             stats: None,
             asks: None,
             urgent: None,
+            unreachable_budget: UNREACHABLE_PER_TICK,
             configs,
             inbound: None,
             framed: None,
@@ -571,6 +592,10 @@ impl Datapath {
                 Err(e) => return Err(e),
             };
             self.counters.tun_rx += 1;
+            if self.asks.as_ref().is_some_and(|a| a.offline()) {
+                self.answer_offline(n);
+                continue;
+            }
             let (peers, out, counters) = (&mut self.peers, &mut self.out, &mut self.counters);
             let r = offload::segment(&mut self.tun_buf[..n], &mut self.seg_buf, |packet| {
                 encrypt(peers, out, counters, packet)
@@ -581,6 +606,31 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Offline: the TUN read of `n` bytes goes nowhere; a TCP segment gets
+    /// "host unreachable" back (see [`Sessions::set_offline`]).
+    fn answer_offline(&mut self, n: usize) {
+        self.counters.dropped += 1;
+        if self.unreachable_budget == 0 {
+            return;
+        }
+        // The first segment of a TSO read carries what the answer quotes.
+        let Some(packet) = self.tun_buf.get(offload::VNET_HDR_LEN..n) else {
+            return;
+        };
+        let Some(len) = burrow_netstack::wire::host_unreachable(packet, &mut self.seg_buf) else {
+            return;
+        };
+        self.unreachable_budget -= 1;
+        let reply = self.seg_buf.get(..len).unwrap_or_default();
+        write_tun(
+            &self.tun,
+            &mut self.counters,
+            &[0; offload::VNET_HDR_LEN],
+            reply,
+            1,
+        );
     }
 
     /// Decrypt up to a few batches of datagrams.
@@ -790,6 +840,7 @@ impl Datapath {
     }
 
     fn timers(&mut self) {
+        self.unreachable_budget = UNREACHABLE_PER_TICK;
         self.urgent_handshakes(Instant::now());
         let Self {
             peers,
