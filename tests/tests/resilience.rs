@@ -245,7 +245,21 @@ fn goes_offline(l: &Laptop, what: &str) {
     let before = l.status_json();
     let long = LongConnection::start(l);
     l.c.set_laptop_link(&l.name(), false).expect("link down");
-    std::thread::sleep(SLEEP);
+    let down = Instant::now();
+    // Meanwhile a new connection into the cluster fails at once (curl's
+    // exit code 7, "Couldn't connect to server": the host is unreachable)
+    // instead of hanging until curl gives up (28).
+    let web = jsonpath(l.c, &["get", "svc", "web"], "{.spec.clusterIP}");
+    let url = format!("http://{web}/");
+    eventually(
+        Duration::from_secs(20),
+        "a connection refused as unreachable while offline",
+        || {
+            let o = run(l.on(&["curl", "-sS", "--max-time", "8", &url]));
+            (o.status.code() == Some(7)).then_some(())
+        },
+    );
+    std::thread::sleep(SLEEP.saturating_sub(down.elapsed()));
     l.c.set_laptop_link(&l.name(), true).expect("link up");
     let up = Instant::now();
     assert_back(l, &long, up, &before, what);
