@@ -23,6 +23,8 @@ const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 const GSO_ECN: u8 = 0x80;
 
+use burrow_netstack::wire::PROTO_TCP;
+
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -269,11 +271,27 @@ fn joinable(p: &[u8]) -> Option<Seg> {
     })
 }
 
-/// Joins consecutive segments of one TCP flow, read out of the tunnel,
+/// Flows whose runs are held at once: segments of parallel downloads
+/// arrive interleaved, and a run per flow keeps each joining (as the
+/// kernel's GRO keeps a list per flow). With one run only, four downloads
+/// at once were written one segment per write.
+const RUNS: usize = 8;
+
+/// Joins consecutive segments of each TCP flow, read out of the tunnel,
 /// into one packet written with a GSO vnet header; the kernel takes it as
-/// the segments it stands for. Everything else passes through unchanged,
-/// in order. Call [`Coalescer::flush`] after each batch.
+/// the segments it stands for. Up to [`RUNS`] flows are held at once.
+/// Everything else passes through unchanged. Each flow's packets keep
+/// their order (a packet that cannot join its flow's held run is written
+/// after it); packets of different flows may be reordered. Call
+/// [`Coalescer::flush`] after each batch.
 pub struct Coalescer {
+    runs: Vec<Run>,
+    /// Which run to give up next when all are held and a new flow comes.
+    next_evict: usize,
+}
+
+/// One flow's held run of segments.
+struct Run {
     buf: Vec<u8>,
     /// Bytes held in `buf` (0: nothing).
     held: usize,
@@ -298,6 +316,55 @@ impl Default for Coalescer {
 impl Coalescer {
     pub fn new() -> Self {
         Self {
+            runs: (0..RUNS).map(|_| Run::new()).collect(),
+            next_evict: 0,
+        }
+    }
+
+    /// Take one IP packet. `write(vnet header, packet, segments)` is called
+    /// for whatever must leave now: a held run this packet cannot join (of
+    /// its own flow, or the one given up for it), and the packet itself
+    /// when it cannot be held.
+    pub fn push(&mut self, p: &[u8], write: &mut impl FnMut(&[u8], &[u8], usize)) {
+        let seg = joinable(p);
+        let mine = self.runs.iter().position(|r| r.same_flow(p));
+        if let (Some(seg), Some(i)) = (&seg, mine)
+            && self.runs[i].joins(p, seg)
+        {
+            self.runs[i].append(p, seg);
+            return;
+        }
+        // This flow's run (if any) leaves before the packet.
+        if let Some(i) = mine {
+            self.runs[i].flush(write);
+        }
+        match seg {
+            Some(seg) if p.len() <= COALESCED_MAX => {
+                let i = mine
+                    .or_else(|| self.runs.iter().position(|r| r.held == 0))
+                    .unwrap_or_else(|| {
+                        let i = self.next_evict % self.runs.len();
+                        self.next_evict = i + 1;
+                        self.runs[i].flush(write);
+                        i
+                    });
+                self.runs[i].start(p, &seg);
+            }
+            _ => write(&[0; VNET_HDR_LEN], p, 1),
+        }
+    }
+
+    /// Write every held run.
+    pub fn flush(&mut self, write: &mut impl FnMut(&[u8], &[u8], usize)) {
+        for r in &mut self.runs {
+            r.flush(write);
+        }
+    }
+}
+
+impl Run {
+    fn new() -> Self {
+        Self {
             buf: vec![0; COALESCED_MAX],
             held: 0,
             segs: 0,
@@ -310,40 +377,44 @@ impl Coalescer {
         }
     }
 
-    /// Take one IP packet. `write(vnet header, packet, segments)` is called
-    /// for whatever must leave now: a held run this packet cannot join, and
-    /// the packet itself when it cannot be held.
-    pub fn push(&mut self, p: &[u8], write: &mut impl FnMut(&[u8], &[u8], usize)) {
-        let seg = joinable(p);
-        if let Some(seg) = &seg
-            && self.joins(p, seg)
-        {
-            self.buf[self.held..self.held + seg.payload].copy_from_slice(&p[seg.hlen..]);
-            self.held += seg.payload;
-            self.segs += 1;
-            self.next_seq = seg.seq.wrapping_add(seg.payload as u32);
-            self.psh |= seg.flags & TCP_PSH != 0;
-            self.open = seg.payload == self.mss
-                && !self.psh
-                && self.segs < COALESCED_SEGMENTS
-                && self.held + self.mss <= COALESCED_MAX;
-            return;
+    /// Whether `p` is a TCP packet of the held run's flow (same version,
+    /// addresses and ports; `p` laid out as the run's first segment).
+    fn same_flow(&self, p: &[u8]) -> bool {
+        if self.held == 0 || p.len() < self.l4 + 4 {
+            return false;
         }
-        self.flush(write);
-        match seg {
-            Some(seg) if p.len() <= self.buf.len() => {
-                self.buf[..p.len()].copy_from_slice(p);
-                self.held = p.len();
-                self.segs = 1;
-                self.l4 = seg.l4;
-                self.hlen = seg.hlen;
-                self.mss = seg.payload;
-                self.next_seq = seg.seq.wrapping_add(seg.payload as u32);
-                self.psh = seg.flags & TCP_PSH != 0;
-                self.open = !self.psh && self.held + self.mss <= COALESCED_MAX;
-            }
-            _ => write(&[0; VNET_HDR_LEN], p, 1),
-        }
+        let held = &self.buf[..self.hlen];
+        let (l4, addrs) = (self.l4, if self.l4 == 20 { 12..20 } else { 8..40 });
+        let tcp = if l4 == 20 {
+            p[0] == held[0] && p[9] == PROTO_TCP
+        } else {
+            p[0] >> 4 == 6 && p[6] == PROTO_TCP
+        };
+        tcp && held[addrs.clone()] == p[addrs] && held[l4..l4 + 4] == p[l4..l4 + 4]
+    }
+
+    fn start(&mut self, p: &[u8], seg: &Seg) {
+        self.buf[..p.len()].copy_from_slice(p);
+        self.held = p.len();
+        self.segs = 1;
+        self.l4 = seg.l4;
+        self.hlen = seg.hlen;
+        self.mss = seg.payload;
+        self.next_seq = seg.seq.wrapping_add(seg.payload as u32);
+        self.psh = seg.flags & TCP_PSH != 0;
+        self.open = !self.psh && self.held + self.mss <= COALESCED_MAX;
+    }
+
+    fn append(&mut self, p: &[u8], seg: &Seg) {
+        self.buf[self.held..self.held + seg.payload].copy_from_slice(&p[seg.hlen..]);
+        self.held += seg.payload;
+        self.segs += 1;
+        self.next_seq = seg.seq.wrapping_add(seg.payload as u32);
+        self.psh |= seg.flags & TCP_PSH != 0;
+        self.open = seg.payload == self.mss
+            && !self.psh
+            && self.segs < COALESCED_SEGMENTS
+            && self.held + self.mss <= COALESCED_MAX;
     }
 
     /// Whether `p` continues the held run: same addresses and ports, the
@@ -376,7 +447,7 @@ impl Coalescer {
     /// Write the held run, if any: one packet as it came, several as one
     /// GSO packet (lengths, IPv4 header checksum, PSH if any had it, and the
     /// pseudo-header sum in the TCP checksum for the kernel to complete).
-    pub fn flush(&mut self, write: &mut impl FnMut(&[u8], &[u8], usize)) {
+    fn flush(&mut self, write: &mut impl FnMut(&[u8], &[u8], usize)) {
         if self.held == 0 {
             return;
         }
@@ -642,20 +713,29 @@ mod tests {
         }
     }
 
+    /// The packets of `all` whose TCP source port is `port` (IPv4), in
+    /// their order.
+    fn of_flow(all: &[Vec<u8>], port: u16) -> Vec<Vec<u8>> {
+        all.iter()
+            .filter(|p| p.len() >= 22 && p[20..22] == port.to_be_bytes())
+            .cloned()
+            .collect()
+    }
+
     #[test]
-    fn runs_break_where_they_must_and_order_is_kept() {
+    fn runs_break_where_they_must_and_each_flow_keeps_its_order() {
         let v6 = false;
         let mss = u32::from(MSS);
         let mut input = Vec::new();
-        // A full-size run without PSH (the next run continues the numbers
-        // but starts anew after the PSH)...
+        // A full-size run (closed by the PSH on its last segment)...
         let a = flow_segments(v6, 4, usize::from(MSS), 5000, 40000);
         input.extend(a.iter().cloned());
         // ...another flow interleaved...
         input.extend(flow_segments(v6, 3, 10, 9000, 40001));
         // ...a gap in the first flow's sequence numbers...
         input.extend(flow_segments(v6, 2, 50, 5000 + 10 * mss, 40000));
-        // ...a FIN and a pure ACK pass through alone...
+        // ...a FIN and a pure ACK of the first flow pass through alone,
+        // after what it held...
         let mut fin = tcp_packet(v6, 0, TCP_FIN);
         fix(&mut fin);
         input.push(fin);
@@ -667,13 +747,17 @@ mod tests {
         b[2][28..32].copy_from_slice(&99u32.to_be_bytes());
         fix(&mut b[2]);
         input.extend(b);
+        let (out, writes) = coalesce(&input);
+        for port in [40000, 40001, 40002] {
+            assert_eq!(of_flow(&out, port), of_flow(&input, port), "flow {port}");
+        }
+        assert_eq!(out.len(), input.len());
+        // The first flow: 4, then its gap run (2) before its FIN, the FIN,
+        // the ACK; the third flow's 2 before the one with another ACK
+        // number; at the end the held runs: the third flow's last one (in
+        // the run the first flow left free) and the second flow's 3.
+        assert_eq!(writes, vec![4, 2, 1, 1, 2, 1, 3]);
         // A truncated packet and garbage pass through as they are.
-        input.push(vec![0x45, 0, 0]);
-        let (out, writes) = coalesce(&input[..input.len() - 1]);
-        assert_eq!(out, input[..input.len() - 1]);
-        // The PSH on the 4th of `a` closes it: 4; the other flow: 3; the
-        // gap: 2; FIN; ACK; then 2 + 1 for the changed ACK number.
-        assert_eq!(writes, vec![4, 3, 2, 1, 1, 2, 1]);
         let mut c = Coalescer::new();
         let mut passed = Vec::new();
         c.push(&[0x45, 0, 0], &mut |h: &[u8], p: &[u8], n| {
@@ -681,6 +765,42 @@ mod tests {
             passed.push((p.to_vec(), n));
         });
         assert_eq!(passed, vec![(vec![0x45, 0, 0], 1)]);
+    }
+
+    #[test]
+    fn interleaved_flows_each_join() {
+        // Four downloads at once: their segments arrive round-robin.
+        let flows: Vec<Vec<Vec<u8>>> = (0..4u16)
+            .map(|i| flow_segments(false, 8, 200, 1000 * u32::from(i), 41000 + i))
+            .collect();
+        let mut input = Vec::new();
+        for k in 0..8 {
+            for f in &flows {
+                input.push(f[k].clone());
+            }
+        }
+        let (out, writes) = coalesce(&input);
+        assert_eq!(writes, vec![8, 8, 8, 8]);
+        for (i, f) in flows.iter().enumerate() {
+            assert_eq!(&of_flow(&out, 41000 + i as u16), f);
+        }
+        // More flows than runs: every packet still comes out, each flow in
+        // order.
+        let flows: Vec<Vec<Vec<u8>>> = (0..(RUNS as u16 + 3))
+            .map(|i| flow_segments(false, 3, 100, 7, 42000 + i))
+            .collect();
+        let mut input = Vec::new();
+        for k in 0..3 {
+            for f in &flows {
+                input.push(f[k].clone());
+            }
+        }
+        let (out, writes) = coalesce(&input);
+        assert_eq!(out.len(), input.len());
+        assert_eq!(writes.iter().sum::<usize>(), input.len());
+        for (i, f) in flows.iter().enumerate() {
+            assert_eq!(&of_flow(&out, 42000 + i as u16), f);
+        }
     }
 
     #[test]
