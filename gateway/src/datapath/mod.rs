@@ -635,25 +635,24 @@ impl Datapath {
         let now = Instant::now();
         match ev {
             FlowEvent::TcpData { id, data } => {
-                let Some(TcpFlow {
-                    end: End::Stream(stream),
-                    ..
-                }) = self.tcp.get_mut(&id)
-                else {
+                let Some(flow) = self.tcp.get_mut(&id) else {
+                    return;
+                };
+                let End::Stream(stream) = &mut flow.end else {
                     return;
                 };
                 stream.granted = stream.granted.saturating_sub(data.len());
                 match self.flows.tcp_send(id, &data) {
                     Ok(n) => {
                         self.stats.tcp_bytes_to_laptop += n as u64;
-                        if let Some(flow) = self.tcp.get_mut(&id) {
-                            flow.to_laptop += n as u64;
-                        }
+                        flow.to_laptop += n as u64;
                         if n < data.len() {
-                            tracing::warn!(?id, lost = data.len() - n, "send buffer overrun");
+                            tracing::warn!(parent: &flow.span, lost = data.len() - n, "send buffer overrun");
                         }
                     }
-                    Err(e) => tracing::debug!(?id, error = %e, "data for a closing flow"),
+                    Err(e) => {
+                        tracing::debug!(parent: &flow.span, error = %e, "data for a closing flow")
+                    }
                 }
             }
             FlowEvent::TcpEof { id } => {
