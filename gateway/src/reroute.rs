@@ -831,9 +831,12 @@ impl Reroutes {
                 None => {
                     let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
                     let (tx, rx) = watch::channel(Arc::new(snapshot));
-                    // Every log line of this port's callers names it.
+                    // Every log line of this port's callers names it; the
+                    // listener serves every laptop's routes of the port, so
+                    // its span is no route's (nor the asking laptop's).
                     let span = tracing::info_span!(
-                        "reroute",
+                        parent: None,
+                        "listener",
                         service = %format_args!("{}/{}", svc.0, svc.1),
                         port = sp.port,
                         protocol = %sp.protocol
