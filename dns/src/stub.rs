@@ -296,7 +296,7 @@ impl Stub {
                 tracing::debug!(
                     name = %p.key.0,
                     qtype = %p.key.1,
-                    route = ?p.route,
+                    route = p.route.label(),
                     rcode = %answer.rcode,
                     answers = answer.answers.len(),
                     "DNS lookup"

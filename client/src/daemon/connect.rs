@@ -34,7 +34,7 @@ use crate::tunnel::tun::DEFAULT_IFNAME;
 use crate::tunnel::{Device, Layout, Refusal, check_free};
 
 /// Connects inside the session's span (filled in as the steps learn the
-/// context, the gateway pod, the laptop's tunnel address and the
+/// context, the gateway namespace, the laptop's tunnel address and the
 /// transport), which the session's tasks and reroutes keep.
 pub(super) async fn connect(
     d: &Daemon,
@@ -42,13 +42,17 @@ pub(super) async fn connect(
     tx: &Progress,
 ) -> anyhow::Result<Status> {
     use tracing::field::Empty;
-    let span = tracing::info_span!(
-        "session",
-        context = Empty,
-        gateway = Empty,
-        laptop = Empty,
-        transport = Empty
-    );
+    // Already connected: the running session's span.
+    let running = d.session.lock().await.as_ref().map(|s| s.span.clone());
+    let span = running.unwrap_or_else(|| {
+        tracing::info_span!(
+            "session",
+            context = Empty,
+            gateway = Empty,
+            laptop = Empty,
+            transport = Empty
+        )
+    });
     connect_in(d, req, tx, span.clone()).instrument(span).await
 }
 
@@ -79,9 +83,11 @@ async fn connect_in(
     let cluster = reach_cluster(&req, tx).await?;
     span.record("context", cluster.context.as_str());
     let gns = req.gateway_namespace.clone();
+    // The namespace, not the pod: the session outlives pods (the
+    // supervisor logs each change).
+    span.record("gateway", gns.as_str());
     let version = ensure_gateway(&cluster, &req, tx).await?;
     let pod = ready_pod(&cluster, &gns, &version, tx).await?;
-    span.record("gateway", pod.name.as_str());
 
     step(tx, "learning the cluster's ranges");
     let ranges = facts::ranges(&cluster).await?;

@@ -78,7 +78,7 @@ struct Session {
     dns: Option<crate::dns::Running>,
     /// Which tunnel ports the cluster may connect to (the forwarders').
     inbound: Arc<InboundPorts>,
-    /// The session's span (context, gateway pod, tunnel address,
+    /// The session's span (context, gateway namespace, tunnel address,
     /// transport): its tasks run in it, and so do the CLI's requests
     /// about it.
     span: tracing::Span,
