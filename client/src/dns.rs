@@ -18,6 +18,7 @@ use burrow_dns::{ClusterView, Network};
 use hickory_proto::rr::Name;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 /// How often the namespace list is refreshed.
 const NAMESPACES_EVERY: Duration = Duration::from_secs(30);
@@ -251,17 +252,20 @@ pub async fn start(s: Setup<'_>) -> anyhow::Result<Running> {
             "cannot point the system's resolver at the stub ({mode})"
         )));
     }
-    let refresher = tokio::spawn(refresh(
-        s.cluster.clone(),
-        stub.clone(),
-        namespaces.clone(),
-        ns.ok(),
-        mode,
-        s.ifname.to_owned(),
-        s.address,
-        search,
-        domain.to_owned(),
-    ));
+    let refresher = tokio::spawn(
+        refresh(
+            s.cluster.clone(),
+            stub.clone(),
+            namespaces.clone(),
+            ns.ok(),
+            mode,
+            s.ifname.to_owned(),
+            s.address,
+            search,
+            domain.to_owned(),
+        )
+        .in_current_span(),
+    );
     Ok(Running {
         mode,
         stub: Some(stub),

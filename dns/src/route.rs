@@ -50,6 +50,17 @@ pub enum Route {
     Upstream,
 }
 
+impl Route {
+    /// Where the query went, in a word or two (for logs).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Cluster(_) => "cluster",
+            Route::ClusterThenUpstream(_) => "cluster, then upstream",
+            Route::Upstream => "upstream",
+        }
+    }
+}
+
 impl ClusterView {
     /// Decides where `qname` (fully qualified, any case) goes.
     pub fn route(&self, qname: &Name) -> Route {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
+use tracing::Instrument as _;
 
 use crate::cache::{Cache, Key, Resolved};
 use crate::route::{ClusterView, Route};
@@ -303,6 +304,14 @@ impl Stub {
                     key: &p.key,
                 };
                 let answer = Arc::new(self.lookup(&p.route, &p.key).await);
+                tracing::debug!(
+                    name = %p.key.0,
+                    qtype = %p.key.1,
+                    route = p.route.label(),
+                    rcode = %answer.rcode,
+                    answers = answer.answers.len(),
+                    "DNS lookup"
+                );
                 if let Ok(mut c) = self.cache.lock() {
                     c.put(p.key.clone(), answer.clone(), Instant::now());
                 }
@@ -473,8 +482,9 @@ impl Server {
         let addr = udp.local_addr()?;
         let tcp = TcpListener::bind(addr).await?;
         let tasks = vec![
-            tokio::spawn(serve_udp(stub.clone(), udp)),
-            tokio::spawn(serve_tcp(stub, tcp)),
+            // In the caller's span (the daemon's session).
+            tokio::spawn(serve_udp(stub.clone(), udp).in_current_span()),
+            tokio::spawn(serve_tcp(stub, tcp).in_current_span()),
         ];
         Ok(Self { addr, tasks })
     }
@@ -514,11 +524,14 @@ async fn serve_udp(stub: Arc<Stub>, sock: Arc<UdpSocket>) {
                     continue;
                 };
                 let (stub, sock) = (stub.clone(), sock.clone());
-                tokio::spawn(async move {
-                    let r = stub.resolve(p).await;
-                    let _ = sock.send_to(&r, src).await;
-                    drop(permit);
-                });
+                tokio::spawn(
+                    async move {
+                        let r = stub.resolve(p).await;
+                        let _ = sock.send_to(&r, src).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
             }
         }
     }
@@ -534,10 +547,13 @@ async fn serve_tcp(stub: Arc<Stub>, listener: TcpListener) {
             continue;
         };
         let stub = stub.clone();
-        tokio::spawn(async move {
-            let _ = serve_tcp_conn(&stub, stream, src.ip()).await;
-            drop(permit);
-        });
+        tokio::spawn(
+            async move {
+                let _ = serve_tcp_conn(&stub, stream, src.ip()).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
     }
 }
 

@@ -303,13 +303,13 @@ pub async fn serve_tunnel(mut conns: mpsc::Receiver<ApiConn>, control: Shared) {
             address: conn.from.ip(),
         };
         let conn_from = conn.from;
-        tracing::debug!(from = %conn_from, "tunnel API connection");
+        // The caller is the laptop owning this tunnel address: every log
+        // line of its calls says so, as the data path's lines of its flows.
+        let span = tracing::info_span!("laptop", laptop = %conn_from.ip(), key = %conn.key.short());
+        tracing::debug!(parent: &span, from = %conn_from, "tunnel API connection");
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(caller)),
         );
-        // The caller is the laptop owning this tunnel address: every log
-        // line of its calls says so.
-        let span = tracing::info_span!("laptop", address = %conn_from.ip());
         tokio::spawn(async move {
             let served = hyper::server::conn::http1::Builder::new()
                 .half_close(true)
@@ -346,7 +346,7 @@ pub async fn reap(control: Shared) {
             Err(_) => return,
         };
         for k in gone {
-            tracing::info!(peer = %k.short(), "laptop expired: no registration or handshake");
+            tracing::info!(key = %k.short(), "laptop expired: no registration or handshake");
             control.peers.remove(k).await;
             control.reroutes.forget(k).await;
         }
@@ -461,7 +461,7 @@ async fn register(
         return error(StatusCode::INTERNAL_SERVER_ERROR, e);
     }
     if fresh {
-        tracing::info!(peer = %key.short(), name = %name, address = %address, "laptop registered");
+        tracing::info!(laptop = %address, key = %key.short(), name = %name, "laptop registered");
     }
     Json(Registration {
         address: IpAddr::V4(address),
@@ -520,7 +520,7 @@ async fn unregister(State(c): State<Shared>, Extension(caller): Extension<Caller
     let removed = c.allocator.lock().ok().and_then(|mut a| a.remove(&key));
     c.reroutes.forget(key).await;
     if removed.is_some() {
-        tracing::info!(peer = %key.short(), "laptop unregistered");
+        tracing::info!(key = %key.short(), "laptop unregistered");
     }
     // Last, once this answer is on its way: the connection it leaves on
     // runs through the peer. Not when the laptop registered again since.

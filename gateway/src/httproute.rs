@@ -757,7 +757,14 @@ impl Proxy {
         let rules = self.rules.borrow().clone();
         let rule = rules.matching(req.headers());
         let to = rule.map_or(&rules.fallback, |r| &r.to);
-        tracing::trace!(method = %req.method(), uri = %req.uri(), upstream = %to, "routing");
+        tracing::debug!(
+            method = %req.method(),
+            path = req.uri().path(),
+            header = rule.map(|r| r.header.as_str()),
+            upstream = %to,
+            "{}",
+            if rule.is_some() { "header matched: to the laptop" } else { "no header match: to the pods" }
+        );
         if req.version() != Version::HTTP_2 && is_upgrade(&req) {
             return self.upgrade(req, to, &rules.fallback).await;
         }

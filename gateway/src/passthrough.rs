@@ -108,6 +108,7 @@ pub async fn serve(
             }
         };
         let to = rules.borrow().fallback.clone();
+        tracing::debug!(upstream = %to, reused = kept.is_some(), "no header match: to the pods");
         let kept_up = match kept.take() {
             Some((at, mut up)) if at == to => still_open(&mut up).then_some(up),
             _ => None,

@@ -744,6 +744,16 @@ impl Reroutes {
         req: &RerouteRequest,
         laptop: Laptop,
     ) -> Result<RerouteGrant, Refused> {
+        let svc = (req.namespace.clone(), req.service.clone());
+        let span = route_span(&svc, req.port, &laptop, req.header.as_ref());
+        self.add_route(req, laptop).instrument(span).await
+    }
+
+    async fn add_route(
+        self: &Arc<Self>,
+        req: &RerouteRequest,
+        laptop: Laptop,
+    ) -> Result<RerouteGrant, Refused> {
         req.validate().map_err(Refused::Invalid)?;
         let shadow_ip = self.check_service(req, &laptop).await?;
         let svc = (req.namespace.clone(), req.service.clone());
@@ -777,9 +787,9 @@ impl Reroutes {
         };
         self.ensure_guard(&svc);
         tracing::info!(
-            namespace = %svc.0, service = %svc.1, port = req.port,
-            header = ?req.header, protocol = ?req.protocol,
-            took_over_from = ?added.took_over_from, "reroute added"
+            protocol = ?req.protocol,
+            took_over_from = ?added.took_over_from,
+            "reroute added"
         );
         Ok(RerouteGrant {
             listeners,
@@ -821,11 +831,15 @@ impl Reroutes {
                 None => {
                     let (rules_tx, rules_rx) = watch::channel(Arc::new(snapshot.rules()));
                     let (tx, rx) = watch::channel(Arc::new(snapshot));
-                    // Every log line of this port's callers names it.
+                    // Every log line of this port's callers names it; the
+                    // listener serves every laptop's routes of the port, so
+                    // its span is no route's (nor the asking laptop's).
                     let span = tracing::info_span!(
-                        "reroute",
+                        parent: None,
+                        "listener",
                         service = %format_args!("{}/{}", svc.0, svc.1),
-                        port = %format_args!("{}/{}", sp.port, sp.protocol)
+                        port = sp.port,
+                        protocol = %sp.protocol
                     );
                     let (port, task) = match sp.protocol {
                         PortProtocol::Tcp => {
@@ -881,7 +895,7 @@ impl Reroutes {
     /// After routes went: update listeners, close those of released
     /// Services and restore them, and take the records of laptops that no
     /// longer reroute a Service off it.
-    async fn settle(self: &Arc<Self>, removed: &Removed) -> Vec<String> {
+    async fn settle(self: &Arc<Self>, removed: &Removed, why: &'static str) -> Vec<String> {
         let mut touched: Vec<(ServiceKey, WgKey)> = removed
             .routes
             .iter()
@@ -897,7 +911,8 @@ impl Reroutes {
             }
         }
         for (k, port, r) in &removed.routes {
-            tracing::info!(namespace = %k.0, service = %k.1, port, laptop = %r.laptop.name, "reroute stopped");
+            let span = route_span(k, *port, &r.laptop, r.header.as_ref());
+            tracing::info!(parent: &span, why, "reroute stopped");
         }
         for (svc, key) in &touched {
             let still = self
@@ -1069,7 +1084,7 @@ impl Reroutes {
             .lock()
             .map(|mut t| t.stop(req, key))
             .unwrap_or_default();
-        let notes = self.settle(&removed).await;
+        let notes = self.settle(&removed, "stopped by its laptop").await;
         let mut stopped = removed.to_api();
         stopped.notes = notes;
         stopped
@@ -1081,7 +1096,7 @@ impl Reroutes {
             .lock()
             .map(|mut t| t.forget(key))
             .unwrap_or_default();
-        self.settle(&removed).await;
+        self.settle(&removed, "its laptop is gone").await;
     }
 
     /// Renews the leases of the laptop with `key`: its reroutes and the
@@ -1091,6 +1106,11 @@ impl Reroutes {
         let now = Instant::now();
         let renewed = t.renew(key, now);
         let taken_over = t.taken_from(key, now);
+        tracing::trace!(
+            renewed,
+            taken_over = taken_over.len(),
+            "reroute leases renewed"
+        );
         (renewed || !taken_over.is_empty()).then(|| burrow_api::Leases {
             reroutes: t.list_of(key),
             taken_over,
@@ -1109,10 +1129,32 @@ impl Reroutes {
                 .unwrap_or_default();
             if !removed.routes.is_empty() {
                 tracing::info!(count = removed.routes.len(), "reroute leases expired");
-                self.settle(&removed).await;
+                self.settle(&removed, "lease expired").await;
             }
         }
     }
+}
+
+/// The span of one route: which Service port, how its requests are
+/// chosen (`all`, or by a header), and whose laptop it is.
+fn route_span(
+    svc: &ServiceKey,
+    port: u16,
+    laptop: &Laptop,
+    header: Option<&(String, String)>,
+) -> tracing::Span {
+    let mode = match header {
+        Some((name, value)) => format!("header {name}={value}"),
+        None => "all".to_string(),
+    };
+    tracing::info_span!(
+        "reroute",
+        service = %format_args!("{}/{}", svc.0, svc.1),
+        port,
+        %mode,
+        laptop = %laptop.address,
+        name = %laptop.name
+    )
 }
 
 /// The object of an added or changed event.
@@ -1304,11 +1346,12 @@ async fn accept_loop(
         let snapshot = routes.borrow().clone();
         let rules = rules.clone();
         let dial = dial.clone();
-        let span = tracing::debug_span!("caller", %peer);
+        let span = tracing::debug_span!("caller", client = %peer);
         tokio::spawn(
             async move {
-                if let Err(e) = handle(conn, &snapshot, rules, dial).await {
-                    tracing::debug!("rerouted connection: {e}");
+                match handle(conn, &snapshot, rules, dial).await {
+                    Ok(()) => tracing::debug!("rerouted connection closed"),
+                    Err(e) => tracing::debug!("rerouted connection: {e}"),
                 }
             }
             .instrument(span),
@@ -1326,6 +1369,7 @@ async fn handle(
         // The laptop's, or the pods' when it cannot be reached (or nothing
         // listens there and its fallback says so).
         Some(target) => {
+            tracing::debug!(to = %target.upstream(), "every request to the laptop");
             let route = httproute::Global {
                 laptop: target.upstream(),
                 pods: Upstream::Cluster(routes.shadow),
@@ -1336,10 +1380,17 @@ async fn handle(
                 .await
                 .map_err(|e| e.to_string())
         }
-        None if !routes.headers.is_empty() => crate::passthrough::serve(conn, rules, dial)
-            .await
-            .map_err(|e| e.to_string()),
+        None if !routes.headers.is_empty() => {
+            tracing::debug!(
+                rules = routes.headers.len(),
+                "routing each request by its headers"
+            );
+            crate::passthrough::serve(conn, rules, dial)
+                .await
+                .map_err(|e| e.to_string())
+        }
         None => {
+            tracing::debug!(to = %routes.shadow, "no laptop: to the pods");
             let mut up = dial
                 .dial(&Upstream::Cluster(routes.shadow))
                 .await

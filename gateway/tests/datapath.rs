@@ -1386,3 +1386,127 @@ async fn framed_connections_without_a_handshake_are_closed_and_capped() {
     );
     gw.stop().await;
 }
+
+/// What a subscriber wrote, for a test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut b) = self.0.lock() {
+            b.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        self.0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// At debug level a laptop's connection reads as a story, each line in the
+/// laptop's span (its tunnel address and key) and the flow's (its
+/// destination): dialed, connected, closed with its bytes; a refused one
+/// says the laptop got RST. A handful of lines per flow, none per packet.
+///
+/// The subscriber is the binary's global one (a thread's own would miss
+/// spans whose callsites other tests' threads registered first): the other
+/// tests' lines land beside these, told apart by the flows' destinations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laptops_flows_are_logged_in_its_span() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("burrow_gateway=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+
+    let gw = Gateway::start().await;
+    let echo = echo_server().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
+    let h = laptop.tcp_connect(echo);
+    laptop
+        .until(
+            "the handshake through the tunnel",
+            Duration::from_secs(10),
+            |l| l.tcp(h).state() == tcp::State::Established,
+        )
+        .await;
+    let data = payload(100 * 1024);
+    let got = laptop.tcp_round_trip(h, &data).await;
+    assert_eq!(got.len(), data.len());
+    let refused = laptop.tcp_connect(closed);
+    laptop
+        .until("the RST of the closed port", Duration::from_secs(10), |l| {
+            l.tcp(refused).state() == tcp::State::Closed
+        })
+        .await;
+    let flow = format!("flow{{dst={echo}");
+    let start = Instant::now();
+    while !captured
+        .text()
+        .lines()
+        .any(|l| l.contains(&flow) && l.contains("flow closed"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no flow closed:\n{}",
+            captured.text()
+        );
+        laptop.pump(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+
+    let log = captured.text();
+    let laptop_span = format!("laptop{{laptop={LAPTOP_IP} key=");
+    let of_flow: Vec<&str> = log.lines().filter(|l| l.contains(&flow)).collect();
+    for line in &of_flow {
+        assert!(
+            line.contains(&laptop_span),
+            "not in the laptop's span: {line}"
+        );
+    }
+    let story: Vec<&str> = ["dialing", "connected", "flow closed"]
+        .iter()
+        .map(|what| {
+            of_flow
+                .iter()
+                .find(|l| l.contains(what))
+                .copied()
+                .unwrap_or_else(|| panic!("no {what:?} line of the flow in:\n{log}"))
+        })
+        .collect();
+    let total = data.len().to_string();
+    assert!(
+        story[2].contains(&format!("to_cluster={total}"))
+            && story[2].contains(&format!("to_laptop={total}")),
+        "the close says the bytes each way: {}",
+        story[2]
+    );
+    // About a hundred packets each way: lines per flow, not per packet.
+    assert!(
+        of_flow.len() <= 6,
+        "too many lines for one flow:\n{of_flow:#?}"
+    );
+    let refusal = format!("flow{{dst={closed}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&refusal) && l.contains("RST to the laptop")),
+        "the refused dial is told:\n{log}"
+    );
+}

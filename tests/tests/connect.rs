@@ -274,6 +274,16 @@ fn connect_installs_the_gateway_traffic_and_status() {
     assert_eq!(st["transport"], "udp", "{st}");
     let again = s.at(1).connect_ok(&[]);
     assert!(again.contains("already connected"), "{again}");
+    // The daemon's lines name the session they belong to (the second
+    // connect's included): the laptop's tunnel address and transport.
+    let tunnel = st["tunnel_address"].as_str().expect("tunnel address");
+    let session = format!("laptop={tunnel} transport=\"udp\"}}");
+    let log = s.at(1).daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("already connected") && l.contains(&session)),
+        "no line of the session's span ({session}) in the daemon log:\n{log}"
+    );
     // An open connection shows in status as a flow at the gateway.
     let mut sub = s
         .at(1)

@@ -20,6 +20,7 @@ use burrow_netstack::wg::PeerConfig;
 use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::*;
 use crate::protocol::{ConnectRequest, Progress, Status, step};
@@ -31,10 +32,34 @@ use crate::tunnel::state::Paths;
 use crate::tunnel::tun::DEFAULT_IFNAME;
 use crate::tunnel::{Device, Layout, Refusal, check_free};
 
+/// Connects inside the session's span (filled in as the steps learn the
+/// context, the gateway namespace, the laptop's tunnel address and the
+/// transport), which the session's tasks and reroutes keep.
 pub(super) async fn connect(
     d: &Daemon,
     req: ConnectRequest,
     tx: &Progress,
+) -> anyhow::Result<Status> {
+    use tracing::field::Empty;
+    // Already connected: the running session's span.
+    let running = d.session.lock().await.as_ref().map(|s| s.span.clone());
+    let span = running.unwrap_or_else(|| {
+        tracing::info_span!(
+            "session",
+            context = Empty,
+            gateway = Empty,
+            laptop = Empty,
+            transport = Empty
+        )
+    });
+    connect_in(d, req, tx, span.clone()).instrument(span).await
+}
+
+async fn connect_in(
+    d: &Daemon,
+    req: ConnectRequest,
+    tx: &Progress,
+    span: tracing::Span,
 ) -> anyhow::Result<Status> {
     let mut session = d.session.lock().await;
     if let Some(s) = &*session {
@@ -55,7 +80,11 @@ pub(super) async fn connect(
     }
 
     let cluster = reach_cluster(&req, tx).await?;
+    span.record("context", cluster.context.as_str());
     let gns = req.gateway_namespace.clone();
+    // The namespace, not the pod: the session outlives pods (the
+    // supervisor logs each change).
+    span.record("gateway", gns.as_str());
     let version = ensure_gateway(&cluster, &req, tx).await?;
     let pod = ready_pod(&cluster, &gns, &version, tx).await?;
 
@@ -64,12 +93,14 @@ pub(super) async fn connect(
     let key = load_key(&d.run_dir)?;
     step(tx, "registering with the gateway");
     let reg = register(&cluster, &pod, &key, None).await?;
+    span.record("laptop", tracing::field::display(reg.address));
     let gateway_key = reg.info.public_key.public_key();
     let routes = routes_for(&ranges, &reg, &req);
     refuse_conflicts(&nl, &routes).await?;
 
     step(tx, "opening the tunnel");
     let chosen = choose_transport(&req, &cluster, &gns, &pod, &key, gateway_key, tx).await?;
+    span.record("transport", chosen.name);
     step(
         tx,
         format!("transport: {} ({})", chosen.name, chosen.reason),
@@ -154,19 +185,22 @@ pub(super) async fn connect(
         None => Some(chosen.endpoint),
         Some(_) => underlay::api_server_address(&cluster.server).await,
     };
-    let supervisor = tokio::spawn(supervise(Supervisor {
-        cluster: cluster.clone(),
-        namespace: gns,
-        version,
-        key: key.clone(),
-        address: reg.address,
-        pod,
-        relay,
-        sessions: tunnel.sessions.clone(),
-        status: status.clone(),
-        stop: tunnel.stop.subscribe(),
-        underlay_to,
-    }));
+    let supervisor = tokio::spawn(
+        supervise(Supervisor {
+            cluster: cluster.clone(),
+            namespace: gns,
+            version,
+            key: key.clone(),
+            address: reg.address,
+            pod,
+            relay,
+            sessions: tunnel.sessions.clone(),
+            status: status.clone(),
+            stop: tunnel.stop.subscribe(),
+            underlay_to,
+        })
+        .in_current_span(),
+    );
     let done = with_dns(snapshot(&status, &tunnel.stats), Some(&dns));
     *session = Some(Session {
         status,
@@ -179,6 +213,7 @@ pub(super) async fn connect(
         device: tunnel.device,
         dns: Some(dns),
         inbound: tunnel.inbound,
+        span,
     });
     step(
         tx,
@@ -391,15 +426,18 @@ impl Tunnel {
             }
         };
         let (stop, mut stop_dp) = watch::channel(false);
-        let datapath = tokio::spawn(async move {
-            let stop = async move {
-                let _ = stop_dp.wait_for(|s| *s).await;
-            };
-            match dp.run(stop).await {
-                Ok(c) => tracing::info!(counters = ?c, "data path stopped"),
-                Err(e) => tracing::error!("data path failed: {e}"),
+        let datapath = tokio::spawn(
+            async move {
+                let stop = async move {
+                    let _ = stop_dp.wait_for(|s| *s).await;
+                };
+                match dp.run(stop).await {
+                    Ok(c) => tracing::info!(counters = ?c, "data path stopped"),
+                    Err(e) => tracing::error!("data path failed: {e}"),
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Self {
             device,
             datapath,

@@ -27,6 +27,7 @@ use hyper::StatusCode;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, mpsc};
+use tracing::Instrument as _;
 
 use crate::protocol::{Progress, Reply, Request, Status, socket_path, step};
 use crate::tunnel::Device;
@@ -77,6 +78,10 @@ struct Session {
     dns: Option<crate::dns::Running>,
     /// Which tunnel ports the cluster may connect to (the forwarders').
     inbound: Arc<InboundPorts>,
+    /// The session's span (context, gateway namespace, tunnel address,
+    /// transport): its tasks run in it, and so do the CLI's requests
+    /// about it.
+    span: tracing::Span,
 }
 
 struct Daemon {
@@ -94,6 +99,7 @@ impl Daemon {
             .await
             .as_ref()
             .map(|s| crate::daemon::reroute::Link {
+                span: s.span.clone(),
                 cluster: s.cluster.clone(),
                 public_key: s.public_key,
                 status: s.status.clone(),
@@ -180,40 +186,53 @@ async fn handle(daemon: Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let d = daemon.clone();
     let quit_after = matches!(request, Request::Disconnect);
-    let work = tokio::spawn(async move {
-        let result = match request {
-            Request::Connect(req) => connect(&d, req, &tx)
-                .await
-                .map(|s| (String::new(), Some(s))),
-            Request::Status => Ok((String::new(), Some(status(&d).await))),
-            Request::Disconnect => disconnect(&d, &tx).await.map(|s| (String::new(), Some(s))),
-            Request::Reroute(spec) => match d.reroute_link().await {
-                Some(link) => d.reroutes.add(&link, spec, &tx).await.map(|m| (m, None)),
-                None => Err(anyhow::anyhow!("not connected: run `burrow connect` first")),
-            },
-            Request::RerouteStop(stop) => {
-                let link = d.reroute_link().await;
-                d.reroutes
-                    .stop(link.as_ref(), &stop, &tx)
+    // Requests about a running session are logged inside its span.
+    let span = match &request {
+        Request::Connect(_) | Request::Status => tracing::Span::none(),
+        _ => daemon
+            .session
+            .lock()
+            .await
+            .as_ref()
+            .map_or_else(tracing::Span::none, |s| s.span.clone()),
+    };
+    let work = tokio::spawn(
+        async move {
+            let result = match request {
+                Request::Connect(req) => connect(&d, req, &tx)
                     .await
-                    .map(|m| (m, None))
-            }
-            Request::RerouteList => {
-                let link = d.reroute_link().await;
-                d.reroutes.list(link.as_ref()).await.map(|m| (m, None))
-            }
-        };
-        let reply = match result {
-            Ok((message, status)) => Reply::Done {
-                message,
-                status: status.map(Box::new),
-            },
-            Err(e) => Reply::Error {
-                message: format!("{e:#}"),
-            },
-        };
-        let _ = tx.send(reply);
-    });
+                    .map(|s| (String::new(), Some(s))),
+                Request::Status => Ok((String::new(), Some(status(&d).await))),
+                Request::Disconnect => disconnect(&d, &tx).await.map(|s| (String::new(), Some(s))),
+                Request::Reroute(spec) => match d.reroute_link().await {
+                    Some(link) => d.reroutes.add(&link, spec, &tx).await.map(|m| (m, None)),
+                    None => Err(anyhow::anyhow!("not connected: run `burrow connect` first")),
+                },
+                Request::RerouteStop(stop) => {
+                    let link = d.reroute_link().await;
+                    d.reroutes
+                        .stop(link.as_ref(), &stop, &tx)
+                        .await
+                        .map(|m| (m, None))
+                }
+                Request::RerouteList => {
+                    let link = d.reroute_link().await;
+                    d.reroutes.list(link.as_ref()).await.map(|m| (m, None))
+                }
+            };
+            let reply = match result {
+                Ok((message, status)) => Reply::Done {
+                    message,
+                    status: status.map(Box::new),
+                },
+                Err(e) => Reply::Error {
+                    message: format!("{e:#}"),
+                },
+            };
+            let _ = tx.send(reply);
+        }
+        .instrument(span),
+    );
     while let Some(reply) = rx.recv().await {
         let mut text = serde_json::to_string(&reply)?;
         text.push('\n');

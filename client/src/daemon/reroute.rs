@@ -42,6 +42,8 @@ const CALL_LIMIT: Duration = Duration::from_secs(5);
 /// What the daemon needs of its connection.
 #[derive(Clone)]
 pub struct Link {
+    /// The session's span: the renewer runs in it.
+    pub span: tracing::Span,
     pub cluster: Cluster,
     pub public_key: WgKey,
     pub status: Arc<std::sync::Mutex<Status>>,
@@ -150,6 +152,8 @@ struct Active {
     /// The forwarder's port on the tunnel address.
     tunnel_port: u16,
     forwarder: Forwarder,
+    /// The reroute's span ([`reroute_span`]): its forwarder runs in it.
+    span: tracing::Span,
 }
 
 /// A running forwarder: its task, and its port open in the laptop's
@@ -236,8 +240,10 @@ impl Reroutes {
             Some(i) => active[i].tunnel_port,
             None => 0,
         };
-        let (grant, tunnel_port, forwarder) =
-            establish(link, &spec, &namespace, tunnel_port, tx).await?;
+        let span = reroute_span(&namespace, &spec);
+        let (grant, tunnel_port, forwarder) = establish(link, &spec, &namespace, tunnel_port, tx)
+            .instrument(span.clone())
+            .await?;
         let took = grant
             .took_over_from
             .map(|h| format!(" (taken over from {h})"))
@@ -250,6 +256,7 @@ impl Reroutes {
             transport: found.port.protocol,
             tunnel_port,
             forwarder,
+            span,
         };
         match existing {
             Some(i) => active[i] = a,
@@ -281,7 +288,10 @@ impl Reroutes {
             return;
         }
         let me = self.clone();
-        *r = Some(tokio::spawn(async move { me.renew_loop(link).await }));
+        let span = link.span.clone();
+        *r = Some(tokio::spawn(
+            async move { me.renew_loop(link).await }.instrument(span),
+        ));
     }
 
     async fn renew_loop(self: Arc<Self>, link: Link) {
@@ -292,6 +302,7 @@ impl Reroutes {
             }
             match link.renew().await {
                 Ok(leases) => {
+                    tracing::trace!(reroutes = leases.reroutes.len(), "reroute leases renewed");
                     // Tell (once) what someone else changed on a rerouted
                     // Service.
                     if !leases.taken_over.is_empty() {
@@ -304,7 +315,7 @@ impl Reroutes {
                                     && a.spec.header.is_none()
                             });
                             if let Some(t) = taken {
-                                tracing::warn!(namespace = %a.namespace, service = %a.service, port = a.port, "laptop {} took this reroute over (--force): dropped here", t.by);
+                                tracing::warn!(parent: &a.span, "laptop {} took this reroute over (--force): dropped here", t.by);
                             }
                             taken.is_none()
                         });
@@ -342,11 +353,14 @@ impl Reroutes {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let mut taken = Vec::new();
         for (i, a) in active.iter_mut().enumerate() {
-            match establish(link, &a.spec, &a.namespace, a.tunnel_port, &tx).await {
+            let established = establish(link, &a.spec, &a.namespace, a.tunnel_port, &tx)
+                .instrument(a.span.clone())
+                .await;
+            match established {
                 Ok((_, port, forwarder)) => {
                     a.tunnel_port = port;
                     a.forwarder = forwarder;
-                    tracing::info!(namespace = %a.namespace, service = %a.service, port = a.port, "reroute established again");
+                    tracing::info!(parent: &a.span, "reroute established again");
                 }
                 // `--force` from another laptop: give up, do not fight.
                 Err(e)
@@ -354,11 +368,11 @@ impl Reroutes {
                         .and_then(GatewayError::status)
                         == Some(StatusCode::CONFLICT) =>
                 {
-                    tracing::warn!(namespace = %a.namespace, service = %a.service, "the reroute was taken over by another laptop: {e:#}");
+                    tracing::warn!(parent: &a.span, "the reroute was taken over by another laptop: {e:#}");
                     taken.push(i);
                 }
                 Err(e) => {
-                    tracing::warn!(namespace = %a.namespace, service = %a.service, "establishing the reroute again: {e:#}")
+                    tracing::warn!(parent: &a.span, "establishing the reroute again: {e:#}")
                 }
             }
         }
@@ -480,9 +494,24 @@ impl Reroutes {
     }
 }
 
+/// The span of one reroute, inside the session's: which Service port, to
+/// which local port, and which requests (`all`, or by a header).
+fn reroute_span(namespace: &str, spec: &Spec) -> tracing::Span {
+    let mode = match &spec.header {
+        Some((name, value)) => format!("header {name}={value}"),
+        None => "all".to_string(),
+    };
+    tracing::info_span!(
+        "reroute",
+        service = %format_args!("{namespace}/{}", spec.service),
+        port = %spec.port,
+        local_port = spec.local_port,
+        %mode
+    )
+}
+
 /// The whole establishment of one reroute (see the module doc). Rolls back
-/// what it changed when a later step fails.
-#[tracing::instrument(skip_all, fields(service = %format_args!("{namespace}/{}", spec.service), port = %spec.port))]
+/// what it changed when a later step fails. Runs in the reroute's span.
 async fn establish(
     link: &Link,
     spec: &Spec,
@@ -677,7 +706,11 @@ async fn forward(listener: TcpListener, local_port: u16, gateway: IpAddr) {
             match TcpStream::connect(("127.0.0.1", local_port)).await {
                 Ok(mut local) => {
                     let _ = local.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut local).await;
+                    tracing::debug!(%from, "rerouted connection: to 127.0.0.1:{local_port}");
+                    match tokio::io::copy_bidirectional(&mut conn, &mut local).await {
+                        Ok((to_local, to_cluster)) => tracing::debug!(%from, to_local, to_cluster, "rerouted connection closed"),
+                        Err(e) => tracing::debug!(%from, "rerouted connection ended: {e}"),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(%from, "rerouted connection: nothing answers on 127.0.0.1:{local_port} ({e}); is your local server running?");
@@ -685,7 +718,7 @@ async fn forward(listener: TcpListener, local_port: u16, gateway: IpAddr) {
                     drop(conn);
                 }
             }
-        });
+        }.in_current_span());
     }
 }
 

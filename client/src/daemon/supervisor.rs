@@ -89,6 +89,7 @@ pub(super) async fn supervise(mut s: Supervisor) {
         let changed = target.name != s.pod.name;
         match register(&s.cluster, &target, &s.key, Some(s.address)).await {
             Ok(reg) => {
+                tracing::debug!(pod = %target.name, known = ?reg.known, "registered with the gateway");
                 next_register = tokio::time::Instant::now() + HEARTBEAT;
                 if reg.address != s.address {
                     tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");

@@ -15,6 +15,7 @@ use burrow_deploy::install::{self, GatewayPod};
 use burrow_deploy::portforward::{DATA_CHANNEL, Received};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::tunnel::links::{LinkEvent, Links, link_addr};
 
@@ -197,16 +198,21 @@ impl PortForward {
         let (pod_tx, pod_rx) = tokio::sync::watch::channel(pod);
         let counted: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         for i in 0..links.count() {
-            tokio::spawn(stream_loop(Stream {
-                i,
-                links: links.clone(),
-                events: events.clone(),
-                cluster: cluster.clone(),
-                pod: pod_rx.clone(),
-                status: status.clone(),
-                counted: counted.clone(),
-                stop: stop.clone(),
-            }));
+            // Inside the session's span: every line names the stream.
+            let span = tracing::info_span!("stream", stream = i);
+            tokio::spawn(
+                stream_loop(Stream {
+                    i,
+                    links: links.clone(),
+                    events: events.clone(),
+                    cluster: cluster.clone(),
+                    pod: pod_rx.clone(),
+                    status: status.clone(),
+                    counted: counted.clone(),
+                    stop: stop.clone(),
+                })
+                .instrument(span),
+            );
         }
         Self { pod: pod_tx }
     }
@@ -242,14 +248,14 @@ async fn stream_loop(mut s: Stream) {
         let (mut tx, mut rx) = match opened {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(stream = i, "port-forward to {}: {e}", current.name);
+                tracing::warn!("port-forward to {}: {e}", current.name);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     _ = s.stop.wait_for(|s| *s) => return,
                 }
             }
         };
-        tracing::info!(pod = %current.name, stream = i, "port-forward stream open");
+        tracing::info!(pod = %current.name, "port-forward stream open");
         s.links.set_live(i, true);
         if s.events.send(LinkEvent::Opened(i)).await.is_err() {
             return;
@@ -282,17 +288,17 @@ async fn stream_loop(mut s: Stream) {
         let mut stop = s.stop.clone();
         let stopped = tokio::select! {
             r = up => {
-                tracing::warn!(stream = i, "port-forward stream (send) ended: {r:?}");
+                tracing::warn!("port-forward stream (send) ended: {r:?}");
                 broken = Some(stream_end(r));
                 false
             }
             r = down => {
-                tracing::warn!(stream = i, "port-forward stream (receive) ended: {r:?}");
+                tracing::warn!("port-forward stream (receive) ended: {r:?}");
                 broken = Some(stream_end(r));
                 false
             }
             _ = pod_changed.changed() => {
-                tracing::info!(stream = i, "gateway pod changed: reopening the port-forward");
+                tracing::info!("gateway pod changed: reopening the port-forward");
                 false
             }
             _ = stop.wait_for(|s| *s) => true,

@@ -11,6 +11,7 @@ use burrow_netstack::flow::FlowId;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Span;
 
 use super::Datapath;
 use super::inbox::{DialError, FlowEvent, IcmpKey};
@@ -40,11 +41,14 @@ pub(super) struct DatagramFlow {
     pub(super) socket: Arc<UdpSocket>,
     pub(super) task: JoinHandle<()>,
     pub(super) last_active: Instant,
+    /// The flow's span, inside its laptop's.
+    pub(super) span: Span,
 }
 
 impl Drop for DatagramFlow {
     fn drop(&mut self) {
         self.task.abort();
+        tracing::debug!(parent: &self.span, "datagram flow closed");
     }
 }
 
@@ -53,18 +57,21 @@ impl Datapath {
         &mut self,
         id: FlowId,
         new: bool,
+        src: SocketAddr,
         dst: SocketAddr,
         payload: &[u8],
         now: Instant,
     ) {
         if new || !self.udp.contains_key(&id) {
-            match self.open_udp(id, dst) {
+            let span = self.flow_span(src.ip(), dst, src.port());
+            match self.open_udp(id, dst, span.clone()) {
                 Ok(flow) => {
+                    tracing::debug!(parent: &span, "UDP flow opened");
                     self.stats.udp_opened += 1;
                     self.udp.insert(id, flow);
                 }
                 Err(e) => {
-                    tracing::debug!(?id, %dst, error = %e, "UDP flow socket failed");
+                    tracing::debug!(parent: &span, error = %e, "UDP flow socket failed");
                     self.stats.dial_errors[dial_index(DialError::Other)] += 1;
                     self.flows.release(id);
                     return;
@@ -78,11 +85,16 @@ impl Datapath {
         match send_now(&flow.socket, payload) {
             Ok(n) => self.stats.udp_bytes_to_cluster += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stats.drop_udp_send_full += 1,
-            Err(e) => tracing::debug!(?id, %dst, error = %e, "UDP send failed"),
+            Err(e) => tracing::debug!(parent: &flow.span, error = %e, "UDP send failed"),
         }
     }
 
-    pub(super) fn open_udp(&mut self, id: FlowId, dst: SocketAddr) -> io::Result<DatagramFlow> {
+    pub(super) fn open_udp(
+        &mut self,
+        id: FlowId,
+        dst: SocketAddr,
+        span: Span,
+    ) -> io::Result<DatagramFlow> {
         let bind = match dst {
             SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
@@ -104,6 +116,7 @@ impl Datapath {
             socket,
             task,
             last_active: Instant::now(),
+            span,
         })
     }
 
@@ -127,12 +140,20 @@ impl Datapath {
                         usize::from(u16::MAX) - 20,
                         self.events_tx.clone(),
                     ));
+                    let span = self.laptop_span(key.laptop);
+                    let span = match tracing::debug_span!(parent: &span, "echo", remote = %key.remote, ident = key.ident)
+                    {
+                        s if s.is_disabled() => span,
+                        s => s,
+                    };
+                    tracing::debug!(parent: &span, "ICMP echo flow opened");
                     self.icmp.insert(
                         key,
                         DatagramFlow {
                             socket,
                             task,
                             last_active: now,
+                            span,
                         },
                     );
                 }
@@ -152,7 +173,7 @@ impl Datapath {
                     return;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, remote = %key.remote, "ICMP echo not forwarded");
+                    tracing::debug!(parent: &self.laptop_span(key.laptop), error = %e, remote = %key.remote, "ICMP echo not forwarded");
                     self.stats.drop_unsupported += 1;
                     return;
                 }
@@ -196,7 +217,7 @@ impl Datapath {
         })?;
         let (tx, rx) = mpsc::channel(LAPTOP_UDP_QUEUE);
         self.laptop_udp.insert(id, LaptopUdpEnd { laptop: to, tx });
-        tracing::debug!(?id, %local, %to, "UDP flow to a laptop");
+        tracing::debug!(parent: &self.laptop_span(to.ip()), dst = %to, sport = local.port(), "UDP flow to the laptop opened");
         Ok(LaptopDatagrams::new(
             id,
             local,

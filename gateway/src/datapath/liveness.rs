@@ -69,7 +69,7 @@ impl Datapath {
     /// until it is heard from again.
     pub(super) fn mark_down(&mut self, laptop: IpAddr, now: Instant, why: &str) {
         if self.down.insert(laptop, now).is_none() {
-            tracing::info!(%laptop, "laptop not answering ({why}): rerouted connections go to the cluster's pods until it is heard from again");
+            tracing::info!(parent: &self.laptop_span(laptop), %laptop, "laptop not answering ({why}): rerouted connections go to the cluster's pods until it is heard from again");
         }
         let ids: Vec<FlowId> = self
             .laptop_streams

@@ -43,6 +43,7 @@ use burrow_netstack::wg::{
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tracing::Span;
 
 use crate::cluster::{ClusterPoll, Dialer};
 use crate::config::short_key;
@@ -158,6 +159,9 @@ pub struct Datapath {
     /// Fragments of laptops' datagrams larger than the tunnel MTU, until
     /// whole (bounded per laptop).
     reassembly: Reassembler,
+    /// Each laptop's span (its tunnel address and key), by tunnel address:
+    /// the parent of its flows' spans, entered for its events.
+    laptops: HashMap<IpAddr, Span>,
 }
 
 impl Datapath {
@@ -167,7 +171,11 @@ impl Datapath {
         cfg: DatapathConfig,
     ) -> Result<Self, PeerError> {
         let mut table = Peers::new(private_key);
+        let mut laptops = HashMap::new();
         for p in peers {
+            for (addr, span) in laptop_spans(&p) {
+                laptops.insert(addr, span);
+            }
             table.add(p)?;
         }
         let now = Instant::now();
@@ -209,6 +217,7 @@ impl Datapath {
             laptop_streams: HashMap::new(),
             down: HashMap::new(),
             reassembly: Reassembler::new(reassembly::Limits::default()),
+            laptops,
             cfg,
         })
     }
@@ -415,6 +424,10 @@ impl Datapath {
                 if let Some(c) = out.conns.remove(&id) {
                     c.out.close();
                     left = out.unbind(&c, id);
+                    if let (Some((peer, _)), Some(left)) = (c.peer, left) {
+                        tracing::debug!(parent: &self.peer_span(peer), conn = id, left,
+                            "framed connection of this laptop closed");
+                    }
                 }
                 if left.is_some_and(|n| n > 0) {
                     // The laptop's other streams carry its flows on.
@@ -449,8 +462,12 @@ impl Datapath {
                     authenticated |= accepted;
                     owner = peer.or(owner);
                 });
-                if let Some(peer) = owner {
-                    out.bind(id, peer, &self.peers, now);
+                if let Some(peer) = owner
+                    && out.bind(id, peer, &self.peers, now)
+                {
+                    let remote = out.conns.get(&id).map(|c| c.remote);
+                    tracing::debug!(parent: &self.peer_span(peer), conn = id, ?remote,
+                        "framed connection carries this laptop's datagrams");
                 }
                 match (result, out.conns.get_mut(&id)) {
                     (Ok(()), Some(conn)) => {
@@ -500,6 +517,8 @@ impl Datapath {
             Decapsulated::Send { peer, to, datagram } => {
                 out.send(peer, to, datagram, &mut self.stats);
                 if let Some(peer) = peer {
+                    // A handshake answered (a few a minute per laptop).
+                    log_handshake(&self.peer_span(peer), from);
                     while let Decapsulated::Send { to, datagram, .. } =
                         self.peers.flush_queued(peer, &mut buf)
                     {
@@ -518,7 +537,7 @@ impl Datapath {
                 match reason {
                     wg::DropReason::ForgedSource { peer, src } => {
                         let key = self.peers.get(peer).map(|p| short_key(p.public_key()));
-                        tracing::debug!(peer = ?key, %src, "dropped packet with forged source");
+                        tracing::debug!(parent: &self.peer_span(peer), peer = ?key, %src, "dropped packet with forged source");
                     }
                     wg::DropReason::PeerToPeer { dst, .. } => {
                         tracing::debug!(%dst, "dropped packet addressed to another peer");
@@ -554,9 +573,9 @@ impl Datapath {
             Ingress::UdpDatagram {
                 id,
                 new,
+                src,
                 dst,
                 payload,
-                ..
             } => {
                 if let Some(end) = self.laptop_udp.get(&id) {
                     // A laptop's datagram on a flow the gateway opened.
@@ -572,7 +591,7 @@ impl Datapath {
                     self.udp.remove(&id);
                     self.stats.drop_unsupported += 1;
                 } else {
-                    self.udp_to_cluster(id, new, dst, payload, now);
+                    self.udp_to_cluster(id, new, src, dst, payload, now);
                 }
             }
             Ingress::EchoRequest { key, message } => self.icmp_to_cluster(key, message, now),
@@ -610,7 +629,7 @@ impl Datapath {
                     "UDP flows; datagrams of new flows are dropped",
                 ),
             };
-            tracing::warn!(%laptop, limit = limit.label(), cap,
+            tracing::warn!(parent: &self.laptop_span(laptop), %laptop, limit = limit.label(), cap,
                 "laptop at its cap of {cap} {what}; further refusals are counted in burrow_gateway_flows_refused_total");
         }
     }
@@ -619,22 +638,24 @@ impl Datapath {
         let now = Instant::now();
         match ev {
             FlowEvent::TcpData { id, data } => {
-                let Some(TcpFlow {
-                    end: End::Stream(stream),
-                    ..
-                }) = self.tcp.get_mut(&id)
-                else {
+                let Some(flow) = self.tcp.get_mut(&id) else {
+                    return;
+                };
+                let End::Stream(stream) = &mut flow.end else {
                     return;
                 };
                 stream.granted = stream.granted.saturating_sub(data.len());
                 match self.flows.tcp_send(id, &data) {
                     Ok(n) => {
                         self.stats.tcp_bytes_to_laptop += n as u64;
+                        flow.to_laptop += n as u64;
                         if n < data.len() {
-                            tracing::warn!(?id, lost = data.len() - n, "send buffer overrun");
+                            tracing::warn!(parent: &flow.span, lost = data.len() - n, "send buffer overrun");
                         }
                     }
-                    Err(e) => tracing::debug!(?id, error = %e, "data for a closing flow"),
+                    Err(e) => {
+                        tracing::debug!(parent: &flow.span, error = %e, "data for a closing flow")
+                    }
                 }
             }
             FlowEvent::TcpEof { id } => {
@@ -684,7 +705,13 @@ impl Datapath {
             }
             self.remove_peer(&key);
         }
-        self.peers.add(config).map(|_| ())
+        let spans = laptop_spans(&config);
+        self.peers.add(config)?;
+        for (addr, span) in spans {
+            tracing::debug!(parent: &span, "peer added");
+            self.laptops.insert(addr, span);
+        }
+        Ok(())
     }
 
     fn remove_peer(&mut self, key: &WgKey) {
@@ -694,8 +721,12 @@ impl Datapath {
         let Some(peer) = self.peers.remove(id) else {
             return;
         };
+        let mut span = Span::none();
         for n in peer.allowed_ips() {
             self.down.remove(&n.addr());
+            if let Some(s) = self.laptops.remove(&n.addr()) {
+                span = s;
+            }
         }
         let owned: Vec<FlowId> = self
             .tcp
@@ -703,6 +734,7 @@ impl Datapath {
             .filter(|(_, f)| peer.allowed_ips().iter().any(|n| n.contains(&f.src.ip())))
             .map(|(id, _)| *id)
             .collect();
+        tracing::debug!(parent: &span, tcp_flows = owned.len(), "peer removed: its flows reset");
         for flow in owned {
             self.abort_tcp(flow);
         }
@@ -747,7 +779,7 @@ impl Datapath {
                 && stream.to_cluster.is_closed()
                 && self.flows.tcp_orphaned(id, now)
             {
-                tracing::debug!(?id, laptop = %flow.src, "resetting a flow nobody reads");
+                tracing::debug!(parent: &flow.span, "resetting a flow nobody reads");
                 self.abort_tcp(id);
                 continue;
             }
@@ -782,6 +814,57 @@ impl Datapath {
         flows.egress(now, &mut |packet: &[u8]| {
             out.encapsulate(peers, packet, now, stats);
         });
+    }
+}
+
+/// A handshake answered for the laptop of `span`, arrived from `from` (a
+/// framed connection's synthetic address, or a UDP endpoint).
+fn log_handshake(span: &Span, from: SocketAddr) {
+    match framed::addr_conn(from) {
+        Some(conn) => tracing::debug!(parent: span, conn, "WireGuard handshake answered"),
+        None => tracing::debug!(parent: span, endpoint = %from, "WireGuard handshake answered"),
+    }
+}
+
+/// A span per tunnel address of a laptop's peer (one, in practice): who
+/// the laptop is, in every line of its flows.
+fn laptop_spans(config: &PeerConfig) -> Vec<(IpAddr, Span)> {
+    let key = WgKey::from(config.public_key).short();
+    config
+        .allowed_ips
+        .iter()
+        .map(|n| {
+            let addr = n.addr();
+            (
+                addr,
+                tracing::info_span!("laptop", laptop = %addr, key = %key),
+            )
+        })
+        .collect()
+}
+
+impl Datapath {
+    /// The span of the laptop at `addr` (none for an unknown address).
+    fn laptop_span(&self, addr: IpAddr) -> Span {
+        self.laptops.get(&addr).cloned().unwrap_or_else(Span::none)
+    }
+
+    /// The span of the laptop whose peer is `peer`.
+    fn peer_span(&self, peer: PeerId) -> Span {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.allowed_ips().first())
+            .map_or_else(Span::none, |n| self.laptop_span(n.addr()))
+    }
+
+    /// A span for one flow of the laptop at `laptop`, inside the laptop's;
+    /// the laptop's own when debug spans are off, so that what is logged
+    /// of the flow at higher levels still names the laptop. Made once per
+    /// flow, never per packet.
+    fn flow_span(&self, laptop: IpAddr, dst: SocketAddr, sport: u16) -> Span {
+        let parent = self.laptop_span(laptop);
+        let span = tracing::debug_span!(parent: &parent, "flow", %dst, sport);
+        if span.is_disabled() { parent } else { span }
     }
 }
 

@@ -154,18 +154,19 @@ impl Sink {
     }
 
     /// Count `conn` among `peer`'s streams (a datagram of its was accepted
-    /// there, `now`); a connection belongs to one peer at a time.
-    pub(super) fn bind(&mut self, conn: ConnId, peer: PeerId, peers: &Peers, now: Instant) {
+    /// there, `now`); a connection belongs to one peer at a time. True
+    /// when `conn` was not among them.
+    pub(super) fn bind(&mut self, conn: ConnId, peer: PeerId, peers: &Peers, now: Instant) -> bool {
         let Some(key) = peers.get(peer).map(|p| *p.public_key()) else {
-            return;
+            return false;
         };
         let Some(c) = self.conns.get_mut(&conn) else {
-            return;
+            return false;
         };
         c.heard = Some(now);
         if c.peer == Some((peer, key)) && self.streams.get(&peer).is_some_and(|l| l.contains(&conn))
         {
-            return;
+            return false;
         }
         let before = c.peer.replace((peer, key));
         if let Some((old, _)) = before
@@ -188,9 +189,11 @@ impl Sink {
                     .is_some_and(|t| now.saturating_duration_since(t) < LEFT_BEHIND)
             });
         }
-        if !list.contains(&conn) {
-            list.push(conn);
+        if list.contains(&conn) {
+            return false;
         }
+        list.push(conn);
+        true
     }
 
     /// A connection closed: it is no longer one of its peer's streams.

@@ -14,6 +14,7 @@ use std::time::Instant;
 use burrow_netstack::flow::{FlowId, Settled, TcpRead, TcpState};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
 
 use super::Datapath;
 use super::inbox::{self, CHUNK, DialError, TcpShared, ToCluster};
@@ -42,6 +43,28 @@ pub(super) struct TcpFlow {
     /// A connection the gateway is opening to the laptop, until the
     /// laptop answers.
     pub(super) connecting: Option<Connecting>,
+    /// The flow's span, inside its laptop's ([`Datapath::flow_span`]).
+    pub(super) span: Span,
+    /// Bytes moved from the laptop to the other end, and back.
+    pub(super) to_cluster: u64,
+    pub(super) to_laptop: u64,
+}
+
+impl TcpFlow {
+    fn new(src: SocketAddr, dst: SocketAddr, end: End, span: Span) -> Self {
+        Self {
+            src,
+            dst,
+            end,
+            accepted: false,
+            laptop_eof: false,
+            cluster_eof: false,
+            connecting: None,
+            span,
+            to_cluster: 0,
+            to_laptop: 0,
+        }
+    }
 }
 
 /// Where a TCP flow's bytes go beyond smoltcp.
@@ -76,9 +99,14 @@ pub(super) struct Connecting {
 
 impl Drop for TcpFlow {
     fn drop(&mut self) {
+        let clean = self.laptop_eof && self.cluster_eof;
+        if self.accepted {
+            tracing::debug!(parent: &self.span, to_cluster = self.to_cluster, to_laptop = self.to_laptop,
+                "flow closed{}", if clean { "" } else { " (reset)" });
+        }
         // A flow dropped before both sides finished cleanly resets the
         // other end (a stream's sender dropping ends its reads).
-        if !(self.laptop_eof && self.cluster_eof) {
+        if !clean {
             match &self.end {
                 End::Socket(Some(socket)) => socket.set_reset_on_close(),
                 End::Socket(None) | End::Dialing(_) => {}
@@ -94,7 +122,8 @@ impl Datapath {
             self.open_local(id, src, dst);
             return;
         }
-        tracing::debug!(?id, %src, %dst, "dialing");
+        let span = self.flow_span(src.ip(), dst, src.port());
+        tracing::debug!(parent: &span, "dialing");
         let end = if self.dialer.as_ref().is_some_and(|d| d.dial(id, dst)) {
             End::Dialing(Readiness::default())
         } else {
@@ -106,24 +135,12 @@ impl Datapath {
                 Ok(socket) => End::Socket(Some(socket)),
                 // Failed at once (e.g. no route): the same as failing later.
                 Err(e) => {
-                    tracing::debug!(?id, %dst, error = %e, "dial failed");
-                    self.dial_failed(id, dst, DialError::classify(&e));
+                    self.dial_failed(id, &span, DialError::classify(&e), &e);
                     return;
                 }
             }
         };
-        self.tcp.insert(
-            id,
-            TcpFlow {
-                src,
-                dst,
-                end,
-                accepted: false,
-                laptop_eof: false,
-                cluster_eof: false,
-                connecting: None,
-            },
-        );
+        self.tcp.insert(id, TcpFlow::new(src, dst, end, span));
         self.dialing
             .push_back((Instant::now() + self.cfg.dial_timeout, id));
     }
@@ -145,35 +162,28 @@ impl Datapath {
             }
             _ => None,
         };
+        let span = self.flow_span(src.ip(), dst, src.port());
         let (Some(permit), Some(key)) = (permit, key) else {
-            tracing::debug!(?id, %src, %dst, "refused: nothing listens on the gateway's tunnel address there");
+            tracing::debug!(parent: &span, "refused: nothing listens on the gateway's tunnel address there");
             let _ = self.flows.refuse(id);
             return;
         };
-        tracing::debug!(?id, %src, %dst, "a laptop's API connection");
+        tracing::debug!(parent: &span, "the laptop's connection to the gateway's API");
         if let Err(e) = self.flows.accept(id, Instant::now()) {
-            tracing::debug!(?id, error = %e, "accept failed");
+            tracing::debug!(parent: &span, error = %e, "accept failed");
             return;
         }
         let (tx, rx) = mpsc::channel(inbox::TO_CLUSTER_QUEUE);
         let shared = Arc::new(TcpShared::default());
         let stream = LaptopStream::new(id, dst, src, shared.clone(), rx, self.events_tx.clone());
-        self.tcp.insert(
-            id,
-            TcpFlow {
-                src,
-                dst,
-                end: End::Stream(StreamEnd {
-                    to_cluster: tx,
-                    shared,
-                    granted: 0,
-                }),
-                accepted: true,
-                laptop_eof: false,
-                cluster_eof: false,
-                connecting: None,
-            },
-        );
+        let end = End::Stream(StreamEnd {
+            to_cluster: tx,
+            shared,
+            granted: 0,
+        });
+        let mut flow = TcpFlow::new(src, dst, end, span);
+        flow.accepted = true;
+        self.tcp.insert(id, flow);
         permit.send(ApiConn {
             stream,
             key,
@@ -237,11 +247,11 @@ impl Datapath {
             if flow.accepted || !matches!(flow.end, End::Socket(Some(_)) | End::Dialing(_)) {
                 continue;
             }
-            let dst = flow.dst;
             // Closed quietly: nothing was established.
             flow.end = End::Socket(None);
+            let span = flow.span.clone();
             self.tcp.remove(&id);
-            self.dial_failed(id, dst, DialError::Timeout);
+            self.dial_failed(id, &span, DialError::Timeout, &"no answer in time");
         }
     }
 
@@ -273,19 +283,28 @@ impl Datapath {
         let Some(mut flow) = self.tcp.remove(&id) else {
             return;
         };
-        tracing::debug!(?id, dst = %flow.dst, error = %e, "dial failed");
         flow.end = End::Socket(None);
-        let dst = flow.dst;
+        let span = flow.span.clone();
         drop(flow);
-        self.dial_failed(id, dst, DialError::classify(e));
+        self.dial_failed(id, &span, DialError::classify(e), e);
     }
 
     /// A dial into the cluster failed (the flow is no longer in the
     /// table): the laptop gets RST when it was refused, and nothing (its
     /// connect times out) otherwise.
-    pub(super) fn dial_failed(&mut self, id: FlowId, dst: SocketAddr, e: DialError) {
+    pub(super) fn dial_failed(
+        &mut self,
+        id: FlowId,
+        span: &Span,
+        e: DialError,
+        why: &dyn std::fmt::Display,
+    ) {
         self.stats.dial_errors[dial_index(e)] += 1;
-        tracing::debug!(?id, %dst, error = e.label(), "dial failed");
+        let answer = match e {
+            DialError::Refused => "RST to the laptop",
+            _ => "nothing to the laptop",
+        };
+        tracing::debug!(parent: span, error = e.label(), "dial failed ({why}): {answer}");
         let _ = match e {
             DialError::Refused => self.flows.refuse(id),
             _ => self.flows.discard(id),
@@ -329,10 +348,10 @@ impl Datapath {
                     Ok(()) => {
                         flow.accepted = true;
                         self.stats.tcp_opened += 1;
-                        tracing::debug!(?id, dst = %flow.dst, "flow open");
+                        tracing::debug!(parent: &flow.span, "connected: the laptop's SYN accepted");
                     }
                     Err(e) => {
-                        tracing::debug!(?id, error = %e, "accept failed");
+                        tracing::debug!(parent: &flow.span, error = %e, "accept failed");
                         self.tcp.remove(&id);
                         return;
                     }
@@ -370,7 +389,7 @@ impl Datapath {
                 self.tcp.remove(&id);
             }
             Settled::Reset => {
-                tracing::debug!(?id, dst = %flow.dst, "flow reset by the laptop side");
+                tracing::debug!(parent: &flow.span, "flow reset by the laptop side");
                 self.tcp.remove(&id);
             }
         }
@@ -407,7 +426,10 @@ impl Datapath {
                 }
                 match flows.tcp_recv_with(id, |data| socket.write_from(data)) {
                     Ok(Some(Ok(0))) | Err(_) => break,
-                    Ok(Some(Ok(n))) => stats.tcp_bytes_to_cluster += n as u64,
+                    Ok(Some(Ok(n))) => {
+                        stats.tcp_bytes_to_cluster += n as u64;
+                        flow.to_cluster += n as u64;
+                    }
                     Ok(Some(Err(e))) => {
                         failed = Some(e);
                         break;
@@ -424,9 +446,13 @@ impl Datapath {
                     break;
                 }
                 match flows.tcp_send_with(id, |buf| socket.read_into(buf)) {
-                    Ok(ReadOutcome::Data(n)) => stats.tcp_bytes_to_laptop += n as u64,
+                    Ok(ReadOutcome::Data(n)) => {
+                        stats.tcp_bytes_to_laptop += n as u64;
+                        flow.to_laptop += n as u64;
+                    }
                     Ok(ReadOutcome::DataThenEof(n)) => {
                         stats.tcp_bytes_to_laptop += n as u64;
+                        flow.to_laptop += n as u64;
                         flow.cluster_eof = true;
                     }
                     Ok(ReadOutcome::Eof) => flow.cluster_eof = true,
@@ -439,7 +465,7 @@ impl Datapath {
             }
         }
         if let Some(e) = failed {
-            tracing::debug!(?id, dst = %flow.dst, error = %e, "cluster socket failed");
+            tracing::debug!(parent: &flow.span, error = %e, "cluster socket failed");
             self.abort_tcp(id);
             return false;
         }
@@ -520,6 +546,7 @@ impl Datapath {
             match self.flows.tcp_recv_append(id, &mut data, CHUNK) {
                 Ok(TcpRead::Data(n)) => {
                     self.stats.tcp_bytes_to_cluster += n as u64;
+                    flow.to_cluster += n as u64;
                     permit.send(ToCluster::Data(data));
                 }
                 _ => break,
@@ -575,7 +602,7 @@ impl Datapath {
             .is_some_and(|c| !conns.contains_key(&c));
         if let Some(&since) = self.down.get(&to.ip()) {
             if heard.is_some_and(|h| h > since) {
-                tracing::info!(laptop = %to.ip(), "laptop answering again: rerouted connections go to it");
+                tracing::info!(parent: &self.laptop_span(to.ip()), laptop = %to.ip(), "laptop answering again: rerouted connections go to it");
                 self.down.remove(&to.ip());
             } else {
                 self.stats.laptop_dials[2] += 1;
@@ -599,29 +626,24 @@ impl Datapath {
                 return;
             }
         };
-        tracing::debug!(?id, %local, %to, "connecting to a laptop");
+        // The laptop's port is the destination here, the gateway's the
+        // source.
+        let span = self.flow_span(to.ip(), to, local.port());
+        tracing::debug!(parent: &span, "connecting to the laptop");
         let (tx, rx) = mpsc::channel(inbox::TO_CLUSTER_QUEUE);
-        self.tcp.insert(
-            id,
-            TcpFlow {
-                src: to,
-                dst: local,
-                end: End::Stream(StreamEnd {
-                    to_cluster: tx,
-                    shared: Arc::new(TcpShared::default()),
-                    granted: 0,
-                }),
-                accepted: false,
-                laptop_eof: false,
-                cluster_eof: false,
-                connecting: Some(Connecting {
-                    reply,
-                    from_laptop: rx,
-                    started: now,
-                    deadline: now + self.cfg.dial_timeout,
-                }),
-            },
-        );
+        let end = End::Stream(StreamEnd {
+            to_cluster: tx,
+            shared: Arc::new(TcpShared::default()),
+            granted: 0,
+        });
+        let mut flow = TcpFlow::new(to, local, end, span);
+        flow.connecting = Some(Connecting {
+            reply,
+            from_laptop: rx,
+            started: now,
+            deadline: now + self.cfg.dial_timeout,
+        });
+        self.tcp.insert(id, flow);
         self.laptop_streams.insert(id, None);
     }
 
@@ -670,14 +692,14 @@ impl Datapath {
                 );
                 flow.accepted = true;
                 self.stats.laptop_dials[0] += 1;
-                tracing::debug!(?id, %to, "connected to a laptop");
+                tracing::debug!(parent: &flow.span, "connected to the laptop");
                 // If the caller gave up waiting, the stream's drop closes it.
                 let _ = connecting.reply.send(Ok(stream));
                 true
             }
             Err((index, kind, message)) => {
                 self.stats.laptop_dials[index] += 1;
-                tracing::debug!(?id, %to, %message, "connecting to a laptop failed");
+                tracing::debug!(parent: &flow.span, %message, "connecting to the laptop failed");
                 let _ = connecting.reply.send(Err(io::Error::new(kind, message)));
                 if state == Some(TcpState::Closed) || state.is_none() {
                     self.tcp.remove(&id);
