@@ -10,7 +10,9 @@
 #
 # Every minute: bytes sent and received back (verified), errors, and the
 # RSS and CPU of the daemon and of the gateway. At the end: bytes lost
-# (sent - received), RSS growth from the first minute to the last, CPU.
+# (sent - received), RSS growth under load from the first minute to the
+# last and over the second half of the run, RSS after the flows closed,
+# CPU.
 # Not a CI test: it runs for DURATION.
 #
 #   cargo build --release -p burrow -p burrow-gateway -p burrow-tests
@@ -93,6 +95,7 @@ echo "| minute | sent MB | received MB | in flight KB | errors | daemon RSS KiB 
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 d0=$(ticks "$DAEMON") g0=$(ticks "$GATEWAY")
 first_d= first_g= minute=0
+rss_d=() rss_g=()
 d_start=$d0 g_start=$g0
 while kill -0 "$SOAK" 2>/dev/null; do
     for _ in $(seq 60); do kill -0 "$SOAK" 2>/dev/null || break; sleep 1; done
@@ -101,6 +104,7 @@ while kill -0 "$SOAK" 2>/dev/null; do
     d1=$(ticks "$DAEMON") g1=$(ticks "$GATEWAY")
     dr=$(rss "$DAEMON") gr=$(rss "$GATEWAY")
     [ -z "$first_d" ] && first_d=$dr first_g=$gr
+    rss_d+=("$dr") rss_g+=("$gr")
     last=$(grep '^@@' "$OUT" | tail -1)
     sent=$(sed -n 's/.* sent=\([0-9]*\).*/\1/p' <<<"$last")
     recv=$(sed -n 's/.* received=\([0-9]*\).*/\1/p' <<<"$last")
@@ -122,7 +126,16 @@ sent=$(sed -n 's/.* sent=\([0-9]*\).*/\1/p' <<<"$final")
 recv=$(sed -n 's/.* received=\([0-9]*\).*/\1/p' <<<"$final")
 echo "bytes lost: $(( sent - recv )) of $sent sent"
 growth() { awk -v a="$1" -v b="$2" 'BEGIN {if (a > 0) printf "%+.1f %%", (b - a) * 100 / a; else print "-"}'; }
-echo "RSS from minute 1 to the end: daemon ${first_d:-?} -> $dr KiB ($(growth "${first_d:-0}" "$dr")), gateway ${first_g:-?} -> $gr KiB ($(growth "${first_g:-0}" "$gr"))"
+# Under load: minute 1 to the last minute, and over the second half of the
+# run (bounded caches, e.g. the gateway's warm buffer slots, fill in the
+# first minutes; a leak keeps growing in the second half too).
+n=${#rss_d[@]}
+if [ "$n" -gt 0 ]; then
+    h=$(( n / 2 ))
+    echo "RSS under load, minute 1 -> $n: daemon ${rss_d[0]} -> ${rss_d[n-1]} KiB ($(growth "${rss_d[0]}" "${rss_d[n-1]}")), gateway ${rss_g[0]} -> ${rss_g[n-1]} KiB ($(growth "${rss_g[0]}" "${rss_g[n-1]}"))"
+    echo "RSS under load, second half (minute $((h + 1)) -> $n): daemon $(growth "${rss_d[h]}" "${rss_d[n-1]}"), gateway $(growth "${rss_g[h]}" "${rss_g[n-1]}")"
+fi
+echo "RSS after the flows closed: daemon $dr KiB, gateway $gr KiB"
 echo "CPU over the run: daemon $(( ($(ticks "$DAEMON") - d_start) / HZ )) s, gateway $(( ($(ticks "$GATEWAY") - g_start) / HZ )) s"
 echo "soak exit $rc (0: nothing lost or wrong); transport $TRANSPORT; nproc $(nproc), kernel $(uname -r), $(date -u '+%F %H:%M UTC')"
 exit "$rc"

@@ -364,6 +364,18 @@ impl Laptop {
         }
     }
 
+    /// A TCP connection through the tunnel to `dst`, established.
+    async fn tcp_established(&mut self, dst: SocketAddr) -> SocketHandle {
+        let h = self.tcp_connect(dst);
+        self.until(
+            "the handshake through the tunnel",
+            Duration::from_secs(10),
+            |l| l.tcp(h).state() == tcp::State::Established,
+        )
+        .await;
+        h
+    }
+
     fn tcp_connect(&mut self, dst: SocketAddr) -> SocketHandle {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
@@ -464,14 +476,7 @@ fn payload(len: usize) -> Vec<u8> {
 async fn tcp_echo_through(gw: &Gateway, transport: Transport) {
     let echo = echo_server().await;
     let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, transport);
-    let h = laptop.tcp_connect(echo);
-    laptop
-        .until(
-            "the handshake through the tunnel",
-            Duration::from_secs(10),
-            |l| l.tcp(h).state() == tcp::State::Established,
-        )
-        .await;
+    let h = laptop.tcp_established(echo).await;
     // Larger than every buffer on the way, so backpressure is exercised.
     let data = payload(1024 * 1024);
     let got = laptop.tcp_round_trip(h, &data).await;
@@ -1188,14 +1193,7 @@ async fn laptops_register_at_runtime_and_are_forgotten_on_unregister() {
     // The registered laptop reaches the cluster.
     let echo = echo_server().await;
     let mut laptop = Laptop::new(secret, addr, Transport::udp(gw.wg).await);
-    let h = laptop.tcp_connect(echo);
-    laptop
-        .until(
-            "the handshake through the tunnel",
-            Duration::from_secs(10),
-            |l| l.tcp(h).state() == tcp::State::Established,
-        )
-        .await;
+    let h = laptop.tcp_established(echo).await;
     assert_eq!(laptop.tcp_round_trip(h, b"hello").await, b"hello");
 
     // Its own API is in the tunnel, and knows it by its WireGuard peer.
@@ -1439,14 +1437,7 @@ async fn a_laptops_flows_are_logged_in_its_span() {
         l.local_addr().expect("addr")
     };
     let mut laptop = Laptop::new(LAPTOP_SECRET, LAPTOP_IP, Transport::udp(gw.wg).await);
-    let h = laptop.tcp_connect(echo);
-    laptop
-        .until(
-            "the handshake through the tunnel",
-            Duration::from_secs(10),
-            |l| l.tcp(h).state() == tcp::State::Established,
-        )
-        .await;
+    let h = laptop.tcp_established(echo).await;
     let data = payload(100 * 1024);
     let got = laptop.tcp_round_trip(h, &data).await;
     assert_eq!(got.len(), data.len());

@@ -675,7 +675,18 @@ impl Peers {
             return self.drop_encap(DropReason::NoEndpoint(id));
         };
         peer.largest_packet = peer.largest_packet.max(packet.len());
-        match peer.tunn.encapsulate(packet, dst) {
+        let r = peer.tunn.encapsulate(packet, dst);
+        self.encapsulated(id, to, r)
+    }
+
+    /// What boringtun made of an outgoing packet, for `id` at `to`.
+    fn encapsulated<'b>(
+        &mut self,
+        id: PeerId,
+        to: SocketAddr,
+        r: TunnResult<'b>,
+    ) -> Encapsulated<'b> {
+        match r {
             TunnResult::WriteToNetwork(datagram) => Encapsulated::Send {
                 peer: id,
                 to,
@@ -702,15 +713,8 @@ impl Peers {
         let Some(to) = peer.endpoint else {
             return self.drop_encap(DropReason::NoEndpoint(id));
         };
-        match peer.tunn.format_handshake_initiation(dst, true) {
-            TunnResult::WriteToNetwork(datagram) => Encapsulated::Send {
-                peer: id,
-                to,
-                datagram,
-            },
-            TunnResult::Err(e) => self.drop_encap(DropReason::WireGuard(e)),
-            _ => Encapsulated::Nothing,
-        }
+        let r = peer.tunn.format_handshake_initiation(dst, true);
+        self.encapsulated(id, to, r)
     }
 
     /// Run boringtun's timers for every peer (call about every 250 ms) and

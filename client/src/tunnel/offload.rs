@@ -767,18 +767,21 @@ mod tests {
         assert_eq!(passed, vec![(vec![0x45, 0, 0], 1)]);
     }
 
+    /// `n` flows of `segs` segments each (source ports from `port`), their
+    /// segments round-robin, as parallel downloads arrive.
+    fn interleaved(n: u16, segs: usize, port: u16) -> (Vec<Vec<Vec<u8>>>, Vec<Vec<u8>>) {
+        let flows: Vec<Vec<Vec<u8>>> = (0..n)
+            .map(|i| flow_segments(false, segs, 200, 1000 * u32::from(i), port + i))
+            .collect();
+        let input = (0..segs)
+            .flat_map(|k| flows.iter().map(move |f| f[k].clone()))
+            .collect();
+        (flows, input)
+    }
+
     #[test]
     fn interleaved_flows_each_join() {
-        // Four downloads at once: their segments arrive round-robin.
-        let flows: Vec<Vec<Vec<u8>>> = (0..4u16)
-            .map(|i| flow_segments(false, 8, 200, 1000 * u32::from(i), 41000 + i))
-            .collect();
-        let mut input = Vec::new();
-        for k in 0..8 {
-            for f in &flows {
-                input.push(f[k].clone());
-            }
-        }
+        let (flows, input) = interleaved(4, 8, 41000);
         let (out, writes) = coalesce(&input);
         assert_eq!(writes, vec![8, 8, 8, 8]);
         for (i, f) in flows.iter().enumerate() {
@@ -786,15 +789,7 @@ mod tests {
         }
         // More flows than runs: every packet still comes out, each flow in
         // order.
-        let flows: Vec<Vec<Vec<u8>>> = (0..(RUNS as u16 + 3))
-            .map(|i| flow_segments(false, 3, 100, 7, 42000 + i))
-            .collect();
-        let mut input = Vec::new();
-        for k in 0..3 {
-            for f in &flows {
-                input.push(f[k].clone());
-            }
-        }
+        let (flows, input) = interleaved(RUNS as u16 + 3, 3, 42000);
         let (out, writes) = coalesce(&input);
         assert_eq!(out.len(), input.len());
         assert_eq!(writes.iter().sum::<usize>(), input.len());
