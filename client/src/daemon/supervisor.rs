@@ -91,6 +91,10 @@ pub(super) async fn supervise(mut s: Supervisor) {
             Ok(reg) => {
                 tracing::debug!(pod = %target.name, known = ?reg.known, "registered with the gateway");
                 next_register = tokio::time::Instant::now() + HEARTBEAT;
+                // The gateway answered: whatever the routes say (a proxy
+                // may carry the API server's traffic), the laptop is not
+                // offline.
+                s.sessions.set_offline(false);
                 if reg.address != s.address {
                     tracing::warn!(old = %s.address, new = %reg.address, "the gateway gave a different tunnel address");
                 }
