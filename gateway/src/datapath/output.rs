@@ -25,8 +25,13 @@ use crate::framed::{self, ConnId, FramedConn};
 /// flows (the laptop sends on each of its streams at least every 5 s).
 pub(super) const STREAM_SILENCE: Duration = Duration::from_secs(12);
 /// When a laptop opens a new stream, its streams silent for this long are
-/// taken off its list (see [`Sink::bind`]).
-const LEFT_BEHIND: Duration = Duration::from_secs(1);
+/// taken off its list (see [`Sink::bind`]). Short: a stream left behind by
+/// an address change carried its last datagram before the laptop noticed
+/// the change and opened new ones (a second was not enough: a connection
+/// sending every second kept a dead stream listed, and flows hashed onto
+/// it went nowhere until [`STREAM_SILENCE`]); a live stream taken off by
+/// mistake is listed again at its next datagram.
+const LEFT_BEHIND: Duration = Duration::from_millis(200);
 
 /// Where encrypted datagrams go: the UDP socket (batched) or a framed
 /// connection's output buffer.
