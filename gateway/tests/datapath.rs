@@ -111,6 +111,15 @@ impl Gateway {
     }
 
     /// The value of one sample, e.g. `metric(&text, "x{a=\"b\"}")`.
+    /// Wait until the gateway counts `n` framed connections (5 s at most).
+    async fn until_framed_connections(&self, n: f64, otherwise: &str) {
+        let start = Instant::now();
+        while Gateway::metric(&self.metrics().await, "burrow_gateway_framed_connections") != n {
+            assert!(start.elapsed() < Duration::from_secs(5), "{otherwise}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn metric(text: &str, sample: &str) -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
@@ -891,23 +900,11 @@ async fn replies_move_off_a_framed_connection_that_closed() {
     // listens on all its streams), so nothing is echoed in between.
     let second = Transport::framed(gw.framed).await;
     let first = std::mem::replace(&mut laptop.transport, second);
-    let start = Instant::now();
-    while Gateway::metric(&gw.metrics().await, "burrow_gateway_framed_connections") != 2.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the second connection never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.until_framed_connections(2.0, "the second connection never opened")
+        .await;
     drop(first);
-    let start = Instant::now();
-    while Gateway::metric(&gw.metrics().await, "burrow_gateway_framed_connections") != 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the first connection never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.until_framed_connections(1.0, "the first connection never closed")
+        .await;
     for i in 0..8u8 {
         udp_echo_once(&mut laptop, h, remote, &[b'x', i]).await;
     }

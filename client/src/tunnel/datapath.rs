@@ -83,7 +83,11 @@ pub type SharedStats = std::sync::Arc<std::sync::Mutex<LinkStats>>;
 /// What the daemon asks of the data path's sessions (read every
 /// [`TIMER_TICK`]), and whether the laptop is offline.
 #[derive(Debug, Default)]
-pub struct Sessions(std::sync::atomic::AtomicU8, std::sync::atomic::AtomicBool);
+pub struct Sessions {
+    /// `ASK_*` bits, taken by the data path.
+    asks: std::sync::atomic::AtomicU8,
+    offline: std::sync::atomic::AtomicBool,
+}
 
 const ASK_HANDSHAKE: u8 = 1;
 const ASK_RESTART: u8 = 2;
@@ -92,7 +96,7 @@ impl Sessions {
     /// The path changed (a new address, new port-forward streams, a
     /// wake-up): handshake now, keeping the session and what it queued.
     pub fn handshake_now(&self) {
-        self.0
+        self.asks
             .fetch_or(ASK_HANDSHAKE, std::sync::atomic::Ordering::AcqRel);
     }
 
@@ -100,14 +104,14 @@ impl Sessions {
     /// forgot this laptop): start afresh — what the old session queued
     /// was for keys nobody holds — and handshake now.
     pub fn restart(&self) {
-        self.0.fetch_or(
+        self.asks.fetch_or(
             ASK_HANDSHAKE | ASK_RESTART,
             std::sync::atomic::Ordering::AcqRel,
         );
     }
 
     fn take(&self) -> u8 {
-        self.0.swap(0, std::sync::atomic::Ordering::AcqRel)
+        self.asks.swap(0, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The laptop has no route to the gateway (link down) or has one
@@ -117,11 +121,12 @@ impl Sessions {
     /// backoff) rather than backing off for minutes, so connections resume
     /// as soon as the network is back, and new ones fail at once.
     pub fn set_offline(&self, offline: bool) {
-        self.1.store(offline, std::sync::atomic::Ordering::Release);
+        self.offline
+            .store(offline, std::sync::atomic::Ordering::Release);
     }
 
     fn offline(&self) -> bool {
-        self.1.load(std::sync::atomic::Ordering::Acquire)
+        self.offline.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
