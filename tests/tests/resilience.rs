@@ -728,6 +728,10 @@ fn gateway_pod_deleted_over_port_forward() {
         st["events"].to_string().contains("replaced by"),
         "{what}: status does not say the gateway pod changed: {st}"
     );
+    assert!(
+        st["endpoint"].as_str().is_some_and(|e| e.contains(&new)),
+        "{what}: status does not name the new pod as the transport's end: {st}"
+    );
     assert_eq!(identity(&st), identity(&before));
     download_is_right(&l, what);
 }

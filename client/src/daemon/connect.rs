@@ -483,12 +483,7 @@ fn connected_status(
         transport: chosen.name.to_owned(),
         transport_reason: chosen.reason.clone(),
         endpoint: match &chosen.links {
-            Some(links) => format!(
-                "pod/{}:{} through the API server ({} streams)",
-                pod.name,
-                burrow_api::FRAMED_PORT,
-                links.count()
-            ),
+            Some(links) => super::transport::port_forward_endpoint(&pod.name, links.count()),
             None => chosen.endpoint.to_string(),
         },
         device: DEFAULT_IFNAME.to_owned(),

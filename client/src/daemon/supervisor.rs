@@ -134,6 +134,10 @@ pub(super) async fn supervise(mut s: Supervisor) {
                         ));
                         st.gateway_pod = target.name.clone();
                         st.gateway_pod_ip = target.ip.clone();
+                        if let Some(r) = &s.relay {
+                            st.endpoint =
+                                super::transport::port_forward_endpoint(&target.name, r.streams);
+                        }
                         st.last_reconnect_error = None;
                     }
                     s.pod = target.clone();

@@ -184,6 +184,16 @@ pub(super) async fn udp_handshake(
 /// all of them when the pod changes.
 pub(super) struct PortForward {
     pub(super) pod: tokio::sync::watch::Sender<GatewayPod>,
+    /// How many streams carry the tunnel.
+    pub(super) streams: usize,
+}
+
+/// What `status` says the port-forward transport goes to.
+pub(super) fn port_forward_endpoint(pod: &str, streams: usize) -> String {
+    format!(
+        "pod/{pod}:{} through the API server ({streams} streams)",
+        burrow_api::FRAMED_PORT
+    )
 }
 
 impl PortForward {
@@ -214,7 +224,10 @@ impl PortForward {
                 .instrument(span),
             );
         }
-        Self { pod: pod_tx }
+        Self {
+            pod: pod_tx,
+            streams: links.count(),
+        }
     }
 }
 
