@@ -79,13 +79,34 @@ struct Cli {
     /// then times out too).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_duration)]
     dial_timeout: Duration,
-    /// Per-flow TCP receive and send buffer, bytes: the most a flow keeps
-    /// in flight each way (its window). Memory follows the bytes actually
-    /// buffered, so idle flows cost little whatever the size; a flow that
-    /// moved bulk data keeps up to twice this resident until it closes.
+    /// Per-flow TCP receive buffer, bytes: the most a laptop keeps in
+    /// flight towards the cluster on one connection (its window). Memory
+    /// follows the bytes actually buffered, so idle flows cost little
+    /// whatever the size; a flow that moved bulk data keeps this resident
+    /// until it closes.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     tcp_buffer: u32,
+    /// Per-flow TCP send buffer, bytes: the most the gateway keeps in
+    /// flight towards a laptop on one connection. Over a long path a
+    /// download needs its bandwidth-delay product (4 MiB: 80 MB/s at
+    /// 50 ms). Its memory is capped per laptop and for all laptops (the
+    /// next two flags); empty buffers give their pages back within a
+    /// second.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
+    tcp_send_buffer: u32,
+    /// Send-buffer memory one laptop's TCP flows may hold, bytes; a flow
+    /// beyond it waits for memory (its download slows) rather than the
+    /// gateway growing.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(65536..))]
+    tcp_send_memory_per_laptop: u64,
+    /// Send-buffer memory all laptops' TCP flows may hold, bytes (keep it
+    /// well under the pod's memory limit).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(65536..))]
+    tcp_send_memory: u64,
     /// Runtime threads for the UDP/ICMP flow tasks, reroute streams,
     /// control API and metrics; 0 (the default) runs them on the data
     /// path's own thread, which measured faster on 2 cores (no cross-thread
@@ -312,6 +333,10 @@ fn main() -> anyhow::Result<()> {
                 mtu: usize::from(cli.mtu),
                 dial_timeout: cli.dial_timeout,
                 tcp_buffer: cli.tcp_buffer as usize,
+                tcp_send_buffer: cli.tcp_send_buffer as usize,
+                tcp_send_memory_per_laptop: usize::try_from(cli.tcp_send_memory_per_laptop)
+                    .unwrap_or(usize::MAX),
+                tcp_send_memory: usize::try_from(cli.tcp_send_memory).unwrap_or(usize::MAX),
                 per_laptop,
                 framed: framed::Limits {
                     max_connections: cli.framed_max_connections,

@@ -108,6 +108,12 @@ pub struct FlowConfig {
     /// is reset after this long (see [`FlowEngine::tcp_orphaned`]), as a
     /// kernel bounds an orphaned socket's FIN-WAIT-2 (`tcp_fin_timeout`).
     pub orphan_linger: Duration,
+    /// Send-buffer memory one laptop's TCP flows may hold, and all
+    /// laptops' together (see [`FlowEngine::tcp_send_room`]): a send
+    /// buffer as large as a long path's bandwidth-delay product must not
+    /// let one laptop's stalled flows take the gateway's memory.
+    pub tcp_tx_memory_per_laptop: usize,
+    pub tcp_tx_memory_all: usize,
 }
 
 impl Default for FlowConfig {
@@ -121,6 +127,8 @@ impl Default for FlowConfig {
             per_laptop: LaptopLimits::default(),
             random_seed: 0,
             orphan_linger: Duration::from_secs(60),
+            tcp_tx_memory_per_laptop: 64 << 20,
+            tcp_tx_memory_all: 256 << 20,
         }
     }
 }
@@ -198,13 +206,38 @@ pub struct LaptopFlows {
     /// Caps that refused since the laptop last held nothing (bits of
     /// [`Limit::bit`]): a refusal is worth a log line only once.
     refused: u8,
+    /// Send-buffer memory its TCP flows hold (see [`TxMemory`]).
+    pub tx_memory: usize,
+    /// A flow of its was refused send room for want of memory since the
+    /// last sweep: the sweep then gives back every empty buffer it can.
+    tx_starved: bool,
 }
 
 impl LaptopFlows {
     fn is_empty(&self) -> bool {
-        self.tcp == 0 && self.pending == 0 && self.udp == 0
+        self.tcp == 0 && self.pending == 0 && self.udp == 0 && self.tx_memory == 0
     }
 }
+
+/// What a TCP flow's send buffer holds of memory: the slot's pages the
+/// bytes written since the buffer was last emptied could have touched
+/// (smoltcp's ring restarts at its first byte when it is empty, and wraps
+/// around otherwise), so `min(capacity, bytes written)`. Charged to the
+/// flow's laptop and to the engine; given back when the buffer is found
+/// empty by a sweep ([`FlowEngine::probe_stalled_flows`]), which returns
+/// its pages to the kernel, and when the flow is released.
+#[derive(Debug, Default, Clone, Copy)]
+struct TxMemory {
+    /// Bytes written since the pages were last given back.
+    written: usize,
+    /// What is charged now: `min(written, capacity)`.
+    charged: usize,
+}
+
+/// A sweep gives back an empty send buffer's pages once this much was
+/// written into it (smaller ones are cheap to keep, and page faults cost
+/// more than they save), or whatever it holds when its laptop ran short.
+const TX_GIVE_BACK: usize = 64 * 1024;
 
 /// Identity of one flow, unique for the engine's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -344,6 +377,8 @@ struct TcpFlow {
     counted: bool,
     /// When the driver first reported its end gone ([`FlowEngine::tcp_orphaned`]).
     orphaned_at: Option<Instant>,
+    /// What its send buffer holds of memory.
+    tx_memory: TxMemory,
 }
 
 struct UdpFlow {
@@ -409,6 +444,25 @@ fn echo_request(src: IpAddr, dst: IpAddr, message: &[u8]) -> Option<IcmpKey> {
             ident,
         }),
         _ => None,
+    }
+}
+
+/// Take back `bytes` of send-buffer memory charged to `laptop`.
+fn discharge_tx(
+    laptops: &mut HashMap<IpAddr, LaptopFlows>,
+    all: &mut usize,
+    laptop: IpAddr,
+    bytes: usize,
+) {
+    if bytes == 0 {
+        return;
+    }
+    *all = all.saturating_sub(bytes);
+    if let Some(f) = laptops.get_mut(&laptop) {
+        f.tx_memory = f.tx_memory.saturating_sub(bytes);
+        if f.is_empty() {
+            laptops.remove(&laptop);
+        }
     }
 }
 
@@ -564,6 +618,8 @@ pub struct FlowEngine {
     /// `sockets` (see `Drop`).
     rx_slots: Slots,
     tx_slots: Slots,
+    /// Send-buffer memory all flows hold (see [`TxMemory`]).
+    tx_memory_all: usize,
 }
 
 impl Drop for FlowEngine {
@@ -612,6 +668,7 @@ impl FlowEngine {
             next_frag_id: 1,
             rx_slots: Slots::new(config.tcp_rx_buffer),
             tx_slots: Slots::new(config.tcp_tx_buffer),
+            tx_memory_all: 0,
             config,
         }
     }
@@ -891,13 +948,34 @@ impl FlowEngine {
     /// laptop's application gives up. A keep-alive makes the laptop answer
     /// with its current window within [`STALL_PROBE`]. Flows with empty
     /// send buffers (idle ones) send nothing.
+    ///
+    /// The same sweep gives back the memory of send buffers it finds
+    /// empty (see [`TxMemory`]): their pages go back to the kernel.
     pub fn probe_stalled_flows(&mut self) {
-        for flow in self.tcp.values() {
+        for flow in self.tcp.values_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(flow.handle);
-            let want = (socket.send_queue() > 0).then_some(STALL_PROBE.into());
+            let queued = socket.send_queue();
+            let want = (queued > 0).then_some(STALL_PROBE.into());
             if socket.keep_alive() != want {
                 socket.set_keep_alive(want);
             }
+            let m = flow.tx_memory;
+            let laptop = flow.tuple.0.ip();
+            let starved = self.laptops.get(&laptop).is_some_and(|l| l.tx_starved);
+            if queued > 0 || m.charged == 0 || (m.written < TX_GIVE_BACK && !starved) {
+                continue;
+            }
+            if let Some((_, tx)) = &flow.memory {
+                // SAFETY: the buffer is empty: smoltcp reads none of its
+                // bytes before writing them again (its ring restarts at
+                // the first byte), and nothing else reads them.
+                unsafe { tx.give_back_pages() };
+            }
+            flow.tx_memory = TxMemory::default();
+            discharge_tx(&mut self.laptops, &mut self.tx_memory_all, laptop, m.charged);
+        }
+        for l in self.laptops.values_mut() {
+            l.tx_starved = false;
         }
     }
 
@@ -942,6 +1020,7 @@ impl FlowEngine {
                 active: false,
                 counted: true,
                 orphaned_at: None,
+                tx_memory: TxMemory::default(),
             },
         );
         self.inject(&syn.packet, now);
@@ -1049,6 +1128,7 @@ impl FlowEngine {
                 active: false,
                 counted: false,
                 orphaned_at: None,
+                tx_memory: TxMemory::default(),
             },
         );
         self.tcp_by_tuple.insert((remote, local), id);
@@ -1143,18 +1223,69 @@ impl FlowEngine {
     /// Queue bytes towards the laptop; returns how many fit (0 when the send
     /// buffer is full: stop reading from the cluster side until it drains).
     pub fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> Result<usize, FlowError> {
-        self.socket(id)?
+        let n = self
+            .socket(id)?
             .send_slice(data)
-            .map_err(|_| FlowError::InvalidState(id))
+            .map_err(|_| FlowError::InvalidState(id))?;
+        self.charge_tx(id, n);
+        Ok(n)
     }
 
-    /// Free space in the flow's send buffer towards the laptop: how much
-    /// `tcp_send` would take now. A driver reads at most this much from the
-    /// cluster side (backpressure).
-    pub fn tcp_send_room(&self, id: FlowId) -> Result<usize, FlowError> {
+    /// How much the flow may queue towards the laptop now: the free space
+    /// of its send buffer, less what the memory caps
+    /// ([`FlowConfig::tcp_tx_memory_per_laptop`], `tcp_tx_memory_all`)
+    /// leave when writing would touch pages not yet charged to it. A
+    /// driver reads at most this much from the cluster side
+    /// (backpressure). A flow held back by the caps is served again once
+    /// a sweep gave memory back.
+    pub fn tcp_send_room(&mut self, id: FlowId) -> Result<usize, FlowError> {
         let flow = self.tcp.get(&id).ok_or(FlowError::UnknownFlow(id))?;
         let socket = self.sockets.get::<tcp::Socket>(flow.handle);
-        Ok(socket.send_capacity() - socket.send_queue())
+        let capacity = socket.send_capacity();
+        let free = capacity - socket.send_queue();
+        // Writing `n` more bytes charges `min(n, capacity - written)`.
+        let uncharged = capacity.saturating_sub(flow.tx_memory.written);
+        if uncharged == 0 {
+            return Ok(free);
+        }
+        let laptop = flow.tuple.0.ip();
+        let held = self.laptops.get(&laptop).map_or(0, |l| l.tx_memory);
+        let left = self
+            .config
+            .tcp_tx_memory_per_laptop
+            .saturating_sub(held)
+            .min(self.config.tcp_tx_memory_all.saturating_sub(self.tx_memory_all));
+        if left >= uncharged.min(free) {
+            return Ok(free);
+        }
+        self.laptop_mut(laptop).tx_starved = true;
+        Ok(left)
+    }
+
+    /// `n` bytes were written into the flow's send buffer: charge the
+    /// pages they may have touched (see [`TxMemory`]).
+    fn charge_tx(&mut self, id: FlowId, n: usize) {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        let capacity = self.sockets.get::<tcp::Socket>(flow.handle).send_capacity();
+        let m = &mut flow.tx_memory;
+        m.written = m.written.saturating_add(n);
+        let charged = m.written.min(capacity);
+        let added = charged.saturating_sub(m.charged);
+        m.charged = charged;
+        if added > 0 {
+            self.tx_memory_all += added;
+            self.laptops.entry(flow.tuple.0.ip()).or_default().tx_memory += added;
+        }
+    }
+
+    /// What `laptop` holds of send-buffer memory, and all laptops.
+    pub fn tx_memory(&self, laptop: IpAddr) -> (usize, usize) {
+        (
+            self.laptops.get(&laptop).map_or(0, |l| l.tx_memory),
+            self.tx_memory_all,
+        )
     }
 
     /// Bytes queued towards the laptop and not yet acknowledged by it
@@ -1244,9 +1375,15 @@ impl FlowEngine {
         id: FlowId,
         f: impl FnOnce(&mut [u8]) -> (usize, R),
     ) -> Result<R, FlowError> {
-        self.socket(id)?
-            .send(f)
-            .map_err(|_| FlowError::InvalidState(id))
+        let (n, r) = self
+            .socket(id)?
+            .send(|buf| {
+                let (n, r) = f(buf);
+                (n, (n, r))
+            })
+            .map_err(|_| FlowError::InvalidState(id))?;
+        self.charge_tx(id, n);
+        Ok(r)
     }
 
     /// Close the sending half towards the laptop (FIN after buffered data).
@@ -1319,6 +1456,12 @@ impl FlowEngine {
         if let Some(flow) = self.tcp.remove(&id) {
             drop(self.sockets.remove(flow.handle));
             self.give_back(flow.memory);
+            discharge_tx(
+                &mut self.laptops,
+                &mut self.tx_memory_all,
+                flow.tuple.0.ip(),
+                flow.tx_memory.charged,
+            );
             self.tcp_by_tuple.remove(&flow.tuple);
             if flow.counted {
                 self.uncount(flow.tuple.0.ip(), 1, 0, 0);
@@ -1820,6 +1963,102 @@ mod tests {
         e.ingress(&laptop_seg(TcpControl::None, 1001, Some(ours)), now);
         assert_eq!(e.tcp_state(id), Some(TcpState::Established));
         (id, ours)
+    }
+
+    /// An established flow from `src` to SERVICE (the laptop's handshake
+    /// done, segments without options); the gateway's next sequence
+    /// number.
+    fn established_from(e: &mut FlowEngine, src: SocketAddr, now: Instant) -> (FlowId, Seq) {
+        let mut syn = syn_repr(1000);
+        syn.src_port = src.port();
+        let id = match e.ingress(&tcp_packet(src, SERVICE, &syn), now) {
+            Ingress::NewTcp { id, .. } => id,
+            other => panic!("expected NewTcp, got {other:?}"),
+        };
+        e.accept(id, now).expect("pending");
+        let synack = drain(e, now)
+            .iter()
+            .map(|p| parse_tcp(p))
+            .find(|s| s.dst == src && s.control == TcpControl::Syn)
+            .expect("SYN-ACK");
+        let ours = synack.seq + 1;
+        let mut ack = syn_repr(1001);
+        ack.src_port = src.port();
+        ack.control = TcpControl::None;
+        ack.ack_number = Some(ours);
+        (ack.window_scale, ack.max_seg_size, ack.sack_permitted) = (None, None, false);
+        e.ingress(&tcp_packet(src, SERVICE, &ack), now);
+        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
+        (id, ours)
+    }
+
+    /// Fill the flow's send buffer as far as its room allows; bytes queued.
+    fn fill(e: &mut FlowEngine, id: FlowId) -> usize {
+        let room = e.tcp_send_room(id).expect("flow");
+        e.tcp_send(id, &vec![7u8; room]).expect("send")
+    }
+
+    #[test]
+    fn send_buffer_memory_is_capped_per_laptop_and_given_back_when_empty() {
+        let t0 = Instant::now();
+        let kib = 1024;
+        let mut e = FlowEngine::new(
+            FlowConfig {
+                tcp_tx_buffer: 64 * kib,
+                tcp_tx_memory_per_laptop: 160 * kib,
+                tcp_tx_memory_all: 200 * kib,
+                ..FlowConfig::default()
+            },
+            t0,
+        );
+        let a = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)), port);
+        let b = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)), port);
+        // Laptop A: two flows fill their 64 KiB buffers (its window stays
+        // shut: nothing is acknowledged); the third gets what is left of
+        // A's 160 KiB, the fourth nothing.
+        let a1 = established_from(&mut e, a(40001), t0).0;
+        let a2 = established_from(&mut e, a(40002), t0).0;
+        let a3 = established_from(&mut e, a(40003), t0).0;
+        let a4 = established_from(&mut e, a(40004), t0).0;
+        assert_eq!(fill(&mut e, a1), 64 * kib);
+        assert_eq!(fill(&mut e, a2), 64 * kib);
+        assert_eq!(fill(&mut e, a3), 32 * kib);
+        assert_eq!(e.tcp_send_room(a4).expect("flow"), 0);
+        assert_eq!(e.tx_memory(a(0).ip()), (160 * kib, 160 * kib));
+        // A flow whose pages are all charged may go on using them.
+        let (b1, b_seq) = established_from(&mut e, b(40001), t0);
+        // Laptop B is held only by what is left for all: 40 KiB.
+        assert_eq!(fill(&mut e, b1), 40 * kib);
+        assert_eq!(e.tx_memory(b(0).ip()), (40 * kib, 200 * kib));
+        // B acknowledges everything: its buffer is empty, and the sweep
+        // gives its memory back; A's stalled buffers keep theirs.
+        let _ = drain(&mut e, t0);
+        let mut ack = syn_repr(1001);
+        ack.src_port = 40001;
+        ack.control = TcpControl::None;
+        ack.ack_number = Some(b_seq + 40 * kib);
+        (ack.window_scale, ack.max_seg_size, ack.sack_permitted) = (None, None, false);
+        e.ingress(&tcp_packet(b(40001), SERVICE, &ack), t0);
+        assert_eq!(e.tcp_send_queue(b1).expect("flow"), 0);
+        assert_eq!(e.tx_memory(b(0).ip()).0, 40 * kib, "charged until a sweep");
+        e.probe_stalled_flows();
+        assert_eq!(e.tx_memory(b(0).ip()), (0, 160 * kib));
+        // Its buffer works on, from zeroed pages.
+        assert_eq!(e.tcp_send(b1, b"after").expect("send"), 5);
+        let sent = drain(&mut e, t0);
+        assert!(
+            sent.iter()
+                .map(|p| parse_tcp(p))
+                .any(|s| s.dst == b(40001) && s.payload == b"after"),
+            "the bytes written after the give-back go out as written"
+        );
+        assert_eq!(e.tcp_send_room(a4).expect("flow"), 0, "A is still at its cap");
+        // Releasing one of A's flows gives A room again.
+        e.tcp_abort(a1).expect("flow");
+        let _ = drain(&mut e, t0);
+        e.release(a1);
+        assert_eq!(e.tx_memory(a(0).ip()), (96 * kib, 96 * kib + 5));
+        assert_eq!(fill(&mut e, a4), 64 * kib);
     }
 
     #[test]
@@ -2419,7 +2658,8 @@ mod tests {
                 tcp: 2,
                 pending: 1,
                 udp: 0,
-                refused: Limit::TcpFlows.bit()
+                refused: Limit::TcpFlows.bit(),
+                ..LaptopFlows::default()
             }
         );
         // A released flow makes room.

@@ -26,6 +26,9 @@ const SLOTS_PER_MAPPING: usize = 64;
 /// connection. Bounded, so that at most this many slots' worth of memory
 /// stays resident after the flows close.
 const WARM_SLOTS: usize = 32;
+/// Of a warm slot, at most this many first bytes stay resident (a page
+/// multiple): what a short connection touches, not a bulk flow's window.
+const WARM_BYTES: usize = 256 * 1024;
 
 /// One slot: `len` bytes at `ptr`, owned by whoever holds the `Slot`.
 #[derive(Debug)]
@@ -48,6 +51,21 @@ impl Slot {
         // SAFETY: the caller upholds the lease rules above; the memory is
         // mapped, initialised (zero-filled by the kernel) and `len` long.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Give the slot's pages back to the kernel: they read as zeros and
+    /// cost nothing until touched again.
+    ///
+    /// # Safety
+    /// Whoever holds the slot's slice must not need its bytes (an empty
+    /// ring buffer) and must not be using it meanwhile.
+    pub(crate) unsafe fn give_back_pages(&self) {
+        // SAFETY: the range is the slot's own, inside a live mapping; the
+        // caller promises its contents are not needed. Failure only means
+        // the pages stay resident.
+        unsafe {
+            libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_DONTNEED);
+        }
     }
 }
 
@@ -104,6 +122,19 @@ impl Slots {
     /// No slice obtained from `slot` may be alive.
     pub(crate) unsafe fn put(&mut self, slot: Slot) {
         if self.warm.len() < self.warm_max {
+            // Warm: the first pages, which a short connection touches;
+            // the rest of a large slot goes back to the kernel.
+            if slot.len > WARM_BYTES {
+                // SAFETY: inside the slot, unreferenced (the caller's
+                // promise); failure only leaves the pages resident.
+                unsafe {
+                    libc::madvise(
+                        slot.ptr.as_ptr().add(WARM_BYTES).cast(),
+                        slot.len - WARM_BYTES,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+            }
             self.warm.push(slot);
             return;
         }
@@ -178,11 +209,20 @@ fn page_size() -> usize {
 mod tests {
     use super::*;
 
-    fn rss_kib() -> usize {
-        std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
-            .map_or(0, |pages| pages * page_size() / 1024)
+    /// KiB of the pool's mappings resident now (`mincore`): what its slots
+    /// cost, whatever else the test process holds.
+    fn resident_kib(slots: &Slots) -> usize {
+        let page = page_size();
+        let mut pages = 0;
+        for &(ptr, len) in &slots.mappings {
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            // SAFETY: the range is one of the pool's live mappings and
+            // `vec` holds one byte per page of it.
+            let r = unsafe { libc::mincore(ptr.as_ptr().cast(), len, vec.as_mut_ptr()) };
+            assert_eq!(r, 0, "mincore");
+            pages += vec.iter().filter(|&&b| b & 1 == 1).count();
+        }
+        pages * page / 1024
     }
 
     #[test]
@@ -210,25 +250,32 @@ mod tests {
 
     #[test]
     fn untouched_slots_cost_no_memory_and_put_returns_pages() {
-        let mut slots = Slots::new(64 * 1024);
-        let before = rss_kib();
-        let taken: Vec<Slot> = (0..1000).map(|_| slots.take().expect("mapping")).collect();
-        let untouched = rss_kib();
-        // 1000 × 64 KiB = 62.5 MiB of slots; untouched they cost nothing.
-        assert!(untouched < before + 8 * 1024, "{before} → {untouched} KiB");
+        let mut slots = Slots::new(1024 * 1024);
+        let taken: Vec<Slot> = (0..100).map(|_| slots.take().expect("mapping")).collect();
+        // 100 × 1 MiB of slots; untouched they cost nothing.
+        assert_eq!(resident_kib(&slots), 0);
         for s in &taken {
             // SAFETY: lease ends at the end of the statement.
             unsafe { s.as_static_slice().fill(1) };
         }
-        let touched = rss_kib();
-        assert!(touched > before + 60 * 1024, "{before} → {touched} KiB");
+        assert_eq!(resident_kib(&slots), 100 * 1024);
         for s in taken {
             // SAFETY: no slice is alive.
             unsafe { slots.put(s) };
         }
-        let returned = rss_kib();
-        // All but the warm slots' 32 × 64 KiB went back.
-        assert!(returned < before + 8 * 1024, "{before} → {returned} KiB");
+        // All went back but the first WARM_BYTES of the warm slots.
+        assert_eq!(resident_kib(&slots), WARM_SLOTS * WARM_BYTES / 1024);
+        // A slot's pages given back while it is leased.
+        let s = slots.take().expect("warm");
+        // SAFETY: the lease ends with the statement; nothing reads it.
+        unsafe {
+            s.as_static_slice().fill(2);
+            s.give_back_pages();
+            assert!(s.as_static_slice().iter().all(|&b| b == 0), "zeros after");
+        }
+        assert_eq!(resident_kib(&slots), (WARM_SLOTS - 1) * WARM_BYTES / 1024 + 1024);
+        // SAFETY: no slice is alive.
+        unsafe { slots.put(s) };
     }
 
     #[test]

@@ -79,10 +79,18 @@ pub struct DatapathConfig {
     pub mtu: usize,
     pub dial_timeout: Duration,
     pub udp_idle_timeout: Duration,
-    /// Each TCP flow's smoltcp receive and send buffer. Buffer memory is
-    /// not bounded across flows yet, only by the per-laptop caps: a laptop
-    /// at its TCP cap with every flow stalled holds 2 × this per flow.
+    /// Each TCP flow's smoltcp receive buffer (the window the laptop may
+    /// fill). Not bounded across flows, only by the per-laptop caps: a
+    /// laptop at its TCP cap with every flow's upload stalled holds this
+    /// per flow.
     pub tcp_buffer: usize,
+    /// Each TCP flow's smoltcp send buffer: the most it keeps in flight
+    /// towards its laptop, so the window over a long path (1 MiB moves
+    /// 20 MB/s at 50 ms). Its memory is bounded per laptop and for all
+    /// (the next two; see `burrow_netstack::flow::FlowConfig`).
+    pub tcp_send_buffer: usize,
+    pub tcp_send_memory_per_laptop: usize,
+    pub tcp_send_memory: usize,
     /// The gateway's own tunnel address: the source of connections it
     /// opens to laptops ([`Command::DialLaptop`]). `serve` fills it in
     /// from the control API's tunnel network.
@@ -104,7 +112,13 @@ impl Default for DatapathConfig {
             // burrow_netstack's slots), so idle flows stay cheap. 256 KiB
             // roughly doubled a single stream over 64 KiB once the UDP
             // path was segmented (BENCHMARKS.md); 1 MiB added ~10 % more.
+            // Sending towards laptops needs the window of a long path: at
+            // 50 ms 256 KiB capped a download at 5 MB/s (BENCHMARKS.md,
+            // "Delay and loss").
             tcp_buffer: 256 * 1024,
+            tcp_send_buffer: 4 << 20,
+            tcp_send_memory_per_laptop: 64 << 20,
+            tcp_send_memory: 256 << 20,
             tunnel_address: None,
             per_laptop: LaptopLimits::default(),
             framed: framed::Limits::default(),
@@ -183,7 +197,9 @@ impl Datapath {
             FlowConfig {
                 mtu: cfg.mtu,
                 tcp_rx_buffer: cfg.tcp_buffer,
-                tcp_tx_buffer: cfg.tcp_buffer,
+                tcp_tx_buffer: cfg.tcp_send_buffer,
+                tcp_tx_memory_per_laptop: cfg.tcp_send_memory_per_laptop,
+                tcp_tx_memory_all: cfg.tcp_send_memory,
                 udp_idle_timeout: cfg.udp_idle_timeout,
                 per_laptop: cfg.per_laptop,
                 random_seed: rand::random(),
@@ -767,6 +783,10 @@ impl Datapath {
     }
 
     fn sweep(&mut self, now: Instant) {
+        // First: keep-alives for stalled flows, and the memory of empty
+        // send buffers back, so that flows held back by the memory caps
+        // are served below with it.
+        self.flows.probe_stalled_flows();
         let ids: Vec<FlowId> = self.flows.tcp_flows().collect();
         for id in ids {
             let Some(flow) = self.tcp.get(&id) else {
@@ -785,7 +805,6 @@ impl Datapath {
             }
             self.service_tcp(id);
         }
-        self.flows.probe_stalled_flows();
         // UDP flows to laptops whose reader is gone.
         let flows = &mut self.flows;
         self.laptop_udp.retain(|id, end| {
