@@ -51,7 +51,7 @@
 #   iperf3 TCP 1 stream, 4 streams (-P 4), reverse (-R), DUR seconds each
 #   wrk -t1 -c1 --latency on /1k (p50/p99, req/s)
 #   wrk -t1 -c50 -H 'Connection: close' on /1k (new connections/s)
-#   TCP echo round trip (64 B ping-pong, 2000 rounds; p50/p99)
+#   TCP echo round trip (64 B ping-pong, ECHO_N rounds: 2000, 400 with DELAY_MS; p50/p99)
 #   curl GET of /100m (MB/s)
 #   CPU during the 1-stream run: machine, tunnel processes, per GB, steal
 # and in addition:
@@ -93,7 +93,7 @@
 #             `cargo build --release -p burrow-tests --bin mc-wire`) in namespace
 #             $NS_WAN between lap0 and gw0, AF_PACKET sockets on both sides, each
 #             frame sent on DELAY_MS after it arrived, in order, 64 MiB queue each way
-#             (drops when full). $NS_WAN has no address, no bridge, ip_forward 0:
+#             (drops when full), at real-time priority WIRE_RT=20 (chrt -f; 0: none). $NS_WAN has no address, no bridge, ip_forward 0:
 #             frames cross only through mc-wire. Segmentation and checksum offloads
 #             are off on lap0, gw0 and the wire's interfaces (ethtool; mc-wire moves
 #             frames of at most the MTU), so loss hits single packets. mc-wire's
@@ -131,6 +131,8 @@ NS_WAN=${NS_WAN:-e2e-wan}
 DELAY_MS=${DELAY_MS:-0} DELAY_EMU=${DELAY_EMU:-auto}
 WIRE_BIN=${WIRE_BIN:-$BURROW_BIN_DIR/mc-wire}
 WIRE=0   # 1 when mc-wire carries the underlay (decided in build_topology)
+# echo rounds: 2000, or 400 with DELAY_MS (2000 round trips of 50 ms are 100 s a path)
+ECHO_N=${ECHO_N:-$([ "$DELAY_MS" = 0 ] && echo 2000 || echo 400)}
 POD_IP=10.244.1.10
 GW_LAP_IP=192.168.77.2
 WG_PORT=51820
@@ -342,7 +344,8 @@ def wrk(path):
     rps = re.search(r'Requests/sec:\s+([\d.]+)', t)
     if not rps:
         print('FAIL', 'no-output'); return
-    lat = dict(re.findall(r'^\s+(50|99)%\s+(\S+)$', t, re.M))
+    # wrk pads a value in seconds ("1.05s ") with a space: a p99 above 1 s was lost
+    lat = dict(re.findall(r'^\s+(50|99)%\s+(\S+)\s*$', t, re.M))
     err = re.search(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)', t)
     non2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', t)
     nerr = sum(int(x) for x in err.groups()) if err else 0
@@ -647,9 +650,15 @@ build_topology() {
     done
     inns "$NS_WAN" ip link set wan-lap up
     inns "$NS_WAN" ip link set wan-gw up
-    [ -z "$(inns "$NS_WAN" ip -br addr show | awk '$3 != ""')" ] ||
+    [ -z "$(inns "$NS_WAN" ip -br addr show | awk '$1 != "lo" && $3 != ""')" ] ||
       { echo "the wire's namespace has addresses" >&2; exit 1; }
-    bg "$NS_WAN" wire "$WIRE_BIN" --a wan-lap --b wan-gw --delay-ms "$DELAY_MS"
+    # real-time priority (WIRE_RT, 0: none): on a busy machine a descheduled wire
+    # would add its wait to the link's delay; it sleeps in poll between frames
+    if [ "${WIRE_RT:-20}" != 0 ]; then
+      bg "$NS_WAN" wire chrt -f "${WIRE_RT:-20}" "$WIRE_BIN" --a wan-lap --b wan-gw --delay-ms "$DELAY_MS"
+    else
+      bg "$NS_WAN" wire "$WIRE_BIN" --a wan-lap --b wan-gw --delay-ms "$DELAY_MS"
+    fi
   else
     ip link add lap0 netns "$NS_LAP" type veth peer name gw0 netns "$NS_GW"
   fi
@@ -1080,7 +1089,9 @@ run_wrk_conn() {
 
 run_echo() {
   local path=$1 rep=$2 res
-  res=$(inns "$NS_LAP" timeout 60 "$PY" "$WORK/h.py" echo "$T_HOST" "$T_ECHO" 2000 2>&1) || res="FAIL $res"
+  # ECHO_N rounds (+100 to warm up): 60 s for them, plus 4 RTTs a round with DELAY_MS
+  res=$(inns "$NS_LAP" timeout "$(awk -v n="$ECHO_N" -v d="$DELAY_MS" 'BEGIN {printf "%d", 60 + (n + 100) * 8 * d / 1000}')" \
+    "$PY" "$WORK/h.py" echo "$T_HOST" "$T_ECHO" "$ECHO_N" 2>&1) || res="FAIL $res"
   log "  $path echo #$rep: p50 p99 us = $res"
   case $res in
     FAIL*) rec "$path" echo_p50 "$rep" FAIL; rec "$path" echo_p99 "$rep" FAIL
@@ -1159,7 +1170,8 @@ measure_path() {
 stop_wire() {  # end mc-wire and put its counts in the notes
   [ "$WIRE" = 1 ] && [ -s "$WORK/wire.pid" ] || return 0
   local p; p=$(cat "$WORK/wire.pid")
-  # bg's pid is `ip netns exec`, which execs mc-wire; it stops within 50 ms
+  # bg's pid is `ip netns exec`, which execs (chrt, which execs) mc-wire; it
+  # stops within 50 ms
   kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null
   sed 's/^/wire: /' "$WORK/wire.log" >>"$NOTES"
 }
@@ -1187,7 +1199,9 @@ if [ "$DELAY_MS" != 0 ] && [ "$WIRE" = 0 ]; then
 fi
 if [ "$DELAY_MS" != 0 ]; then
   # the emulated RTT, before any loss is added: expect 2 x DELAY_MS + the base
-  rtt=$(inns "$NS_LAP" ping -q -n -c 20 -i 0.05 -W 2 "$GW_LAP_IP" 2>&1 | awk -F/ '/^rtt|^round-trip/{print $4 " ms avg, " $3 " min, " $5 " max"}')
+  inns "$NS_LAP" ping -q -n -c 1 -W 2 "$GW_LAP_IP" >/dev/null 2>&1   # ARP, which crosses too
+  rtt=$(inns "$NS_LAP" ping -q -n -c 20 -i 0.05 -W 2 "$GW_LAP_IP" 2>&1 |
+    awk -F' = ' '/^rtt|^round-trip/{split($2, a, "/"); print a[2] " ms avg, " a[1] " min, " a[3] " max (20 pings)"}')
   [ -n "$rtt" ] || { echo "no ping across the delayed underlay" >&2; exit 1; }
   log "underlay RTT: $rtt"
   echo "underlay delay by $([ "$WIRE" = 1 ] && echo "mc-wire (userspace, AF_PACKET; offloads off on lap0/gw0)" || echo "tc netem"); ping lap -> gw RTT: $rtt" >>"$NOTES"

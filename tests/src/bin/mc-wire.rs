@@ -22,7 +22,9 @@
 //! Runs until SIGTERM or SIGINT, then prints one line per direction:
 //! frames and bytes forwarded, dropped (queue full, loss, oversize, send
 //! errors), the kernel's own drops on the receiving socket (its buffer was
-//! full: the wire did not keep up), and the largest queue seen.
+//! full: the wire did not keep up), the largest queue seen, and how many
+//! frames left late (more than 1 ms, 10 ms after their time: the wire was
+//! not scheduled; give it a real-time priority on a busy machine).
 //!
 //! Must never: forward anything that did not arrive on one of its two
 //! interfaces, or write to any interface but the other one.
@@ -200,6 +202,8 @@ struct Stats {
     kernel_drops: u64,
     max_queue_bytes: usize,
     max_late_us: u64,
+    late_1ms: u64,
+    late_10ms: u64,
 }
 
 struct Frame {
@@ -271,9 +275,10 @@ fn run_direction(
                 break;
             }
             let late = now.duration_since(f.due);
-            st.max_late_us = st
-                .max_late_us
-                .max(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
+            let late_us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+            st.max_late_us = st.max_late_us.max(late_us);
+            st.late_1ms += u64::from(late_us > 1_000);
+            st.late_10ms += u64::from(late_us > 10_000);
             match send(dst.as_raw_fd(), &f.data, MsgFlags::empty()) {
                 Ok(_) => {
                     st.frames += 1;
@@ -358,7 +363,7 @@ fn main() -> Result<()> {
     ] {
         match h.join() {
             Ok(Ok(st)) => println!(
-                "mc-wire {name}: frames={} bytes={} dropped: queue-full={} loss={} oversize={} send-errors={} kernel(rcvbuf)={}; max queue {} bytes, max lateness {} us",
+                "mc-wire {name}: frames={} bytes={} dropped: queue-full={} loss={} oversize={} send-errors={} kernel(rcvbuf)={}; max queue {} bytes; sent late by >1 ms {}, >10 ms {}, at most {} us",
                 st.frames,
                 st.bytes,
                 st.queue_full,
@@ -367,6 +372,8 @@ fn main() -> Result<()> {
                 st.send_errors,
                 st.kernel_drops,
                 st.max_queue_bytes,
+                st.late_1ms,
+                st.late_10ms,
                 st.max_late_us
             ),
             Ok(Err(e)) => {
