@@ -15,6 +15,11 @@
 #   $NS_GW   gwp  10.244.1.1/24    <-veth->  pod0 10.244.1.10/24  $NS_POD
 #   (namespace names default to e2e-lap, e2e-gw, e2e-pod so that a concurrent
 #    peers.sh, which uses lap/gw/pod, is not disturbed)
+#   With DELAY_MS on a kernel without sch_netem, a fourth namespace $NS_WAN
+#   (e2e-wan) sits on the lap-gw link, same addresses on lap0 and gw0:
+#   $NS_LAP  lap0 <-veth-> wan-lap  $NS_WAN  wan-gw <-veth-> gw0  $NS_GW
+#   where mc-wire (tests/src/bin/mc-wire.rs) carries every frame between
+#   wan-lap and wan-gw DELAY_MS later (see DELAY_MS below).
 #
 #   pod runs: iperf3 -s (:5201), nginx (:80, /1k = 1 KiB, /100m = 100 MiB),
 #             socat TCP echo (:7); for the flows test a Python asyncio server
@@ -46,7 +51,7 @@
 #   iperf3 TCP 1 stream, 4 streams (-P 4), reverse (-R), DUR seconds each
 #   wrk -t1 -c1 --latency on /1k (p50/p99, req/s)
 #   wrk -t1 -c50 -H 'Connection: close' on /1k (new connections/s)
-#   TCP echo round trip (64 B ping-pong, 2000 rounds; p50/p99)
+#   TCP echo round trip (64 B ping-pong, ECHO_N rounds: 2000, 400 with DELAY_MS; p50/p99)
 #   curl GET of /100m (MB/s)
 #   CPU during the 1-stream run: machine, tunnel processes, per GB, steal
 # and in addition:
@@ -79,9 +84,22 @@
 #      until other processes use at most QUIET_CORES cores; the load seen is reported
 #      NS_LAP=e2e-lap NS_GW=e2e-gw NS_POD=e2e-pod
 #      DELAY_MS=0 LOSS=0: impair the underlay each direction: DELAY_MS=25 LOSS=1 is a
-#             50 ms RTT (tc netem on lap0 and gw0; needs sch_netem) with 1 % loss each
-#             way (iptables statistic, PREROUTING of lap and gw), e.g.
-#             LOSS=3 MEASURES="tcp1 wrk-c1" bash bench/e2e.sh direct burrow burrow_framed wggo
+#             50 ms RTT with 1 % loss each way (iptables statistic, PREROUTING of lap
+#             and gw), e.g.
+#             DELAY_MS=25 LOSS=3 MEASURES="tcp1 wrk-c1" bash bench/e2e.sh direct burrow burrow_framed wggo
+#             The delay is tc netem on lap0 and gw0 where the kernel has sch_netem;
+#             else (DELAY_EMU=auto picks, =netem or =wire forces) a userspace wire:
+#             mc-wire ($WIRE_BIN, default $BURROW_BIN_DIR/mc-wire, built by
+#             `cargo build --release -p burrow-tests --bin mc-wire`) in namespace
+#             $NS_WAN between lap0 and gw0, AF_PACKET sockets on both sides, each
+#             frame sent on DELAY_MS after it arrived, in order, 64 MiB queue each way
+#             (drops when full), at real-time priority WIRE_RT=20 (chrt -f; 0: none). $NS_WAN has no address, no bridge, ip_forward 0:
+#             frames cross only through mc-wire. Segmentation and checksum offloads
+#             are off on lap0, gw0 and the wire's interfaces (ethtool; mc-wire moves
+#             frames of at most the MTU), so loss hits single packets. mc-wire's
+#             counts (forwarded, dropped, its socket's kernel drops) and the ping
+#             RTT across the underlay go to the notes. Its ceiling is the direct
+#             path's throughput with DELAY_MS=0.001 DELAY_EMU=wire.
 # Needs: Debian 12 packages (installed with apt-get -y if missing), onetun
 # (cargo install onetun --locked, if cargo exists and onetun is missing),
 # setpriv (util-linux), and release builds of burrow and burrow-gateway.
@@ -109,6 +127,12 @@ fi
 PATHS=${*:-$DEFAULT_PATHS}
 
 NS_LAP=${NS_LAP:-e2e-lap} NS_GW=${NS_GW:-e2e-gw} NS_POD=${NS_POD:-e2e-pod}
+NS_WAN=${NS_WAN:-e2e-wan}
+DELAY_MS=${DELAY_MS:-0} DELAY_EMU=${DELAY_EMU:-auto}
+WIRE_BIN=${WIRE_BIN:-$BURROW_BIN_DIR/mc-wire}
+WIRE=0   # 1 when mc-wire carries the underlay (decided in build_topology)
+# echo rounds: 2000, or 400 with DELAY_MS (2000 round trips of 50 ms are 100 s a path)
+ECHO_N=${ECHO_N:-$([ "$DELAY_MS" = 0 ] && echo 2000 || echo 400)}
 POD_IP=10.244.1.10
 GW_LAP_IP=192.168.77.2
 WG_PORT=51820
@@ -145,7 +169,7 @@ PIDS=()                    # every background process this script started
 kill_pid() { local p=$1; kill "$p" 2>/dev/null; }
 teardown_ns() {
   local ns p
-  for ns in "$NS_LAP" "$NS_GW" "$NS_POD"; do
+  for ns in "$NS_LAP" "$NS_GW" "$NS_POD" "$NS_WAN"; do
     if ip netns list | awk '{print $1}' | grep -qx "$ns"; then
       # processes still inside our namespaces were started by this script (or a
       # previous run of it); end them one by one by pid (burrow up removes its
@@ -154,7 +178,7 @@ teardown_ns() {
     fi
   done
   sleep 0.5
-  for ns in "$NS_LAP" "$NS_GW" "$NS_POD"; do
+  for ns in "$NS_LAP" "$NS_GW" "$NS_POD" "$NS_WAN"; do
     if ip netns list | awk '{print $1}' | grep -qx "$ns"; then
       for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
       ip netns del "$ns" 2>/dev/null
@@ -320,7 +344,8 @@ def wrk(path):
     rps = re.search(r'Requests/sec:\s+([\d.]+)', t)
     if not rps:
         print('FAIL', 'no-output'); return
-    lat = dict(re.findall(r'^\s+(50|99)%\s+(\S+)$', t, re.M))
+    # wrk pads a value in seconds ("1.05s ") with a space: a p99 above 1 s was lost
+    lat = dict(re.findall(r'^\s+(50|99)%\s+(\S+)\s*$', t, re.M))
     err = re.search(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)', t)
     non2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', t)
     nerr = sum(int(x) for x in err.groups()) if err else 0
@@ -591,7 +616,52 @@ build_topology() {
   teardown_ns   # leftovers of an earlier run
   log "building namespaces $NS_LAP / $NS_GW / $NS_POD"
   ip netns add "$NS_LAP"; ip netns add "$NS_GW"; ip netns add "$NS_POD"
-  ip link add lap0 netns "$NS_LAP" type veth peer name gw0 netns "$NS_GW"
+  if [ "$DELAY_MS" != 0 ]; then
+    case $DELAY_EMU in
+      netem) WIRE=0 ;;
+      wire) WIRE=1 ;;
+      auto)  # sch_netem present? (a probe on lap's loopback, removed at once)
+        if inns "$NS_LAP" tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+          inns "$NS_LAP" tc qdisc del dev lo root; WIRE=0
+        else WIRE=1; fi ;;
+      *) echo "DELAY_EMU is auto, netem or wire" >&2; exit 1 ;;
+    esac
+  fi
+  if [ "$WIRE" = 1 ]; then
+    [ -x "$WIRE_BIN" ] || { echo "DELAY_MS without sch_netem needs mc-wire ($WIRE_BIN): cargo build --release -p burrow-tests --bin mc-wire" >&2; exit 1; }
+    command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] ||
+      timeout 600 apt-get install -y --no-install-recommends ethtool >>"$WORK/apt.log" 2>&1 ||
+      { echo "DELAY_MS with mc-wire needs ethtool" >&2; exit 1; }
+    ip netns add "$NS_WAN"
+    # the wire's namespace must not take part: no IPv6 (no link-local chatter),
+    # no forwarding, and no address is ever given to its interfaces
+    inns "$NS_WAN" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    inns "$NS_WAN" sysctl -qw net.ipv6.conf.default.disable_ipv6=1
+    inns "$NS_WAN" sysctl -qw net.ipv4.ip_forward=0
+    ip link add lap0 netns "$NS_LAP" type veth peer name wan-lap netns "$NS_WAN"
+    ip link add gw0 netns "$NS_GW" type veth peer name wan-gw netns "$NS_WAN"
+    inns "$NS_WAN" ip link set lo up
+    local i
+    for i in lap0:"$NS_LAP" gw0:"$NS_GW" wan-lap:"$NS_WAN" wan-gw:"$NS_WAN"; do
+      # frames of at most the MTU with their checksums filled in: mc-wire moves
+      # them one by one (a TSO/GSO or checksum-partial frame would not cross)
+      inns "${i#*:}" ethtool -K "${i%%:*}" tx off tso off gso off gro off >/dev/null 2>&1 ||
+        { echo "ethtool -K ${i%%:*} failed" >&2; exit 1; }
+    done
+    inns "$NS_WAN" ip link set wan-lap up
+    inns "$NS_WAN" ip link set wan-gw up
+    [ -z "$(inns "$NS_WAN" ip -br addr show | awk '$1 != "lo" && $3 != ""')" ] ||
+      { echo "the wire's namespace has addresses" >&2; exit 1; }
+    # real-time priority (WIRE_RT, 0: none): on a busy machine a descheduled wire
+    # would add its wait to the link's delay; it sleeps in poll between frames
+    if [ "${WIRE_RT:-20}" != 0 ]; then
+      bg "$NS_WAN" wire chrt -f "${WIRE_RT:-20}" "$WIRE_BIN" --a wan-lap --b wan-gw --delay-ms "$DELAY_MS"
+    else
+      bg "$NS_WAN" wire "$WIRE_BIN" --a wan-lap --b wan-gw --delay-ms "$DELAY_MS"
+    fi
+  else
+    ip link add lap0 netns "$NS_LAP" type veth peer name gw0 netns "$NS_GW"
+  fi
   ip link add gwp netns "$NS_GW" type veth peer name pod0 netns "$NS_POD"
   inns "$NS_LAP" ip addr add 192.168.77.1/24 dev lap0
   inns "$NS_GW"  ip addr add 192.168.77.2/24 dev gw0
@@ -1019,7 +1089,9 @@ run_wrk_conn() {
 
 run_echo() {
   local path=$1 rep=$2 res
-  res=$(inns "$NS_LAP" timeout 60 "$PY" "$WORK/h.py" echo "$T_HOST" "$T_ECHO" 2000 2>&1) || res="FAIL $res"
+  # ECHO_N rounds (+100 to warm up): 60 s for them, plus 4 RTTs a round with DELAY_MS
+  res=$(inns "$NS_LAP" timeout "$(awk -v n="$ECHO_N" -v d="$DELAY_MS" 'BEGIN {printf "%d", 60 + (n + 100) * 8 * d / 1000}')" \
+    "$PY" "$WORK/h.py" echo "$T_HOST" "$T_ECHO" "$ECHO_N" 2>&1) || res="FAIL $res"
   log "  $path echo #$rep: p50 p99 us = $res"
   case $res in
     FAIL*) rec "$path" echo_p50 "$rep" FAIL; rec "$path" echo_p99 "$rep" FAIL
@@ -1095,6 +1167,15 @@ measure_path() {
   true
 }
 
+stop_wire() {  # end mc-wire and put its counts in the notes
+  [ "$WIRE" = 1 ] && [ -s "$WORK/wire.pid" ] || return 0
+  local p; p=$(cat "$WORK/wire.pid")
+  # bg's pid is `ip netns exec`, which execs (chrt, which execs) mc-wire; it
+  # stops within 50 ms
+  kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null
+  sed 's/^/wire: /' "$WORK/wire.log" >>"$NOTES"
+}
+
 REPORTED=0 T0=$SECONDS
 write_report() {  # write_report [remark]
   local meta
@@ -1110,12 +1191,20 @@ need_pkgs
 case " $PATHS " in *" onetun "*) need_onetun ;; esac
 case " $PATHS " in *" burrow "*) need_burrow || { echo "burrow binaries missing in $BURROW_BIN_DIR" >&2; exit 1; } ;; esac
 build_topology
-if [ "${DELAY_MS:-0}" != 0 ]; then
-  # a delay each way on the underlay: needs sch_netem (some VM kernels, this one
-  # included, lack it; a netfilter-queue delay line measured wrong, so none is faked)
-  inns "$NS_LAP" tc qdisc add dev lap0 root netem delay "${DELAY_MS}ms" &&
-    inns "$NS_GW" tc qdisc add dev gw0 root netem delay "${DELAY_MS}ms" ||
-    { echo "DELAY_MS needs tc netem (sch_netem), which this kernel does not have" >&2; exit 1; }
+if [ "$DELAY_MS" != 0 ] && [ "$WIRE" = 0 ]; then
+  # a delay each way on the underlay with sch_netem
+  inns "$NS_LAP" tc qdisc add dev lap0 root netem delay "${DELAY_MS}ms" limit 100000 &&
+    inns "$NS_GW" tc qdisc add dev gw0 root netem delay "${DELAY_MS}ms" limit 100000 ||
+    { echo "tc netem failed (DELAY_EMU=wire uses mc-wire instead)" >&2; exit 1; }
+fi
+if [ "$DELAY_MS" != 0 ]; then
+  # the emulated RTT, before any loss is added: expect 2 x DELAY_MS + the base
+  inns "$NS_LAP" ping -q -n -c 1 -W 2 "$GW_LAP_IP" >/dev/null 2>&1   # ARP, which crosses too
+  rtt=$(inns "$NS_LAP" ping -q -n -c 20 -i 0.05 -W 2 "$GW_LAP_IP" 2>&1 |
+    awk -F' = ' '/^rtt|^round-trip/{split($2, a, "/"); print a[2] " ms avg, " a[1] " min, " a[3] " max (20 pings)"}')
+  [ -n "$rtt" ] || { echo "no ping across the delayed underlay" >&2; exit 1; }
+  log "underlay RTT: $rtt"
+  echo "underlay delay by $([ "$WIRE" = 1 ] && echo "mc-wire (userspace, AF_PACKET; offloads off on lap0/gw0)" || echo "tc netem"); ping lap -> gw RTT: $rtt" >>"$NOTES"
 fi
 if [ "${LOSS:-0}" != 0 ]; then
   # random loss on the underlay, each direction, where a packet arrives (iptables
@@ -1125,7 +1214,7 @@ if [ "${LOSS:-0}" != 0 ]; then
   inns "$NS_LAP" iptables -t mangle -A PREROUTING -i lap0 -m statistic --mode random --probability "$p" -j DROP
   inns "$NS_GW" iptables -t mangle -A PREROUTING -i gw0 -m statistic --mode random --probability "$p" -j DROP
 fi
-if [ "${DELAY_MS:-0}" != 0 ] || [ "${LOSS:-0}" != 0 ]; then
+if [ "$DELAY_MS" != 0 ] || [ "${LOSS:-0}" != 0 ]; then
   echo "underlay impaired: ${DELAY_MS:-0} ms delay and ${LOSS:-0} % loss each direction" >>"$NOTES"
 fi
 start_pod_services
@@ -1145,6 +1234,7 @@ for p in $PATHS; do
   measure_path "$p"
 done
 
+stop_wire
 write_report
 REPORTED=1
 log "results: $RESULTS"
