@@ -158,19 +158,20 @@ impl Allocator {
         self.by_key.is_empty()
     }
 
-    /// Keys neither refreshed nor seen (handshake) within `expiry`.
+    /// Keys neither refreshed (registered) nor heard from (`last_heard`:
+    /// time since the peer's last authenticated datagram) within `expiry`.
     pub fn expired(
         &self,
         now: Instant,
         expiry: Duration,
-        last_seen: &HashMap<WgKey, Duration>,
+        last_heard: &HashMap<WgKey, Duration>,
     ) -> Vec<WgKey> {
         self.by_key
             .iter()
             .filter(|(k, e)| {
                 let registered = now.saturating_duration_since(e.refreshed);
-                let seen = last_seen.get(*k).copied().unwrap_or(Duration::MAX);
-                registered > expiry && seen > expiry
+                let heard = last_heard.get(*k).copied().unwrap_or(Duration::MAX);
+                registered > expiry && heard > expiry
             })
             .map(|(k, _)| *k)
             .collect()
@@ -328,16 +329,18 @@ pub async fn serve_tunnel(mut conns: mpsc::Receiver<ApiConn>, control: Shared) {
     }
 }
 
-/// Forgets laptops that neither registered nor handshook within the
-/// expiry; runs until dropped.
+/// Forgets laptops that neither re-registered nor were heard from (an
+/// authenticated datagram: handshake, data, keepalive) within the expiry;
+/// runs until dropped. A handshake alone does not tell: a session moving
+/// data rekeys only every 2 minutes.
 pub async fn reap(control: Shared) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let seen = control.peers.last_seen().await;
+        let heard = control.peers.last_heard().await;
         let gone = match control.allocator.lock() {
             Ok(mut a) => {
-                let gone = a.expired(Instant::now(), control.expiry, &seen);
+                let gone = a.expired(Instant::now(), control.expiry, &heard);
                 for k in &gone {
                     a.remove(k);
                 }
@@ -346,7 +349,7 @@ pub async fn reap(control: Shared) {
             Err(_) => return,
         };
         for k in gone {
-            tracing::info!(key = %k.short(), "laptop expired: no registration or handshake");
+            tracing::info!(key = %k.short(), "laptop expired: neither registered nor heard from within its grace");
             control.peers.remove(k).await;
             control.reroutes.forget(k).await;
         }
@@ -647,7 +650,7 @@ mod tests {
     }
 
     #[test]
-    fn expiry_needs_both_silence_and_no_handshake() {
+    fn expiry_needs_both_silence_and_no_registration() {
         let t0 = Instant::now();
         let mut a = Allocator::new(net());
         let k = WgKey::from([3u8; 32]);

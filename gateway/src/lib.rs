@@ -146,7 +146,7 @@ pub struct GatewayConfig {
     pub control: ControlConfig,
 }
 
-/// How long a silent laptop (no registration, no handshake) keeps its
+/// How long a silent laptop (no registration, no datagram) keeps its
 /// peer, address and flows: longer than a lid closed over lunch.
 pub const DEFAULT_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -53,8 +53,9 @@ struct Cli {
     /// from this IPv4 network; the first host is the gateway's own.
     #[arg(long, value_name = "CIDR", default_value = "198.19.0.0/16")]
     tunnel_network: ipnet::Ipv4Net,
-    /// Grace of a silent laptop: one that neither re-registers nor
-    /// handshakes (suspended, offline, roaming) keeps its tunnel address
+    /// Grace of a silent laptop: one that neither re-registers nor sends
+    /// a datagram of its tunnel (suspended, offline, roaming; a connected
+    /// laptop sends one at least every 25 s) keeps its tunnel address
     /// and its open TCP flows this long, so its connections resume when it
     /// is back; then it is forgotten and its flows reset (it registers
     /// again by itself). Reroute leases do not wait for it: they lapse

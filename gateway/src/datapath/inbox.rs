@@ -43,8 +43,9 @@ pub enum Command {
     AddPeer(PeerConfig, oneshot::Sender<Result<(), PeerError>>),
     /// Remove the peer with this public key; its TCP flows are reset.
     RemovePeer(WgKey),
-    /// Time since each peer's last handshake, by public key.
-    LastHandshakes(oneshot::Sender<HashMap<WgKey, Duration>>),
+    /// Time since each peer was last heard from (its latest authenticated
+    /// datagram), by public key.
+    LastHeard(oneshot::Sender<HashMap<WgKey, Duration>>),
     /// Open flows (TCP, UDP) of the laptop with this tunnel address.
     FlowsOf(IpAddr, oneshot::Sender<(usize, usize)>),
     /// Open a TCP connection to a laptop's tunnel address and port (see
@@ -107,10 +108,11 @@ impl DatapathHandle {
         answer.await.ok()
     }
 
-    /// Time since each peer's last handshake, by key.
-    pub(crate) async fn last_seen(&self) -> HashMap<WgKey, Duration> {
+    /// Time since each peer was last heard from (an authenticated
+    /// datagram: handshake, data or keepalive), by key.
+    pub(crate) async fn last_heard(&self) -> HashMap<WgKey, Duration> {
         let (reply, answer) = oneshot::channel();
-        if self.tx.send(Command::LastHandshakes(reply)).await.is_err() {
+        if self.tx.send(Command::LastHeard(reply)).await.is_err() {
             return HashMap::new();
         }
         answer.await.unwrap_or_default()

@@ -333,8 +333,8 @@ impl Datapath {
                         let _ = reply.send(self.add_peer(config));
                     }
                     Some(Command::RemovePeer(key)) => self.remove_peer(&key),
-                    Some(Command::LastHandshakes(reply)) => {
-                        let _ = reply.send(self.last_handshakes(Instant::now()));
+                    Some(Command::LastHeard(reply)) => {
+                        let _ = reply.send(last_heard(&self.peers, Instant::now()));
                     }
                     Some(Command::FlowsOf(laptop, reply)) => {
                         let _ = reply.send(self.flows.flows_of(laptop));
@@ -768,20 +768,6 @@ impl Datapath {
         });
     }
 
-    fn last_handshakes(&self, now: Instant) -> HashMap<WgKey, Duration> {
-        self.peers
-            .ids()
-            .filter_map(|id| self.peers.get(id))
-            .filter_map(|p| {
-                let at = p.last_handshake()?;
-                Some((
-                    WgKey::from(p.public_key()),
-                    now.saturating_duration_since(at),
-                ))
-            })
-            .collect()
-    }
-
     fn sweep(&mut self, now: Instant) {
         // First: keep-alives for stalled flows, and the memory of empty
         // send buffers back, so that flows held back by the memory caps
@@ -834,6 +820,30 @@ impl Datapath {
             out.encapsulate(peers, packet, now, stats);
         });
     }
+}
+
+/// How long ago each peer was last heard from: its latest authenticated
+/// datagram (a handshake, data, or a keepalive: a connected laptop sends
+/// one at least every 25 s, every 5 s on each port-forward stream). The
+/// reaper forgets a laptop only when this and its registration are both
+/// older than the grace (`control::reap`): a laptop that is moving data is
+/// not silent, however long ago its last handshake was (sessions rekey
+/// only every 2 minutes, heartbeats re-register every 30 s).
+fn last_heard(peers: &Peers, now: Instant) -> HashMap<WgKey, Duration> {
+    peers
+        .ids()
+        .filter_map(|id| peers.get(id))
+        .filter_map(|p| {
+            let at = match (p.last_received(), p.last_handshake()) {
+                (Some(r), Some(h)) => r.max(h),
+                (r, h) => r.or(h)?,
+            };
+            Some((
+                WgKey::from(p.public_key()),
+                now.saturating_duration_since(at),
+            ))
+        })
+        .collect()
 }
 
 /// A handshake answered for the laptop of `span`, arrived from `from` (a
@@ -911,4 +921,73 @@ fn dialer_thread(
 
 fn framing_max() -> usize {
     burrow_netstack::framing::MAX_FRAME
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use boringtun::x25519::PublicKey;
+    use burrow_netstack::wg::Encapsulated;
+
+    use super::*;
+
+    /// A laptop that handshook once and then only sent keepalives (or
+    /// data) is heard from at its last datagram, not at its handshake:
+    /// the reaper judged a downloading laptop by its handshake alone and
+    /// forgot it mid-transfer once its grace was shorter than the time
+    /// since its last handshake and heartbeat.
+    #[test]
+    fn a_laptop_is_heard_at_its_last_datagram_not_its_last_handshake() {
+        let gw_key = StaticSecret::from([1; 32]);
+        let laptop_key = StaticSecret::from([2; 32]);
+        let laptop_addr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 7));
+        let gw_addr: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
+        let laptop_underlay: SocketAddr = "192.0.2.2:40000".parse().expect("addr");
+        let mut gateway = Peers::new(gw_key.clone());
+        gateway
+            .add(PeerConfig::host(PublicKey::from(&laptop_key), laptop_addr))
+            .expect("laptop peer");
+        let mut laptop = Peers::new_laptop(laptop_key);
+        let gw = laptop
+            .add(PeerConfig {
+                public_key: PublicKey::from(&gw_key),
+                allowed_ips: vec!["198.19.0.0/16".parse().expect("net")],
+                endpoint: Some(gw_addr),
+                preshared_key: None,
+                persistent_keepalive: None,
+            })
+            .expect("gateway peer");
+        let (mut a, mut b, mut c) = (vec![0u8; 2048], vec![0u8; 2048], vec![0u8; 2048]);
+        let t0 = Instant::now();
+        // The handshake, at t0.
+        let Encapsulated::Send { datagram, .. } = laptop.handshake_now(gw, &mut a) else {
+            panic!("no initiation");
+        };
+        let Decapsulated::Send { datagram, .. } =
+            gateway.decapsulate(laptop_underlay, datagram, &mut b, t0)
+        else {
+            panic!("no response");
+        };
+        let len = datagram.len();
+        let _ = laptop.decapsulate(gw_addr, &b[..len], &mut c, t0);
+        let heard = |g: &Peers, now| last_heard(g, now).into_values().next().expect("the laptop");
+        assert_eq!(
+            heard(&gateway, t0 + Duration::from_secs(25)),
+            Duration::from_secs(25)
+        );
+        // A keepalive 25 s later: heard 5 s ago at t0 + 30 s.
+        let Encapsulated::Send { datagram, .. } = laptop.encapsulate_to(gw, &[], &mut a) else {
+            panic!("no keepalive");
+        };
+        let at = t0 + Duration::from_secs(25);
+        assert!(matches!(
+            gateway.decapsulate(laptop_underlay, datagram, &mut b, at),
+            Decapsulated::Keepalive { .. }
+        ));
+        assert_eq!(
+            heard(&gateway, t0 + Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+    }
 }
