@@ -383,14 +383,14 @@ fn the_gateway_connects_to_a_laptop_through_the_tunnel() {
     }
 }
 
-/// Until the laptop completed a WireGuard handshake with the gateway.
+/// Until the gateway heard the laptop (its WireGuard handshake).
 async fn wait_for_handshake(control: &tokio::sync::mpsc::Sender<DatapathCommand>, laptop_ns: &str) {
     let deadline = Instant::now() + PATIENCE;
     poke_gateway(laptop_ns);
     loop {
         let (reply, answer) = tokio::sync::oneshot::channel();
         control
-            .send(DatapathCommand::LastHandshakes(reply))
+            .send(DatapathCommand::LastHeard(reply))
             .await
             .expect("data path");
         if !answer.await.expect("answer").is_empty() {

@@ -972,7 +972,12 @@ impl FlowEngine {
                 unsafe { tx.give_back_pages() };
             }
             flow.tx_memory = TxMemory::default();
-            discharge_tx(&mut self.laptops, &mut self.tx_memory_all, laptop, m.charged);
+            discharge_tx(
+                &mut self.laptops,
+                &mut self.tx_memory_all,
+                laptop,
+                m.charged,
+            );
         }
         for l in self.laptops.values_mut() {
             l.tx_starved = false;
@@ -1254,7 +1259,11 @@ impl FlowEngine {
             .config
             .tcp_tx_memory_per_laptop
             .saturating_sub(held)
-            .min(self.config.tcp_tx_memory_all.saturating_sub(self.tx_memory_all));
+            .min(
+                self.config
+                    .tcp_tx_memory_all
+                    .saturating_sub(self.tx_memory_all),
+            );
         if left >= uncharged.min(free) {
             return Ok(free);
         }
@@ -2052,7 +2061,11 @@ mod tests {
                 .any(|s| s.dst == b(40001) && s.payload == b"after"),
             "the bytes written after the give-back go out as written"
         );
-        assert_eq!(e.tcp_send_room(a4).expect("flow"), 0, "A is still at its cap");
+        assert_eq!(
+            e.tcp_send_room(a4).expect("flow"),
+            0,
+            "A is still at its cap"
+        );
         // Releasing one of A's flows gives A room again.
         e.tcp_abort(a1).expect("flow");
         let _ = drain(&mut e, t0);

@@ -273,7 +273,10 @@ mod tests {
             s.give_back_pages();
             assert!(s.as_static_slice().iter().all(|&b| b == 0), "zeros after");
         }
-        assert_eq!(resident_kib(&slots), (WARM_SLOTS - 1) * WARM_BYTES / 1024 + 1024);
+        assert_eq!(
+            resident_kib(&slots),
+            (WARM_SLOTS - 1) * WARM_BYTES / 1024 + 1024
+        );
         // SAFETY: no slice is alive.
         unsafe { slots.put(s) };
     }
