@@ -745,6 +745,10 @@ fn sleep_longer_than_the_grace() {
     let l = connected(c, 1, "udp", &[]);
     let what = "daemon stopped longer than the gateway's grace";
     let before = l.status_json();
+    // A download that only waits for data (100 MiB at 1 MB/s): the
+    // gateway forgets its flow, and it must end, not wait for good.
+    let (mut download, file) = start_download(&l, "forgotten.bin", "1M");
+    std::thread::sleep(Duration::from_secs(2));
     let pid = daemon_pid(&l);
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
     // The grace (20 s), the reaper's tick (5 s) and margin.
@@ -767,6 +771,20 @@ fn sleep_longer_than_the_grace() {
         "{what}: status does not say the gateway had forgotten the laptop: {st}"
     );
     assert_eq!(identity(&st), identity(&before));
+    let ended = eventually(
+        Duration::from_secs(20),
+        "the download the gateway forgot to end",
+        || download.try_wait().ok().flatten(),
+    );
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        !ended.success(),
+        "{what}: a download of 100 MiB at 1 MB/s cannot have completed: {ended}"
+    );
+    eprintln!(
+        "{what}: the forgotten download ended {:.1?} after SIGCONT ({ended})",
+        woke.elapsed()
+    );
 }
 
 #[test]

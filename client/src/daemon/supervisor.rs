@@ -103,12 +103,13 @@ pub(super) async fn supervise(mut s: Supervisor) {
                     // (asleep, offline). Its flows are gone; the peer is
                     // back now, so handshake at once rather than at the
                     // next retry of the old session.
+                    s.sessions.restart();
+                    let closed = close_tunnel_connections(s.address).await;
                     let what = format!(
-                        "the gateway had forgotten this laptop (silent longer than its {}s grace; its connections were reset): registered again as {}",
+                        "the gateway had forgotten this laptop (silent longer than its {}s grace): registered again as {}; {closed}",
                         reg.expiry_secs, reg.address
                     );
                     tracing::warn!("{what}");
-                    s.sessions.restart();
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
                         st.last_reconnect_error = None;
@@ -120,17 +121,19 @@ pub(super) async fn supervise(mut s: Supervisor) {
                         let _ = r.pod.send(target.clone());
                     }
                     s.sessions.restart();
+                    let closed = if reg.known == Some(true) {
+                        String::new()
+                    } else {
+                        format!(
+                            " (the new pod did not know this laptop); {}",
+                            close_tunnel_connections(s.address).await
+                        )
+                    };
                     if let Ok(mut st) = s.status.lock() {
                         st.reconnects += 1;
                         st.event(format!(
-                            "gateway pod {} replaced by {}: registered again{}",
-                            s.pod.name,
-                            target.name,
-                            if reg.known == Some(true) {
-                                ""
-                            } else {
-                                " (the new pod did not know this laptop)"
-                            }
+                            "gateway pod {} replaced by {}: registered again{closed}",
+                            s.pod.name, target.name,
                         ));
                         st.gateway_pod = target.name.clone();
                         st.gateway_pod_ip = target.ip.clone();
@@ -156,6 +159,42 @@ pub(super) async fn supervise(mut s: Supervisor) {
                 next_register = tokio::time::Instant::now() + retry;
             }
         }
+    }
+}
+
+/// Close the laptop's TCP connections through the tunnel (those from its
+/// tunnel address `address`) after the gateway lost their state (it forgot
+/// the laptop, or a new pod took over): the gateway resets them, but
+/// those resets went nowhere, so a connection that only waits for data
+/// would wait for good. Uses the kernel's socket destroy (`ss -K`, from
+/// iproute2, as the daemon runs as root); says what it did.
+async fn close_tunnel_connections(address: IpAddr) -> String {
+    let run = tokio::process::Command::new("ss")
+        .args(["-K", "-t", "-n", "-H", "src"])
+        .arg(address.to_string())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            let n = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count();
+            tracing::info!(closed = n, "closed the connections the gateway had lost");
+            format!("{n} connection(s) through the tunnel were closed (their state was lost)")
+        }
+        Ok(Ok(out)) => {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            tracing::warn!(%err, "ss -K failed");
+            format!("its connections through the tunnel were lost (closing them failed: {err})")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot run ss -K");
+            format!(
+                "its connections through the tunnel were lost (cannot run ss to close them: {e})"
+            )
+        }
+        Err(_) => "its connections through the tunnel were lost (ss -K did not finish)".to_owned(),
     }
 }
 
