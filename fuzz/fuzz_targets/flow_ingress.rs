@@ -372,6 +372,9 @@ fuzz_target!(|data: &[u8]| {
         random_seed: 0,
         orphan_linger: Duration::from_secs(60),
         per_laptop: limits,
+        // Small enough that the send-buffer memory caps bite.
+        tcp_tx_memory_per_laptop: buffer * 2,
+        tcp_tx_memory_all: buffer * 3,
     };
     let start = Instant::now();
     let mut h = Harness {
