@@ -44,15 +44,21 @@ pub(super) async fn supervise(mut s: Supervisor) {
     let mut look = tokio::time::interval(underlay::TICK);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut net = Underlay::new(
-        s.underlay_to.and_then(underlay::source_towards),
+        s.underlay_to
+            .and_then(|to| underlay::source_towards(to).ok().flatten()),
         std::time::Instant::now(),
     );
     loop {
         let mut change = None;
         tokio::select! {
             _ = look.tick() => {
-                let source = s.underlay_to.and_then(underlay::source_towards);
-                change = net.observe(source, std::time::Instant::now(), std::time::SystemTime::now());
+                match s.underlay_to.map(underlay::source_towards).transpose() {
+                    Ok(source) => {
+                        change = net.observe(source.flatten(), std::time::Instant::now(), std::time::SystemTime::now());
+                    }
+                    // Not a network change: look again at the next tick.
+                    Err(e) => tracing::debug!(error = %e, "cannot look at the route towards the gateway"),
+                }
             }
             event = pods.next() => match event {
                 Some(Ok(Some(pod))) => {

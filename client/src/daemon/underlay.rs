@@ -133,18 +133,35 @@ impl Underlay {
     }
 }
 
-/// The source address the kernel would use towards `to` (None: no route,
-/// e.g. the link is down). A connected UDP socket sends nothing.
-pub(super) fn source_towards(to: SocketAddr) -> Option<IpAddr> {
+/// The source address the kernel would use towards `to` (`Ok(None)`: no
+/// route, e.g. the link is down). A connected UDP socket sends nothing.
+/// `Err`: this look could not tell (no socket to ask with, e.g. out of
+/// file descriptors): not a network change.
+pub(super) fn source_towards(to: SocketAddr) -> std::io::Result<Option<IpAddr>> {
+    use std::io::ErrorKind;
     let any: SocketAddr = if to.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
-    let sock = std::net::UdpSocket::bind(any).ok()?;
-    sock.connect(to).ok()?;
-    let ip = sock.local_addr().ok()?.ip();
-    (!ip.is_unspecified()).then_some(ip)
+    let sock = std::net::UdpSocket::bind(any)?;
+    match sock.connect(to) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::NetworkUnreachable
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::NetworkDown
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    }
+    let ip = sock.local_addr()?.ip();
+    Ok((!ip.is_unspecified()).then_some(ip))
 }
 
 /// Where the laptop's tunnel traffic leaves for: the UDP endpoint, or the
