@@ -961,8 +961,11 @@ impl FlowEngine {
             }
             let m = flow.tx_memory;
             let laptop = flow.tuple.0.ip();
-            let starved = self.laptops.get(&laptop).is_some_and(|l| l.tx_starved);
-            if queued > 0 || m.charged == 0 || (m.written < TX_GIVE_BACK && !starved) {
+            if queued > 0
+                || m.charged == 0
+                || (m.written < TX_GIVE_BACK
+                    && !self.laptops.get(&laptop).is_some_and(|l| l.tx_starved))
+            {
                 continue;
             }
             if let Some((_, tx)) = &flow.memory {
@@ -1010,7 +1013,7 @@ impl FlowEngine {
         let (mut socket, memory) = self.new_tcp_socket();
         if socket.listen(IpListenEndpoint::from(syn.dst)).is_err() {
             drop(socket);
-            self.give_back(memory);
+            self.give_back(memory, 0);
             self.tcp_by_tuple.remove(&(syn.src, syn.dst));
             self.uncount(syn.src.ip(), 1, 0, 0);
             return Err(FlowError::InvalidState(id));
@@ -1083,14 +1086,16 @@ impl FlowEngine {
         (socket, memory)
     }
 
-    /// Return a dropped socket's buffer memory.
-    fn give_back(&mut self, memory: Option<(Slot, Slot)>) {
+    /// Return a dropped socket's buffer memory; the send buffer's bytes
+    /// may have touched its first `tx_touched` bytes (its [`TxMemory`]
+    /// charge), so only those pages need giving back.
+    fn give_back(&mut self, memory: Option<(Slot, Slot)>, tx_touched: usize) {
         if let Some((rx, tx)) = memory {
             // SAFETY: the socket that borrowed them is gone (callers drop
             // or remove it first).
             unsafe {
                 self.rx_slots.put(rx);
-                self.tx_slots.put(tx);
+                self.tx_slots.put_touched(tx, tx_touched);
             }
         }
     }
@@ -1119,7 +1124,7 @@ impl FlowEngine {
         let (mut socket, memory) = self.new_tcp_socket();
         if socket.connect(self.iface.context(), remote, local).is_err() {
             drop(socket);
-            self.give_back(memory);
+            self.give_back(memory, 0);
             return Err(unaddressable);
         }
         let handle = self.sockets.add(socket);
@@ -1464,7 +1469,7 @@ impl FlowEngine {
     pub fn release(&mut self, id: FlowId) {
         if let Some(flow) = self.tcp.remove(&id) {
             drop(self.sockets.remove(flow.handle));
-            self.give_back(flow.memory);
+            self.give_back(flow.memory, flow.tx_memory.charged);
             discharge_tx(
                 &mut self.laptops,
                 &mut self.tx_memory_all,
@@ -1953,37 +1958,36 @@ mod tests {
 
     /// A segment from the laptop on the flow of `new_flow`.
     fn laptop_seg(control: TcpControl, seq: i32, ack: Option<Seq>) -> Vec<u8> {
+        laptop_seg_from(LAPTOP, control, seq, ack)
+    }
+
+    /// A segment from `src` to SERVICE, without options.
+    fn laptop_seg_from(
+        src: SocketAddr,
+        control: TcpControl,
+        seq: i32,
+        ack: Option<Seq>,
+    ) -> Vec<u8> {
         let mut r = syn_repr(seq);
+        r.src_port = src.port();
         r.control = control;
         r.ack_number = ack;
         r.window_scale = None;
         r.max_seg_size = None;
         r.sack_permitted = false;
-        tcp_packet(LAPTOP, SERVICE, &r)
+        tcp_packet(src, SERVICE, &r)
     }
 
     /// An accepted flow with the laptop's handshake complete; the
     /// gateway's next sequence number.
     fn established(e: &mut FlowEngine, now: Instant) -> (FlowId, Seq) {
-        let id = new_flow(e, now);
-        e.accept(id, now).expect("pending");
-        let synack = parse_tcp(&drain(e, now)[0]);
-        let ours = synack.seq + 1;
-        e.ingress(&laptop_seg(TcpControl::None, 1001, Some(ours)), now);
-        assert_eq!(e.tcp_state(id), Some(TcpState::Established));
-        (id, ours)
+        established_from(e, LAPTOP, now)
     }
 
-    /// An established flow from `src` to SERVICE (the laptop's handshake
-    /// done, segments without options); the gateway's next sequence
-    /// number.
+    /// The same from `src` (another port, another laptop), while other
+    /// flows may have segments queued.
     fn established_from(e: &mut FlowEngine, src: SocketAddr, now: Instant) -> (FlowId, Seq) {
-        let mut syn = syn_repr(1000);
-        syn.src_port = src.port();
-        let id = match e.ingress(&tcp_packet(src, SERVICE, &syn), now) {
-            Ingress::NewTcp { id, .. } => id,
-            other => panic!("expected NewTcp, got {other:?}"),
-        };
+        let id = new_id(syn_from(e, src, now));
         e.accept(id, now).expect("pending");
         let synack = drain(e, now)
             .iter()
@@ -1991,12 +1995,10 @@ mod tests {
             .find(|s| s.dst == src && s.control == TcpControl::Syn)
             .expect("SYN-ACK");
         let ours = synack.seq + 1;
-        let mut ack = syn_repr(1001);
-        ack.src_port = src.port();
-        ack.control = TcpControl::None;
-        ack.ack_number = Some(ours);
-        (ack.window_scale, ack.max_seg_size, ack.sack_permitted) = (None, None, false);
-        e.ingress(&tcp_packet(src, SERVICE, &ack), now);
+        e.ingress(
+            &laptop_seg_from(src, TcpControl::None, 1001, Some(ours)),
+            now,
+        );
         assert_eq!(e.tcp_state(id), Some(TcpState::Established));
         (id, ours)
     }
@@ -2042,12 +2044,8 @@ mod tests {
         // B acknowledges everything: its buffer is empty, and the sweep
         // gives its memory back; A's stalled buffers keep theirs.
         let _ = drain(&mut e, t0);
-        let mut ack = syn_repr(1001);
-        ack.src_port = 40001;
-        ack.control = TcpControl::None;
-        ack.ack_number = Some(b_seq + 40 * kib);
-        (ack.window_scale, ack.max_seg_size, ack.sack_permitted) = (None, None, false);
-        e.ingress(&tcp_packet(b(40001), SERVICE, &ack), t0);
+        let ack = Some(b_seq + 40 * kib);
+        e.ingress(&laptop_seg_from(b(40001), TcpControl::None, 1001, ack), t0);
         assert_eq!(e.tcp_send_queue(b1).expect("flow"), 0);
         assert_eq!(e.tx_memory(b(0).ip()).0, 40 * kib, "charged until a sweep");
         e.probe_stalled_flows();

@@ -121,30 +121,40 @@ impl Slots {
     /// # Safety
     /// No slice obtained from `slot` may be alive.
     pub(crate) unsafe fn put(&mut self, slot: Slot) {
-        if self.warm.len() < self.warm_max {
-            // Warm: the first pages, which a short connection touches;
-            // the rest of a large slot goes back to the kernel.
-            if slot.len > WARM_BYTES {
-                // SAFETY: inside the slot, unreferenced (the caller's
-                // promise); failure only leaves the pages resident.
-                unsafe {
-                    libc::madvise(
-                        slot.ptr.as_ptr().add(WARM_BYTES).cast(),
-                        slot.len - WARM_BYTES,
-                        libc::MADV_DONTNEED,
-                    );
-                }
+        let len = slot.len;
+        // SAFETY: the caller's promise.
+        unsafe { self.put_touched(slot, len) }
+    }
+
+    /// [`Slots::put`] for a slot of which at most the first `touched` bytes
+    /// were written since its pages were last given back (beyond the warm
+    /// part a previous lease may have left): `madvise` covers only those,
+    /// so a short connection's large slot costs no system call.
+    ///
+    /// # Safety
+    /// As [`Slots::put`]; `touched` must not understate.
+    pub(crate) unsafe fn put_touched(&mut self, slot: Slot, touched: usize) {
+        let warm = self.warm.len() < self.warm_max;
+        // Warm: the first pages, which a short connection touches, stay;
+        // the rest of a large slot goes back to the kernel.
+        let keep = if warm { WARM_BYTES.min(slot.len) } else { 0 };
+        let end = touched.max(WARM_BYTES).min(slot.len).div_ceil(page_size()) * page_size();
+        if end > keep {
+            // SAFETY: inside the slot, unreferenced (the caller's
+            // promise); failure only leaves the pages resident.
+            unsafe {
+                libc::madvise(
+                    slot.ptr.as_ptr().add(keep).cast(),
+                    end - keep,
+                    libc::MADV_DONTNEED,
+                );
             }
+        }
+        if warm {
             self.warm.push(slot);
-            return;
+        } else {
+            self.free.push(slot);
         }
-        // SAFETY: the range is inside one of our mappings and, by the
-        // caller's promise, unreferenced. Failure only means the pages stay
-        // resident.
-        unsafe {
-            libc::madvise(slot.ptr.as_ptr().cast(), slot.len, libc::MADV_DONTNEED);
-        }
-        self.free.push(slot);
     }
 
     fn grow(&mut self) -> Option<()> {

@@ -462,15 +462,20 @@ fn download_is_right(l: &Laptop, what: &str) {
         stderr(&o),
         l.daemon_log()
     );
+    is_100m(l, &file, &format!("{what}: a new download"));
+}
+
+/// `file` is the web root's 100m.bin, byte for byte (sha256); removed.
+fn is_100m(l: &Laptop, file: &PathBuf, what: &str) {
     let mut sha = Command::new("sha256sum");
-    sha.arg(&file);
+    sha.arg(file);
     let sum = ok(sha);
+    let _ = std::fs::remove_file(file);
     assert_eq!(
         sum.split_whitespace().next(),
         Some(expected_sha256(l.c, "100m.bin").as_str()),
-        "{what}: sha256 of a new download"
+        "{what}: sha256"
     );
-    let _ = std::fs::remove_file(&file);
 }
 
 /// What a download that failed or stalled leaves to read: the laptop's
@@ -582,15 +587,7 @@ fn download_going_on_completes(
             stderr(&o).trim()
         );
     }
-    let mut sha = Command::new("sha256sum");
-    sha.arg(file);
-    let sum = ok(sha);
-    let _ = std::fs::remove_file(file);
-    assert_eq!(
-        sum.split_whitespace().next(),
-        Some(expected_sha256(l.c, "100m.bin").as_str()),
-        "{what}: sha256 of the download going on"
-    );
+    is_100m(l, file, &format!("{what}: the download going on"));
     took
 }
 

@@ -119,7 +119,7 @@ fn open_packet_socket(ifname: &str, rcvbuf: usize) -> Result<Socket> {
     let ll: &mut libc::sockaddr_ll = unsafe { storage.view_as() };
     ll.sll_family = libc::AF_PACKET as libc::sa_family_t;
     ll.sll_protocol = eth_p_all;
-    ll.sll_ifindex = i32::try_from(ifindex).context("interface index out of range")?;
+    ll.sll_ifindex = ll_index(ifindex)?;
     let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
     // SAFETY: the storage holds an initialised sockaddr_ll of `len` bytes.
     let addr = unsafe { SockAddr::new(storage, len) };
