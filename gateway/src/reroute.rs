@@ -579,8 +579,25 @@ impl Target {
     }
 }
 
-/// How long a refused dial to the pods (the shadow Service) is retried.
-const SHADOW_SETTLE: Duration = Duration::from_secs(2);
+/// How long a dial to the pods (the shadow Service) is tried again when
+/// kube-proxy does not route it yet.
+const SHADOW_SETTLE: Duration = Duration::from_secs(5);
+/// One attempt of that dial: a SYN kube-proxy had no rule for is lost
+/// (real cluster) or answered "host unreachable" after the ARP timeout
+/// (3 s); a fresh attempt goes out soon after the rules are written.
+const SHADOW_ATTEMPT: Duration = Duration::from_millis(700);
+
+/// Whether a failed dial to a ClusterIP may be kube-proxy not having
+/// caught up yet (a shadow made a moment ago, a rollout): no rule yet
+/// (unreachable, or no answer), or a rule for a Service with no endpoints
+/// (refused).
+fn not_routed_yet(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut
+    )
+}
 
 /// Laptops through the tunnel, the cluster with TCP.
 struct Dialer {
@@ -592,24 +609,29 @@ impl Dial for Dialer {
         match to.clone() {
             Upstream::Laptop { addr, .. } => (self.laptop)(addr),
             Upstream::Cluster(addr) => Box::pin(async move {
-                // A refusal is kube-proxy's answer for a Service with no
-                // endpoints programmed yet (a shadow just made, a rollout):
-                // tried again for a moment before the caller hears of it.
+                // Tried again for a moment before the caller hears of it:
+                // kube-proxy writes a new Service's rules a second or more
+                // after the endpoint controller listed its pods.
                 let deadline = Instant::now() + SHADOW_SETTLE;
                 loop {
-                    match TcpStream::connect(addr).await {
-                        Ok(s) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let attempt = SHADOW_ATTEMPT.min(left).max(Duration::from_millis(100));
+                    let e = match tokio::time::timeout(attempt, TcpStream::connect(addr)).await {
+                        Ok(Ok(s)) => {
                             let _ = s.set_nodelay(true);
                             return Ok(Box::new(s) as BoxIo);
                         }
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::ConnectionRefused
-                                && Instant::now() < deadline =>
-                        {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) => return Err(e),
+                        Ok(Err(e)) => e,
+                        Err(_) => std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer from {addr} within {} ms", attempt.as_millis()),
+                        ),
+                    };
+                    if !not_routed_yet(&e) || Instant::now() >= deadline {
+                        return Err(e);
                     }
+                    tracing::debug!(to = %addr, "dial to the pods: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }),
         }
@@ -1727,6 +1749,54 @@ mod tests {
         assert_eq!(
             (old.protocol, old.fallback),
             (Protocol::Auto, Fallback::Error)
+        );
+    }
+
+    /// A dial to the pods that kube-proxy does not route yet (refused now,
+    /// answered a moment later) reaches them; one that is refused
+    /// throughout fails once the settle time is over.
+    #[tokio::test]
+    async fn a_dial_to_the_pods_waits_for_kube_proxy() {
+        let laptop: LaptopConnect =
+            Arc::new(|_| Box::pin(async { Err(io::Error::other("no laptop in this test")) }));
+        let dialer = Dialer { laptop };
+        let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = spare.local_addr().expect("addr");
+        drop(spare);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let l = TcpListener::bind(addr).await.expect("bind again");
+            let (mut c, _) = l.accept().await.expect("accept");
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"pods")
+                .await
+                .expect("write");
+        });
+        let started = Instant::now();
+        let mut up = match dialer.dial(&Upstream::Cluster(addr)).await {
+            Ok(up) => up,
+            Err(e) => panic!("the dial gave up: {e}"),
+        };
+        assert!(started.elapsed() >= Duration::from_millis(700));
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut up, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(got, b"pods");
+        late.await.expect("server task");
+
+        let never = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = never.local_addr().expect("addr");
+        drop(never);
+        let started = Instant::now();
+        let e = match dialer.dial(&Upstream::Cluster(addr)).await {
+            Ok(_) => panic!("nothing listens on {addr}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(
+            started.elapsed() >= SHADOW_SETTLE,
+            "{:?}",
+            started.elapsed()
         );
     }
 }
