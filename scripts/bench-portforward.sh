@@ -80,16 +80,20 @@ raw() { # MB/s of $1 downloads through plain port-forwards
         --path /100m.bin --parallel "$1" | awk '/^@@/ {print $3}'
 }
 one() { # MB/s of one download of $1
-    lap curl -sf -o /dev/null -w '%{speed_download}\n' "$1/100m.bin" |
+    lap curl -sSf -o /dev/null -w '%{speed_download}\n' "$1/100m.bin" |
         awk '{printf "%.1f\n", $1 / 1e6}'
 }
 four() { # MB/s of 4 parallel downloads of $1 (all bytes / wall time)
     lap bash -c '
         s=$(date +%s%N)
-        for i in 1 2 3 4; do curl -sf -o /dev/null "$1/100m.bin" & done
-        ok=0; for j in 1 2 3 4; do wait -n && ok=$((ok + 1)); done
+        pids=
+        for i in 1 2 3 4; do curl -sSf -o /dev/null "$1/100m.bin" & pids="$pids $!"; done
+        ok=0 codes=
+        for p in $pids; do
+            if wait "$p"; then ok=$((ok + 1)); else codes="$codes $?"; fi
+        done
         e=$(date +%s%N)
-        [ "$ok" = 4 ] || { echo "a download failed" >&2; exit 1; }
+        [ "$ok" = 4 ] || { echo "a download of $1/100m.bin failed (curl exit$codes)" >&2; exit 1; }
         awk -v ns=$((e - s)) "BEGIN {printf \"%.1f\n\", 4 * 104857600 / (ns / 1e9) / 1e6}"
     ' _ "$1"
 }

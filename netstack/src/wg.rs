@@ -887,6 +887,47 @@ mod tests {
         assert_eq!(w.gw.counters(), Counters::default());
     }
 
+    /// The port-forward transport carries one session over several TCP
+    /// streams: messages of a stream that fell behind arrive thousands of
+    /// counters late and must still be taken (once), not refused as replays
+    /// (boringtun's published window is 1,024; vendor/boringtun/BURROW.md).
+    #[test]
+    fn messages_of_a_stream_that_fell_behind_are_taken_once() {
+        let mut w = world();
+        let mut a = Laptop::new(2, w.gw.public_key(), "192.0.2.10:5000");
+        send_from(&mut w, &mut a, &ipv4(LAPTOP_A, CLUSTER_IP, b"hello")).expect("handshake");
+        // Two "streams": every fourth message on the slow one.
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        for n in 0..20_000u32 {
+            let packet = ipv4(LAPTOP_A, CLUSTER_IP, &n.to_be_bytes());
+            let mut buf = vec![0u8; 2048];
+            let TunnResult::WriteToNetwork(d) = a.tunn.encapsulate(&packet, &mut buf) else {
+                panic!("encapsulate {n}");
+            };
+            if n % 4 == 0 { &mut slow } else { &mut fast }.push((n, d.to_vec()));
+        }
+        let mut gbuf = vec![0u8; 2048];
+        let mut take =
+            |w: &mut World, n: u32, d: &[u8]| match w.gw.decapsulate(a.at, d, &mut gbuf, w.t0) {
+                Decapsulated::Packet { packet, .. } => {
+                    assert_eq!(packet.get(28..), Some(&n.to_be_bytes()[..]), "message {n}");
+                    Ok(())
+                }
+                Decapsulated::Dropped(r) => Err(format!("{r:?}")),
+                _ => Err("nothing".to_string()),
+            };
+        // The fast stream delivers everything, then the slow one, 15,000
+        // counters behind.
+        for (n, d) in fast.iter().chain(&slow) {
+            assert_eq!(take(&mut w, *n, d), Ok(()), "message {n}");
+        }
+        // Each still only once.
+        let (n, d) = &slow[slow.len() / 2];
+        let again = take(&mut w, *n, d).expect_err("a replay");
+        assert!(again.contains("Counter"), "{again}");
+        assert_eq!(w.gw.counters().forged_source, 0);
+    }
+
     #[test]
     fn forged_source_is_dropped_and_counted() {
         let mut w = world();
