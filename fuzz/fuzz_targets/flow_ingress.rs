@@ -365,6 +365,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let config = FlowConfig {
         mtu,
+        datagram_mtu: mtu,
         tcp_rx_buffer: buffer,
         tcp_tx_buffer: buffer,
         udp_idle_timeout: Duration::from_secs(60),

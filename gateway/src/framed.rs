@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,8 +44,17 @@ use tokio::sync::{Notify, mpsc};
 /// Bytes read from a connection per chunk.
 const READ_CHUNK: usize = 64 * 1024;
 /// Unsent bytes a connection may hold before further frames are dropped
-/// (as a full UDP socket buffer would drop them).
-pub const MAX_BACKLOG: usize = 4 * 1024 * 1024;
+/// (as a full UDP socket buffer would drop them). Inside a TCP stream a
+/// drop is only a loss for the inner flow to repair (slowly: smoltcp has
+/// no SACK), so this is above what the flows sharing a stream keep in
+/// flight (each up to its 4 MiB send buffer, `--tcp-send-buffer`; the
+/// stream's kernel buffer holds a few MiB more); it bounds a laptop that
+/// stops reading.
+pub const MAX_BACKLOG: usize = 16 << 20;
+/// Unsent bytes all connections together may hold ([`MAX_BACKLOG`] is per
+/// connection): a few laptops that stop reading cannot take the pod's
+/// memory.
+pub const MAX_BACKLOG_ALL: usize = 128 << 20;
 
 /// Identity of one framed connection.
 pub type ConnId = u64;
@@ -223,6 +232,11 @@ pub fn addr_conn(addr: SocketAddr) -> Option<ConnId> {
 #[derive(Default)]
 pub struct FramedOut {
     buf: Mutex<Vec<u8>>,
+    /// Bytes pushed and not yet written: in `buf` and in the writer's
+    /// batch.
+    queued: AtomicUsize,
+    /// The same, summed over every connection (see [`MAX_BACKLOG_ALL`]).
+    all: Arc<AtomicUsize>,
     wake: Notify,
     closed: AtomicBool,
     /// Some peer's session accepted a datagram from this connection.
@@ -233,21 +247,54 @@ impl FramedOut {
     /// Append one datagram as a frame; false when it was dropped (backlog
     /// full, connection closed, or not frameable).
     pub fn push(&self, datagram: &[u8]) -> bool {
-        if self.closed.load(Ordering::Acquire) {
-            return false;
-        }
         let Ok(header) = framing::frame_header(datagram.len()) else {
             return false;
         };
         let Ok(mut buf) = self.buf.lock() else {
             return false;
         };
-        if buf.len() + header.len() + datagram.len() > MAX_BACKLOG {
+        // Under the lock: `release_all` sets `closed` under it too, so
+        // nothing is counted after the count was given back.
+        if self.closed.load(Ordering::Acquire) {
             return false;
         }
+        let n = header.len() + datagram.len();
+        if self.queued.load(Ordering::Relaxed) + n > MAX_BACKLOG
+            || self.all.load(Ordering::Relaxed) + n > MAX_BACKLOG_ALL
+        {
+            return false;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        self.all.fetch_add(n, Ordering::Relaxed);
         buf.extend_from_slice(&header);
         buf.extend_from_slice(datagram);
         true
+    }
+
+    /// A connection whose unsent bytes count towards `all` (shared by
+    /// every connection of one listener).
+    fn counted_in(all: Arc<AtomicUsize>) -> Self {
+        Self {
+            all,
+            ..Self::default()
+        }
+    }
+
+    /// `n` pushed bytes were written out.
+    fn written(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.all.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The writer is gone: closed, and every byte still counted given
+    /// back.
+    fn release_all(&self) {
+        if let Ok(mut buf) = self.buf.lock() {
+            self.closed.store(true, Ordering::Release);
+            *buf = Vec::new();
+            let left = self.queued.swap(0, Ordering::Relaxed);
+            self.all.fetch_sub(left, Ordering::Relaxed);
+        }
     }
 
     /// Tell the writer there is output (once per batch, not per frame).
@@ -322,6 +369,7 @@ pub async fn accept_loop(
     counters: Arc<Counters>,
 ) {
     let admission = Arc::new(Mutex::new(Admission::new(limits)));
+    let backlog_all = Arc::new(AtomicUsize::new(0));
     let mut next_id: ConnId = 0;
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -357,7 +405,7 @@ pub async fn accept_loop(
         next_id += 1;
         let id = next_id;
         let _ = stream.set_nodelay(true);
-        let out = Arc::new(FramedOut::default());
+        let out = Arc::new(FramedOut::counted_in(backlog_all.clone()));
         if events
             .send(FramedEvent::Opened {
                 id,
@@ -408,24 +456,26 @@ pub async fn accept_loop(
             loop {
                 let notified = out.wake.notified();
                 {
-                    let Ok(mut buf) = out.buf.lock() else { return };
+                    let Ok(mut buf) = out.buf.lock() else { break };
                     std::mem::swap(&mut *buf, &mut pending);
                 }
                 if pending.is_empty() {
                     if out.closed.load(Ordering::Acquire) {
                         let _ = wr.shutdown().await;
-                        return;
+                        break;
                     }
                     notified.await;
                     continue;
                 }
-                if let Err(e) = wr.write_all(&pending).await {
-                    tracing::debug!(conn = id, error = %e, "framed connection write failed");
-                    out.close();
-                    return;
-                }
+                let written = wr.write_all(&pending).await;
+                out.written(pending.len());
                 pending.clear();
+                if let Err(e) = written {
+                    tracing::debug!(conn = id, error = %e, "framed connection write failed");
+                    break;
+                }
             }
+            out.release_all();
         });
     }
 }
@@ -571,5 +621,47 @@ mod tests {
         }
         assert_eq!(a.open(), 0);
         assert!(a.by_source.is_empty());
+    }
+
+    /// Unsent bytes are bounded per connection and over all of them; what
+    /// the writer wrote or a closed connection held is given back.
+    #[test]
+    fn backlog_is_capped_per_connection_and_for_all_and_given_back() {
+        let all = Arc::new(AtomicUsize::new(0));
+        let a = FramedOut::counted_in(all.clone());
+        let frame = vec![7u8; 60_000];
+        let per = frame.len() + framing::HEADER_LEN;
+        let mut n = 0;
+        while a.push(&frame) {
+            n += 1;
+        }
+        assert_eq!(n, MAX_BACKLOG / per);
+        assert_eq!(all.load(Ordering::Relaxed), n * per);
+        a.written(per);
+        assert!(a.push(&frame), "room again after a write");
+        assert!(!a.push(&frame));
+        // Connections together stop at MAX_BACKLOG_ALL.
+        let others: Vec<FramedOut> = (0..MAX_BACKLOG_ALL / MAX_BACKLOG + 1)
+            .map(|_| FramedOut::counted_in(all.clone()))
+            .collect();
+        for o in &others {
+            while o.push(&frame) {}
+        }
+        assert!(all.load(Ordering::Relaxed) <= MAX_BACKLOG_ALL);
+        assert!(all.load(Ordering::Relaxed) > MAX_BACKLOG_ALL - MAX_BACKLOG);
+        let last = others.last().expect("others");
+        assert_eq!(
+            last.queued.load(Ordering::Relaxed),
+            0,
+            "nothing left for the last one"
+        );
+        // A connection that goes gives back all it held, and takes no more.
+        a.release_all();
+        assert!(!a.push(&frame));
+        assert!(last.push(&frame), "the room a closed connection held");
+        for o in &others {
+            o.release_all();
+        }
+        assert_eq!(all.load(Ordering::Relaxed), 0);
     }
 }

@@ -73,7 +73,10 @@ struct Cli {
     /// Address to listen on; `::` takes IPv4 too.
     #[arg(long, value_name = "IP", default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
     listen: IpAddr,
-    /// Tunnel MTU: largest IP packet sent to a laptop.
+    /// Tunnel MTU of the UDP transport: UDP replies and echo replies larger
+    /// than this reach any laptop as IP fragments of this size. TCP
+    /// segments follow each laptop's MSS: up to 16 KiB for laptops on the
+    /// port-forward (framed) transport, whose tunnel MTU is 16,384.
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(576..=9000))]
     mtu: u16,
     /// Give up dialing a destination after this long (the laptop's connect

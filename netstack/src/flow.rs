@@ -88,8 +88,14 @@ const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct FlowConfig {
-    /// Largest IP packet the engine emits (the tunnel MTU).
+    /// Largest IP packet the engine emits: TCP segments up to this, each
+    /// flow's also bounded by the MSS its laptop announced (its own tunnel
+    /// MTU), so one engine serves laptops of different tunnel MTUs.
     pub mtu: usize,
+    /// UDP datagrams and echo replies larger than this are sent as IP
+    /// fragments of at most this size: the smallest tunnel MTU a laptop may
+    /// have (the UDP transport's), since one reply cannot ask which.
+    pub datagram_mtu: usize,
     /// Per-flow TCP receive and send buffer sizes. They bound how much the
     /// gateway buffers per flow (backpressure: a full buffer closes the TCP
     /// window) and, times the number of flows, its memory.
@@ -120,6 +126,7 @@ impl Default for FlowConfig {
     fn default() -> Self {
         Self {
             mtu: 1420,
+            datagram_mtu: 1420,
             tcp_rx_buffer: 64 * 1024,
             tcp_tx_buffer: 64 * 1024,
             udp_idle_timeout: Duration::from_secs(60),
@@ -1581,7 +1588,8 @@ impl FlowEngine {
     fn fragment_queued(&mut self) {
         let id = self.next_frag_id;
         self.next_frag_id = self.next_frag_id.wrapping_add(1).max(1);
-        self.tx.fragment_last(self.config.mtu, id);
+        self.tx
+            .fragment_last(self.config.datagram_mtu.min(self.config.mtu), id);
     }
 
     /// Expire UDP flows idle for `udp_idle_timeout`, reporting each. Call

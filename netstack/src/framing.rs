@@ -16,6 +16,14 @@
 pub const MAX_FRAME: usize = u16::MAX as usize;
 /// Bytes of framing in front of each datagram.
 pub const HEADER_LEN: usize = 2;
+/// The tunnel MTU of a laptop on the framed transport. A byte stream has
+/// no path MTU to fit: 16 KiB packets carry a bulk transfer in a twelfth of
+/// the packets (and of the per-packet work in smoltcp, boringtun, the
+/// framing and the TUN) that 1,420-byte ones take. The gateway's stack
+/// takes and sends TCP segments this large; each flow's segments are
+/// bounded by the MSS the laptop's kernel announces (its TUN MTU), so
+/// laptops on the UDP transport still get 1,420-byte packets.
+pub const FRAMED_MTU: u16 = 16384;
 
 /// Why a frame cannot be encoded or decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

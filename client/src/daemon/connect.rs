@@ -386,9 +386,15 @@ impl Tunnel {
         endpoint: SocketAddr,
         links: Option<(Arc<Links>, tokio::sync::mpsc::Receiver<LinkEvent>)>,
     ) -> anyhow::Result<Self> {
+        // A byte stream has no path MTU to fit (see FRAMED_MTU).
+        let mtu = if links.is_some() {
+            burrow_netstack::framing::FRAMED_MTU
+        } else {
+            MTU
+        };
         let layout = Layout {
             name: DEFAULT_IFNAME,
-            mtu: MTU,
+            mtu,
             addresses: &[IpNet::from(reg.address)],
             routes,
             config: run_dir.join("key"),
@@ -407,7 +413,7 @@ impl Tunnel {
                 preshared_key: None,
                 persistent_keepalive: Some(25),
             };
-            let mut dp = Datapath::new(key.clone(), vec![peer], tun, udp, MTU)
+            let mut dp = Datapath::new(key.clone(), vec![peer], tun, udp, mtu)
                 .context("invalid gateway peer")?
                 .with_stats(stats.clone())
                 .with_sessions(sessions.clone())

@@ -48,7 +48,9 @@ use gateway::*;
 use supervisor::*;
 use transport::*;
 
-/// The tunnel's MTU.
+/// The tunnel's MTU over the UDP transport (a 1,500-byte underlay less
+/// WireGuard's overhead); the framed transport uses
+/// [`burrow_netstack::framing::FRAMED_MTU`].
 const MTU: u16 = 1420;
 /// How long a direct UDP handshake may take before `auto` falls back.
 const UDP_HANDSHAKE: Duration = Duration::from_millis(1500);

@@ -413,6 +413,9 @@ pub struct Datapath {
     /// One segment split off a TSO read.
     seg_buf: Vec<u8>,
     decap_buf: Vec<u8>,
+    /// Largest WireGuard message taken from a framed link: the tunnel MTU
+    /// plus WireGuard's overhead (at least [`RECV_SLOT`]).
+    frame_max: usize,
     /// Joins runs of TCP segments out of the tunnel into GSO writes (when
     /// the TUN took offloads).
     gro: Option<Coalescer>,
@@ -472,7 +475,8 @@ impl Datapath {
             recv,
             tun_buf: vec![0; TUN_READ],
             seg_buf: vec![0; TUN_READ],
-            decap_buf: vec![0; RECV_SLOT.max(MIN_BUFFER)],
+            decap_buf: vec![0; RECV_SLOT.max(slot).max(MIN_BUFFER)],
+            frame_max: RECV_SLOT.max(slot),
             gro,
             timer_buf: vec![0; slot],
             counters: Counters::default(),
@@ -501,7 +505,7 @@ impl Datapath {
         self.framed = Some(FramedIn {
             events,
             decoders: (0..n)
-                .map(|_| burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT))
+                .map(|_| burrow_netstack::framing::FrameDecoder::with_max_frame(self.frame_max))
                 .collect(),
         });
         self
@@ -689,13 +693,14 @@ impl Datapath {
 
     /// What a framed link's stream did.
     fn on_link_event(&mut self, ev: LinkEvent) {
+        let frame_max = self.frame_max;
         let Some(framed) = &mut self.framed else {
             return;
         };
         match ev {
             LinkEvent::Opened(i) => {
                 if let Some(d) = framed.decoders.get_mut(i) {
-                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(frame_max);
                 }
                 if self.urgent.is_some() {
                     // A path just came back and a handshake is wanted: on
@@ -708,7 +713,7 @@ impl Datapath {
             LinkEvent::Closed(i) => {
                 // What it held of a frame is lost with the stream.
                 if let Some(d) = framed.decoders.get_mut(i) {
-                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                    *d = burrow_netstack::framing::FrameDecoder::with_max_frame(frame_max);
                 }
             }
             LinkEvent::Data(i, chunk) => {
@@ -742,7 +747,7 @@ impl Datapath {
                             tracing::warn!(link = i, error = %e, "framed link out of step");
                             self.counters.dropped += 1;
                             *decoder =
-                                burrow_netstack::framing::FrameDecoder::with_max_frame(RECV_SLOT);
+                                burrow_netstack::framing::FrameDecoder::with_max_frame(frame_max);
                             break;
                         }
                     }

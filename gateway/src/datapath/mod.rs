@@ -36,6 +36,7 @@ use burrow_api::WgKey;
 use burrow_netstack::flow::{
     FlowConfig, FlowEngine, FlowError, FlowId, Ingress, IngressDrop, LaptopLimits, Limit,
 };
+use burrow_netstack::framing::FRAMED_MTU;
 use burrow_netstack::reassembly::{self, Reassembled, Reassembler};
 use burrow_netstack::udp_batch::{RecvBatch, SendBatch};
 use burrow_netstack::wg::{
@@ -72,6 +73,12 @@ const SWEEP_TICK: Duration = Duration::from_secs(1);
 const RECV_SLOT: usize = 4096;
 /// Items taken from a channel per wake-up before egress runs.
 const DRAIN_LIMIT: usize = 256;
+
+/// The largest IP packet sent to a laptop: a TCP segment to one on the
+/// framed transport.
+fn max_packet(cfg: &DatapathConfig) -> usize {
+    cfg.mtu.max(usize::from(FRAMED_MTU))
+}
 
 /// Tunables of the data path.
 #[derive(Debug, Clone)]
@@ -195,7 +202,11 @@ impl Datapath {
         let now = Instant::now();
         let flows = FlowEngine::new(
             FlowConfig {
-                mtu: cfg.mtu,
+                // TCP segments as large as a framed laptop's tunnel MTU
+                // (each flow's bounded by its laptop's MSS); UDP replies
+                // fragmented to the UDP transport's.
+                mtu: cfg.mtu.max(usize::from(FRAMED_MTU)),
+                datagram_mtu: cfg.mtu,
                 tcp_rx_buffer: cfg.tcp_buffer,
                 tcp_tx_buffer: cfg.tcp_send_buffer,
                 tcp_tx_memory_per_laptop: cfg.tcp_send_memory_per_laptop,
@@ -220,7 +231,7 @@ impl Datapath {
             stats: Stats::default(),
             // Frames can be up to 64 KiB; UDP datagrams up to RECV_SLOT.
             decap: vec![0; framing_max() + MIN_BUFFER],
-            timer_buf: vec![0; MIN_BUFFER.max(cfg.mtu + DATA_OVERHEAD)],
+            timer_buf: vec![0; MIN_BUFFER.max(max_packet(&cfg) + DATA_OVERHEAD)],
             active: Vec::new(),
             registry: None,
             dialer: None,
@@ -277,7 +288,7 @@ impl Datapath {
                 None
             }
         };
-        let slot = self.cfg.mtu + DATA_OVERHEAD + 64;
+        let slot = max_packet(&self.cfg) + DATA_OVERHEAD + 64;
         let mut out = Sink {
             udp,
             batch: SendBatch::new(slot.max(MIN_BUFFER)),
