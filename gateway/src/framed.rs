@@ -51,6 +51,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// stream's kernel buffer holds a few MiB more); it bounds a laptop that
 /// stops reading.
 pub const MAX_BACKLOG: usize = 16 << 20;
+/// An idle connection's output buffers keep at most this much capacity.
+const IDLE_KEEP: usize = 256 << 10;
 /// Unsent bytes all connections together may hold ([`MAX_BACKLOG`] is per
 /// connection): a few laptops that stop reading cannot take the pod's
 /// memory.
@@ -463,6 +465,17 @@ pub async fn accept_loop(
                     if out.closed.load(Ordering::Acquire) {
                         let _ = wr.shutdown().await;
                         break;
+                    }
+                    // Idle: a burst's buffers (up to MAX_BACKLOG each) go
+                    // back; under steady load the writer never gets here.
+                    if pending.capacity() > IDLE_KEEP {
+                        pending = Vec::new();
+                    }
+                    if let Ok(mut buf) = out.buf.lock()
+                        && buf.is_empty()
+                        && buf.capacity() > IDLE_KEEP
+                    {
+                        *buf = Vec::new();
                     }
                     notified.await;
                     continue;
