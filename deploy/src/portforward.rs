@@ -193,7 +193,12 @@ impl ChannelReceiver {
             if channel == 1 {
                 return Received::End(Some(String::from_utf8_lossy(&bytes).into_owned()));
             }
-            return Received::Data(bytes);
+            // A copy, and the message dropped here: while a message's bytes
+            // are held, they pin tungstenite's read buffer, and its next
+            // `reserve` moves the rest to a fresh allocation (zeroed,
+            // faulted in) per message. The daemon spent 0.25–0.27 CPU-s per
+            // 100 MiB downloaded over port-forward, 0.20–0.23 with the copy.
+            return Received::Data(bytes::Bytes::copy_from_slice(&bytes));
         }
     }
 }
