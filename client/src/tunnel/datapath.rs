@@ -454,6 +454,7 @@ impl Datapath {
         }
         let v6 = udp.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         let slot = (usize::from(mtu) + DATA_OVERHEAD + 64).max(MIN_BUFFER);
+        let frame_max = RECV_SLOT.max(slot);
         let recv = RecvBatch::for_socket(&udp, RECV_SLOT);
         // BURROW_TUN_GRO=off writes one packet per TUN write (comparisons).
         let gro_wanted = !matches!(
@@ -475,8 +476,8 @@ impl Datapath {
             recv,
             tun_buf: vec![0; TUN_READ],
             seg_buf: vec![0; TUN_READ],
-            decap_buf: vec![0; RECV_SLOT.max(slot).max(MIN_BUFFER)],
-            frame_max: RECV_SLOT.max(slot),
+            decap_buf: vec![0; frame_max.max(MIN_BUFFER)],
+            frame_max,
             gro,
             timer_buf: vec![0; slot],
             counters: Counters::default(),

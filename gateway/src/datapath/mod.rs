@@ -205,7 +205,7 @@ impl Datapath {
                 // TCP segments as large as a framed laptop's tunnel MTU
                 // (each flow's bounded by its laptop's MSS); UDP replies
                 // fragmented to the UDP transport's.
-                mtu: cfg.mtu.max(usize::from(FRAMED_MTU)),
+                mtu: max_packet(&cfg),
                 datagram_mtu: cfg.mtu,
                 tcp_rx_buffer: cfg.tcp_buffer,
                 tcp_tx_buffer: cfg.tcp_send_buffer,
