@@ -744,6 +744,17 @@ fn failures_look_like_failures_(s: &Setup) {
         server.expect(b"hello from the laptop\n", Duration::from_secs(10));
         server.send(b"hello from the pod\n");
         client.expect(b"hello from the pod\n", Duration::from_secs(10));
+        let metrics = gateway::scrape(s.c, &format!("pod/default/{}", s.caller_pod), s.gw)
+            .expect("scraping the gateway's metrics");
+        let established = gateway::sample(
+            &metrics,
+            "burrow_gateway_tcp_flows",
+            "state=\"established\"",
+        );
+        assert!(
+            established.is_some_and(|n| n >= 1.0),
+            "{case}: the gateway's metrics show no established TCP flow while one is open:\n{metrics}"
+        );
         let limit = Duration::from_secs(10);
         if server_closes {
             server.close_stdin();
@@ -793,8 +804,11 @@ fn thousand_parallel_flows(s: &Setup) {
         stderr(&o)
     );
     // All closed at once: the gateway lets go of every flow (the last ACKs
-    // of a burst of closes must not be lost on the way).
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // of a burst of closes must not be lost on the way; a few that are, on
+    // a loaded machine, cost their flows a FIN retransmission: within the
+    // gateway stack's RTO, which backs off to at most 60 s).
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
     let open = loop {
         let open = s.tcp_flows_open();
         if open == 0.0 || Instant::now() > deadline {
@@ -802,9 +816,27 @@ fn thousand_parallel_flows(s: &Setup) {
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    assert_eq!(
-        open, 0.0,
-        "TCP flows still open at the gateway 20 s after 1,000 connections closed"
+    if open == 0.0 {
+        eprintln!(
+            "datapath: the gateway let go of every flow {:.1}s after the clients finished",
+            started.elapsed().as_secs_f64()
+        );
+        return;
+    }
+    let metrics = gateway::scrape(s.c, &format!("pod/default/{}", s.caller_pod), s.gw)
+        .unwrap_or_else(|e| format!("(scraping the gateway failed: {e:#})"));
+    let kept: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("burrow_gateway_tcp_flows{")
+                || l.starts_with("burrow_gateway_packets_dropped_total{")
+        })
+        .collect();
+    let links = run_within(s.on(1, &["ip", "-s", "link"]), Duration::from_secs(10));
+    panic!(
+        "{open} TCP flows still open at the gateway 90 s after 1,000 connections closed\n{}\nlaptop links:\n{}",
+        kept.join("\n"),
+        stdout(&links)
     );
 }
 

@@ -51,9 +51,8 @@ const TUN_READ: usize = offload::VNET_HDR_LEN + 65536;
 const URGENT_EVERY: Duration = Duration::from_secs(1);
 const URGENT_TRIES: usize = 10;
 
-/// Socket buffer size asked for on the UDP socket (capped by the kernel at
-/// `net.core.{r,w}mem_max`).
-const UDP_SOCKET_BUFFER: usize = 4 << 20;
+/// Socket buffer size of the UDP socket, each way (see [`force_buffer`]).
+const UDP_SOCKET_BUFFER: usize = 16 << 20;
 
 /// Packet counters, logged when the tunnel stops.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1036,6 +1035,29 @@ pub fn bind_udp(port: u16) -> io::Result<UdpSocket> {
     }
 }
 
+/// Set a socket buffer to [`UDP_SOCKET_BUFFER`] beyond the kernel's
+/// `net.core.{r,w}mem_max` (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`: the daemon
+/// runs with `CAP_NET_ADMIN`, as wireguard-go does for its socket). The
+/// default cap, 208 KiB, holds a few hundred datagrams: a burst from the
+/// gateway's stack to many flows at once (it has no congestion control)
+/// overflowed it, and the lost segments cost their flows smoltcp's
+/// retransmission timeout. False when the kernel refused.
+fn force_buffer(fd: std::os::fd::RawFd, option: libc::c_int) -> bool {
+    let size = libc::c_int::try_from(UDP_SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt with a valid descriptor and a c_int option value
+    // of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
 fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
@@ -1045,8 +1067,13 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
     // Best effort: a smaller buffer still works, only drops sooner under a
     // burst.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    if !force_buffer(fd, libc::SO_RCVBUFFORCE) {
+        let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    }
+    if !force_buffer(fd, libc::SO_SNDBUFFORCE) {
+        let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())

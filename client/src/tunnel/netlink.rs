@@ -87,8 +87,13 @@ impl Drop for Netlink {
 /// closing thousands of connections at once, overflowed 500: 57,771 drops
 /// when 10,000 connections closed, and the lost ACKs of the gateway's FINs
 /// kept thousands of its flows in LAST-ACK for minutes. Bulk TCP does not
-/// fill the queue (TCP small queues bound each socket's share).
-const TUN_TX_QUEUE: u32 = 4096;
+/// fill the queue (TCP small queues bound each socket's share), but many
+/// flows starting at once do: 1,000 connections each sending 64 KiB
+/// (their first windows, ~10 segments each) overflowed 4,096 by
+/// 3,000-6,600 packets (lost SYNs and segments, connects done after 5-6 s
+/// instead of 1 s). The ring holds pointers (8 bytes a slot); what waits
+/// in it is the sockets' own memory.
+const TUN_TX_QUEUE: u32 = 16384;
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use burrow_netstack::flow::Limit;
+use burrow_netstack::flow::{Limit, TcpState};
 use tokio::net::TcpListener;
 
 use super::Datapath;
@@ -69,6 +69,29 @@ impl Datapath {
         e.sample("proto=\"tcp\"", accepted as f64);
         e.sample("proto=\"udp\"", self.udp.len() as f64);
         e.sample("proto=\"icmp\"", self.icmp.len() as f64);
+        // Where open TCP flows are in their lives: flows piling up in
+        // LAST-ACK or FIN-WAIT mean closes whose last segments were lost
+        // and wait for smoltcp's retransmission (its RTO backs off to 60 s).
+        e.family(
+            "burrow_gateway_tcp_flows",
+            "gauge",
+            "Accepted TCP flows, by the gateway stack's TCP state.",
+        );
+        let mut by_state: Vec<(TcpState, usize)> = Vec::new();
+        for (id, _) in self.tcp.iter().filter(|(_, f)| f.accepted) {
+            let Some(state) = self.flows.tcp_state(*id) else {
+                continue;
+            };
+            match by_state.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, n)) => *n += 1,
+                None => by_state.push((state, 1)),
+            }
+        }
+        by_state.sort_by_key(|(s, _)| *s as u8);
+        for (state, n) in by_state {
+            let label = state.to_string().to_lowercase().replace('-', "_");
+            e.sample(&format!("state=\"{label}\""), n as f64);
+        }
         e.family(
             "burrow_gateway_dials_pending",
             "gauge",
