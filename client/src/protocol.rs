@@ -139,6 +139,15 @@ pub struct Status {
     /// forward, dropped by the laptop's inbound filter.
     #[serde(default)]
     pub inbound_refused: u64,
+    /// Packets the daemon's data path dropped: malformed or refused
+    /// datagrams, WireGuard replays, packets not for the tunnel, a full
+    /// link queue.
+    #[serde(default)]
+    pub packets_dropped: u64,
+    /// Packets the kernel dropped before the daemon read them (the TUN
+    /// device's queue was full; None: not known).
+    #[serde(default)]
+    pub tun_queue_dropped: Option<u64>,
     /// The kubeconfig file(s) `connect` was given (`--kubeconfig`, or
     /// KUBECONFIG's list); empty: the default. Later commands use them
     /// when they are given none.

@@ -299,6 +299,18 @@ fn connect_installs_the_gateway_traffic_and_status() {
     let _ = sub.wait();
     let human = ok(s.at(1).burrow(&["status"]));
     assert!(human.contains("flows:") && human.contains("TCP"), "{human}");
+    // What was dropped on the laptop: the data path's count, and the
+    // kernel's count for the TUN device (read from the daemon's namespace).
+    let st = s.at(1).status_json();
+    assert!(st["packets_dropped"].is_u64(), "{st}");
+    assert!(
+        st["tun_queue_dropped"].is_u64(),
+        "the TUN device's drop count is unknown: {st}"
+    );
+    assert!(
+        human.contains("dropped:") && human.contains(st["device"].as_str().unwrap_or("?")),
+        "{human}"
+    );
     eprintln!("status showed {flows} TCP flow(s) with one connection open");
 }
 

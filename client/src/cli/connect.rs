@@ -585,6 +585,13 @@ fn print_status(s: &Status) {
         }
         _ => println!("  flows:          unknown (the gateway did not answer)"),
     }
+    let queue = s
+        .tun_queue_dropped
+        .map_or_else(|| "unknown".to_string(), |n| n.to_string());
+    println!(
+        "  dropped:        {} packet(s) in the data path, {queue} in the kernel's queue to {}",
+        s.packets_dropped, s.device
+    );
     println!("  reconnects:     {}", s.reconnects);
     if s.inbound_refused > 0 {
         println!(

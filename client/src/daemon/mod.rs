@@ -288,6 +288,8 @@ fn snapshot(status: &std::sync::Mutex<Status>, stats: &SharedStats) -> Status {
     st.handshake_age_secs = link.last_handshake.map(|t| t.elapsed().as_secs_f64());
     st.tx_bytes = link.tx_bytes;
     st.rx_bytes = link.rx_bytes;
+    st.packets_dropped = link.counters.dropped;
+    st.tun_queue_dropped = crate::tunnel::netlink::tun_queue_dropped(&st.device);
     st
 }
 

@@ -95,6 +95,26 @@ impl Drop for Netlink {
 /// in it is the sockets' own memory.
 const TUN_TX_QUEUE: u32 = 16384;
 
+/// Packets the kernel dropped on their way to `device` (its queue to the
+/// daemon was full), from the text of `/proc/net/dev` (the reader's own
+/// network namespace). None when the device is not listed.
+pub fn tx_dropped(proc_net_dev: &str, device: &str) -> Option<u64> {
+    proc_net_dev.lines().skip(2).find_map(|line| {
+        let (name, fields) = line.split_once(':')?;
+        if name.trim() != device {
+            return None;
+        }
+        // 8 receive fields, then transmit: bytes, packets, errs, drop.
+        fields.split_whitespace().nth(11)?.parse().ok()
+    })
+}
+
+/// [`tx_dropped`] of `device` now.
+pub fn tun_queue_dropped(device: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/dev").ok()?;
+    tx_dropped(&text, device)
+}
+
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
@@ -307,6 +327,22 @@ fn ip(a: &RouteAddress) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn transmit_drops_of_one_device() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:    9000  453    0    0    0     0          0         0     9000   453    0    0    0     0       0          0
+bw1-dp4053: 68643394 70722 0 5 0 0 0 0 68557368 49114 0 6629 0 0 0 0
+  eth0: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+";
+        assert_eq!(super::tx_dropped(dev, "bw1-dp4053"), Some(6629));
+        assert_eq!(super::tx_dropped(dev, "lo"), Some(0));
+        assert_eq!(super::tx_dropped(dev, "eth0"), Some(12));
+        assert_eq!(super::tx_dropped(dev, "bw1"), None);
+        assert_eq!(super::tx_dropped("", "lo"), None);
+        assert_eq!(super::tx_dropped("a\nb\n  x: 1 2\n", "x"), None);
+    }
+
     use super::*;
 
     fn net(s: &str) -> IpNet {
