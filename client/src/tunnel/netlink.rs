@@ -327,6 +327,8 @@ fn ip(a: &RouteAddress) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn transmit_drops_of_one_device() {
         let dev = "Inter-|   Receive                                                |  Transmit
@@ -335,15 +337,13 @@ mod tests {
 bw1-dp4053: 68643394 70722 0 5 0 0 0 0 68557368 49114 0 6629 0 0 0 0
   eth0: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
 ";
-        assert_eq!(super::tx_dropped(dev, "bw1-dp4053"), Some(6629));
-        assert_eq!(super::tx_dropped(dev, "lo"), Some(0));
-        assert_eq!(super::tx_dropped(dev, "eth0"), Some(12));
-        assert_eq!(super::tx_dropped(dev, "bw1"), None);
-        assert_eq!(super::tx_dropped("", "lo"), None);
-        assert_eq!(super::tx_dropped("a\nb\n  x: 1 2\n", "x"), None);
+        assert_eq!(tx_dropped(dev, "bw1-dp4053"), Some(6629));
+        assert_eq!(tx_dropped(dev, "lo"), Some(0));
+        assert_eq!(tx_dropped(dev, "eth0"), Some(12));
+        assert_eq!(tx_dropped(dev, "bw1"), None);
+        assert_eq!(tx_dropped("", "lo"), None);
+        assert_eq!(tx_dropped("a\nb\n  x: 1 2\n", "x"), None);
     }
-
-    use super::*;
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("prefix")
