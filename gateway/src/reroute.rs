@@ -580,8 +580,10 @@ impl Target {
 }
 
 /// How long a dial to the pods (the shadow Service) is tried again when
-/// kube-proxy does not route it yet.
-const SHADOW_SETTLE: Duration = Duration::from_secs(5);
+/// kube-proxy does not route it yet. 5 s was not enough on a loaded CI
+/// machine (a new shadow still unrouted 6.5 s after its slices listed the
+/// pods); a first request that waits is better than a 502.
+const SHADOW_SETTLE: Duration = Duration::from_secs(15);
 /// One attempt of that dial: a SYN kube-proxy had no rule for is lost
 /// (real cluster) or answered "host unreachable" after the ARP timeout
 /// (3 s); a fresh attempt goes out soon after the rules are written.

@@ -125,7 +125,7 @@ impl Setup<'_> {
 
     /// The body `curl ARGS` from the caller pod prints (success checked).
     pub fn curl_in_caller(&self, args: &[&str]) -> String {
-        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        let mut all = vec!["curl", "-sS", "--max-time", "30"];
         all.extend_from_slice(args);
         ok(in_caller(self.c, &all))
     }
