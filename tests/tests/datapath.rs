@@ -567,18 +567,21 @@ impl Setup<'_> {
         cmd
     }
 
+    /// The gateway's metrics, scraped from the caller pod.
+    fn metrics(&self) -> anyhow::Result<String> {
+        gateway::scrape(self.c, &format!("pod/default/{}", self.caller_pod), self.gw)
+    }
+
     /// TCP flows the gateway holds now, read from the caller pod.
     fn tcp_flows_open(&self) -> f64 {
-        let text = gateway::scrape(self.c, &format!("pod/default/{}", self.caller_pod), self.gw)
-            .expect("scraping the gateway's metrics");
+        let text = self.metrics().expect("scraping the gateway's metrics");
         gateway::sample(&text, "burrow_gateway_flows_open", "proto=\"tcp\"")
             .unwrap_or_else(|| panic!("no open-flows sample:\n{text}"))
     }
 
     /// A gateway drop counter, read from the caller pod.
     fn dropped(&self, reason: &str) -> f64 {
-        let text = gateway::scrape(self.c, &format!("pod/default/{}", self.caller_pod), self.gw)
-            .expect("scraping the gateway's metrics");
+        let text = self.metrics().expect("scraping the gateway's metrics");
         gateway::sample(
             &text,
             "burrow_gateway_packets_dropped_total",
@@ -744,8 +747,7 @@ fn failures_look_like_failures_(s: &Setup) {
         server.expect(b"hello from the laptop\n", Duration::from_secs(10));
         server.send(b"hello from the pod\n");
         client.expect(b"hello from the pod\n", Duration::from_secs(10));
-        let metrics = gateway::scrape(s.c, &format!("pod/default/{}", s.caller_pod), s.gw)
-            .expect("scraping the gateway's metrics");
+        let metrics = s.metrics().expect("scraping the gateway's metrics");
         let established = gateway::sample(
             &metrics,
             "burrow_gateway_tcp_flows",
@@ -823,7 +825,8 @@ fn thousand_parallel_flows(s: &Setup) {
         );
         return;
     }
-    let metrics = gateway::scrape(s.c, &format!("pod/default/{}", s.caller_pod), s.gw)
+    let metrics = s
+        .metrics()
         .unwrap_or_else(|e| format!("(scraping the gateway failed: {e:#})"));
     let kept: Vec<&str> = metrics
         .lines()
