@@ -567,13 +567,15 @@ impl Datapath {
                         None => std::future::pending().await,
                     }
                 } => {
+                    // One chunk per turn, not a batch: the laptop's TCP
+                    // answers what this chunk delivers with ACKs (read from
+                    // the TUN device on the next turn) that should leave
+                    // before the next chunks are opened. Taking 64 chunks
+                    // at once held those ACKs behind up to 2 MiB, and
+                    // the gateway's sender waited on them (one download
+                    // over port-forward: ~330 -> ~360 MB/s here, medians of
+                    // three rounds of five).
                     self.on_link_event(ev);
-                    for _ in 0..BATCH {
-                        let Some(Ok(ev)) = self.framed.as_mut().map(|f| f.events.try_recv()) else {
-                            break;
-                        };
-                        self.on_link_event(ev);
-                    }
                     self.flush_gro();
                 }
                 _ = tokio::time::sleep_until(next_timers.into()) => {}
