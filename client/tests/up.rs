@@ -842,3 +842,98 @@ fn deleting_the_device_under_up_stops_it_cleanly() {
     );
     net.assert_clean();
 }
+
+/// `up --framed-streams`: a stream that goes out of step (a frame longer
+/// than any a gateway sends) is closed by burrow and replaced by a new
+/// one; nothing more is read from it.
+#[test]
+fn a_framed_stream_out_of_step_is_closed_and_replaced() {
+    if !e2e() {
+        return;
+    }
+    let mut net = Net::new();
+    let framed = format!("{GATEWAY_UNDERLAY}:51821");
+    let listener = in_netns(&net.gateway, {
+        let framed = framed.clone();
+        move || TcpListener::bind(framed).expect("bind the framed port")
+    });
+    net.write(
+        "laptop.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 100.64.0.2/24\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {framed}\nAllowedIPs = {ROUTE}\n",
+            encode_key(&secret().to_bytes()),
+            public(&secret())
+        ),
+    );
+    let log = fs::File::create(net.path("up.log")).expect("log");
+    let child = net
+        .burrow(&[
+            "up",
+            "--framed-streams",
+            "1",
+            "--wg-config",
+            &net.path("laptop.conf").to_string_lossy(),
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start burrow up");
+    let pid = child.id();
+    net.children.push(child);
+    net.wait_ready(pid);
+
+    let accept = |what: &str| {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).expect("blocking");
+                    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+                    return s;
+                }
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("no {what} within {TIMEOUT:?} ({e}): {}", net.logs()),
+            }
+        }
+    };
+    let mut first = accept("framed stream");
+    // A frame header of 65,535 bytes, then bytes that never make a frame.
+    first.write_all(&[0xff, 0xff]).expect("write");
+    first.write_all(&[0u8; 4096]).expect("write");
+    // burrow closes it: reads end (whatever it sent before, a handshake
+    // initiation, is read first).
+    let mut buf = [0u8; 4096];
+    let closed_after = Instant::now();
+    first
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    loop {
+        match first.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Ok(_) | Err(_) => assert!(
+                closed_after.elapsed() < TIMEOUT,
+                "the out-of-step stream was not closed within {TIMEOUT:?}: {}",
+                net.logs()
+            ),
+        }
+    }
+    let mut second = accept("new framed stream after the first went out of step");
+    eprintln!(
+        "up: out-of-step stream closed, a new one opened {:?} later",
+        closed_after.elapsed()
+    );
+    // The new stream carries the tunnel's datagrams: the handshake
+    // initiation (type 1, 148 bytes) framed as on the first.
+    let mut header = [0u8; 2];
+    second
+        .read_exact(&mut header)
+        .expect("a frame on the new stream");
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(header))];
+    second.read_exact(&mut message).expect("the frame's bytes");
+    assert_eq!(message.first(), Some(&1), "{message:?}");
+    let logs = net.logs();
+    assert!(logs.contains("out of step"), "{logs}");
+}

@@ -174,12 +174,12 @@ fn start_framed(
                     return;
                 }
                 let up = async {
-                    loop {
-                        let batch = links.take(i).await;
+                    while let Some(batch) = links.take(i).await {
                         wr.write_all(&batch).await?;
                     }
-                    #[allow(unreachable_code)]
-                    std::io::Result::Ok(())
+                    Err(std::io::Error::other(
+                        "it went out of step (a frame burrow cannot read)",
+                    ))
                 };
                 let down = async {
                     loop {

@@ -277,12 +277,12 @@ async fn stream_loop(mut s: Stream) {
             count_reconnect(&s, &reason);
         }
         let up = async {
-            loop {
-                let batch = s.links.take(i).await;
+            while let Some(batch) = s.links.take(i).await {
                 tx.send(batch).await?;
             }
-            #[allow(unreachable_code)]
-            std::io::Result::Ok(())
+            Err(std::io::Error::other(
+                "it went out of step (a frame burrow cannot read)",
+            ))
         };
         let down = async {
             loop {

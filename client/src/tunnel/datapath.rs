@@ -261,6 +261,9 @@ fn push_to(
 struct FramedIn {
     events: tokio::sync::mpsc::Receiver<LinkEvent>,
     decoders: Vec<burrow_netstack::framing::FrameDecoder>,
+    /// Links found out of step: what they still deliver is dropped until
+    /// their stream is replaced (`Opened`).
+    broken: Vec<bool>,
 }
 
 /// The laptop's inbound filter for `burrow connect`: the cluster may open
@@ -507,6 +510,7 @@ impl Datapath {
             decoders: (0..n)
                 .map(|_| burrow_netstack::framing::FrameDecoder::with_max_frame(self.frame_max))
                 .collect(),
+            broken: vec![false; n],
         });
         self
     }
@@ -704,6 +708,9 @@ impl Datapath {
                 if let Some(d) = framed.decoders.get_mut(i) {
                     *d = burrow_netstack::framing::FrameDecoder::with_max_frame(frame_max);
                 }
+                if let Some(b) = framed.broken.get_mut(i) {
+                    *b = false;
+                }
                 if self.urgent.is_some() {
                     // A path just came back and a handshake is wanted: on
                     // this link, now, rather than at the next retry.
@@ -719,6 +726,9 @@ impl Datapath {
                 }
             }
             LinkEvent::Data(i, chunk) => {
+                if framed.broken.get(i).copied().unwrap_or(true) {
+                    return;
+                }
                 let Some(decoder) = framed.decoders.get_mut(i) else {
                     return;
                 };
@@ -745,11 +755,17 @@ impl Datapath {
                         Ok(None) => break,
                         Err(e) => {
                             // Out of step: nothing more on this stream can
-                            // be read; the gateway's side closes it too.
-                            tracing::warn!(link = i, error = %e, "framed link out of step");
+                            // be read. Its stream side replaces it (the
+                            // gateway closes its end too); what else comes
+                            // on it until then is dropped.
+                            tracing::warn!(link = i, error = %e, "framed link out of step: reopening it");
                             self.counters.dropped += 1;
                             *decoder =
                                 burrow_netstack::framing::FrameDecoder::with_max_frame(frame_max);
+                            framed.broken[i] = true;
+                            if let Some(links) = &self.out.links {
+                                links.break_link(i);
+                            }
                             break;
                         }
                     }

@@ -53,6 +53,9 @@ struct LinkOut {
     queue: Mutex<Queue>,
     wake: Notify,
     live: AtomicBool,
+    /// The data path found the stream out of step (a frame it cannot
+    /// read): the stream side closes it and opens a new one.
+    broken: AtomicBool,
 }
 
 #[derive(Default)]
@@ -82,6 +85,7 @@ impl Links {
                     queue: Mutex::default(),
                     wake: Notify::new(),
                     live: AtomicBool::new(false),
+                    broken: AtomicBool::new(false),
                 })
                 .collect(),
             prefix: prefix.to_vec(),
@@ -118,6 +122,7 @@ impl Links {
     pub fn set_live(&self, i: usize, live: bool) {
         let Some(o) = self.outs.get(i) else { return };
         o.live.store(live, Ordering::Release);
+        o.broken.store(false, Ordering::Release);
         if live {
             self.up.notify_waiters();
         } else if let Ok(mut q) = o.queue.lock() {
@@ -173,18 +178,37 @@ impl Links {
         }
     }
 
+    /// The data path side: what link `i` carries can no longer be read
+    /// (a frame longer than any the gateway sends): nothing more is taken
+    /// from it, and its stream side is told to replace the stream
+    /// ([`Links::take`] returns `None`).
+    pub fn break_link(&self, i: usize) {
+        if let Some(o) = self.outs.get(i) {
+            o.live.store(false, Ordering::Release);
+            o.broken.store(true, Ordering::Release);
+            if let Ok(mut q) = o.queue.lock() {
+                *q = Queue::default();
+            }
+            o.wake.notify_one();
+        }
+    }
+
     /// The stream side: the next batch for link `i` (prefix first), waiting
-    /// until there is one.
-    pub async fn take(&self, i: usize) -> Bytes {
+    /// until there is one; `None` once the data path broke the link
+    /// ([`Links::break_link`]): close the stream and open another.
+    pub async fn take(&self, i: usize) -> Option<Bytes> {
         let Some(o) = self.outs.get(i) else {
             return std::future::pending().await;
         };
         loop {
+            if o.broken.load(Ordering::Acquire) {
+                return None;
+            }
             if let Ok(mut q) = o.queue.lock()
                 && let Some(b) = q.batches.pop_front()
             {
                 q.bytes -= b.len() - self.prefix.len();
-                return Bytes::from(b);
+                return Some(Bytes::from(b));
             }
             o.wake.notified().await;
         }
@@ -223,7 +247,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        let b = rt.block_on(links.take(0));
+        let b = rt.block_on(links.take(0)).expect("a batch");
         assert_eq!(&b[..], &[0, 0, 3, b'a', b'b', b'c', 0, 2, b'd', b'e']);
         // A batch is capped; the backlog too.
         let big = vec![7u8; 60_000];
@@ -232,14 +256,43 @@ mod tests {
             pushed += 1;
         }
         assert_eq!(pushed, MAX_BACKLOG / (big.len() + 2));
-        let first = rt.block_on(links.take(0));
+        let first = rt.block_on(links.take(0)).expect("a batch");
         assert!(first.len() <= BATCH_BYTES + 1, "{}", first.len());
         assert!(links.push(0, &big), "taking a batch makes room");
         // Down drops the queue.
         links.set_live(0, false);
         links.set_live(0, true);
         assert!(links.push(0, b"x"));
-        assert_eq!(&rt.block_on(links.take(0))[..], &[0, 0, 1, b'x']);
+        assert_eq!(
+            rt.block_on(links.take(0)).as_deref(),
+            Some(&[0, 0, 1, b'x'][..])
+        );
+    }
+
+    #[test]
+    fn a_broken_link_is_given_up_until_it_reopens() {
+        let links = Links::new(2, &[0]);
+        links.set_live(1, true);
+        assert!(links.push(1, b"queued"));
+        links.break_link(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(
+            rt.block_on(links.take(1)),
+            None,
+            "the stream side is told to go"
+        );
+        assert!(!links.is_live(1));
+        assert!(!links.push(1, b"more"), "nothing goes on a broken link");
+        assert_eq!(links.pick(1), None);
+        // The stream side opened a new stream.
+        links.set_live(1, true);
+        assert!(links.push(1, b"y"));
+        assert_eq!(
+            rt.block_on(links.take(1)).as_deref(),
+            Some(&[0, 0, 1, b'y'][..])
+        );
     }
 
     #[test]
