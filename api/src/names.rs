@@ -79,20 +79,12 @@ pub fn check_rerouted_service(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An IANA service name (a Service port's name): at most 15 characters of
-/// lower-case letters, digits and '-', at least one letter, no '--', not
-/// starting or ending with '-'.
+/// A Service port's name: an RFC 1123 label, as the API server validates
+/// it (`kubectl create service` names ports `80-8080`). Container ports'
+/// names are IANA service names (at most 15 characters, a letter, no
+/// '--'); a Service's are not.
 pub fn check_port_name(s: &str) -> Result<(), String> {
-    let b = s.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 15
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.iter().any(|c| c.is_ascii_lowercase())
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-        && !s.contains("--");
-    if ok {
+    if is_dns1123_label(s) {
         Ok(())
     } else {
         Err(format!("{} is not a valid Service port name", shown(s)))
@@ -177,9 +169,17 @@ mod tests {
     fn port_names_and_headers() {
         assert!(check_port_name("http").is_ok());
         assert!(check_port_name("h2c-web").is_ok());
-        assert!(check_port_name("8080").is_err());
-        assert!(check_port_name("a--b").is_err());
-        assert!(check_port_name("sixteen-chars-xx").is_err());
+        // What `kubectl create service clusterip x --tcp=81:8081` names it.
+        assert!(check_port_name("81-8081").is_ok());
+        assert!(check_port_name("8080").is_ok());
+        assert!(check_port_name("a--b").is_ok());
+        assert!(check_port_name("longer-than-fifteen-characters").is_ok());
+        assert!(check_port_name("").is_err());
+        assert!(check_port_name("-web").is_err());
+        assert!(check_port_name("web-").is_err());
+        assert!(check_port_name("Web").is_err());
+        assert!(check_port_name("web.http").is_err());
+        assert!(check_port_name(&"p".repeat(64)).is_err());
         assert!(check_header("x-burrow-route", "alice").is_ok());
         assert!(check_header("x route", "a").is_err());
         assert!(check_header("x:y", "a").is_err());

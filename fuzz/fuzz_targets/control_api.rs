@@ -53,7 +53,7 @@ fn check_name_rules(s: &str) {
         names::check_service(&names::slice_name(s)).expect("slice name valid");
     }
     if names::check_port_name(s).is_ok() {
-        assert!(s.len() <= 15 && !s.contains("--"));
+        assert!(s.len() <= 63 && !s.starts_with('-') && !s.ends_with('-'));
     }
     if let Some((name, value)) = s.split_once(':') {
         let _ = names::check_header(name, value);
