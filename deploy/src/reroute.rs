@@ -345,10 +345,22 @@ fn owner(svc: &Service) -> Value {
     }])
 }
 
+/// The shadow Service of a rerouted Service, as [`ensure_shadow`] left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shadow {
+    pub cluster_ip: IpAddr,
+    /// Made by this call and its slices list ready pods: kube-proxy may
+    /// not route it yet (it writes a new Service's rules a second or more
+    /// later), so the first connections to it may be refused or lost.
+    /// Whoever hands callers to it should first see it answer
+    /// ([`service::KUBE_PROXY_LAG`] is the usual lag).
+    pub fresh: bool,
+}
+
 /// Creates (or finds) the shadow Service — the original selector and ports
-/// — and returns its ClusterIP; a new one once callers can reach its pods
-/// through it.
-pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, DeployError> {
+/// — and returns its ClusterIP; a new one once the endpoint controller
+/// lists its pods.
+pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<Shadow, DeployError> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
     let shadow = record::shadow_name(&name);
@@ -388,19 +400,23 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, D
     }))
     .map_err(|e| DeployError::new(format!("internal: shadow Service: {e}"), ""))?;
     let api: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
-    let made = match api.create(&PostParams::default(), &body).await {
+    let (made, fresh) = match api.create(&PostParams::default(), &body).await {
         Ok(s) => {
             // New: routable only once kube-proxy has its rules.
-            service::await_shadow(&cluster.client, &ns, &name, s.metadata.uid.as_deref()).await;
-            s
+            let pods =
+                service::await_shadow(&cluster.client, &ns, &name, s.metadata.uid.as_deref()).await;
+            (s, pods > 0)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => api
-            .get(&shadow)
-            .await
-            .map_err(|e| cluster.err(e, &format!("get Service {ns}/{shadow}")))?,
+        Err(kube::Error::Api(s)) if s.code == 409 => (
+            api.get(&shadow)
+                .await
+                .map_err(|e| cluster.err(e, &format!("get Service {ns}/{shadow}")))?,
+            false,
+        ),
         Err(e) => return Err(cluster.err(e, &format!("create Service {ns}/{shadow}"))),
     };
-    made.spec
+    let cluster_ip = made
+        .spec
         .and_then(|s| s.cluster_ip)
         .and_then(|ip| ip.parse().ok())
         .ok_or_else(|| {
@@ -408,7 +424,8 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<IpAddr, D
                 format!("the shadow Service {ns}/{shadow} has no ClusterIP"),
                 "look at it with `kubectl get svc -o yaml`",
             )
-        })
+        })?;
+    Ok(Shadow { cluster_ip, fresh })
 }
 
 /// Points `svc` at the gateway pod: burrow's EndpointSlice with the

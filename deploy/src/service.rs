@@ -259,15 +259,16 @@ pub async fn await_controller(
 
 /// Waits (at most [`CONTROLLER_WAIT`]) until the endpoint-slice
 /// controller lists for the shadow of `name` as many ready endpoints as
-/// for `name` itself (same selector), then [`KUBE_PROXY_LAG`]: a shadow
-/// made a moment ago is not routable before kube-proxy has its rules, and
-/// the gateway hands callers to it as soon as burrow's slice is in place.
+/// for `name` itself (same selector); returns how many ready endpoints the
+/// shadow's slices list then. A shadow made a moment ago is still not
+/// routable before kube-proxy has its rules (see
+/// [`crate::reroute::Shadow::fresh`]).
 pub async fn await_shadow(
     client: &kube::Client,
     namespace: &str,
     name: &str,
     shadow_uid: Option<&str>,
-) {
+) -> usize {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     // Slices of `svc` made by the endpoint-slice controller; with `owner`,
     // only those of that very Service object: a shadow deleted a moment ago
@@ -305,11 +306,12 @@ pub async fn await_shadow(
     let owner = shadow_uid.map(str::to_string);
     let deadline = tokio::time::Instant::now() + CONTROLLER_WAIT;
     loop {
-        if let Some((any, have)) = ready(shadow_name(name), owner.clone()).await
+        let seen = ready(shadow_name(name), owner.clone()).await;
+        if let Some((any, have)) = seen
             && any
             && have >= want
         {
-            break;
+            return have;
         }
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(
@@ -318,11 +320,10 @@ pub async fn await_shadow(
                 "the endpoint controller did not list the shadow's pods within {}s",
                 CONTROLLER_WAIT.as_secs()
             );
-            break;
+            return seen.map_or(0, |(_, have)| have);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(KUBE_PROXY_LAG).await;
 }
 
 /// While `namespace/name` is rerouted (no selector, burrow's annotation),

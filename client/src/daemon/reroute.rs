@@ -535,7 +535,15 @@ async fn establish(
         tx,
         "creating the shadow Service for traffic that stays in the cluster",
     );
-    burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    let shadow = burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    if shadow.fresh {
+        await_routed(
+            tx,
+            &found,
+            SocketAddr::new(shadow.cluster_ip, found.port.port),
+        )
+        .await;
+    }
     step(
         tx,
         format!(
@@ -617,6 +625,56 @@ async fn establish(
         return Err(e.into());
     }
     Ok((grant, tunnel_port, forwarder))
+}
+
+/// How long `reroute` waits for a new shadow Service to answer before it
+/// goes on anyway (the gateway's own dials to it keep trying for a while).
+const SHADOW_PROBE: Duration = Duration::from_secs(15);
+/// One connection attempt of that wait: a SYN kube-proxy had no rule for
+/// yet may be lost.
+const SHADOW_PROBE_ATTEMPT: Duration = Duration::from_millis(700);
+
+/// A shadow Service made a moment ago is handed callers (by the gateway,
+/// once burrow's slice points the Service at it) only once kube-proxy
+/// routes it: until then connections to it are refused or lost. For TCP,
+/// connect to it through the tunnel, i.e. from the gateway as its own
+/// dials will, until it answers (the connection is closed at once); for
+/// UDP, which cannot be asked, wait kube-proxy's usual lag.
+async fn await_routed(tx: &Progress, found: &burrow_deploy::reroute::Found, to: SocketAddr) {
+    if found.port.protocol != PortProtocol::Tcp {
+        tokio::time::sleep(burrow_deploy::service::KUBE_PROXY_LAG).await;
+        return;
+    }
+    step(
+        tx,
+        format!("waiting until the cluster routes the shadow Service ({to})"),
+    );
+    let start = tokio::time::Instant::now();
+    loop {
+        let e = match tokio::time::timeout(SHADOW_PROBE_ATTEMPT, TcpStream::connect(to)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    after_ms = start.elapsed().as_millis() as u64,
+                    "the shadow Service answers"
+                );
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", SHADOW_PROBE_ATTEMPT.as_millis()),
+        };
+        if start.elapsed() >= SHADOW_PROBE {
+            step(
+                tx,
+                format!(
+                    "the shadow Service ({to}) did not answer within {} s ({e}); going on: \
+                     requests the cluster's pods should answer may fail until it does",
+                    SHADOW_PROBE.as_secs()
+                ),
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A forwarder on the tunnel address (the port it had before if free,
