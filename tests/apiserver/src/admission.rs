@@ -980,6 +980,12 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                 let pname = p["name"].as_str().unwrap_or("");
                 if ports.len() > 1 && pname.is_empty() {
                     errs.push(format!("spec.ports[{i}].name: Required value"));
+                } else if !pname.is_empty() && !is_dns_label(pname) {
+                    // A Service port's name is an RFC 1123 label (not an
+                    // IANA service name like a container port's).
+                    errs.push(format!(
+                        "spec.ports[{i}].name: Invalid value: {pname:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+                    ));
                 } else if !pname.is_empty() && !names.insert(pname.to_string()) {
                     errs.push(format!("spec.ports[{i}].name: Duplicate value: {pname:?}"));
                 }
@@ -1213,6 +1219,19 @@ mod tests {
         )
         .expect_err("ports");
         assert!(err.message.contains("spec.ports: Required value"));
+        // Port names are RFC 1123 labels: what `kubectl create service`
+        // makes passes, a name with a dot or a capital does not.
+        create(&s, svc, "default", json!({"metadata": {"name": "kc"}, "spec": {"ports": [{"name": "81-8081", "port": 81}]}}))
+            .expect("an RFC 1123 label");
+        for bad in ["web.http", "Web", "-web"] {
+            let err = create(&s, svc, "default", json!({"metadata": {"name": "badname"}, "spec": {"ports": [{"name": bad, "port": 81}]}}))
+                .expect_err(bad);
+            assert!(
+                err.message.contains("spec.ports[0].name: Invalid value"),
+                "{bad}: {}",
+                err.message
+            );
+        }
     }
 
     #[test]
