@@ -8,6 +8,7 @@
 //! - `a_developer_without_patch_rights_gets_403_and_nothing_changes` (5)
 //! - `errors_name_the_missing_service_or_port`
 //! - `global_reroute_reaches_the_laptop_and_stop_restores_exactly` (1)
+//! - `a_service_made_by_kubectl_create_service_is_rerouted`
 //! - `nothing_listening_locally_is_a_502_and_a_log_line`
 //! - `raw_tcp_redis_reaches_the_laptops_redis_server` (3)
 //! - `header_routes_of_two_laptops_keep_alive_and_h2c` (2)
@@ -188,6 +189,38 @@ fn global_reroute_reaches_the_laptop_and_stop_restores_exactly() {
     assert!(s.echo_pod(&[]).starts_with("echo-"));
     s.assert_restored("default", "echo", &b.echo);
     assert_eq!(s.pods(), b.pods, "pods were restarted or replaced");
+}
+
+/// A Service made by `kubectl create service` (its port named `8080-8080`,
+/// an RFC 1123 label that is not an IANA service name) is rerouted and
+/// restored like any other
+#[test]
+fn a_service_made_by_kubectl_create_service_is_rerouted() {
+    let Some(ref c) = rr_alone() else { return };
+    let (s, _) = setup(c, "reroute");
+    ok(kubectl(
+        c,
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "echo-kc",
+            "--tcp=8080:8080",
+        ],
+    ));
+    ok(kubectl(
+        c,
+        &["set", "selector", "service", "echo-kc", "app=echo"],
+    ));
+    let url = "http://echo-kc.default:8080/";
+    let out = s.reroute(1, &["echo-kc", "--port", "8080:3000"]);
+    assert!(out.contains("rerouted default/echo-kc port 8080"), "{out}");
+    assert_eq!(pod_field(&s.curl_in_caller(&[url])), "laptop-alice");
+    let out = s.stop(1, "echo-kc", "default");
+    assert!(out.contains("restored default/echo-kc"), "{out}");
+    let pod = pod_field(&s.curl_in_caller(&[url]));
+    assert!(pod.starts_with("echo-"), "{pod}");
+    ok(kubectl(c, &["delete", "service", "echo-kc"]));
 }
 
 /// nothing listening locally: 502 at once, a log line on the laptop
