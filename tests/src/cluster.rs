@@ -237,7 +237,7 @@ pub async fn serve(opts: ClusterOptions) -> Result<()> {
             opts.name
         );
     }
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    net::create_dir_shared(&state).with_context(|| format!("creating {}", state.display()))?;
     for stale in ["ready", "status", "pods.json"] {
         let _ = std::fs::remove_file(state.join(stale));
     }

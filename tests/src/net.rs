@@ -119,9 +119,24 @@ pub fn etc_netns_dir(netns: &str) -> PathBuf {
     Path::new("/etc/netns").join(netns)
 }
 
+/// `create_dir_all` for a directory in `/run/minicluster` or `/etc/netns`,
+/// which another cluster's teardown removes when it finds them empty
+/// ([`teardown`]): if that happens between the making of the root and of
+/// `dir` (two clusters starting at once on a fresh machine), the root is
+/// made again.
+pub fn create_dir_shared(dir: &Path) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::create_dir_all(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 100 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 fn write_resolv_conf(netns: &str, text: &str) -> anyhow::Result<PathBuf> {
     let dir = etc_netns_dir(netns);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_dir_shared(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("resolv.conf");
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -618,6 +633,32 @@ pub(crate) mod tests {
                 eprintln!("teardown of {}: {e:#}", self.0);
             }
         }
+    }
+
+    /// A teardown elsewhere removes the shared root whenever it finds it
+    /// empty (here: all the time); making a directory in it still works.
+    #[test]
+    fn a_dir_in_a_root_that_another_teardown_removes_is_made() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("minicluster");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let remover = {
+            let (root, stop) = (root.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::remove_dir(&root);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            })
+        };
+        for i in 0..2000 {
+            let dir = root.join(format!("c{i}"));
+            create_dir_shared(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            assert!(dir.is_dir());
+            fs::remove_dir(&dir).expect("remove");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        remover.join().expect("remover");
     }
 
     #[test]

@@ -253,7 +253,8 @@ fn up(name: &str, workloads: Option<PathBuf>, laptops: usize) -> Result<ExitCode
     // Leftovers of an earlier run of this name that died hard.
     burrow_tests::net::teardown(name)
         .with_context(|| format!("removing leftovers of cluster {name}"))?;
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    burrow_tests::net::create_dir_shared(&state)
+        .with_context(|| format!("creating {}", state.display()))?;
     let log_path = state.join("log");
     File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     // Append mode: the daemon's stderr and its tracing output share the file.
