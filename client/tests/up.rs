@@ -322,13 +322,19 @@ impl Net {
     /// `burrow up --wg-config laptop.conf` in the foreground, its output in
     /// `log`; returns once the tunnel is ready.
     fn up_foreground(&mut self, log: &str) -> u32 {
+        self.up_foreground_with(log, &[])
+    }
+
+    /// The same with `flags` before `--wg-config`.
+    fn up_foreground_with(&mut self, log: &str, flags: &[&str]) -> u32 {
         let log = fs::File::create(self.path(log)).expect("log");
+        let conf = self.path("laptop.conf");
+        let conf = conf.to_string_lossy();
+        let mut args = vec!["up"];
+        args.extend_from_slice(flags);
+        args.extend(["--wg-config", &conf]);
         let child = self
-            .burrow(&[
-                "up",
-                "--wg-config",
-                &self.path("laptop.conf").to_string_lossy(),
-            ])
+            .burrow(&args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -866,22 +872,7 @@ fn a_framed_stream_out_of_step_is_closed_and_replaced() {
             public(&secret())
         ),
     );
-    let log = fs::File::create(net.path("up.log")).expect("log");
-    let child = net
-        .burrow(&[
-            "up",
-            "--framed-streams",
-            "1",
-            "--wg-config",
-            &net.path("laptop.conf").to_string_lossy(),
-        ])
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start burrow up");
-    let pid = child.id();
-    net.children.push(child);
-    net.wait_ready(pid);
+    net.up_foreground_with("up.log", &["--framed-streams", "1"]);
 
     let accept = |what: &str| {
         listener.set_nonblocking(true).expect("nonblocking");
