@@ -12,7 +12,7 @@ PACKAGES=(
     iproute2 iptables procps psmisc curl ca-certificates
     dnsmasq-base nginx-light redis-server redis-tools socat dnsutils
     wireguard-go wireguard-tools iputils-ping iperf3 conntrack dnsperf wrk
-    g++
+    g++ make
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
