@@ -265,6 +265,7 @@ fn raise_open_files_limit() -> Option<u64> {
 /// faulted-in pages (a sixth of the daemon's CPU during a download over
 /// port-forward). jemalloc keeps freed pages for reuse and returns them
 /// only after seconds unused.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
