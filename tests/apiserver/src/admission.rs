@@ -364,6 +364,16 @@ fn finalize(
     default_object(rt, &mut next);
     match rt.key().as_str() {
         "core/v1/services" => allocate_service(rt, name, &mut next, Some(cur), ips, ports)?,
+        "discovery.k8s.io/v1/endpointslices" if next["addressType"] != cur["addressType"] => {
+            return Err(ApiError::invalid(
+                rt,
+                name,
+                &format!(
+                    "addressType: Invalid value: {}: field is immutable",
+                    next["addressType"]
+                ),
+            ));
+        }
         "apps/v1/deployments"
         | "apps/v1/replicasets"
         | "apps/v1/statefulsets"
@@ -629,6 +639,17 @@ pub fn default_object(rt: &ResourceType, obj: &mut Value) {
             set_default(&mut obj["status"], "phase", json!("Pending"));
             let qos = pod_qos_class(&obj["spec"]);
             set_default(&mut obj["status"], "qosClass", json!(qos));
+        }
+        "discovery.k8s.io/v1/endpointslices" => {
+            // As the real defaulting: a port's name "" and protocol TCP.
+            if let Some(ports) = obj["ports"].as_array_mut() {
+                for p in ports.iter_mut().filter(|p| p.is_object()) {
+                    if p.get("name").is_none_or(Value::is_null) {
+                        p["name"] = json!("");
+                    }
+                    set_default(p, "protocol", json!("TCP"));
+                }
+            }
         }
         "core/v1/services" => {
             if !obj["spec"].is_object() {
@@ -917,6 +938,74 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+const DNS_LABEL_RULE: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+
+/// An EndpointSlice as the real validation checks it (after defaulting):
+/// the address type, each endpoint's addresses (1 to 100, of that type),
+/// and the ports (names RFC 1123 labels and unique, a known protocol).
+fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<String>) {
+    let ty = obj["addressType"].as_str().unwrap_or("");
+    match ty {
+        "" => errs.push("addressType: Required value".to_string()),
+        "IPv4" | "IPv6" | "FQDN" => {}
+        other => errs.push(format!(
+            "addressType: Unsupported value: {other:?}: supported values: \"FQDN\", \"IPv4\", \"IPv6\""
+        )),
+    }
+    for (i, e) in obj["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let addrs = e["addresses"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if addrs.is_empty() {
+            errs.push(format!(
+                "endpoints[{i}].addresses: Required value: must contain at least 1 address"
+            ));
+        } else if addrs.len() > 100 {
+            errs.push(format!(
+                "endpoints[{i}].addresses: Too many: {}: must have at most 100 items",
+                addrs.len()
+            ));
+        }
+        for (j, a) in addrs.iter().enumerate() {
+            let a = a.as_str().unwrap_or("");
+            let ok = match ty {
+                "IPv4" => a.parse::<std::net::Ipv4Addr>().is_ok(),
+                "IPv6" => a.parse::<std::net::Ipv6Addr>().is_ok(),
+                _ => true,
+            };
+            if !ok {
+                errs.push(format!(
+                    "endpoints[{i}].addresses[{j}]: Invalid value: {a:?}: must be a valid {ty} address"
+                ));
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, p) in obj["ports"].as_array().into_iter().flatten().enumerate() {
+        let pname = p["name"].as_str().unwrap_or("");
+        if !pname.is_empty() && !is_dns_label(pname) {
+            errs.push(format!(
+                "ports[{i}].name: Invalid value: {pname:?}: {DNS_LABEL_RULE}"
+            ));
+        }
+        if !names.insert(pname.to_string()) {
+            errs.push(format!("ports[{i}].name: Duplicate value: {pname:?}"));
+        }
+        let proto = p["protocol"].as_str().unwrap_or("");
+        if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+            errs.push(format!(
+                "ports[{i}].protocol: Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+            ));
+        }
+    }
+}
+
 fn validate_pod_spec(prefix: &str, spec: &Value, errs: &mut Vec<String>) {
     let containers = spec["containers"].as_array();
     if containers.is_none_or(|c| c.is_empty()) {
@@ -984,7 +1073,7 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                     // A Service port's name is an RFC 1123 label (not an
                     // IANA service name like a container port's).
                     errs.push(format!(
-                        "spec.ports[{i}].name: Invalid value: {pname:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+                        "spec.ports[{i}].name: Invalid value: {pname:?}: {DNS_LABEL_RULE}"
                     ));
                 } else if !pname.is_empty() && !names.insert(pname.to_string()) {
                     errs.push(format!("spec.ports[{i}].name: Duplicate value: {pname:?}"));
@@ -1007,6 +1096,7 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                 errs.push("spec.externalName: Required value".to_string());
             }
         }
+        "discovery.k8s.io/v1/endpointslices" => validate_endpoint_slice(obj, &mut errs),
         "apps/v1/deployments"
         | "apps/v1/replicasets"
         | "apps/v1/statefulsets"
@@ -1044,8 +1134,8 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
         }
         "core/v1/namespaces" if !name.is_empty() && !is_dns_label(name) => {
             errs.push(format!(
-                    "metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
-                ));
+                "metadata.name: Invalid value: {name:?}: {DNS_LABEL_RULE}"
+            ));
         }
         _ => {}
     }
@@ -1142,6 +1232,70 @@ mod tests {
             .expect("ns");
         }
         s
+    }
+
+    #[test]
+    fn endpoint_slices_are_defaulted_and_validated_as_the_real_server_does() {
+        let s = store();
+        let es = must("discovery.k8s.io/v1/endpointslices");
+        let ok = create(
+            &s,
+            es,
+            "default",
+            json!({"metadata": {"name": "web-a"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.0.9"]}],
+            "ports": [{"port": 80}, {"name": "81-8081", "port": 8081, "protocol": "UDP"}]}),
+        )
+        .expect("a valid slice");
+        assert_eq!(ok["ports"][0]["name"], "");
+        assert_eq!(ok["ports"][0]["protocol"], "TCP");
+        let mut changed = ok.clone();
+        changed["addressType"] = json!("IPv6");
+        changed["endpoints"] = json!([{"addresses": ["fd00::9"]}]);
+        let err = update(&s, es, "default", "web-a", changed, false).expect_err("immutable");
+        assert!(
+            err.message
+                .contains("addressType: Invalid value: \"IPv6\": field is immutable"),
+            "{}",
+            err.message
+        );
+        let cases = [
+            (json!({"endpoints": []}), "addressType: Required value"),
+            (
+                json!({"addressType": "IPv5"}),
+                "addressType: Unsupported value: \"IPv5\"",
+            ),
+            (
+                json!({"addressType": "IPv4", "endpoints": [{"addresses": []}]}),
+                "endpoints[0].addresses: Required value",
+            ),
+            (
+                json!({"addressType": "IPv4", "endpoints": [{"addresses": ["fd00::1"]}]}),
+                "endpoints[0].addresses[0]: Invalid value: \"fd00::1\": must be a valid IPv4 address",
+            ),
+            (
+                json!({"addressType": "IPv4", "ports": [{"name": "web.http", "port": 80}]}),
+                "ports[0].name: Invalid value: \"web.http\"",
+            ),
+            (
+                json!({"addressType": "IPv4", "ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}),
+                "ports[1].name: Duplicate value: \"http\"",
+            ),
+            (
+                json!({"addressType": "IPv4", "ports": [{"port": 80}, {"port": 81}]}),
+                "ports[1].name: Duplicate value: \"\"",
+            ),
+            (
+                json!({"addressType": "IPv4", "ports": [{"port": 80, "protocol": "HTTP"}]}),
+                "ports[0].protocol: Unsupported value: \"HTTP\"",
+            ),
+        ];
+        for (i, (mut body, want)) in cases.into_iter().enumerate() {
+            body["metadata"] = json!({"name": format!("bad-{i}")});
+            let err = create(&s, es, "default", body).expect_err(want);
+            assert_eq!(err.code, 422, "{want}");
+            assert!(err.message.contains(want), "{want}: {}", err.message);
+        }
     }
 
     #[test]
