@@ -222,12 +222,13 @@ fn in_cluster_client() -> Option<kube::Client> {
     }
 }
 
-/// glibc gives the top of its heap back to the kernel as soon as 128 KiB
-/// there are free, and takes it again on the next burst: with a flow's task
-/// and buffers allocated per connection that meant a `brk` every other
-/// connection, plus page faults. Keep a few MiB instead.
+/// Without jemalloc (the `jemalloc` feature off): glibc gives the top of
+/// its heap back to the kernel as soon as 128 KiB there are free, and takes
+/// it again on the next burst: with a flow's task and buffers allocated per
+/// connection that meant a `brk` every other connection, plus page faults.
+/// Keep a few MiB instead.
 fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
     // SAFETY: mallopt only sets allocator parameters; called before any
     // other thread exists.
     unsafe {
@@ -260,11 +261,11 @@ fn raise_open_files_limit() -> Option<u64> {
 }
 
 /// jemalloc, not glibc's malloc: the data path allocates and frees
-/// buffers of tens to hundreds of KiB per batch, which glibc hands back to
-/// the kernel and takes again, so every batch paid for fresh, zeroed,
-/// faulted-in pages (a sixth of the daemon's CPU during a download over
-/// port-forward). jemalloc keeps freed pages for reuse and returns them
-/// only after seconds unused.
+/// buffers of tens of KiB to MiBs (framed reads and backlogs, flows'
+/// buffers), which glibc hands back to the kernel (munmap, heap trim) and
+/// takes again, paying for fresh, zeroed, faulted-in pages each time.
+/// jemalloc keeps freed pages for reuse and returns them only after
+/// seconds unused. As in the daemon (`client/src/main.rs`).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
