@@ -471,6 +471,14 @@ pub async fn run(store: Arc<Store>, ctx: ClusterCtx) -> anyhow::Result<()> {
             let (n, t) = (node.clone(), text.clone());
             match tokio::task::spawn_blocking(move || apply(&n, &t)).await {
                 Ok(Ok(())) => {
+                    // When the rules changed, for a failed test's log (a
+                    // Service that refused for longer than kube-proxy's
+                    // lag).
+                    tracing::info!(
+                        rules = text.lines().count(),
+                        udp_services = udp.len(),
+                        "kube-proxy: rules written"
+                    );
                     last = text.clone();
                     // What is in force, for `minicluster up` to wait on.
                     let synced = ctx.state_dir.join(SYNCED_RULES);

@@ -104,12 +104,13 @@ impl<'a> Laptop<'a> {
         let o = self.connect(extra);
         assert!(
             o.status.success(),
-            "burrow connect {extra:?} in laptop {} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            "burrow connect {extra:?} in laptop {} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}\ncluster log:\n{}",
             self.n,
             o.status,
             stdout(&o),
             stderr(&o),
-            self.daemon_log()
+            self.daemon_log(),
+            burrow_tests::cluster::tail(&self.c.state_dir().join("log"), 40)
         );
         stdout(&o)
     }
