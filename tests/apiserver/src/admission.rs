@@ -938,6 +938,9 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// What the real server lists for an unsupported port protocol.
+pub(crate) const SUPPORTED_PORT_PROTOCOLS: &str = "supported values: \"SCTP\", \"TCP\", \"UDP\"";
+
 const DNS_LABEL_RULE: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
 
 /// An EndpointSlice as the real validation checks it (after defaulting):
@@ -1000,7 +1003,7 @@ fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<String>) {
         let proto = p["protocol"].as_str().unwrap_or("");
         if !matches!(proto, "TCP" | "UDP" | "SCTP") {
             errs.push(format!(
-                "ports[{i}].protocol: Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+                "ports[{i}].protocol: Unsupported value: {proto:?}: {SUPPORTED_PORT_PROTOCOLS}"
             ));
         }
     }
@@ -1019,7 +1022,7 @@ fn validate_pod_spec(prefix: &str, spec: &Value, errs: &mut Vec<String>) {
             errs.push(format!("{prefix}.containers[{i}].name: Required value"));
         } else if !is_dns_label(name) {
             errs.push(format!(
-                "{prefix}.containers[{i}].name: Invalid value: {name:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+                "{prefix}.containers[{i}].name: Invalid value: {name:?}: {DNS_LABEL_RULE}"
             ));
         } else if !names.insert(name.to_string()) {
             errs.push(format!(
@@ -1088,7 +1091,7 @@ pub fn validate(rt: &ResourceType, name: &str, obj: &Value) -> Result<(), ApiErr
                 let proto = p["protocol"].as_str().unwrap_or("TCP");
                 if !matches!(proto, "TCP" | "UDP" | "SCTP") {
                     errs.push(format!(
-                        "spec.ports[{i}].protocol: Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+                        "spec.ports[{i}].protocol: Unsupported value: {proto:?}: {SUPPORTED_PORT_PROTOCOLS}"
                     ));
                 }
             }

@@ -73,7 +73,8 @@ fn validate_port(path: &str, port: &Value, errs: &mut Vec<String>) {
     let proto = port["protocol"].as_str().unwrap_or("TCP");
     if !matches!(proto, "TCP" | "UDP" | "SCTP") {
         errs.push(format!(
-            "{path}.protocol: Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+            "{path}.protocol: Unsupported value: {proto:?}: {}",
+            crate::admission::SUPPORTED_PORT_PROTOCOLS
         ));
     }
     let end = &port["endPort"];
