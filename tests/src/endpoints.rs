@@ -56,8 +56,8 @@ use minicluster_apiserver::{ResourceType, Store};
 use serde_json::{Map, Value, json};
 
 use crate::controllers::{
-    EpGroup, compute_endpoints, endpoints_subsets, meta_name, meta_ns, owner_ref, rt_pods, s,
-    slice_endpoints,
+    EpGroup, compute_endpoints, endpoints_subsets, meta_name, meta_ns, meta_uid, owner_ref,
+    rt_pods, s, slice_endpoints,
 };
 use crate::ctx::ClusterCtx;
 use crate::informer::{self, Change, Controller, Informer, Lag, Op, Queue, SyncError};
@@ -341,13 +341,26 @@ pub fn slice_labels(svc: &Value) -> Value {
     Value::Object(l)
 }
 
+/// Whether `obj` names `owner` (by uid) among its owners: `ownedBy` of
+/// the real reconciler.
+fn owned_by(obj: &Value, owner: &Value) -> bool {
+    let uid = meta_uid(owner);
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)))
+}
+
 /// What the EndpointSlice controller writes for `svc` (with a selector):
 /// one slice per set of resolved ports, reusing its existing slices, one
-/// empty slice when there is no endpoint at all.
+/// empty slice when there is no endpoint at all. A slice labelled with the
+/// Service's name but owned by another object (a Service of that name
+/// deleted a moment ago, whose slices the garbage collector has not
+/// removed yet) is deleted, never reused, as the real reconciler does.
 pub fn plan_slices(svc: &Value, groups: &[EpGroup], existing: &[&Value]) -> Vec<Op> {
     let ns = meta_ns(svc).to_string();
     let name = meta_name(svc).to_string();
-    let mut existing: Vec<&Value> = existing.to_vec();
+    let (mut existing, not_owned): (Vec<&Value>, Vec<&Value>) =
+        existing.iter().partition(|sl| owned_by(sl, svc));
     let placeholder = [EpGroup {
         ports: vec![],
         addresses: vec![],
@@ -414,7 +427,7 @@ pub fn plan_slices(svc: &Value, groups: &[EpGroup], existing: &[&Value]) -> Vec<
             }),
         }
     }
-    for sl in existing {
+    for sl in existing.into_iter().chain(not_owned) {
         ops.push(Op::Delete {
             rt: rt_slices(),
             ns: ns.clone(),
@@ -1065,6 +1078,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn slices_of_a_deleted_namesake_are_deleted_not_reused() {
+        // A Service deleted and made again under the same name: the old
+        // one's slice (same labels, the old uid as owner) is still there.
+        let s = svc(Some(json!({"app": "echo"})));
+        let groups = compute_endpoints(&s, &[pod("a", "10.244.0.3", true)]).expect("sel");
+        let ops = plan_slices(&s, &groups, &[]);
+        let [Op::Create { obj, .. }] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        let mut old = obj.clone();
+        old["metadata"]["name"] = json!("echo-old12");
+        old["metadata"]["resourceVersion"] = json!("5");
+        old["metadata"]["ownerReferences"][0]["uid"] = json!("uid-of-the-deleted-one");
+        let ops = plan_slices(&s, &groups, &[&old]);
+        assert!(
+            matches!(ops.as_slice(), [Op::Create { obj, .. }, Op::Delete { name, .. }]
+                if obj["metadata"]["ownerReferences"][0]["uid"] == "svc-uid" && name == "echo-old12"),
+            "{ops:?}"
+        );
+        // Its own slice is kept as it is.
+        let mut own = old.clone();
+        own["metadata"]["ownerReferences"][0]["uid"] = json!("svc-uid");
+        assert!(plan_slices(&s, &groups, &[&own]).is_empty());
+    }
+
     fn endpoints_obj() -> Value {
         json!({
             "metadata": {"name": "echo", "namespace": "default", "uid": "ep-uid",
@@ -1188,6 +1227,64 @@ mod tests {
     }
 
     use std::time::Instant;
+
+    /// A Service deleted and made again at once under the same name (a
+    /// reroute stopped and started again recreates its shadow): the new one
+    /// gets a slice of its own every time, with the real lag, whatever order
+    /// the Service and slice events reach the controller in.
+    #[tokio::test]
+    async fn a_service_made_again_at_once_gets_a_slice_of_its_own() {
+        let store = Arc::new(Store::new());
+        store
+            .create(
+                must("core/v1/namespaces"),
+                "",
+                json!({"metadata": {"name": "default"}}),
+            )
+            .expect("ns");
+        let fresh_svc = || {
+            let mut s = svc(Some(json!({"app": "echo"})));
+            if let Some(m) = s["metadata"].as_object_mut() {
+                m.remove("uid");
+            }
+            s
+        };
+        for (n, ip) in [("a", "10.244.0.3"), ("b", "10.244.0.4")] {
+            let mut p = pod(n, ip, true);
+            if let Some(m) = p["metadata"].as_object_mut() {
+                m.remove("uid");
+            }
+            store.create(rt_pods(), "default", p).expect("pod");
+        }
+        tokio::spawn(informer::run(
+            store.clone(),
+            SliceController::default(),
+            Lag::REAL,
+        ));
+        let owned_slice = |uid: &str| {
+            slices(&store, SLICE_CONTROLLER).into_iter().any(|s| {
+                s["metadata"]["ownerReferences"][0]["uid"].as_str() == Some(uid)
+                    && s["endpoints"].as_array().map(Vec::len) == Some(2)
+            })
+        };
+        let made = admission::create(&store, rt_services(), "default", fresh_svc()).expect("svc");
+        let uid = meta_uid(&made).to_string();
+        eventually("the first slice", || owned_slice(&uid).then_some(())).await;
+        for round in 0..12 {
+            store
+                .delete(rt_services(), "default", "echo")
+                .expect("delete");
+            tokio::time::sleep(Duration::from_millis(round * 5)).await;
+            let made =
+                admission::create(&store, rt_services(), "default", fresh_svc()).expect("again");
+            let uid = meta_uid(&made).to_string();
+            eventually(
+                &format!("a slice of the new Service (round {round})"),
+                || owned_slice(&uid).then_some(()),
+            )
+            .await;
+        }
+    }
 
     /// What a user of a real cluster sees when a Service's selector goes and
     /// comes back, with the real lag.
