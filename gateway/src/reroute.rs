@@ -1255,6 +1255,10 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
     })
     .boxed();
     let mut seen = futures::stream::select_all([slices, endpoints, services]);
+    // Until the laptop has pointed the Service at the gateway (burrow's
+    // saved selector on it), the Service seen is the one before the
+    // reroute, not something someone else changed.
+    let mut pointed = false;
     while let Some(event) = seen.next().await {
         let Some(me) = me.upgrade() else { return };
         match event {
@@ -1270,6 +1274,10 @@ async fn guard(me: std::sync::Weak<Reroutes>, client: kube::Client, svc: Service
                 }
             },
             Seen::Service(s) => {
+                pointed |= burrow_api::record::saved(&s).is_some();
+                if !pointed {
+                    continue;
+                }
                 let ports = me.table.lock().map(|t| t.ports(&svc)).unwrap_or_default();
                 me.note_change(&svc, change_of(&s, &ports));
             }

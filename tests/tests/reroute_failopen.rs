@@ -338,9 +338,21 @@ fn nothing_listening_fallback_pods_the_pods_answer() {
     let (s, echo_before, ip) = setup(c);
     let url = format!("http://{ip}:8080/");
     s.reroute(1, &["echo", "--port", "8080:3999", "--fallback", "pods"]);
+    let from_pods = |body: &str| {
+        let pod = serde_json::from_str::<Value>(body.trim())
+            .ok()
+            .and_then(|v| v["pod"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        assert!(
+            pod.starts_with("echo-"),
+            "not the pods' answer: {body}\ndaemon log:\n{}\ngateway log:\n{}\ncluster log:\n{}",
+            s.daemon_log(1),
+            gateway_log(c, 60),
+            burrow_tests::cluster::tail(&c.state_dir().join("log"), 150)
+        );
+    };
     for _ in 0..5 {
-        let body = s.curl_in_caller(&[&url]);
-        assert!(pod_field(&body).starts_with("echo-"), "{body}");
+        from_pods(&s.curl_in_caller(&[&url]));
     }
     // A header route likewise.
     s.stop(1, "echo", "default");
@@ -356,8 +368,12 @@ fn nothing_listening_fallback_pods_the_pods_answer() {
             "pods",
         ],
     );
-    let body = s.curl_in_caller(&["-H", "x-burrow-route: me", &url]);
-    assert!(pod_field(&body).starts_with("echo-"), "{body}");
+    from_pods(&s.curl_in_caller(&["-H", "x-burrow-route: me", &url]));
     s.stop(1, "echo", "default");
     s.assert_restored("default", "echo", echo_before);
+    // Nobody else touched the Service: the gateway's guard said nothing
+    // (the Service as it was just before the laptop pointed it at the
+    // gateway is not someone else's change).
+    let log = gateway_log(c, 400);
+    assert!(!log.contains("someone else"), "{log}");
 }

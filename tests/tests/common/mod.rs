@@ -166,6 +166,24 @@ pub fn wait_pod_ready(c: &Cluster, ns: &str, name: &str) {
     );
 }
 
+/// The gateway's last `lines` log lines (for a failure to show what the
+/// gateway saw), or why they could not be read.
+pub fn gateway_log(c: &Cluster, lines: usize) -> String {
+    let tail = lines.to_string();
+    let o = run(kubectl(
+        c,
+        &[
+            "-n",
+            "burrow-system",
+            "logs",
+            "deploy/burrow-gateway",
+            "--tail",
+            &tail,
+        ],
+    ));
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
 /// `kubectl logs ARGS` once it prints something containing `want`.
 pub fn logs_containing(c: &Cluster, args: &[&str], want: &str) -> String {
     let mut all = vec!["logs"];
