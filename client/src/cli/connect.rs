@@ -89,7 +89,9 @@ pub struct ConnectArgs {
     cluster: ClusterArgs,
     /// How WireGuard reaches the gateway: direct UDP to its NodePort (or
     /// --endpoint), through the API server (port-forward), or UDP when it
-    /// answers within 1.5 s, else port-forward.
+    /// answers within 1.5 s, else port-forward. A gateway that just started
+    /// gets longer, for kube-proxy to route its NodePort: up to 6 s with
+    /// auto, 20 s with udp.
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     transport: Transport,
     /// Reach the gateway's WireGuard UDP port at HOST:PORT.

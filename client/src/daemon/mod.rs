@@ -59,6 +59,9 @@ const UDP_HANDSHAKE: Duration = Duration::from_millis(1500);
 /// 1 s min-sync-period, each late under load): the UDP handshake window
 /// stretches to this much past readiness.
 const NODEPORT_SETTLE: Duration = Duration::from_secs(6);
+/// The same with `--transport udp`, where there is nothing to fall back
+/// to: a loaded cluster's controller and kube-proxy can lag further.
+const NODEPORT_SETTLE_ASKED: Duration = Duration::from_secs(20);
 /// How long the probe through the tunnel may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the gateway pod.

@@ -46,8 +46,26 @@ pub(super) async fn choose_transport(
     if req.transport != Transport::PortForward {
         match udp_endpoint(req, cluster, namespace).await {
             Ok(endpoint) => {
-                let window = udp_window(pod.ready_at, std::time::SystemTime::now());
-                step(tx, format!("trying UDP to {endpoint}"));
+                // Asked for by name, UDP is worth waiting for; `auto` has
+                // port-forward to go on with.
+                let settle = if req.transport == Transport::Udp {
+                    NODEPORT_SETTLE_ASKED
+                } else {
+                    NODEPORT_SETTLE
+                };
+                let window = udp_window(pod.ready_at, std::time::SystemTime::now(), settle);
+                if window > UDP_HANDSHAKE {
+                    step(
+                        tx,
+                        format!(
+                            "trying UDP to {endpoint} (the gateway just started: its NodePort \
+                             may take kube-proxy a few seconds; waiting up to {} s)",
+                            window.as_secs()
+                        ),
+                    );
+                } else {
+                    step(tx, format!("trying UDP to {endpoint}"));
+                }
                 match udp_handshake(endpoint, key, gateway_key, window).await {
                     Ok(()) => {
                         return Ok(Chosen {
@@ -108,19 +126,20 @@ pub(super) async fn udp_endpoint(
 }
 
 /// How long the UDP handshake may take: [`UDP_HANDSHAKE`], or up to
-/// [`NODEPORT_SETTLE`] past the moment a just-started gateway turned
-/// ready (a clock ahead of the API server's counts as "just now").
+/// `settle` past the moment a just-started gateway turned ready (a clock
+/// ahead of the API server's counts as "just now").
 pub(super) fn udp_window(
     ready_at: Option<std::time::SystemTime>,
     now: std::time::SystemTime,
+    settle: Duration,
 ) -> Duration {
     let Some(ready_at) = ready_at else {
         return UDP_HANDSHAKE;
     };
     let age = now.duration_since(ready_at).unwrap_or(Duration::ZERO);
-    NODEPORT_SETTLE
+    settle
         .saturating_sub(age)
-        .clamp(UDP_HANDSHAKE, NODEPORT_SETTLE)
+        .clamp(UDP_HANDSHAKE, settle.max(UDP_HANDSHAKE))
 }
 
 /// One WireGuard handshake with a throwaway session: does the gateway
@@ -360,14 +379,22 @@ mod tests {
     #[test]
     fn udp_window_stretches_for_a_gateway_just_ready() {
         let now = std::time::SystemTime::now();
-        assert_eq!(udp_window(None, now), UDP_HANDSHAKE);
-        assert_eq!(udp_window(Some(now), now), NODEPORT_SETTLE);
+        let s = NODEPORT_SETTLE;
+        assert_eq!(udp_window(None, now, s), UDP_HANDSHAKE);
+        assert_eq!(udp_window(Some(now), now, s), NODEPORT_SETTLE);
         let two = now - Duration::from_secs(2);
-        assert_eq!(udp_window(Some(two), now), Duration::from_secs(4));
+        assert_eq!(udp_window(Some(two), now, s), Duration::from_secs(4));
         let old = now - Duration::from_secs(3600);
-        assert_eq!(udp_window(Some(old), now), UDP_HANDSHAKE);
+        assert_eq!(udp_window(Some(old), now, s), UDP_HANDSHAKE);
         // The API server's clock ahead of ours: "just now", never longer.
         let ahead = now + Duration::from_secs(3600);
-        assert_eq!(udp_window(Some(ahead), now), NODEPORT_SETTLE);
+        assert_eq!(udp_window(Some(ahead), now, s), NODEPORT_SETTLE);
+        // `--transport udp` waits longer for a NodePort just made.
+        let asked = NODEPORT_SETTLE_ASKED;
+        assert_eq!(
+            udp_window(Some(two), now, asked),
+            asked - Duration::from_secs(2)
+        );
+        assert_eq!(udp_window(Some(old), now, asked), UDP_HANDSHAKE);
     }
 }
