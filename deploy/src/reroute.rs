@@ -355,6 +355,10 @@ pub struct Shadow {
     /// Whoever hands callers to it should first see it answer
     /// ([`service::KUBE_PROXY_LAG`] is the usual lag).
     pub fresh: bool,
+    /// Made by this call, but the endpoint-slice controller had not listed
+    /// its pods within [`service::CONTROLLER_WAIT`] (a slow controller):
+    /// `fresh` too, for it may well answer a moment later.
+    pub unlisted: bool,
 }
 
 /// Creates (or finds) the shadow Service — the original selector and ports
@@ -400,17 +404,21 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<Shadow, D
     }))
     .map_err(|e| DeployError::new(format!("internal: shadow Service: {e}"), ""))?;
     let api: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
-    let (made, fresh) = match api.create(&PostParams::default(), &body).await {
+    let (made, fresh, unlisted) = match api.create(&PostParams::default(), &body).await {
         Ok(s) => {
             // New: routable only once kube-proxy has its rules.
-            let pods =
-                service::await_shadow(&cluster.client, &ns, &name, s.metadata.uid.as_deref()).await;
-            (s, pods > 0)
+            match service::await_shadow(&cluster.client, &ns, &name, s.metadata.uid.as_deref())
+                .await
+            {
+                Some(pods) => (s, pods > 0, false),
+                None => (s, true, true),
+            }
         }
         Err(kube::Error::Api(s)) if s.code == 409 => (
             api.get(&shadow)
                 .await
                 .map_err(|e| cluster.err(e, &format!("get Service {ns}/{shadow}")))?,
+            false,
             false,
         ),
         Err(e) => return Err(cluster.err(e, &format!("create Service {ns}/{shadow}"))),
@@ -425,7 +433,11 @@ pub async fn ensure_shadow(cluster: &Cluster, svc: &Service) -> Result<Shadow, D
                 "look at it with `kubectl get svc -o yaml`",
             )
         })?;
-    Ok(Shadow { cluster_ip, fresh })
+    Ok(Shadow {
+        cluster_ip,
+        fresh,
+        unlisted,
+    })
 }
 
 /// Points `svc` at the gateway pod: burrow's EndpointSlice with the

@@ -260,15 +260,15 @@ pub async fn await_controller(
 /// Waits (at most [`CONTROLLER_WAIT`]) until the endpoint-slice
 /// controller lists for the shadow of `name` as many ready endpoints as
 /// for `name` itself (same selector); returns how many ready endpoints the
-/// shadow's slices list then. A shadow made a moment ago is still not
-/// routable before kube-proxy has its rules (see
-/// [`crate::reroute::Shadow::fresh`]).
+/// shadow's slices list then, or None when the controller had not listed
+/// them in time. A shadow made a moment ago is still not routable before
+/// kube-proxy has its rules (see [`crate::reroute::Shadow::fresh`]).
 pub async fn await_shadow(
     client: &kube::Client,
     namespace: &str,
     name: &str,
     shadow_uid: Option<&str>,
-) -> usize {
+) -> Option<usize> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     // Slices of `svc` made by the endpoint-slice controller; with `owner`,
     // only those of that very Service object: a shadow deleted a moment ago
@@ -311,7 +311,7 @@ pub async fn await_shadow(
             && any
             && have >= want
         {
-            return have;
+            return Some(have);
         }
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(
@@ -320,7 +320,7 @@ pub async fn await_shadow(
                 "the endpoint controller did not list the shadow's pods within {}s",
                 CONTROLLER_WAIT.as_secs()
             );
-            return seen.map_or(0, |(_, have)| have);
+            return None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

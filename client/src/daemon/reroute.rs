@@ -536,6 +536,16 @@ async fn establish(
         "creating the shadow Service for traffic that stays in the cluster",
     );
     let shadow = burrow_deploy::reroute::ensure_shadow(cluster, &found.service).await?;
+    if shadow.unlisted {
+        step(
+            tx,
+            format!(
+                "the cluster's endpoint-slice controller has not listed the shadow Service's \
+                 pods within {} s (it is slow or not running)",
+                burrow_deploy::service::CONTROLLER_WAIT.as_secs()
+            ),
+        );
+    }
     if shadow.fresh {
         await_routed(
             tx,
