@@ -33,8 +33,15 @@ NAME=sk$$
 RUN_DIR=/run/minicluster/$NAME-burrow
 OUT=$(mktemp /tmp/burrow-soak.XXXXXX)
 cleanup() {
+    local rc=$?
     "$MC" exec --name "$NAME" laptop -- env BURROW_RUN_DIR="$RUN_DIR" "$BIN/burrow" disconnect >/dev/null 2>&1 || true
     "$MC" down --name "$NAME" >/dev/null 2>&1 || true
+    # The daemon's log stays only when something went wrong.
+    if [ "$rc" = 0 ]; then
+        rm -rf "$RUN_DIR" "$OUT"
+    else
+        echo "daemon log: $RUN_DIR/daemon.log, flows' output: $OUT" >&2
+    fi
 }
 trap cleanup EXIT
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }

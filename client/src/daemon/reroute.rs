@@ -540,7 +540,7 @@ async fn establish(
         step(
             tx,
             format!(
-                "the cluster's endpoint-slice controller has not listed the shadow Service's \
+                "the cluster's endpoint-slice controller has not listed all of the shadow Service's \
                  pods within {} s (it is slow or not running)",
                 burrow_deploy::service::CONTROLLER_WAIT.as_secs()
             ),
