@@ -1228,12 +1228,16 @@ mod tests {
 
     use std::time::Instant;
 
-    /// A Service deleted and made again at once under the same name (a
-    /// reroute stopped and started again recreates its shadow): the new one
-    /// gets a slice of its own every time, with the real lag, whatever order
-    /// the Service and slice events reach the controller in.
-    #[tokio::test]
-    async fn a_service_made_again_at_once_gets_a_slice_of_its_own() {
+    /// `v` as a client sends it: the store gives the uid.
+    fn without_uid(mut v: Value) -> Value {
+        if let Some(m) = v["metadata"].as_object_mut() {
+            m.remove("uid");
+        }
+        v
+    }
+
+    /// A store with namespace `default` and two ready `app=echo` pods.
+    fn store_with_echo_pods() -> Arc<Store> {
         let store = Arc::new(Store::new());
         store
             .create(
@@ -1242,20 +1246,22 @@ mod tests {
                 json!({"metadata": {"name": "default"}}),
             )
             .expect("ns");
-        let fresh_svc = || {
-            let mut s = svc(Some(json!({"app": "echo"})));
-            if let Some(m) = s["metadata"].as_object_mut() {
-                m.remove("uid");
-            }
-            s
-        };
         for (n, ip) in [("a", "10.244.0.3"), ("b", "10.244.0.4")] {
-            let mut p = pod(n, ip, true);
-            if let Some(m) = p["metadata"].as_object_mut() {
-                m.remove("uid");
-            }
-            store.create(rt_pods(), "default", p).expect("pod");
+            store
+                .create(rt_pods(), "default", without_uid(pod(n, ip, true)))
+                .expect("pod");
         }
+        store
+    }
+
+    /// A Service deleted and made again at once under the same name (a
+    /// reroute stopped and started again recreates its shadow): the new one
+    /// gets a slice of its own every time, with the real lag, whatever order
+    /// the Service and slice events reach the controller in.
+    #[tokio::test]
+    async fn a_service_made_again_at_once_gets_a_slice_of_its_own() {
+        let store = store_with_echo_pods();
+        let fresh_svc = || without_uid(svc(Some(json!({"app": "echo"}))));
         tokio::spawn(informer::run(
             store.clone(),
             SliceController::default(),
@@ -1290,27 +1296,10 @@ mod tests {
     /// comes back, with the real lag.
     #[tokio::test]
     async fn selector_removed_and_restored_with_lag() {
-        let store = Arc::new(Store::new());
-        store
-            .create(
-                must("core/v1/namespaces"),
-                "",
-                json!({"metadata": {"name": "default"}}),
-            )
-            .expect("ns");
-        let mut s = svc(Some(json!({"app": "echo"})));
+        let store = store_with_echo_pods();
+        let mut s = without_uid(svc(Some(json!({"app": "echo"}))));
         s["metadata"]["labels"] = json!({"app": "echo"});
-        if let Some(m) = s["metadata"].as_object_mut() {
-            m.remove("uid");
-        }
         admission::create(&store, rt_services(), "default", s).expect("svc");
-        for (n, ip) in [("a", "10.244.0.3"), ("b", "10.244.0.4")] {
-            let mut p = pod(n, ip, true);
-            if let Some(m) = p["metadata"].as_object_mut() {
-                m.remove("uid");
-            }
-            store.create(rt_pods(), "default", p).expect("pod");
-        }
         let lag = Lag::REAL;
         tokio::spawn(informer::run(
             store.clone(),

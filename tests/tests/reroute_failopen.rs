@@ -339,12 +339,8 @@ fn nothing_listening_fallback_pods_the_pods_answer() {
     let url = format!("http://{ip}:8080/");
     s.reroute(1, &["echo", "--port", "8080:3999", "--fallback", "pods"]);
     let from_pods = |body: &str| {
-        let pod = serde_json::from_str::<Value>(body.trim())
-            .ok()
-            .and_then(|v| v["pod"].as_str().map(str::to_string))
-            .unwrap_or_default();
         assert!(
-            pod.starts_with("echo-"),
+            pod_field_of(body).is_some_and(|p| p.starts_with("echo-")),
             "not the pods' answer: {body}\ndaemon log:\n{}\ngateway log:\n{}\ncluster log:\n{}",
             s.daemon_log(1),
             gateway_log(c, 60),

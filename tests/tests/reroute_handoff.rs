@@ -376,20 +376,7 @@ fn someone_else_puts_the_selector_back_list_says_so_stop_leaves_it() {
     assert!(
         out.contains("left in place") && out.contains("track=stable"),
         "{out}\ngateway log:\n{}",
-        String::from_utf8_lossy(
-            &run(kubectl(
-                c,
-                &[
-                    "logs",
-                    "-n",
-                    "burrow-system",
-                    "deploy/burrow-gateway",
-                    "--tail",
-                    "40"
-                ]
-            ))
-            .stdout
-        )
+        gateway_log(c, 40)
     );
     let sel = s.selector("default", "echo");
     assert_eq!(sel["track"], "stable", "the newer selector was overwritten");

@@ -484,17 +484,7 @@ fn is_100m(l: &Laptop, file: &PathBuf, what: &str) {
 fn stall_evidence(l: &Laptop) -> String {
     let ss = run(l.on(&["ss", "-tinoe", "( dport = :80 )"]));
     let daemon = burrow_tests::cluster::tail(&l.run_dir().join("daemon.log"), 200);
-    let gateway = run(kubectl(
-        l.c,
-        &[
-            "-n",
-            "burrow-system",
-            "logs",
-            "deploy/burrow-gateway",
-            "--tail",
-            "200",
-        ],
-    ));
+    let gateway = gateway_log(l.c, 200);
     let ips = stdout(&run(kubectl(
         l.c,
         &[
@@ -519,12 +509,10 @@ fn stall_evidence(l: &Laptop) -> String {
         }
     }
     format!(
-        "ss -tin in laptop {}:\n{}{}\ndaemon log:\n{daemon}\ngateway log:\n{}{}\ngateway metrics (not zero):\n{metrics}",
+        "ss -tin in laptop {}:\n{}{}\ndaemon log:\n{daemon}\ngateway log:\n{gateway}\ngateway metrics (not zero):\n{metrics}",
         l.n,
         stdout(&ss),
         stderr(&ss),
-        stdout(&gateway),
-        stderr(&gateway)
     )
 }
 

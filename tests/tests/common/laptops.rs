@@ -207,6 +207,13 @@ pub fn pod_field(body: &str) -> String {
     v["pod"].as_str().unwrap_or_default().to_string()
 }
 
+/// The "pod" field of an echo answer; None when `body` is not one (a 502
+/// page, say).
+pub fn pod_field_of(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body.trim()).ok()?;
+    v["pod"].as_str().map(str::to_string)
+}
+
 /// The "pod" fields of several JSON answers printed back to back.
 pub fn pods_in(out: &str) -> Vec<String> {
     serde_json::Deserializer::from_str(out)

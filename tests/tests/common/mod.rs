@@ -17,7 +17,7 @@ pub use flows::{FLOWS_PORT, flows_pod_ready, flows_yaml};
 #[allow(unused_imports)]
 pub use laptop::{Laptop, bin_dir};
 #[allow(unused_imports)]
-pub use laptops::{Setup, assert_no_leftovers, pod_field, pods_in};
+pub use laptops::{Setup, assert_no_leftovers, pod_field, pod_field_of, pods_in};
 #[allow(unused_imports)]
 pub use shared::{SharedCluster, shared_cluster, shared_cluster_alone};
 
