@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 export BURROW_E2E=1
+# One build from scratch: incremental state would only take disk (several
+# GB over ~50 test binaries).
+export CARGO_INCREMENTAL=0
 
 cleanup() {
     # Whatever happened, leave no namespace, process or state behind.
@@ -38,6 +41,9 @@ fi
 
 cargo build --workspace --all-targets
 cargo build -p burrow-tests --test resilience
+# The build is the disk's high-water mark: say what it took and what is left.
+du -sh target 2>/dev/null || true
+df -h . 2>/dev/null || true
 # The crates' dependency rule (nothing depends on the gateway).
 bash scripts/check-deps.sh
 # Every fuzz target briefly over its committed corpus (about a minute of
