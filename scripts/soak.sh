@@ -8,8 +8,9 @@
 #   every 100 ms on one connection, IDLE flows exchanging a byte every 30 s
 #   (100 flows by default).
 #
-# Every minute: bytes sent and received back (verified), errors, and the
-# RSS and CPU of the daemon and of the gateway. At the end: bytes lost
+# Every minute: bytes sent and received back (verified), errors, the RSS
+# and CPU of the daemon and of the gateway, and the gateway's heap as its
+# allocator counts it (bytes held, and resident pages). At the end: bytes lost
 # (sent - received), RSS growth under load from the first minute to the
 # last and over the second half of the run, RSS after the flows closed,
 # CPU.
@@ -91,6 +92,15 @@ gateway_pid() { # the gateway's process, in one of this cluster's pod namespaces
 GATEWAY=$(gateway_pid)
 [ -n "$DAEMON" ] && [ -n "$GATEWAY" ] || { echo "daemon or gateway process not found" >&2; exit 1; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# The gateway's heap as its allocator sees it (burrow_gateway_allocator_bytes
+# on its metrics port, from inside its pod's network namespace), in KiB:
+# "allocated resident", or "- -" when it does not say.
+heap() {
+    nsenter -t "$GATEWAY" -n curl -s --max-time 5 http://127.0.0.1:9090/metrics 2>/dev/null | awk '
+        /^burrow_gateway_allocator_bytes\{kind="allocated"\}/ {a = int($2 / 1024)}
+        /^burrow_gateway_allocator_bytes\{kind="resident"\}/ {r = int($2 / 1024)}
+        END {print (a == "" ? "-" : a), (r == "" ? "-" : r)}'
+}
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 log "flows: $BULK bulk, $RR request/response, $IDLE idle to $IP:7000 over $TRANSPORT for ${DURATION}s (daemon pid $DAEMON, gateway pid $GATEWAY)"
@@ -98,8 +108,8 @@ log "flows: $BULK bulk, $RR request/response, $IDLE idle to $IP:7000 over $TRANS
 lap "$BIN/mc-flows" soak --to "$IP:7000" --bulk "$BULK" --rr "$RR" --idle "$IDLE" \
     --duration-secs "$DURATION" --report-secs 60 >"$OUT" 2>&1 &
 SOAK=$!
-echo "| minute | sent MB | received MB | in flight KB | errors | daemon RSS KiB | gateway RSS KiB | daemon CPU % | gateway CPU % |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| minute | sent MB | received MB | in flight KB | errors | daemon RSS KiB | gateway RSS KiB | gateway heap allocated KiB | gateway heap resident KiB | daemon CPU % | gateway CPU % |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 d0=$(ticks "$DAEMON") g0=$(ticks "$GATEWAY")
 first_d= first_g= minute=0
 rss_d=() rss_g=()
@@ -110,6 +120,7 @@ while kill -0 "$SOAK" 2>/dev/null; do
     minute=$((minute + 1))
     d1=$(ticks "$DAEMON") g1=$(ticks "$GATEWAY")
     dr=$(rss "$DAEMON") gr=$(rss "$GATEWAY")
+    read -r ha hr < <(heap)
     [ -z "$first_d" ] && first_d=$dr first_g=$gr
     rss_d+=("$dr") rss_g+=("$gr")
     last=$(grep '^@@' "$OUT" | tail -1)
@@ -117,7 +128,7 @@ while kill -0 "$SOAK" 2>/dev/null; do
     recv=$(sed -n 's/.* received=\([0-9]*\).*/\1/p' <<<"$last")
     infl=$(sed -n 's/.* in_flight=\([0-9]*\).*/\1/p' <<<"$last")
     errs=$(sed -n 's/.* errors=\([0-9]*\).*/\1/p' <<<"$last")
-    echo "| $minute | $(( ${sent:-0} / 1000000 )) | $(( ${recv:-0} / 1000000 )) | $(( ${infl:-0} / 1000 )) | ${errs:-?} | $dr | $gr | $(( (d1 - d0) * 100 / HZ / 60 )) | $(( (g1 - g0) * 100 / HZ / 60 )) |"
+    echo "| $minute | $(( ${sent:-0} / 1000000 )) | $(( ${recv:-0} / 1000000 )) | $(( ${infl:-0} / 1000 )) | ${errs:-?} | $dr | $gr | $ha | $hr | $(( (d1 - d0) * 100 / HZ / 60 )) | $(( (g1 - g0) * 100 / HZ / 60 )) |"
     d0=$d1 g0=$g1
 done
 set +e

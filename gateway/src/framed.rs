@@ -56,6 +56,11 @@ const IDLE_KEEP: usize = 256 << 10;
 /// How long a connection has nothing to write before its output buffers
 /// shrink to [`IDLE_KEEP`].
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
+/// A busy connection's output buffers keep room for twice the largest
+/// batch of the last one to two of these windows: a burst's capacity (up
+/// to [`MAX_BACKLOG`]) goes back once the bursts are smaller, even when
+/// the connection never pauses for [`IDLE_RELEASE`].
+const RETAIN_WINDOW: Duration = Duration::from_secs(2);
 /// Unsent bytes all connections together may hold ([`MAX_BACKLOG`] is per
 /// connection): a few laptops that stop reading cannot take the pod's
 /// memory.
@@ -231,6 +236,59 @@ pub fn addr_conn(addr: SocketAddr) -> Option<ConnId> {
     let mut id = [0u8; 8];
     id.copy_from_slice(&o[8..]);
     Some(u64::from_be_bytes(id))
+}
+
+/// How much capacity a busy writer's buffers keep: twice the largest
+/// batch written in the current and the previous [`RETAIN_WINDOW`], and
+/// at least [`IDLE_KEEP`]. Without it each buffer kept the largest burst
+/// it had ever seen: under a soak the port-forward gateway's RSS rose in
+/// steps for half an hour.
+#[derive(Debug)]
+struct Retention {
+    window_start: Instant,
+    window_max: usize,
+    previous_max: usize,
+}
+
+impl Retention {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            window_max: 0,
+            previous_max: 0,
+        }
+    }
+
+    /// A batch of `len` bytes was written at `now`.
+    fn note(&mut self, len: usize, now: Instant) {
+        let since = now.saturating_duration_since(self.window_start);
+        if since >= RETAIN_WINDOW {
+            // A whole window without a batch forgets both.
+            self.previous_max = if since >= 2 * RETAIN_WINDOW {
+                0
+            } else {
+                self.window_max
+            };
+            self.window_max = 0;
+            self.window_start = now;
+        }
+        self.window_max = self.window_max.max(len);
+    }
+
+    /// The capacity to keep.
+    fn keep(&self) -> usize {
+        (2 * self.window_max.max(self.previous_max)).max(IDLE_KEEP)
+    }
+
+    /// Give back `buf`'s capacity beyond twice what is to be kept (an
+    /// empty buffer: nothing to copy). The factor of two leaves a buffer
+    /// alone while the batches stay about the same size.
+    fn trim(&self, buf: &mut Vec<u8>) {
+        let keep = self.keep();
+        if buf.is_empty() && buf.capacity() > 2 * keep {
+            *buf = Vec::with_capacity(keep);
+        }
+    }
 }
 
 /// Output side of a connection, shared with its writer task.
@@ -458,6 +516,7 @@ pub async fn accept_loop(
             // Double buffering: swap the shared buffer for this one, write
             // it out, keep its capacity.
             let mut pending = Vec::new();
+            let mut retention = Retention::new(Instant::now());
             loop {
                 let notified = out.wake.notified();
                 {
@@ -494,7 +553,10 @@ pub async fn accept_loop(
                 }
                 let written = wr.write_all(&pending).await;
                 out.written(pending.len());
+                retention.note(pending.len(), Instant::now());
                 pending.clear();
+                // The two buffers take turns here.
+                retention.trim(&mut pending);
                 if let Err(e) = written {
                     tracing::debug!(conn = id, error = %e, "framed connection write failed");
                     break;
@@ -688,5 +750,54 @@ mod tests {
             o.release_all();
         }
         assert_eq!(all.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_busy_writer_gives_back_a_burst_once_batches_are_small_again() {
+        let t0 = Instant::now();
+        let mut r = Retention::new(t0);
+        // A 16 MiB burst, then steady 100 KiB batches every 10 ms.
+        let mut buf: Vec<u8> = Vec::with_capacity(16 << 20);
+        r.note(16 << 20, t0);
+        r.trim(&mut buf);
+        assert!(buf.capacity() >= 16 << 20, "kept while the burst is recent");
+        let mut t = t0;
+        let mut given_back_at = None;
+        for _ in 0..600 {
+            t += Duration::from_millis(10);
+            r.note(100 << 10, t);
+            r.trim(&mut buf);
+            if given_back_at.is_none() && buf.capacity() < 16 << 20 {
+                given_back_at = Some(t - t0);
+            }
+        }
+        let at = given_back_at.expect("the burst's capacity was never given back");
+        assert!(at <= 2 * RETAIN_WINDOW, "given back after {at:?}");
+        assert_eq!(
+            buf.capacity(),
+            IDLE_KEEP,
+            "what steady 100 KiB batches keep"
+        );
+
+        // Steady batches about the size of the capacity are never trimmed
+        // (no allocation per batch).
+        let mut buf: Vec<u8> = Vec::with_capacity(4 << 20);
+        let ptr = buf.as_ptr();
+        for i in 0..600u32 {
+            t += Duration::from_millis(10);
+            r.note((3 << 20) + (i as usize % 7) * 100_000, t);
+            r.trim(&mut buf);
+        }
+        assert_eq!(
+            buf.as_ptr(),
+            ptr,
+            "a steady writer's buffer was reallocated"
+        );
+
+        // A buffer that still holds bytes is never touched.
+        let mut full = vec![1u8; 64 << 20];
+        r.note(1, t + 3 * RETAIN_WINDOW);
+        r.trim(&mut full);
+        assert_eq!(full.len(), 64 << 20);
     }
 }

@@ -275,8 +275,38 @@ impl Datapath {
             let n = now_ages.iter().filter(|a| a.as_secs() < secs).count();
             e.sample(&format!("within=\"{window}\""), n as f64);
         }
+        if let Some(mem) = allocator_bytes() {
+            e.family(
+                "burrow_gateway_allocator_bytes",
+                "gauge",
+                "The allocator's view of the heap: bytes the gateway holds (allocated) and bytes in pages it keeps in memory (resident). Resident growing while allocated stays is the allocator's caching, not the gateway's.",
+            );
+            e.sample("kind=\"allocated\"", mem.allocated as f64);
+            e.sample("kind=\"resident\"", mem.resident as f64);
+        }
         e.finish()
     }
+}
+
+struct AllocatorBytes {
+    allocated: usize,
+    resident: usize,
+}
+
+/// jemalloc's heap statistics (refreshed by advancing its epoch); none
+/// when the gateway is built without jemalloc.
+fn allocator_bytes() -> Option<AllocatorBytes> {
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        epoch::advance().ok()?;
+        Some(AllocatorBytes {
+            allocated: stats::allocated::read().ok()?,
+            resident: stats::resident::read().ok()?,
+        })
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    None
 }
 
 pub(super) fn dial_index(e: DialError) -> usize {
