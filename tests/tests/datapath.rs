@@ -823,6 +823,7 @@ fn thousand_parallel_flows(s: &Setup) {
             "datapath: the gateway let go of every flow {:.1}s after the clients finished",
             started.elapsed().as_secs_f64()
         );
+        gateway_reports_its_heap(s);
         return;
     }
     let metrics = s
@@ -840,6 +841,40 @@ fn thousand_parallel_flows(s: &Setup) {
         "{open} TCP flows still open at the gateway 90 s after 1,000 connections closed\n{}\nlaptop links:\n{}",
         kept.join("\n"),
         stdout(&links)
+    );
+}
+
+/// The gateway's heap as its allocator counts it (for operators, and
+/// `scripts/soak.sh`): bytes held, within the pages it keeps (jemalloc's
+/// "resident" is an upper bound: pages mapped but never touched count, so
+/// it is printed next to the RSS, not compared with it).
+fn gateway_reports_its_heap(s: &Setup) {
+    let text = s.metrics().expect("scraping the gateway's metrics");
+    let pid = gateway::process_id(s.c, s.gw).expect("the gateway's process");
+    let rss_kib: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the gateway's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let kind = |k: &str| {
+        gateway::sample(
+            &text,
+            "burrow_gateway_allocator_bytes",
+            &format!("kind=\"{k}\""),
+        )
+        .unwrap_or_else(|| panic!("no allocator {k} sample:\n{text}"))
+    };
+    let (allocated, resident) = (kind("allocated"), kind("resident"));
+    eprintln!(
+        "datapath: gateway heap {:.1} MiB allocated, {:.1} MiB resident, RSS {:.1} MiB",
+        allocated / 1048576.0,
+        resident / 1048576.0,
+        rss_kib / 1024.0
+    );
+    assert!(
+        allocated > 0.0 && allocated <= resident,
+        "allocated {allocated} resident {resident} RSS {rss_kib} KiB"
     );
 }
 
