@@ -48,11 +48,12 @@ fn round_trips(l: &Laptop) {
     ]));
     assert!(
         out.status.success(),
-        "datagrams through laptop {} did not all come back:\n{}{}\ndaemon log:\n{}",
+        "datagrams through laptop {} did not all come back:\n{}{}\ndaemon log:\n{}\ngateway log:\n{}",
         l.n,
         stdout(&out),
         stderr(&out),
-        l.daemon_log()
+        l.daemon_log(),
+        gateway_log(l.c, 200)
     );
     // A ping larger than the MTU (the echo request reassembled, the reply
     // fragmented) to the node's pod-network address.
