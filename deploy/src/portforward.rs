@@ -31,7 +31,7 @@ pub async fn open(
     pod: &str,
     port: u16,
 ) -> Result<Forwarded, DeployError> {
-    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace);
+    let api: Api<Pod> = Api::namespaced(cluster.stream_client.clone(), namespace);
     let mut pf = api
         .portforward(pod, &[port])
         .await
@@ -88,7 +88,7 @@ pub async fn open_channel(
         .portforward(pod, &[port])
         .map_err(|e| DeployError::new(format!("{doing}: {e}"), ""))?;
     let conn = cluster
-        .client
+        .stream_client
         .connect(req)
         .await
         .map_err(|e| cluster.err(e, &doing))?;

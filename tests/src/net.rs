@@ -401,7 +401,13 @@ pub async fn dial_in(
     })
     .map_err(|e| io::Error::other(format!("{e:#}")))??;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(r) => r,
+        Ok(Ok(stream)) => {
+            // As Go's dialer (the kubelet's, the API server's) leaves every
+            // TCP connection: Nagle off.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("connecting to {addr} from {netns} timed out"),

@@ -69,9 +69,12 @@ pub struct ServerConfig {
 /// namespace (for servers whose "pods" listen on this machine).
 pub fn direct_dialer() -> Dialer {
     Arc::new(|t: PodTarget| {
-        Box::pin(tokio::net::TcpStream::connect(SocketAddr::new(
-            t.ip, t.port,
-        )))
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(SocketAddr::new(t.ip, t.port)).await?;
+            // Go's dialer leaves every TCP connection with Nagle off.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        })
     })
 }
 
