@@ -5,8 +5,17 @@
 //! body: `{"pod", "method", "path", "version", "headers", "body_len"}`, where `pod` is
 //! $POD_NAME, else $HOSTNAME, else the host name. `GET /healthz` answers `ok`.
 //!
+//! `mc-echo udp` (image `burrow/echo`, args `["udp"]`) is the cluster's UDP
+//! echo instead: every datagram on 0.0.0.0:$PORT (up to 65,507 bytes) goes
+//! back whole to its sender, from one socket. It replaced
+//! `socat UDP-RECVFROM:PORT,fork PIPE`, whose forked child for one sender
+//! could stay alive reading the shared socket and throwing away every
+//! other sender's datagrams, until the pod was restarted (reproduced
+//! with two clients sending the datagram test's sizes: the echo went
+//! silent after a few hundred datagrams).
+//!
 //! Must never: listen anywhere but the configured port, or do anything with a
-//! request but describe it.
+//! request or datagram but describe or return it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -98,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("PORT={p:?} is not a port number"))?,
         _ => 8080,
     };
+    if std::env::args().nth(1).as_deref() == Some("udp") {
+        return udp_echo(port).await;
+    }
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     let pod = Arc::new(pod_name());
     eprintln!("mc-echo: pod {pod} listening on 0.0.0.0:{port}");
@@ -118,5 +130,27 @@ async fn main() -> anyhow::Result<()> {
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Every datagram back to its sender, whole.
+async fn udp_echo(port: u16) -> anyhow::Result<()> {
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await?;
+    eprintln!("mc-echo: echoing UDP on 0.0.0.0:{port}");
+    // The largest datagram IPv4 carries, and one byte to tell a larger
+    // one (never: the kernel would not reassemble it) from it.
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, peer)) => {
+                if let Err(e) = socket.send_to(&buf[..n], peer).await {
+                    eprintln!("mc-echo: sending {n} bytes to {peer}: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("mc-echo: receiving: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     }
 }
