@@ -36,16 +36,24 @@ fn connected<'a>(c: &'a Cluster, n: usize, transport: &str) -> Laptop<'a> {
     l
 }
 
-fn round_trips(l: &Laptop) {
+/// `mc-flows udp-sizes` to `udp-echo` with [`SIZES`]: a command line.
+fn udp_sizes() -> Vec<String> {
     let mc_flows = bin_dir().join("mc-flows");
-    let out = run(l.on(&[
+    [
         mc_flows.to_str().expect("utf-8 path"),
         "udp-sizes",
         "--to",
         "udp-echo.default.svc.cluster.local:9000",
         "--sizes",
         SIZES,
-    ]));
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn round_trips(l: &Laptop) {
+    let args = udp_sizes();
+    let out = run(l.on(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(
         out.status.success(),
         "datagrams through laptop {} did not all come back:\n{}{}\n{}",
@@ -66,22 +74,15 @@ fn round_trips(l: &Laptop) {
     );
 }
 
-/// What a failure needs to be told apart (seen once, both transports at
-/// once, never reproduced): whether `udp-echo` answers the same sizes
-/// without burrow (from the caller pod), what the gateway counted and
-/// logged, and what the cluster (kube-proxy) did meanwhile.
+/// What a failure needs to be told apart: whether `udp-echo` answers the
+/// same sizes without burrow (from the caller pod; the socat echo it used
+/// to be could go silent for good), what the gateway counted and logged,
+/// and what the cluster (kube-proxy) did meanwhile.
 fn diagnosis(l: &Laptop) -> String {
-    let mc_flows = bin_dir().join("mc-flows");
+    let args = udp_sizes();
     let direct = run(in_caller(
         l.c,
-        &[
-            mc_flows.to_str().expect("utf-8 path"),
-            "udp-sizes",
-            "--to",
-            "udp-echo.default.svc.cluster.local:9000",
-            "--sizes",
-            SIZES,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     let gateway = stdout(&run(kubectl(
         l.c,
