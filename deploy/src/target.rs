@@ -59,8 +59,8 @@ pub struct Target {
 #[derive(Clone)]
 pub struct Cluster {
     pub client: kube::Client,
-    /// For long-lived byte streams (the port-forward transport's data
-    /// streams): the same credentials and API server as `client`, over
+    /// For port-forwards (the framed transport's streams and the control
+    /// API's): the same credentials and API server as `client`, over
     /// sockets with Nagle's algorithm off, as kubectl's (Go's) are. With
     /// it on, a small write (an inner TCP flow's ACK, a request) waits for
     /// the API server's delayed ACK whenever an earlier one is still

@@ -137,8 +137,7 @@ async fn main() -> anyhow::Result<()> {
 async fn udp_echo(port: u16) -> anyhow::Result<()> {
     let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await?;
     eprintln!("mc-echo: echoing UDP on 0.0.0.0:{port}");
-    // The largest datagram IPv4 carries, and one byte to tell a larger
-    // one (never: the kernel would not reassemble it) from it.
+    // Room for the largest datagram IPv4 carries (65,507 bytes of payload).
     let mut buf = vec![0u8; 65_536];
     loop {
         match socket.recv_from(&mut buf).await {
